@@ -1,0 +1,45 @@
+# Every target bootstraps .venv itself, so each works on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Pure packages: no I/O, checked strictly by mypy.
+PURE   := intentions devstack/filter.py
+
+.PHONY: install test lint typecheck pytest demo dev compat clean
+
+install: $(STAMP)
+
+# Re-install when the project's dependency list changes; otherwise a no-op.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy $(PURE)
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(BIN)/meshlet demo
+
+dev: $(STAMP)
+	$(BIN)/meshlet dev
+
+# py-consul's own test suite against `meshlet dev` (see compat/README.md).
+compat: $(STAMP)
+	$(BIN)/python compat/run.py
+
+clean:
+	rm -rf $(VENV) .compat .pytest_cache .mypy_cache .ruff_cache *.egg-info

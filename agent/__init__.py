@@ -1,0 +1,1 @@
+"""The meshlet node agent: CLI, configuration, Consul client, registration and watches."""

@@ -1,0 +1,1 @@
+"""An embedded, in-memory control plane that speaks Consul's HTTP API like `consul agent -dev`."""

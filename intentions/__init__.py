@@ -1,0 +1,1 @@
+"""Authorization, pure: AuthorizationPolicy, translation to Consul intentions, decisions."""
