@@ -1,0 +1,115 @@
+"""The `meshlet` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("meshlet")
+
+
+def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dev",
+        help="run the embedded Consul-compatible dev control plane (like `consul agent -dev`)",
+        description="Run devstack in the foreground: Consul's HTTP API, all state in memory.",
+    )
+    p.add_argument("--http-addr", default="127.0.0.1:8500", help="HOST:PORT (default %(default)s)")
+    p.add_argument("--acl-initial-management-token", metavar="TOKEN", default=None,
+                   help="enable ACLs with this management token")
+    p.add_argument("--acl-default-policy", choices=("allow", "deny"), default="allow",
+                   help="what the anonymous token may do when ACLs are on (default %(default)s)")
+    p.add_argument("--default-intention-policy", choices=("allow", "deny"), default=None,
+                   help="intention default when no intention matches (default: follows ACLs)")
+    p.add_argument("--datacenter", default="dc1")
+    p.add_argument("--node-name", default="meshlet-dev")
+    p.add_argument("--enable-script-checks", action="store_true",
+                   help="allow script checks registered over the HTTP API")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=_run_dev)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="run the mesh demo on devstack")
+    p.add_argument("--http-addr", default="127.0.0.1:8500", help="devstack HOST:PORT")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="stop after this many seconds (default: run until interrupted)")
+    p.set_defaults(run=_run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_dev(sub)
+    _add_demo(sub)
+    return parser
+
+
+async def _until_stopped(stop: asyncio.Event, duration: float = 0.0) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if duration > 0:
+        loop.call_later(duration, stop.set)
+    await stop.wait()
+
+
+def _run_dev(args: argparse.Namespace) -> int:
+    from devstack.config import DevConfig, DevConfigError
+    from devstack.server import DevServer
+
+    try:
+        config = DevConfig(
+            http_addr=args.http_addr,
+            datacenter=args.datacenter,
+            node_name=args.node_name,
+            acl_initial_management_token=args.acl_initial_management_token,
+            default_policy=args.acl_default_policy,
+            default_intention_policy=args.default_intention_policy,
+            enable_script_checks=args.enable_script_checks,
+        )
+    except DevConfigError as err:
+        print(f"meshlet dev: {err}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        async with DevServer(config) as dev:
+            print(f"==> meshlet dev: Consul-compatible HTTP API at {dev.http_url}", flush=True)
+            print(f"    datacenter: {config.datacenter}, node: {config.node_name}, "
+                  f"ACLs: {'enabled' if config.acl_enabled else 'disabled'}", flush=True)
+            stop = asyncio.Event()
+            waiter = asyncio.ensure_future(dev.shutdown_requested.wait())
+            waiter.add_done_callback(lambda _: stop.set())
+            await _until_stopped(stop)
+            waiter.cancel()
+            print("==> meshlet dev: shutting down", flush=True)
+
+    try:
+        asyncio.run(main())
+    except OSError as err:
+        print(f"meshlet dev: cannot listen on {args.http_addr}: {err.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(args.http_addr, args.duration)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+    )
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP endpoints of devstack, one module per Consul API family."""
