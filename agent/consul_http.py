@@ -1,0 +1,272 @@
+"""The Consul client's transport: one keep-alive aiohttp session, a deadline on every request,
+the ACL token, TLS, and the mapping of HTTP outcomes onto the `consul_errors` tree.
+
+Endpoint code above this layer never sees aiohttp: it gets a `Response` or a `ConsulError`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from agent.consul_blocking import blocking_deadline, next_index
+from agent.consul_config import ConsulConfig, ConsulTLS
+from agent.consul_errors import (
+    ConsulACLNotFound,
+    ConsulBadRequest,
+    ConsulBadResponse,
+    ConsulConfigError,
+    ConsulNotFound,
+    ConsulPermissionDenied,
+    ConsulRejected,
+    ConsulUnavailable,
+)
+
+Params = Sequence[tuple[str, str]]
+
+# Consul serves at most `http_max_conns_per_client` (200) connections per client address;
+# every watch holds one for the length of its wait, so stay well below that.
+_MAX_CONNECTIONS = 100
+# Close idle pooled connections before a server or a load balancer in between is likely to,
+# so a reused connection is rarely a dead one (requests are never silently re-sent).
+_KEEPALIVE_SECONDS = 10.0
+_USER_AGENT = "meshlet-consul-client"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMeta:
+    index: int
+    next_index: int
+    known_leader: bool
+    last_contact: float
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A complete HTTP answer from Consul, read within the request's deadline."""
+
+    method: str
+    path: str
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def bad(self, reason: str) -> ConsulBadResponse:
+        return ConsulBadResponse(f"{self.method} {self.path}: {reason}")
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace").strip()
+
+    def json(self) -> Any:
+        if not self.body:
+            raise self.bad(f"empty body with status {self.status}, expected JSON")
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            raise self.bad(f"response is not JSON: {self.body[:80]!r}") from None
+
+    def raise_for_status(self, ok: Collection[int] = (200,)) -> None:
+        """Map a non-`ok` status onto the error tree, keeping Consul's plain-text message."""
+        if self.status in ok:
+            return
+        args = (self.method, self.path, self.status, self.text)
+        message = self.text
+        if self.status == 400:
+            raise ConsulBadRequest(*args)
+        if self.status == 403:
+            if message.startswith("ACL not found"):
+                raise ConsulACLNotFound(*args)
+            raise ConsulPermissionDenied(*args)
+        if self.status == 404:
+            raise ConsulNotFound(*args)
+        # Rate limiting, a proxy in front of Consul, or a leader election: all pass with time.
+        if self.status in (429, 502, 503, 504) or "No cluster leader" in message:
+            raise ConsulUnavailable(f"{self.method} {self.path}: {self.status} {message[:2000]}")
+        if 300 <= self.status < 400 or self.status < 200:
+            raise self.bad(f"unexpected status {self.status} (Consul does not redirect)")
+        raise ConsulRejected(*args)
+
+    def query_meta(self, requested_index: int) -> QueryMeta:
+        """Blocking-query metadata; the index header is required, since watches depend on it."""
+        raw = self.headers.get("X-Consul-Index")
+        if raw is None:
+            raise self.bad("missing X-Consul-Index header on a blocking endpoint")
+        if not raw.isdigit():
+            raise self.bad(f"X-Consul-Index {raw!r} is not a non-negative integer")
+        index = max(int(raw), 1)
+        contact = self.headers.get("X-Consul-LastContact", "0")
+        if not contact.isdigit():
+            raise self.bad(f"X-Consul-LastContact {contact!r} is not milliseconds")
+        return QueryMeta(
+            index=index,
+            next_index=next_index(requested_index, index),
+            known_leader=self.headers.get("X-Consul-KnownLeader") == "true",
+            last_contact=int(contact) / 1000,
+        )
+
+
+def _ssl_context(tls: ConsulTLS) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(
+            cafile=tls.ca_file and str(tls.ca_file), capath=tls.ca_path and str(tls.ca_path)
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConsulConfigError(
+            f"cannot load Consul CA (CONSUL_CACERT={tls.ca_file}, CONSUL_CAPATH={tls.ca_path}): "
+            f"{exc}"
+        ) from None
+    if tls.client_cert is not None and tls.client_key is not None:
+        try:
+            ctx.load_cert_chain(tls.client_cert, tls.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConsulConfigError(
+                f"cannot load client certificate {tls.client_cert} with key {tls.client_key} "
+                f"(CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY): {exc}"
+            ) from None
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _load_token(config: ConsulConfig) -> str | None:
+    if config.token_file is None:
+        return config.token
+    try:
+        from_file = config.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConsulConfigError(
+            f"cannot read Consul token file {config.token_file} (CONSUL_HTTP_TOKEN_FILE): {exc}"
+        ) from None
+    # Consul's rule: a non-empty token file wins over CONSUL_HTTP_TOKEN.
+    return from_file or config.token
+
+
+class ConsulHTTP:
+    """Sends requests to one Consul agent. Reads the token file and TLS files when built."""
+
+    def __init__(self, config: ConsulConfig) -> None:
+        self.config = config
+        self._ssl = _ssl_context(config.tls) if config.tls is not None else None
+        self._server_hostname = config.tls.server_name if config.tls is not None else None
+        headers = {"User-Agent": _USER_AGENT}
+        token = _load_token(config)
+        if token:
+            headers["X-Consul-Token"] = token
+        self._headers = headers
+        self._base = config.base_url
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the Consul client is closed")
+        if self._session is None:
+            connector: aiohttp.BaseConnector
+            if self.config.unix_socket is not None:
+                connector = aiohttp.UnixConnector(
+                    path=str(self.config.unix_socket),
+                    limit=_MAX_CONNECTIONS,
+                    keepalive_timeout=_KEEPALIVE_SECONDS,
+                )
+            else:
+                connector = aiohttp.TCPConnector(
+                    ssl=self._ssl if self._ssl is not None else True,
+                    limit=_MAX_CONNECTIONS,
+                    keepalive_timeout=_KEEPALIVE_SECONDS,
+                )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                # Every request passes its own deadline; there is no session-wide default.
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            # aiohttp re-sends an idempotent request once when the connection drops. For a KV
+            # CAS or a check update that second send can report a spurious failure, and the
+            # agent's watch loop owns retries and backoff: every request goes out exactly once.
+            if hasattr(session, "_retry_connection"):
+                session._retry_connection = False
+            self._session = session
+        return self._session
+
+    async def open(self) -> None:
+        self._open()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Params = (),
+        body: bytes | None = None,
+        content_type: str | None = None,
+        blocking_wait: float | None = None,
+    ) -> Response:
+        """Send once and read the whole answer, within the deadline; any status is returned.
+
+        `path` is already percent-encoded. `blocking_wait` is the wait (in seconds) Consul may
+        hold this request for; the deadline covers it plus Consul's jitter plus the margin.
+        """
+        session = self._open()
+        margin = self.config.timeout
+        deadline = margin if blocking_wait is None else blocking_deadline(blocking_wait, margin)
+        timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=min(margin, deadline))
+        url = URL(self._base + path, encoded=True)
+        headers = {"Content-Type": content_type} if content_type else None
+        where = f"{method} {path}"
+        try:
+            async with session.request(
+                method,
+                url,
+                params=list(params),
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                server_hostname=self._server_hostname,
+            ) as resp:
+                data = await resp.read()
+                return Response(method, path, resp.status, resp.headers, data)
+        except TimeoutError as exc:
+            raise ConsulUnavailable(
+                f"{where}: no complete answer from {self._base} within {deadline:.3g}s"
+            ) from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ConsulUnavailable(
+                f"{where}: TLS certificate of {self._base} not accepted: {exc.certificate_error}"
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise ConsulUnavailable(f"{where}: TLS with {self._base} failed: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ConsulUnavailable(f"{where}: cannot connect to {self._base}: {exc}") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise ConsulUnavailable(
+                f"{where}: {self._base} closed the connection before answering"
+            ) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise ConsulBadResponse(f"{where}: incomplete or malformed body: {exc}") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise ConsulBadResponse(f"{where}: not an HTTP answer: {exc.message}") from exc
+        except aiohttp.ClientError as exc:
+            raise ConsulUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+    async def send_json(
+        self, method: str, path: str, payload: Any, *, params: Params = ()
+    ) -> Response:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return await self.request(
+            method, path, params=params, body=body, content_type="application/json"
+        )
