@@ -11,6 +11,7 @@ Usage: .venv/bin/python compat/run.py [extra pytest arguments, e.g. -k test_kv -
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -24,6 +25,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 PY_CONSUL_VERSION = "1.8.0"
 SDIST_NAME = f"py_consul-{PY_CONSUL_VERSION}.tar.gz"
@@ -36,6 +38,7 @@ WORK = ROOT / ".compat"
 SRC = WORK / f"py_consul-{PY_CONSUL_VERSION}"
 LOGS = WORK / "logs"
 JUNIT = WORK / "results.xml"
+LOCK = WORK / "run.lock"
 OUR_CONFTEST = ROOT / "compat" / "conftest.py"
 
 TEST_FILES = [
@@ -243,9 +246,41 @@ def read_results() -> Results:
     return results
 
 
+def wait_for_other_runs() -> IO[str]:
+    """Take .compat/run.lock; it is held while the returned file stays open.
+
+    Two runs at once would wipe each other's extracted tree and logs and fight over port 8500,
+    so a second run waits for the first instead.
+    """
+    WORK.mkdir(exist_ok=True)
+    lock = LOCK.open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        print(f"compat: waiting for another compat run (pid {holder}) to finish", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def main(argv: list[str]) -> int:
     try:
         meshlet = check_environment()
+        lock = wait_for_other_runs()
+    except Abort as exc:
+        print(f"compat: {exc}", file=sys.stderr)
+        return 2
+    with lock:  # closing the file releases the lock
+        return run_locked(meshlet, argv)
+
+
+def run_locked(meshlet: Path, argv: list[str]) -> int:
+    try:
         check_port_free()
         extract(fetch_sdist())
         client = check_same_client()
