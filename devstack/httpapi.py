@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from devstack.server import DevServer
 
 T = TypeVar("T")
+log = logging.getLogger("devstack.http")
 
 DEFAULT_WAIT = 300.0  # default_query_time
 MAX_WAIT = 600.0  # max_query_time
@@ -54,9 +56,16 @@ def not_found(reason: str) -> HTTPError:
     return HTTPError(404, reason)
 
 
+class _Empty:
+    """No body at all (Go's nil result), as opposed to a JSON `null`."""
+
+
+EMPTY: Any = _Empty()
+
+
 @dataclass
 class Reply:
-    body: Any = None
+    body: Any = EMPTY
     # Raw bodies (KV ?raw) bypass JSON encoding.
     raw: bytes | None = None
     status: int = 200
@@ -230,6 +239,10 @@ def make_handler(server: DevServer, router: Router) -> Callable[[web.Request], A
             text = str(err)
             status = 403 if "Permission denied" in text or "ACL not found" in text else 500
             return _text(status, text, headers)
+        except Exception as err:
+            # A bug in devstack must still answer like Consul does (plain 500), and be loud.
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            return _text(500, f"devstack internal error: {type(err).__name__}: {err}", headers)
         return _render(request, reply, headers, pretty=True)
 
     return handle
@@ -303,7 +316,7 @@ def _render(
         return web.Response(
             status=reply.status, body=reply.raw, headers=headers, content_type=reply.content_type
         )
-    if reply.body is None:
+    if reply.body is EMPTY:
         return web.Response(status=reply.status, headers=headers)
     # A -dev agent always pretty-prints (Consul's marshalJSON checks DevMode).
     text = json.dumps(reply.body, indent=4 if pretty else None)

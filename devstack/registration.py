@@ -15,6 +15,15 @@ from devstack.store import STATUSES, Check
 
 SIDECAR_SUFFIX = "-sidecar-proxy"
 _META_KEY = re.compile(r"^[a-zA-Z0-9_-]+$")
+SERVICE_KINDS = (
+    "",
+    "connect-proxy",
+    "mesh-gateway",
+    "terminating-gateway",
+    "ingress-gateway",
+    "api-gateway",
+    "destination",
+)
 _INTERVAL_KINDS = ("Args", "ScriptArgs", "HTTP", "TCP", "UDP", "GRPC", "H2PING", "OSService")
 
 
@@ -242,7 +251,7 @@ def validate_node_service(data: dict[str, Any]) -> list[str]:
         if (data.get("Connect") or {}).get("Native"):
             errors.append("A Proxy cannot also be Connect Native, only typical services")
         errors.extend(_validate_upstreams(proxy.get("Upstreams") or []))
-    elif data.get("Kind"):
+    elif data.get("Kind", "") not in SERVICE_KINDS:
         errors.append(f'Invalid service kind: "{data["Kind"]}"')
     if (
         (data.get("Connect") or {}).get("Native")

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from devstack import ui
 from devstack.acl import Authorizer
 from devstack.checks import UNSUPPORTED, CheckRunner
 from devstack.config import CONSUL_VERSION, DevConfig
@@ -75,6 +76,7 @@ class DevServer:
     async def start(self) -> None:
         self._bootstrap_catalog()
         app = web.Application(client_max_size=4 * 1024 * 1024)
+        ui.add_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", make_handler(self, build_router()))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -14,6 +14,7 @@ from aiohttp import web
 from devstack import decode as schema
 from devstack import render
 from devstack.config import CONSUL_VERSION
+from devstack.endpoints.status import RAFT_ADDR
 from devstack.filter_schemas import AGENT_CHECK, AGENT_MEMBER, AGENT_SERVICE
 from devstack.httpapi import Call, HTTPError, Reply, Router, bad_request, not_found
 from devstack.registration import (
@@ -160,7 +161,13 @@ async def self_(call: Call) -> Reply:
                     "services": str(len(s.local_services())),
                 },
                 "build": {"prerelease": "", "revision": "meshlet", "version": CONSUL_VERSION},
-                "consul": {"known_datacenters": "1", "leader": "true", "server": "true"},
+                "consul": {
+                    "bootstrap": "true",
+                    "known_datacenters": "1",
+                    "leader": "true",
+                    "leader_addr": RAFT_ADDR,
+                    "server": "true",
+                },
                 "raft": {"state": "Leader", "commit_index": str(s.store.index)},
                 "runtime": {"goroutines": "0"},
                 "serf_lan": {"members": "1"},

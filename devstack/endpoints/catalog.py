@@ -73,6 +73,8 @@ def service_name_of(call: Call) -> str:
 async def register(call: Call) -> Reply:
     req = await call.body(schema.CATALOG_REGISTER)
     store, server = call.store, call.server
+    if req.get("Datacenter", server.config.datacenter) != server.config.datacenter:
+        raise RPCError("No path to datacenter")
     node_name = req.get("Node", "")
     if not node_name:
         raise RPCError("Must provide node")
@@ -162,6 +164,8 @@ async def register(call: Call) -> Reply:
 async def deregister(call: Call) -> Reply:
     req = await call.body(schema.CATALOG_DEREGISTER)
     store = call.store
+    if req.get("Datacenter", call.server.config.datacenter) != call.server.config.datacenter:
+        raise RPCError("No path to datacenter")
     node_name = req.get("Node", "")
     if not node_name:
         raise RPCError("Must provide node")

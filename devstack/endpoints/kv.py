@@ -119,8 +119,11 @@ async def put(call: Call) -> Reply:
     for mode in ("acquire", "release"):
         if mode in call.query:
             session = call.query[mode]
-            if session not in store.sessions:
+            if mode == "acquire" and session not in store.sessions:
                 raise RPCError(f'invalid session "{session}"')
+            if mode == "release" and (existing is None or existing.session != session):
+                # Releasing a lock one does not hold fails without changing the key.
+                return call.reply(False)
             if existing is not None and existing.session and existing.session != session:
                 return call.reply(False)
             store.kv_put(key, value, flags)
