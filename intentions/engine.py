@@ -414,11 +414,15 @@ class Snapshot:
     def decide_request(
         self, destination: Identity, source: Identity, request: HTTPRequest
     ) -> Decision:
-        policy = self.for_destination(destination.name, destination.namespace, destination.partition)
+        policy = self.for_destination(
+            destination.name, destination.namespace, destination.partition
+        )
         return policy.decide_request(source, request)
 
     def decide_connection(self, destination: Identity, source: Identity) -> Decision:
-        policy = self.for_destination(destination.name, destination.namespace, destination.partition)
+        policy = self.for_destination(
+            destination.name, destination.namespace, destination.partition
+        )
         return policy.decide_connection(source)
 
 
@@ -459,9 +463,7 @@ def compile_snapshot(
         return _resolve(tiers, default)
 
     by_partition = {p: chain(e) for p, e in any_entries.items()}
-    by_namespace = {
-        (p, ns): chain(e, any_entries.get(p)) for (p, ns), e in ns_entries.items()
-    }
+    by_namespace = {(p, ns): chain(e, any_entries.get(p)) for (p, ns), e in ns_entries.items()}
     exact = {
         (p, ns, name): chain(e, ns_entries.get((p, ns)), any_entries.get(p))
         for (p, ns, name), e in exact_entries.items()

@@ -119,7 +119,7 @@ class ServiceIntentions:
 
     @property
     def has_wildcard_destination(self) -> bool:
-        return self.name == WILDCARD or self.namespace_or_default == WILDCARD
+        return WILDCARD in (self.name, self.namespace_or_default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +205,7 @@ class _Decoder:
         if isinstance(value, list):
             return value
         self.errors.append(
-            f"'{_join(where, key)}': source data must be an array or slice, got "
-            f"{_go_type(value)}"
+            f"'{_join(where, key)}': source data must be an array or slice, got {_go_type(value)}"
         )
         return []
 
@@ -310,8 +309,7 @@ def decode_entry(body: object) -> ServiceIntentions:
         raise EntryDecodeError(f"invalid config entry kind: {kind_value}")
     top = d.fields(body, "", _ENTRY_KEYS + _ENTRY_READONLY)
     sources = tuple(
-        _decode_source(d, raw, f"Sources[{i}]")
-        for i, raw in enumerate(d.items(top, "Sources", ""))
+        _decode_source(d, raw, f"Sources[{i}]") for i, raw in enumerate(d.items(top, "Sources", ""))
     )
     entry = ServiceIntentions(
         name=d.string(top, "Name", ""),
@@ -427,7 +425,7 @@ def precedence(
 
 
 def normalize(entry: ServiceIntentions) -> ServiceIntentions:
-    """Consul's `Normalize()`: defaults, computed precedence, upper-cased methods, sorted sources."""
+    """Consul's `Normalize()`: defaults, precedence, upper-cased methods, sorted sources."""
     sources: list[SourceIntention] = []
     for src in entry.sources:
         namespace = src.namespace or entry.namespace_or_default
@@ -492,7 +490,13 @@ def _meta_error(meta: Sequence[tuple[str, str]]) -> str | None:
 
 def source_key(src: SourceIntention) -> tuple[str, str, str, str, str]:
     """Identity of a source inside one entry: (peer, sameness group, partition, namespace, name)."""
-    return (src.peer, src.sameness_group, src.partition or DEFAULT, src.namespace or DEFAULT, src.name)
+    return (
+        src.peer,
+        src.sameness_group,
+        src.partition or DEFAULT,
+        src.namespace or DEFAULT,
+        src.name,
+    )
 
 
 def validate(entry: ServiceIntentions, *, legacy_write: bool = False) -> None:
@@ -528,7 +532,8 @@ def _validate(entry: ServiceIntentions, *, legacy_write: bool) -> str | None:
         key = source_key(src)
         if key in seen:
             if src.peer:
-                return f'Sources[{i}] defines peer("{src.peer}") "{_service_string(src)}" more than once'
+                shown = f'peer("{src.peer}") "{_service_string(src)}"'
+                return f"Sources[{i}] defines {shown} more than once"
             return f'Sources[{i}] defines "{_service_string(src)}" more than once'
         seen.add(key)
     return None
@@ -740,7 +745,9 @@ def _jwt_to_json(jwt: JWTRequirement) -> dict[str, Any]:
     for p in jwt.providers:
         item: dict[str, Any] = {"Name": p.name}
         if p.verify_claims:
-            item["VerifyClaims"] = [{"Path": list(c.path), "Value": c.value} for c in p.verify_claims]
+            item["VerifyClaims"] = [
+                {"Path": list(c.path), "Value": c.value} for c in p.verify_claims
+            ]
         providers.append(item)
     return {"Providers": providers}
 
