@@ -125,6 +125,9 @@ class Store:
         self.epoch = 0
         self.last_write = time.monotonic()
         self._changed = asyncio.Event()
+        # How many blocking queries are parked right now (tests wait on this, never sleep).
+        self.blocked = 0
+        self._blocked_changed = asyncio.Event()
 
     # ---- commit and wait -----------------------------------------------------------------
 
@@ -145,10 +148,23 @@ class Store:
     async def wait_for_change(self, timeout: float) -> None:
         """Wait until the next write or `timeout` seconds, whichever is first."""
         event = self._changed
+        self._set_blocked(+1)
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
             pass
+        finally:
+            self._set_blocked(-1)
+
+    def _set_blocked(self, delta: int) -> None:
+        self.blocked += delta
+        self._blocked_changed.set()
+        self._blocked_changed = asyncio.Event()
+
+    async def until_blocked(self, count: int = 1) -> None:
+        """Wait until at least `count` blocking queries are parked."""
+        while self.blocked < count:
+            await self._blocked_changed.wait()
 
     def rewind_index(self, index: int) -> None:
         """Test hook: make the index go backwards, as after a snapshot restore."""
