@@ -7,7 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 log = logging.getLogger("meshlet")
 
@@ -19,16 +20,31 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run devstack in the foreground: Consul's HTTP API, all state in memory.",
     )
     p.add_argument("--http-addr", default="127.0.0.1:8500", help="HOST:PORT (default %(default)s)")
-    p.add_argument("--acl-initial-management-token", metavar="TOKEN", default=None,
-                   help="enable ACLs with this management token")
-    p.add_argument("--acl-default-policy", choices=("allow", "deny"), default="allow",
-                   help="what the anonymous token may do when ACLs are on (default %(default)s)")
-    p.add_argument("--default-intention-policy", choices=("allow", "deny"), default=None,
-                   help="intention default when no intention matches (default: follows ACLs)")
+    p.add_argument(
+        "--acl-initial-management-token",
+        metavar="TOKEN",
+        default=None,
+        help="enable ACLs with this management token",
+    )
+    p.add_argument(
+        "--acl-default-policy",
+        choices=("allow", "deny"),
+        default="allow",
+        help="what the anonymous token may do when ACLs are on (default %(default)s)",
+    )
+    p.add_argument(
+        "--default-intention-policy",
+        choices=("allow", "deny"),
+        default=None,
+        help="intention default when no intention matches (default: follows ACLs)",
+    )
     p.add_argument("--datacenter", default="dc1")
     p.add_argument("--node-name", default="meshlet-dev")
-    p.add_argument("--enable-script-checks", action="store_true",
-                   help="allow script checks registered over the HTTP API")
+    p.add_argument(
+        "--enable-script-checks",
+        action="store_true",
+        help="allow script checks registered over the HTTP API",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=_run_dev)
 
@@ -36,8 +52,12 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the mesh demo on devstack")
     p.add_argument("--http-addr", default="127.0.0.1:8500", help="devstack HOST:PORT")
-    p.add_argument("--duration", type=float, default=0.0,
-                   help="stop after this many seconds (default: run until interrupted)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds (default: run until interrupted)",
+    )
     p.set_defaults(run=_run_demo)
 
 
@@ -49,13 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _until_stopped(stop: asyncio.Event, duration: float = 0.0) -> None:
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    # Installed before the server announces itself, so an early signal is never lost.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if duration > 0:
-        loop.call_later(duration, stop.set)
-    await stop.wait()
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop: the event loop every meshlet process uses."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def _run_dev(args: argparse.Namespace) -> int:
@@ -76,30 +102,42 @@ def _run_dev(args: argparse.Namespace) -> int:
         print(f"meshlet dev: {err}", file=sys.stderr)
         return 2
 
-    async def main() -> None:
-        async with DevServer(config) as dev:
+    async def main() -> int:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        dev = DevServer(config)
+        try:
+            await dev.start()
+        except OSError as err:
+            await dev.close()
+            print(
+                f"meshlet dev: cannot listen on {args.http_addr}: {err.strerror}", file=sys.stderr
+            )
+            return 1
+        try:
             print(f"==> meshlet dev: Consul-compatible HTTP API at {dev.http_url}", flush=True)
-            print(f"    datacenter: {config.datacenter}, node: {config.node_name}, "
-                  f"ACLs: {'enabled' if config.acl_enabled else 'disabled'}", flush=True)
-            stop = asyncio.Event()
-            waiter = asyncio.ensure_future(dev.shutdown_requested.wait())
-            waiter.add_done_callback(lambda _: stop.set())
-            await _until_stopped(stop)
-            waiter.cancel()
+            print(
+                f"    datacenter: {config.datacenter}, node: {config.node_name}, "
+                f"ACLs: {'enabled' if config.acl_enabled else 'disabled'}",
+                flush=True,
+            )
+            # Stop on a signal or on PUT /v1/agent/leave, whichever comes first.
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, dev.shutdown_requested)]
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
             print("==> meshlet dev: shutting down", flush=True)
+        finally:
+            await dev.close()
+        return 0
 
-    try:
-        asyncio.run(main())
-    except OSError as err:
-        print(f"meshlet dev: cannot listen on {args.http_addr}: {err.strerror}", file=sys.stderr)
-        return 1
-    return 0
+    return _run(main())
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.demo import demo
 
-    return run_demo(args.http_addr, args.duration)
+    return _run(demo(args.http_addr, args.duration))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

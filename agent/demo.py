@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -92,10 +91,10 @@ async def _register(consul: ConsulClient, app: DemoApp, service: str) -> None:
     _say(f"  registered {app.name} ({service}) at 127.0.0.1:{app.port} with a sidecar")
 
 
-async def _watch(consul: ConsulClient, service: str, stop: asyncio.Event) -> None:
+async def _watch(consul: ConsulClient, service: str) -> None:
     index = 0
     last: tuple[str, ...] | None = None
-    while not stop.is_set():
+    while True:
         result = await consul.health.service(service, passing=True, index=index, wait="5s")
         index = result.next_index
         endpoints = tuple(sorted(f"{e.service_id}@{e.address}:{e.port}" for e in result.value))
@@ -104,7 +103,7 @@ async def _watch(consul: ConsulClient, service: str, stop: asyncio.Event) -> Non
             last = endpoints
 
 
-async def _scenario(apps: list[DemoApp], stop: asyncio.Event) -> None:
+async def _scenario(apps: list[DemoApp]) -> None:
     victim = apps[-1]
     await asyncio.sleep(FLIP_AFTER)
     _say(f"  -> {victim.name} starts failing its health check")
@@ -145,10 +144,13 @@ async def demo(http_addr: str, duration: float) -> int:
                 await _register(consul, app, app.name.rsplit("-", 1)[0])
             _say("==> watching api's healthy endpoints with blocking queries (Ctrl-C to stop)")
             async with asyncio.TaskGroup() as tg:
-                watch = tg.create_task(_watch(consul, "api", stop))
-                tg.create_task(_scenario(apps, stop))
+                tasks = [
+                    tg.create_task(_watch(consul, "api")),
+                    tg.create_task(_scenario(apps)),
+                ]
                 await stop.wait()
-                watch.cancel()
+                for task in tasks:
+                    task.cancel()
     except ConsulError as err:
         _say(f"meshlet demo: Consul call failed: {err}")
         return 1
@@ -156,14 +158,3 @@ async def demo(http_addr: str, duration: float) -> int:
         await dev.close()
     _say("==> demo stopped")
     return 0
-
-
-def run_demo(http_addr: str, duration: float) -> int:
-    try:
-        return asyncio.run(demo(http_addr, duration))
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(run_demo("127.0.0.1:8500", 0))

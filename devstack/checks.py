@@ -8,6 +8,7 @@ Results go through the store, which wakes blocking queries only when status or o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -262,10 +263,8 @@ async def _tcp_probe(
     except (OSError, TimeoutError, ValueError) as err:
         return CRITICAL, f"dial tcp {addr}: {err or 'i/o timeout'}"
     writer.close()
-    try:
+    with contextlib.suppress(OSError):
         await writer.wait_closed()
-    except OSError:
-        pass
     return PASSING, f"TCP connect {addr}: Success"
 
 

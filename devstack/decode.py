@@ -78,7 +78,9 @@ def _json_kind(value: object) -> str:
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int | float):
-        return f"number {value}" if isinstance(value, float) and not value.is_integer() else "number"
+        return (
+            f"number {value}" if isinstance(value, float) and not value.is_integer() else "number"
+        )
     if isinstance(value, str):
         return "string"
     if isinstance(value, list):

@@ -254,7 +254,8 @@ async def _dispatch(
     path = request.path
     if not path.startswith("/v1/"):
         raise not_found(
-            "Invalid URL path: if attempting to use the HTTP API, ensure the path starts with '/v1/'"
+            "Invalid URL path: if attempting to use the HTTP API, "
+            "ensure the path starts with '/v1/'"
         )
     route = router.match(path)
     if route is None:

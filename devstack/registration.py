@@ -108,7 +108,9 @@ def validate_check(defn: dict[str, Any]) -> None:
     if defn.get("OutputMaxSize", 0) < 0:
         raise InvalidRegistration("MaxOutputMaxSize must be positive")
     if defn.get("FailuresBeforeWarning", 0) > defn.get("FailuresBeforeCritical", 0) > 0:
-        raise InvalidRegistration("FailuresBeforeWarning can't be higher than FailuresBeforeCritical")
+        raise InvalidRegistration(
+            "FailuresBeforeWarning can't be higher than FailuresBeforeCritical"
+        )
 
 
 def check_status(defn: dict[str, Any], error: str) -> str:
@@ -277,10 +279,13 @@ def _validate_upstreams(upstreams: list[dict[str, Any]]) -> list[str]:
             errors.append("upstream destination name cannot be a wildcard")
         port, sock = u.get("LocalBindPort", 0), u.get("LocalBindSocketPath", "")
         if not port and not sock:
-            errors.append("upstream local bind port or local socket path must be defined and nonzero")
+            errors.append(
+                "upstream local bind port or local socket path must be defined and nonzero"
+            )
         if port and sock:
             errors.append(
-                "only one of upstream local bind port or local socket path can be defined and nonzero"
+                "only one of upstream local bind port or local socket path can be defined "
+                "and nonzero"
             )
         if u.get("DestinationPeer") and u.get("Datacenter"):
             errors.append("upstream cannot specify both destination peer and datacenter")

@@ -41,9 +41,8 @@ def proxy(data: dict[str, Any], *, agent_view: bool) -> dict[str, Any]:
     """The Proxy block: always an object (zero-valued for non-proxies)."""
     stored = data.get("Proxy") or {}
     out: dict[str, Any] = {} if agent_view else dict(_PROXY_ZERO)
-    for key, value in stored.items():
-        if key == "Upstreams":
-            value = [_upstream(u) for u in value]
+    for key, raw in stored.items():
+        value = [_upstream(u) for u in raw] if key == "Upstreams" else raw
         if value not in ("", 0, None, [], {}, False) or key in ("MeshGateway", "Expose"):
             out[key] = value
     out.setdefault("MeshGateway", {})

@@ -10,6 +10,7 @@ the check runner and the HTTP listener. `meshlet dev` runs one in the foreground
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -82,9 +83,7 @@ class DevServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self._port = server.sockets[0].getsockname()[1]
+        self._port = self._runner.addresses[0][1]
         self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="reaper")
         log.info("devstack listening on %s", self.http_url)
 
@@ -364,7 +363,6 @@ class _QueueHandler(logging.Handler):
         self.queue = queue
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        # A slow reader loses lines rather than slowing the server.
+        with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(record)
-        except asyncio.QueueFull:
-            pass  # a slow reader loses lines rather than slowing the server

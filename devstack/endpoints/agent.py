@@ -363,7 +363,9 @@ async def register_service(call: Call) -> Reply:
             raise bad_request(str(err)) from None
         sidecar = (side_data, side_checks)
     _require_script_checks(server, checks + (sidecar[1] if sidecar else []))
-    replace = call.bool_param("replace-existing-checks", "Invalid value for replace-existing-checks")
+    replace = call.bool_param(
+        "replace-existing-checks", "Invalid value for replace-existing-checks"
+    )
     server.add_service(data, checks, replace_checks=replace)
     if sidecar is not None:
         server.add_service(sidecar[0], sidecar[1], replace_checks=replace, sidecar_of=data["ID"])

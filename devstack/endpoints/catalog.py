@@ -89,7 +89,9 @@ async def register(call: Call) -> Reply:
     svc_req = dict(req.get("Service") or {})
     if svc_req:
         if svc_req.get("ID") and not svc_req.get("Service"):
-            raise RPCError("Must provide service name (Service.Service) when service ID is provided")
+            raise RPCError(
+                "Must provide service name (Service.Service) when service ID is provided"
+            )
         if not svc_req.get("Service"):
             svc_req = {}
     if svc_req:
@@ -136,9 +138,7 @@ async def register(call: Call) -> Reply:
         data.setdefault("Port", 0)
         data.setdefault("Address", "")
         old = store.services.get((node_name, data["ID"]))
-        store.upsert_service(
-            Service(node=node_name, data=data, local=bool(old and old.local))
-        )
+        store.upsert_service(Service(node=node_name, data=data, local=bool(old and old.local)))
     for chk in checks:
         sid = chk.get("ServiceID", "")
         svc = store.services.get((node_name, sid)) if sid else None
@@ -315,14 +315,19 @@ async def node_services(call: Call) -> Reply:
         n = call.store.nodes.get(name)
         if n is None:
             return index, None
-        svcs = [render.node_service(s) for s in sorted(call.store.node_services(name), key=lambda s: s.id)]
+        svcs = [
+            render.node_service(s)
+            for s in sorted(call.store.node_services(name), key=lambda s: s.id)
+        ]
         if f is not None:
             svcs = [s for s in svcs if f.matches(s)]
         return index, {"Node": render.node(n), "Services": svcs}
 
     index, out = await call.blocking(compute)
     if out is None:
-        return Reply(raw=f"Node not found: {name!r}".encode(), status=404, content_type="text/plain")
+        return Reply(
+            raw=f"Node not found: {name!r}".encode(), status=404, content_type="text/plain"
+        )
     return call.reply(out, index=index)
 
 

@@ -31,8 +31,10 @@ def _visible_checks(call: Call, checks: list[Check]) -> list[dict[str, Any]]:
     return [
         render.check(c)
         for c in checks
-        if call.identity.allowed("service:read" if c.service_id else "node:read",
-                                 c.service_name if c.service_id else c.node)
+        if call.identity.allowed(
+            "service:read" if c.service_id else "node:read",
+            c.service_name if c.service_id else c.node,
+        )
     ]
 
 
@@ -107,9 +109,7 @@ async def checks(call: Call) -> Reply:
         selected = [
             c
             for c in store.checks.values()
-            if c.service_id
-            and c.service_name == name
-            and node_matches(store.nodes[c.node], meta)
+            if c.service_id and c.service_name == name and node_matches(store.nodes[c.node], meta)
         ]
         return store.key_index(f"service/{name}", "services"), _check_list(call, selected)
 
@@ -128,7 +128,7 @@ async def state(call: Call) -> Reply:
         selected = [
             c
             for c in store.checks.values()
-            if (wanted == "any" or c.status == wanted) and node_matches(store.nodes[c.node], meta)
+            if wanted in ("any", c.status) and node_matches(store.nodes[c.node], meta)
         ]
         return store.table_index("checks"), _check_list(call, selected)
 

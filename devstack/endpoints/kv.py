@@ -77,11 +77,8 @@ async def _keys(call: Call, prefix: str) -> Reply:
         for k in store.kv:
             if not k.startswith(prefix):
                 continue
-            if sep:
-                cut = k.find(sep, len(prefix))
-                if cut >= 0:
-                    k = k[: cut + len(sep)]
-            keys.add(k)
+            cut = k.find(sep, len(prefix)) if sep else -1
+            keys.add(k[: cut + len(sep)] if cut >= 0 else k)
         return store.kv_prefix_index(prefix), sorted(keys)
 
     index, keys = await call.blocking(compute)
@@ -145,9 +142,9 @@ async def delete(call: Call) -> Reply:
         store.kv_delete([k for k in store.kv if k.startswith(key)])
         return call.reply(True)
     existing = store.kv.get(key)
-    if cas is not None:
-        # CAS delete: only when the key is still at the index the caller read.
-        if existing is None or existing.modify_index != cas:
-            return call.reply(existing is None and cas == 0)
+    # CAS delete: only when the key is still at the index the caller read (a key that is
+    # already gone counts as deleted, as in Consul's kvsDeleteCASTxn).
+    if cas is not None and (existing is None or existing.modify_index != cas):
+        return call.reply(existing is None)
     store.kv_delete([key] if existing else [])
     return call.reply(True)

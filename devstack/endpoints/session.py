@@ -108,9 +108,7 @@ async def by_node(call: Call) -> Reply:
 
 async def listing(call: Call) -> Reply:
     def compute() -> tuple[int, list[dict[str, Any]]]:
-        return call.store.table_index("sessions"), [
-            render(s) for s in call.store.sessions.values()
-        ]
+        return call.store.table_index("sessions"), [render(s) for s in call.store.sessions.values()]
 
     index, out = await call.blocking(compute)
     return call.reply(out, index=index)

@@ -147,9 +147,7 @@ async def test_check_updates_and_errors(http: Http) -> None:
         "warning",
         "slow",
     )
-    status, text, _ = await http.put(
-        "/v1/agent/check/update/service:web", json={"Status": "great"}
-    )
+    status, text, _ = await http.put("/v1/agent/check/update/service:web", json={"Status": "great"})
     assert (status, text) == (400, "Invalid check status: 'great'")
     status, text, _ = await http.put("/v1/agent/check/pass/nope")
     assert status == 404
@@ -183,9 +181,7 @@ async def test_maintenance_and_local_health_codes(http: Http) -> None:
     )
     status, body, _ = await http.get("/v1/agent/health/service/id/web")
     assert (status, body["AggregatedStatus"]) == (503, "maintenance")
-    status, text, _ = await http.get(
-        "/v1/agent/health/service/id/web", params={"format": "text"}
-    )
+    status, text, _ = await http.get("/v1/agent/health/service/id/web", params={"format": "text"})
     assert (status, text) == (503, "maintenance")
     await http.put("/v1/agent/service/maintenance/web", params={"enable": "false"})
     status, _, _ = await http.get("/v1/agent/health/service/id/web")

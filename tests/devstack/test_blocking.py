@@ -91,9 +91,7 @@ async def test_hash_blocking_on_agent_service(http: Http, dev: DevServer) -> Non
     # Woken by the write, the query sees the same hash and parks again.
     await dev.store.until_blocked()
     assert not waiter.done()
-    await http.put(
-        "/v1/agent/service/register", json={"Name": "web", "Port": 80, "Tags": ["v2"]}
-    )
+    await http.put("/v1/agent/service/register", json={"Name": "web", "Port": 80, "Tags": ["v2"]})
     status, body, headers = await asyncio.wait_for(waiter, 10)
     assert body["Tags"] == ["v2"]
     assert headers["X-Consul-ContentHash"] != digest
@@ -103,7 +101,9 @@ async def test_hash_blocking_times_out_with_same_hash(http: Http) -> None:
     await http.put("/v1/agent/service/register", json={"Name": "web", "Port": 80})
     _, _, headers = await http.get("/v1/agent/service/web")
     digest = headers["X-Consul-ContentHash"]
-    _, _, headers = await http.get("/v1/agent/service/web", params={"hash": digest, "wait": "200ms"})
+    _, _, headers = await http.get(
+        "/v1/agent/service/web", params={"hash": digest, "wait": "200ms"}
+    )
     assert headers["X-Consul-ContentHash"] == digest
 
 

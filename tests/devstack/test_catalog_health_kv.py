@@ -26,8 +26,7 @@ async def test_catalog_register_and_deregister(http: Http) -> None:
         "Address": "10.0.0.1",
         "TaggedAddresses": {"lan": "10.0.0.1"},
         "Service": {"Service": "db", "ID": "db1", "Port": 5432, "Tags": ["primary"]},
-        "Check": {"CheckID": "db-alive", "Name": "alive", "ServiceID": "db1",
-                  "Status": "passing"},
+        "Check": {"CheckID": "db-alive", "Name": "alive", "ServiceID": "db1", "Status": "passing"},
     }
     status, ok, _ = await http.put("/v1/catalog/register", json=body)
     assert (status, ok) == (200, True)

@@ -129,8 +129,9 @@ def acl_deny() -> DevConfig:
     return DevConfig(acl_initial_management_token=TOKEN, default_policy="deny")
 
 
-@pytest.mark.parametrize("dev_config", [DevConfig(acl_initial_management_token=TOKEN,
-                                                  default_policy="deny")])
+@pytest.mark.parametrize(
+    "dev_config", [DevConfig(acl_initial_management_token=TOKEN, default_policy="deny")]
+)
 async def test_acl_anonymous_denied_writes_and_filtered_reads(http: Http) -> None:
     status, text, headers = await http.put("/v1/agent/service/register", json={"Name": "web"})
     assert status == 403

@@ -41,7 +41,9 @@ def _get(url: str) -> object:
         return json.loads(resp.read())
 
 
-def test_ready_then_stops_cleanly_on_sigterm(dev_process: tuple[subprocess.Popen[str], str]) -> None:
+def test_ready_then_stops_cleanly_on_sigterm(
+    dev_process: tuple[subprocess.Popen[str], str],
+) -> None:
     proc, url = dev_process
     leader = _get(url + "/v1/status/leader")
     assert isinstance(leader, str) and leader
@@ -50,7 +52,7 @@ def test_ready_then_stops_cleanly_on_sigterm(dev_process: tuple[subprocess.Popen
 
 
 def test_sigint_stops_it_too(dev_process: tuple[subprocess.Popen[str], str]) -> None:
-    proc, url = dev_process
+    proc, _ = dev_process
     proc.send_signal(signal.SIGINT)
     assert proc.wait(10) == 0
 
@@ -65,7 +67,11 @@ def test_agent_leave_ends_the_process(dev_process: tuple[subprocess.Popen[str], 
 
 def test_bad_address_is_a_clear_error() -> None:
     done = subprocess.run(
-        [MESHLET, "dev", "--http-addr", "nowhere"], capture_output=True, text=True, timeout=30
+        [MESHLET, "dev", "--http-addr", "nowhere"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     assert "expected HOST:PORT" in done.stderr
@@ -75,7 +81,11 @@ def test_busy_port_is_a_clear_error(dev_process: tuple[subprocess.Popen[str], st
     _, url = dev_process
     addr = url.removeprefix("http://")
     done = subprocess.run(
-        [MESHLET, "dev", "--http-addr", addr], capture_output=True, text=True, timeout=30
+        [MESHLET, "dev", "--http-addr", addr],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 1
     assert f"cannot listen on {addr}" in done.stderr
