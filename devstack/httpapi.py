@@ -20,8 +20,7 @@ from aiohttp import web
 from devstack.acl import ACLNotFound, Identity, PermissionDenied
 from devstack.decode import DecodeError, Spec, decode
 from devstack.durations import DurationError, parse_duration
-from devstack.filter import Filter, FilterError, compile_filter
-from devstack.filter_schemas import Schema
+from devstack.filter import Filter, FilterError, Schema, compile_filter
 
 if TYPE_CHECKING:
     from devstack.server import DevServer
