@@ -13,6 +13,7 @@ case files can carry their expectations (`expect`, `istio_only`, ...) on the sam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,8 +191,16 @@ class PolicyChecker:
         options: TranslateOptions | None = None,
     ) -> PolicyChecker:
         """Raises PolicyError when the set cannot be translated safely."""
-        o = options or TranslateOptions()
-        svc = ServiceRef(workload.consul_service, workload.namespace, workload.protocol)
+        o = dataclasses.replace(options or TranslateOptions(), inventory_is_complete=True)
+        labels = dict(workload.labels)
+        # The harness convention: the service label names the Consul service.
+        labels.setdefault(o.service_label, workload.consul_service)
+        svc = ServiceRef(
+            workload.consul_service,
+            workload.namespace,
+            workload.protocol,
+            tuple(sorted(labels.items())),
+        )
         translation = translate(policies, [svc], o)
         snapshot = compile_snapshot(translation.entries, default_allow=False)
         return cls(workload, translation, snapshot, o)

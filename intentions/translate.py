@@ -56,6 +56,8 @@ class ServiceRef:
     name: str
     namespace: str
     protocol: str = "http"
+    labels: tuple[tuple[str, str], ...] | None = None
+    """The workload labels, when known (checking one workload); None for catalog services."""
 
     @property
     def is_http(self) -> bool:
@@ -74,6 +76,10 @@ class TranslateOptions:
     Consul Enterprise with namespace mirroring (Istio namespace N = Consul namespace N)."""
     default_protocol: str = "http"
     """Protocol of services named only by a selector (not in the inventory)."""
+    inventory_is_complete: bool = False
+    """True when `services` lists every service of interest (e.g. one workload being checked):
+    a policy matching none of them then simply does not apply. False (translate/apply): such a
+    policy is an error, because its services are unknown, not absent."""
 
     @property
     def local_trust_domains(self) -> frozenset[str]:
@@ -608,37 +614,53 @@ class _Translator:
                     )
 
 
-def _selector_service(
-    t: _Translator, policy: AuthorizationPolicy, label: str
-) -> tuple[bool, str | None]:
-    """(ok, service) for a policy's selector; service None = every workload in scope."""
+@dataclass(frozen=True, slots=True)
+class _Selector:
+    service: str | None
+    """The Consul service the selector names; None when it selects every workload in scope."""
+    extra: tuple[tuple[str, str], ...] = ()
+    """Labels other than the service label; non-empty means a subset of a service."""
+
+
+def _selector(t: _Translator, policy: AuthorizationPolicy, label: str) -> _Selector | None:
     if policy.target_refs:
         t.problem(
             policy,
             "spec.targetRefs",
             "targetRef(s) select gateways and waypoints, which meshlet sidecars are not",
         )
-        return False, None
-    if policy.match_labels is None or not policy.match_labels:
-        return True, None
+        return None
+    if not policy.match_labels:
+        return _Selector(None)
     labels = dict(policy.match_labels)
-    if label not in labels:
-        t.problem(
-            policy,
-            "spec.selector.matchLabels",
-            f"selector must name the Consul service with the {label!r} label",
-        )
-        return False, None
-    if len(labels) > 1:
-        extra = ", ".join(k for k in sorted(labels) if k != label)
-        t.problem(
-            policy,
-            "spec.selector.matchLabels",
-            f"subset selector (labels {extra} besides {label!r}): intentions apply to the whole "
-            "service, so a subset of its workloads cannot be selected",
-        )
-        return False, None
-    return True, labels[label]
+    service = labels.pop(label, None)
+    return _Selector(service, tuple(sorted(labels.items())))
+
+
+def _subset_problem(
+    t: _Translator, policy: AuthorizationPolicy, sel: _Selector, label: str
+) -> None:
+    if sel.service is None:
+        what = f"selector without the {label!r} label that names the Consul service"
+    else:
+        extra = ", ".join(k for k, _ in sel.extra)
+        what = f"subset selector (labels {extra} besides {label!r})"
+    t.problem(
+        policy,
+        "spec.selector.matchLabels",
+        f"{what}: intentions apply to whole services, so a subset of a service's workloads "
+        "cannot be selected",
+    )
+
+
+def _selects(sel: _Selector, svc: ServiceRef, label: str) -> bool:
+    if svc.labels is None:
+        return sel.service is None or sel.service == svc.name
+    labels = dict(svc.labels)
+    wanted = dict(sel.extra)
+    if sel.service is not None:
+        wanted[label] = sel.service
+    return all(labels.get(k) == v for k, v in wanted.items())
 
 
 def translate(
@@ -662,9 +684,9 @@ def translate(
         namespace = svc.namespace if o.single_namespace is None else o.single_namespace
         inventory.setdefault((namespace, svc.name), dataclasses.replace(svc, namespace=namespace))
 
-    enforced: list[tuple[AuthorizationPolicy, str | None]] = []
+    enforced: list[tuple[AuthorizationPolicy, _Selector]] = []
     for policy in policies:
-        ok, service = _selector_service(t, policy, o.service_label)
+        sel = _selector(t, policy, o.service_label)
         if policy.action is PolicyAction.CUSTOM:
             t.problem(
                 policy,
@@ -678,27 +700,37 @@ def translate(
                 Problem(policy.label, "", f"{why} policy is never enforced; it was not translated")
             )
             continue
-        if not ok:
+        if sel is None:
+            continue
+        if sel.extra and not o.inventory_is_complete:
+            # Workload labels are unknown here, so the policy's reach cannot be decided.
+            _subset_problem(t, policy, sel, o.service_label)
             continue
         is_root = policy.namespace == o.root_namespace
         if not is_root:
             t._namespace_ok(policy, "metadata.namespace", policy.namespace)
-        if service is not None and not is_root:
+        if sel.service is not None and not sel.extra and not is_root:
             inventory.setdefault(
-                (policy.namespace, service),
-                ServiceRef(service, policy.namespace, o.default_protocol),
+                (policy.namespace, sel.service),
+                ServiceRef(sel.service, policy.namespace, o.default_protocol),
             )
-        enforced.append((policy, service))
+        enforced.append((policy, sel))
 
     scope: dict[tuple[str, str], list[AuthorizationPolicy]] = {k: [] for k in inventory}
-    for policy, service in enforced:
+    for policy, sel in enforced:
         is_root = policy.namespace == o.root_namespace
+        service = sel.service
         matched = [
             key
             for key in inventory
-            if (is_root or key[0] == policy.namespace) and (service is None or key[1] == service)
+            if (is_root or key[0] == policy.namespace)
+            and _selects(sel, inventory[key], o.service_label)
         ]
-        if not matched:
+        if sel.extra:
+            if matched:
+                _subset_problem(t, policy, sel, o.service_label)
+            continue  # selects none of the known workloads: it does not apply
+        if not matched and not o.inventory_is_complete:
             where = "any namespace" if is_root else f"namespace {policy.namespace!r}"
             what = f"service {service!r}" if service else "every service"
             t.problem(

@@ -14,8 +14,13 @@ from typing import Any
 
 import yaml
 
-from intentions.check import EntryChecker, PolicyChecker, parse_destination, parse_request
-from intentions.check import parse_workload
+from intentions.check import (
+    EntryChecker,
+    PolicyChecker,
+    parse_destination,
+    parse_request,
+    parse_workload,
+)
 from intentions.errors import PolicyError
 from intentions.policy import load_policies
 from intentions.translate import TranslateOptions

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from authz_casefile import options_for, run_case
 
 SAMPLE = Path(__file__).with_name("authz-cases-sample.yaml")
