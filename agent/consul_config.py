@@ -82,6 +82,11 @@ class ConsulConfig:
 
 
 def _check_address(address: str) -> None:
+    if any(c in address for c in "/?#@ \t"):
+        raise ConsulConfigError(
+            f"address {address!r}: expected HOST:PORT (e.g. {DEFAULT_ADDRESS}) "
+            "without a path, user or query"
+        )
     if address.startswith("["):
         close = address.find("]")
         if close < 0:
@@ -103,10 +108,9 @@ def _check_address(address: str) -> None:
             raise ConsulConfigError(
                 f"address {address!r}: IPv6 hosts go in brackets, e.g. [::1]:8500"
             )
-        if not host or any(c in host for c in "/?#@[] "):
+        if not host or "[" in host or "]" in host:
             raise ConsulConfigError(
-                f"address {address!r}: expected HOST:PORT (e.g. {DEFAULT_ADDRESS}) "
-                "without a path, user or query"
+                f"address {address!r}: expected HOST:PORT, e.g. {DEFAULT_ADDRESS}"
             )
     # No port is legal, as in Consul's CLI: the scheme's default port (80/443) is used.
     if has_port and not (port.isdigit() and 1 <= int(port) <= 65535):
@@ -179,17 +183,14 @@ def config_from_env(env: Mapping[str, str], *, timeout: float = DEFAULT_TIMEOUT)
                 f"CONSUL_HTTP_SSL=true with CONSUL_HTTP_ADDR={raw_addr!r}: "
                 "HTTPS over a unix socket is not supported"
             )
-        try:
-            tls = ConsulTLS(
-                ca_file=_env_path(env, "CONSUL_CACERT"),
-                ca_path=_env_path(env, "CONSUL_CAPATH"),
-                client_cert=_env_path(env, "CONSUL_CLIENT_CERT"),
-                client_key=_env_path(env, "CONSUL_CLIENT_KEY"),
-                server_name=env.get("CONSUL_TLS_SERVER_NAME") or None,
-                verify=verify is not False,
-            )
-        except ConsulConfigError as exc:
-            raise ConsulConfigError(str(exc)) from None
+        tls = ConsulTLS(
+            ca_file=_env_path(env, "CONSUL_CACERT"),
+            ca_path=_env_path(env, "CONSUL_CAPATH"),
+            client_cert=_env_path(env, "CONSUL_CLIENT_CERT"),
+            client_key=_env_path(env, "CONSUL_CLIENT_KEY"),
+            server_name=env.get("CONSUL_TLS_SERVER_NAME") or None,
+            verify=verify is not False,
+        )
 
     return ConsulConfig(
         address=address,
