@@ -11,6 +11,7 @@ import yaml
 from authz_casefile import options_for, run_case
 
 SAMPLE = Path(__file__).with_name("authz-cases-sample.yaml")
+OWN = Path(__file__).with_name("authz-cases-meshlet.yaml")
 # The acceptance corpus is not in the repository; point at it to run it here too.
 EXTRA = os.environ.get("MESHLET_AUTHZ_CASES")
 
@@ -23,7 +24,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _params() -> list[Any]:
     params = []
-    for path in [SAMPLE, *([Path(EXTRA)] if EXTRA else [])]:
+    for path in [SAMPLE, OWN, *([Path(EXTRA)] if EXTRA else [])]:
         data = _load(path)
         for case in data["cases"]:
             params.append(pytest.param(data["conventions"], case, id=f"{path.stem}:{case['name']}"))
