@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Pure packages: no I/O, checked strictly by mypy.
-PURE   := intentions devstack/filter.py
+# mypy --strict (pyproject) on every package: the pure cores and the shells alike.
+TYPED  := intentions connect agent devstack
 
 .PHONY: install test lint typecheck pytest demo dev compat clean
 
@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy $(PURE)
+	$(BIN)/mypy $(TYPED)
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -73,7 +73,8 @@ class Reply:
     content_type: str = "application/json"
 
 
-Handler = Callable[["Call"], Awaitable[Reply]]
+# A handler answers with a Reply, or streams its own response (/v1/agent/monitor).
+Handler = Callable[["Call"], Awaitable["Reply | web.StreamResponse"]]
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ def token_of(request: web.Request) -> str:
 
 def make_handler(server: DevServer, router: Router) -> Callable[[web.Request], Awaitable[Any]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        headers = {"X-Consul-Default-ACL-Policy": server.config.default_policy}
+        headers: dict[str, str] = {"X-Consul-Default-ACL-Policy": server.config.default_policy}
         try:
             reply = await _dispatch(server, router, request, headers)
         except HTTPError as err:
@@ -242,6 +243,8 @@ def make_handler(server: DevServer, router: Router) -> Callable[[web.Request], A
             # A bug in devstack must still answer like Consul does (plain 500), and be loud.
             log.exception("unexpected error serving %s %s", request.method, request.path)
             return _text(500, f"devstack internal error: {type(err).__name__}: {err}", headers)
+        if isinstance(reply, web.StreamResponse):
+            return reply
         return _render(request, reply, headers, pretty=True)
 
     return handle
@@ -249,7 +252,7 @@ def make_handler(server: DevServer, router: Router) -> Callable[[web.Request], A
 
 async def _dispatch(
     server: DevServer, router: Router, request: web.Request, headers: dict[str, str]
-) -> Reply:
+) -> Reply | web.StreamResponse:
     path = request.path
     if not path.startswith("/v1/"):
         raise not_found(
@@ -270,6 +273,8 @@ async def _dispatch(
     if route.rpc:
         _parse_rpc_params(call, server)
     reply = await handler(call)
+    if isinstance(reply, web.StreamResponse):
+        return reply
     if route.rpc and reply.index is not None:
         headers.update(
             {

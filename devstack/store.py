@@ -174,12 +174,15 @@ class Store:
         for table in (self.tables, self.keys, self.tombstones):
             for k, v in table.items():
                 table[k] = min(v, index)
-        for obj in [*self.nodes.values(), *self.services.values(), *self.checks.values()]:
+        records: list[Node | Service | Check | KVEntry] = [
+            *self.nodes.values(),
+            *self.services.values(),
+            *self.checks.values(),
+            *self.kv.values(),
+        ]
+        for obj in records:
             obj.create_index = min(obj.create_index, index)
             obj.modify_index = min(obj.modify_index, index)
-        for e in self.kv.values():
-            e.create_index = min(e.create_index, index)
-            e.modify_index = min(e.modify_index, index)
         self.epoch += 1
         self._wake()
 
