@@ -1388,7 +1388,7 @@ def _compile_match(node: _Match, root: Schema) -> _Predicate:
 
 
 def _compile(node: _Ast, root: Schema) -> _Predicate:
-    # Left before right, so the first error reported is the one go-bexpr's validate() finds.
+    # Operands in order, so the first error raised is the one go-bexpr's validate() returns.
     if isinstance(node, _Match):
         return _compile_match(node, root)
     if isinstance(node, _Not):
@@ -1414,7 +1414,9 @@ class Filter:
 def compile_filter(expression: str, schema: Schema) -> Filter:
     """Parse ``expression`` and check it against ``schema``, as Consul's ``CreateFilter`` does.
 
-    Raises :class:`FilterSyntaxError` or :class:`FilterSchemaError`. Consul treats an empty
-    ``filter`` parameter as no filter at all; callers should skip this call in that case.
+    Raises :class:`FilterSyntaxError` or :class:`FilterSchemaError`. An empty expression is
+    go-bexpr's nil filter and matches everything; whitespace alone is a syntax error.
     """
+    if expression == "":
+        return Filter(expression, lambda _v: True)
     return Filter(expression, _compile(_parse(expression), schema))
