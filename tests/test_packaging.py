@@ -1,0 +1,79 @@
+"""The built wheel, not the checkout, provides meshlet's packages and its console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("agent", "connect", "intentions", "devstack")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    (built,) = out.glob("meshlet-*.whl")
+    return built
+
+
+@pytest.mark.timeout(300)
+def test_wheel_holds_the_packages_typed_and_the_script(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for pkg in PACKAGES:
+        assert f"{pkg}/__init__.py" in names
+        assert f"{pkg}/py.typed" in names
+    assert "devstack/endpoints/__init__.py" in names
+    assert not any(n.startswith(("tests/", "compat/")) for n in names)
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "meshlet = agent.cli:main" in text
+
+
+@pytest.mark.timeout(300)
+def test_installed_wheel_imports_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    code = "import agent, connect, intentions, devstack.server; print(devstack.server.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PYTHONSAFEPATH": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert Path(done.stdout.strip()).is_relative_to(target)
