@@ -27,8 +27,20 @@ from agent.consul_blocking import (
     Wait,
     effective_wait,
     format_duration,
+    next_index,
 )
-from agent.consul_config import ConsulConfig, config_from_env
+from agent.consul_config import ConsulConfig, ConsulTLS, config_from_env
+from agent.consul_errors import (
+    ConsulACLNotFound,
+    ConsulBadRequest,
+    ConsulBadResponse,
+    ConsulConfigError,
+    ConsulError,
+    ConsulNotFound,
+    ConsulPermissionDenied,
+    ConsulRejected,
+    ConsulUnavailable,
+)
 from agent.consul_http import ConsulHTTP, Params, Response
 from agent.consul_json import JSONObject, ShapeError, as_list, as_object, str_tuple
 from agent.consul_results import (
@@ -43,8 +55,56 @@ from agent.consul_results import (
     Member,
     Node,
     ServiceEntry,
+    aggregate_status,
 )
-from agent.consul_services import CheckDefinition, ServiceRegistration, registration_body
+from agent.consul_services import (
+    CheckDefinition,
+    ProxyConfig,
+    ServiceRegistration,
+    SidecarService,
+    Upstream,
+    Weights,
+    registration_body,
+)
+
+# The client's public surface in one place; the modules behind it stay small and focused.
+__all__ = [
+    "AgentSelf",
+    "AgentService",
+    "CatalogNode",
+    "CatalogService",
+    "CheckDefinition",
+    "ConsulACLNotFound",
+    "ConsulBadRequest",
+    "ConsulBadResponse",
+    "ConsulClient",
+    "ConsulConfig",
+    "ConsulConfigError",
+    "ConsulError",
+    "ConsulNotFound",
+    "ConsulPermissionDenied",
+    "ConsulRejected",
+    "ConsulTLS",
+    "ConsulUnavailable",
+    "Hashed",
+    "HealthCheck",
+    "HealthStatus",
+    "Indexed",
+    "KVPair",
+    "LocalServiceHealth",
+    "Member",
+    "Node",
+    "ProxyConfig",
+    "ServiceEntry",
+    "ServiceRegistration",
+    "SidecarService",
+    "Upstream",
+    "Wait",
+    "Weights",
+    "aggregate_status",
+    "config_from_env",
+    "next_index",
+]
 
 T = TypeVar("T")
 

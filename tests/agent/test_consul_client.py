@@ -851,8 +851,31 @@ async def test_a_dropped_connection_is_not_silently_retried() -> None:
 async def test_not_http_at_all_is_a_bad_response() -> None:
     ssh = canned(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
     async with SocketServer(ssh) as server, _client(server.address) as consul:
-        with pytest.raises(ConsulUnavailable):
+        with pytest.raises(ConsulBadResponse, match="not an HTTP answer"):
             await consul.status.leader()
+
+
+async def test_a_zero_index_from_a_buggy_consul_is_treated_as_one() -> None:
+    zero = _http("200 OK", b"[]", "X-Consul-Index: 0\r\nX-Consul-KnownLeader: false\r\n")
+    async with SocketServer(canned(zero)) as server, _client(server.address) as consul:
+        got = await consul.health.service("web")
+        assert (got.value, got.index, got.next_index, got.known_leader) == ((), 1, 1, False)
+        # Blocking on 5 and getting 0 back is the index going backwards: start over.
+        again = await consul.health.service("web", index=5, wait="1s")
+        assert (again.index, again.next_index, again.reset) == (1, 0, True)
+
+
+async def test_the_token_travels_in_the_header_not_the_url() -> None:
+    requests: list[bytes] = []
+    reply = _http("200 OK", b'"127.0.0.1:8300"')
+    async with SocketServer(canned(reply, requests=requests)) as server:
+        config = ConsulConfig(address=server.address, token="s3cret-token")
+        async with ConsulClient(config) as consul:
+            assert await consul.status.leader() == "127.0.0.1:8300"
+    (head,) = requests
+    request_line, *header_lines = head.decode().split("\r\n")
+    assert request_line == "GET /v1/status/leader HTTP/1.1"
+    assert "X-Consul-Token: s3cret-token" in header_lines
 
 
 async def test_errors_from_a_proxy_in_front_are_unavailable_and_others_rejected() -> None:
