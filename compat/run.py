@@ -224,6 +224,9 @@ def run_pytest(meshlet: Path, extra_args: list[str]) -> int:
     return subprocess.run(cmd, cwd=SRC, env=env, check=False).returncode
 
 
+OUT_OF_SCOPE = Path(__file__).resolve().parent / "out_of_scope.txt"
+
+
 @dataclass
 class Results:
     passed: list[str] = field(default_factory=list)
@@ -306,9 +309,35 @@ def run_locked(meshlet: Path, argv: list[str]) -> int:
     print(f"{len(results.passed)} passed, {len(results.failed)} failed")
     if results.skipped:
         print(f"{len(results.skipped)} skipped")
+    return verdict(results, returncode, read_out_of_scope())
+
+
+def read_out_of_scope() -> dict[str, str]:
+    """compat/out_of_scope.txt: test function name -> why it is expected to fail."""
+    listed: dict[str, str] = {}
+    for line in OUT_OF_SCOPE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.partition(":")
+            listed[name.strip()] = reason.strip()
+    return listed
+
+
+def _function(case: str) -> str:
+    return case.rpartition("::")[2].partition("[")[0]
+
+
+def verdict(results: Results, returncode: int, listed: dict[str, str]) -> int:
+    expected = [c for c in results.failed if _function(c) in listed]
+    unexpected = [c for c in results.failed if _function(c) not in listed]
+    fixed = [c for c in results.passed if _function(c) in listed]
+    for case in expected:
+        print(f"compat: expected failure (out of scope): {case}: {listed[_function(case)]}")
+    for case in fixed:
+        print(f"compat: {case} passes now: take it off {OUT_OF_SCOPE.name}")
     # pytest exit codes 2-5 (interrupted, internal/usage error, nothing collected) are
-    # failures of the run even when no test case failed.
-    ok = not results.failed and returncode == 0 and bool(results.passed)
+    # failures of the run even when no test case failed; exit code 1 means tests failed,
+    # which the lists above account for.
+    ok = not unexpected and not fixed and returncode in (0, 1) and bool(results.passed)
     return 0 if ok else 1
 
 
