@@ -82,6 +82,11 @@ class ConsulConfig:
 
 
 def _check_address(address: str) -> None:
+    if "://" in address:
+        raise ConsulConfigError(
+            f"address {address!r}: expected HOST:PORT without a scheme; HTTPS is chosen by "
+            "`tls`, and config_from_env accepts http://, https:// and unix:// URLs"
+        )
     if any(c in address for c in "/?#@ \t"):
         raise ConsulConfigError(
             f"address {address!r}: expected HOST:PORT (e.g. {DEFAULT_ADDRESS}) "

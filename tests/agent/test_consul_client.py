@@ -272,6 +272,15 @@ def test_env_errors_name_the_variable_and_what_is_allowed(
         config_from_env(env)
 
 
+def test_programmatic_config_is_checked_too() -> None:
+    with pytest.raises(ConsulConfigError, match="without a scheme"):
+        ConsulConfig(address="https://c:8501")
+    with pytest.raises(ConsulConfigError, match="timeout must be a positive number"):
+        ConsulConfig(timeout=0)
+    with pytest.raises(ConsulConfigError, match="HTTPS over a unix socket"):
+        ConsulConfig(unix_socket=Path("/s.sock"), tls=ConsulTLS())
+
+
 def test_config_files_are_read_when_the_client_is_built(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
