@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Literal
 
 from intentions.entries import (
@@ -43,6 +42,17 @@ class Identity:
     namespace: str = DEFAULT
     partition: str = DEFAULT
     peer: str = ""
+    # Lookup keys, built once per identity (a connection), not once per request.
+    exact_key: tuple[str, str, str, str] = field(init=False, repr=False, compare=False)
+    namespace_key: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+    any_key: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Peer sources have no local partition; keeping it empty keeps the key spaces apart.
+        partition = "" if self.peer else self.partition
+        object.__setattr__(self, "any_key", (self.peer, partition))
+        object.__setattr__(self, "namespace_key", (self.peer, partition, self.namespace))
+        object.__setattr__(self, "exact_key", (self.peer, partition, self.namespace, self.name))
 
 
 _CONSUL_SPIFFE = re.compile(
@@ -147,7 +157,7 @@ def http_request(
         joined[":authority"] = joined["host"]
     joined[":method"] = method
     joined[":path"] = full
-    return HTTPRequest(method, full, full[:cut], MappingProxyType(joined))
+    return HTTPRequest(method, full, full[:cut], joined)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,51 +181,66 @@ class Decision:
 _Check = Callable[[HTTPRequest], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class _CompiledPermission:
-    allow: bool
-    checks: tuple[_Check, ...]
-
-    def matches(self, request: HTTPRequest) -> bool:
-        return all(check(request) for check in self.checks)
+def _all_of(checks: Sequence[_Check]) -> _Check:
+    # Specialized closures: a decision runs these, so no generator or `all()` per request.
+    if not checks:
+        return lambda r: True
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        first, second = checks
+        return lambda r: first(r) and second(r)
+    frozen = tuple(checks)
+    return lambda r: all(check(r) for check in frozen)
 
 
 @dataclass(frozen=True, slots=True)
 class _CompiledIntention:
     display: str
-    l4_allow: bool
-    permissions: tuple[_CompiledPermission, ...] | None
+    permissions: tuple[tuple[_Check, Decision], ...] | None
+    """For an L7 intention: each permission's matcher and the decision it yields."""
     connection: Decision
-    """Precomputed answer for an L4 check (`/agent/connect/authorize`, TCP listeners)."""
+    """The answer to an L4 question (`/agent/connect/authorize`, TCP listeners), and the
+    answer of an L4 intention to every request."""
+    unmatched: Decision
+    """What an L7 intention answers when no permission matches: the default policy."""
 
 
 def _compile_header(h: HeaderMatch) -> _Check:
     name = h.name.lower()
     invert = h.invert
     if h.present:
-
-        def present(r: HTTPRequest) -> bool:
-            return (name in r.headers) != invert
-
-        return present
+        return lambda r: (name in r.headers) != invert
     value_test: Callable[[str], bool]
     if h.regex:
         pattern = _compile_regex(h.regex)
         value_test = lambda v: pattern.fullmatch(v) is not None  # noqa: E731
-    else:
-        fold = h.ignore_case
+    elif h.ignore_case:
         if h.exact:
-            want = h.exact.lower() if fold else h.exact
-            value_test = lambda v: (v.lower() if fold else v) == want  # noqa: E731
+            want = h.exact.lower()
+            value_test = lambda v: v.lower() == want  # noqa: E731
         elif h.prefix:
-            want = h.prefix.lower() if fold else h.prefix
-            value_test = lambda v: (v.lower() if fold else v).startswith(want)  # noqa: E731
+            want = h.prefix.lower()
+            value_test = lambda v: v.lower().startswith(want)  # noqa: E731
         elif h.suffix:
-            want = h.suffix.lower() if fold else h.suffix
-            value_test = lambda v: (v.lower() if fold else v).endswith(want)  # noqa: E731
+            want = h.suffix.lower()
+            value_test = lambda v: v.lower().endswith(want)  # noqa: E731
         else:
-            want = h.contains.lower() if fold else h.contains
-            value_test = lambda v: want in (v.lower() if fold else v)  # noqa: E731
+            want = h.contains.lower()
+            value_test = lambda v: want in v.lower()  # noqa: E731
+    elif h.exact:
+        exact = h.exact
+        # The common case gets one closure: a decision evaluates it per request.
+        return lambda r: (v := r.headers.get(name)) is not None and (v == exact) != invert
+    elif h.prefix:
+        prefix = h.prefix
+        value_test = lambda v: v.startswith(prefix)  # noqa: E731
+    elif h.suffix:
+        suffix = h.suffix
+        value_test = lambda v: v.endswith(suffix)  # noqa: E731
+    else:
+        contains = h.contains
+        value_test = lambda v: contains in v  # noqa: E731
 
     def header(r: HTTPRequest) -> bool:
         value = r.headers.get(name)
@@ -234,7 +259,7 @@ def _compile_regex(pattern: str) -> re.Pattern[str]:
         raise UnsupportedEntry(f"invalid regular expression {pattern!r}: {exc}") from None
 
 
-def _compile_permission(perm: Permission, where: str) -> _CompiledPermission:
+def _compile_permission(perm: Permission, where: str) -> tuple[_Check, bool]:
     if perm.jwt is not None:
         raise UnsupportedEntry(f"{where}: JWT requirements are not enforced by meshlet")
     if perm.http is None:
@@ -254,137 +279,109 @@ def _compile_permission(perm: Permission, where: str) -> _CompiledPermission:
         methods = frozenset(http.methods)
         checks.append(lambda r: r.method in methods)
     checks.extend(_compile_header(h) for h in http.header)
-    return _CompiledPermission(perm.action == "allow", tuple(checks))
+    return _all_of(checks), perm.action == "allow"
 
 
-def _compile_intention(entry: ServiceIntentions, src: SourceIntention) -> _CompiledIntention:
+def _compile_intention(
+    entry: ServiceIntentions, src: SourceIntention, default: Decision
+) -> _CompiledIntention:
     display = intention_display(entry, src)
     if src.sameness_group:
         raise UnsupportedEntry(f"{display}: sameness-group sources are not supported by meshlet")
     if entry.jwt is not None:
         raise UnsupportedEntry(f"{display}: JWT requirements are not enforced by meshlet")
+    unmatched = Decision(
+        default.allowed,
+        f"{default.reason}: no permission of L7 intention {display} matched",
+        display,
+    )
     if src.permissions:
-        perms = tuple(
-            _compile_permission(p, f"{display} Permissions[{j}]")
-            for j, p in enumerate(src.permissions)
-        )
+        perms: list[tuple[_Check, Decision]] = []
+        for j, p in enumerate(src.permissions):
+            check, allow = _compile_permission(p, f"{display} Permissions[{j}]")
+            action = "allow" if allow else "deny"
+            reason = f"Matched L7 intention: {display}, Permissions[{j}] ({action})"
+            perms.append((check, Decision(allow, reason, display, j)))
         # Consul's rule: an L7 intention answers an L4 question with deny.
         connection = Decision(False, f"Matched L7 intention: {display}", display)
-        return _CompiledIntention(display, False, perms, connection)
+        return _CompiledIntention(display, tuple(perms), connection, unmatched)
     allow = src.action == "allow"
     connection = Decision(allow, f"Matched L4 intention: {display}", display)
-    return _CompiledIntention(display, allow, None, connection)
+    return _CompiledIntention(display, None, connection, unmatched)
 
 
-# Lookup keys. Peer sources have no local partition; the key spaces stay separate that way.
 _ExactKey = tuple[str, str, str, str]  # peer, partition, namespace, name
 _NsKey = tuple[str, str, str]  # peer, partition, namespace
 _AnyKey = tuple[str, str]  # peer, partition
 
 
-def _source_tier(src: SourceIntention) -> tuple[int, tuple[str, ...]]:
-    partition = "" if src.peer else (src.partition or DEFAULT)
-    namespace = src.namespace or DEFAULT
-    if namespace == WILDCARD:
-        return 2, (src.peer, partition)
-    if src.name == WILDCARD:
-        return 1, (src.peer, partition, namespace)
-    return 0, (src.peer, partition, namespace, src.name)
-
-
 @dataclass(frozen=True, slots=True)
 class DestinationPolicy:
-    """Everything needed to authorize traffic to one destination, resolved in advance."""
+    """The sources of one entry as direct lookups, chained to the next-less-specific entry.
+
+    Within an entry an exact source outranks `ns/*`, which outranks `*/*`; every source of a
+    more specific destination entry outranks every source of a less specific one (precedence
+    bands 9-7, 6-4, 3-1). So a lookup tries this entry's three maps, then `fallback`'s.
+    """
 
     exact: Mapping[_ExactKey, _CompiledIntention]
     by_namespace: Mapping[_NsKey, _CompiledIntention]
     any_source: Mapping[_AnyKey, _CompiledIntention]
+    fallback: DestinationPolicy | None
     default: Decision
 
     def intention_for(self, source: Identity) -> _CompiledIntention | None:
-        partition = "" if source.peer else source.partition
-        hit = self.exact.get((source.peer, partition, source.namespace, source.name))
-        if hit is not None:
-            return hit
-        hit = self.by_namespace.get((source.peer, partition, source.namespace))
-        if hit is not None:
-            return hit
-        return self.any_source.get((source.peer, partition))
+        policy: DestinationPolicy | None = self
+        while policy is not None:
+            hit = policy.exact.get(source.exact_key)
+            if hit is None:
+                hit = policy.by_namespace.get(source.namespace_key)
+                if hit is None:
+                    hit = policy.any_source.get(source.any_key)
+            if hit is not None:
+                return hit
+            policy = policy.fallback
+        return None
 
     def decide_connection(self, source: Identity) -> Decision:
         intention = self.intention_for(source)
         return self.default if intention is None else intention.connection
 
     def decide_request(self, source: Identity, request: HTTPRequest) -> Decision:
-        intention = self.intention_for(source)
+        intention = self.exact.get(source.exact_key)
         if intention is None:
-            return self.default
-        if intention.permissions is None:
+            intention = self.intention_for(source)
+            if intention is None:
+                return self.default
+        permissions = intention.permissions
+        if permissions is None:
             return intention.connection
-        for index, perm in enumerate(intention.permissions):
-            if perm.matches(request):
-                action = "allow" if perm.allow else "deny"
-                return Decision(
-                    perm.allow,
-                    f"Matched L7 intention: {intention.display}, Permissions[{index}] ({action})",
-                    intention.display,
-                    index,
-                )
-        return Decision(
-            self.default.allowed,
-            f"{self.default.reason}: no permission of L7 intention {intention.display} matched",
-            intention.display,
-        )
+        for matches, decision in permissions:
+            if matches(request):
+                return decision
+        return intention.unmatched
 
 
-def _resolve(
-    tiers: Sequence[tuple[ServiceIntentions, SourceIntention, _CompiledIntention]],
-    default: Decision,
-) -> DestinationPolicy:
-    """Turn precedence-ordered sources into direct lookups.
-
-    For every key that can be looked up, walk the sources in precedence order and keep the
-    first that matches; a lookup then never needs to walk anything.
-    """
-    exact_keys: set[_ExactKey] = set()
-    ns_keys: set[_NsKey] = set()
-    any_keys: set[_AnyKey] = set()
-    for _, src, _ in tiers:
-        tier, key = _source_tier(src)
-        if tier == 0:
-            exact_keys.add((key[0], key[1], key[2], key[3]))
-            ns_keys.add((key[0], key[1], key[2]))
-        elif tier == 1:
-            ns_keys.add((key[0], key[1], key[2]))
-        any_keys.add((key[0], key[1]))
-
-    def first(test: Callable[[int, tuple[str, ...]], bool]) -> _CompiledIntention | None:
-        for _, src, compiled in tiers:
-            tier, key = _source_tier(src)
-            if test(tier, key):
-                return compiled
-        return None
-
+def _entry_policy(
+    entry: ServiceIntentions | None, fallback: DestinationPolicy | None, default: Decision
+) -> DestinationPolicy | None:
+    if entry is None:
+        return fallback
     exact: dict[_ExactKey, _CompiledIntention] = {}
-    for ek in exact_keys:
-        hit = first(
-            lambda t, k, ek=ek: k == (ek if t == 0 else ek[:3] if t == 1 else ek[:2])  # type: ignore[misc]
-        )
-        if hit is not None:
-            exact[ek] = hit
     by_ns: dict[_NsKey, _CompiledIntention] = {}
-    for nk in ns_keys:
-        hit = first(lambda t, k, nk=nk: t > 0 and k == (nk if t == 1 else nk[:2]))  # type: ignore[misc]
-        if hit is not None:
-            by_ns[nk] = hit
     any_src: dict[_AnyKey, _CompiledIntention] = {}
-    for ak in any_keys:
-        hit = first(lambda t, k, ak=ak: t == 2 and k == ak)  # type: ignore[misc]
-        if hit is not None:
-            any_src[ak] = hit
-    return DestinationPolicy(
-        MappingProxyType(exact), MappingProxyType(by_ns), MappingProxyType(any_src), default
-    )
+    for src in entry.sources:
+        compiled = _compile_intention(entry, src, default)
+        partition = "" if src.peer else (src.partition or DEFAULT)
+        namespace = src.namespace or DEFAULT
+        # Sources are unique per entry (validation), so no key is ever written twice.
+        if namespace == WILDCARD:
+            any_src[(src.peer, partition)] = compiled
+        elif src.name == WILDCARD:
+            by_ns[(src.peer, partition, namespace)] = compiled
+        else:
+            exact[(src.peer, partition, namespace, src.name)] = compiled
+    return DestinationPolicy(exact, by_ns, any_src, fallback, default)
 
 
 _DestKey = tuple[str, str, str]  # partition, namespace, name
@@ -414,9 +411,11 @@ class Snapshot:
     def decide_request(
         self, destination: Identity, source: Identity, request: HTTPRequest
     ) -> Decision:
-        policy = self.for_destination(
-            destination.name, destination.namespace, destination.partition
-        )
+        policy = self.exact.get((destination.partition, destination.namespace, destination.name))
+        if policy is None:
+            policy = self.for_destination(
+                destination.name, destination.namespace, destination.partition
+            )
         return policy.decide_request(source, request)
 
     def decide_connection(self, destination: Identity, source: Identity) -> Decision:
@@ -445,7 +444,6 @@ def compile_snapshot(
     exact_entries: dict[_DestKey, ServiceIntentions] = {}
     ns_entries: dict[tuple[str, str], ServiceIntentions] = {}
     any_entries: dict[str, ServiceIntentions] = {}
-    compiled: dict[int, list[tuple[ServiceIntentions, SourceIntention, _CompiledIntention]]] = {}
     for entry in entries:
         partition = entry.partition_or_default
         namespace = entry.namespace_or_default
@@ -455,24 +453,22 @@ def compile_snapshot(
             ns_entries[(partition, namespace)] = entry
         else:
             exact_entries[(partition, namespace, entry.name)] = entry
-        ordered = sorted(entry.sources, key=lambda s: -s.precedence)
-        compiled[id(entry)] = [(entry, s, _compile_intention(entry, s)) for s in ordered]
 
-    def chain(*found: ServiceIntentions | None) -> DestinationPolicy:
-        tiers = [t for e in found if e is not None for t in compiled[id(e)]]
-        return _resolve(tiers, default)
-
-    by_partition = {p: chain(e) for p, e in any_entries.items()}
-    by_namespace = {(p, ns): chain(e, any_entries.get(p)) for (p, ns), e in ns_entries.items()}
-    exact = {
-        (p, ns, name): chain(e, ns_entries.get((p, ns)), any_entries.get(p))
-        for (p, ns, name), e in exact_entries.items()
-    }
-    empty = _resolve((), default)
-    return Snapshot(
-        MappingProxyType(exact),
-        MappingProxyType(by_namespace),
-        MappingProxyType(by_partition),
-        default,
-        empty,
-    )
+    by_partition: dict[str, DestinationPolicy] = {}
+    for p, e in any_entries.items():
+        built = _entry_policy(e, None, default)
+        assert built is not None
+        by_partition[p] = built
+    by_namespace: dict[tuple[str, str], DestinationPolicy] = {}
+    for (p, ns), e in ns_entries.items():
+        built = _entry_policy(e, by_partition.get(p), default)
+        assert built is not None
+        by_namespace[(p, ns)] = built
+    exact: dict[_DestKey, DestinationPolicy] = {}
+    for (p, ns, name), e in exact_entries.items():
+        fallback = by_namespace.get((p, ns)) or by_partition.get(p)
+        built = _entry_policy(e, fallback, default)
+        assert built is not None
+        exact[(p, ns, name)] = built
+    empty = DestinationPolicy({}, {}, {}, None, default)
+    return Snapshot(exact, by_namespace, by_partition, default, empty)

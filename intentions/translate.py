@@ -193,10 +193,11 @@ def _re_escape(text: str) -> str:
     return "".join(f"\\{ch}" if ch in _RE_SPECIAL else ch for ch in text)
 
 
-# Envoy uri_template: `{*}` is one non-empty segment of pchars, `{**}` any run of them and `/`.
-_PCHAR = r"[A-Za-z0-9\-._~%!$&'()*+,;:@=]"
+# Envoy uri_template (convertPathPatternSyntaxToRegex): `{*}` is one non-empty segment of
+# RFC 3986 pchars, `{**}` any run of pchars and `/` (zero or more segments).
+_PCHAR = r"[A-Za-z0-9\-._~%!$&'()+,;:@=]"
 _ONE_SEGMENT = _PCHAR + "+"
-_ANY_SEGMENTS = r"[A-Za-z0-9\-._~%!$&'()*+,;:@=/]*"
+_ANY_SEGMENTS = r"[A-Za-z0-9\-._~%!$&'()+,;:@=/]*"
 
 
 def _template_regex(value: str) -> str:
