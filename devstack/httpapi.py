@@ -281,13 +281,19 @@ async def _dispatch(
                 "X-Consul-Index": str(max(reply.index, 1)),
                 "X-Consul-KnownLeader": "true",
                 "X-Consul-LastContact": "0",
-                "X-Consul-Effective-Consistency": "stale" if call.flag("stale") else "leader",
+                "X-Consul-Effective-Consistency": _consistency(call),
                 "X-Consul-Query-Backend": "blocking-query",
             }
         )
     if call.results_filtered and identity.token_given:
         headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
     return reply
+
+
+def _consistency(call: Call) -> str:
+    if call.flag("stale"):
+        return "stale"
+    return "consistent" if call.flag("consistent") else "leader"
 
 
 def _parse_rpc_params(call: Call, server: DevServer) -> None:

@@ -160,3 +160,13 @@ async def test_acl_unknown_token_is_acl_not_found(http: Http) -> None:
 async def test_agent_token_endpoint_without_acls_is_401(http: Http) -> None:
     status, text, _ = await http.put("/v1/agent/token/default", json={"Token": "x"})
     assert (status, text) == (401, "ACL support disabled")
+
+
+async def test_effective_consistency_header(http: Http) -> None:
+    for params, mode in (
+        ({}, "leader"),
+        ({"stale": ""}, "stale"),
+        ({"consistent": ""}, "consistent"),
+    ):
+        _, _, headers = await http.get("/v1/catalog/services", params=params)
+        assert headers["X-Consul-Effective-Consistency"] == mode
