@@ -181,8 +181,7 @@ class DevServer:
         return chk if chk is not None and chk.local else None
 
     def local_checks_of(self, service_id: str) -> list[Check]:
-        node = self.config.node_name
-        return self.store.checks_of(node, "") + self.store.checks_of(node, service_id)
+        return self.store.instance_checks(self.config.node_name, service_id)
 
     def sidecar_port(self, sidecar_id: str, defn: dict[str, Any]) -> int:
         """The lowest free port of the sidecar range, or the one this sidecar had before."""

@@ -285,6 +285,18 @@ class Store:
             return self.index
         return self._commit(["checks"], self._check_keys(chk))
 
+    def instance_checks(self, node: str, service_id: str) -> list[Check]:
+        """What decides an instance's health: its node's checks and its own, in CheckID order
+        (Consul reads them off the node index and filters)."""
+        return sorted(
+            (
+                c
+                for c in self.checks.values()
+                if c.node == node and c.service_id in ("", service_id)
+            ),
+            key=lambda c: c.check_id,
+        )
+
     def checks_of(self, node: str, service_id: str | None) -> list[Check]:
         """Checks of one service instance, or the node-level checks when service_id is ''."""
         return sorted(

@@ -32,7 +32,7 @@ def render_page(server: DevServer) -> str:
     store = server.store
     rows = []
     for svc in sorted(store.services.values(), key=lambda s: (s.name, s.node, s.id)):
-        checks = store.checks_of(svc.node, "") + store.checks_of(svc.node, svc.id)
+        checks = store.instance_checks(svc.node, svc.id)
         worst = min((c.status for c in checks), key=_STATUS_ORDER.__getitem__, default="passing")
         address = svc.data.get("Address") or store.nodes[svc.node].address
         rows.append(

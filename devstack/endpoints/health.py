@@ -61,7 +61,7 @@ async def _entries(call: Call, name: str, *, connect: bool) -> Reply:
             n = store.nodes.get(s.node)
             if n is None or not node_matches(n, meta) or not tags_match(s, tags):
                 continue
-            checks = store.checks_of(s.node, "") + store.checks_of(s.node, s.id)
+            checks = store.instance_checks(s.node, s.id)
             if passing and any(c.status != PASSING for c in checks):
                 continue
             entry = {
