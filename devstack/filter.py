@@ -586,11 +586,12 @@ class _GoRegexpTranslator:
             self.can_repeat = False
             self.last_repeat_start = None
             return
-        if rest.startswith("(?P<") or rest.startswith("(?<"):
+        named_p = len(rest) > 4 and rest.startswith("(?P<")
+        if named_p or (len(rest) > 3 and rest.startswith("(?<")):
             close = rest.find(">")
             if close < 0:
                 raise _RegexpError("invalid named capture", rest)
-            name = rest[(4 if rest[2] == "P" else 3) : close]
+            name = rest[(4 if named_p else 3) : close]
             if not name or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
                 raise _RegexpError("invalid named capture", rest[: close + 1])
             self.i += close + 1
@@ -666,7 +667,8 @@ class _GoRegexpTranslator:
             literal = self.src[start + 2 :] if end < 0 else self.src[start + 2 : end]
             self.i = len(self.src) if end < 0 else end + 2
             if literal:
-                self._atom("(?:" + re.escape(literal) + ")")
+                # Separate literals, as in Go: a following "*" repeats only the last one.
+                self._atom(re.escape(literal))
         else:
             self._atom(_code_point(self._escaped_char()))
 
@@ -690,14 +692,22 @@ class _GoRegexpTranslator:
             return int(digits, 8)
         if char == "x":
             if src.startswith("{", self.i):
-                close = src.find("}", self.i)
-                digits = src[self.i + 1 : close] if close > 0 else ""
-                valid = digits and all(d in "0123456789abcdefABCDEF" for d in digits)
-                if not valid or int(digits, 16) > 0x10FFFF:
-                    self.i = close + 1 if close > 0 else len(src)
-                    raise _RegexpError("invalid escape sequence", src[start : self.i])
-                self.i = close + 1
-                return int(digits, 16)
+                # Go reads digit by digit and reports the text up to the first bad one.
+                self.i += 1
+                value = 0
+                count = 0
+                while self.i < len(src):
+                    digit = src[self.i]
+                    self.i += 1
+                    if digit == "}" and count:
+                        return value
+                    if digit not in "0123456789abcdefABCDEF":
+                        break
+                    value = value * 16 + int(digit, 16)
+                    count += 1
+                    if value > 0x10FFFF:
+                        break
+                raise _RegexpError("invalid escape sequence", src[start : self.i])
             digits = src[self.i : self.i + 2]
             if len(digits) < 2 or any(d not in "0123456789abcdefABCDEF" for d in digits):
                 self.i = min(len(src), self.i + 2)
@@ -712,37 +722,35 @@ class _GoRegexpTranslator:
         raise _RegexpError("invalid escape sequence", src[start : self.i])
 
     def _char_class(self) -> str:
+        """A bracketed class. Go unions plain ranges with complemented sets (``[\\D_]``,
+        ``[[:^alpha:]]``); Python classes cannot, so those become alternations and lookaheads."""
         start = self.i
         src = self.src
         self.i += 1
         negate = src.startswith("^", self.i)
         if negate:
             self.i += 1
-        parts: list[str] = []
+        ranges: list[str] = []
+        complemented: list[str] = []
         first = True
         while self.i >= len(src) or src[self.i] != "]" or first:
             if self.i >= len(src):
                 raise _RegexpError("missing closing ]", src[start:])
             first = False
-            if src.startswith("[:", self.i):
-                close = src.find(":]", self.i + 2)
-                if close >= 0:
-                    name = src[self.i + 2 : close]
-                    if name.startswith("^"):
-                        raise _UnsupportedRegexp("negated POSIX classes")
-                    if name not in _POSIX_CLASSES:
-                        raise _RegexpError("invalid character class range", src[self.i : close + 2])
-                    parts.append(_POSIX_CLASSES[name])
-                    self.i = close + 2
-                    continue
-            if src[self.i] == "\\" and self.i + 1 < len(src):
-                letter = src[self.i + 1]
-                if letter.lower() in _PERL_CLASSES:
-                    parts.append(
-                        _PERL_CLASSES[letter] if letter.islower() else "\\" + letter
-                    )  # negated Perl classes inside brackets keep Python's (Unicode) meaning
-                    self.i += 2
-                    continue
+            if src.startswith("[:", self.i) and (close := src.find(":]", self.i + 2)) >= 0:
+                name = src[self.i + 2 : close]
+                if name.removeprefix("^") not in _POSIX_CLASSES:
+                    raise _RegexpError("invalid character class range", src[self.i : close + 2])
+                target = complemented if name.startswith("^") else ranges
+                target.append(_POSIX_CLASSES[name.removeprefix("^")])
+                self.i = close + 2
+                continue
+            letter = src[self.i + 1 : self.i + 2]
+            if src[self.i] == "\\" and letter.lower() in _PERL_CLASSES and letter:
+                target = ranges if letter.islower() else complemented
+                target.append(_PERL_CLASSES[letter.lower()])
+                self.i += 2
+                continue
             range_start = self.i
             low = self._class_char(start)
             high = low
@@ -751,11 +759,17 @@ class _GoRegexpTranslator:
                 high = self._class_char(start)
                 if high < low:
                     raise _RegexpError("invalid character class range", src[range_start : self.i])
-            parts.append(
-                _code_point(low) if low == high else f"{_code_point(low)}-{_code_point(high)}"
-            )
+            ranges.append(_code_point(low) + ("" if low == high else "-" + _code_point(high)))
         self.i += 1
-        return "[" + ("^" if negate else "") + "".join(parts) + "]"
+        plain = "".join(ranges)
+        if not complemented:
+            return f"[^{plain}]" if negate else f"[{plain}]"
+        if not negate:
+            alternatives = ([f"[{plain}]"] if plain else []) + [f"[^{c}]" for c in complemented]
+            return "(?:" + "|".join(alternatives) + ")"
+        # Not (plain or not A or not B) = not plain and A and B.
+        guards = ([f"(?![{plain}])"] if plain else []) + [f"(?=[{c}])" for c in complemented[1:]]
+        return "(?:" + "".join(guards) + f"[{complemented[0]}])"
 
     def _class_char(self, class_start: int) -> int:
         if self.i >= len(self.src):

@@ -580,6 +580,17 @@ def test_matches_searches_anywhere_like_go_regexp_match() -> None:
         ("[^a]", "\n", True),
         ("\\bweb\\b", "éweb", True),  # ASCII word boundary
         ("\\_", "_", True),
+        # Go unions ranges with complemented sets inside brackets, ASCII-exactly.
+        ("[[:^digit:]]", "5", False),
+        ("^[\\D5]+$", "5a5", True),
+        ("^[\\D]$", "\u0663", True),
+        ("^[^\\d_]$", "_", False),
+        ("^[^\\d_]$", "a", True),
+        ("^[^\\W\\D]$", "5", True),
+        ("^[^\\W\\D]$", "b", False),
+        # \Q..\E pushes separate literals, so * repeats only the last one.
+        ("^\\Qab\\E*$", "abbb", True),
+        ("^\\Qab\\E*$", "abab", False),
     ],
 )
 def test_go_regexp_semantics(regexp: str, value: str, expected: bool) -> None:
@@ -616,9 +627,15 @@ def test_go_regexp_semantics(regexp: str, value: str, expected: bool) -> None:
         ("x(a", "missing closing ): `x(a`"),
         ("a)b", "unexpected ): `a)b`"),
         ("(?P<1-x>a)", "invalid named capture: `(?P<1-x>`"),
+        ("(?<", "invalid or unsupported Perl syntax: `(?<`"),
+        ("\\x{zz}", "invalid escape sequence: `\\x{z`"),
+        ("\\x{}", "invalid escape sequence: `\\x{}`"),
+        ("\\x{110000}", "invalid escape sequence: `\\x{110000`"),
+        ("\\xZ1", "invalid escape sequence: `\\xZ1`"),
+        ("[[:^nope:]]", "invalid character class range: `[:^nope:]`"),
     ],
 )
-def test_regexps_rre2_rejects_fail_with_go_messages(regexp: str, go_error: str) -> None:
+def test_regexps_re2_rejects_fail_with_go_messages(regexp: str, go_error: str) -> None:
     err = error_of(f"Name matches `{regexp}`")
     assert isinstance(err, FilterSchemaError)
     quoted = json.dumps(regexp)
