@@ -1091,11 +1091,28 @@ def test_boolean_structure_is_respected(left: str, right: str, obj: dict[str, An
     )
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=40))
+# Fragments of the language, so random sequences reach validation, coercion and regexps, not
+# only the first syntax error.
+TOKENS = [
+    *["Name", "Port", "Tags", "Meta", "Items", "Items.Kind", "Meta.a", 'Meta["x y"]', "Level"],
+    *["Inner.Deep.Value", "Enabled", "Ratio", "==", "!=", "in", "not", "and", "or", "is"],
+    *["empty", "contains", "matches", "(", ")", '"a"', "`b`", "1", "-2", "0.5", "3x", "256"],
+    *['"\\q"', '"(?=a)"', "`[z-a]`", "`(?i)a|b`", '"1e999"', "[", "]", '"', "`", "\n"],
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=40) | st.lists(st.sampled_from(TOKENS), max_size=9).map(" ".join))
 def test_any_input_compiles_or_raises_filter_error(expression: str) -> None:
     with contextlib.suppress(FilterError):
-        compile_filter(expression, THING)
+        compile_filter(expression, THING).matches(OBJ)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="()[]{}*+?|\\^$.-:aAbPp<>=!#0123456789dDwWsSzZQExiUm_,é\n", max_size=12))
+def test_any_regexp_compiles_or_raises_filter_error(regexp: str) -> None:
+    with contextlib.suppress(FilterError):
+        compile_filter(f"Name matches `{regexp}`", THING).matches({"Name": "a1_b\nc"})
 
 
 @settings(max_examples=300, deadline=None)
