@@ -236,6 +236,25 @@ class PolicyChecker:
         is_http = self.workload.protocol in HTTP_PROTOCOLS
         return _evaluate(self.snapshot, destination, is_http, self.identity(r), r)
 
+    def explain(self, r: CheckRequest) -> tuple[Decision, str]:
+        """The decision and the Istio rule (or catch-all) that produced it."""
+        decision = self.check(r)
+        if decision.source is None:
+            return decision, "no intention matched: " + decision.reason
+        single = self.options.single_namespace
+        key = (
+            DEFAULT if single is not None else self.workload.namespace,
+            self.workload.consul_service,
+            *decision.source,
+        )
+        origins = self.translation.origins.get(key, ())
+        if decision.permission is not None and decision.permission < len(origins):
+            return decision, origins[decision.permission]
+        if len(origins) == 1:
+            return decision, origins[0]
+        # Translated L7 lists always end in a catch-all, so only an L4 question gets here.
+        return decision, "an L7 intention answers a connection-level check with deny"
+
 
 @dataclass(frozen=True, slots=True)
 class EntryChecker:

@@ -172,6 +172,8 @@ class Decision:
     """`api.Intention` string of the deciding intention, None when the default decided."""
     permission: int | None = None
     """Index of the deciding permission of an L7 intention."""
+    source: tuple[str, str] | None = None
+    """(namespace, name) of the deciding intention's source, as normalized by Consul."""
 
     @property
     def action(self) -> Literal["allow", "deny"]:
@@ -286,6 +288,7 @@ def _compile_intention(
     entry: ServiceIntentions, src: SourceIntention, default: Decision
 ) -> _CompiledIntention:
     display = intention_display(entry, src)
+    who = (src.namespace or DEFAULT, src.name)
     if src.sameness_group:
         raise UnsupportedEntry(f"{display}: sameness-group sources are not supported by meshlet")
     if entry.jwt is not None:
@@ -301,12 +304,12 @@ def _compile_intention(
             check, allow = _compile_permission(p, f"{display} Permissions[{j}]")
             action = "allow" if allow else "deny"
             reason = f"Matched L7 intention: {display}, Permissions[{j}] ({action})"
-            perms.append((check, Decision(allow, reason, display, j)))
+            perms.append((check, Decision(allow, reason, display, j, who)))
         # Consul's rule: an L7 intention answers an L4 question with deny.
-        connection = Decision(False, f"Matched L7 intention: {display}", display)
+        connection = Decision(False, f"Matched L7 intention: {display}", display, None, who)
         return _CompiledIntention(display, tuple(perms), connection, unmatched)
     allow = src.action == "allow"
-    connection = Decision(allow, f"Matched L4 intention: {display}", display)
+    connection = Decision(allow, f"Matched L4 intention: {display}", display, None, who)
     return _CompiledIntention(display, None, connection, unmatched)
 
 

@@ -672,8 +672,13 @@ def _put(out: dict[str, Any], key: str, value: _T, keep: Callable[[_T], bool] = 
         out[key] = value
 
 
-def entry_to_json(entry: ServiceIntentions, *, with_indexes: bool = True) -> dict[str, Any]:
-    """The entry as Consul returns it (`omitempty` fields left out, CE-style defaults elided)."""
+def entry_to_json(
+    entry: ServiceIntentions, *, with_indexes: bool = True, for_write: bool = False
+) -> dict[str, Any]:
+    """The entry as Consul returns it (`omitempty` fields left out, CE-style defaults elided).
+
+    `for_write` leaves out what Consul computes (Precedence, indexes): the body to PUT.
+    """
     out: dict[str, Any] = {"Kind": KIND, "Name": entry.name}
     if entry.namespace and entry.namespace != DEFAULT:
         out["Namespace"] = entry.namespace
@@ -681,15 +686,15 @@ def entry_to_json(entry: ServiceIntentions, *, with_indexes: bool = True) -> dic
         out["Partition"] = entry.partition
     if entry.jwt is not None:
         out["JWT"] = _jwt_to_json(entry.jwt)
-    out["Sources"] = [_source_to_json(s) for s in entry.sources]
+    out["Sources"] = [_source_to_json(s, for_write=for_write) for s in entry.sources]
     _put(out, "Meta", dict(entry.meta))
-    if with_indexes:
+    if with_indexes and not for_write:
         out["CreateIndex"] = entry.create_index
         out["ModifyIndex"] = entry.modify_index
     return out
 
 
-def _source_to_json(src: SourceIntention) -> dict[str, Any]:
+def _source_to_json(src: SourceIntention, *, for_write: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"Name": src.name}
     if src.namespace and src.namespace != DEFAULT:
         out["Namespace"] = src.namespace
@@ -700,7 +705,8 @@ def _source_to_json(src: SourceIntention) -> dict[str, Any]:
     _put(out, "Action", src.action)
     if src.permissions:
         out["Permissions"] = [permission_to_json(p) for p in src.permissions]
-    _put(out, "Precedence", src.precedence)
+    if not for_write:
+        _put(out, "Precedence", src.precedence)
     _put(out, "Type", src.type)
     _put(out, "Description", src.description)
     _put(out, "LegacyID", src.legacy_id)
@@ -750,6 +756,25 @@ def _jwt_to_json(jwt: JWTRequirement) -> dict[str, Any]:
             ]
         providers.append(item)
     return {"Providers": providers}
+
+
+def has_l7_permissions(entry: ServiceIntentions) -> bool:
+    return any(src.permissions for src in entry.sources)
+
+
+def l7_protocol_error(service: str, protocol: str) -> str | None:
+    """Consul's service-graph check: L7 permissions need an HTTP-family destination.
+
+    Run it when a `service-intentions` entry with permissions is written (protocol of its
+    destination from service-defaults > proxy-defaults `Config.protocol` > "tcp"), and when
+    service-defaults/proxy-defaults change the protocol of a service that has such an entry.
+    """
+    if protocol.lower() in ("http", "http2", "grpc"):
+        return None
+    return (
+        f'service "{service}" has protocol "{protocol}", which is incompatible with L7 '
+        "intentions permissions"
+    )
 
 
 def source_display(src: SourceIntention) -> str:

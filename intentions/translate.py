@@ -93,8 +93,9 @@ class Translation:
     origins: Mapping[tuple[str, str, str, str], tuple[str, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    """(destination namespace, destination, source namespace, source) -> for each permission
-    of that source (one item for an L4 source), the Istio rule or catch-all it came from."""
+    """(destination namespace, destination, source namespace, source), with Consul's
+    normalized names ("default" in CE) -> for each permission of that source (one item for an
+    L4 source), the Istio rule or catch-all it came from."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -869,6 +870,7 @@ def _entry_for(
             kept[peer] = lists[peer]
 
     sources: list[SourceIntention] = []
+    pending: list[tuple[str, ...]] = []
     origins: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
     ordered = sorted(
         kept,
@@ -890,16 +892,17 @@ def _entry_for(
                 permissions=tuple(Permission(a, _render(c)) for a, c, _ in perms),
             )
         sources.append(src)
-        origins[(svc.namespace, svc.name, peer.namespace or WILDCARD, name)] = tuple(
-            origin for _, _, origin in perms
-        )
-    entry = normalize(
-        ServiceIntentions(
-            name=svc.name,
-            namespace="" if single is not None else svc.namespace,
-            sources=tuple(sources),
-        )
+        pending.append(tuple(origin for _, _, origin in perms))
+    raw = ServiceIntentions(
+        name=svc.name,
+        namespace="" if single is not None else svc.namespace,
+        sources=tuple(sources),
     )
+    entry = normalize(raw)
+    # Sources were emitted in precedence order, so normalize's stable sort kept that order;
+    # the key is what the engine reports for a match: the normalized Consul names.
+    for src, origin in zip(entry.sources, pending, strict=True):
+        origins[(entry.namespace_or_default, entry.name, src.namespace, src.name)] = origin
     try:
         validate(entry)
     except InvalidEntry as exc:  # a translator bug must not reach Consul as a silent change
