@@ -155,6 +155,7 @@ def _read_params(
     stale: bool,
     filter: str = "",
     near: str = "",
+    peer: str = "",
 ) -> tuple[list[tuple[str, str]], float | None]:
     """Common read parameters, and the wait Consul will hold the request for (None: won't)."""
     if index < 0:
@@ -166,6 +167,8 @@ def _read_params(
         params.append(("filter", filter))
     if near:
         params.append(("near", near))
+    if peer:
+        params.append(("peer", peer))
     if stale:
         params.append(("stale", ""))
     if index == 0:
@@ -499,9 +502,10 @@ class HealthAPI(_Group):
         index: int,
         wait: Wait | None,
         stale: bool,
+        peer: str = "",
     ) -> Indexed[tuple[ServiceEntry, ...]]:
         params, blocking = _read_params(
-            dc=dc, index=index, wait=wait, stale=stale, filter=filter, near=near
+            dc=dc, index=index, wait=wait, stale=stale, filter=filter, near=near, peer=peer
         )
         params += [("tag", tag) for tag in tags]
         if passing:
@@ -521,8 +525,10 @@ class HealthAPI(_Group):
         index: int = 0,
         wait: Wait | None = None,
         stale: bool = False,
+        peer: str = "",
     ) -> Indexed[tuple[ServiceEntry, ...]]:
-        """Instances of `name`; `passing` keeps only those whose every check passes."""
+        """Instances of `name`; `passing` keeps only those whose every check passes; `peer`
+        reads them from a cluster peer's imported services instead of this cluster."""
         return await self._entries(
             "service",
             name,
@@ -534,6 +540,7 @@ class HealthAPI(_Group):
             index=index,
             wait=wait,
             stale=stale,
+            peer=peer,
         )
 
     async def connect(
@@ -548,6 +555,7 @@ class HealthAPI(_Group):
         index: int = 0,
         wait: Wait | None = None,
         stale: bool = False,
+        peer: str = "",
     ) -> Indexed[tuple[ServiceEntry, ...]]:
         """The proxies (and Connect-native instances) to dial to reach `name`, with health."""
         return await self._entries(
@@ -561,6 +569,7 @@ class HealthAPI(_Group):
             index=index,
             wait=wait,
             stale=stale,
+            peer=peer,
         )
 
     async def _checks(

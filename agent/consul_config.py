@@ -17,6 +17,7 @@ from agent.consul_errors import ConsulConfigError
 
 DEFAULT_ADDRESS = "127.0.0.1:8500"
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_CONNECTIONS = 100
 
 # Go's strconv.ParseBool, which the consul CLI uses for its boolean variables.
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -56,8 +57,15 @@ class ConsulConfig:
     """Read once when the client is built; a non-empty file wins over `token`, as in Consul."""
     timeout: float = DEFAULT_TIMEOUT
     """Deadline in seconds of a non-blocking request; also the slack added to a blocking one."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Pooled connections to Consul. Every parked blocking query holds one, so a process that
+    watches N services needs more than N (and Consul's `http_max_conns_per_client` above it)."""
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ConsulConfigError(
+                f"max_connections must be at least 1, got {self.max_connections}"
+            )
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConsulConfigError(
                 f"timeout must be a positive number of seconds, got {self.timeout}"

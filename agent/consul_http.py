@@ -30,9 +30,6 @@ from agent.consul_errors import (
 
 Params = Sequence[tuple[str, str]]
 
-# Consul serves at most `http_max_conns_per_client` (200) connections per client address;
-# every watch holds one for the length of its wait, so stay well below that.
-_MAX_CONNECTIONS = 100
 # Close idle pooled connections before a server or a load balancer in between is likely to,
 # so a reused connection is rarely a dead one (requests are never silently re-sent).
 _KEEPALIVE_SECONDS = 10.0
@@ -173,13 +170,13 @@ class ConsulHTTP:
             if self.config.unix_socket is not None:
                 connector = aiohttp.UnixConnector(
                     path=str(self.config.unix_socket),
-                    limit=_MAX_CONNECTIONS,
+                    limit=self.config.max_connections,
                     keepalive_timeout=_KEEPALIVE_SECONDS,
                 )
             else:
                 connector = aiohttp.TCPConnector(
                     ssl=self._ssl if self._ssl is not None else True,
-                    limit=_MAX_CONNECTIONS,
+                    limit=self.config.max_connections,
                     keepalive_timeout=_KEEPALIVE_SECONDS,
                 )
             session = aiohttp.ClientSession(

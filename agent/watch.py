@@ -1,0 +1,228 @@
+"""Watching upstreams: one blocking query per upstream, snapshots published whole.
+
+    watcher = UpstreamWatcher(consul, WatchKey("api"), settings, connectivity)
+    tg.create_task(watcher.run())
+    snap = watcher.latest.get()                 # None until the first answer
+
+Each watcher asks `/v1/health/connect/<name>?passing` (with `dc`, `peer`, `filter`), builds a
+`catalog.Snapshot` from the answer and swaps it in. On errors it keeps the last good snapshot,
+records `stale_since`, and retries after an exponential delay with jitter (`backoff_delay`,
+pure). Consul's blocking-query rules (index reset when it goes backwards, never block on 0)
+live in the client's `Indexed.next_index`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from agent.catalog import Snapshot, SnapshotRejected, WatchKey, build_snapshot, diff
+from agent.connectivity import Connectivity
+from agent.consul import ConsulClient
+from agent.consul_errors import ConsulError, ConsulUnavailable
+
+log = logging.getLogger("meshlet.agent.watch")
+
+T = TypeVar("T")
+
+
+class Latest(Generic[T]):
+    """The current value of something that changes whole; readers never lock.
+
+    `changed(version)` waits until a value newer than `version` is published and returns the
+    new version with its value.
+    """
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+        self._version = 0
+        self._published = asyncio.Event()
+
+    def get(self) -> T:
+        return self._value
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def publish(self, value: T) -> None:
+        self._value = value
+        self._version += 1
+        # Wake everyone waiting on the old event; later waiters get a fresh one.
+        event, self._published = self._published, asyncio.Event()
+        event.set()
+
+    async def changed(self, version: int) -> tuple[int, T]:
+        while self._version <= version:
+            await self._published.wait()
+        return self._version, self._value
+
+
+def backoff_delay(failures: int, rng: random.Random, initial: float, maximum: float) -> float:
+    """Delay before retry number `failures` (1 for the first): exponential, capped, with
+    "equal jitter" (half fixed, half random) so many agents that lost the same Consul spread
+    their retries without any of them retrying at once."""
+    if failures < 1:
+        return 0.0
+    ceiling = min(maximum, initial * 2.0 ** min(failures - 1, 60))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    wait: float = 300.0
+    retry_initial: float = 0.2
+    retry_max: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchState:
+    """What the admin API shows about one watch besides its snapshot."""
+
+    failures: int = 0
+    last_error: str = ""
+    stale_since: float | None = None
+    """Unix time of the first failure since the last good answer; None while healthy."""
+    rejected: int = 0
+    """Answers refused as inconsistent since start."""
+
+
+class ApplyTimes:
+    """The most recent apply durations (seconds), for status and the benchmark."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.samples: deque[float] = deque(maxlen=keep)
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        self.count += 1
+
+    def summary(self) -> dict[str, float | int]:
+        ordered = sorted(self.samples)
+        if not ordered:
+            return {"count": self.count}
+
+        def pct(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+        return {
+            "count": self.count,
+            "p50_ms": round(pct(0.50), 4),
+            "p99_ms": round(pct(0.99), 4),
+            "max_ms": round(ordered[-1] * 1000, 4),
+        }
+
+
+class UpstreamWatcher:
+    def __init__(
+        self,
+        consul: ConsulClient,
+        key: WatchKey,
+        settings: Callable[[], WatchSettings],
+        connectivity: Connectivity,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        apply_times: ApplyTimes | None = None,
+    ) -> None:
+        self.key = key
+        self.latest: Latest[Snapshot | None] = Latest(None)
+        self.state = WatchState()
+        self._consul = consul
+        self._settings = settings
+        self._connectivity = connectivity
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._apply_times = apply_times
+
+    async def _fetch(self, index: int, wait: float) -> tuple[int, int, bool, Snapshot | None]:
+        got = await self._consul.health.connect(
+            self.key.name,
+            passing=True,
+            dc=self.key.datacenter,
+            peer=self.key.peer,
+            filter=self.key.filter,
+            index=index,
+            wait=wait,
+        )
+        current = self.latest.get()
+        if current is not None and not got.reset and got.index == current.index:
+            # A blocking query that timed out, or a write elsewhere in the same table.
+            return got.index, got.next_index, False, None
+        started = time.perf_counter()
+        snapshot = build_snapshot(self.key, got.value, got.index, self._clock())
+        changes = diff(current, snapshot)
+        if changes or current is None:
+            self.latest.publish(snapshot)
+            if self._apply_times is not None:
+                self._apply_times.add(time.perf_counter() - started)
+            log.info("upstream %s (index %d): %s", self.key.label, got.index, changes.describe())
+        return got.index, got.next_index, True, snapshot
+
+    def _failed(self, error: str) -> None:
+        st = self.state
+        since = st.stale_since if st.stale_since is not None else self._clock()
+        self.state = WatchState(st.failures + 1, error, since, st.rejected)
+
+    async def run(self) -> None:
+        """Watch until cancelled. Never raises for Consul's failures: it waits and retries."""
+        index = 0
+        while True:
+            settings = self._settings()
+            try:
+                _, index, _, _ = await self._fetch(index, settings.wait)
+            except SnapshotRejected as exc:
+                # Consul's state itself is bad at this index; asking again at once would get
+                # the same answer, so wait for the next change while keeping the old snapshot.
+                self._connectivity.ok()
+                self._failed(f"answer rejected: {exc}")
+                self.state = WatchState(
+                    self.state.failures,
+                    self.state.last_error,
+                    self.state.stale_since,
+                    self.state.rejected + 1,
+                )
+                log.error(
+                    "upstream %s: Consul's answer rejected, keeping the last snapshot: %s",
+                    self.key.label,
+                    exc,
+                )
+                await asyncio.sleep(self._delay(settings))
+                index = 0
+                continue
+            except ConsulUnavailable as exc:
+                self._connectivity.failed(str(exc))
+                self._failed(str(exc))
+                # A Consul that restarted may be at a lower index; blocking on the old one would
+                # park the query for the whole wait before the reset is seen.
+                index = 0
+                await asyncio.sleep(self._delay(settings))
+                continue
+            except ConsulError as exc:
+                # Rejected (ACLs, a bad filter): only an operator can fix it; keep serving.
+                self._connectivity.ok()
+                self._failed(str(exc))
+                log.error("upstream %s: %s", self.key.label, exc)
+                index = 0
+                await asyncio.sleep(self._delay(settings))
+                continue
+            self._connectivity.ok()
+            if self.state.failures:
+                log.info(
+                    "upstream %s: watch recovered after %d failures",
+                    self.key.label,
+                    self.state.failures,
+                )
+                self.state = WatchState(rejected=self.state.rejected)
+
+    def _delay(self, settings: WatchSettings) -> float:
+        return backoff_delay(
+            self.state.failures, self._rng, settings.retry_initial, settings.retry_max
+        )
