@@ -68,6 +68,7 @@ def identity_from_consul_uri(uri: str) -> Identity | None:
     return Identity(name=m["svc"], namespace=m["ns"], partition=m["ap"] or DEFAULT)
 
 
+_METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 
@@ -139,7 +140,14 @@ def http_request(
     *,
     normalize: bool = True,
 ) -> HTTPRequest:
-    """Build the request the engine matches. `path` is the raw request target (query allowed)."""
+    """Build the request the engine matches. `path` is the raw request target (query allowed).
+
+    Raises BadRequest where Envoy answers 400 before any authorization: a method that is not
+    an upper-case token (methods are case-sensitive; Envoy's HTTP/1 codec rejects `get`, see
+    coreruleset/coreruleset#3580), and `%00` in the path.
+    """
+    if _METHOD.fullmatch(method) is None:
+        raise BadRequest(f"method {method!r} is not an upper-case token")
     full = normalize_path(path) if normalize else path
     cut = len(full)
     for sep in "?#":

@@ -194,6 +194,8 @@ def decide(
 ) -> str:
     """Istio's decision: DENY first, then implicit allow without ALLOW policies, then ALLOW."""
     tcp = workload["protocol"] == "tcp"
+    if not tcp and not request["method"].isupper():
+        return "deny"  # the HTTP codec answers 400 before authorization
     if deny_matches(policies, workload, request, root):
         return "deny"
     allows = [

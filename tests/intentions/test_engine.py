@@ -142,7 +142,7 @@ def test_path_matchers_ignore_query_and_methods_are_case_sensitive() -> None:
         default_allow=False,
     )
     assert snap.decide_request(API, WEB, http_request("GET", "/a/12?x=y")).allowed
-    assert not snap.decide_request(API, WEB, http_request("get", "/a/12")).allowed
+    assert not snap.decide_request(API, WEB, http_request("PUT", "/a/12")).allowed
     assert not snap.decide_request(API, WEB, http_request("GET", "/a/12/x")).allowed
 
 
@@ -201,6 +201,12 @@ def test_normalize_path_base(raw: str, want: str) -> None:
 def test_nul_is_rejected() -> None:
     with pytest.raises(BadRequest):
         normalize_path("/a%00b")
+
+
+def test_lower_case_methods_are_rejected_before_authorization() -> None:
+    with pytest.raises(BadRequest, match="upper-case"):
+        http_request("get", "/")
+    assert http_request("PROPFIND", "/").method == "PROPFIND"
 
 
 def test_consul_spiffe_identities() -> None:
