@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from devstack import decode as schema
@@ -44,10 +45,6 @@ def tags_match(svc: Service, tags: list[str]) -> bool:
     return all(t in have for t in tags)
 
 
-def sorted_instances(call: Call, instances: list[Service]) -> list[Service]:
-    return sorted(instances, key=lambda s: (s.node, s.id))
-
-
 def connect_instances(call: Call, name: str) -> list[Service]:
     """Connect-capable endpoints for `name`: its sidecar proxies and native instances."""
     return [
@@ -59,6 +56,49 @@ def connect_instances(call: Call, name: str) -> list[Service]:
         )
         or (s.name == name and (s.data.get("Connect") or {}).get("Native"))
     ]
+
+
+@dataclass(frozen=True)
+class InstanceQuery:
+    """The selection that /v1/catalog/{service,connect}/:s and /v1/health/{service,connect}/:s
+    share: by name (or Connect capability), `?tag` (all must match), `?node-meta`, `?peer`."""
+
+    name: str
+    connect: bool
+    tags: tuple[str, ...]
+    node_meta: dict[str, str]
+    peer: str
+
+    @classmethod
+    def parse(cls, call: Call, *, connect: bool) -> InstanceQuery:
+        return cls(
+            name=service_name_of(call),
+            connect=connect,
+            tags=tuple(call.query.getall("tag", [])),
+            node_meta=node_meta_filter(call),
+            peer=call.query.get("peer", ""),
+        )
+
+    def select(self, call: Call) -> tuple[int, list[tuple[Node, Service]]]:
+        """The blocking index of the selection and its instances, by node then service ID."""
+        store = call.store
+        index = store.key_index(
+            f"{'connect' if self.connect else 'service'}/{self.name}", "services"
+        )
+        # No peerings exist on a dev agent: any peer name selects nothing.
+        if self.peer or not call.identity.allowed("service:read", self.name):
+            return index, []
+        instances = (
+            connect_instances(call, self.name)
+            if self.connect
+            else [s for s in store.services.values() if s.name == self.name]
+        )
+        selected = []
+        for s in sorted(instances, key=lambda s: (s.node, s.id)):
+            n = store.nodes.get(s.node)
+            if n is not None and node_matches(n, self.node_meta) and tags_match(s, list(self.tags)):
+                selected.append((n, s))
+        return index, selected
 
 
 def service_name_of(call: Call) -> str:
@@ -243,41 +283,25 @@ async def services(call: Call) -> Reply:
     return call.reply(result, index=index)
 
 
-async def _service_nodes(call: Call, name: str, *, connect: bool) -> Reply:
+async def _service_nodes(call: Call, *, connect: bool) -> Reply:
+    query = InstanceQuery.parse(call, connect=connect)
     f = call.filter(CATALOG_SERVICE_NODE)
-    meta = node_meta_filter(call)
-    tags = call.query.getall("tag", [])
-    watch = f"{'connect' if connect else 'service'}/{name}"
-    peer = call.query.get("peer", "")
 
     def compute() -> tuple[int, list[dict[str, Any]]]:
-        index = call.store.key_index(watch, "services")
-        if peer or not call.identity.allowed("service:read", name):
-            return index, []
-        if connect:
-            instances = connect_instances(call, name)
-        else:
-            instances = [s for s in call.store.services.values() if s.name == name]
-        out = []
-        for s in sorted_instances(call, instances):
-            n = call.store.nodes.get(s.node)
-            if n is None or not node_matches(n, meta) or not tags_match(s, tags):
-                continue
-            entry = render.service_node(n, s)
-            if f is None or f.matches(entry):
-                out.append(entry)
-        return index, out
+        index, selected = query.select(call)
+        entries = [render.service_node(n, s) for n, s in selected]
+        return index, [e for e in entries if f is None or f.matches(e)]
 
     index, out = await call.blocking(compute)
     return call.reply(out, index=index)
 
 
 async def service(call: Call) -> Reply:
-    return await _service_nodes(call, service_name_of(call), connect=False)
+    return await _service_nodes(call, connect=False)
 
 
 async def connect(call: Call) -> Reply:
-    return await _service_nodes(call, service_name_of(call), connect=True)
+    return await _service_nodes(call, connect=True)
 
 
 async def node(call: Call) -> Reply:

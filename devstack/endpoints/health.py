@@ -6,16 +6,14 @@ from typing import Any
 
 from devstack import render
 from devstack.endpoints.catalog import (
-    connect_instances,
+    InstanceQuery,
     node_matches,
     node_meta_filter,
     service_name_of,
-    sorted_instances,
-    tags_match,
 )
 from devstack.filter_schemas import AGENT_CHECK, HEALTH_ENTRY
 from devstack.httpapi import Call, Reply, Router, bad_request
-from devstack.store import PASSING, Check, Service
+from devstack.store import PASSING, Check
 
 
 def routes(router: Router) -> None:
@@ -38,30 +36,17 @@ def _visible_checks(call: Call, checks: list[Check]) -> list[dict[str, Any]]:
     ]
 
 
-async def _entries(call: Call, name: str, *, connect: bool) -> Reply:
+async def _entries(call: Call, *, connect: bool) -> Reply:
+    query = InstanceQuery.parse(call, connect=connect)
     passing = call.bool_param("passing", "Invalid value for ?passing")
     f = call.filter(HEALTH_ENTRY)
-    meta = node_meta_filter(call)
-    tags = call.query.getall("tag", [])
-    watch = f"{'connect' if connect else 'service'}/{name}"
-    peer = call.query.get("peer", "")
 
     def compute() -> tuple[int, list[dict[str, Any]]]:
-        store = call.store
-        index = store.key_index(watch, "services")
-        if peer or not call.identity.allowed("service:read", name):
-            return index, []
-        instances: list[Service] = (
-            connect_instances(call, name)
-            if connect
-            else [s for s in store.services.values() if s.name == name]
-        )
+        index, selected = query.select(call)
         out = []
-        for s in sorted_instances(call, instances):
-            n = store.nodes.get(s.node)
-            if n is None or not node_matches(n, meta) or not tags_match(s, tags):
-                continue
-            checks = store.instance_checks(s.node, s.id)
+        for n, s in selected:
+            checks = call.store.instance_checks(s.node, s.id)
+            # Any check that is not passing (node checks and warnings included) hides it.
             if passing and any(c.status != PASSING for c in checks):
                 continue
             entry = {
@@ -78,11 +63,11 @@ async def _entries(call: Call, name: str, *, connect: bool) -> Reply:
 
 
 async def service(call: Call) -> Reply:
-    return await _entries(call, service_name_of(call), connect=False)
+    return await _entries(call, connect=False)
 
 
 async def connect(call: Call) -> Reply:
-    return await _entries(call, service_name_of(call), connect=True)
+    return await _entries(call, connect=True)
 
 
 async def ingress(call: Call) -> Reply:
