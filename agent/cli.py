@@ -62,10 +62,15 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.agent_cli import add_agent_command
+    from agent.status_cli import add_status_command
+
     parser = argparse.ArgumentParser(prog="meshlet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_dev(sub)
     _add_demo(sub)
+    add_agent_command(sub)
+    add_status_command(sub)
     return parser
 
 

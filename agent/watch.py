@@ -163,7 +163,12 @@ class UpstreamWatcher:
             self.latest.publish(snapshot)
             if self._apply_times is not None:
                 self._apply_times.add(time.perf_counter() - started)
-            log.info("upstream %s (index %d): %s", self.key.label, got.index, changes.describe())
+            what = (
+                f"first snapshot, {len(snapshot.endpoints)} endpoints"
+                if current is None
+                else changes.describe()
+            )
+            log.info("upstream %s (index %d): %s", self.key.label, got.index, what)
         return got.index, got.next_index, True, snapshot
 
     def _failed(self, error: str) -> None:

@@ -1,0 +1,433 @@
+"""The agent process: the composition root that wires everything under one TaskGroup.
+
+    meshlet agent -c agent.yaml     ->   run_agent(path, env)
+
+Start: the admin listener binds first (so /live answers and a bad port fails fast), then the
+registrar and one watcher per upstream start; READY=1 goes to systemd once the service is
+registered and every upstream has its first snapshot. Consul unreachable at start is not an
+error: the agent keeps trying, is not ready, and /ready says why.
+
+SIGHUP re-reads the file. A file that does not parse changes nothing (the error is logged and
+shown in /v1/status); a good one is applied in place: watchers of unchanged upstreams keep
+their snapshots, new ones start, removed ones stop, the registration is repaired if it moved.
+Settings that need new sockets (consul, admin) are reported as needing a restart.
+
+SIGTERM (or SIGINT) drains: STOPPING=1, deregister first, keep serving for
+`shutdown.drain_period` while Consul's watchers of this service drop it, then stop. A second
+signal ends the drain early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.admin import AdminServer
+from agent.catalog import WatchKey
+from agent.config import AgentConfig, ConfigError, UpstreamSection, load
+from agent.connectivity import Connectivity
+from agent.consul import ConsulClient
+from agent.readiness import ListenerReadiness, NoLeafSource, Readiness, SidecarReadiness
+from agent.registration import Registrar
+from agent.systemd import Notifier
+from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings
+
+log = logging.getLogger("meshlet.agent")
+
+# How often STATUS= is refreshed for `systemctl status` when no watchdog asks for more.
+_STATUS_EVERY = 5.0
+
+
+def watch_key(up: UpstreamSection) -> WatchKey:
+    return WatchKey(up.name, up.datacenter, up.peer, up.filter)
+
+
+def sidecar_listeners(cfg: AgentConfig) -> list[tuple[str, int]]:
+    """Where the sidecar's listeners are: the inbound port and each upstream's local port."""
+    inbound = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
+    return [(inbound, cfg.sidecar.port)] + [
+        (u.local_bind_address, u.local_bind_port) for u in cfg.sidecar.upstreams
+    ]
+
+
+class ConfiguredReadiness:
+    """The sidecar readiness that exists today: dial the configured listeners, ask the leaf
+    source. The proxy replaces the dialling with its own listeners' state when it lands."""
+
+    def __init__(self, config: Callable[[], AgentConfig], leaf: NoLeafSource | None = None):
+        self._config = config
+        self._leaf = leaf
+
+    async def check(self) -> Readiness:
+        cfg = self._config()
+        leaf = self._leaf or NoLeafSource(cfg.certs.source)
+        return await ListenerReadiness(sidecar_listeners(cfg), leaf).check()
+
+
+@dataclasses.dataclass
+class _Watch:
+    watcher: UpstreamWatcher
+    task: asyncio.Task[None]
+    bind: str
+
+
+def _iso_age(ts: float | None) -> float | None:
+    return None if ts is None else round(ts, 3)
+
+
+class AgentRuntime:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        readiness: SidecarReadiness | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config: Latest[AgentConfig] = Latest(config)
+        self._path = config_path
+        self._env = dict(env or {})
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._notifier = notifier if notifier is not None else Notifier(None)
+        self._readiness = readiness or ConfiguredReadiness(self.config.get)
+        self.connectivity = Connectivity(clock)
+        self.apply_times = ApplyTimes()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.draining = False
+        self._watches: dict[WatchKey, _Watch] = {}
+        self._registrar: Registrar | None = None
+        self._consul: ConsulClient | None = None
+        self.admin: AdminServer | None = None
+        self._loaded_at = clock()
+        self._reloads = 0
+        self._last_reload_error = ""
+
+    # ---- signals ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # ---- the process -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        cfg = self.config.get()
+        host, _, port = cfg.admin.address.rpartition(":")
+        self.admin = AdminServer(self, host.strip("[]"), int(port))
+        try:
+            await self.admin.start()
+        except OSError as exc:
+            log.error("cannot listen on admin.address %s: %s", cfg.admin.address, exc.strerror)
+            return 1
+        log.info(
+            "meshlet agent for %s: admin at http://%s, Consul at %s",
+            cfg.service.service_id,
+            self.admin.address,
+            cfg.consul_client.base_url,
+        )
+        try:
+            async with ConsulClient(cfg.consul_client) as consul:
+                self._consul = consul
+                registrar = Registrar(
+                    consul,
+                    self.config.get,
+                    self.connectivity,
+                    self._readiness,
+                    rng=self._rng,
+                    clock=self._clock,
+                )
+                self._registrar = registrar
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(registrar.run_sync(), name="registration"),
+                        tg.create_task(registrar.run_readiness(), name="sidecar-readiness"),
+                        tg.create_task(self._systemd(), name="systemd"),
+                        tg.create_task(self._reloads_loop(tg), name="reload"),
+                    ]
+                    for up in cfg.sidecar.upstreams:
+                        self._start_watch(tg, up)
+                    await self._stop.wait()
+                    await self._drain(registrar)
+                    for task in tasks:
+                        task.cancel()
+                    for watch in self._watches.values():
+                        watch.task.cancel()
+        finally:
+            await self.admin.close()
+        log.info("meshlet agent stopped")
+        return 0
+
+    async def _drain(self, registrar: Registrar) -> None:
+        period = self.config.get().shutdown.drain_period
+        was_registered = registrar.registered.is_set()
+        self.draining = True
+        self._notifier.stopping("deregistering and draining")
+        log.info("stopping: deregistering from Consul first")
+        await registrar.deregister()
+        if not was_registered:
+            return  # nobody was sent here, so there is nothing to drain
+        log.info("deregistered; draining for %gs (signal again to stop now)", period)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._force.wait(), period)
+
+    def _start_watch(self, tg: asyncio.TaskGroup, up: UpstreamSection) -> None:
+        key = watch_key(up)
+        if key in self._watches:
+            return
+        watcher = UpstreamWatcher(
+            self._require_consul(),
+            key,
+            self._watch_settings,
+            self.connectivity,
+            rng=self._rng,
+            clock=self._clock,
+            apply_times=self.apply_times,
+        )
+        task = tg.create_task(watcher.run(), name=f"watch {key.label}")
+        self._watches[key] = _Watch(watcher, task, f"{up.local_bind_address}:{up.local_bind_port}")
+        log.info("watching upstream %s", key.label)
+
+    def _require_consul(self) -> ConsulClient:
+        assert self._consul is not None, "watches start inside run()"
+        return self._consul
+
+    def _watch_settings(self) -> WatchSettings:
+        w = self.config.get().watch
+        return WatchSettings(wait=w.wait, retry_initial=w.retry_initial, retry_max=w.retry_max)
+
+    async def _until_ready(self) -> None:
+        registrar = self._registrar
+        assert registrar is not None
+        await registrar.registered.wait()
+        while True:
+            pending = [w for w in self._watches.values() if w.watcher.latest.get() is None]
+            if not pending:
+                return
+            await pending[0].watcher.latest.changed(0)
+
+    async def _systemd(self) -> None:
+        await self._until_ready()
+        self.ready.set()
+        summary = self._summary()
+        log.info("ready: %s", summary)
+        self._notifier.ready(summary)
+        interval = self._notifier.watchdog_interval
+        last = summary
+        while True:
+            # The ping is sent by the loop itself: a wedged loop stops pinging and systemd
+            # restarts the process, which is the point of the watchdog.
+            if interval is not None:
+                self._notifier.watchdog()
+            summary = self._summary()
+            if summary != last:
+                self._notifier.status(summary)
+                last = summary
+            await asyncio.sleep(interval if interval is not None else _STATUS_EVERY)
+
+    async def _reloads_loop(self, tg: asyncio.TaskGroup) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            self._notifier.reloading()
+            self._apply_reload(tg)
+            self._notifier.ready(self._summary())
+
+    def _apply_reload(self, tg: asyncio.TaskGroup) -> None:
+        if self._path is None:
+            log.warning("SIGHUP ignored: the agent was not started from a file")
+            return
+        old = self.config.get()
+        try:
+            new = load(self._path, self._env)
+        except ConfigError as exc:
+            self._last_reload_error = str(exc)
+            log.error("reload failed, keeping the running configuration:\n%s", exc)
+            return
+        needs_restart = [
+            what
+            for what, changed in (
+                ("consul", new.consul != old.consul or new.consul_client != old.consul_client),
+                ("admin", new.admin != old.admin),
+            )
+            if changed
+        ]
+        if needs_restart:
+            log.warning(
+                "reload: %s changed; that takes effect after a restart (kept the running values)",
+                ", ".join(needs_restart),
+            )
+            new = dataclasses.replace(
+                new, consul=old.consul, consul_client=old.consul_client, admin=old.admin
+            )
+        if len(new.sidecar.upstreams) + 16 > old.consul_client.max_connections:
+            log.warning(
+                "reload: %d upstreams need more than the %d Consul connections sized at start; "
+                "restart the agent (or raise consul.max_connections)",
+                len(new.sidecar.upstreams),
+                old.consul_client.max_connections,
+            )
+        self.config.publish(new)
+        self._reloads += 1
+        self._loaded_at = self._clock()
+        self._last_reload_error = ""
+        logging.getLogger("meshlet").setLevel(new.log_level.upper())
+        wanted = {watch_key(u): u for u in new.sidecar.upstreams}
+        for key in [k for k in self._watches if k not in wanted]:
+            self._watches.pop(key).task.cancel()
+            log.info("stopped watching upstream %s", key.label)
+        for up in wanted.values():
+            self._start_watch(tg, up)
+        for key, up in wanted.items():
+            self._watches[key].bind = f"{up.local_bind_address}:{up.local_bind_port}"
+        if (new.service, new.sidecar) != (old.service, old.sidecar) and self._registrar:
+            self._registrar.poke()
+        log.info("reloaded %s", self._path)
+
+    # ---- what /ready and /v1/status say ------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, tuple[str, ...]]:
+        if self.draining:
+            return False, ("draining: deregistered, shutting down",)
+        reasons: list[str] = []
+        registrar = self._registrar
+        if registrar is None or not registrar.registered.is_set():
+            why = registrar.state.last_error if registrar is not None else ""
+            reasons.append(f"not registered yet{': ' + why if why else ''}")
+        for key, watch in self._watches.items():
+            if watch.watcher.latest.get() is None:
+                err = watch.watcher.state.last_error
+                reasons.append(f"no endpoints yet for {key.label}{': ' + err if err else ''}")
+        return not reasons, tuple(reasons)
+
+    def degraded(self) -> tuple[str, ...]:
+        reasons: list[str] = []
+        state = self.connectivity.state
+        if state.reachable is False:
+            reasons.append(f"Consul unreachable: {state.last_error}")
+        for key, watch in self._watches.items():
+            if watch.watcher.state.stale_since is not None:
+                reasons.append(f"{key.label} stale: {watch.watcher.state.last_error}")
+        if self._registrar is not None and self._registrar.state.phase == "failing":
+            reasons.append(f"registration failing: {self._registrar.state.last_error}")
+        return tuple(reasons)
+
+    def _summary(self) -> str:
+        ready, reasons = self.readiness()
+        degraded = self.degraded()
+        n = len(self._watches)
+        if not ready:
+            return "not ready: " + "; ".join(reasons)
+        if degraded:
+            return f"degraded ({len(degraded)} problems), serving {n} upstreams: {degraded[0]}"
+        return f"ready, {n} upstreams"
+
+    def status(self, upstream: str | None) -> Mapping[str, Any]:
+        cfg = self.config.get()
+        ready, reasons = self.readiness()
+        degraded = self.degraded()
+        reg = self._registrar.state if self._registrar is not None else None
+        side = reg.sidecar if reg is not None else None
+        conn = self.connectivity.state
+        upstreams = []
+        for key, watch in self._watches.items():
+            if upstream is not None and key.name != upstream:
+                continue
+            snap = watch.watcher.latest.get()
+            st = watch.watcher.state
+            upstreams.append(
+                {
+                    "name": key.name,
+                    "datacenter": key.datacenter,
+                    "peer": key.peer,
+                    "filter": key.filter,
+                    "local_bind": watch.bind,
+                    "index": snap.index if snap else None,
+                    "updated_at": _iso_age(snap.updated_at if snap else None),
+                    "stale_since": _iso_age(st.stale_since),
+                    "failures": st.failures,
+                    "rejected": st.rejected,
+                    "last_error": st.last_error,
+                    "endpoints": [
+                        {
+                            "node": e.node,
+                            "service_id": e.service_id,
+                            "address": e.address,
+                            "port": e.port,
+                            "weight": e.weight,
+                        }
+                        for e in (snap.endpoints if snap else ())
+                    ],
+                }
+            )
+        return {
+            "service": {"id": cfg.service.service_id, "name": cfg.service.name},
+            "ready": ready,
+            "reasons": list(reasons),
+            "degraded": bool(degraded),
+            "degraded_reasons": list(degraded),
+            "draining": self.draining,
+            "registration": {
+                "phase": reg.phase if reg else "pending",
+                "last_sync": _iso_age(reg.last_sync) if reg else None,
+                "registrations": reg.registrations if reg else 0,
+                "last_error": reg.last_error if reg else "",
+                "last_repair": reg.last_repair if reg else "",
+            },
+            "sidecar": {
+                "ready": side.ready if side else False,
+                "reasons": list(side.reasons) if side else ["not checked yet"],
+                "reported_at": _iso_age(reg.sidecar_reported) if reg else None,
+            },
+            "leaf": {"expires_at": side.leaf_expires_at if side else None},
+            "consul": {
+                "address": cfg.consul_client.base_url,
+                "reachable": conn.reachable,
+                "since": _iso_age(conn.since),
+                "last_error": conn.last_error,
+            },
+            "config": {
+                "file": str(self._path) if self._path else None,
+                "loaded_at": _iso_age(self._loaded_at),
+                "reloads": self._reloads,
+                "last_reload_error": self._last_reload_error,
+            },
+            "apply": self.apply_times.summary(),
+            "upstreams": upstreams,
+        }
+
+
+def configure_logging(level: str) -> None:
+    logging.getLogger("meshlet").setLevel(level.upper())
+
+
+async def run_agent(path: Path, env: Mapping[str, str], config: AgentConfig) -> int:
+    """`meshlet agent -c FILE` once the file is known to be valid: run until signalled."""
+    configure_logging(config.log_level)
+    runtime = AgentRuntime(config, config_path=path, env=env, notifier=Notifier.from_env(env))
+    runtime.install_signal_handlers()
+    return await runtime.run()

@@ -1,0 +1,134 @@
+"""`meshlet status`: the agent's /v1/status as tables, for people at a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "status",
+        help="show a running agent's registration, Consul connectivity and upstreams",
+        description="Read a running agent's /v1/status and print it as tables.",
+    )
+    p.add_argument(
+        "--admin-addr",
+        default="127.0.0.1:19000",
+        help="the agent's admin.address (default %(default)s)",
+    )
+    p.add_argument("--upstream", default=None, help="only this upstream")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--endpoints", action="store_true", help="list every endpoint of every upstream")
+    p.set_defaults(run=_run_status)
+
+
+def _age(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(0.0, now - ts)
+    if seconds < 120:
+        return f"{seconds:.1f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) -> str:
+    """The status as text: a summary table, then one row per upstream (pure, for tests)."""
+    reg, side, consul = status["registration"], status["sidecar"], status["consul"]
+    leaf = status["leaf"]["expires_at"]
+    state = "draining" if status["draining"] else ("ready" if status["ready"] else "not ready")
+    if status["degraded"]:
+        state += ", degraded"
+    summary = [
+        ("service", f"{status['service']['id']} ({status['service']['name']})"),
+        ("state", state),
+        *[("  why", r) for r in [*status["reasons"], *status["degraded_reasons"]]],
+        (
+            "registration",
+            f"{reg['phase']}, synced {_age(reg['last_sync'], now)}"
+            + (f", error: {reg['last_error']}" if reg["last_error"] else ""),
+        ),
+        ("sidecar", "ready" if side["ready"] else "not ready: " + "; ".join(side["reasons"])),
+        (
+            "leaf expires",
+            "-" if leaf is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(leaf)),
+        ),
+        (
+            "consul",
+            f"{consul['address']} "
+            + {True: "reachable", False: "UNREACHABLE", None: "not contacted yet"}[
+                consul["reachable"]
+            ]
+            + (f" since {_age(consul['since'], now)}" if consul["since"] else "")
+            + (f": {consul['last_error']}" if consul["last_error"] else ""),
+        ),
+    ]
+    out = [_table(("", ""), [(k, v) for k, v in summary]).split("\n", 1)[1]]
+    rows = []
+    for up in status["upstreams"]:
+        where = up["datacenter"] or (f"peer:{up['peer']}" if up["peer"] else "local")
+        health = "ok" if up["stale_since"] is None else f"stale {_age(up['stale_since'], now)}"
+        rows.append(
+            (
+                up["name"],
+                where,
+                up["local_bind"],
+                str(len(up["endpoints"])),
+                str(up["index"] if up["index"] is not None else "-"),
+                _age(up["updated_at"], now),
+                health,
+            )
+        )
+    out.append("")
+    out.append(
+        _table(("UPSTREAM", "WHERE", "BIND", "ENDPOINTS", "INDEX", "UPDATED", "STATE"), rows)
+        if rows
+        else "no upstreams"
+    )
+    if endpoints:
+        for up in status["upstreams"]:
+            out.append("")
+            out.append(f"{up['name']}:")
+            eps = [
+                (e["node"], e["service_id"], f"{e['address']}:{e['port']}", str(e["weight"]))
+                for e in up["endpoints"]
+            ]
+            out.append(_table(("NODE", "ID", "ADDRESS", "WEIGHT"), eps) if eps else "  (none)")
+    return "\n".join(out) + "\n"
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    url = f"http://{args.admin_addr}/v1/status"
+    if args.upstream:
+        url += "?upstream=" + urllib.parse.quote(args.upstream)
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"meshlet status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(render(body, time.time(), endpoints=args.endpoints))
+    return 0 if body.get("ready") else 3
