@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import istio_reference
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -149,6 +150,7 @@ def _checker(docs: list[dict[str, Any]], protocol: str) -> PolicyChecker | None:
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.timeout(300)
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy_sets(), st.lists(requests, min_size=1, max_size=8), st.sampled_from(["http", "tcp"]))
 def test_engine_agrees_with_istio(
