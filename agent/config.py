@@ -589,64 +589,66 @@ def consul_client_config(
 
 def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
     svc, side = cfg.service, cfg.sidecar
+    already = {x.path for x in p.problems}
+
+    def fail(path: str, message: str) -> None:
+        # One problem per key: a value that did not parse is not also "out of range".
+        if path not in already:
+            p.fail(path, message)
+            already.add(path)
+
     for key, value in (("service.name", svc.name), ("service.id", svc.id)):
         if value and ("/" in value or value.strip() != value):
-            p.fail(key, f"must not contain '/' or surrounding spaces, got {value!r}")
-    if svc.port == 0 and "service.port" not in {x.path for x in p.problems}:
-        p.fail("service.port", "expected a port number from 1 to 65535, got 0")
+            fail(key, f"must not contain '/' or surrounding spaces, got {value!r}")
+    if svc.port == 0:
+        fail("service.port", "expected a port number from 1 to 65535, got 0")
     if side.port == 0:
-        p.fail("sidecar.port", "expected a port number from 1 to 65535, got 0")
+        fail("sidecar.port", "expected a port number from 1 to 65535, got 0")
     if side.check_ttl <= 0:
-        p.fail("sidecar.check_ttl", "expected a positive duration")
+        fail("sidecar.check_ttl", "expected a positive duration")
     binds: dict[str, str] = {}
     targets: dict[tuple[str, str, str, str], str] = {}
     for i, up in enumerate(side.upstreams):
         path = f"sidecar.upstreams[{i}]"
         if up.datacenter and up.peer:
-            p.fail(
-                path, "set datacenter or peer, not both (Consul: an upstream cannot specify both)"
-            )
+            fail(path, "set datacenter or peer, not both (Consul: an upstream cannot specify both)")
         if up.name == "*":
-            p.fail(f"{path}.name", "must not be a wildcard")
-        if up.local_bind_port == 0 and f"{path}.local_bind_port" not in {
-            x.path for x in p.problems
-        }:
-            p.fail(f"{path}.local_bind_port", "expected a port number from 1 to 65535, got 0")
+            fail(f"{path}.name", "must not be a wildcard")
+        if up.local_bind_port == 0:
+            fail(f"{path}.local_bind_port", "expected a port number from 1 to 65535, got 0")
         try:
             ipaddress.ip_address(up.local_bind_address)
         except ValueError:
-            p.fail(
+            fail(
                 f"{path}.local_bind_address",
                 f"expected an IP address, got {up.local_bind_address!r}",
             )
         if up.bind in binds:
-            p.fail(f"{path}.local_bind_port", f"{up.bind} is already used by {binds[up.bind]}")
+            fail(f"{path}.local_bind_port", f"{up.bind} is already used by {binds[up.bind]}")
         binds.setdefault(up.bind, path)
         target = (up.name, up.datacenter, up.peer, up.filter)
         if up.name and target in targets:
-            p.fail(path, f"same destination as {targets[target]}")
+            fail(path, f"same destination as {targets[target]}")
         targets.setdefault(target, path)
     if cfg.certs.source == "vault" and cfg.certs.vault is None:
-        p.fail("certs.vault", "required when certs.source is vault")
+        fail("certs.vault", "required when certs.source is vault")
     admin_problem = _host_port_problem(cfg.admin.address, allow_zero=True)
     if admin_problem:
-        p.fail("admin.address", f"{admin_problem}, got {cfg.admin.address!r}")
+        fail("admin.address", f"{admin_problem}, got {cfg.admin.address!r}")
     else:
         host = cfg.admin.address.rpartition(":")[0].strip("[]")
         try:
             if not ipaddress.ip_address(host).is_loopback:
-                p.fail(
-                    "admin.address", f"must be a loopback address (127.0.0.1 or ::1), got {host}"
-                )
+                fail("admin.address", f"must be a loopback address (127.0.0.1 or ::1), got {host}")
         except ValueError:
-            p.fail("admin.address", f"expected an IP address, got {host!r}")
+            fail("admin.address", f"expected an IP address, got {host!r}")
     w = cfg.watch
     if not 0 < w.wait <= 600:
-        p.fail("watch.wait", "expected a duration from 1s to 10m")
+        fail("watch.wait", "expected a duration from 1s to 10m")
     if w.retry_initial <= 0 or w.retry_max < w.retry_initial:
-        p.fail("watch.retry_max", "expected retry_initial > 0 and retry_max >= retry_initial")
+        fail("watch.retry_max", "expected retry_initial > 0 and retry_max >= retry_initial")
     if w.anti_entropy_interval <= 0:
-        p.fail("watch.anti_entropy_interval", "expected a positive duration")
+        fail("watch.anti_entropy_interval", "expected a positive duration")
 
 
 def parse(raw: Any, env: Mapping[str, str], *, source: str = "<config>") -> AgentConfig:
