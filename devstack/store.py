@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devstack.config_entries import Entry
 
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 STATUSES = (PASSING, WARNING, CRITICAL)
@@ -120,6 +123,7 @@ class Store:
         self.kv: dict[str, KVEntry] = {}
         self.tombstones: dict[str, int] = {}
         self.sessions: dict[str, Session] = {}
+        self.config: dict[tuple[str, str], Entry] = {}
         # Bumped when the index is rewound: a blocking query that sees it move returns at
         # once, as Consul's queries do when a snapshot restore abandons the state store.
         self.epoch = 0
@@ -353,6 +357,22 @@ class Store:
             default=0,
         )
         return best or self.table_index("kvs", "tombstones")
+
+    # ---- config entries -----------------------------------------------------------------
+
+    def config_set(self, entry: Entry) -> int:
+        key = (entry.kind, entry.name)
+        old = self.config.get(key)
+        idx = self.index + 1
+        self.config[key] = replace(
+            entry, create_index=old.create_index if old else idx, modify_index=idx
+        )
+        return self._commit(["config"], [f"config/{entry.kind}"])
+
+    def config_delete(self, kind: str, name: str) -> int:
+        if self.config.pop((kind, name), None) is None:
+            return self.index
+        return self._commit(["config"], [f"config/{kind}"])
 
     # ---- sessions ----------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ from typing import Any
 
 from devstack import decode as schema
 from devstack import render
+from devstack.config_entries import INGRESS_GATEWAY
 from devstack.filter_schemas import AGENT_SERVICE, CATALOG_NODE, CATALOG_SERVICE_NODE
 from devstack.httpapi import Call, Reply, Router, RPCError, bad_request
-from devstack.registration import InvalidRegistration, validate_node_service
+from devstack.registration import validate_node_service
 from devstack.store import STATUSES, Check, Node, Service
 
 
@@ -356,12 +357,40 @@ async def node_services(call: Call) -> Reply:
 
 
 async def gateway_services(call: Call) -> Reply:
-    """Services linked to a gateway by its config entry; config entries are not yet held by
-    devstack, so no gateway has linked services."""
-    if not call.tail:
+    """Services an ingress gateway's config entry routes to, one entry per listener."""
+    gateway = call.tail
+    if not gateway:
         raise bad_request("Missing gateway name")
-    index = call.store.table_index("services")
-    return call.reply([], index=index)
+    call.identity.require("service:read", gateway)
 
+    def compute() -> tuple[int, list[dict[str, Any]]]:
+        store = call.store
+        index = store.table_index("config", "services")
+        entry = store.config.get((INGRESS_GATEWAY, gateway))
+        if entry is None:
+            return index, []
+        out = []
+        for listener in entry.body.get("Listeners") or []:
+            for svc in listener.get("Services") or []:
+                out.append(
+                    {
+                        "Gateway": {"Name": gateway},
+                        "Service": {"Name": svc["Name"]},
+                        "GatewayKind": INGRESS_GATEWAY,
+                        "Port": listener.get("Port", 0),
+                        "Protocol": listener.get("Protocol", "tcp"),
+                        "Hosts": svc.get("Hosts") or None,
+                        "CAFile": "",
+                        "CertFile": "",
+                        "KeyFile": "",
+                        "SNI": "",
+                        "FromWildcard": svc["Name"] == "*",
+                        "CreateIndex": entry.create_index,
+                        "ModifyIndex": entry.modify_index,
+                    }
+                )
+        return index, out
 
-__all__ = ["InvalidRegistration", "routes"]
+    index, out = await call.blocking(compute)
+    return call.reply(out, index=index)
+

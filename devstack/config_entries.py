@@ -1,0 +1,462 @@
+"""Config entries as Consul's servers hold them: decoding, validation and the service graph.
+
+Consul decodes `PUT /v1/config` bodies with mapstructure: keys match field names in CamelCase
+or snake_case, unknown keys are collected as `invalid config key "X"` (400), and validation
+failures are plain errors (500). Writes and deletes that would leave a service's L7 intentions
+on a non-HTTP protocol are refused, as Consul's service-graph validation refuses them.
+
+`service-intentions` entries are decoded and validated by the `intentions` package, so that
+the engine the proxy uses and the control plane agree on one reading of an entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from devstack.decode import ANY, BOOL, INT, STRING, ListOf, MapOf, Scalar, Spec, Struct
+from intentions.entries import (
+    KIND as INTENTIONS_KIND,
+)
+from intentions.entries import (
+    WILDCARD,
+    ServiceIntentions,
+    entry_to_json,
+    has_l7_permissions,
+    l7_protocol_error,
+    load_entry,
+)
+from intentions.errors import EntryDecodeError, InvalidEntry
+
+SERVICE_DEFAULTS = "service-defaults"
+PROXY_DEFAULTS = "proxy-defaults"
+INGRESS_GATEWAY = "ingress-gateway"
+HTTP_PROTOCOLS = ("http", "http2", "grpc")
+
+# Kinds Consul CE knows that devstack does not hold yet: refused with a clear error rather
+# than stored without the validation Consul would apply.
+NOT_YET = (
+    "service-router",
+    "service-splitter",
+    "service-resolver",
+    "mesh",
+    "exported-services",
+    "terminating-gateway",
+    "api-gateway",
+    "bound-api-gateway",
+    "http-route",
+    "tcp-route",
+    "inline-certificate",
+    "file-system-certificate",
+    "jwt-provider",
+    "sameness-group",
+    "control-plane-request-limit",
+)
+
+
+class ConfigEntryError(Exception):
+    """A write Consul refuses; `status` is Consul's (400 decode, 500 validation)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored entry: its canonical JSON (without indexes) and, for intentions, the model."""
+
+    kind: str
+    name: str
+    body: Mapping[str, Any]
+    intentions: ServiceIntentions | None = None
+    create_index: int = 0
+    modify_index: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        if self.intentions is not None:
+            model = dataclasses.replace(
+                self.intentions, create_index=self.create_index, modify_index=self.modify_index
+            )
+            return entry_to_json(model)
+        return {**self.body, "CreateIndex": self.create_index, "ModifyIndex": self.modify_index}
+
+
+# ---- mapstructure-style decoding -------------------------------------------------------------
+
+
+def _fold(key: str) -> str:
+    return key.replace("_", "").lower()
+
+
+def _decode(value: Any, spec: Spec, where: str, errors: list[str]) -> Any:
+    if isinstance(spec, Struct):
+        if not isinstance(value, dict):
+            errors.append(f"'{where}' expected a map, got '{type(value).__name__}'")
+            return {}
+        fields = {_fold(name): name for name in spec.fields}
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            canonical = fields.get(_fold(str(key)))
+            if canonical is None:
+                errors.append(f'invalid config key "{where + "." if where else ""}{key}"')
+                continue
+            if item is not None:
+                path = f"{where}.{canonical}" if where else canonical
+                out[canonical] = _decode(item, spec.spec_of(canonical), path, errors)
+        return out
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            errors.append(f"'{where}': source data must be an array or slice, got {_go(value)}")
+            return []
+        return [_decode(v, spec.item, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if isinstance(spec, MapOf):
+        if not isinstance(value, dict):
+            errors.append(f"'{where}' expected a map, got '{_go(value)}'")
+            return {}
+        return {str(k): _decode(v, spec.value, f"{where}[{k}]", errors) for k, v in value.items()}
+    return _scalar(value, spec, where, errors)
+
+
+def _go(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    return "slice" if isinstance(value, list) else "map"
+
+
+def _scalar(value: Any, spec: Scalar, where: str, errors: list[str]) -> Any:
+    kind = spec.go_type
+    ok = (
+        kind == "interface {}"
+        or (kind == "string" and isinstance(value, str))
+        or (kind == "bool" and isinstance(value, bool))
+        or (
+            kind == "int"
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and float(value).is_integer()
+        )
+    )
+    if not ok:
+        errors.append(
+            f"'{where}' expected type '{kind}', got unconvertible type '{_go(value)}', "
+            f"value: '{value}'"
+        )
+        return None
+    return int(value) if kind == "int" else value
+
+
+def _decode_body(body: Mapping[str, Any], spec: Struct) -> dict[str, Any]:
+    errors: list[str] = []
+    out = _decode(dict(body), spec, "", errors)
+    if errors:
+        noun = "error" if len(errors) == 1 else "errors"
+        listed = "".join(f"\t* {e}\n" for e in errors)
+        raise ConfigEntryError(
+            400, f"Request decoding failed: {len(errors)} {noun} occurred:\n{listed}\n"
+        )
+    result: dict[str, Any] = out
+    return result
+
+
+_COMMON: dict[str, Spec] = {
+    "Kind": STRING,
+    "Name": STRING,
+    "Namespace": STRING,
+    "Partition": STRING,
+    "Meta": MapOf(STRING),
+    "CreateIndex": INT,
+    "ModifyIndex": INT,
+    "Hash": INT,
+}
+_TPROXY = Struct("TransparentProxyConfig", {"OutboundListenerPort": INT, "DialedDirectly": BOOL})
+_MESH_GW = Struct("MeshGatewayConfig", {"Mode": STRING})
+_EXPOSE = Struct(
+    "ExposeConfig",
+    {
+        "Checks": BOOL,
+        "Paths": ListOf(
+            Struct(
+                "ExposePath",
+                {
+                    "ListenerPort": INT,
+                    "Path": STRING,
+                    "LocalPathPort": INT,
+                    "Protocol": STRING,
+                    "ParsedFromCheck": BOOL,
+                },
+            )
+        ),
+    },
+)
+
+SERVICE_DEFAULTS_SPEC = Struct(
+    "ServiceConfigEntry",
+    {
+        **_COMMON,
+        "Protocol": STRING,
+        "Mode": STRING,
+        "TransparentProxy": _TPROXY,
+        "MutualTLSMode": STRING,
+        "MeshGateway": _MESH_GW,
+        "Expose": _EXPOSE,
+        "ExternalSNI": STRING,
+        "UpstreamConfig": Struct(
+            "UpstreamConfiguration", {"Defaults": MapOf(ANY), "Overrides": ListOf(MapOf(ANY))}
+        ),
+        "Destination": Struct("DestinationConfig", {"Addresses": ListOf(STRING), "Port": INT}),
+        "MaxInboundConnections": INT,
+        "LocalConnectTimeoutMs": INT,
+        "LocalRequestTimeoutMs": INT,
+        "BalanceInboundConnections": STRING,
+        "RateLimits": MapOf(ANY),
+        "EnvoyExtensions": ListOf(MapOf(ANY)),
+    },
+)
+
+PROXY_DEFAULTS_SPEC = Struct(
+    "ProxyConfigEntry",
+    {
+        **_COMMON,
+        "Config": MapOf(ANY),
+        "Mode": STRING,
+        "TransparentProxy": _TPROXY,
+        "MutualTLSMode": STRING,
+        "MeshGateway": _MESH_GW,
+        "Expose": _EXPOSE,
+        "AccessLogs": Struct(
+            "AccessLogsConfig",
+            {
+                "Enabled": BOOL,
+                "DisableListenerLogs": BOOL,
+                "Type": STRING,
+                "Path": STRING,
+                "JSONFormat": STRING,
+                "TextFormat": STRING,
+            },
+        ),
+        "EnvoyExtensions": ListOf(MapOf(ANY)),
+        "FailoverPolicy": MapOf(ANY),
+        "PrioritizeByLocality": MapOf(ANY),
+    },
+)
+
+INGRESS_GATEWAY_SPEC = Struct(
+    "IngressGatewayConfigEntry",
+    {
+        **_COMMON,
+        "TLS": MapOf(ANY),
+        "Defaults": MapOf(ANY),
+        "Listeners": ListOf(
+            Struct(
+                "IngressListener",
+                {
+                    "Port": INT,
+                    "Protocol": STRING,
+                    "TLS": MapOf(ANY),
+                    "Services": ListOf(
+                        Struct(
+                            "IngressService",
+                            {
+                                "Name": STRING,
+                                "Namespace": STRING,
+                                "Partition": STRING,
+                                "Hosts": ListOf(STRING),
+                                "TLS": MapOf(ANY),
+                                "RequestHeaders": MapOf(ANY),
+                                "ResponseHeaders": MapOf(ANY),
+                                "MaxConnections": INT,
+                                "MaxPendingRequests": INT,
+                                "MaxConcurrentRequests": INT,
+                                "PassiveHealthCheck": MapOf(ANY),
+                            },
+                        )
+                    ),
+                },
+            )
+        ),
+    },
+)
+
+
+# ---- per-kind rules --------------------------------------------------------------------------
+
+
+def _invalid(text: str) -> ConfigEntryError:
+    return ConfigEntryError(500, text)
+
+
+def _check_meta(body: Mapping[str, Any]) -> None:
+    meta = body.get("Meta") or {}
+    if len(meta) > 64:
+        raise _invalid("Meta exceeds maximum element count 64")
+    for key, value in meta.items():
+        if len(key) > 128:
+            raise _invalid(f'Meta key "{key}" exceeds maximum length 128')
+        if len(value) > 512:
+            raise _invalid(f'Meta value for key "{key}" exceeds maximum length 512')
+
+
+def _mtls_mode(body: Mapping[str, Any]) -> None:
+    mode = body.get("MutualTLSMode", "")
+    if mode not in ("", "strict", "permissive"):
+        raise _invalid(
+            f'Invalid MutualTLSMode "{mode}". Must be one of "", "strict", or "permissive".'
+        )
+
+
+def _canonical(body: dict[str, Any], always: tuple[str, ...]) -> dict[str, Any]:
+    """Kind and Name first, empty optional fields dropped, non-pointer structs always shown."""
+    out = {"Kind": body["Kind"], "Name": body.get("Name", "")}
+    for key, value in body.items():
+        if key in ("Kind", "Name", "CreateIndex", "ModifyIndex", "Hash"):
+            continue
+        if value not in ("", 0, None, [], {}, False) or key in always:
+            out[key] = value
+    for key in always:
+        out.setdefault(key, {})
+    return out
+
+
+def _service_defaults(body: dict[str, Any]) -> dict[str, Any]:
+    name = body.get("Name", "")
+    if not name:
+        raise _invalid("Name is required")
+    if name == WILDCARD:
+        raise _invalid("service-defaults name must be the name of a service, and not a wildcard")
+    _check_meta(body)
+    _mtls_mode(body)
+    if body.get("BalanceInboundConnections", "") not in ("", "exact_balance"):
+        raise _invalid(
+            f"invalid value for balance_inbound_connections: {body['BalanceInboundConnections']}"
+        )
+    if body.get("UpstreamConfig") and body.get("Destination"):
+        raise _invalid("UpstreamConfig and Destination are mutually exclusive for service defaults")
+    if body.get("Protocol"):
+        body["Protocol"] = body["Protocol"].lower()
+    return _canonical(body, ("TransparentProxy", "MeshGateway", "Expose"))
+
+
+def _proxy_defaults(body: dict[str, Any]) -> dict[str, Any]:
+    name = body.get("Name", "")
+    if name != "global":
+        raise _invalid(f'invalid name ("{name}"), only "global" is supported')
+    _check_meta(body)
+    _mtls_mode(body)
+    return _canonical(body, ("TransparentProxy", "MeshGateway", "Expose", "AccessLogs"))
+
+
+def _ingress_gateway(body: dict[str, Any]) -> dict[str, Any]:
+    if not body.get("Name"):
+        raise _invalid("Name is required")
+    _check_meta(body)
+    ports: set[int] = set()
+    for listener in body.get("Listeners") or []:
+        port = listener.get("Port", 0)
+        if port in ports:
+            raise _invalid(f"port {port} declared on two listeners")
+        ports.add(port)
+        protocol = listener.get("Protocol") or "tcp"
+        listener["Protocol"] = protocol
+        if protocol not in ("tcp", *HTTP_PROTOCOLS):
+            raise _invalid(f'protocol must be "tcp", "http", "http2", or "grpc". "{protocol}"')
+        services = listener.get("Services") or []
+        if protocol == "tcp" and len(services) > 1:
+            raise _invalid(
+                f"Multiple services per listener are only supported for L7 protocols, "
+                f'"http", "grpc" and "http2" (listener on port {port})'
+            )
+        for svc in services:
+            if not svc.get("Name"):
+                raise _invalid(f"Service name cannot be blank (listener on port {port})")
+    return _canonical(body, ("TLS",))
+
+
+_RULES: dict[str, tuple[Struct, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    SERVICE_DEFAULTS: (SERVICE_DEFAULTS_SPEC, _service_defaults),
+    PROXY_DEFAULTS: (PROXY_DEFAULTS_SPEC, _proxy_defaults),
+    INGRESS_GATEWAY: (INGRESS_GATEWAY_SPEC, _ingress_gateway),
+}
+KINDS = (SERVICE_DEFAULTS, PROXY_DEFAULTS, INTENTIONS_KIND, INGRESS_GATEWAY)
+
+
+def check_kind(kind: str) -> None:
+    if kind in NOT_YET:
+        raise ConfigEntryError(
+            500, f'devstack does not hold "{kind}" config entries yet (see docs/devstack.md)'
+        )
+    if kind not in KINDS:
+        raise ConfigEntryError(500, f"invalid config entry kind: {kind}")
+
+
+def load(body: object) -> Entry:
+    """Decode, normalize and validate one `PUT /v1/config` body."""
+    if not isinstance(body, dict):
+        raise ConfigEntryError(400, "Request decoding failed: body must be a JSON object")
+    kind = next((v for k, v in body.items() if str(k).lower() == "kind"), None)
+    if kind is None:
+        raise ConfigEntryError(400, "Payload does not contain a kind/Kind key at the top level")
+    if not isinstance(kind, str) or (kind not in KINDS and kind not in NOT_YET):
+        raise ConfigEntryError(400, f"Request decoding failed: invalid config entry kind: {kind}")
+    check_kind(kind)
+    if kind == INTENTIONS_KIND:
+        try:
+            model = load_entry(body)
+        except EntryDecodeError as err:
+            raise ConfigEntryError(400, str(err)) from None
+        except InvalidEntry as err:
+            raise ConfigEntryError(500, str(err)) from None
+        return Entry(kind, model.name, entry_to_json(model, with_indexes=False), model)
+    spec, rules = _RULES[kind]
+    decoded = _decode_body(body, spec)
+    decoded["Kind"] = kind
+    canonical = rules(decoded)
+    return Entry(kind, canonical["Name"], canonical)
+
+
+# ---- the service graph -----------------------------------------------------------------------
+
+
+def protocol_of(service: str, entries: Mapping[tuple[str, str], Entry]) -> str:
+    """service-defaults Protocol > proxy-defaults Config.protocol > tcp."""
+    defaults = entries.get((SERVICE_DEFAULTS, service))
+    if defaults is not None and defaults.body.get("Protocol"):
+        return str(defaults.body["Protocol"])
+    proxy = entries.get((PROXY_DEFAULTS, "global"))
+    if proxy is not None:
+        protocol = (proxy.body.get("Config") or {}).get("protocol")
+        if isinstance(protocol, str) and protocol:
+            return protocol.lower()
+    return "tcp"
+
+
+def validate_graph(entries: Mapping[tuple[str, str], Entry]) -> None:
+    """Refuse a proposed set of entries that Consul's graph validation would refuse."""
+    for entry in entries.values():
+        model = entry.intentions
+        if model is None or model.has_wildcard_destination or not has_l7_permissions(model):
+            continue
+        error = l7_protocol_error(model.name, protocol_of(model.name, entries))
+        if error is not None:
+            raise _invalid(error)
+    for entry in entries.values():
+        if entry.kind != INGRESS_GATEWAY:
+            continue
+        for listener in entry.body.get("Listeners") or []:
+            for svc in listener.get("Services") or []:
+                if svc.get("Name") == WILDCARD:
+                    continue
+                have = protocol_of(svc["Name"], entries)
+                want = listener["Protocol"]
+                if have != want:
+                    raise _invalid(
+                        f'service "{svc["Name"]}" has protocol "{have}", which does not match '
+                        f'defined listener protocol "{want}"'
+                    )
