@@ -24,7 +24,7 @@ from devstack import ui
 from devstack.acl import Authorizer
 from devstack.checks import UNSUPPORTED, CheckRunner
 from devstack.config import CONSUL_VERSION, DevConfig
-from devstack.endpoints import agent, catalog, health, kv, session, status
+from devstack.endpoints import agent, catalog, config, health, kv, session, status
 from devstack.httpapi import HTTPError, Router, make_handler
 from devstack.registration import SIDECAR_SUFFIX, InvalidRegistration
 from devstack.store import PASSING, Check, Node, Service, Session, Store
@@ -38,7 +38,7 @@ MIN_DEREGISTER_AFTER = 60.0
 
 def build_router() -> Router:
     router = Router()
-    for family in (agent, catalog, health, kv, session, status):
+    for family in (agent, catalog, config, health, kv, session, status):
         family.routes(router)
     return router
 

@@ -393,4 +393,3 @@ async def gateway_services(call: Call) -> Reply:
 
     index, out = await call.blocking(compute)
     return call.reply(out, index=index)
-
