@@ -24,8 +24,9 @@ from devstack import ui
 from devstack.acl import Authorizer
 from devstack.checks import UNSUPPORTED, CheckRunner
 from devstack.config import CONSUL_VERSION, DevConfig
-from devstack.endpoints import agent, catalog, config, health, kv, session, status
+from devstack.endpoints import agent, catalog, config, health, intentions, kv, session, status
 from devstack.httpapi import HTTPError, Router, make_handler
+from devstack.intentions_state import IntentionsState
 from devstack.registration import SIDECAR_SUFFIX, InvalidRegistration
 from devstack.store import PASSING, Check, Node, Service, Session, Store
 
@@ -38,7 +39,7 @@ MIN_DEREGISTER_AFTER = 60.0
 
 def build_router() -> Router:
     router = Router()
-    for family in (agent, catalog, config, health, kv, session, status):
+    for family in (agent, catalog, config, health, intentions, kv, session, status):
         family.routes(router)
     return router
 
@@ -51,6 +52,7 @@ class DevServer:
         self.node_id = str(uuid.uuid4())
         self.agent_tokens: dict[str, str] = {}
         self.checks = CheckRunner(self)
+        self.intentions = IntentionsState(self.store, self.config)
         self.shutdown_requested = asyncio.Event()
         self.shutdown_reason = ""
         self._sidecar_ports: dict[str, int] = {}

@@ -1,0 +1,125 @@
+"""/v1/connect/intentions*: views and edits over service-intentions entries."""
+
+from __future__ import annotations
+
+import pytest
+
+from devstack.config import DevConfig
+from tests.conftest import Http
+
+
+async def test_exact_upsert_read_list_match_check_delete(http: Http) -> None:
+    q = {"source": "web", "destination": "db"}
+    status, ok, _ = await http.put(
+        "/v1/connect/intentions/exact", params=q, json={"Action": "allow", "Description": "d"}
+    )
+    assert (status, ok) == (200, True)
+    _, got, _ = await http.get("/v1/connect/intentions/exact", params=q)
+    assert (got["SourceName"], got["DestinationName"], got["Action"]) == ("web", "db", "allow")
+    assert (got["SourceNS"], got["Precedence"], got["Description"]) == ("default", 9, "d")
+    # The write is a config entry.
+    _, entry, _ = await http.get("/v1/config/service-intentions/db")
+    assert entry["Sources"][0]["Name"] == "web"
+    await http.put(
+        "/v1/connect/intentions/exact",
+        params={"source": "*", "destination": "db"},
+        json={"Action": "deny"},
+    )
+    _, listed, headers = await http.get("/v1/connect/intentions")
+    assert [(i["SourceName"], i["Precedence"]) for i in listed] == [("web", 9), ("*", 8)]
+    assert "X-Consul-Index" in headers
+    _, matched, _ = await http.get(
+        "/v1/connect/intentions/match", params={"by": "destination", "name": "db"}
+    )
+    assert [i["SourceName"] for i in matched["db"]] == ["web", "*"]
+    _, allowed, _ = await http.get("/v1/connect/intentions/check", params=q)
+    assert allowed == {"Allowed": True}
+    _, denied, _ = await http.get(
+        "/v1/connect/intentions/check", params={"source": "api", "destination": "db"}
+    )
+    assert denied == {"Allowed": False}
+    assert (await http.call("DELETE", "/v1/connect/intentions/exact", params=q))[1] is True
+    status, text, _ = await http.get("/v1/connect/intentions/exact", params=q)
+    assert (status, text) == (404, "Intention not found")
+    await http.call(
+        "DELETE", "/v1/connect/intentions/exact", params={"source": "*", "destination": "db"}
+    )
+    # The last source gone, the entry is gone.
+    status, _, _ = await http.get("/v1/config/service-intentions/db")
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "text"),
+    [
+        (
+            "/v1/connect/intentions/exact",
+            {"destination": "db"},
+            "required query parameter 'source' not set",
+        ),
+        ("/v1/connect/intentions/match", {"name": "db"}, "required query parameter 'by' not set"),
+        (
+            "/v1/connect/intentions/match",
+            {"by": "x", "name": "db"},
+            "'by' parameter must be one of 'source' or 'destination'",
+        ),
+        (
+            "/v1/connect/intentions/exact",
+            {"source": "a/b/c/d", "destination": "db"},
+            "source \"a/b/c/d\" is invalid: input can contain at most two '/'",
+        ),
+    ],
+)
+async def test_parameter_errors_are_500_plain(
+    http: Http, path: str, params: dict[str, str], text: str
+) -> None:
+    status, body, _ = await http.get(path, params=params)
+    assert (status, body) == (500, text)
+
+
+async def test_l7_intention_checks_as_denied_and_needs_http(http: Http) -> None:
+    q = {"source": "web", "destination": "api"}
+    perms = {"Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]}
+    status, text, _ = await http.put("/v1/connect/intentions/exact", params=q, json=perms)
+    assert status == 500
+    assert "incompatible with L7 intentions permissions" in text
+    await http.put(
+        "/v1/config", json={"Kind": "service-defaults", "Name": "api", "Protocol": "http"}
+    )
+    assert (await http.put("/v1/connect/intentions/exact", params=q, json=perms))[0] == 200
+    # The check API is L4: an L7 intention does not allow a connection there.
+    _, result, _ = await http.get("/v1/connect/intentions/check", params=q)
+    assert result == {"Allowed": False}
+
+
+async def test_legacy_id_api(http: Http) -> None:
+    status, created, _ = await http.call(
+        "POST",
+        "/v1/connect/intentions",
+        json={"SourceName": "web", "DestinationName": "db", "Action": "allow", "Meta": {"k": "v"}},
+    )
+    assert status == 200
+    ident = created["ID"]
+    _, got, _ = await http.get(f"/v1/connect/intentions/{ident}")
+    assert (got["ID"], got["Meta"], got["Action"]) == (ident, {"k": "v"}, "allow")
+    status, text, _ = await http.call(
+        "POST",
+        "/v1/connect/intentions",
+        json={"SourceName": "web", "DestinationName": "db", "Action": "deny"},
+    )
+    assert status == 500
+    assert "duplicate intention found" in text
+    await http.put(f"/v1/connect/intentions/{ident}", json={"Action": "deny"})
+    _, got, _ = await http.get(f"/v1/connect/intentions/{ident}")
+    assert got["Action"] == "deny"
+    assert (await http.call("DELETE", f"/v1/connect/intentions/{ident}"))[1] is True
+    status, text, _ = await http.get(f"/v1/connect/intentions/{ident}")
+    assert (status, text) == (404, "Intention not found")
+
+
+@pytest.mark.parametrize("dev_config", [DevConfig(default_intention_policy="deny")])
+async def test_default_intention_policy_decides_unmatched(http: Http) -> None:
+    _, result, _ = await http.get(
+        "/v1/connect/intentions/check", params={"source": "web", "destination": "db"}
+    )
+    assert result == {"Allowed": False}
