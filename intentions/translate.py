@@ -169,13 +169,24 @@ _TRUE: _DNF = ((),)
 _FALSE: _DNF = ()
 
 
+def _unsatisfiable(conj: _Conj) -> bool:
+    # "Header absent" next to any other matcher on that header can never hold in Envoy
+    # (every other matcher, inverted or not, fails on a missing header).
+    absent = {a.name for a in conj if isinstance(a, HeaderMatch) and a.present and a.invert}
+    return any(
+        isinstance(a, HeaderMatch) and a.name in absent and not (a.present and a.invert)
+        for a in conj
+    )
+
+
 def _and(*parts: _DNF) -> _DNF:
     out: list[_Conj] = []
     for combo in product(*parts):
         conj: list[_Atom] = []
         for c in combo:
             conj.extend(a for a in c if a not in conj)
-        out.append(tuple(conj))
+        if not _unsatisfiable(tuple(conj)):
+            out.append(tuple(conj))
     return tuple(dict.fromkeys(out))
 
 

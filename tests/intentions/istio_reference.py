@@ -13,7 +13,25 @@ from typing import Any
 HTTP_ONLY_OP = ("paths", "notPaths", "methods", "notMethods", "hosts", "notHosts")
 
 
+def _template_match(template: str, path: str) -> bool:
+    # Segment-wise: `{*}` is one non-empty segment, a trailing `{**}` any remaining segments.
+    t_parts, p_parts = template.split("/"), path.split("/")
+    for i, part in enumerate(t_parts):
+        if part == "{**}":
+            return i == len(t_parts) - 1 and len(p_parts) > i
+        if i >= len(p_parts):
+            return False
+        if part == "{*}":
+            if not p_parts[i]:
+                return False
+        elif part != p_parts[i]:
+            return False
+    return len(p_parts) == len(t_parts)
+
+
 def string_match(pattern: str, value: str) -> bool:
+    if "{*}" in pattern or "{**}" in pattern:
+        return _template_match(pattern, value)
     if pattern == "*":
         return value != ""
     if pattern.startswith("*"):
@@ -130,6 +148,14 @@ def _condition_matches(cond: Mapping[str, Any], request: Mapping[str, Any], tcp:
 
         def hit(patterns: Sequence[str]) -> bool:
             return peer is not None and any(string_match(p, peer[1]) for p in patterns)
+
+    elif key == "source.principal":
+
+        def hit(patterns: Sequence[str]) -> bool:
+            if peer is None:
+                return False
+            principal = f"{peer[0]}/ns/{peer[1]}/sa/{peer[2]}"
+            return any(string_match(p, principal) for p in patterns)
 
     else:
         raise AssertionError(key)

@@ -20,8 +20,22 @@ from intentions.translate import ServiceRef, translate
 
 NAMESPACES = ["foo", "bar", "baz"]
 ACCOUNTS = ["a", "b", "c"]
-PATH_VALUES = ["/a", "/a*", "/a/*", "*b", "*", "/b", "/a/b", "a*"]
-PATHS = ["/a", "/a/", "/a/b", "/b", "/ab", "/a?x=1", "/a/../b", "/b/./a/b", "/a/b/..", "/"]
+PATH_VALUES = ["/a", "/a*", "/a/*", "*b", "*", "/b", "/a/b", "a*", "/a/{*}", "/{*}/b", "/a/{**}"]
+PATHS = [
+    "/a",
+    "/a/",
+    "/a/b",
+    "/b",
+    "/ab",
+    "/a?x=1",
+    "/a/../b",
+    "/b/./a/b",
+    "/a/b/..",
+    "/",
+    "/x/b",
+    "/a/b/c",
+    "//b",
+]
 METHOD_VALUES = ["GET", "POST", "get", "G*", "*T", "*", "PROPFIND"]
 METHODS = ["GET", "POST", "PUT", "PROPFIND", "get"]
 HOST_VALUES = ["h.com", "*.com", "h.*", "*", "H.COM", "h.com:80"]
@@ -48,7 +62,7 @@ def _non_empty(d: dict[str, Any]) -> bool:
     return bool(d)
 
 
-sources = st.fixed_dictionaries(
+identity_sources = st.fixed_dictionaries(
     {},
     optional={
         "principals": some(st.one_of(principals, st.just("*")), min_size=1, max_size=2),
@@ -57,6 +71,18 @@ sources = st.fixed_dictionaries(
         "notNamespaces": some(st.sampled_from(NAMESPACES), min_size=1, max_size=2),
     },
 ).filter(_non_empty)
+accounts = st.one_of(
+    st.sampled_from(ACCOUNTS),
+    st.builds("{}/{}".format, st.sampled_from(NAMESPACES), st.sampled_from(ACCOUNTS)),
+)
+account_sources = st.fixed_dictionaries(
+    {},
+    optional={
+        "serviceAccounts": some(accounts, min_size=1, max_size=2),
+        "notServiceAccounts": some(accounts, min_size=1, max_size=2),
+    },
+).filter(_non_empty)
+sources = st.one_of(identity_sources, account_sources)
 operations = st.fixed_dictionaries(
     {},
     optional={
@@ -82,12 +108,23 @@ namespace_conditions = st.fixed_dictionaries(
         "notValues": some(st.sampled_from(NAMESPACES), min_size=1, max_size=2),
     },
 ).filter(lambda c: "values" in c or "notValues" in c)
+principal_conditions = st.fixed_dictionaries(
+    {"key": st.just("source.principal")},
+    optional={
+        "values": some(st.one_of(principals, st.just("*")), min_size=1, max_size=2),
+        "notValues": some(principals, min_size=1, max_size=2),
+    },
+).filter(lambda c: "values" in c or "notValues" in c)
 rules = st.fixed_dictionaries(
     {},
     optional={
         "from": some(st.fixed_dictionaries({"source": sources}), min_size=1, max_size=2),
         "to": some(st.fixed_dictionaries({"operation": operations}), min_size=1, max_size=2),
-        "when": some(st.one_of(header_conditions, namespace_conditions), min_size=1, max_size=2),
+        "when": some(
+            st.one_of(header_conditions, namespace_conditions, principal_conditions),
+            min_size=1,
+            max_size=2,
+        ),
     },
 )
 
