@@ -354,6 +354,32 @@ def _parse_rule(c: _Collector, raw: object, path: str) -> Rule:
     )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: PyYAML keeps the last one silently, and a
+    repeated `paths:` or `principals:` would then change a rule without a word."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_duplicates,
+)
+
+
 def load_policies(
     text: str, *, origin: str = "<input>", default_namespace: str | None = None
 ) -> tuple[AuthorizationPolicy, ...]:
@@ -363,7 +389,7 @@ def load_policies(
     """
     problems: list[Problem] = []
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
         raise PolicyError([Problem(origin, "", f"not valid YAML: {exc}")]) from None
     flat: list[tuple[str, object]] = []

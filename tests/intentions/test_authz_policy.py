@@ -261,3 +261,19 @@ def test_deny_with_only_http_fields_warns_like_istio() -> None:
 def test_invalid_yaml_is_one_problem() -> None:
     with pytest.raises(PolicyError, match="not valid YAML"):
         load_policies("a: [", origin="bad.yaml")
+
+
+def test_duplicate_keys_are_refused() -> None:
+    text = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin"]
+        paths: ["/public"]
+"""
+    with pytest.raises(PolicyError, match="found duplicate key 'paths'"):
+        load_policies(text)
