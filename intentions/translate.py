@@ -603,28 +603,26 @@ class _Translator:
             "source.trustDomain)",
         )
 
-    def reject_jwt_on_http(self, rule: _CompiledRule, policy: AuthorizationPolicy) -> None:
-        """JWT fields are only translatable where Istio ignores them (TCP)."""
-        for i, r in enumerate(policy.rules or ()):
-            if i != rule.index:
-                continue
-            for j, src in enumerate(r.from_ or ()):
-                if src is not None and (src.request_principals or src.not_request_principals):
-                    key = "requestPrincipals" if src.request_principals else "notRequestPrincipals"
-                    self.problem(
-                        policy,
-                        f"spec.rules[{i}].from[{j}].source.{key}",
-                        "JWT principals are not supported: meshlet does not validate JWTs "
-                        "(Consul JWT providers are not wired)",
-                    )
-            for j, cond in enumerate(r.when):
-                if cond.key.startswith("request.auth."):
-                    self.problem(
-                        policy,
-                        f"spec.rules[{i}].when[{j}].key",
-                        f"{cond.key}: JWT conditions are not supported: meshlet does not "
-                        "validate JWTs",
-                    )
+    def reject_jwt_on_http(self, rule: _CompiledRule) -> None:
+        """JWT fields are only translatable where Istio ignores them (TCP services)."""
+        policy, i = rule.policy, rule.index
+        raw = (policy.rules or ())[i]
+        for j, src in enumerate(raw.from_ or ()):
+            if src is not None and (src.request_principals or src.not_request_principals):
+                key = "requestPrincipals" if src.request_principals else "notRequestPrincipals"
+                self.problem(
+                    policy,
+                    f"spec.rules[{i}].from[{j}].source.{key}",
+                    "JWT principals are not supported: meshlet does not validate JWTs "
+                    "(Consul JWT providers are not wired)",
+                )
+        for j, cond in enumerate(raw.when):
+            if cond.key.startswith("request.auth."):
+                self.problem(
+                    policy,
+                    f"spec.rules[{i}].when[{j}].key",
+                    f"{cond.key}: JWT conditions are not supported: meshlet does not validate JWTs",
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,7 +770,7 @@ def translate(
         ]
         if svc.is_http:
             for crule in rules:
-                t.reject_jwt_on_http(crule, crule.policy)
+                t.reject_jwt_on_http(crule)
         entry, entry_origins = _entry_for(t, svc, applicable, rules)
         entries.append(entry)
         origins.update(entry_origins)

@@ -154,3 +154,17 @@ def test_render_and_plan() -> None:
     held = load_entry(dict(change.body, ModifyIndex=42))
     (same,) = plan([held], entries)
     assert (same.action, same.cas, same.diff) == ("unchanged", 42, "")
+
+
+def test_consul_ce_mode_maps_one_istio_namespace() -> None:
+    from intentions.translate import TranslateOptions
+
+    options = TranslateOptions(single_namespace="foo")
+    checker = PolicyChecker.build(load_policies(POLICIES), parse_workload(WORKLOAD), options)
+    web = "spiffe://cluster.local/ns/foo/sa/web"
+    assert checker.check(req(web, "/ok")).allowed
+    assert not checker.check(req(web, "/admin")).allowed
+    # Another Istio namespace does not exist in a CE mesh: no identity, so no access.
+    assert checker.identity(req("spiffe://cluster.local/ns/bar/sa/web")) is None
+    decision, origin = checker.explain(req(web, "/ok"))
+    assert (decision.source, origin) == (("default", "web"), "ALLOW foo/web-only rules[0]")
