@@ -1,9 +1,10 @@
 """The decision engine: Consul intentions compiled into an immutable snapshot.
 
-`compile_snapshot` does all the work when Consul says the entries changed: it orders sources by
-Consul precedence, resolves, for every destination and every source key that could ever be
-looked up, the one intention that decides, and compiles every permission's matchers (regexes
-included). A decision is then at most three dict lookups plus the matchers of one intention.
+`compile_snapshot` does all the work when Consul says the entries changed: it indexes every
+entry's sources by exact source, `ns/*` and `*/*`, chains each exact destination to its `ns/*`
+and `*/*` destination entries (the precedence bands), compiles every permission's matchers
+(regexes included) and precomputes every Decision. A decision is then a few dict lookups plus
+the matchers of one intention; no parsing, no sorting, no allocation of reasons.
 
 Semantics are Consul's documented ones (consul-api.md §7.5, authz.md §2.3): the highest-precedence
 intention whose source matches decides; an L7 intention's permissions are tried in order and
@@ -192,7 +193,8 @@ _Check = Callable[[HTTPRequest], bool]
 
 
 def _all_of(checks: Sequence[_Check]) -> _Check:
-    # Specialized closures: a decision runs these, so no generator or `all()` per request.
+    # Permissions have one to three matchers in practice; those get a closure without the
+    # per-call generator that `all()` needs.
     if not checks:
         return lambda r: True
     if len(checks) == 1:
