@@ -66,6 +66,7 @@ from agent.consul_services import (
     Weights,
     registration_body,
 )
+from connect.leaf import Leaf, MalformedAnswer, TrustBundle
 
 # The client's public surface in one place; the modules behind it stay small and focused.
 __all__ = [
@@ -752,6 +753,65 @@ class KVAPI(_Group):
         return _decode(resp, _bool)
 
 
+def _connect_decoder(parse: Callable[[JSONObject], T]) -> Callable[[Any], T]:
+    def decode(value: Any) -> T:
+        try:
+            return parse(as_object(value, "response"))
+        except MalformedAnswer as exc:
+            raise ShapeError(str(exc)) from None
+
+    return decode
+
+
+class ConnectAPI(_Group):
+    """`/v1/agent/connect/*`: the agent's CA roots and leaf certificates (index-blocking).
+
+    Answers decode into connect's immutable `TrustBundle` and `Leaf`, which is what the
+    certificate rotator consumes; the private key stays inside the `Leaf` (never in a repr).
+    """
+
+    async def ca_roots(self, *, index: int = 0, wait: Wait | None = None) -> Indexed[TrustBundle]:
+        """Every root to trust and the active one; blocks until they change (a rotation)."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        return await self._indexed(
+            "/v1/agent/connect/ca/roots",
+            _connect_decoder(TrustBundle.from_consul),
+            params,
+            blocking,
+            index,
+        )
+
+    async def leaf(
+        self, service: str, *, index: int = 0, wait: Wait | None = None
+    ) -> Indexed[Leaf]:
+        """`service`'s leaf; with `index` (its ModifyIndex), wait until the agent replaces it."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        return await self._indexed(
+            f"/v1/agent/connect/ca/leaf/{_segment(service)}",
+            _connect_decoder(Leaf.from_consul),
+            params,
+            blocking,
+            index,
+        )
+
+    async def authorize(
+        self, target: str, client_cert_uri: str, client_cert_serial: str = ""
+    ) -> tuple[bool, str]:
+        """Whether `client_cert_uri` may connect to `target`, and Consul's reason."""
+        body = {
+            "Target": target,
+            "ClientCertURI": client_cert_uri,
+            "ClientCertSerial": client_cert_serial,
+        }
+        resp = await self._http.send_json("POST", "/v1/agent/connect/authorize", body)
+        resp.raise_for_status()
+        obj = _decode(resp, lambda v: as_object(v, "response"))
+        allowed, reason = obj.get("Authorized"), obj.get("Reason", "")
+        if not isinstance(allowed, bool) or not isinstance(reason, str):
+            raise resp.bad("authorize: expected Authorized (bool) and Reason (string)")
+        return allowed, reason
+
+
 class StatusAPI(_Group):
     """`/v1/status/*`: raft leader and peers; a cheap liveness probe of the cluster."""
 
@@ -778,6 +838,7 @@ class ConsulClient:
         self.health = HealthAPI(self._http)
         self.kv = KVAPI(self._http)
         self.status = StatusAPI(self._http)
+        self.connect = ConnectAPI(self._http)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 CONSUL_VERSION = "1.22.0"
@@ -25,6 +25,13 @@ class DevConfig:
     # Consul's sidecar port range (ports.sidecar_min_port / sidecar_max_port).
     sidecar_min_port: int = 21000
     sidecar_max_port: int = 21255
+    # Connect CA: leaf lifetime (Consul's LeafCertTTL, 72h) and the floor a CA configuration
+    # PUT may set (Consul's is 1h; tests lower it to use leaves that live seconds).
+    leaf_cert_ttl: float = 72 * 3600.0
+    min_leaf_cert_ttl: float = 3600.0
+    # Serve the Vault PKI subset on this HOST:PORT, with this root token (random if unset).
+    vault_addr: str | None = None
+    vault_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         split_host_port(self.http_addr)
@@ -37,6 +44,10 @@ class DevConfig:
                 "default_intention_policy: "
                 f"{self.default_intention_policy!r} is not one of 'allow', 'deny'"
             )
+        if self.vault_addr is not None:
+            split_host_port(self.vault_addr)
+        if not 0 < self.leaf_cert_ttl < 8760 * 3600:
+            raise DevConfigError("leaf_cert_ttl must be more than 0s and less than 8760h")
         if not self.datacenter or not self.node_name:
             raise DevConfigError("datacenter and node_name must not be empty")
 

@@ -24,8 +24,19 @@ from devstack import ui
 from devstack.acl import Authorizer
 from devstack.checks import UNSUPPORTED, CheckRunner
 from devstack.config import CONSUL_VERSION, DevConfig
-from devstack.endpoints import agent, catalog, config, health, intentions, kv, session, status
+from devstack.endpoints import (
+    agent,
+    catalog,
+    config,
+    connect_ca,
+    health,
+    intentions,
+    kv,
+    session,
+    status,
+)
 from devstack.httpapi import HTTPError, Router, make_handler
+from devstack.identity_plane import IdentityPlane
 from devstack.intentions_state import IntentionsState
 from devstack.registration import SIDECAR_SUFFIX, InvalidRegistration
 from devstack.store import PASSING, Check, Node, Service, Session, Store
@@ -39,7 +50,7 @@ MIN_DEREGISTER_AFTER = 60.0
 
 def build_router() -> Router:
     router = Router()
-    for family in (agent, catalog, config, health, intentions, kv, session, status):
+    for family in (agent, catalog, config, health, intentions, kv, session, status, connect_ca):
         family.routes(router)
     return router
 
@@ -53,6 +64,7 @@ class DevServer:
         self.agent_tokens: dict[str, str] = {}
         self.checks = CheckRunner(self)
         self.intentions = IntentionsState(self.store, self.config)
+        self.identity = IdentityPlane(self.store, self.config)
         self.shutdown_requested = asyncio.Event()
         self.shutdown_reason = ""
         self._sidecar_ports: dict[str, int] = {}
@@ -78,6 +90,7 @@ class DevServer:
 
     async def start(self) -> None:
         self._bootstrap_catalog()
+        await self.identity.start()
         app = web.Application(client_max_size=4 * 1024 * 1024)
         ui.add_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", make_handler(self, build_router()))
@@ -95,6 +108,7 @@ class DevServer:
         for timer in self._session_timers.values():
             timer.cancel()
         await self.checks.close()
+        await self.identity.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

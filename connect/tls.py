@@ -1,0 +1,167 @@
+"""Mutual-TLS contexts from mesh `Material`, swapped whole when the leaf or the roots change.
+
+Both sides: TLS 1.2 minimum (OpenSSL negotiates 1.3 when both ends can), a certificate
+required from the peer and verified against the current bundle only (never the system store),
+no hostname check: a mesh peer is named by its SPIFFE ID, which the caller checks with
+`peer_identity` after the handshake.
+
+`DynamicTLS` holds the contexts of the current generation. A new generation affects only
+handshakes that start after it; an open connection keeps the context it was made with, so a
+rotation disturbs nothing in flight. `listener_context()` is one context to give a listening
+server: its SNI callback moves every incoming handshake onto the current server context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from connect.identity import Identity, PeerRefused, Refusal, peer_identity
+from connect.leaf import Material
+
+log = logging.getLogger("meshlet.connect.tls")
+
+
+def _load_leaf(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    # ssl only loads keys from files: use a private directory, 0600 files, gone at once.
+    with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        for path, text in ((cert_path, cert_pem), (key_path, key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+def _context(purpose: ssl.Purpose, material: Material) -> ssl.SSLContext:
+    protocol = (
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=material.bundle.pem)
+    _load_leaf(ctx, material.leaf.cert_pem, material.leaf.key_pem)
+    return ctx
+
+
+def server_context(material: Material) -> ssl.SSLContext:
+    """Accepts only clients with a certificate that chains to the bundle."""
+    return _context(ssl.Purpose.CLIENT_AUTH, material)
+
+
+def client_context(material: Material) -> ssl.SSLContext:
+    """Presents the leaf and accepts only servers that chain to the bundle."""
+    return _context(ssl.Purpose.SERVER_AUTH, material)
+
+
+@dataclass(frozen=True)
+class Contexts:
+    material: Material
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+class DynamicTLS:
+    def __init__(self, material: Material) -> None:
+        self._current = self._build(material)
+        self._listener: ssl.SSLContext | None = None
+
+    @staticmethod
+    def _build(material: Material) -> Contexts:
+        return Contexts(material, server_context(material), client_context(material))
+
+    def update(self, material: Material) -> None:
+        """Build the new generation's contexts first, then swap: a bad leaf leaves the old
+        contexts in place (the exception reaches the caller)."""
+        if material.generation <= self._current.material.generation:
+            return
+        self._current = self._build(material)
+
+    @property
+    def material(self) -> Material:
+        return self._current.material
+
+    @property
+    def trust_domain(self) -> str:
+        return self._current.material.bundle.trust_domain
+
+    def server(self) -> ssl.SSLContext:
+        return self._current.server
+
+    def client(self) -> ssl.SSLContext:
+        return self._current.client
+
+    def listener_context(self) -> ssl.SSLContext:
+        """A context for `asyncio.start_server(ssl=...)` that always serves the current leaf."""
+        if self._listener is None:
+            base = server_context(self._current.material)
+
+            def pick(sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+                sock.context = self._current.server
+
+            base.sni_callback = pick
+            self._listener = base
+        return self._listener
+
+    def peer(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity:
+        """The verified peer's SPIFFE identity, or `PeerRefused` (logged, naming the check)."""
+        return verified_peer(ssl_object, self.trust_domain)
+
+
+def verified_peer(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
+    trust_domain: str,
+    now: datetime.datetime | None = None,
+) -> Identity:
+    if ssl_object is None:
+        raise _refused(PeerRefused(Refusal.NO_SPIFFE_SAN, "not a TLS connection"))
+    der = ssl_object.getpeercert(binary_form=True)
+    if der is None:
+        raise _refused(PeerRefused(Refusal.UNPARSABLE, "the peer sent no certificate"))
+    try:
+        return peer_identity(
+            der, trust_domain=trust_domain, now=now or datetime.datetime.now(datetime.UTC)
+        )
+    except PeerRefused as err:
+        raise _refused(err) from None
+
+
+def _refused(err: PeerRefused) -> PeerRefused:
+    log.warning("peer refused: %s", err)
+    return err
+
+
+def handshake_refusal(exc: BaseException) -> str:
+    """What a failed handshake says about the peer's certificate, for a log line."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    return f"connection failed: {exc}"
+
+
+class HandshakeRefused(Exception):
+    """The TLS handshake with a peer failed; str() says why (OpenSSL's verify message)."""
+
+
+async def accept_tls(
+    writer: asyncio.StreamWriter, tls: DynamicTLS, *, timeout: float = 10.0
+) -> Identity:
+    """Upgrade an accepted TCP connection with the current server context and return the
+    peer's identity. Refusals are logged with their reason and raised (the caller closes)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await writer.start_tls(tls.server())
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        reason = handshake_refusal(exc)
+        log.warning("inbound handshake refused: %s", reason)
+        raise HandshakeRefused(reason) from exc
+    return tls.peer(writer.get_extra_info("ssl_object"))
