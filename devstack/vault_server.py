@@ -217,7 +217,7 @@ class VaultServer:
             "warnings": answer.warnings or None,
             "auth": answer.auth,
         }
-        return web.json_response(body, status=answer.status)
+        return _json(body, answer.status)
 
     async def _dispatch(self, request: web.Request) -> Answer:
         if not request.path.startswith("/v1/"):
@@ -259,7 +259,7 @@ class VaultServer:
             raise VaultError(403, "permission denied")
         req = Request(op=op, path=path, params=params, token=token)
         if path == "sys/seal-status":
-            return Answer(raw=json.dumps(self._seal_status()))
+            return Answer(raw=json.dumps(self._seal_status()), content_type="application/json")
         if path.startswith("sys/mounts"):
             return self._sys_mounts(req)
         if path.startswith("sys/auth"):
@@ -291,7 +291,7 @@ class VaultServer:
             "cluster_id": self.cluster_id,
         }
         # sys/health carries its verdict in the status code and is never wrapped.
-        return Answer(raw=json.dumps(body))
+        return Answer(raw=json.dumps(body), content_type="application/json")
 
     def _seal_status(self) -> dict[str, Any]:
         return {
@@ -494,5 +494,12 @@ class VaultServer:
         raise VaultError(405, "1 error occurred:\n\t* unsupported operation\n\n")
 
 
+def _json(body: Any, status: int) -> web.Response:
+    # Exactly "application/json", no charset: hvac only reads Vault's error list then.
+    return web.Response(
+        body=json.dumps(body).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
+
+
 def _errors(status: int, messages: list[str]) -> web.Response:
-    return web.json_response({"errors": messages}, status=status)
+    return _json({"errors": messages}, status)
