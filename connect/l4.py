@@ -1,0 +1,301 @@
+"""The L4 relay: two asyncio Protocols that hand bytes to each other's transport.
+
+No streams and no per-connection coroutine on the data path: `data_received` writes the bytes
+object the loop handed over straight to the other transport (no Python-level copy), and
+flow control is coupled both ways (our write buffer above its high-water mark pauses reading
+on the other leg), so a connection holds at most about two high-water marks per direction.
+
+Half-close travels where the receiving leg can carry it (`write_eof` on plain TCP). asyncio's
+TLS transport cannot send a TLS close_notify while staying readable, so an EOF that must cross
+a TLS leg is held: the connection stays open until the other direction ends or goes idle.
+
+Idle connections are cut by one timer per connection that checks an activity flag, so the
+data path pays one attribute store per chunk and never reads the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from connect.inbound import InboundGate, Parked
+from connect.proxy import DialFailed, ProxyStats, Upstream, dial_upstream
+
+log = logging.getLogger("meshlet.proxy.l4")
+
+__all__ = ["InboundL4", "OutboundL4", "RelayLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    high_water: int = 256 * 1024
+    """Write-buffer bytes per transport before the other leg stops reading."""
+    idle_timeout: float = 300.0
+    connect_timeout: float = 5.0
+
+
+class _Relay:
+    """The state both legs share: activity for the idle timer, and teardown."""
+
+    __slots__ = ("a", "active", "b", "closed", "idle_handle", "limits", "linked", "on_done")
+
+    def __init__(self, limits: RelayLimits, on_done: Callable[[_Relay], None]) -> None:
+        self.a = _Leg(self)
+        self.b = _Leg(self)
+        self.a.other = self.b
+        self.b.other = self.a
+        self.limits = limits
+        self.active = True
+        self.closed = False
+        self.linked = False
+        self.on_done = on_done
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    def start_idle_timer(self) -> None:
+        self.idle_handle = asyncio.get_running_loop().call_later(
+            self.limits.idle_timeout, self._check_idle
+        )
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        if self.active:
+            self.active = False
+            self.start_idle_timer()
+            return
+        self.abort()
+
+    def close(self) -> None:
+        """Flush what is buffered, then close both legs."""
+        if self.closed:
+            return
+        self._finish()
+        for leg in (self.a, self.b):
+            if leg.transport is not None:
+                leg.transport.close()
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self._finish()
+        for leg in (self.a, self.b):
+            if leg.transport is not None:
+                leg.transport.abort()
+
+    def _finish(self) -> None:
+        self.closed = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        self.on_done(self)
+
+
+class _Leg(asyncio.Protocol):
+    __slots__ = ("eof", "is_tls", "other", "pending", "relay", "transport")
+
+    def __init__(self, relay: _Relay) -> None:
+        self.relay = relay
+        self.other: _Leg
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.is_tls = False
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.is_tls = transport.get_extra_info("sslcontext") is not None
+        transport.set_write_buffer_limits(high=self.relay.limits.high_water)
+        if self.other.transport is None:
+            # Nothing may be read before the other leg exists; `link` resumes.
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.active = True
+        other = self.other.transport
+        if other is None:
+            # start_tls hands over decrypted bytes that arrived with the handshake before
+            # it returns: hold them (at most one read) until the other leg exists.
+            self.pending.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        other.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        other = self.other
+        if other.eof:
+            self.relay.close()
+            return False
+        if other.transport is not None:
+            if other.transport.can_write_eof():
+                other.transport.write_eof()
+            elif self is self.relay.b:
+                # The server side is done and the EOF cannot cross TLS: the client has had
+                # every byte once we flush, so finish. (A client-side EOF is held instead:
+                # the reply must still come back.)
+                self.relay.close()
+                return False
+        # asyncio's TLS transport closes itself on EOF (and warns if asked to stay open).
+        return not self.is_tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        relay = self.relay
+        # Before linking, a lost leg is the dialer's business (failover, or the app gave up).
+        if relay.closed or not relay.linked:
+            return
+        if exc is None:
+            relay.close()
+        else:
+            relay.abort()
+
+    def pause_writing(self) -> None:
+        if self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
+def _link(relay: _Relay) -> bool:
+    """Join the legs and start relaying; False (and everything closed) if one is gone."""
+    if relay.closed or relay.a.transport is None or relay.b.transport is None:
+        relay.abort()
+        return False
+    relay.linked = True
+    for leg in (relay.a, relay.b):
+        if leg.pending:
+            assert leg.other.transport is not None
+            leg.other.transport.writelines(leg.pending)
+            leg.pending.clear()
+    for leg in (relay.a, relay.b):
+        transport = leg.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+    relay.start_idle_timer()
+    return True
+
+
+class _Listener:
+    """Owns one listening socket and the relays it started (Consul's `Listener`)."""
+
+    def __init__(self, limits: RelayLimits, stats: ProxyStats | None) -> None:
+        self.limits = limits
+        self.stats = stats if stats is not None else ProxyStats()
+        self.relays: set[_Relay] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self._drained: asyncio.Event | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def _done(self, relay: _Relay) -> None:
+        self.relays.discard(relay)
+        if not self.relays and self._drained is not None:
+            self._drained.set()
+
+    def _start(self, raw: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(raw))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, raw: asyncio.Transport) -> None:
+        raise NotImplementedError
+
+    def _protocol(self) -> asyncio.Protocol:
+        return Parked(self._start)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._protocol, host, port, reuse_port=reuse_port or None
+        )
+        self._port = int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, let relays finish for `grace` seconds, then abort the rest."""
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+        if self.relays:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
+            for relay in list(self.relays):
+                relay.abort()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class OutboundL4(_Listener):
+    """Plaintext from the local app, carried over mTLS to an upstream's sidecar."""
+
+    def __init__(
+        self, upstream: Upstream, limits: RelayLimits | None = None, stats: ProxyStats | None = None
+    ) -> None:
+        super().__init__(limits or RelayLimits(), stats)
+        self.upstream = upstream
+
+    async def _serve(self, raw: asyncio.Transport) -> None:
+        relay = _Relay(self.limits, self._done)
+        self.relays.add(relay)
+        relay.a.connection_made(raw)
+        raw.set_protocol(relay.a)
+        self.stats.connections += 1
+        try:
+            _, _, _, _ = await dial_upstream(self.upstream, lambda: relay.b)
+        except DialFailed as err:
+            self.stats.no_endpoint += 1
+            log.warning("upstream %s: %s", self.upstream.name, err)
+            relay.abort()
+            return
+        _link(relay)
+
+
+class InboundL4(_Listener):
+    """mTLS from a mesh peer, authorized once per connection, relayed to the local app."""
+
+    def __init__(
+        self,
+        gate: InboundGate,
+        app_host: str,
+        app_port: int,
+        limits: RelayLimits | None = None,
+    ) -> None:
+        super().__init__(limits or RelayLimits(), gate.stats)
+        self.gate = gate
+        self.app_host = app_host
+        self.app_port = app_port
+
+    async def _serve(self, raw: asyncio.Transport) -> None:
+        relay = _Relay(self.limits, self._done)
+        self.relays.add(relay)
+        admitted = await self.gate.admit(raw, relay.a)
+        if admitted is None:
+            relay.abort()
+            return
+        relay.a.connection_made(admitted[0])  # start_tls does not call it
+        self.stats.connections += 1
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: relay.b, self.app_host, self.app_port),
+                self.limits.connect_timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            self.stats.upstream_failures += 1
+            log.warning("local app %s:%s: %s", self.app_host, self.app_port, err)
+            relay.abort()
+            return
+        _link(relay)

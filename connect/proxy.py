@@ -1,0 +1,312 @@
+"""The sidecar proxy's seams, and picking and dialing an upstream sidecar.
+
+The proxy decides nothing about identity, certificates, endpoints or authorization: it is
+handed them. The agent (the composition root) wires:
+
+* `server_ssl` / `TLSSource`: the inbound context (client certificate required, current roots)
+  and a callable returning the current outbound client context. Rotation happens inside the
+  contexts (an `sni_callback` that swaps to the current leaf), so a listener keeps one object.
+* `PeerVerifier`: DER of the peer's leaf -> `Peer`, or `PeerRejected` naming the failed check
+  (the agent wraps `connect.identity.peer_identity`). Results are cached per DER here.
+* `EndpointSource`: the current compiled `Balancer` for an upstream (swapped whole on change).
+* `ConnectionAuthorizer` / `RequestAuthorizer`: peer (and request) -> a verdict with `allowed`
+  and `reason`; `intentions.Decision` is one. `intentions_authorizers` builds both from an
+  intentions snapshot getter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from connect.balancer import Balancer, Cursor, Target
+from intentions.engine import Identity, Snapshot, http_request
+from intentions.errors import BadRequest
+
+log = logging.getLogger("meshlet.proxy")
+
+__all__ = [
+    "ConnectionAuthorizer",
+    "DialFailed",
+    "EndpointSource",
+    "Peer",
+    "PeerCache",
+    "PeerRejected",
+    "PeerVerifier",
+    "RequestAuthorizer",
+    "Upstream",
+    "Verdict",
+    "dial_upstream",
+    "intentions_authorizers",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A verified mesh peer, built once per distinct certificate."""
+
+    uri: str
+    """The SPIFFE URI SAN."""
+    identity: Identity
+    """The source as the intentions engine identifies it."""
+    cert_sha256: str = ""
+    """Lower-case hex SHA-256 of the leaf DER (X-Forwarded-Client-Cert's Hash)."""
+
+
+class PeerRejected(Exception):
+    """A peer certificate is not a mesh identity we accept; str() says why."""
+
+
+class PeerVerifier(Protocol):
+    def __call__(self, der: bytes, /) -> Peer: ...
+
+
+class Verdict(Protocol):
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+
+
+ConnectionAuthorizer = Callable[[Peer], Verdict]
+RequestAuthorizer = Callable[[Peer, str, str, str, Sequence[tuple[str, str]]], Verdict]
+"""(peer, method, raw path, host, headers as (lower-case name, value)) -> verdict."""
+
+
+class PeerCache:
+    """Verify each distinct peer certificate once: a mesh has few identities and many
+    connections, and DER bytes are a cheaper key than parsing (perf.md §5.9)."""
+
+    def __init__(self, verify: PeerVerifier, limit: int = 4096) -> None:
+        self._verify = verify
+        self._limit = limit
+        self._cache: dict[bytes, Peer | str] = {}
+
+    def peer_of(self, ssl_object: ssl.SSLObject | None) -> Peer | str:
+        """The peer, or the refusal reason as text."""
+        if ssl_object is None:
+            return "no TLS session"
+        der = ssl_object.getpeercert(True)
+        if not der:
+            return "no client certificate"
+        hit = self._cache.get(der)
+        if hit is not None:
+            return hit
+        result: Peer | str
+        try:
+            peer = self._verify(der)
+        except PeerRejected as err:
+            result = str(err)
+        else:
+            if not peer.cert_sha256:
+                peer = Peer(peer.uri, peer.identity, hashlib.sha256(der).hexdigest())
+            result = peer
+        if len(self._cache) >= self._limit:
+            # Certificates expire and rotate; dropping the whole cache is simpler than LRU
+            # and costs one re-verification per live identity.
+            self._cache.clear()
+        self._cache[der] = result
+        return result
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    """Counters the admin endpoint exposes; plain ints so the hot path pays one add."""
+
+    handshakes_failed: int = 0
+    peers_refused: int = 0
+    connections_denied: int = 0
+    connections: int = 0
+    requests: int = 0
+    requests_denied: int = 0
+    bad_requests: int = 0
+    upstream_failures: int = 0
+    no_endpoint: int = 0
+
+
+class EndpointSource(Protocol):
+    def balancer(self) -> Balancer: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    current: Balancer
+
+    def balancer(self) -> Balancer:
+        return self.current
+
+
+def fixed_endpoints(balancer: Balancer) -> EndpointSource:
+    """An EndpointSource that never changes (tests, static upstreams)."""
+    return _Fixed(balancer)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """One upstream service as the outbound side dials it. Mutable state (cursor, marks) is
+    private to the proxy's event loop; the endpoint set comes from `endpoints`."""
+
+    name: str
+    endpoints: EndpointSource
+    client_ssl: Callable[[], ssl.SSLContext]
+    verify_peer: PeerCache
+    expected_service: str
+    expected_namespace: str = "default"
+    sni: str | None = None
+    connect_timeout: float = 5.0
+    eject_for: float = 10.0
+    """How long an endpoint that refused a connection is skipped."""
+    rng: random.Random = field(default_factory=random.Random)
+    _balancer: Balancer | None = None
+    _cursor: Cursor = field(default_factory=lambda: Cursor([]))
+    _ejected: dict[str, float] = field(default_factory=dict)
+
+    def cursor_for(self, balancer: Balancer) -> Cursor:
+        if balancer is not self._balancer:
+            self._balancer = balancer
+            self._cursor = Cursor.for_balancer(balancer)
+        return self._cursor
+
+    def ejected_indexes(self, balancer: Balancer, now: float) -> set[int]:
+        if not self._ejected:
+            return set()
+        out: set[int] = set()
+        for i, t in enumerate(balancer.targets):
+            until = self._ejected.get(t.key)
+            if until is not None:
+                if until > now:
+                    out.add(i)
+                else:
+                    del self._ejected[t.key]
+        return out
+
+    def mark_failed(self, target: Target, now: float) -> None:
+        self._ejected[target.key] = now + self.eject_for
+
+
+class DialFailed(Exception):
+    """No endpoint could be reached; str() is the reason for the 503's header."""
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def dial_upstream(
+    upstream: Upstream,
+    protocol_factory: Callable[[], P],
+    request_hash: int | None = None,
+) -> tuple[asyncio.Transport, P, Target, int]:
+    """Pick an endpoint, connect with mTLS and check the server is the expected service.
+
+    Connect failures (refused, reset, timeout, TLS failure, wrong identity) happen before any
+    byte of the request was sent, so the next endpoint is tried; each failed endpoint is
+    marked for `eject_for` seconds. Returns the transport, protocol, target and the target's
+    index in the balancer (for in-flight accounting in `Cursor.inflight`).
+    """
+    loop = asyncio.get_running_loop()
+    balancer = upstream.endpoints.balancer()
+    cursor = upstream.cursor_for(balancer)
+    exclude = upstream.ejected_indexes(balancer, loop.time())
+    if len(exclude) == len(balancer.targets):
+        # Every endpoint is marked: trying one beats a certain 503.
+        exclude = set()
+    tried = 0
+    last_error = "no healthy endpoint"
+    while True:
+        idx = balancer.pick(cursor, upstream.rng, request_hash, exclude)
+        if idx is None:
+            raise DialFailed(last_error if tried else "no healthy endpoint")
+        target = balancer.targets[idx]
+        tried += 1
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    protocol_factory,
+                    target.host,
+                    target.port,
+                    ssl=upstream.client_ssl(),
+                    server_hostname=upstream.sni or "",
+                ),
+                upstream.connect_timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as err:
+            last_error = f"connect to {target.key} failed: {type(err).__name__}"
+            upstream.mark_failed(target, loop.time())
+            exclude.add(idx)
+            continue
+        peer = upstream.verify_peer.peer_of(transport.get_extra_info("ssl_object"))
+        reason = ""
+        if isinstance(peer, str):
+            reason = peer
+        elif (
+            peer.identity.name != upstream.expected_service
+            or peer.identity.namespace != upstream.expected_namespace
+        ):
+            reason = f"server is {peer.uri}, not {upstream.expected_service}"
+        if reason:
+            transport.abort()
+            log.warning("upstream %s endpoint %s refused: %s", upstream.name, target.key, reason)
+            last_error = f"{target.key}: {reason}"
+            upstream.mark_failed(target, loop.time())
+            exclude.add(idx)
+            continue
+        return transport, protocol, target, idx
+
+
+def intentions_authorizers(
+    snapshot: Callable[[], Snapshot], destination: Identity
+) -> tuple[ConnectionAuthorizer, RequestAuthorizer]:
+    """Authorizers over the engine's current snapshot for one local destination service.
+
+    A request builds the engine's normalized `HTTPRequest` only when the deciding intention
+    has L7 permissions; otherwise the connection-level decision answers.
+    """
+
+    def connection(peer: Peer) -> Verdict:
+        return snapshot().decide_connection(destination, peer.identity)
+
+    def request(
+        peer: Peer, method: str, path: str, host: str, headers: Sequence[tuple[str, str]]
+    ) -> Verdict:
+        policy = snapshot().for_destination(
+            destination.name, destination.namespace, destination.partition
+        )
+        intention = policy.intention_for(peer.identity)
+        if intention is None:
+            return policy.default
+        if intention.permissions is None:
+            return intention.connection
+        merged: dict[str, list[str]] = {}
+        for name, value in headers:
+            merged.setdefault(name, []).append(value)
+        try:
+            req = http_request(method, path, host, merged)
+        except BadRequest as err:
+            return _Refused(f"bad request: {err}")
+        return policy.decide_request(peer.identity, req)
+
+    return connection, request
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    reason: str
+    allowed: bool = False
+
+
+def allow_all() -> tuple[ConnectionAuthorizer, RequestAuthorizer]:
+    """Authorizers that allow everything (benchmarks of the bare data path, tests)."""
+    verdict = _Allowed()
+    return (lambda peer: verdict), (lambda peer, m, p, h, hs: verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Allowed:
+    reason: str = "allowed"
+    allowed: bool = True
