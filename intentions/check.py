@@ -122,8 +122,13 @@ def parse_request(obj: object, where: str = "request") -> CheckRequest:
             partition=_str(raw_source, "partition", f"{where}.source") or DEFAULT,
             peer=_str(raw_source, "peer", f"{where}.source") or "",
         )
-    elif raw_source is not None and not isinstance(raw_source, str):
-        raise CheckInputError(f"{where}.source must be an object {{name, namespace, peer}}")
+    elif isinstance(raw_source, str) and raw_source:
+        namespace, _, name = raw_source.rpartition("/")
+        source = Identity(name=name, namespace=namespace or DEFAULT)
+    elif raw_source is not None:
+        raise CheckInputError(
+            f"{where}.source must be an object {{name, namespace, peer}} or 'namespace/name'"
+        )
     headers: dict[str, str | tuple[str, ...]] = {}
     raw_headers = obj.get("headers") or {}
     if not isinstance(raw_headers, Mapping):

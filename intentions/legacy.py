@@ -8,19 +8,22 @@ per-pair edits the `exact` endpoint makes, so the devstack stores entries only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from intentions.entries import (
     DEFAULT,
     WILDCARD,
+    Permission,
     ServiceIntentions,
     SourceIntention,
+    decode_entry,
     normalize,
     permission_to_json,
     source_key,
 )
+from intentions.errors import EntryDecodeError
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
@@ -149,6 +152,80 @@ def remove_source(entry: ServiceIntentions, source: str) -> ServiceIntentions | 
         s for s in entry.sources if s.peer or (s.namespace or DEFAULT, s.name) != (src_ns, src_name)
     )
     return dataclasses.replace(entry, sources=kept) if kept else None
+
+
+_INTENTION_KEYS = {
+    k.lower(): k
+    for k in (
+        "ID",
+        "Description",
+        "SourcePeer",
+        "SourceSamenessGroup",
+        "SourcePartition",
+        "DestinationPartition",
+        "SourceNS",
+        "SourceName",
+        "DestinationNS",
+        "DestinationName",
+        "SourceType",
+        "Action",
+        "Permissions",
+        "Meta",
+        "Precedence",
+        "CreatedAt",
+        "UpdatedAt",
+        "Hash",
+        "CreateIndex",
+        "ModifyIndex",
+    )
+}
+
+
+def source_from_intention_body(body: object, source: str) -> SourceIntention:
+    """The source a `PUT /v1/connect/intentions/exact?source=...` body describes.
+
+    Names come from the URL, not the body (Consul clears them); `ID` is ignored. Unknown keys
+    raise EntryDecodeError with Consul's `Request decode failed: ...` text (a 400).
+    """
+    if not isinstance(body, Mapping):
+        raise EntryDecodeError("Request decode failed: body must be a JSON object")
+    fields: dict[str, Any] = {}
+    for key, value in body.items():
+        canon = _INTENTION_KEYS.get(str(key).lower())
+        if canon is None:
+            raise EntryDecodeError(f'Request decode failed: json: unknown field "{key}"')
+        fields[canon] = value
+    ns, name = parse_service_ref(source)
+    permissions: tuple[Permission, ...] = ()
+    if fields.get("Permissions"):
+        # Reuse the config-entry decoder so permissions get the same checks and messages.
+        probe = decode_entry(
+            {
+                "Kind": "service-intentions",
+                "Name": "probe",
+                "Sources": [{"Name": name, "Permissions": fields["Permissions"]}],
+            }
+        )
+        permissions = probe.sources[0].permissions
+    action, description, kind = (
+        fields.get("Action") or "",
+        fields.get("Description") or "",
+        fields.get("SourceType") or "",
+    )
+    for label, value in (("Action", action), ("Description", description), ("SourceType", kind)):
+        if not isinstance(value, str):
+            raise EntryDecodeError(
+                f"Request decode failed: json: cannot unmarshal {type(value).__name__} into "
+                f"Go struct field Intention.{label} of type string"
+            )
+    return SourceIntention(
+        name=name,
+        namespace="" if ns == DEFAULT else ns,
+        action=action,
+        permissions=permissions,
+        type=kind,
+        description=description,
+    )
 
 
 def sources_of(intentions: Sequence[LegacyIntention]) -> list[dict[str, Any]]:

@@ -110,6 +110,13 @@ def test_bad_request_lines_name_the_field(obj: dict[str, Any], message: str) -> 
         parse_request(obj)
 
 
+def test_source_shorthand() -> None:
+    assert (
+        parse_request({"source": "dev/web"}).source
+        == parse_request({"source": {"name": "web", "namespace": "dev"}}).source
+    )
+
+
 def test_bad_workload() -> None:
     with pytest.raises(CheckInputError, match=r"workload\.namespace is required"):
         parse_workload({"consul_service": "a"})
@@ -168,3 +175,25 @@ def test_consul_ce_mode_maps_one_istio_namespace() -> None:
     assert checker.identity(req("spiffe://cluster.local/ns/bar/sa/web")) is None
     decision, origin = checker.explain(req(web, "/ok"))
     assert (decision.source, origin) == (("default", "web"), "ALLOW foo/web-only rules[0]")
+
+
+def test_exact_put_body_becomes_a_source() -> None:
+    from intentions.errors import EntryDecodeError
+    from intentions.legacy import source_from_intention_body
+
+    body = {"SourceType": "consul", "Action": "allow", "Description": "allow web to db"}
+    src = source_from_intention_body(body, "web")
+    assert (src.name, src.action, src.description, src.type) == (
+        "web",
+        "allow",
+        "allow web to db",
+        "consul",
+    )
+    l7 = source_from_intention_body(
+        {"Permissions": [{"Action": "deny", "HTTP": {"PathPrefix": "/x"}}]}, "dev/web"
+    )
+    assert (l7.namespace, l7.permissions[0].action) == ("dev", "deny")
+    with pytest.raises(EntryDecodeError, match='unknown field "Foo"'):
+        source_from_intention_body({"Foo": 1}, "web")
+    entry = upsert_source(None, "db", src)
+    assert exact([entry], "web", "db") is not None
