@@ -29,8 +29,9 @@ class Problem:
     kind: ProblemKind = "invalid"
 
     def __str__(self) -> str:
+        # One line per problem: the CLI prints one stderr line each.
         where = f"{self.document}: {self.path}" if self.path else self.document
-        return f"{where}: {self.message}"
+        return f"{where}: {' '.join(self.message.split())}"
 
 
 class IntentionsError(Exception):

@@ -391,7 +391,10 @@ def load_policies(
     try:
         docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
-        raise PolicyError([Problem(origin, "", f"not valid YAML: {exc}")]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError([Problem(origin, "", f"not valid YAML: {what}{where}")]) from None
     flat: list[tuple[str, object]] = []
     for i, doc in enumerate(docs):
         where = f"{origin}#{i}" if len(docs) > 1 else origin

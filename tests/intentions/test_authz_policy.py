@@ -258,9 +258,12 @@ def test_deny_with_only_http_fields_warns_like_istio() -> None:
     assert "will deny all traffic to TCP ports" in warnings[0].message
 
 
-def test_invalid_yaml_is_one_problem() -> None:
-    with pytest.raises(PolicyError, match="not valid YAML"):
+def test_invalid_yaml_is_one_problem_on_one_line() -> None:
+    with pytest.raises(PolicyError) as err:
         load_policies("a: [", origin="bad.yaml")
+    (problem,) = err.value.problems
+    assert str(problem).startswith("bad.yaml: not valid YAML: ")
+    assert "line 1" in str(problem) and "\n" not in str(problem)
 
 
 def test_duplicate_keys_are_refused() -> None:
