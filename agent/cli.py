@@ -10,6 +10,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from agent.cert_cli import add_cert
+
 log = logging.getLogger("meshlet")
 
 
@@ -45,6 +47,8 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="allow script checks registered over the HTTP API",
     )
+    p.add_argument("--vault-addr", metavar="HOST:PORT", default=None, help="also serve Vault PKI")
+    p.add_argument("--vault-token", metavar="TOKEN", default=None, help="Vault root token")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=_run_dev)
 
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_dev(sub)
     _add_demo(sub)
+    add_cert(sub)
     add_agent_command(sub)
     add_status_command(sub)
     return parser
@@ -102,6 +107,8 @@ def _run_dev(args: argparse.Namespace) -> int:
             default_policy=args.acl_default_policy,
             default_intention_policy=args.default_intention_policy,
             enable_script_checks=args.enable_script_checks,
+            vault_addr=args.vault_addr,
+            vault_token=args.vault_token,
         )
     except DevConfigError as err:
         print(f"meshlet dev: {err}", file=sys.stderr)
@@ -126,6 +133,12 @@ def _run_dev(args: argparse.Namespace) -> int:
                 f"ACLs: {'enabled' if config.acl_enabled else 'disabled'}",
                 flush=True,
             )
+            vault = dev.identity.vault
+            if vault is not None:
+                # As `vault server -dev` does: a dev server shows its root token.
+                print(
+                    f"    Vault PKI API at {vault.url}, root token {vault.root_token}", flush=True
+                )
             # Stop on a signal or on PUT /v1/agent/leave, whichever comes first.
             waits = [asyncio.ensure_future(e.wait()) for e in (stop, dev.shutdown_requested)]
             _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
