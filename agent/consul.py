@@ -823,6 +823,30 @@ class StatusAPI(_Group):
         return await self._get("/v1/status/peers", _tuple_of(_str))
 
 
+class ConfigEntriesAPI(_Group):
+    """`/v1/config`: config entries as JSON objects (Consul's field names), with CAS."""
+
+    async def list(
+        self, kind: str, *, index: int = 0, wait: Wait | None = None
+    ) -> Indexed[tuple[Mapping[str, Any], ...]]:
+        """Every entry of `kind`, sorted by name; blocks until one changes."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        return await self._indexed(
+            f"/v1/config/{_segment(kind)}",
+            _tuple_of(lambda v: MappingProxyType(dict(as_object(v, "entry")))),
+            params,
+            blocking,
+            index,
+        )
+
+    async def put(self, entry: Mapping[str, Any], *, cas: int | None = None) -> bool:
+        """Write an entry; with `cas` only if its ModifyIndex is still `cas` (0: create only).
+        False means the CAS check failed and nothing was written."""
+        params = [("cas", str(cas))] if cas is not None else []
+        resp = await self._put("/v1/config", dict(entry), params)
+        return _decode(resp, _bool)
+
+
 class ConsulClient:
     """An async client for one Consul agent, owning one keep-alive HTTP session.
 
@@ -839,6 +863,7 @@ class ConsulClient:
         self.kv = KVAPI(self._http)
         self.status = StatusAPI(self._http)
         self.connect = ConnectAPI(self._http)
+        self.config_entries = ConfigEntriesAPI(self._http)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulClient:

@@ -1,0 +1,349 @@
+"""`meshlet intentions`: Istio AuthorizationPolicy in, Consul service-intentions out.
+
+    translate  print the entries a policy set becomes (JSON or HCL)
+    apply      translate and write them to Consul with CAS, showing a diff first
+    explain    which policy rule (and which intention) decides one request
+    check      evaluate requests (JSON lines on stdin) against policies or Consul entries
+
+Problems are printed one per line on stderr and exit with status 2: nothing is written when
+any policy cannot be translated exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from intentions.check import (
+    CheckInputError,
+    EntryChecker,
+    PolicyChecker,
+    format_decision,
+    parse_destination,
+    parse_request,
+    parse_workload,
+)
+from intentions.entries import KIND, load_entry
+from intentions.errors import EntryError, PolicyError, Problem
+from intentions.policy import AuthorizationPolicy, load_policies
+from intentions.render import entries_hcl, entries_json, plan
+from intentions.translate import ServiceRef, TranslateOptions, Translation, translate
+
+EXIT_PROBLEMS = 2
+
+
+class _Refused(Exception):
+    """Input the command cannot use; each line is printed on stderr."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines = tuple(lines)
+        super().__init__("\n".join(self.lines))
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "intentions",
+        help="translate Istio AuthorizationPolicy to Consul intentions, apply, explain, check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmds = p.add_subparsers(dest="intentions_command", required=True, metavar="COMMAND")
+
+    def policy_args(q: argparse.ArgumentParser, *, required: bool = True) -> None:
+        q.add_argument(
+            "-f",
+            "--file",
+            dest="files",
+            action="append",
+            required=required,
+            default=[],
+            metavar="FILE",
+            help="AuthorizationPolicy YAML (repeatable)",
+        )
+        q.add_argument(
+            "--trust-domain",
+            default="cluster.local",
+            help="Istio trust domain of the principals (default %(default)s)",
+        )
+        q.add_argument(
+            "--root-namespace",
+            default="istio-system",
+            help="Istio root namespace (default %(default)s)",
+        )
+        q.add_argument(
+            "--single-namespace",
+            metavar="NS",
+            default=None,
+            help="Consul CE has one namespace: the Istio namespace it stands for. Without it, "
+            "Istio namespace N is Consul namespace N (Enterprise namespace mirroring)",
+        )
+
+    t = cmds.add_parser("translate", help="print the service-intentions entries")
+    policy_args(t)
+    t.add_argument(
+        "--services",
+        default="",
+        metavar="LIST",
+        help="comma-separated [namespace/]name[:protocol] the policies may select "
+        "(default: the services the selectors name)",
+    )
+    t.add_argument("--format", choices=("json", "hcl"), default="json")
+    t.set_defaults(intentions_run=_translate)
+
+    a = cmds.add_parser("apply", help="translate and write to Consul (CONSUL_HTTP_* env)")
+    policy_args(a)
+    a.add_argument(
+        "--services",
+        default="",
+        metavar="LIST",
+        help="as for translate (default: the services in Consul's catalog)",
+    )
+    a.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    a.set_defaults(intentions_run=_apply)
+
+    e = cmds.add_parser("explain", help="which rule decides one request")
+    policy_args(e)
+    e.add_argument(
+        "--workload",
+        required=True,
+        metavar="JSON",
+        help='{"namespace", "labels", "service_account", "consul_service", "protocol"}',
+    )
+    e.add_argument("--request", metavar="JSON", help="the request (default: one line of stdin)")
+    e.set_defaults(intentions_run=_explain)
+
+    c = cmds.add_parser("check", help="evaluate requests from stdin (JSON lines)")
+    policy_args(c, required=False)
+    c.add_argument("--workload", metavar="JSON", help="with -f: the workload the policies protect")
+    c.add_argument("--entries", metavar="FILE", help="service-intentions entries (a JSON list)")
+    c.add_argument("--destination", metavar="JSON", help='with --entries: {"name", "protocol"}')
+    c.add_argument(
+        "--default-policy",
+        choices=("allow", "deny"),
+        default="deny",
+        help="with --entries: when no intention matches (default %(default)s)",
+    )
+    c.add_argument("--reason", action="store_true", help="append a tab and the reason")
+    c.set_defaults(intentions_run=_check)
+
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, *, stdin: TextIO | None = None) -> int:
+    """Entry point from agent.cli: runs the chosen subcommand, maps refusals to exit 2."""
+    try:
+        return int(args.intentions_run(args, stdin or sys.stdin))
+    except _Refused as err:
+        for line in err.lines:
+            print(line, file=sys.stderr)
+        return EXIT_PROBLEMS
+    except PolicyError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_PROBLEMS
+    except CheckInputError as err:
+        print(err, file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> TranslateOptions:
+    return TranslateOptions(
+        trust_domain=args.trust_domain,
+        root_namespace=args.root_namespace,
+        single_namespace=args.single_namespace,
+    )
+
+
+def _policies(files: Sequence[str]) -> tuple[AuthorizationPolicy, ...]:
+    found: list[AuthorizationPolicy] = []
+    problems: list[Problem] = []
+    for name in files:
+        try:
+            text = Path(name).read_text()
+        except OSError as err:
+            problems.append(Problem(name, "", f"cannot read: {err.strerror}"))
+            continue
+        try:
+            found.extend(load_policies(text, origin=name))
+        except PolicyError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise PolicyError(problems)
+    return tuple(found)
+
+
+def _services(text: str, default_namespace: str) -> list[ServiceRef]:
+    refs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        ref, _, protocol = item.partition(":")
+        namespace, _, name = ref.rpartition("/")
+        if not name:
+            raise _Refused([f"--services: {item!r} is not [namespace/]name[:protocol]"])
+        refs.append(ServiceRef(name, namespace or default_namespace, protocol or "http"))
+    return refs
+
+
+def _selected_services(policies: Iterable[AuthorizationPolicy], namespace: str) -> list[ServiceRef]:
+    """Without --services: the services the policies' `app` selectors name."""
+    names = sorted(
+        {
+            (p.namespace or namespace, app)
+            for p in policies
+            if (app := dict(p.match_labels or ()).get("app"))
+        }
+    )
+    return [ServiceRef(name, ns) for ns, name in names]
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _Refused([f"{what}: not valid JSON: {err}"]) from None
+
+
+def _warn(translation: Translation) -> None:
+    for warning in translation.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _translate(args: argparse.Namespace, stdin: TextIO) -> int:
+    policies = _policies(args.files)
+    services = _services(args.services, args.single_namespace or "default") or _selected_services(
+        policies, args.single_namespace or "default"
+    )
+    translation = translate(policies, services, _options(args))
+    _warn(translation)
+    out = (
+        entries_hcl(translation.entries)
+        if args.format == "hcl"
+        else entries_json(translation.entries)
+    )
+    print(out)
+    return 0
+
+
+def _apply(args: argparse.Namespace, stdin: TextIO) -> int:
+    return asyncio.run(_apply_async(args))
+
+
+async def _apply_async(args: argparse.Namespace) -> int:
+    from agent.consul import ConsulClient
+    from agent.consul_errors import ConsulError
+
+    policies = _policies(args.files)
+    try:
+        async with ConsulClient.from_env() as consul:
+            services = _services(
+                args.services, args.single_namespace or "default"
+            ) or await _catalog_services(consul, args.single_namespace or "default")
+            translation = translate(policies, services, _options(args))
+            _warn(translation)
+            held = await consul.config_entries.list(KIND)
+            current = [load_entry(dict(body)) for body in held.value]
+            changes = plan(current, translation.entries)
+            failed = []
+            for change in changes:
+                if change.action == "unchanged":
+                    print(f"= {change.namespace}/{change.name} unchanged")
+                    continue
+                print(change.diff, end="")
+                if args.dry_run:
+                    continue
+                if not await consul.config_entries.put(change.body, cas=change.cas):
+                    failed.append(f"{change.namespace}/{change.name}")
+                else:
+                    print(
+                        f"{'+' if change.action == 'create' else '~'} "
+                        f"{change.namespace}/{change.name} written"
+                    )
+    except (ConsulError, EntryError) as err:
+        raise _Refused([f"consul: {err}"]) from None
+    if failed:
+        # Entries are written one by one: the ones before a CAS failure stay written.
+        raise _Refused(
+            [
+                f"{name}: changed in Consul since it was read (CAS failed); run apply again"
+                for name in failed
+            ]
+        )
+    return 0
+
+
+async def _catalog_services(consul: Any, namespace: str) -> list[ServiceRef]:
+    """Every service in the catalog, with its protocol from service-defaults/proxy-defaults."""
+    names = (await consul.catalog.services()).value
+    defaults = {
+        e["Name"]: str(e.get("Protocol") or "")
+        for e in (await consul.config_entries.list("service-defaults")).value
+    }
+    proxy = (await consul.config_entries.list("proxy-defaults")).value
+    mesh_default = (
+        str(((proxy[0].get("Config") or {}).get("protocol")) or "tcp") if proxy else "tcp"
+    )
+    return [
+        ServiceRef(name, namespace, defaults.get(name) or mesh_default)
+        for name in sorted(names)
+        if name != "consul"
+    ]
+
+
+def _explain(args: argparse.Namespace, stdin: TextIO) -> int:
+    checker = PolicyChecker.build(
+        _policies(args.files),
+        parse_workload(_json_arg(args.workload, "--workload")),
+        _options(args),
+    )
+    line = args.request if args.request is not None else stdin.readline()
+    decision, rule = checker.explain(parse_request(_json_arg(line, "request")))
+    print(f"{decision.action}\t{decision.reason}")
+    if decision.intention:
+        print(f"intention: {decision.intention}")
+    print(f"rule: {rule}")
+    return 0
+
+
+def _check(args: argparse.Namespace, stdin: TextIO) -> int:
+    checker: PolicyChecker | EntryChecker
+    if args.files:
+        if args.workload is None:
+            raise _Refused(["check -f needs --workload"])
+        checker = PolicyChecker.build(
+            _policies(args.files),
+            parse_workload(_json_arg(args.workload, "--workload")),
+            _options(args),
+        )
+    elif args.entries:
+        if args.destination is None:
+            raise _Refused(["check --entries needs --destination"])
+        try:
+            bodies = json.loads(Path(args.entries).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise _Refused([f"{args.entries}: {err}"]) from None
+        if not isinstance(bodies, list):
+            raise _Refused([f"{args.entries}: expected a JSON list of entries"])
+        destination, protocol = parse_destination(_json_arg(args.destination, "--destination"))
+        checker = EntryChecker.build(
+            bodies, destination, protocol, default_allow=args.default_policy == "allow"
+        )
+    else:
+        raise _Refused(
+            ["check needs -f FILE --workload JSON, or --entries FILE --destination JSON"]
+        )
+    for n, line in enumerate(stdin, start=1):
+        if not line.strip():
+            continue
+        request = parse_request(_json_arg(line, f"stdin line {n}"), f"line {n}")
+        print(format_decision(checker.check(request), with_reason=args.reason), flush=True)
+    return 0
