@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat clean
+.PHONY: install test lint typecheck pytest demo dev compat bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/meshlet dev
+
+# The agent at scale: 1,000 upstreams x 10 instances plus one of 10,000; figures printed.
+bench: $(STAMP)
+	$(BIN)/python bench/agent_scale.py
 
 # py-consul's own test suite against `meshlet dev` (see compat/README.md).
 compat: $(STAMP)

@@ -1,0 +1,253 @@
+"""Scale benchmark of the node agent: many upstreams, one huge upstream.
+
+    .venv/bin/python bench/agent_scale.py [--upstreams 1000] [--instances 10] [--big 10000]
+
+1. Starts `meshlet dev` and registers `--upstreams` services with `--instances` proxies each,
+   plus one service with `--big` proxies (catalog registrations on many nodes).
+2. Starts `meshlet agent` with every one of them as an upstream, waits for /ready, and
+   reads the agent's RSS from /proc.
+3. Moves instances (a port change is a changed endpoint) in small upstreams and in the big
+   one, and reads the agent's own apply times (build snapshot + diff + publish) from
+   /v1/status.
+4. Measures in-process the whole cost of one update as the agent pays it, JSON decode included,
+   for a 10-instance and a 10,000-instance answer.
+
+Goals from issue 4: under 1 ms per applied update, under 100 MB RSS. Figures are printed,
+not asserted. Every wait has a deadline; everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from agent.catalog import WatchKey, build_snapshot, diff
+from agent.consul import ConsulClient
+from agent.consul_config import ConsulConfig
+from agent.consul_results import ServiceEntry
+from agent.watch import Latest
+
+MESHLET = shutil.which("meshlet", path=str(Path(sys.executable).parent)) or "meshlet"
+DEADLINE = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def reg(service: str, i: int, port: int) -> dict[str, Any]:
+    node = f"node-{i % 500}"
+    return {
+        "Node": node,
+        "Address": f"10.{(i // 250) % 250}.{i % 250}.1",
+        "Service": {
+            "ID": f"{service}-{i}-sidecar-proxy",
+            "Service": f"{service}-sidecar-proxy",
+            "Kind": "connect-proxy",
+            "Port": port,
+            "Proxy": {"DestinationServiceName": service, "LocalServicePort": 8080},
+        },
+    }
+
+
+async def populate(consul: ConsulClient, regs: list[dict[str, Any]]) -> None:
+    gate = asyncio.Semaphore(64)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with gate:
+            await consul.catalog.register(body)
+
+    await asyncio.gather(*(one(r) for r in regs))
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_until(pred: Any, what: str, deadline: float) -> None:
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: gave up waiting for {what}")
+        time.sleep(0.1)  # polling a separate process's admin API; this is a benchmark
+
+
+def in_process_apply(n: int, rounds: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of decode + snapshot + diff + publish for an n-instance answer."""
+    raw = [
+        {
+            "Node": {
+                "Node": f"node-{i % 500}",
+                "Address": f"10.0.{i % 250}.1",
+                "Datacenter": "dc1",
+            },
+            "Service": {
+                "ID": f"big-{i}-sidecar-proxy",
+                "Service": "big-sidecar-proxy",
+                "Kind": "connect-proxy",
+                "Port": 21000,
+                "Address": "",
+                "Proxy": {"DestinationServiceName": "big"},
+                "Weights": {"Passing": 1, "Warning": 1},
+            },
+            "Checks": [{"CheckID": "serfHealth", "Status": "passing"}],
+        }
+        for i in range(n)
+    ]
+    key = WatchKey("big")
+    latest: Latest[Any] = Latest(None)
+    old = build_snapshot(key, [ServiceEntry.from_json(e) for e in raw], 1, 0.0)
+    times = []
+    for r in range(rounds):
+        raw[r % n]["Service"]["Port"] = 22000 + r
+        body = json.dumps(raw).encode()
+        started = time.perf_counter()
+        entries = [ServiceEntry.from_json(e) for e in json.loads(body)]
+        new = build_snapshot(key, entries, r + 2, 0.0)
+        if diff(old, new):
+            latest.publish(new)
+        times.append(time.perf_counter() - started)
+        old = new
+    times.sort()
+    return statistics.median(times) * 1000, times[int(0.99 * (len(times) - 1))] * 1000
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + DEADLINE
+    port, admin_port = free_port(), free_port()
+    consul_addr = f"127.0.0.1:{port}"
+    # A benchmark driver: starting the processes blocks the loop for a moment, nothing else runs.
+    dev = subprocess.Popen(  # noqa: ASYNC220
+        [MESHLET, "dev", "--http-addr", consul_addr, "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    agent: subprocess.Popen[str] | None = None
+    tmp = Path(tempfile.mkdtemp(prefix="meshlet-bench-"))
+    try:
+        assert dev.stdout is not None
+        dev.stdout.readline()
+        names = [f"svc{i:04d}" for i in range(args.upstreams)]
+        regs = [
+            reg(n, i * args.instances + k, 21000)
+            for i, n in enumerate(names)
+            for k in range(args.instances)
+        ]
+        regs += [reg("big", i, 21000) for i in range(args.big)]
+        started = time.monotonic()
+        async with ConsulClient(ConsulConfig(address=consul_addr, timeout=30)) as consul:
+            await populate(consul, regs)
+            print(f"registered {len(regs)} instances in {time.monotonic() - started:.1f}s")
+
+            ups = [*names, "big"]
+            lines = [f"  - {{name: {n}, local_bind_port: {20000 + i}}}" for i, n in enumerate(ups)]
+            cfg = tmp / "agent.yaml"
+            cfg.write_text(
+                f"consul: {{address: '{consul_addr}'}}\n"
+                "service: {name: bench, port: 8080}\n"
+                "sidecar:\n  port: 19999\n  upstreams:\n" + "\n".join(lines) + "\n"
+                f"admin: {{address: '127.0.0.1:{admin_port}'}}\n"
+                "log_level: warning\n"
+                "shutdown: {drain_period: 0s}\n"
+            )
+            admin = f"http://127.0.0.1:{admin_port}"
+            started = time.monotonic()
+            agent = subprocess.Popen(  # noqa: ASYNC220
+                [MESHLET, "agent", "-c", str(cfg)],
+                env={**os.environ, "PYTHONSAFEPATH": "1"},
+            )
+
+            def ready() -> bool:
+                try:
+                    return bool(get_json(f"{admin}/ready")["ready"])
+                except OSError:
+                    return False
+
+            wait_until(ready, "the agent to be ready", deadline)
+            print(
+                f"agent ready with {len(ups)} upstreams ({len(regs)} endpoints) "
+                f"in {time.monotonic() - started:.1f}s; RSS {rss_mb(agent.pid):.1f} MB"
+            )
+
+            def applied() -> int:
+                return int(get_json(f"{admin}/v1/status?upstream=-")["apply"]["count"])
+
+            rng = random.Random(4)
+            for label, targets, count in (
+                (f"{args.instances}-instance upstreams", names, args.updates),
+                (f"the {args.big}-instance upstream", ["big"], args.big_updates),
+            ):
+                before = applied()
+                for u in range(count):
+                    name = rng.choice(targets)
+                    width = args.big if name == "big" else args.instances
+                    base = 0 if name == "big" else names.index(name) * args.instances
+                    i = base + rng.randrange(width)
+                    await consul.catalog.register(reg(name, i, 22000 + u))
+                    # Let each update land separately so every one is applied on its own.
+                    target = before + u + 1
+                    wait_until(lambda t=target: applied() >= t, "an update to apply", deadline)
+                summary = get_json(f"{admin}/v1/status?upstream=-")["apply"]
+                print(
+                    f"{count} updates to {label}: agent apply p50 {summary['p50_ms']:.3f} ms, "
+                    f"p99 {summary['p99_ms']:.3f} ms (last {min(summary['count'], 4096)} applies, "
+                    f"all kinds); RSS {rss_mb(agent.pid):.1f} MB"
+                )
+        for n in (args.instances, args.big):
+            p50, p99 = in_process_apply(n, 200 if n <= 1000 else 30)
+            print(
+                f"in-process, one update of a {n}-instance answer incl. JSON decode: "
+                f"p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+            )
+        print("goals: < 1 ms per applied update, < 100 MB agent RSS")
+        return 0
+    finally:
+        for proc in (agent, dev):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--upstreams", type=int, default=1000)
+    parser.add_argument("--instances", type=int, default=10)
+    parser.add_argument("--big", type=int, default=10000)
+    parser.add_argument("--updates", type=int, default=200)
+    parser.add_argument("--big-updates", type=int, default=20)
+    args = parser.parse_args()
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
