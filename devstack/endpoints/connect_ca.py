@@ -10,10 +10,11 @@ import asyncio
 from typing import Any
 from urllib.parse import unquote
 
-from connect.identity import IdentityError, ServiceIdentity, parse
+from connect.identity import DEFAULT_PARTITION, IdentityError, ServiceIdentity, parse
 from devstack import decode as schema
 from devstack.connect_ca import CAConfigError, ConnectCA, IssuedLeaf, utcnow
 from devstack.httpapi import Call, Reply, Router, RPCError, bad_request
+from intentions.engine import Identity
 
 PEM_CHAIN = "application/pem-certificate-chain"
 
@@ -172,11 +173,12 @@ async def authorize(call: Call) -> Reply:
 
 
 def _decide(call: Call, source: ServiceIdentity, target: str) -> tuple[bool, str]:
-    """No intention store yet: every pair falls through to Consul's defaults
-    (consul:agent/connect_auth.go): the agent's default intention policy when set, else the ACL
-    default, which allows everything while ACLs are off."""
-    cfg = call.server.config
-    if cfg.default_intention_policy is not None:
-        return cfg.default_intention_policy == "allow", "Default intention policy"
-    allowed = not cfg.acl_enabled or cfg.default_policy == "allow"
-    return allowed, "Default behavior configured by ACLs"
+    """consul:agent/connect_auth.go: partitions must match, then the first intention by
+    precedence decides (an L7 intention answers this L4 question with deny), then the
+    default; the trust domain is not checked here (the TLS handshake did that)."""
+    if source.partition != DEFAULT_PARTITION:
+        return False, f"Mismatched partitions: {source.partition} != {DEFAULT_PARTITION}"
+    decision = call.server.intentions.snapshot().decide_connection(
+        Identity(target), Identity(source.service, namespace=source.namespace)
+    )
+    return decision.allowed, decision.reason

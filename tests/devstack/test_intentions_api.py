@@ -123,3 +123,23 @@ async def test_default_intention_policy_decides_unmatched(http: Http) -> None:
         "/v1/connect/intentions/check", params={"source": "web", "destination": "db"}
     )
     assert result == {"Allowed": False}
+
+
+async def test_agent_authorize_uses_the_same_engine(http: Http) -> None:
+    await http.put(
+        "/v1/connect/intentions/exact",
+        params={"source": "web", "destination": "db"},
+        json={"Action": "deny"},
+    )
+    _, roots, _ = await http.get("/v1/connect/ca/roots")
+    uri = f"spiffe://{roots['TrustDomain']}/ns/default/dc/dc1/svc/web"
+    status, body, _ = await http.call(
+        "POST", "/v1/agent/connect/authorize", json={"Target": "db", "ClientCertURI": uri}
+    )
+    assert status == 200
+    assert body == {"Authorized": False, "Reason": "Matched L4 intention: web => db (deny)"}
+    other = uri.replace("/svc/web", "/svc/api")
+    _, body, _ = await http.call(
+        "POST", "/v1/agent/connect/authorize", json={"Target": "db", "ClientCertURI": other}
+    )
+    assert body == {"Authorized": True, "Reason": "Default behavior configured by ACLs"}
