@@ -42,6 +42,7 @@ __all__ = [
     "RequestAuthorizer",
     "Upstream",
     "Verdict",
+    "dial_target",
     "dial_upstream",
     "intentions_authorizers",
 ]
@@ -75,8 +76,9 @@ class Verdict(Protocol):
 
 
 ConnectionAuthorizer = Callable[[Peer], Verdict]
-RequestAuthorizer = Callable[[Peer, str, str, str, Sequence[tuple[str, str]]], Verdict]
-"""(peer, method, raw path, host, headers as (lower-case name, value)) -> verdict."""
+RequestAuthorizer = Callable[[Peer, bytes, bytes, bytes, Sequence[tuple[bytes, bytes]]], Verdict]
+"""(peer, method, request target, host, headers as parsed) -> verdict. Bytes as the parser
+hands them over: an authorizer that needs only the peer decodes nothing."""
 
 
 class PeerCache:
@@ -197,18 +199,52 @@ class DialFailed(Exception):
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
+async def dial_target(
+    upstream: Upstream, target: Target, protocol_factory: Callable[[], P]
+) -> tuple[asyncio.Transport, P]:
+    """Connect to one endpoint with mTLS and check that the server is the expected service.
+
+    Raises DialFailed (refused, reset, timeout, TLS failure, wrong identity): all before any
+    byte of a request was sent, so the caller may try another endpoint.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                protocol_factory,
+                target.host,
+                target.port,
+                ssl=upstream.client_ssl(),
+                server_hostname=upstream.sni or "",
+            ),
+            upstream.connect_timeout,
+        )
+    except (OSError, TimeoutError) as err:  # ssl.SSLError is an OSError
+        raise DialFailed(f"connect to {target.key} failed: {type(err).__name__}") from None
+    peer = upstream.verify_peer.peer_of(transport.get_extra_info("ssl_object"))
+    reason = ""
+    if isinstance(peer, str):
+        reason = peer
+    elif (
+        peer.identity.name != upstream.expected_service
+        or peer.identity.namespace != upstream.expected_namespace
+    ):
+        reason = f"server is {peer.uri}, not {upstream.expected_service}"
+    if reason:
+        transport.abort()
+        log.warning("upstream %s endpoint %s refused: %s", upstream.name, target.key, reason)
+        raise DialFailed(f"{target.key}: {reason}")
+    return transport, protocol
+
+
 async def dial_upstream(
     upstream: Upstream,
     protocol_factory: Callable[[], P],
     request_hash: int | None = None,
 ) -> tuple[asyncio.Transport, P, Target, int]:
-    """Pick an endpoint, connect with mTLS and check the server is the expected service.
-
-    Connect failures (refused, reset, timeout, TLS failure, wrong identity) happen before any
-    byte of the request was sent, so the next endpoint is tried; each failed endpoint is
-    marked for `eject_for` seconds. Returns the transport, protocol, target and the target's
-    index in the balancer (for in-flight accounting in `Cursor.inflight`).
-    """
+    """Pick an endpoint and `dial_target` it; on failure mark it (skipped for `eject_for`)
+    and try the next. Returns the transport, protocol, target and the target's index in the
+    balancer (for in-flight accounting in `Cursor.inflight`)."""
     loop = asyncio.get_running_loop()
     balancer = upstream.endpoints.balancer()
     cursor = upstream.cursor_for(balancer)
@@ -216,43 +252,16 @@ async def dial_upstream(
     if len(exclude) == len(balancer.targets):
         # Every endpoint is marked: trying one beats a certain 503.
         exclude = set()
-    tried = 0
     last_error = "no healthy endpoint"
     while True:
         idx = balancer.pick(cursor, upstream.rng, request_hash, exclude)
         if idx is None:
-            raise DialFailed(last_error if tried else "no healthy endpoint")
+            raise DialFailed(last_error)
         target = balancer.targets[idx]
-        tried += 1
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    protocol_factory,
-                    target.host,
-                    target.port,
-                    ssl=upstream.client_ssl(),
-                    server_hostname=upstream.sni or "",
-                ),
-                upstream.connect_timeout,
-            )
-        except (OSError, TimeoutError, ssl.SSLError) as err:
-            last_error = f"connect to {target.key} failed: {type(err).__name__}"
-            upstream.mark_failed(target, loop.time())
-            exclude.add(idx)
-            continue
-        peer = upstream.verify_peer.peer_of(transport.get_extra_info("ssl_object"))
-        reason = ""
-        if isinstance(peer, str):
-            reason = peer
-        elif (
-            peer.identity.name != upstream.expected_service
-            or peer.identity.namespace != upstream.expected_namespace
-        ):
-            reason = f"server is {peer.uri}, not {upstream.expected_service}"
-        if reason:
-            transport.abort()
-            log.warning("upstream %s endpoint %s refused: %s", upstream.name, target.key, reason)
-            last_error = f"{target.key}: {reason}"
+            transport, protocol = await dial_target(upstream, target, protocol_factory)
+        except DialFailed as err:
+            last_error = str(err)
             upstream.mark_failed(target, loop.time())
             exclude.add(idx)
             continue
@@ -272,7 +281,11 @@ def intentions_authorizers(
         return snapshot().decide_connection(destination, peer.identity)
 
     def request(
-        peer: Peer, method: str, path: str, host: str, headers: Sequence[tuple[str, str]]
+        peer: Peer,
+        method: bytes,
+        path: bytes,
+        host: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
     ) -> Verdict:
         policy = snapshot().for_destination(
             destination.name, destination.namespace, destination.partition
@@ -284,9 +297,11 @@ def intentions_authorizers(
             return intention.connection
         merged: dict[str, list[str]] = {}
         for name, value in headers:
-            merged.setdefault(name, []).append(value)
+            merged.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
         try:
-            req = http_request(method, path, host, merged)
+            req = http_request(
+                method.decode("latin-1"), path.decode("latin-1"), host.decode("latin-1"), merged
+            )
         except BadRequest as err:
             return _Refused(f"bad request: {err}")
         return policy.decide_request(peer.identity, req)

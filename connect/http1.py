@@ -1,0 +1,1088 @@
+"""The HTTP/1.1 sidecar path: httptools (llhttp) framing, keep-alive both sides, streamed
+bodies, per-request authorization, pooled upstream connections.
+
+One `_Downstream` protocol per client connection parses requests; an `_Exchange` is one
+request/response; an `_UpConn` protocol per upstream connection parses responses and lives
+in a per-endpoint pool between exchanges. Bytes are written to the other side as they are
+parsed, never gathered into whole bodies; each side's `pause_writing` pauses reading on the
+other, so a connection holds at most about a high-water mark per direction.
+
+An `_Origin` says where requests go: `AppOrigin` (inbound: the local app, plain TCP) or
+`MeshOrigin` (outbound: a balanced, mTLS-dialed, identity-checked upstream sidecar). The
+listeners (`InboundHTTP`, `OutboundHTTP`) add what differs: the inbound side authorizes each
+request against the peer's identity and writes X-Forwarded-Client-Cert; the outbound side
+removes any X-Forwarded-Client-Cert the app sent.
+
+Pipelined requests are answered in order: a request that begins while another is in flight
+pauses reading and waits (with at most the rest of one read buffered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+from connect.balancer import request_hash
+from connect.http1_headers import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    FORBIDDEN_CLOSE,
+    GATEWAY_TIMEOUT,
+    HEADERS_TOO_LARGE,
+    REQUEST_ID,
+    REQUEST_TIMEOUT,
+    XFCC,
+    Framing,
+    bad_gateway,
+    forwardable,
+    new_request_id,
+    request_line,
+    scan,
+    unavailable,
+    xfcc_element,
+)
+from connect.inbound import InboundGate, Parked
+from connect.proxy import (
+    DialFailed,
+    Peer,
+    ProxyStats,
+    RequestAuthorizer,
+    Upstream,
+    dial_target,
+)
+
+log = logging.getLogger("meshlet.proxy.http")
+
+__all__ = ["AppOrigin", "HTTPLimits", "InboundHTTP", "MeshOrigin", "OutboundHTTP"]
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_STATUS_LINES = {
+    int(s): b"HTTP/1.1 " + str(int(s)).encode() + b" " + s.phrase.encode() + b"\r\n"
+    for s in HTTPStatus
+}
+_CRLF = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_CLOSE = b"connection: close\r\n"
+_UPGRADE = b"connection: upgrade\r\nupgrade: "
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPLimits:
+    max_header_bytes: int = 64 * 1024
+    """Request line plus headers; beyond it, 431."""
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    """A request head must arrive within one to two of these (slowloris)."""
+    idle_timeout: float = 300.0
+    """Keep-alive idle, and a stalled body or response."""
+    high_water: int = 256 * 1024
+    max_idle_per_endpoint: int = 64
+    connect_timeout: float = 5.0
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 " + str(status).encode() + b" Unknown\r\n"
+
+
+class _HeaderLimit(Exception):
+    pass
+
+
+# ---- exchanges -------------------------------------------------------------------------------
+
+
+class _Exchange:
+    __slots__ = (
+        "body_done",
+        "conn",
+        "denied",
+        "expect",
+        "framing",
+        "head",
+        "headers",
+        "idempotent",
+        "is_head",
+        "keep_alive",
+        "method",
+        "pending",
+        "resp_chunked",
+        "resp_started",
+        "resp_until_close",
+        "retried",
+        "tunnel_pending",
+        "upgrade",
+    )
+
+    def __init__(self, method: bytes, head: bytes, framing: Framing, keep_alive: bool) -> None:
+        self.method = method
+        self.head = head
+        self.framing = framing
+        self.keep_alive = keep_alive
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body_done = False
+        self.conn: _UpConn | None = None
+        self.denied = False
+        self.expect = False
+        self.idempotent = method in IDEMPOTENT
+        self.is_head = method == b"HEAD"
+        self.pending: list[bytes] = []
+        self.resp_chunked = False
+        self.resp_started = False
+        self.resp_until_close = False
+        self.retried = False
+        self.tunnel_pending = b""
+        self.upgrade = b""
+
+    @property
+    def has_body(self) -> bool:
+        return self.framing.chunked or bool(self.framing.length)
+
+
+# ---- upstream connections ----------------------------------------------------------------
+
+
+class _UpConn(asyncio.Protocol):
+    """One upstream connection; `owner` is the downstream it currently serves."""
+
+    __slots__ = (
+        "headers",
+        "interim",
+        "key",
+        "owner",
+        "parser",
+        "pool",
+        "skip_body",
+        "slot",
+        "transport",
+        "tunnel",
+        "upgrading",
+    )
+
+    def __init__(self, pool: _Pool, key: str, slot: int) -> None:
+        self.pool = pool
+        self.key = key
+        self.slot = slot
+        self.transport: asyncio.Transport | None = None
+        self.owner: _Downstream | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.interim = False
+        self.skip_body = False
+        self.tunnel = False
+        self.upgrading = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.pool.high_water)
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            # An idle pooled connection must say nothing; if it does, it is not reusable.
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        owner.active = True
+        if self.tunnel:
+            assert owner.transport is not None
+            owner.transport.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            owner.tunnel_open(self, data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserError as err:
+            owner.upstream_broken(self, f"bad response: {err}")
+            return
+        if self.skip_body:
+            # llhttp cannot be told a response answers HEAD; its parser now expects a body
+            # that will never come, so take a fresh one for the next exchange.
+            self.skip_body = False
+            self.parser = httptools.HttpResponseParser(self)
+            owner.response_done(self, reusable=True)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        owner = self.owner
+        assert owner is not None
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
+            owner.interim_response(status, self.headers)
+            return
+        self.upgrading = status == 101
+        owner.response_head(status, self.headers)
+        if owner.current_is_head() and status not in (204, 304):
+            self.skip_body = True
+
+    def on_body(self, body: bytes) -> None:
+        owner = self.owner
+        if owner is not None and not self.skip_body:
+            owner.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.skip_body or self.upgrading:
+            return  # HEAD: finished after feed_data; 101: HttpParserUpgrade follows
+        owner = self.owner
+        if owner is not None:
+            owner.response_done(self, reusable=self.parser.should_keep_alive())
+
+    def pause_writing(self) -> None:
+        owner = self.owner
+        if owner is not None and owner.transport is not None:
+            owner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        owner = self.owner
+        if owner is not None and owner.transport is not None:
+            owner.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.pool.forget(self)
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_lost(self)
+
+
+class _Pool:
+    """Idle keep-alive connections per endpoint key, newest first (warm TLS sessions)."""
+
+    def __init__(self, high_water: int, max_idle: int) -> None:
+        self.high_water = high_water
+        self.max_idle = max_idle
+        self.idle: dict[str, list[_UpConn]] = {}
+
+    def take(self, key: str) -> _UpConn | None:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def put(self, conn: _UpConn) -> None:
+        conn.owner = None
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        conns = self.idle.setdefault(conn.key, [])
+        if len(conns) >= self.max_idle:
+            transport.close()
+            return
+        conns.append(conn)
+
+    def forget(self, conn: _UpConn) -> None:
+        conns = self.idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def close(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                if conn.transport is not None:
+                    conn.transport.close()
+        self.idle.clear()
+
+
+class _Origin:
+    """Where requests go. `acquire` answers at once from the pool, or starts a dial and
+    later calls `down.attach(conn)` or `down.refuse(response)`."""
+
+    def __init__(self, limits: HTTPLimits) -> None:
+        self.limits = limits
+        self.pool = _Pool(limits.high_water, limits.max_idle_per_endpoint)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
+        raise NotImplementedError
+
+    def release(self, conn: _UpConn, reusable: bool) -> None:
+        if reusable:
+            self.pool.put(conn)
+        else:
+            conn.owner = None
+            if conn.transport is not None:
+                conn.transport.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+        self.pool.close()
+
+
+class AppOrigin(_Origin):
+    """The local application, over plain TCP on loopback (inbound side)."""
+
+    def __init__(self, host: str, port: int, limits: HTTPLimits) -> None:
+        super().__init__(limits)
+        self.host = host
+        self.port = port
+        self.key = f"{host}:{port}"
+
+    def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
+        conn = self.pool.take(self.key)
+        if conn is not None:
+            return conn
+        self._spawn(self._dial(down, ex))
+        return None
+
+    async def _dial(self, down: _Downstream, ex: _Exchange) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _UpConn(self.pool, self.key, -1), self.host, self.port
+                ),
+                self.limits.connect_timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            down.refuse(ex, bad_gateway(f"local app: {type(err).__name__}", close=True))
+            return
+        down.attach(ex, conn)
+
+
+class MeshOrigin(_Origin):
+    """A balanced upstream service, dialed with mTLS per endpoint (outbound side)."""
+
+    def __init__(self, upstream: Upstream, limits: HTTPLimits, stats: ProxyStats) -> None:
+        super().__init__(limits)
+        self.upstream = upstream
+        self.stats = stats
+
+    def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
+        up = self.upstream
+        balancer = up.endpoints.balancer()
+        cursor = up.cursor_for(balancer)
+        loop = asyncio.get_running_loop()
+        exclude = up.ejected_indexes(balancer, loop.time())
+        if avoid is not None:
+            exclude |= {i for i, t in enumerate(balancer.targets) if t.key == avoid}
+        if exclude and len(exclude) >= len(balancer.targets) and avoid is None:
+            exclude = set()
+        h = None
+        if balancer.uses_hash and balancer.config.hash_policies:
+            h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
+        idx = balancer.pick(cursor, up.rng, h, exclude)
+        if idx is None and avoid is not None:
+            idx = balancer.pick(cursor, up.rng, h)  # the only endpoint: a new connection
+        if idx is None:
+            self.stats.no_endpoint += 1
+            down.refuse(ex, unavailable("no healthy endpoint", close=False))
+            return None
+        target = balancer.targets[idx]
+        conn = self.pool.take(target.key)
+        if conn is not None:
+            cursor.inflight[idx] += 1
+            conn.slot = idx
+            return conn
+        self._spawn(self._dial(down, ex, idx, exclude, h))
+        return None
+
+    async def _dial(
+        self, down: _Downstream, ex: _Exchange, idx: int, exclude: set[int], h: int | None
+    ) -> None:
+        up = self.upstream
+        balancer = up.endpoints.balancer()
+        cursor = up.cursor_for(balancer)
+        loop = asyncio.get_running_loop()
+        reason = "no healthy endpoint"
+        current: int | None = idx
+        while current is not None:
+            target = balancer.targets[current]
+            slot = current
+            try:
+                _, conn = await dial_target(up, target, self._factory(target.key, slot))
+            except DialFailed as err:
+                reason = str(err)
+                self.stats.upstream_failures += 1
+                up.mark_failed(target, loop.time())
+                exclude.add(current)
+                current = balancer.pick(cursor, up.rng, h, exclude)
+                continue
+            if balancer is up.endpoints.balancer():
+                cursor.inflight[current] += 1
+            down.attach(ex, conn)
+            return
+        self.stats.no_endpoint += 1
+        down.refuse(ex, unavailable(reason, close=False))
+
+    def _factory(self, key: str, slot: int) -> Callable[[], _UpConn]:
+        return lambda: _UpConn(self.pool, key, slot)
+
+    def release(self, conn: _UpConn, reusable: bool) -> None:
+        up = self.upstream
+        cursor = up._cursor
+        if 0 <= conn.slot < len(cursor.inflight) and cursor.inflight[conn.slot] > 0:
+            cursor.inflight[conn.slot] -= 1
+        super().release(conn, reusable)
+
+
+class _HeaderLookup:
+    """Lower-case header lookup for hash policies, decoded only when a policy asks."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+
+    def __call__(self, name: str) -> str | None:
+        wanted = name.encode()
+        values = [v.decode("latin-1") for n, v in self.headers if n.lower() == wanted]
+        return ",".join(values) if values else None
+
+
+# ---- downstream connections --------------------------------------------------------------
+
+
+_IDLE, _HEAD, _BUSY = 0, 1, 2
+"""Only _HEAD matters to the header timeout; the others are for reading the code."""
+
+
+class _Downstream(asyncio.Protocol):
+    __slots__ = (
+        "active",
+        "eof",
+        "head_bytes",
+        "head_size",
+        "headers",
+        "listener",
+        "parser",
+        "parsing",
+        "peer",
+        "queue",
+        "read_paused",
+        "serial",
+        "state",
+        "ticks",
+        "timer",
+        "too_large",
+        "transport",
+        "tunnel",
+        "url",
+        "watched",
+    )
+
+    def __init__(self, listener: _HTTPListener, peer: Peer | None) -> None:
+        self.listener = listener
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.head_size = 0
+        self.too_large = False
+        self.queue: deque[_Exchange] = deque()
+        self.parsing: _Exchange | None = None
+        self.state = _IDLE
+        self.serial = 0
+        self.watched = -1
+        self.active = False
+        self.ticks = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.read_paused = False
+        self.tunnel: _UpConn | None = None
+        self.eof = False
+
+    # -- transport callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.listener.limits.high_water)
+        self.listener.connections.add(self)
+        self.timer = asyncio.get_running_loop().call_later(
+            self.listener.limits.header_timeout, self._tick
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if tunnel.transport is not None:
+                tunnel.transport.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError:
+            self._fail(HEADERS_TOO_LARGE if self.too_large else BAD_REQUEST)
+            return
+        except httptools.HttpParserError:
+            self._fail(BAD_REQUEST)
+            return
+        if self.state == _HEAD:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.listener.limits.max_header_bytes:
+                self._fail(HEADERS_TOO_LARGE)
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets the answer.
+        self.eof = True
+        return bool(self.queue) and not self.listener.is_tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.listener.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        for ex in self.queue:
+            conn = ex.conn
+            if conn is not None:
+                ex.conn = None
+                conn.owner = None
+                self.listener.origin.release(conn, reusable=False)
+        self.queue.clear()
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.transport is not None:
+            tunnel.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.queue:
+            conn = self.queue[0].conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.pause_reading()
+        elif self.tunnel is not None and self.tunnel.transport is not None:
+            self.tunnel.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.queue:
+            conn = self.queue[0].conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.resume_reading()
+        elif self.tunnel is not None and self.tunnel.transport is not None:
+            self.tunnel.transport.resume_reading()
+
+    # -- request parsing callbacks
+    def on_message_begin(self) -> None:
+        self.state = _HEAD
+        self.serial += 1
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        self.head_size = 0
+        if self.queue and not self.read_paused and self.transport is not None:
+            # Pipelining: hold the next request until this one is answered.
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        limits = self.listener.limits
+        if len(headers) > limits.max_headers or self.head_size > limits.max_header_bytes:
+            self.too_large = True  # the callback error is then a 431, not a 400
+            raise _HeaderLimit
+
+    def on_headers_complete(self) -> None:
+        listener = self.listener
+        parser = self.parser
+        method = parser.get_method()
+        headers = self.headers
+        facts = scan(headers)
+        keep_alive = parser.should_keep_alive()
+        if not facts.host and parser.get_http_version() == "1.1":
+            raise _BadHead  # RFC 9112 §3.2: a 1.1 request without Host is a 400
+        lines = [request_line(method, self.url)]
+        lines += forwardable(headers, facts.connection_tokens, listener.drop)
+        if not facts.has_request_id:
+            lines.append(REQUEST_ID + b": " + new_request_id() + _CRLF)
+        if listener.by_uri and self.peer is not None:
+            element = xfcc_element(listener.by_uri, self.peer.cert_sha256, self.peer.uri)
+            lines.append(XFCC + b": " + element + _CRLF)
+        framing = facts.framing
+        if framing.chunked:
+            lines.append(_CHUNKED)
+        elif framing.length is not None:
+            lines.append(b"content-length: " + str(framing.length).encode() + _CRLF)
+        upgrade = facts.upgrade if parser.should_upgrade() else b""
+        if upgrade:
+            lines.append(_UPGRADE + upgrade + _CRLF)
+        lines.append(_CRLF)
+        ex = _Exchange(method, b"".join(lines), framing, keep_alive and not upgrade)
+        ex.headers = headers
+        ex.expect = facts.expect_continue
+        ex.upgrade = upgrade
+        self.state = _BUSY
+        self.head_bytes = 0
+        listener.stats.requests += 1
+        authorize = listener.authorize
+        if authorize is not None and self.peer is not None:
+            verdict = authorize(self.peer, method, self.url, facts.host, headers)
+            if not verdict.allowed:
+                ex.denied = True
+                listener.stats.requests_denied += 1
+        self.parsing = ex
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            self._start(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is None or ex.denied:
+            return
+        conn = ex.conn
+        if conn is None or conn.transport is None:
+            ex.pending.append(body)
+            if not self.read_paused and self.transport is not None:
+                self.read_paused = True
+                self.transport.pause_reading()
+            return
+        if ex.framing.chunked:
+            conn.transport.writelines((b"%x\r\n" % len(body), body, _CRLF))
+        else:
+            conn.transport.write(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.body_done = True
+        self.state = _IDLE
+        conn = ex.conn
+        if conn is not None and conn.transport is not None and ex.framing.chunked:
+            conn.transport.write(_LAST_CHUNK)
+        if ex.denied and ex is self.queue[0]:
+            self._finish(ex)
+
+    # -- exchange lifecycle
+    def current_is_head(self) -> bool:
+        return bool(self.queue) and self.queue[0].is_head
+
+    def _start(self, ex: _Exchange) -> None:
+        if ex.denied:
+            transport = self.transport
+            assert transport is not None
+            if (ex.expect and ex.has_body) or ex.upgrade:
+                # The client may be holding its body for a 100 we will not send: close.
+                ex.keep_alive = False
+                transport.write(FORBIDDEN_CLOSE)
+            else:
+                transport.write(FORBIDDEN)
+            if ex.body_done or not ex.keep_alive:
+                self._finish(ex)
+            return
+        conn = self.listener.origin.acquire(self, ex, None)
+        if conn is not None:
+            self.attach(ex, conn)
+        elif (
+            self.queue
+            and self.queue[0] is ex
+            and self.transport is not None
+            and not ex.body_done
+            and not self.read_paused
+        ):
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def attach(self, ex: _Exchange, conn: _UpConn) -> None:
+        """Send the request head and what is buffered of its body; then stream the rest."""
+        if self.transport is None or not self.queue or self.queue[0] is not ex:
+            self.listener.origin.release(conn, reusable=True)
+            return
+        ex.conn = conn
+        conn.owner = self
+        transport = conn.transport
+        assert transport is not None
+        if ex.pending:
+            parts = [ex.head]
+            for chunk in ex.pending:
+                if ex.framing.chunked:
+                    parts += (b"%x\r\n" % len(chunk), chunk, _CRLF)
+                else:
+                    parts.append(chunk)
+            ex.pending.clear()
+            if ex.body_done and ex.framing.chunked:
+                parts.append(_LAST_CHUNK)
+            transport.writelines(parts)
+        else:
+            transport.write(ex.head)
+            if ex.body_done and ex.framing.chunked:
+                transport.write(_LAST_CHUNK)
+        if ex.tunnel_pending:
+            transport.write(ex.tunnel_pending)
+            ex.tunnel_pending = b""
+        self._resume()
+
+    def refuse(self, ex: _Exchange, response: bytes) -> None:
+        """The origin could not serve `ex`: answer for it. The body, if any, is unread, so
+        the connection closes unless the request had none."""
+        transport = self.transport
+        if transport is None or not self.queue or self.queue[0] is not ex:
+            return
+        if (ex.has_body and not ex.body_done) or ex.upgrade:
+            ex.keep_alive = False
+        transport.write(response)
+        self._finish(ex)
+
+    def interim_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        transport = self.transport
+        if transport is not None:
+            lines = [_status_line(status), *forwardable(headers, frozenset()), _CRLF]
+            transport.writelines(lines)
+
+    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ex = self.queue[0]
+        ex.resp_started = True
+        facts = scan(headers)
+        framing = facts.framing
+        lines = [_status_line(status)]
+        lines += forwardable(headers, facts.connection_tokens)
+        no_body = status in (204, 304) or ex.is_head
+        if status == 101:
+            lines.append(_UPGRADE + facts.upgrade + _CRLF)
+        elif framing.length is not None and not framing.chunked:
+            lines.append(b"content-length: " + str(framing.length).encode() + _CRLF)
+        elif no_body:
+            pass
+        else:
+            # The upstream delimits by close; re-frame as chunked to keep the client.
+            ex.resp_until_close = not framing.chunked
+            if ex.keep_alive:
+                ex.resp_chunked = True
+                lines.append(_CHUNKED)
+        if not ex.keep_alive and status != 101:
+            lines.append(_CLOSE)
+        lines.append(_CRLF)
+        if self.transport is not None:
+            self.transport.writelines(lines)
+
+    def response_body(self, body: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.queue[0].resp_chunked:
+            transport.writelines((b"%x\r\n" % len(body), body, _CRLF))
+        else:
+            transport.write(body)
+
+    def response_done(self, conn: _UpConn, reusable: bool) -> None:
+        ex = self.queue[0]
+        if ex.conn is not conn:
+            return
+        if ex.resp_chunked and self.transport is not None:
+            self.transport.write(_LAST_CHUNK)
+        # A connection whose request body was not fully sent cannot carry another request.
+        reusable = reusable and ex.body_done and not ex.upgrade
+        ex.conn = None
+        self.listener.origin.release(conn, reusable)
+        if not ex.body_done:
+            ex.keep_alive = False
+        self._finish(ex)
+
+    def upstream_lost(self, conn: _UpConn) -> None:
+        if self.tunnel is conn:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        ex = self.queue[0] if self.queue else None
+        if ex is None or ex.conn is not conn:
+            return
+        if ex.resp_started:
+            if ex.resp_until_close:
+                self.response_done(conn, reusable=False)  # the close delimited it
+            elif self.transport is not None:
+                self.transport.abort()
+            return
+        ex.conn = None
+        conn.owner = None
+        self.listener.origin.release(conn, reusable=False)
+        if ex.idempotent and not ex.has_body and not ex.retried and not ex.upgrade:
+            # Nothing of the response came back and the request can be repeated: a pooled
+            # connection the upstream closed, or an instance killed mid-request.
+            ex.retried = True
+            again = self.listener.origin.acquire(self, ex, conn.key)
+            if again is not None:
+                self.attach(ex, again)
+            return
+        self.refuse(ex, bad_gateway("upstream connection closed", close=True))
+
+    def upstream_broken(self, conn: _UpConn, reason: str) -> None:
+        log.warning("upstream %s: %s", conn.key, reason)
+        if conn.transport is not None:
+            conn.transport.abort()
+
+    def tunnel_open(self, conn: _UpConn, rest: bytes) -> None:
+        ex = self.queue[0]
+        if not ex.upgrade:
+            if conn.transport is not None:
+                conn.transport.abort()
+            return
+        conn.tunnel = True
+        self.tunnel = conn
+        self.queue.clear()
+        self.state = _BUSY
+        if self.transport is not None and rest:
+            self.transport.write(rest)
+        self._resume()
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        ex = self.queue[-1] if self.queue else None
+        if ex is None or not ex.upgrade or ex.denied:
+            return
+        conn = ex.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(rest)
+        else:
+            ex.tunnel_pending += rest
+        # Until the upstream answers 101, nothing more may be read.
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _finish(self, ex: _Exchange) -> None:
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        transport = self.transport
+        if transport is None:
+            return
+        if not ex.keep_alive:
+            transport.close()
+            return
+        if self.queue:
+            self._start(self.queue[0])
+        elif self.eof:
+            transport.close()  # the client half-closed and has had every answer
+            return
+        self._resume()
+
+    def _resume(self) -> None:
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _fail(self, response: bytes) -> None:
+        self.listener.stats.bad_requests += 1
+        transport = self.transport
+        if transport is None:
+            return
+        if self.queue and self.queue[0].resp_started:
+            transport.abort()
+            return
+        transport.write(response)
+        transport.close()
+
+    def _tick(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        limits = self.listener.limits
+        if self.state == _HEAD and self.watched == self.serial:
+            self._fail(REQUEST_TIMEOUT)
+            return
+        self.watched = self.serial if self.state == _HEAD else -1
+        if self.active:
+            self.active = False
+            self.ticks = 0
+        else:
+            self.ticks += 1
+            if self.ticks * limits.header_timeout >= limits.idle_timeout:
+                if self.queue and not self.queue[0].resp_started:
+                    transport.write(GATEWAY_TIMEOUT)
+                    transport.close()
+                elif self.queue or self.tunnel is not None:
+                    transport.abort()  # stalled mid-message: nothing clean to say
+                else:
+                    transport.close()
+                return
+        self.timer = asyncio.get_running_loop().call_later(limits.header_timeout, self._tick)
+
+
+class _BadHead(Exception):
+    pass
+
+
+# ---- listeners -----------------------------------------------------------------------------
+
+
+class _HTTPListener:
+    def __init__(
+        self,
+        origin: _Origin,
+        limits: HTTPLimits,
+        stats: ProxyStats,
+        *,
+        authorize: RequestAuthorizer | None,
+        by_uri: str,
+        drop: frozenset[bytes],
+        is_tls: bool,
+    ) -> None:
+        self.origin = origin
+        self.limits = limits
+        self.stats = stats
+        self.authorize = authorize
+        self.by_uri = by_uri
+        self.drop = drop
+        self.is_tls = is_tls
+        self.connections: set[_Downstream] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._protocol, host, port, reuse_port=reuse_port or None
+        )
+        self._port = int(self.server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            busy = [c for c in self.connections if c.queue or c.tunnel is not None]
+            for conn in list(self.connections):
+                if conn not in busy and conn.transport is not None:
+                    conn.transport.close()
+            if not busy or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await self.origin.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class OutboundHTTP(_HTTPListener):
+    """Plain HTTP from the local app to one upstream service over pooled mTLS."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        limits: HTTPLimits | None = None,
+        stats: ProxyStats | None = None,
+    ) -> None:
+        limits = limits or HTTPLimits()
+        stats = stats or ProxyStats()
+        super().__init__(
+            MeshOrigin(upstream, limits, stats),
+            limits,
+            stats,
+            authorize=None,
+            by_uri="",
+            # The app cannot forge client-certificate details for the next hop.
+            drop=frozenset({XFCC}),
+            is_tls=False,
+        )
+
+    def _protocol(self) -> asyncio.Protocol:
+        return _Downstream(self, None)
+
+
+class InboundHTTP(_HTTPListener):
+    """mTLS from mesh peers, authorized per request, to the local app over pooled TCP."""
+
+    def __init__(
+        self,
+        gate: InboundGate,
+        app_host: str,
+        app_port: int,
+        *,
+        authorize: RequestAuthorizer,
+        local_uri: str,
+        limits: HTTPLimits | None = None,
+    ) -> None:
+        limits = limits or HTTPLimits()
+        super().__init__(
+            AppOrigin(app_host, app_port, limits),
+            limits,
+            gate.stats,
+            authorize=authorize,
+            by_uri=local_uri,
+            drop=frozenset(),
+            is_tls=True,
+        )
+        self.gate = gate
+
+    def _protocol(self) -> asyncio.Protocol:
+        return Parked(self._accept)
+
+    def _accept(self, raw: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(self._admit(raw))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _admit(self, raw: asyncio.Transport) -> None:
+        holder = _Holding()
+        admitted = await self.gate.admit(raw, holder)
+        if admitted is None:
+            return
+        tls, peer = admitted
+        down = _Downstream(self, peer)
+        tls.set_protocol(down)
+        down.connection_made(tls)
+        self.stats.connections += 1
+        for chunk in holder.chunks:
+            down.data_received(chunk)
+        if holder.eof:
+            with contextlib.suppress(Exception):
+                tls.close()
+
+
+class _Holding(asyncio.Protocol):
+    """Catches bytes that arrive with the TLS handshake, before the peer is known."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
