@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+_MAX_NOTE = 512
+
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
@@ -30,7 +32,14 @@ class Readiness:
 
     @property
     def note(self) -> str:
-        return "listeners up, valid leaf held" if self.ready else "; ".join(self.reasons)
+        """One line for the check's output. Bounded: it travels in a query string, and an
+        agent with a thousand upstreams can have a thousand listeners down."""
+        if self.ready:
+            return "listeners up, valid leaf held"
+        shown = "; ".join(self.reasons[:3])
+        more = f" (+{len(self.reasons) - 3} more)" if len(self.reasons) > 3 else ""
+        text = shown + more
+        return text if len(text) <= _MAX_NOTE else text[: _MAX_NOTE - 3] + "..."
 
 
 class SidecarReadiness(Protocol):

@@ -193,3 +193,12 @@ def test_desired_registration_body() -> None:
         {"DestinationName": "api", "LocalBindAddress": "127.0.0.1", "LocalBindPort": 9191}
     ]
     assert [c.get("TTL") or c.get("AliasService") for c in side["Checks"]] == ["15s", "web"]
+
+
+def test_readiness_note_stays_short_with_many_listeners_down() -> None:
+    from agent.readiness import Readiness
+
+    many = Readiness(False, tuple(f"listener 127.0.0.1:{p}: refused" for p in range(1000)))
+    assert many.note.endswith("(+997 more)")
+    assert len(many.note) <= 512
+    assert Readiness(True).note == "listeners up, valid leaf held"
