@@ -47,6 +47,8 @@ TEST_FILES = [
     "tests/api/test_health.py",
     "tests/api/test_kv.py",
     "tests/api/test_status.py",
+    "tests/api/test_connect.py",
+    "tests/api/test_config.py",
 ]
 
 # The conftest starts every server on 127.0.0.1:8500 (the suite hard-codes that port).

@@ -165,6 +165,9 @@ class ConnectCA:
         self.min_leaf_ttl = min_leaf_ttl
         # Unknown keys sent in a PUT: stored and echoed, as for providers devstack fakes.
         self.extra_config: dict[str, Any] = {}
+        # Consul stores Config as the caller wrote it and reads it back verbatim ("72h" stays
+        # "72h"); None until the first PUT, when the defaults are shown.
+        self.written_config: dict[str, Any] | None = None
         self.roots: list[CARoot] = []
         self.leaves: dict[str, IssuedLeaf] = {}
         self.config_create_index = 0
@@ -297,11 +300,12 @@ class ConnectCA:
         config: dict[str, Any] = {
             **self.extra_config,
             **self.provider.config(),
-            "LeafCertTTL": _duration(s.leaf_cert_ttl),
-            "IntermediateCertTTL": _duration(s.intermediate_cert_ttl),
-            "RootCertTTL": _duration(s.root_cert_ttl),
+            "LeafCertTTL": _as_configured(s.leaf_cert_ttl),
+            "IntermediateCertTTL": _as_configured(s.intermediate_cert_ttl),
+            "RootCertTTL": _as_configured(s.root_cert_ttl),
             "PrivateKeyType": s.private_key_type,
             "PrivateKeyBits": s.private_key_bits,
+            **(self.written_config or {}),
         }
         return {
             "Provider": self.provider.name,
@@ -334,6 +338,7 @@ class ConnectCA:
         known = {"LeafCertTTL", "IntermediateCertTTL", "RootCertTTL", "PrivateKeyType"}
         known |= {"PrivateKeyBits", *rotate_for, *provider.config()}
         self.extra_config = {k: v for k, v in config.items() if k not in known}
+        self.written_config = dict(config)
         if rotate:
             self.rotate(new, provider)
         self.settings = new
@@ -435,3 +440,10 @@ def _ttl(config: dict[str, Any], key: str, default: float) -> float:
 
 def _duration(seconds: float) -> str:
     return format_duration(round(seconds * 1e9))
+
+
+def _as_configured(seconds: float) -> str:
+    # Consul's defaults read back as written in its config ("72h", "8760h"), not as Go prints.
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    return _duration(seconds)
