@@ -16,7 +16,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from devstack.decode import ANY, BOOL, INT, STRING, ListOf, MapOf, Scalar, Spec, Struct
+from devstack.decode import (
+    ACCESS_LOGS,
+    ANY,
+    EXPOSE,
+    INT,
+    MESH_GATEWAY,
+    STRING,
+    TRANSPARENT_PROXY,
+    ListOf,
+    MapOf,
+    Scalar,
+    Spec,
+    Struct,
+)
 from intentions.entries import (
     KIND as INTENTIONS_KIND,
 )
@@ -176,37 +189,16 @@ _COMMON: dict[str, Spec] = {
     "ModifyIndex": INT,
     "Hash": INT,
 }
-_TPROXY = Struct("TransparentProxyConfig", {"OutboundListenerPort": INT, "DialedDirectly": BOOL})
-_MESH_GW = Struct("MeshGatewayConfig", {"Mode": STRING})
-_EXPOSE = Struct(
-    "ExposeConfig",
-    {
-        "Checks": BOOL,
-        "Paths": ListOf(
-            Struct(
-                "ExposePath",
-                {
-                    "ListenerPort": INT,
-                    "Path": STRING,
-                    "LocalPathPort": INT,
-                    "Protocol": STRING,
-                    "ParsedFromCheck": BOOL,
-                },
-            )
-        ),
-    },
-)
-
 SERVICE_DEFAULTS_SPEC = Struct(
     "ServiceConfigEntry",
     {
         **_COMMON,
         "Protocol": STRING,
         "Mode": STRING,
-        "TransparentProxy": _TPROXY,
+        "TransparentProxy": TRANSPARENT_PROXY,
         "MutualTLSMode": STRING,
-        "MeshGateway": _MESH_GW,
-        "Expose": _EXPOSE,
+        "MeshGateway": MESH_GATEWAY,
+        "Expose": EXPOSE,
         "ExternalSNI": STRING,
         "UpstreamConfig": Struct(
             "UpstreamConfiguration", {"Defaults": MapOf(ANY), "Overrides": ListOf(MapOf(ANY))}
@@ -227,21 +219,11 @@ PROXY_DEFAULTS_SPEC = Struct(
         **_COMMON,
         "Config": MapOf(ANY),
         "Mode": STRING,
-        "TransparentProxy": _TPROXY,
+        "TransparentProxy": TRANSPARENT_PROXY,
         "MutualTLSMode": STRING,
-        "MeshGateway": _MESH_GW,
-        "Expose": _EXPOSE,
-        "AccessLogs": Struct(
-            "AccessLogsConfig",
-            {
-                "Enabled": BOOL,
-                "DisableListenerLogs": BOOL,
-                "Type": STRING,
-                "Path": STRING,
-                "JSONFormat": STRING,
-                "TextFormat": STRING,
-            },
-        ),
+        "MeshGateway": MESH_GATEWAY,
+        "Expose": EXPOSE,
+        "AccessLogs": ACCESS_LOGS,
         "EnvoyExtensions": ListOf(MapOf(ANY)),
         "FailoverPolicy": MapOf(ANY),
         "PrioritizeByLocality": MapOf(ANY),

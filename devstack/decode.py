@@ -152,7 +152,7 @@ def _mismatch(value: object, where: str, go_type: str) -> DecodeError:
 
 # ---- Consul's request structs (the subset of fields our endpoints accept) ----------------------
 
-_MESH_GATEWAY = Struct("MeshGatewayConfig", {"Mode": STRING})
+MESH_GATEWAY = Struct("MeshGatewayConfig", {"Mode": STRING})
 
 UPSTREAM = Struct(
     "Upstream",
@@ -168,8 +168,45 @@ UPSTREAM = Struct(
         "LocalBindSocketPath": STRING,
         "LocalBindSocketMode": STRING,
         "Config": MapOf(ANY),
-        "MeshGateway": _MESH_GATEWAY,
+        "MeshGateway": MESH_GATEWAY,
         "CentrallyConfigured": BOOL,
+    },
+    snake_aliases=True,
+)
+
+TRANSPARENT_PROXY = Struct(
+    "TransparentProxyConfig",
+    {"OutboundListenerPort": INT, "DialedDirectly": BOOL},
+    snake_aliases=True,
+)
+EXPOSE = Struct(
+    "ExposeConfig",
+    {
+        "Checks": BOOL,
+        "Paths": ListOf(
+            Struct(
+                "ExposePath",
+                {
+                    "ListenerPort": INT,
+                    "Path": STRING,
+                    "LocalPathPort": INT,
+                    "Protocol": STRING,
+                    "ParsedFromCheck": BOOL,
+                },
+                snake_aliases=True,
+            )
+        ),
+    },
+)
+ACCESS_LOGS = Struct(
+    "AccessLogsConfig",
+    {
+        "Enabled": BOOL,
+        "DisableListenerLogs": BOOL,
+        "Type": STRING,
+        "Path": STRING,
+        "JSONFormat": STRING,
+        "TextFormat": STRING,
     },
     snake_aliases=True,
 )
@@ -183,45 +220,12 @@ PROXY = Struct(
         "LocalServicePort": INT,
         "LocalServiceSocketPath": STRING,
         "Mode": STRING,
-        "TransparentProxy": Struct(
-            "TransparentProxyConfig",
-            {"OutboundListenerPort": INT, "DialedDirectly": BOOL},
-            snake_aliases=True,
-        ),
+        "TransparentProxy": TRANSPARENT_PROXY,
         "Config": MapOf(ANY),
         "Upstreams": ListOf(UPSTREAM),
-        "MeshGateway": _MESH_GATEWAY,
-        "Expose": Struct(
-            "ExposeConfig",
-            {
-                "Checks": BOOL,
-                "Paths": ListOf(
-                    Struct(
-                        "ExposePath",
-                        {
-                            "ListenerPort": INT,
-                            "Path": STRING,
-                            "LocalPathPort": INT,
-                            "Protocol": STRING,
-                            "ParsedFromCheck": BOOL,
-                        },
-                        snake_aliases=True,
-                    )
-                ),
-            },
-        ),
-        "AccessLogs": Struct(
-            "AccessLogsConfig",
-            {
-                "Enabled": BOOL,
-                "DisableListenerLogs": BOOL,
-                "Type": STRING,
-                "Path": STRING,
-                "JSONFormat": STRING,
-                "TextFormat": STRING,
-            },
-            snake_aliases=True,
-        ),
+        "MeshGateway": MESH_GATEWAY,
+        "Expose": EXPOSE,
+        "AccessLogs": ACCESS_LOGS,
         "EnvoyExtensions": ListOf(MapOf(ANY)),
     },
     snake_aliases=True,
