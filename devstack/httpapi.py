@@ -174,6 +174,7 @@ class Call:
                 self.min_index == 0
                 or index > self.min_index
                 or self.store.epoch != epoch
+                or self.store.closed
                 or remaining <= 0
             ):
                 return index, result

@@ -103,6 +103,7 @@ class DevServer:
         log.info("devstack listening on %s", self.http_url)
 
     async def close(self) -> None:
+        self.store.close()
         if self._reaper is not None:
             self._reaper.cancel()
         for timer in self._session_timers.values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +112,10 @@ class Session:
     modify_index: int
 
 
+def _by_id(chk: Check) -> str:
+    return chk.check_id
+
+
 class Store:
     def __init__(self) -> None:
         self.index = 1
@@ -124,9 +128,14 @@ class Store:
         self.tombstones: dict[str, int] = {}
         self.sessions: dict[str, Session] = {}
         self.config: dict[tuple[str, str], Entry] = {}
+        self._node_services: dict[str, dict[str, Service]] = {}
+        self._node_checks: dict[str, dict[str, Check]] = {}
+        self._watched: dict[str, dict[tuple[str, str], Service]] = {}
         # Bumped when the index is rewound: a blocking query that sees it move returns at
         # once, as Consul's queries do when a snapshot restore abandons the state store.
         self.epoch = 0
+        # Set at shutdown: parked queries answer at once instead of running out their wait.
+        self.closed = False
         self.last_write = time.monotonic()
         self._changed = asyncio.Event()
         # How many blocking queries are parked right now (tests wait on this, never sleep).
@@ -169,6 +178,10 @@ class Store:
         """Wait until at least `count` blocking queries are parked."""
         while self.blocked < count:
             await self._blocked_changed.wait()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
 
     def rewind_index(self, index: int) -> None:
         """Test hook: make the index go backwards, as after a snapshot restore."""
@@ -216,19 +229,38 @@ class Store:
     def delete_node(self, name: str) -> int:
         keys = self._node_keys(name)
         self.nodes.pop(name, None)
-        for key in [k for k in self.services if k[0] == name]:
-            del self.services[key]
-        for key in [k for k in self.checks if k[0] == name]:
-            del self.checks[key]
+        for svc in list(self._node_services.get(name, {}).values()):
+            self._drop_service(svc)
+        for chk in list(self._node_checks.get(name, {}).values()):
+            self._drop_check(chk)
         return self._commit(["nodes", "services", "checks"], keys)
 
     def _node_keys(self, node: str) -> list[str]:
-        return [k for s in self.services.values() if s.node == node for k in s.watch_keys()]
+        return [k for s in self._node_services.get(node, {}).values() for k in s.watch_keys()]
 
     # ---- services --------------------------------------------------------------------------
+    # `services` is the table; the dicts beside it are its secondary indexes (by node, by
+    # watch key), kept in step by _add_service/_drop_service so that reads never scan.
 
-    def node_services(self, node: str) -> Iterator[Service]:
-        return (s for s in self.services.values() if s.node == node)
+    def _add_service(self, svc: Service) -> None:
+        self.services[(svc.node, svc.id)] = svc
+        self._node_services.setdefault(svc.node, {})[svc.id] = svc
+        for key in svc.watch_keys():
+            self._watched.setdefault(key, {})[(svc.node, svc.id)] = svc
+
+    def _drop_service(self, svc: Service) -> None:
+        self.services.pop((svc.node, svc.id), None)
+        self._node_services.get(svc.node, {}).pop(svc.id, None)
+        for key in svc.watch_keys():
+            self._watched.get(key, {}).pop((svc.node, svc.id), None)
+
+    def node_services(self, node: str) -> list[Service]:
+        return list(self._node_services.get(node, {}).values())
+
+    def instances(self, watch_key: str) -> list[Service]:
+        """Instances behind a watch key: `service/<name>`, or `connect/<name>` (the sidecar
+        proxies for <name> and its Connect-native instances)."""
+        return list(self._watched.get(watch_key, {}).values())
 
     def upsert_service(self, svc: Service) -> int:
         key = (svc.node, svc.id)
@@ -238,24 +270,36 @@ class Store:
         idx = self.index + 1
         svc.create_index = old.create_index if old else idx
         svc.modify_index = idx
-        self.services[key] = svc
+        if old is not None:
+            self._drop_service(old)
+        self._add_service(svc)
         keys = svc.watch_keys() + (old.watch_keys() if old else [])
         # Checks carry the service's name and tags; keep them in step.
-        for chk in self.checks.values():
-            if chk.node == svc.node and chk.service_id == svc.id:
+        for chk in self._node_checks.get(svc.node, {}).values():
+            if chk.service_id == svc.id:
                 chk.service_name = svc.name
                 chk.service_tags = list(svc.data.get("Tags") or [])
         return self._commit(["services"], keys)
 
     def delete_service(self, node: str, service_id: str) -> int:
-        svc = self.services.pop((node, service_id), None)
+        svc = self.services.get((node, service_id))
         if svc is None:
             return self.index
-        for key in [k for k, c in self.checks.items() if k[0] == node and c.service_id == svc.id]:
-            del self.checks[key]
+        self._drop_service(svc)
+        for chk in list(self._node_checks.get(node, {}).values()):
+            if chk.service_id == service_id:
+                self._drop_check(chk)
         return self._commit(["services", "checks"], svc.watch_keys())
 
     # ---- checks ----------------------------------------------------------------------------
+
+    def _add_check(self, chk: Check) -> None:
+        self.checks[(chk.node, chk.check_id)] = chk
+        self._node_checks.setdefault(chk.node, {})[chk.check_id] = chk
+
+    def _drop_check(self, chk: Check) -> None:
+        self.checks.pop((chk.node, chk.check_id), None)
+        self._node_checks.get(chk.node, {}).pop(chk.check_id, None)
 
     def _check_keys(self, chk: Check) -> list[str]:
         if chk.service_id:
@@ -269,7 +313,7 @@ class Store:
         idx = self.index + 1
         chk.create_index = old.create_index if old else idx
         chk.modify_index = idx
-        self.checks[key] = chk
+        self._add_check(chk)
         keys = self._check_keys(chk) + (self._check_keys(old) if old else [])
         return self._commit(["checks"], keys)
 
@@ -284,32 +328,23 @@ class Store:
         return self._commit(["checks"], self._check_keys(chk))
 
     def delete_check(self, node: str, check_id: str) -> int:
-        chk = self.checks.pop((node, check_id), None)
+        chk = self.checks.get((node, check_id))
         if chk is None:
             return self.index
+        self._drop_check(chk)
         return self._commit(["checks"], self._check_keys(chk))
 
     def instance_checks(self, node: str, service_id: str) -> list[Check]:
         """What decides an instance's health: its node's checks and its own, in CheckID order
         (Consul reads them off the node index and filters)."""
-        return sorted(
-            (
-                c
-                for c in self.checks.values()
-                if c.node == node and c.service_id in ("", service_id)
-            ),
-            key=lambda c: c.check_id,
-        )
+        found = self._node_checks.get(node, {}).values()
+        return sorted((c for c in found if c.service_id in ("", service_id)), key=_by_id)
 
     def checks_of(self, node: str, service_id: str | None) -> list[Check]:
-        """Checks of one service instance, or the node-level checks when service_id is ''."""
+        """Checks on a node: all of them (None), one instance's, or the node-level ones ('')."""
+        found = self._node_checks.get(node, {}).values()
         return sorted(
-            (
-                c
-                for c in self.checks.values()
-                if c.node == node and (service_id is None or c.service_id == service_id)
-            ),
-            key=lambda c: c.check_id,
+            (c for c in found if service_id is None or c.service_id == service_id), key=_by_id
         )
 
     # ---- KV ----------------------------------------------------------------------------------

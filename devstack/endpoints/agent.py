@@ -334,7 +334,11 @@ async def service(call: Call) -> Reply:
     if known_hash:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + call.wait
-        while digest == known_hash and (remaining := deadline - loop.time()) > 0:
+        while (
+            digest == known_hash
+            and not call.store.closed
+            and (remaining := deadline - loop.time()) > 0
+        ):
             await call.store.wait_for_change(remaining)
             digest, body = current()
     return Reply(body=body, headers={"X-Consul-ContentHash": digest})

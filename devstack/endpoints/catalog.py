@@ -41,22 +41,9 @@ def node_matches(n: Node, meta: dict[str, str]) -> bool:
     return all(n.meta.get(k) == v for k, v in meta.items())
 
 
-def tags_match(svc: Service, tags: list[str]) -> bool:
+def tags_match(svc: Service, tags: tuple[str, ...]) -> bool:
     have = set(svc.data.get("Tags") or [])
     return all(t in have for t in tags)
-
-
-def connect_instances(call: Call, name: str) -> list[Service]:
-    """Connect-capable endpoints for `name`: its sidecar proxies and native instances."""
-    return [
-        s
-        for s in call.store.services.values()
-        if (
-            s.data.get("Kind") == "connect-proxy"
-            and (s.data.get("Proxy") or {}).get("DestinationServiceName") == name
-        )
-        or (s.name == name and (s.data.get("Connect") or {}).get("Native"))
-    ]
 
 
 @dataclass(frozen=True)
@@ -83,21 +70,15 @@ class InstanceQuery:
     def select(self, call: Call) -> tuple[int, list[tuple[Node, Service]]]:
         """The blocking index of the selection and its instances, by node then service ID."""
         store = call.store
-        index = store.key_index(
-            f"{'connect' if self.connect else 'service'}/{self.name}", "services"
-        )
+        watch = f"{'connect' if self.connect else 'service'}/{self.name}"
+        index = store.key_index(watch, "services")
         # No peerings exist on a dev agent: any peer name selects nothing.
         if self.peer or not call.identity.allowed("service:read", self.name):
             return index, []
-        instances = (
-            connect_instances(call, self.name)
-            if self.connect
-            else [s for s in store.services.values() if s.name == self.name]
-        )
         selected = []
-        for s in sorted(instances, key=lambda s: (s.node, s.id)):
+        for s in sorted(store.instances(watch), key=lambda s: (s.node, s.id)):
             n = store.nodes.get(s.node)
-            if n is not None and node_matches(n, self.node_meta) and tags_match(s, list(self.tags)):
+            if n is not None and node_matches(n, self.node_meta) and tags_match(s, self.tags):
                 selected.append((n, s))
         return index, selected
 

@@ -93,8 +93,9 @@ async def checks(call: Call) -> Reply:
         store = call.store
         selected = [
             c
-            for c in store.checks.values()
-            if c.service_id and c.service_name == name and node_matches(store.nodes[c.node], meta)
+            for s in store.instances(f"service/{name}")
+            if node_matches(store.nodes[s.node], meta)
+            for c in store.checks_of(s.node, s.id)
         ]
         return store.key_index(f"service/{name}", "services"), _check_list(call, selected)
 

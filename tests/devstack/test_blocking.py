@@ -110,3 +110,16 @@ async def test_hash_blocking_times_out_with_same_hash(http: Http) -> None:
 async def test_unknown_agent_service_is_404(http: Http) -> None:
     status, text, _ = await http.get("/v1/agent/service/nope")
     assert (status, text) == (404, "unknown service ID: nope")
+
+
+async def test_close_answers_parked_queries_at_once(http: Http, dev: DevServer) -> None:
+    index = await _index(http, "/v1/catalog/services")
+    waiter = asyncio.create_task(
+        http.get("/v1/catalog/services", params={"index": str(index), "wait": "10m"})
+    )
+    await dev.store.until_blocked()
+    # Closing must not wait out the 10 minutes: the parked query is answered first.
+    await asyncio.wait_for(dev.close(), 10)
+    status, _, headers = await asyncio.wait_for(waiter, 10)
+    assert status == 200
+    assert int(headers["X-Consul-Index"]) == index
