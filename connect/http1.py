@@ -20,13 +20,13 @@ pauses reading and waits (with at most the rest of one read buffered).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -49,7 +49,7 @@ from connect.http1_headers import (
     unavailable,
     xfcc_element,
 )
-from connect.inbound import InboundGate, Parked
+from connect.inbound import InboundGate
 from connect.proxy import (
     DialFailed,
     Peer,
@@ -182,7 +182,7 @@ class _UpConn(asyncio.Protocol):
         self.upgrading = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast("asyncio.Transport", transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.pool.high_water)
 
@@ -491,12 +491,14 @@ class _Downstream(asyncio.Protocol):
         "transport",
         "tunnel",
         "url",
+        "watch",
         "watched",
     )
 
-    def __init__(self, listener: _HTTPListener, peer: Peer | None) -> None:
+    def __init__(self, listener: _HTTPListener, peer: Peer | None, watch: Any = None) -> None:
         self.listener = listener
         self.peer = peer
+        self.watch = watch
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -518,7 +520,12 @@ class _Downstream(asyncio.Protocol):
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast("asyncio.Transport", transport)
+        gate = self.listener.gate
+        if gate is not None:
+            self.peer = gate.admit(transport, self.watch)
+            if self.peer is None:
+                return  # refused and aborted before a byte was read
         self.transport = transport
         transport.set_write_buffer_limits(high=self.listener.limits.high_water)
         self.listener.connections.add(self)
@@ -953,6 +960,7 @@ class _HTTPListener:
         self.drop = drop
         self.is_tls = is_tls
         self.connections: set[_Downstream] = set()
+        self.gate: InboundGate | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self._port = 0
@@ -963,13 +971,22 @@ class _HTTPListener:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        ctx, handshake_timeout = self._ssl()
         self.server = await loop.create_server(
-            self._protocol, host, port, reuse_port=reuse_port or None
+            self._protocol,
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            ssl=ctx,
+            ssl_handshake_timeout=handshake_timeout,
         )
         self._port = int(self.server.sockets[0].getsockname()[1])
 
     def _protocol(self) -> asyncio.Protocol:
         raise NotImplementedError
+
+    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
+        return None, None
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""
@@ -1047,42 +1064,10 @@ class InboundHTTP(_HTTPListener):
             is_tls=True,
         )
         self.gate = gate
+        self.inbound_gate = gate
 
     def _protocol(self) -> asyncio.Protocol:
-        return Parked(self._accept)
+        return _Downstream(self, None, self.inbound_gate.watch())
 
-    def _accept(self, raw: asyncio.Transport) -> None:
-        task = asyncio.get_running_loop().create_task(self._admit(raw))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _admit(self, raw: asyncio.Transport) -> None:
-        holder = _Holding()
-        admitted = await self.gate.admit(raw, holder)
-        if admitted is None:
-            return
-        tls, peer = admitted
-        down = _Downstream(self, peer)
-        tls.set_protocol(down)
-        down.connection_made(tls)
-        self.stats.connections += 1
-        for chunk in holder.chunks:
-            down.data_received(chunk)
-        if holder.eof:
-            with contextlib.suppress(Exception):
-                tls.close()
-
-
-class _Holding(asyncio.Protocol):
-    """Catches bytes that arrive with the TLS handshake, before the peer is known."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.eof = False
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return False
+    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
+        return self.inbound_gate.server_ssl, self.inbound_gate.handshake_timeout

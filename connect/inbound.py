@@ -1,8 +1,12 @@
-"""The public listener's gate: mTLS handshake, peer identity, and the connection decision.
+"""The public listener's gate: peer identity and the connection decision after the mTLS
+handshake, and the count of handshakes that failed.
 
-The handshake runs through `loop.start_tls` on an accepted plain transport, instead of
-`create_server(ssl=...)`, because asyncio reports a failed server handshake to nobody; the
-issue wants every refusal counted and logged once per peer with its reason.
+The listener is `create_server(ssl=...)`: the event loop's own TLS (uvloop's, in Cython) does
+the handshake. (`start_tls` on an accepted socket would let us see each failure, but uvloop's
+server-side `start_tls` never completed a handshake in our tests.) The loop reports a failed
+server handshake to nobody, so each accepted connection's protocol carries a small
+`_HandshakeWatch`: the protocol is created at accept time and reaches `connection_made` only
+after a successful handshake; a watch freed without having seen it counts one failure.
 """
 
 from __future__ import annotations
@@ -10,26 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+import time
 
 from connect.proxy import ConnectionAuthorizer, Peer, PeerCache, ProxyStats
 
 log = logging.getLogger("meshlet.proxy.inbound")
 
 
-class Parked(asyncio.Protocol):
-    """A just-accepted transport, paused and handed to `on_accept` (which starts a task that
-    runs the handshake or installs the real protocol)."""
+class _HandshakeWatch:
+    __slots__ = ("done", "gate")
 
-    __slots__ = ("on_accept",)
+    def __init__(self, gate: InboundGate) -> None:
+        self.gate = gate
+        self.done = False
 
-    def __init__(self, on_accept: Callable[[asyncio.Transport], None]) -> None:
-        self.on_accept = on_accept
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # bytes must wait for the TLS layer, not land here
-        self.on_accept(transport)
+    def __del__(self) -> None:
+        if not self.done:
+            self.gate.handshake_failed()
 
 
 class InboundGate:
@@ -50,8 +51,25 @@ class InboundGate:
         self.handshake_timeout = handshake_timeout
         self._logged: set[tuple[str, str]] = set()
         self._log_limit = log_limit
+        self._last_handshake_log = 0.0
 
-    def _refuse(self, transport: asyncio.Transport, reason: str) -> None:
+    def watch(self) -> _HandshakeWatch:
+        """Give one to each accepted connection's protocol; call `admit` in connection_made."""
+        return _HandshakeWatch(self)
+
+    def handshake_failed(self) -> None:
+        self.stats.handshakes_failed += 1
+        now = time.monotonic()
+        if now - self._last_handshake_log >= 10.0:
+            # The loop does not say who or why; rate-limit instead of once per peer.
+            self._last_handshake_log = now
+            log.warning(
+                "inbound TLS handshakes are failing (%d so far): plaintext, no client "
+                "certificate, or a certificate the mesh roots do not verify",
+                self.stats.handshakes_failed,
+            )
+
+    def _refuse(self, transport: asyncio.BaseTransport, reason: str) -> None:
         addr = transport.get_extra_info("peername")
         host = addr[0] if isinstance(addr, tuple) else str(addr)
         key = (host, reason)
@@ -60,43 +78,22 @@ class InboundGate:
                 self._logged.clear()
             self._logged.add(key)
             log.warning("inbound connection from %s refused: %s", host, reason)
-        transport.abort()
+        transport.abort()  # type: ignore[attr-defined]
 
-    async def admit(
-        self, raw: asyncio.Transport, protocol: asyncio.BaseProtocol
-    ) -> tuple[asyncio.Transport, Peer] | None:
-        """Handshake and identify; None if refused (already counted, logged, closed).
-
-        `protocol` becomes the TLS transport's protocol. start_tls does not call its
-        `connection_made` (the caller does, with the returned transport), and it may already
-        have received bytes that came with the handshake: it must hold them until released.
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            tls = await loop.start_tls(
-                raw,
-                protocol,
-                self.server_ssl,
-                server_side=True,
-                ssl_handshake_timeout=self.handshake_timeout,
-            )
-        except (OSError, TimeoutError, EOFError) as err:
-            self.stats.handshakes_failed += 1
-            reason = getattr(err, "reason", None) or type(err).__name__
-            self._refuse(raw, f"TLS handshake failed: {reason}")
-            return None
-        if tls is None:  # the peer went away during the handshake
-            self.stats.handshakes_failed += 1
-            return None
-        peer = self.peers.peer_of(tls.get_extra_info("ssl_object"))
+    def admit(self, transport: asyncio.BaseTransport, watch: _HandshakeWatch) -> Peer | None:
+        """Identify and authorize a connection whose handshake just succeeded; None if
+        refused (counted, logged once per peer and reason, aborted before any byte is read)."""
+        watch.done = True
+        peer = self.peers.peer_of(transport.get_extra_info("ssl_object"))
         if isinstance(peer, str):
             self.stats.peers_refused += 1
-            self._refuse(tls, peer)
+            self._refuse(transport, peer)
             return None
         if self.authorize is not None:
             verdict = self.authorize(peer)
             if not verdict.allowed:
                 self.stats.connections_denied += 1
-                self._refuse(tls, f"{peer.uri} denied: {verdict.reason}")
+                self._refuse(transport, f"{peer.uri} denied: {verdict.reason}")
                 return None
-        return tls, peer
+        self.stats.connections += 1
+        return peer

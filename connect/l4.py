@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, cast
 
-from connect.inbound import InboundGate, Parked
+from connect.inbound import InboundGate
 from connect.proxy import DialFailed, ProxyStats, Upstream, dial_upstream
 
 log = logging.getLogger("meshlet.proxy.l4")
@@ -104,7 +106,7 @@ class _Leg(asyncio.Protocol):
         self.pending: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast("asyncio.Transport", transport)
         self.transport = transport
         self.is_tls = transport.get_extra_info("sslcontext") is not None
         transport.set_write_buffer_limits(high=self.relay.limits.high_water)
@@ -181,6 +183,22 @@ def _link(relay: _Relay) -> bool:
     return True
 
 
+class _AcceptedLeg(_Leg):
+    """The accepted side of a relay: created at accept time (before any TLS handshake), it
+    hands itself to its listener once connected."""
+
+    __slots__ = ("listener", "watch")
+
+    def __init__(self, relay: _Relay, listener: _Listener) -> None:
+        super().__init__(relay)
+        self.listener = listener
+        self.watch = listener.watch()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # pauses reading: the other leg is not there yet
+        self.listener.accepted(self)
+
+
 class _Listener:
     """Owns one listening socket and the relays it started (Consul's `Listener`)."""
 
@@ -197,26 +215,43 @@ class _Listener:
     def port(self) -> int:
         return self._port
 
+    def watch(self) -> Any:
+        return None
+
     def _done(self, relay: _Relay) -> None:
         self.relays.discard(relay)
         if not self.relays and self._drained is not None:
             self._drained.set()
 
-    def _start(self, raw: asyncio.Transport) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(raw))
+    def _protocol(self) -> asyncio.Protocol:
+        relay = _Relay(self.limits, self._done)
+        leg = _AcceptedLeg(relay, self)
+        relay.a = leg
+        leg.other = relay.b
+        relay.b.other = leg
+        return leg
+
+    def accepted(self, leg: _AcceptedLeg) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, raw: asyncio.Transport) -> None:
-        raise NotImplementedError
-
-    def _protocol(self) -> asyncio.Protocol:
-        return Parked(self._start)
+    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
+        return None, None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        ctx, handshake_timeout = self._ssl()
         self.server = await loop.create_server(
-            self._protocol, host, port, reuse_port=reuse_port or None
+            self._protocol,
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            ssl=ctx,
+            ssl_handshake_timeout=handshake_timeout,
         )
         self._port = int(self.server.sockets[0].getsockname()[1])
 
@@ -247,14 +282,14 @@ class OutboundL4(_Listener):
         super().__init__(limits or RelayLimits(), stats)
         self.upstream = upstream
 
-    async def _serve(self, raw: asyncio.Transport) -> None:
-        relay = _Relay(self.limits, self._done)
-        self.relays.add(relay)
-        relay.a.connection_made(raw)
-        raw.set_protocol(relay.a)
+    def accepted(self, leg: _AcceptedLeg) -> None:
+        self.relays.add(leg.relay)
         self.stats.connections += 1
+        self._spawn(self._dial(leg.relay))
+
+    async def _dial(self, relay: _Relay) -> None:
         try:
-            _, _, _, _ = await dial_upstream(self.upstream, lambda: relay.b)
+            await dial_upstream(self.upstream, lambda: relay.b)
         except DialFailed as err:
             self.stats.no_endpoint += 1
             log.warning("upstream %s: %s", self.upstream.name, err)
@@ -278,15 +313,21 @@ class InboundL4(_Listener):
         self.app_host = app_host
         self.app_port = app_port
 
-    async def _serve(self, raw: asyncio.Transport) -> None:
-        relay = _Relay(self.limits, self._done)
-        self.relays.add(relay)
-        admitted = await self.gate.admit(raw, relay.a)
-        if admitted is None:
-            relay.abort()
+    def watch(self) -> Any:
+        return self.gate.watch()
+
+    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
+        return self.gate.server_ssl, self.gate.handshake_timeout
+
+    def accepted(self, leg: _AcceptedLeg) -> None:
+        assert leg.transport is not None
+        if self.gate.admit(leg.transport, leg.watch) is None:
+            leg.relay.closed = True  # refused before the relay existed: nothing to finish
             return
-        relay.a.connection_made(admitted[0])  # start_tls does not call it
-        self.stats.connections += 1
+        self.relays.add(leg.relay)
+        self._spawn(self._dial(leg.relay))
+
+    async def _dial(self, relay: _Relay) -> None:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(
