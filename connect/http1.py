@@ -198,14 +198,20 @@ class _UpConn(asyncio.Protocol):
             assert owner.transport is not None
             owner.transport.write(data)
             return
+        # Everything one read produces for the client (status line, headers, body, last
+        # chunk) goes out as one write: one TLS record and one syscall instead of several.
+        owner.out = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            owner.flush()
             owner.tunnel_open(self, data[upgrade.args[0] :])
             return
         except httptools.HttpParserError as err:
+            owner.flush()
             owner.upstream_broken(self, f"bad response: {err}")
             return
+        owner.flush()
         if self.skip_body:
             # llhttp cannot be told a response answers HEAD; its parser now expects a body
             # that will never come, so take a fresh one for the next exchange.
@@ -478,6 +484,7 @@ class _Downstream(asyncio.Protocol):
         "head_size",
         "headers",
         "listener",
+        "out",
         "parser",
         "parsing",
         "peer",
@@ -506,6 +513,7 @@ class _Downstream(asyncio.Protocol):
         self.head_bytes = 0
         self.head_size = 0
         self.too_large = False
+        self.out: list[bytes] | None = None
         self.queue: deque[_Exchange] = deque()
         self.parsing: _Exchange | None = None
         self.state = _IDLE
@@ -789,24 +797,45 @@ class _Downstream(asyncio.Protocol):
         if not ex.keep_alive and status != 101:
             lines.append(_CLOSE)
         lines.append(_CRLF)
-        if self.transport is not None:
+        out = self.out
+        if out is not None:
+            out += lines
+        elif self.transport is not None:
             self.transport.writelines(lines)
 
     def response_body(self, body: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            return
+        out = self.out
+        if out is None:
+            out = []
+            self.out = out
         if self.queue[0].resp_chunked:
-            transport.writelines((b"%x\r\n" % len(body), body, _CRLF))
+            out += (b"%x\r\n" % len(body), body, _CRLF)
         else:
-            transport.write(body)
+            out.append(body)
+
+    def flush(self) -> None:
+        """Write what this read produced for the client, and stop batching."""
+        out = self.out
+        self.out = None
+        transport = self.transport
+        if not out or transport is None:
+            return
+        if len(out) == 1:
+            transport.write(out[0])
+        elif sum(map(len, out)) <= 65536:
+            transport.write(b"".join(out))
+        else:
+            transport.writelines(out)
 
     def response_done(self, conn: _UpConn, reusable: bool) -> None:
         ex = self.queue[0]
         if ex.conn is not conn:
             return
-        if ex.resp_chunked and self.transport is not None:
-            self.transport.write(_LAST_CHUNK)
+        if ex.resp_chunked:
+            if self.out is not None:
+                self.out.append(_LAST_CHUNK)
+            elif self.transport is not None:
+                self.transport.write(_LAST_CHUNK)
         # A connection whose request body was not fully sent cannot carry another request.
         reusable = reusable and ex.body_done and not ex.upgrade
         ex.conn = None
@@ -876,6 +905,11 @@ class _Downstream(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _finish(self, ex: _Exchange) -> None:
+        if self.out:
+            # Batched bytes of this response must precede a close or the next response.
+            pending, self.out = self.out, []
+            if self.transport is not None:
+                self.transport.write(b"".join(pending))
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         transport = self.transport
