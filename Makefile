@@ -38,8 +38,10 @@ dev: $(STAMP)
 	$(BIN)/meshlet dev
 
 # The agent at scale: 1,000 upstreams x 10 instances plus one of 10,000; figures printed.
+# Then the sidecar pair against haproxy (needs haproxy, nginx, wrk; see bench/README.md).
 bench: $(STAMP)
 	$(BIN)/python bench/agent_scale.py
+	$(BIN)/python bench/proxy_bench.py
 
 # py-consul's own test suite against `meshlet dev` (see compat/README.md).
 compat: $(STAMP)

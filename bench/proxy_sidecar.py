@@ -1,0 +1,140 @@
+"""One meshlet sidecar as a process, for the proxy benchmark (not the product's CLI).
+
+    proxy_sidecar.py --kind http|l4 --side in|out --listen PORT --target HOST:PORT \
+        --ca ca.crt --cert leaf.crt --key leaf.key [--service api] [--trust-domain TD]
+
+`in` terminates mesh mTLS, authorizes with the intentions engine (one allow intention, so the
+decision path is the real one) and forwards to the app; `out` takes plaintext and dials
+`--target` with mTLS, checking the server is `--service`. Runs on uvloop with the GC frozen
+after start, as perf.md §5 recommends. Prints "ready" once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import signal
+import ssl
+
+import uvloop
+from cryptography import x509
+
+from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
+from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.inbound import InboundGate
+from connect.l4 import InboundL4, OutboundL4
+from connect.proxy import (
+    Peer,
+    PeerCache,
+    PeerRejected,
+    ProxyStats,
+    Upstream,
+    fixed_endpoints,
+    intentions_authorizers,
+)
+from intentions.engine import Identity, compile_snapshot, identity_from_consul_uri
+from intentions.entries import load_entry
+
+
+def verifier(trust_domain: str) -> PeerCache:
+    # The agent wires connect.identity.peer_identity here; the benchmark checks the same
+    # essentials (one SPIFFE URI SAN in our trust domain naming a service).
+    def verify(der: bytes, /) -> Peer:
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1 or not uris[0].startswith(f"spiffe://{trust_domain}/"):
+            raise PeerRejected("not a mesh identity")
+        ident = identity_from_consul_uri(uris[0])
+        if ident is None:
+            raise PeerRejected("not a service identity")
+        return Peer(uris[0], ident)
+
+    return PeerCache(verify)
+
+
+def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.load_verify_locations(args.ca)
+    server.load_cert_chain(args.cert, args.key)
+    server.set_alpn_protocols(["http/1.1"])
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_REQUIRED
+    client.load_verify_locations(args.ca)
+    client.load_cert_chain(args.cert, args.key)
+    return server, client
+
+
+async def main(args: argparse.Namespace) -> None:
+    server_ctx, client_ctx = contexts(args)
+    host, port = args.target.rsplit(":", 1)
+    stats = ProxyStats()
+    listener: InboundHTTP | OutboundHTTP | InboundL4 | OutboundL4
+    if args.side == "in":
+        entry = load_entry(
+            {
+                "Kind": "service-intentions",
+                "Name": args.service,
+                "Sources": [{"Name": "web", "Action": "allow"}],
+            }
+        )
+        snapshot = compile_snapshot([entry], default_allow=False)
+        connection, request = intentions_authorizers(lambda: snapshot, Identity(args.service))
+        if args.kind == "http":
+            gate = InboundGate(server_ctx, verifier(args.trust_domain), stats)
+            listener = InboundHTTP(
+                gate,
+                host,
+                int(port),
+                authorize=request,
+                local_uri=f"spiffe://{args.trust_domain}/ns/default/dc/dc1/svc/{args.service}",
+            )
+        else:
+            gate = InboundGate(server_ctx, verifier(args.trust_domain), stats, authorize=connection)
+            listener = InboundL4(gate, host, int(port))
+    else:
+        upstream = Upstream(
+            name=args.service,
+            endpoints=fixed_endpoints(
+                compile_balancer(
+                    [Target("bench/peer", host, int(port))],
+                    BalancerConfig(policy=Policy.LEAST_REQUEST),
+                )
+            ),
+            client_ssl=lambda: client_ctx,
+            verify_peer=verifier(args.trust_domain),
+            expected_service=args.service,
+            rng=random.Random(),
+        )
+        listener = OutboundHTTP(upstream) if args.kind == "http" else OutboundL4(upstream)
+    await listener.start("127.0.0.1", args.listen)
+    gc.collect()
+    gc.freeze()  # long-lived config objects leave the GC's generations
+    gc.set_threshold(50_000, 50, 100)
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await listener.close(grace=0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", choices=["http", "l4"], required=True)
+    parser.add_argument("--side", choices=["in", "out"], required=True)
+    parser.add_argument("--listen", type=int, required=True)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--service", default="api")
+    parser.add_argument("--trust-domain", default="11111111-2222-3333-4444-555555555555.consul")
+    uvloop.run(main(parser.parse_args()))
