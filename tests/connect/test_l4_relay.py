@@ -26,7 +26,10 @@ from connect.proxy import (
     Upstream,
     Verdict,
     fixed_endpoints,
+    intentions_authorizers,
 )
+from intentions.engine import Identity, compile_snapshot
+from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
 from tests.connect.proxy_test_servers import AppStats, Source, start_app
 
@@ -358,3 +361,31 @@ async def test_close_drains_and_stops_accepting(pair: Pair) -> None:
     writer.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", pair.outbound.port)
+
+
+async def test_l4_intentions_from_the_engine_allow_and_deny(ca: ProxyTestCA) -> None:
+    def snapshot_for(action: str) -> Callable[[Peer], Verdict]:
+        entry = load_entry(
+            {
+                "Kind": "service-intentions",
+                "Name": "api",
+                "Sources": [{"Name": "web", "Action": action}],
+            }
+        )
+        snap = compile_snapshot([entry], default_allow=action == "deny")
+        return intentions_authorizers(lambda: snap, Identity("api"))[0]
+
+    for action in ("allow", "deny"):
+        decide = snapshot_for(action)
+        p, servers = await build_pair(ca, allow=lambda peer, d=decide: d(peer).allowed)
+        try:
+            reader, writer = await p.connect()
+            writer.write(b"ping")
+            if action == "allow":
+                assert await reader.readexactly(4) == b"ping"
+            else:
+                assert await reader.read() == b""
+                assert p.app.accepted == 0
+            writer.close()
+        finally:
+            await close_all(p, servers)
