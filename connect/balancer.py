@@ -143,7 +143,7 @@ class Balancer:
 
     @property
     def uses_hash(self) -> bool:
-        return self.config.policy in (Policy.RING_HASH, Policy.MAGLEV)
+        return self.config.policy is Policy.RING_HASH or self.config.policy is Policy.MAGLEV
 
     def pick(
         self,
@@ -158,8 +158,8 @@ class Balancer:
         does. `cursor.turn` advances for round robin; in-flight counts are the caller's to keep.
         """
         n = len(self.targets)
-        if n == 0:
-            return None
+        if n <= 1:
+            return None if n == 0 or 0 in exclude else 0
         policy = self.config.policy
         if policy is Policy.ROUND_ROBIN:
             sched = self.schedule

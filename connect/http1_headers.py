@@ -8,6 +8,7 @@ proxy never builds a dict per request.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,10 +84,30 @@ def scan(headers: Sequence[tuple[bytes, bytes]]) -> RequestHead:
         elif lower == b"upgrade":
             upgrade = value
     if chunked:
-        length = None
+        framing = CHUNKED_BODY
+    elif length is None:
+        framing = NO_LENGTH
+    else:
+        framing = _framing_for(length)
     return RequestHead(
-        host, Framing(chunked, length), frozenset(connection), expect, has_id, upgrade
+        host, framing, frozenset(connection) if connection else _NO_TOKENS, expect, has_id, upgrade
     )
+
+
+# Framing values are shared, not built per message (a frozen dataclass is slow to create).
+CHUNKED_BODY = Framing(True, None)
+NO_LENGTH = Framing(False, None)
+_NO_TOKENS: frozenset[bytes] = frozenset()
+_BY_LENGTH: dict[int, Framing] = {}
+
+
+def _framing_for(length: int) -> Framing:
+    framing = _BY_LENGTH.get(length)
+    if framing is None:
+        framing = Framing(False, length)
+        if len(_BY_LENGTH) < 4096:
+            _BY_LENGTH[length] = framing
+    return framing
 
 
 def forwardable(
@@ -117,12 +138,17 @@ def xfcc_element(by_uri: str, cert_sha256: str, peer_uri: str) -> bytes:
     return (f"By={_xfcc_value(by_uri)};Hash={cert_sha256};URI={_xfcc_value(peer_uri)}").encode()
 
 
+# Request IDs correlate logs; they are not secrets, so a seeded PRNG (no syscall per request)
+# is enough, as for Envoy's UUIDs.
+_ids = random.Random(os.urandom(32))
+
+
 def new_request_id() -> bytes:
     """A random (version 4) UUID in its text form, without building a uuid.UUID."""
-    h = bytearray(os.urandom(16))
-    h[6] = (h[6] & 0x0F) | 0x40
-    h[8] = (h[8] & 0x3F) | 0x80
-    x = h.hex().encode()
+    n = _ids.getrandbits(128)
+    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    x = b"%032x" % n
     return x[:8] + b"-" + x[8:12] + b"-" + x[12:16] + b"-" + x[16:20] + b"-" + x[20:]
 
 
