@@ -5,17 +5,34 @@ predecessor in one assignment, so a reader that took one keeps a consistent view
 watcher publishes the next. An answer that does not make sense as a whole (a proxy for another
 service, a port of 0, the same instance twice, a failing instance in a `?passing` answer) is
 rejected as a whole: half of a list of endpoints is worse than the last good list.
+
+Two ways to build a snapshot from the same answer, with the same result:
+
+- `build_snapshot(key, entries, ...)`: from decoded `ServiceEntry`s, every one validated.
+- `decode_answer(key, raw, memo)` + `snapshot_of(...)`: from Consul's parsed JSON, as the
+  watcher does it. An entry whose `fingerprint` (node and service ID, the node's and the
+  service's `ModifyIndex`, each check's ID, status and `ModifyIndex`) is the same as in the
+  previous accepted answer is the same data (Consul bumps an object's `ModifyIndex` on every
+  write to it), so its already validated `Endpoint` is reused; every other entry is decoded
+  and validated in full with `ServiceEntry.from_json` and `endpoint_of`. Entries without
+  those indexes are always decoded in full. The memo is the caller's to keep or drop.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from types import MappingProxyType
+from typing import Any
 
+from agent.consul_json import as_list
 from agent.consul_results import HealthStatus, ServiceEntry
+
+_EMPTY_META: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +95,7 @@ class SnapshotRejected(ValueError):
     """Consul's answer is inconsistent; the message says which entry and why."""
 
 
+@functools.lru_cache(maxsize=8192)
 def _address_ok(address: str) -> bool:
     if not address:
         return False
@@ -106,28 +124,143 @@ def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
         raise SnapshotRejected(f"{where}: port {entry.port} is not dialable")
     if not _address_ok(entry.address):
         raise SnapshotRejected(f"{where}: address {entry.address!r} is not dialable")
+    # Node names, addresses, the datacenter and tags repeat across instances and upstreams;
+    # one copy of each keeps thousands of snapshots small.
+    intern = sys.intern
     return Endpoint(
-        node=entry.node,
+        node=intern(entry.node),
         service_id=entry.service_id,
-        address=entry.address,
+        address=intern(entry.address),
         port=entry.port,
-        datacenter=entry.datacenter,
+        datacenter=intern(entry.datacenter),
         weight=entry.weights.passing,
-        tags=entry.tags,
-        meta=entry.meta,
+        tags=tuple(map(intern, entry.tags)) if entry.tags else (),
+        meta=entry.meta if entry.meta else _EMPTY_META,
     )
+
+
+_sort_key = attrgetter("node", "service_id")
+
+
+def snapshot_of(key: WatchKey, endpoints: list[Endpoint], index: int, now: float) -> Snapshot:
+    """The snapshot of already validated endpoints (sorted here, in place), or
+    `SnapshotRejected` if one instance is listed twice."""
+    endpoints.sort(key=_sort_key)
+    keys = list(map(_sort_key, endpoints))
+    if len(set(keys)) != len(keys):
+        seen: set[tuple[str, str]] = set()
+        for node, service_id in keys:
+            if (node, service_id) in seen:
+                raise SnapshotRejected(f"{node}/{service_id}: listed twice")
+            seen.add((node, service_id))
+    return Snapshot(key=key, endpoints=tuple(endpoints), index=index, updated_at=now)
 
 
 def build_snapshot(
     key: WatchKey, entries: Sequence[ServiceEntry], index: int, now: float
 ) -> Snapshot:
     """A snapshot of every entry, or `SnapshotRejected` if any one of them is unusable."""
-    endpoints = [endpoint_of(key, e) for e in entries]
-    endpoints.sort(key=lambda e: (e.node, e.service_id))
-    for prev, cur in itertools.pairwise(endpoints):
-        if prev.key == cur.key:
-            raise SnapshotRejected(f"{cur.node}/{cur.service_id}: listed twice")
-    return Snapshot(key=key, endpoints=tuple(endpoints), index=index, updated_at=now)
+    return snapshot_of(key, [endpoint_of(key, e) for e in entries], index, now)
+
+
+Fingerprint = tuple[str, str, int, int, tuple[tuple[str, str, int], ...]]
+"""(Node.Node, Service.ID, Node.ModifyIndex, Service.ModifyIndex,
+((CheckID, Status, ModifyIndex), ...)) of one raw health entry."""
+
+Memo = Mapping[Fingerprint, tuple[Fingerprint, Endpoint]]
+"""Endpoints of the last accepted answer by fingerprint (the value keeps the first key object,
+so a reused entry does not retain a fresh copy of its strings)."""
+
+
+def _modify_index(obj: Mapping[str, Any]) -> int | None:
+    value = obj.get("ModifyIndex")
+    # `type is int`: True and 1.0 compare equal to 1 but are not indexes.
+    return value if type(value) is int and value > 0 else None
+
+
+def fingerprint(raw: object) -> Fingerprint | None:
+    """What identifies one version of a raw `/v1/health/connect` entry, or None when the entry
+    does not carry Consul's indexes (or is not shaped like an entry at all): then it must be
+    decoded in full."""
+    if type(raw) is not dict:
+        return None
+    node, svc, checks = raw.get("Node"), raw.get("Service"), raw.get("Checks")
+    if type(node) is not dict or type(svc) is not dict:
+        return None
+    name, service_id = node.get("Node"), svc.get("ID")
+    node_index, service_index = _modify_index(node), _modify_index(svc)
+    if (
+        type(name) is not str
+        or type(service_id) is not str
+        or node_index is None
+        or service_index is None
+    ):
+        return None
+    intern = sys.intern
+    parts: list[tuple[str, str, int]] = []
+    if checks is not None:
+        if type(checks) is not list:
+            return None
+        for check in checks:
+            if type(check) is not dict:
+                return None
+            check_id, status, check_index = (
+                check.get("CheckID"),
+                check.get("Status"),
+                _modify_index(check),
+            )
+            if type(check_id) is not str or type(status) is not str or check_index is None:
+                return None
+            parts.append((intern(check_id), intern(status), check_index))
+    return (intern(name), service_id, node_index, service_index, tuple(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One answer's endpoints, validated but not yet a snapshot, and the memo it leaves."""
+
+    endpoints: list[Endpoint]
+    memo: Memo
+    reused: int
+    """How many entries were unchanged since the previous answer (not decoded again)."""
+
+
+def decode_answer(key: WatchKey, raw: object, memo: Memo) -> Decoded:
+    """The endpoints of a parsed `/v1/health/connect/<key.name>?passing` answer.
+
+    Raises `ShapeError` if any entry is not shaped as Consul documents (checked for every
+    entry before any content check, as when the whole answer is decoded first), then
+    `SnapshotRejected` if any entry is unusable. Entries whose fingerprint is in `memo` reuse
+    its endpoint; the rest go through `ServiceEntry.from_json` and `endpoint_of`.
+    """
+    items = as_list(raw, "response")
+    endpoints: list[Endpoint] = []
+    kept: dict[Fingerprint, tuple[Fingerprint, Endpoint]] = {}
+    decoded = 0
+    rejected: SnapshotRejected | None = None
+    for item in items:
+        fp = fingerprint(item)
+        hit = memo.get(fp) if fp is not None else None
+        if hit is not None:
+            kept[hit[0]] = hit
+            endpoints.append(hit[1])
+            continue
+        # Each typed entry is garbage as soon as its endpoint exists: the peak stays one entry.
+        entry = ServiceEntry.from_json(item)
+        decoded += 1
+        if rejected is not None:
+            continue  # the answer is lost already; only a shape error could still win
+        try:
+            endpoint = endpoint_of(key, entry)
+        except SnapshotRejected as exc:
+            rejected = exc
+            continue
+        if fp is not None:
+            kept[fp] = (fp, endpoint)
+        endpoints.append(endpoint)
+    if rejected is not None:
+        raise rejected
+    return Decoded(endpoints=endpoints, memo=kept, reused=len(items) - decoded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,19 +286,28 @@ class Diff:
         return "; ".join(parts) or "no change"
 
 
-def _by_key(endpoints: Iterable[Endpoint]) -> dict[tuple[str, str], Endpoint]:
-    return {e.key: e for e in endpoints}
-
-
 def diff(old: Snapshot | None, new: Snapshot) -> Diff:
-    """What changed from `old` (None: nothing known yet) to `new`, for logs and status."""
+    """What changed from `old` (None: nothing known yet) to `new`, for logs and status.
+
+    Endpoints present as the very same object in both snapshots (reused from the memo) are
+    unchanged; only the others are compared by key, so a one-instance change to a large
+    upstream costs set operations, not a Python loop over every endpoint.
+    """
     if old is None:
         return Diff(added=new.endpoints)
     if old.endpoints == new.endpoints:
         return Diff()
-    before, after = _by_key(old.endpoints), _by_key(new.endpoints)
+    old_ids = dict(zip(map(id, old.endpoints), old.endpoints, strict=True))
+    new_ids = dict(zip(map(id, new.endpoints), new.endpoints, strict=True))
+    before = {e.key: e for e in map(old_ids.__getitem__, old_ids.keys() - new_ids.keys())}
+    after = {e.key: e for e in map(new_ids.__getitem__, new_ids.keys() - old_ids.keys())}
     return Diff(
-        added=tuple(e for k, e in after.items() if k not in before),
-        removed=tuple(e for k, e in before.items() if k not in after),
-        changed=tuple((before[k], e) for k, e in after.items() if k in before and before[k] != e),
+        added=tuple(sorted((e for k, e in after.items() if k not in before), key=_sort_key)),
+        removed=tuple(sorted((e for k, e in before.items() if k not in after), key=_sort_key)),
+        changed=tuple(
+            sorted(
+                ((before[k], e) for k, e in after.items() if k in before and before[k] != e),
+                key=lambda pair: _sort_key(pair[1]),
+            )
+        ),
     )

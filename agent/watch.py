@@ -5,15 +5,21 @@
     snap = watcher.latest.get()                 # None until the first answer
 
 Each watcher asks `/v1/health/connect/<name>?passing` (with `dc`, `peer`, `filter`), builds a
-`catalog.Snapshot` from the answer and swaps it in. On errors it keeps the last good snapshot,
-records `stale_since`, and retries after an exponential delay with jitter (`backoff_delay`,
-pure). Consul's blocking-query rules (index reset when it goes backwards, never block on 0)
-live in the client's `Indexed.next_index`.
+`catalog.Snapshot` from the answer and swaps it in. Consul answers a blocking query with the
+whole list, so the watcher keeps the previous answer's endpoints by fingerprint
+(`catalog.decode_answer`): only new or changed entries are decoded and validated again. The
+memo is used only while the watch's index moves forward; the first answer, every answer after
+an error, and an answer whose index went backwards are validated entry by entry.
+
+On errors it keeps the last good snapshot, records `stale_since`, and retries after an
+exponential delay with jitter (`backoff_delay`, pure). Consul's blocking-query rules (index
+reset when it goes backwards, never block on 0) live in the client's `Indexed.next_index`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -21,10 +27,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+from urllib.parse import quote
 
-from agent.catalog import Snapshot, SnapshotRejected, WatchKey, build_snapshot, diff
+from agent.catalog import (
+    Decoded,
+    Memo,
+    Snapshot,
+    SnapshotRejected,
+    WatchKey,
+    decode_answer,
+    diff,
+    snapshot_of,
+)
 from agent.connectivity import Connectivity
-from agent.consul import ConsulClient
+from agent.consul import ConsulClient, Indexed
+from agent.consul import _read_params as read_params
 from agent.consul_errors import ConsulError, ConsulUnavailable
 
 log = logging.getLogger("meshlet.agent.watch")
@@ -104,7 +121,7 @@ class ApplyTimes:
         self.samples.append(seconds)
         self.count += 1
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | list[float]]:
         ordered = sorted(self.samples)
         if not ordered:
             return {"count": self.count}
@@ -117,7 +134,33 @@ class ApplyTimes:
             "p50_ms": round(pct(0.50), 4),
             "p99_ms": round(pct(0.99), 4),
             "max_ms": round(ordered[-1] * 1000, 4),
+            # In order, newest last: what the last changes cost, apart from the first snapshots.
+            "recent_ms": [
+                round(s * 1000, 4) for s in itertools.islice(reversed(self.samples), 256)
+            ][::-1],
         }
+
+
+async def health_connect_decoded(
+    consul: ConsulClient,
+    key: WatchKey,
+    decode: Callable[[object], Decoded],
+    index: int,
+    wait: float,
+) -> Indexed[Decoded]:
+    """`consul.health.connect(key.name, passing=True, ...)`, with the parsed answer handed to
+    `decode` instead of being turned into `ServiceEntry`s first.
+
+    The client's public `health.connect` always decodes every entry in full; this goes one
+    level lower, through the same request path, parameters, error mapping (`ShapeError` from
+    `decode` becomes `ConsulBadResponse` naming the request) and index handling.
+    """
+    params, blocking = read_params(
+        dc=key.datacenter, index=index, wait=wait, stale=False, filter=key.filter, peer=key.peer
+    )
+    params.append(("passing", "1"))
+    path = f"/v1/health/connect/{quote(key.name, safe='')}"
+    return await consul.health._indexed(path, decode, params, blocking, index)
 
 
 class UpstreamWatcher:
@@ -141,28 +184,36 @@ class UpstreamWatcher:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._apply_times = apply_times
+        self._memo: Memo = {}
+        """Endpoints of the last accepted answer by entry fingerprint."""
 
     async def _fetch(self, index: int, wait: float) -> tuple[int, int, bool, Snapshot | None]:
-        got = await self._consul.health.connect(
-            self.key.name,
-            passing=True,
-            dc=self.key.datacenter,
-            peer=self.key.peer,
-            filter=self.key.filter,
-            index=index,
-            wait=wait,
-        )
+        # A non-blocking read (first, or after any error or reset) validates every entry.
+        memo = self._memo if index else {}
+        started: list[float] = []
+
+        def decode(value: object) -> Decoded:
+            started.append(time.perf_counter())
+            return decode_answer(self.key, value, memo)
+
+        got = await health_connect_decoded(self._consul, self.key, decode, index, wait)
         current = self.latest.get()
+        if got.reset and memo:
+            # Consul's state was replaced (restore, another cluster): its ModifyIndexes may
+            # repeat with other data. Publish nothing from the memo; read again at once.
+            self._memo = {}
+            return got.index, 0, False, None
         if current is not None and not got.reset and got.index == current.index:
             # A blocking query that timed out, or a write elsewhere in the same table.
             return got.index, got.next_index, False, None
-        started = time.perf_counter()
-        snapshot = build_snapshot(self.key, got.value, got.index, self._clock())
+        snapshot = snapshot_of(self.key, got.value.endpoints, got.index, self._clock())
+        self._memo = got.value.memo
         changes = diff(current, snapshot)
         if changes or current is None:
             self.latest.publish(snapshot)
             if self._apply_times is not None:
-                self._apply_times.add(time.perf_counter() - started)
+                # Decode of the parsed answer + snapshot + diff + publish (not HTTP, not JSON).
+                self._apply_times.add(time.perf_counter() - started[0])
             what = (
                 f"first snapshot, {len(snapshot.endpoints)} endpoints"
                 if current is None
