@@ -391,12 +391,14 @@ class MeshOrigin(_Origin):
         up = self.upstream
         balancer = up.endpoints.balancer()
         cursor = up.cursor_for(balancer)
-        loop = asyncio.get_running_loop()
-        exclude = up.ejected_indexes(balancer, loop.time())
-        if avoid is not None:
-            exclude |= {i for i, t in enumerate(balancer.targets) if t.key == avoid}
-        if exclude and len(exclude) >= len(balancer.targets) and avoid is None:
-            exclude = set()
+        exclude: set[int] = _NOTHING
+        if up.has_marks or avoid is not None:
+            # Off the common path: get_running_loop() costs a getpid() syscall on 3.11.
+            exclude = up.ejected_indexes(balancer, asyncio.get_running_loop().time())
+            if avoid is not None:
+                exclude |= {i for i, t in enumerate(balancer.targets) if t.key == avoid}
+            if exclude and len(exclude) >= len(balancer.targets) and avoid is None:
+                exclude = _NOTHING
         h = None
         if balancer.uses_hash and balancer.config.hash_policies:
             h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
@@ -413,7 +415,7 @@ class MeshOrigin(_Origin):
             cursor.inflight[idx] += 1
             conn.slot = idx
             return conn
-        self._spawn(self._dial(down, ex, idx, exclude, h))
+        self._spawn(self._dial(down, ex, idx, set(exclude), h))
         return None
 
     async def _dial(
@@ -453,6 +455,10 @@ class MeshOrigin(_Origin):
         if 0 <= conn.slot < len(cursor.inflight) and cursor.inflight[conn.slot] > 0:
             cursor.inflight[conn.slot] -= 1
         super().release(conn, reusable)
+
+
+_NOTHING: set[int] = set()
+"""Shared and never mutated: the exclusion set of a request with nothing to avoid."""
 
 
 class _HeaderLookup:

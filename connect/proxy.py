@@ -175,6 +175,10 @@ class Upstream:
             self._cursor = Cursor.for_balancer(balancer)
         return self._cursor
 
+    @property
+    def has_marks(self) -> bool:
+        return bool(self._ejected)
+
     def ejected_indexes(self, balancer: Balancer, now: float) -> set[int]:
         if not self._ejected:
             return set()
