@@ -34,6 +34,7 @@ __all__ = [
     "CATALOG_NODE",
     "CATALOG_SERVICE_NODE",
     "HEALTH_ENTRY",
+    "INTENTION",
     "NODE_SERVICE",
 ]
 
@@ -202,3 +203,17 @@ HEALTH_ENTRY: Final[Struct] = struct(
     Checks=ListOf(AGENT_CHECK),
 )
 """structs.CheckServiceNode: /v1/health/service/:s and /v1/health/connect/:s entries."""
+
+INTENTION: Final[Struct] = struct(
+    Action=STRING,
+    Description=STRING,
+    DestinationNS=STRING,
+    DestinationName=STRING,
+    ID=STRING,
+    Meta=_STRING_MAP,
+    Precedence=INT,
+    SourceNS=STRING,
+    SourceName=STRING,
+    SourceType=STRING,
+)
+"""structs.Intention, as /v1/connect/intentions lists it (selectors from intentions.mdx)."""

@@ -15,10 +15,7 @@ from typing import Any, Literal
 
 from devstack import decode as schema
 from devstack.config_entries import ConfigEntryError, Entry, validate_graph
-from devstack.filter import INT as F_INT
-from devstack.filter import STRING as F_STRING
-from devstack.filter import FilterError, compile_filter, struct
-from devstack.filter import MapOf as F_MapOf
+from devstack.filter_schemas import INTENTION as INTENTION_SCHEMA
 from devstack.httpapi import Call, HTTPError, Reply, Router, RPCError, bad_request
 from intentions import legacy
 from intentions.engine import Identity
@@ -58,20 +55,6 @@ INTENTION = schema.Struct(
         "CreateIndex": schema.INT,
         "ModifyIndex": schema.INT,
     },
-)
-
-# go-bexpr selectors of structs.Intention (intentions.mdx).
-INTENTION_FILTER = struct(
-    Action=F_STRING,
-    Description=F_STRING,
-    DestinationNS=F_STRING,
-    DestinationName=F_STRING,
-    ID=F_STRING,
-    Meta=F_MapOf(F_STRING),
-    Precedence=F_INT,
-    SourceNS=F_STRING,
-    SourceName=F_STRING,
-    SourceType=F_STRING,
 )
 
 
@@ -169,11 +152,7 @@ def _visible(call: Call, intention: legacy.LegacyIntention) -> bool:
 
 
 async def list_all(call: Call) -> Reply:
-    expression = call.query.get("filter", "")
-    try:
-        f = compile_filter(expression, INTENTION_FILTER) if expression else None
-    except FilterError as err:
-        raise RPCError(f"Failed to create boolean expression evaluator: {err}") from None
+    f = call.filter(INTENTION_SCHEMA)
     state = call.server.intentions
 
     def compute() -> tuple[int, list[dict[str, Any]]]:

@@ -143,3 +143,17 @@ async def test_agent_authorize_uses_the_same_engine(http: Http) -> None:
         "POST", "/v1/agent/connect/authorize", json={"Target": "db", "ClientCertURI": other}
     )
     assert body == {"Authorized": True, "Reason": "Default behavior configured by ACLs"}
+
+
+async def test_list_filter(http: Http) -> None:
+    for source, action in (("web", "allow"), ("api", "deny")):
+        await http.put(
+            "/v1/connect/intentions/exact",
+            params={"source": source, "destination": "db"},
+            json={"Action": action},
+        )
+    _, listed, _ = await http.get("/v1/connect/intentions", params={"filter": 'Action == "deny"'})
+    assert [i["SourceName"] for i in listed] == ["api"]
+    status, text, _ = await http.get("/v1/connect/intentions", params={"filter": "Nope == 1"})
+    assert status == 500
+    assert text.startswith('Failed to create boolean expression evaluator: Selector "Nope"')
