@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import platform
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -195,8 +196,6 @@ async def version(call: Call) -> Reply:
 
 async def host(call: Call) -> Reply:
     call.identity.require("operator:read")
-    import platform
-
     return call.reply(
         {
             "Host": {
@@ -272,7 +271,7 @@ async def join(call: Call) -> Reply:
 
 async def force_leave(call: Call) -> Reply:
     call.identity.require("operator:write")
-    if call.tail in (call.server.config.node_name,):
+    if call.tail == call.server.config.node_name:
         return Reply()
     raise HTTPError(500, f"No node found with name '{call.tail}'")
 
