@@ -25,7 +25,20 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="print every configuration key as Markdown (docs/configuration.md) and exit",
     )
-    p.set_defaults(run=_run_agent)
+    p.set_defaults(run=_run_agent, sidecar=False)
+
+    s = sub.add_parser(
+        "sidecar",
+        help="run the node agent with its sidecar proxy (mTLS, intentions, upstream listeners)",
+        description="Run the meshlet node agent and the service's sidecar proxy in one process.",
+    )
+    s.add_argument("-c", "--config", type=Path, metavar="FILE", help="the agent's YAML file")
+    s.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate FILE (with the environment's CONSUL_* overrides) and exit",
+    )
+    s.set_defaults(run=_run_agent, sidecar=True, print_config_reference=False)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -34,14 +47,15 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.print_config_reference:
         sys.stdout.write(reference_markdown())
         return 0
+    command = "meshlet sidecar" if args.sidecar else "meshlet agent"
     if args.config is None:
-        print("meshlet agent: -c FILE is required", file=sys.stderr)
+        print(f"{command}: -c FILE is required", file=sys.stderr)
         return 2
     env = dict(os.environ)
     try:
         config = load(args.config, env)
     except ConfigError as exc:
-        print(f"meshlet agent: invalid configuration: {exc}", file=sys.stderr)
+        print(f"{command}: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
         print(
@@ -53,4 +67,4 @@ def _run_agent(args: argparse.Namespace) -> int:
     from agent.cli import _run
     from agent.runtime import run_agent
 
-    return _run(run_agent(args.config, env, config))
+    return _run(run_agent(args.config, env, config, sidecar=args.sidecar))

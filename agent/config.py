@@ -214,6 +214,9 @@ class ServiceSection:
         return self.id or self.name
 
 
+SidecarProtocol = Literal["tcp", "http", "http2", "grpc"]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamSection:
     name: str = field(default="", metadata=_doc("Destination service name.", required=True))
@@ -240,6 +243,14 @@ class UpstreamSection:
             '`Service.Meta.version == "v2"`.'
         ),
     )
+    protocol: SidecarProtocol = field(
+        default="tcp",
+        metadata=_doc(
+            "What the destination speaks (Consul's upstream `Config.protocol`): http balances "
+            "each request over pooled mTLS connections; tcp, http2 and grpc are relayed per "
+            "connection."
+        ),
+    )
 
     @property
     def bind(self) -> str:
@@ -247,9 +258,6 @@ class UpstreamSection:
         return (
             f"[{host}]:{self.local_bind_port}" if ":" in host else f"{host}:{self.local_bind_port}"
         )
-
-
-SidecarProtocol = Literal["tcp", "http", "http2", "grpc"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.admin import AdminServer
-from agent.catalog import WatchKey
+from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
 from agent.readiness import ListenerReadiness, NoLeafSource, Readiness, SidecarReadiness
 from agent.registration import Registrar
+from agent.sidecar import Sidecar
 from agent.systemd import Notifier
 from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings
 
@@ -94,6 +95,7 @@ class AgentRuntime:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        sidecar: bool = False,
     ) -> None:
         self.config: Latest[AgentConfig] = Latest(config)
         self._path = config_path
@@ -101,7 +103,14 @@ class AgentRuntime:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._notifier = notifier if notifier is not None else Notifier(None)
-        self._readiness = readiness or ConfiguredReadiness(self.config.get)
+        self.sidecar: Sidecar | None = (
+            Sidecar(config, self._env, self._watch_settings, rng=self._rng, clock=clock)
+            if sidecar
+            else None
+        )
+        """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches)."""
+        self._readiness = readiness or self.sidecar or ConfiguredReadiness(self.config.get)
+        self._exit_code = 0
         self.connectivity = Connectivity(clock)
         self.apply_times = ApplyTimes()
         self._stop = asyncio.Event()
@@ -171,8 +180,12 @@ class AgentRuntime:
                     ]
                     for up in cfg.sidecar.upstreams:
                         self._start_watch(tg, up)
+                    if self.sidecar is not None:
+                        tasks.append(tg.create_task(self._run_sidecar(consul), name="sidecar"))
                     await self._stop.wait()
                     await self._drain(registrar)
+                    if self.sidecar is not None:
+                        await self.sidecar.close(grace=1.0)
                     for task in tasks:
                         task.cancel()
                     for watch in self._watches.values():
@@ -180,7 +193,23 @@ class AgentRuntime:
         finally:
             await self.admin.close()
         log.info("meshlet agent stopped")
-        return 0
+        return self._exit_code
+
+    async def _run_sidecar(self, consul: ConsulClient) -> None:
+        assert self.sidecar is not None
+        try:
+            await self.sidecar.run(consul, self._upstream_latest)
+        except Exception as exc:
+            # A listener that cannot bind, a certificate source that cannot be built: the
+            # proxy cannot serve, so the process stops (deregistering first) and says why.
+            log.error("sidecar failed, stopping: %s", exc, exc_info=exc)
+            self._exit_code = 1
+            self.request_stop()
+            self._force.set()
+
+    def _upstream_latest(self, up: UpstreamSection) -> Latest[Snapshot | None] | None:
+        watch = self._watches.get(watch_key(up))
+        return watch.watcher.latest if watch is not None else None
 
     async def _drain(self, registrar: Registrar) -> None:
         period = self.config.get().shutdown.drain_period
@@ -273,6 +302,12 @@ class AgentRuntime:
             for what, changed in (
                 ("consul", new.consul != old.consul or new.consul_client != old.consul_client),
                 ("admin", new.admin != old.admin),
+                (
+                    "sidecar proxy (sidecar, certs, service)",
+                    self.sidecar is not None
+                    and (new.sidecar, new.certs, new.service)
+                    != (old.sidecar, old.certs, old.service),
+                ),
             )
             if changed
         ]
@@ -284,6 +319,10 @@ class AgentRuntime:
             new = dataclasses.replace(
                 new, consul=old.consul, consul_client=old.consul_client, admin=old.admin
             )
+            if self.sidecar is not None:
+                new = dataclasses.replace(
+                    new, sidecar=old.sidecar, certs=old.certs, service=old.service
+                )
         if len(new.sidecar.upstreams) + 16 > old.consul_client.max_connections:
             log.warning(
                 "reload: %d upstreams need more than the %d Consul connections sized at start; "
@@ -418,6 +457,7 @@ class AgentRuntime:
             },
             "apply": self.apply_times.summary(),
             "upstreams": upstreams,
+            "proxy": self.sidecar.status() if self.sidecar is not None else None,
         }
 
 
@@ -425,9 +465,14 @@ def configure_logging(level: str) -> None:
     logging.getLogger("meshlet").setLevel(level.upper())
 
 
-async def run_agent(path: Path, env: Mapping[str, str], config: AgentConfig) -> int:
-    """`meshlet agent -c FILE` once the file is known to be valid: run until signalled."""
+async def run_agent(
+    path: Path, env: Mapping[str, str], config: AgentConfig, *, sidecar: bool = False
+) -> int:
+    """`meshlet agent -c FILE` (or `meshlet sidecar -c FILE`, with the proxy) once the file is
+    known to be valid: run until signalled."""
     configure_logging(config.log_level)
-    runtime = AgentRuntime(config, config_path=path, env=env, notifier=Notifier.from_env(env))
+    runtime = AgentRuntime(
+        config, config_path=path, env=env, notifier=Notifier.from_env(env), sidecar=sidecar
+    )
     runtime.install_signal_handlers()
     return await runtime.run()

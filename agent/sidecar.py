@@ -1,0 +1,466 @@
+"""The sidecar proxy inside the agent process: certificates, intentions and listeners wired.
+
+    meshlet sidecar -c agent.yaml     ->   AgentRuntime(..., sidecar=True)
+
+What runs (as tasks of the agent's one TaskGroup):
+
+* leaf: a `LeafRotator` over the configured source (`certs.source`: Consul's Connect CA, or
+  Vault PKI with Consul's roots) and a `DynamicTLS` that follows its generations. Listeners
+  hold the `listener_context()` and the client-context getter, so rotation never restarts them.
+* intentions: a blocking watch of the `service-intentions` config entries, compiled into the
+  engine's `Snapshot` whenever Consul's index moves; an entry meshlet cannot enforce (or that
+  does not validate) keeps the previous snapshot. The default decision follows Consul's
+  `DefaultIntentionPolicy`, else the ACL default policy when ACLs are on, else allow.
+* listeners: the public inbound listener on `sidecar.port` (L4 for tcp/http2/grpc services,
+  HTTP/1.1 for http) in front of the local app, and one 127.0.0.1 listener per upstream whose
+  balancer is recompiled from the agent's `UpstreamWatcher` snapshots.
+
+Fail closed: no listener is opened before a leaf is held and the first intentions answer is
+compiled (until then the snapshot denies everything); the readiness the registrar reports to
+Consul passes only while every listener is serving and the leaf is unexpired.
+
+Known limits: the listeners are fixed at start (a reload that changes `sidecar` or `certs`
+needs a restart, and says so); upstreams balance with least request (service-resolver
+`LoadBalancer` is not watched yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from agent.catalog import Snapshot as EndpointSnapshot
+from agent.config import AgentConfig, UpstreamSection
+from agent.consul import ConsulClient
+from agent.consul_connect import consul_leaf_source, consul_roots_source
+from agent.consul_errors import ConsulError, ConsulUnavailable
+from agent.readiness import Readiness
+from agent.watch import Latest, WatchSettings, backoff_delay
+from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
+from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.identity import PeerRefused, ServiceIdentity, peer_identity
+from connect.inbound import InboundGate
+from connect.l4 import InboundL4, OutboundL4
+from connect.leaf import LeafSource, Material
+from connect.leaf_rotation import LeafRotator
+from connect.proxy import (
+    Peer,
+    PeerCache,
+    PeerRejected,
+    ProxyStats,
+    Upstream,
+    intentions_authorizers,
+)
+from connect.tls import DynamicTLS
+from intentions.engine import Identity, compile_snapshot
+from intentions.engine import Snapshot as IntentionsSnapshot
+from intentions.entries import load_entry
+from intentions.errors import EntryError
+
+log = logging.getLogger("meshlet.agent.sidecar")
+
+# Keys Consul adds to a stored entry that a write body does not carry.
+_STORED_ONLY = ("CreateIndex", "ModifyIndex", "Hash")
+
+_NOT_LOADED = "intentions not loaded yet"
+
+
+class _Listener(Protocol):
+    server: asyncio.Server | None
+
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False
+    ) -> None: ...
+
+    async def close(self, grace: float = 5.0) -> None: ...
+
+
+UpstreamLatest = Callable[[UpstreamSection], Latest[EndpointSnapshot | None] | None]
+"""The agent's current endpoint snapshots of one upstream (None: not watched)."""
+
+
+def default_allow(agent_self: Mapping[str, Any]) -> tuple[bool, str]:
+    """Consul's intention default from `/v1/agent/self`: `DefaultIntentionPolicy` when set,
+    else the ACL default policy when ACLs are enabled, else allow."""
+    debug = agent_self.get("DebugConfig")
+    debug = debug if isinstance(debug, Mapping) else {}
+    explicit = debug.get("DefaultIntentionPolicy")
+    if isinstance(explicit, str) and explicit:
+        return explicit == "allow", f"default intention policy {explicit}"
+    if debug.get("ACLsEnabled") is True:
+        acl = debug.get("ACLResolverSettings")
+        policy = acl.get("ACLDefaultPolicy") if isinstance(acl, Mapping) else None
+        # An ACL default we cannot read is treated as deny: fail closed.
+        allowed = policy == "allow"
+        return allowed, f"ACL default policy {policy if isinstance(policy, str) else 'deny'}"
+    return True, "default allow (ACLs disabled)"
+
+
+def compile_intentions(
+    bodies: tuple[Mapping[str, Any], ...], *, default_allow: bool, default_reason: str
+) -> IntentionsSnapshot:
+    """Stored `service-intentions` entries -> the engine's snapshot. Raises `EntryError`
+    (invalid or unsupported content): the caller keeps its previous snapshot."""
+    entries = [
+        load_entry({k: v for k, v in body.items() if k not in _STORED_ONLY}) for body in bodies
+    ]
+    return compile_snapshot(entries, default_allow=default_allow, default_reason=default_reason)
+
+
+def identity_verifier(trust_domain: Callable[[], str]) -> PeerCache:
+    """connect.identity decides (current trust domain, time now); the proxy caches per DER."""
+
+    def verify(der: bytes, /) -> Peer:
+        try:
+            ident = peer_identity(
+                der, trust_domain=trust_domain(), now=datetime.datetime.now(datetime.UTC)
+            )
+        except PeerRefused as err:
+            raise PeerRejected(str(err)) from None
+        if not isinstance(ident, ServiceIdentity):
+            raise PeerRejected(f"{ident.uri} is not a service identity")
+        return Peer(ident.uri, Identity(ident.service, ident.namespace, ident.partition))
+
+    return PeerCache(verify)
+
+
+def targets_of(snapshot: EndpointSnapshot | None) -> list[Target]:
+    if snapshot is None:
+        return []
+    return [
+        Target(key=f"{e.node}/{e.service_id}", host=e.address, port=e.port, weight=e.weight)
+        for e in snapshot.endpoints
+    ]
+
+
+class _Endpoints:
+    """An upstream's `EndpointSource`: the balancer compiled from the newest snapshot."""
+
+    def __init__(self, config: BalancerConfig) -> None:
+        self.config = config
+        self.current: Balancer = compile_balancer([], config)
+        self.index: int | None = None
+
+    def balancer(self) -> Balancer:
+        return self.current
+
+    def apply(self, snapshot: EndpointSnapshot | None) -> None:
+        self.current = compile_balancer(targets_of(snapshot), self.config)
+        self.index = snapshot.index if snapshot is not None else None
+
+
+class Sidecar:
+    """The proxy half of `meshlet sidecar`; also the agent's `SidecarReadiness` and
+    `LeafStatus` (the registrar's check passes only through `check()`)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        env: Mapping[str, str],
+        settings: Callable[[], WatchSettings],
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._env = dict(env)
+        self._settings = settings
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self.stats = ProxyStats()
+        self.rotator: LeafRotator | None = None
+        self.tls: DynamicTLS | None = None
+        self.leaf_error = ""
+        self.intentions: Latest[IntentionsSnapshot] = Latest(
+            compile_snapshot([], default_allow=False, default_reason=_NOT_LOADED)
+        )
+        self.intentions_index = 0
+        self.intentions_loaded = False
+        self.intentions_error = ""
+        self.intentions_failures = 0
+        self.inbound: _Listener | None = None
+        self.outbound: dict[str, tuple[_Listener, _Endpoints]] = {}
+        self._closed = False
+
+    # ---- LeafStatus / SidecarReadiness ------------------------------------------------------
+
+    def leaf_expiry(self) -> float | None:
+        material = self.rotator.current if self.rotator is not None else None
+        return material.leaf.validity.not_after if material is not None else None
+
+    def leaf_problem(self) -> str:
+        if self.leaf_expiry() is not None:
+            return ""
+        why = f": {self.leaf_error}" if self.leaf_error else ""
+        return f"no leaf certificate yet from the {self.config.certs.source!r} source{why}"
+
+    def _listeners(self) -> list[tuple[str, _Listener | None]]:
+        cfg = self.config
+        out: list[tuple[str, _Listener | None]] = [(f"inbound :{cfg.sidecar.port}", self.inbound)]
+        for up in cfg.sidecar.upstreams:
+            got = self.outbound.get(up.name)
+            out.append((f"upstream {up.name} {up.bind}", got[0] if got else None))
+        return out
+
+    async def check(self) -> Readiness:
+        reasons: list[str] = []
+        if self._closed:
+            reasons.append("sidecar stopped")
+        if not self.intentions_loaded:
+            err = f": {self.intentions_error}" if self.intentions_error else ""
+            reasons.append(f"{_NOT_LOADED}{err}")
+        for name, listener in self._listeners():
+            if listener is None or listener.server is None:
+                reasons.append(f"listener {name}: not started")
+            elif not listener.server.is_serving():
+                reasons.append(f"listener {name}: not serving")
+        expiry = self.leaf_expiry()
+        if expiry is None:
+            reasons.append(self.leaf_problem())
+        elif expiry <= self._clock():
+            reasons.append("leaf certificate expired")
+        return Readiness(not reasons, tuple(reasons), expiry)
+
+    def status(self) -> dict[str, Any]:
+        material = self.rotator.current if self.rotator is not None else None
+        return {
+            "leaf": {
+                "source": self.config.certs.source,
+                "generation": material.generation if material else 0,
+                "uri": material.leaf.service_uri if material else "",
+                "expires_at": self.leaf_expiry(),
+                "health": self.rotator.health().value if self.rotator is not None else "",
+                "error": self.leaf_error,
+            },
+            "intentions": {
+                "loaded": self.intentions_loaded,
+                "index": self.intentions_index,
+                "version": self.intentions.version,
+                "failures": self.intentions_failures,
+                "last_error": self.intentions_error,
+            },
+            "listeners": {
+                name: (listener is not None and listener.server is not None)
+                for name, listener in self._listeners()
+            },
+            "upstreams": {
+                name: {"index": ep.index, "endpoints": len(ep.current.targets)}
+                for name, (_, ep) in self.outbound.items()
+            },
+            "stats": dataclasses.asdict(self.stats),
+        }
+
+    # ---- the tasks ---------------------------------------------------------------------------
+
+    async def run(self, consul: ConsulClient, latest_for: UpstreamLatest) -> None:
+        """Run until cancelled: leaf rotation, the intentions watch, then the listeners."""
+        leaf_source = await self._leaf_source(consul)
+        self.rotator = LeafRotator(leaf_source, consul_roots_source(consul))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._rotate(), name="leaf rotation")
+            tg.create_task(self._watch_intentions(consul), name="intentions watch")
+            material = await self.rotator.ready()
+            self.tls = DynamicTLS(material)
+            log.info("leaf %s held (generation %d)", material.leaf.service_uri, material.generation)
+            tg.create_task(self._follow_leaf(self.tls), name="leaf follower")
+            await self.intentions.changed(0)
+            if self._closed:
+                return
+            await self._start_listeners(tg, self.tls, latest_for)
+
+    async def _rotate(self) -> None:
+        assert self.rotator is not None
+        try:
+            await self.rotator.run()
+        except Exception as exc:
+            # LeafRotator retries by itself; reaching here is a bug or a refusal it cannot
+            # survive. The listeners keep the last contexts; readiness shows the expiry.
+            self.leaf_error = f"leaf rotation stopped: {exc}"
+            log.exception("leaf rotation stopped")
+
+    async def _leaf_source(self, consul: ConsulClient) -> LeafSource:
+        cfg = self.config
+        if cfg.certs.source == "consul":
+            return consul_leaf_source(consul, cfg.service.name)
+        from connect.leaf_vault import VaultLeafSource, vault_config_from_env
+
+        vault = cfg.certs.vault
+        assert vault is not None, "config validation requires certs.vault for source vault"
+        if vault.auth == "kubernetes":
+            raise NotImplementedError("certs.vault.auth kubernetes is not supported yet")
+        vconf = vault_config_from_env(
+            self._env, addr=vault.address or None, mount=vault.mount, role=vault.role
+        )
+        delay_failures = 0
+        while True:
+            try:
+                datacenter = (await consul.agent.self()).datacenter
+                break
+            except ConsulError as exc:
+                delay_failures += 1
+                self.leaf_error = f"cannot read the datacenter from Consul: {exc}"
+                s = self._settings()
+                await asyncio.sleep(
+                    backoff_delay(delay_failures, self._rng, s.retry_initial, s.retry_max)
+                )
+        return VaultLeafSource(vconf, cfg.service.name, datacenter)
+
+    async def _follow_leaf(self, tls: DynamicTLS) -> None:
+        assert self.rotator is not None
+        while True:
+            material: Material = await self.rotator.changed(tls.material.generation)
+            try:
+                tls.update(material)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                # The old contexts stay in place: a bad leaf never replaces a good one.
+                self.leaf_error = f"generation {material.generation} unusable: {exc}"
+                log.error("leaf generation %d not applied: %s", material.generation, exc)
+                await self.rotator.changed(material.generation)
+                continue
+            self.leaf_error = ""
+            log.info("leaf rotated (generation %d)", material.generation)
+
+    async def _default(self, consul: ConsulClient) -> tuple[bool, str]:
+        me = await consul.agent.self()
+        return default_allow(me.raw)
+
+    async def _watch_intentions(self, consul: ConsulClient) -> None:
+        """Blocking watch of service-intentions; the backoff pattern of agent/watch.py."""
+        index = 0
+        default: tuple[bool, str] | None = None
+        while True:
+            settings = self._settings()
+            try:
+                if default is None or index == 0:
+                    default = await self._default(consul)
+                got = await consul.config_entries.list(
+                    "service-intentions", index=index, wait=settings.wait
+                )
+            except ConsulError as exc:
+                self.intentions_failures += 1
+                self.intentions_error = str(exc)
+                if not isinstance(exc, ConsulUnavailable):
+                    log.error("intentions watch: %s", exc)
+                # A restarted Consul may be at a lower index: start over with a plain read.
+                index = 0
+                await asyncio.sleep(
+                    backoff_delay(
+                        self.intentions_failures,
+                        self._rng,
+                        settings.retry_initial,
+                        settings.retry_max,
+                    )
+                )
+                continue
+            if self.intentions_failures:
+                log.info("intentions watch recovered after %d failures", self.intentions_failures)
+                self.intentions_failures = 0
+            self.intentions_error = ""
+            if not self.intentions_loaded or got.index != self.intentions_index or got.reset:
+                self._apply_intentions(self._relevant(got.value), got.index, default)
+            index = got.next_index
+
+    def _relevant(self, bodies: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
+        """The entries that can decide for the local service: its own and the wildcard one.
+        An entry for another service, valid or not, never holds back ours."""
+        names = (self.config.service.name, "*")
+        return tuple(b for b in bodies if b.get("Name") in names)
+
+    def _apply_intentions(
+        self, bodies: tuple[Mapping[str, Any], ...], index: int, default: tuple[bool, str]
+    ) -> None:
+        try:
+            snapshot = compile_intentions(
+                bodies, default_allow=default[0], default_reason=default[1]
+            )
+        except EntryError as exc:
+            # Enforcing less than what Consul says is worse than enforcing the old state.
+            self.intentions_error = f"index {index}: kept the previous snapshot: {exc}"
+            log.error("intentions at index %d not applied, keeping the previous: %s", index, exc)
+            return
+        self.intentions_index = index
+        self.intentions_loaded = True
+        self.intentions.publish(snapshot)
+        log.info("intentions applied (index %d, %d entries)", index, len(bodies))
+
+    async def _start_listeners(
+        self, tg: asyncio.TaskGroup, tls: DynamicTLS, latest_for: UpstreamLatest
+    ) -> None:
+        cfg = self.config
+        local = Identity(cfg.service.name)
+        conn_authz, request_authz = intentions_authorizers(self.intentions.get, local)
+        app_host = cfg.service.address or "127.0.0.1"
+        bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
+        peers = identity_verifier(lambda: tls.trust_domain)
+        listener: _Listener
+        if cfg.sidecar.protocol == "http":
+            gate = InboundGate(tls.listener_context(), peers, self.stats)
+            listener = InboundHTTP(
+                gate,
+                app_host,
+                cfg.service.port,
+                authorize=request_authz,
+                local_uri=tls.material.leaf.service_uri,
+            )
+        else:
+            # tcp, and http2/grpc carried at L4: one decision per connection.
+            gate = InboundGate(tls.listener_context(), peers, self.stats, authorize=conn_authz)
+            listener = InboundL4(gate, app_host, cfg.service.port)
+        await listener.start(bind, cfg.sidecar.port)
+        self.inbound = listener
+        log.info(
+            "inbound %s listener on %s:%d -> %s:%d",
+            cfg.sidecar.protocol,
+            bind,
+            cfg.sidecar.port,
+            app_host,
+            cfg.service.port,
+        )
+        for up in cfg.sidecar.upstreams:
+            endpoints = _Endpoints(BalancerConfig())
+            upstream = Upstream(
+                up.name,
+                endpoints=endpoints,
+                client_ssl=tls.client,
+                verify_peer=identity_verifier(lambda: tls.trust_domain),
+                expected_service=up.name,
+                rng=random.Random(self._rng.random()),
+            )
+            out: _Listener = (
+                OutboundHTTP(upstream, stats=self.stats)
+                if up.protocol == "http"
+                else OutboundL4(upstream, stats=self.stats)
+            )
+            latest = latest_for(up)
+            if latest is not None:
+                endpoints.apply(latest.get())
+                tg.create_task(self._follow_endpoints(up.name, latest, endpoints))
+            await out.start(up.local_bind_address, up.local_bind_port)
+            self.outbound[up.name] = (out, endpoints)
+            log.info("upstream %s (%s) listening on %s", up.name, up.protocol, up.bind)
+
+    async def _follow_endpoints(
+        self, name: str, latest: Latest[EndpointSnapshot | None], endpoints: _Endpoints
+    ) -> None:
+        version = latest.version
+        while True:
+            version, snapshot = await latest.changed(version)
+            endpoints.apply(snapshot)
+            log.debug(
+                "upstream %s: balancer over %d endpoints", name, len(endpoints.current.targets)
+            )
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting and let open exchanges finish for `grace` seconds."""
+        self._closed = True
+        listeners = [lst for _, lst in self._listeners() if lst is not None]
+        await asyncio.gather(*(lst.close(grace) for lst in listeners))
+
+
+__all__ = ["Sidecar", "compile_intentions", "default_allow"]
