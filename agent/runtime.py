@@ -253,6 +253,8 @@ class AgentRuntime:
         registrar = self._registrar
         assert registrar is not None
         await registrar.registered.wait()
+        if self.sidecar is not None:
+            await self.sidecar.started.wait()
         while True:
             pending = [w for w in self._watches.values() if w.watcher.latest.get() is None]
             if not pending:
@@ -361,6 +363,8 @@ class AgentRuntime:
             if watch.watcher.latest.get() is None:
                 err = watch.watcher.state.last_error
                 reasons.append(f"no endpoints yet for {key.label}{': ' + err if err else ''}")
+        if self.sidecar is not None:
+            reasons.extend(f"proxy: {p}" for p in self.sidecar.problems())
         return not reasons, tuple(reasons)
 
     def degraded(self) -> tuple[str, ...]:

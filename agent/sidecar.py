@@ -187,6 +187,8 @@ class Sidecar:
         self.inbound: _Listener | None = None
         self.outbound: dict[str, tuple[_Listener, _Endpoints]] = {}
         self._closed = False
+        self.started = asyncio.Event()
+        """Set once every listener is up."""
 
     # ---- LeafStatus / SidecarReadiness ------------------------------------------------------
 
@@ -209,6 +211,11 @@ class Sidecar:
         return out
 
     async def check(self) -> Readiness:
+        reasons = self.problems()
+        return Readiness(not reasons, tuple(reasons), self.leaf_expiry())
+
+    def problems(self) -> list[str]:
+        """Why the proxy cannot take traffic now (empty when it can)."""
         reasons: list[str] = []
         if self._closed:
             reasons.append("sidecar stopped")
@@ -225,7 +232,7 @@ class Sidecar:
             reasons.append(self.leaf_problem())
         elif expiry <= self._clock():
             reasons.append("leaf certificate expired")
-        return Readiness(not reasons, tuple(reasons), expiry)
+        return reasons
 
     def status(self) -> dict[str, Any]:
         material = self.rotator.current if self.rotator is not None else None
@@ -273,6 +280,7 @@ class Sidecar:
             if self._closed:
                 return
             await self._start_listeners(tg, self.tls, latest_for)
+            self.started.set()
 
     async def _rotate(self) -> None:
         assert self.rotator is not None

@@ -184,9 +184,11 @@ class Mesh:
             protocol="http",
             upstreams=(("api", self.web_upstream, self.protocol),),
         )
-        for cfg in (api_cfg, web_cfg):
+        self.sidecars: dict[str, Proc] = {}
+        for name, cfg in (("api", api_cfg), ("web", web_cfg)):
             proc = Proc(["sidecar", "-c", str(cfg)], env=ENV)
             self.procs.append(proc)
+            self.sidecars[name] = proc
             proc.wait_for_line("ready:")
             _drain(proc)
         # api's sidecar passes its check (listeners up, leaf held), so web sees an endpoint.
@@ -200,7 +202,7 @@ class Mesh:
         wait_status(
             self.web_admin,
             lambda s: (
-                s["proxy"]["upstreams"]["api"]["endpoints"] == 1
+                s["proxy"]["upstreams"].get("api", {}).get("endpoints") == 1
                 and s["proxy"]["intentions"]["loaded"]
             ),
             "web's api endpoint",
@@ -282,6 +284,46 @@ def test_http_through_two_sidecars_then_denied_by_intention(http_mesh: Mesh) -> 
     index = put_intentions(mesh.consul, "api", "allow")
     mesh.wait_intentions(index)
     assert get(mesh.web_upstream, "/again")[0] == 200
+
+
+def test_an_endpoint_with_the_wrong_identity_is_refused_and_failed_over(http_mesh: Mesh) -> None:
+    """An instance registered as api's proxy whose port is web's sidecar: web's outbound
+    side refuses its certificate (it names web, not api) and the request goes to api."""
+    mesh = http_mesh
+    mesh.wait_intentions(put_intentions(mesh.consul, "api", "allow"))
+    impostor = {
+        "Name": "api-sidecar-proxy",
+        "ID": "impostor-sidecar-proxy",
+        "Kind": "connect-proxy",
+        "Address": "127.0.0.1",
+        "Port": mesh.web_public,
+        "Proxy": {"DestinationServiceName": "api"},
+    }
+    req = urllib.request.Request(
+        f"http://{mesh.consul}/v1/agent/service/register",
+        data=json.dumps(impostor).encode(),
+        method="PUT",
+    )
+    urllib.request.urlopen(req, timeout=30).close()
+    wait_status(
+        mesh.web_admin,
+        lambda s: s["proxy"]["upstreams"]["api"]["endpoints"] == 2,
+        "both api endpoints at web",
+    )
+    web = mesh.sidecars["web"]
+    deadline = time.monotonic() + DEADLINE
+    served = 0
+    # Each request picks an endpoint; go on until the impostor has been picked and refused.
+    while not any("refused: server is" in line for line in web.lines):
+        assert time.monotonic() < deadline, "the impostor endpoint was never picked"
+        code, _, body = get(mesh.web_upstream, f"/n{served}")
+        assert code == 200, body
+        assert json.loads(body)["app"] == "api"
+        served += 1
+    refusal = next(line for line in web.lines if "refused: server is" in line)
+    assert "/svc/web, not api" in refusal
+    assert status(mesh.web_admin)["proxy"]["stats"]["upstream_failures"] >= 1
+    assert get(mesh.web_upstream, "/after")[0] == 200
 
 
 def _tcp_exchange(port: int) -> bytes:
