@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -77,6 +78,7 @@ def write_sidecar_config(
     sidecar_port: int,
     admin: str,
     protocol: str,
+    certs: str = "",
     upstreams: tuple[tuple[str, int, str], ...] = (),
 ) -> None:
     ups = "".join(
@@ -90,16 +92,20 @@ def write_sidecar_config(
         f"sidecar:\n  port: {sidecar_port}\n  protocol: {protocol}\n  check_ttl: 3s\n"
         f"  upstreams:\n{ups or '    []'}\n"
         f"admin: {{address: '{admin}'}}\n"
+        f"{certs}"
         "watch: {retry_initial: 50ms, retry_max: 500ms}\n"
         "shutdown: {drain_period: 0s}\n"
     )
 
 
-def _drain(proc: Proc) -> None:
-    """Keep reading the process's log so a chatty sidecar never blocks on a full pipe."""
+def _drain(proc: Proc) -> threading.Thread:
+    """Keep reading the process's log so a chatty sidecar never blocks on a full pipe; the
+    thread ends at the process's EOF."""
     out = proc.p.stdout
     assert out is not None
-    threading.Thread(target=lambda: proc.lines.extend(out), daemon=True).start()
+    thread = threading.Thread(target=lambda: proc.lines.extend(out), daemon=True)
+    thread.start()
+    return thread
 
 
 def status(admin: str) -> Any:
@@ -141,14 +147,28 @@ def put_intentions(consul: str, destination: str, action: str) -> int:
 
 
 class Mesh:
-    def __init__(self, tmp: Path, protocol: str) -> None:
+    def __init__(self, tmp: Path, protocol: str, certs: str = "consul") -> None:
         self.procs: list[Proc] = []
         self.apps: list[ThreadingHTTPServer] = []
         self.tmp = tmp
         self.protocol = protocol
         port = _free_port()
         self.consul = f"127.0.0.1:{port}"
-        self.procs.append(start_dev(port))
+        self.env = ENV
+        self.certs = ""
+        if certs == "consul":
+            self.procs.append(start_dev(port))
+        else:
+            vault = f"127.0.0.1:{_free_port()}"
+            dev = Proc(
+                ["dev", "--http-addr", self.consul, "--vault-addr", vault, "--vault-token", "t0k"]
+            )
+            self.procs.append(dev)
+            dev.wait_for_line("Vault PKI API at")
+            self.env = {**ENV, "VAULT_TOKEN": "t0k"}
+            self.certs = (
+                f"certs: {{source: vault, vault: {{address: 'http://{vault}', role: meshlet}}}}\n"
+            )
         self.api_app = start_app("api")
         self.web_app = start_app("web")
         self.apps += [self.api_app, self.web_app]
@@ -173,6 +193,7 @@ class Mesh:
             sidecar_port=self.api_public,
             admin=self.api_admin,
             protocol=self.protocol,
+            certs=self.certs,
         )
         write_sidecar_config(
             web_cfg,
@@ -182,15 +203,17 @@ class Mesh:
             sidecar_port=self.web_public,
             admin=self.web_admin,
             protocol="http",
+            certs=self.certs,
             upstreams=(("api", self.web_upstream, self.protocol),),
         )
         self.sidecars: dict[str, Proc] = {}
+        self.drains: dict[str, threading.Thread] = {}
         for name, cfg in (("api", api_cfg), ("web", web_cfg)):
-            proc = Proc(["sidecar", "-c", str(cfg)], env=ENV)
+            proc = Proc(["sidecar", "-c", str(cfg)], env=self.env)
             self.procs.append(proc)
             self.sidecars[name] = proc
             proc.wait_for_line("ready:")
-            _drain(proc)
+            self.drains[name] = _drain(proc)
         # api's sidecar passes its check (listeners up, leaf held), so web sees an endpoint.
         wait_catalog(
             self.consul,
@@ -324,6 +347,41 @@ def test_an_endpoint_with_the_wrong_identity_is_refused_and_failed_over(http_mes
     assert "/svc/web, not api" in refusal
     assert status(mesh.web_admin)["proxy"]["stats"]["upstream_failures"] >= 1
     assert get(mesh.web_upstream, "/after")[0] == 200
+
+
+@pytest.fixture
+def vault_mesh(tmp_path: Path) -> Iterator[Mesh]:
+    mesh = Mesh(tmp_path, "http", certs="vault")
+    try:
+        mesh.start()
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def test_http_with_leaves_from_vault(vault_mesh: Mesh) -> None:
+    mesh = vault_mesh
+    mesh.wait_intentions(put_intentions(mesh.consul, "api", "allow"))
+    code, _, body = get(mesh.web_upstream, "/vault")
+    assert code == 200
+    web_leaf = status(mesh.web_admin)["proxy"]["leaf"]
+    assert web_leaf["source"] == "vault"
+    assert web_leaf["uri"] in json.loads(body)["headers"]["x-forwarded-client-cert"]
+    mesh.wait_intentions(put_intentions(mesh.consul, "api", "deny"))
+    assert get(mesh.web_upstream, "/vault")[0] == 403
+
+
+def test_sigterm_stops_the_sidecar_cleanly(http_mesh: Mesh) -> None:
+    """SIGTERM deregisters, closes the listeners and exits 0."""
+    mesh = http_mesh
+    api = mesh.sidecars["api"]
+    api.p.send_signal(signal.SIGTERM)
+    assert api.p.wait(30) == 0
+    mesh.drains["api"].join(30)  # the whole log, up to EOF
+    wait_catalog(mesh.consul, "/v1/catalog/service/api-sidecar-proxy", lambda b: b == [])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", mesh.api_public), timeout=10).close()
+    assert any("meshlet agent stopped" in line for line in api.lines)
 
 
 def _tcp_exchange(port: int) -> bytes:
