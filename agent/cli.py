@@ -62,6 +62,11 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=0.0,
         help="stop after this many seconds (default: run until interrupted)",
     )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="stop after one allow -> deny -> allow cycle of intentions",
+    )
     p.set_defaults(run=_run_demo)
 
 
@@ -157,7 +162,7 @@ def _run_dev(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from agent.demo import demo
 
-    return _run(demo(args.http_addr, args.duration))
+    return _run(demo(args.http_addr, args.duration, once=args.once))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
