@@ -50,6 +50,7 @@ from connect.http1_headers import (
     xfcc_element,
 )
 from connect.inbound import InboundGate
+from connect.listener import ListeningSocket
 from connect.proxy import (
     DialFailed,
     Peer,
@@ -980,7 +981,7 @@ class _BadHead(Exception):
 # ---- listeners -----------------------------------------------------------------------------
 
 
-class _HTTPListener:
+class _HTTPListener(ListeningSocket):
     def __init__(
         self,
         origin: _Origin,
@@ -992,6 +993,7 @@ class _HTTPListener:
         drop: frozenset[bytes],
         is_tls: bool,
     ) -> None:
+        super().__init__()
         self.origin = origin
         self.limits = limits
         self.stats = stats
@@ -1001,41 +1003,10 @@ class _HTTPListener:
         self.is_tls = is_tls
         self.connections: set[_Downstream] = set()
         self.gate: InboundGate | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-        self._port = 0
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        ctx, handshake_timeout = self._ssl()
-        self.server = await loop.create_server(
-            self._protocol,
-            host,
-            port,
-            reuse_port=reuse_port or None,
-            ssl=ctx,
-            ssl_handshake_timeout=handshake_timeout,
-        )
-        self._port = int(self.server.sockets[0].getsockname()[1])
-
-    def _protocol(self) -> asyncio.Protocol:
-        raise NotImplementedError
-
-    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
-        return None, None
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks)
+        await self._stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while True:
@@ -1050,8 +1021,7 @@ class _HTTPListener:
             if conn.transport is not None:
                 conn.transport.abort()
         await self.origin.close()
-        if self.server is not None:
-            await self.server.wait_closed()
+        await self._closed()
 
 
 class OutboundHTTP(_HTTPListener):

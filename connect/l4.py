@@ -19,11 +19,12 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from connect.inbound import InboundGate
+from connect.listener import ListeningSocket
 from connect.proxy import DialFailed, ProxyStats, Upstream, dial_upstream
 
 log = logging.getLogger("meshlet.proxy.l4")
@@ -199,21 +200,15 @@ class _AcceptedLeg(_Leg):
         self.listener.accepted(self)
 
 
-class _Listener:
+class _Listener(ListeningSocket):
     """Owns one listening socket and the relays it started (Consul's `Listener`)."""
 
     def __init__(self, limits: RelayLimits, stats: ProxyStats | None) -> None:
+        super().__init__()
         self.limits = limits
         self.stats = stats if stats is not None else ProxyStats()
         self.relays: set[_Relay] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
         self._drained: asyncio.Event | None = None
-        self._port = 0
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     def watch(self) -> Any:
         return None
@@ -234,43 +229,16 @@ class _Listener:
     def accepted(self, leg: _AcceptedLeg) -> None:
         raise NotImplementedError
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
-        return None, None
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        ctx, handshake_timeout = self._ssl()
-        self.server = await loop.create_server(
-            self._protocol,
-            host,
-            port,
-            reuse_port=reuse_port or None,
-            ssl=ctx,
-            ssl_handshake_timeout=handshake_timeout,
-        )
-        self._port = int(self.server.sockets[0].getsockname()[1])
-
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, let relays finish for `grace` seconds, then abort the rest."""
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks)
+        await self._stop_accepting()
         if self.relays:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
             for relay in list(self.relays):
                 relay.abort()
-        if self.server is not None:
-            await self.server.wait_closed()
+        await self._closed()
 
 
 class OutboundL4(_Listener):
