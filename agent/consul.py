@@ -573,6 +573,29 @@ class HealthAPI(_Group):
             peer=peer,
         )
 
+    async def connect_decoded(
+        self,
+        name: str,
+        decode: Callable[[Any], T],
+        *,
+        passing: bool = False,
+        filter: str = "",
+        dc: str = "",
+        index: int = 0,
+        wait: Wait | None = None,
+        peer: str = "",
+    ) -> Indexed[T]:
+        """`connect`, with the parsed answer handed to `decode` instead of being turned into
+        `ServiceEntry`s: for callers that skip entries they have already validated (the
+        agent's incremental watch). A `ShapeError` from `decode` is a `ConsulBadResponse`."""
+        params, blocking = _read_params(
+            dc=dc, index=index, wait=wait, stale=False, filter=filter, peer=peer
+        )
+        if passing:
+            params.append(("passing", "1"))
+        path = f"/v1/health/connect/{_segment(name)}"
+        return await self._indexed(path, decode, params, blocking, index)
+
     async def _checks(
         self,
         path: str,

@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
-from urllib.parse import quote
 
 from agent.catalog import (
     Decoded,
@@ -41,7 +40,6 @@ from agent.catalog import (
 )
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, Indexed
-from agent.consul import _read_params as read_params
 from agent.consul_errors import ConsulError, ConsulUnavailable
 
 log = logging.getLogger("meshlet.agent.watch")
@@ -151,16 +149,19 @@ async def health_connect_decoded(
     """`consul.health.connect(key.name, passing=True, ...)`, with the parsed answer handed to
     `decode` instead of being turned into `ServiceEntry`s first.
 
-    The client's public `health.connect` always decodes every entry in full; this goes one
-    level lower, through the same request path, parameters, error mapping (`ShapeError` from
-    `decode` becomes `ConsulBadResponse` naming the request) and index handling.
+    The client's `health.connect` decodes every entry in full; `connect_decoded` takes the
+    same request path, parameters, error mapping and index handling with our decoder.
     """
-    params, blocking = read_params(
-        dc=key.datacenter, index=index, wait=wait, stale=False, filter=key.filter, peer=key.peer
+    return await consul.health.connect_decoded(
+        key.name,
+        decode,
+        passing=True,
+        filter=key.filter,
+        dc=key.datacenter,
+        index=index,
+        wait=wait,
+        peer=key.peer,
     )
-    params.append(("passing", "1"))
-    path = f"/v1/health/connect/{quote(key.name, safe='')}"
-    return await consul.health._indexed(path, decode, params, blocking, index)
 
 
 class UpstreamWatcher:
