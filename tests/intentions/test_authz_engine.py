@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import timeit
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -217,7 +214,8 @@ def test_consul_spiffe_identities() -> None:
     assert identity_from_consul_uri("spiffe://t.consul/agent/client/dc/dc1/id/x") is None
 
 
-def test_decision_speed_with_ten_thousand_intentions() -> None:
+def test_decisions_with_ten_thousand_intentions() -> None:
+    """Correctness at scale; the cost is measured by bench/intentions_engine.py."""
     entries = []
     for i in range(1000):
         sources: list[dict[str, Any]] = [
@@ -235,24 +233,13 @@ def test_decision_speed_with_ten_thousand_intentions() -> None:
         )
         entries.append(entry(f"svc{i}", *sources))
     assert sum(len(e.sources) for e in entries) == 10_000
-    start = time.perf_counter()
     snap = compile_snapshot(entries, default_allow=False)
-    build = time.perf_counter() - start
     request = http_request("GET", "/api/v2/items?x=1", "svc", {"x-env": "dev"})
     dest = Identity("svc500")
     assert snap.decide_request(dest, WEB, request).allowed
-    l4 = Identity("src3")
-    rounds = 50_000
-
-    def per_call(fn: Callable[[], object]) -> float:
-        return min(timeit.repeat(fn, number=rounds, repeat=5)) / rounds
-
-    l7_time = per_call(lambda: snap.decide_request(dest, WEB, request))
-    l4_time = per_call(lambda: snap.decide_connection(dest, l4))
-    print(
-        f"\n10,000 intentions: build {build * 1e3:.1f} ms; L7 decision through 3 permissions "
-        f"(prefix+method, header, regex) {l7_time * 1e6:.2f} us; L4 decision {l4_time * 1e6:.2f} us"
-    )
-    # Targets: 2 us per decision; keep headroom for slower shared CI runners.
-    assert l7_time < 5e-6
-    assert l4_time < 2e-6
+    assert snap.decide_connection(dest, Identity("src3")).allowed
+    assert not snap.decide_connection(dest, Identity("src4")).allowed
+    # An L7 intention answers a connection-level question with deny.
+    assert not snap.decide_connection(dest, WEB).allowed
+    admin = http_request("POST", "/admin/x", "svc", {})
+    assert not snap.decide_request(dest, WEB, admin).allowed
