@@ -141,9 +141,12 @@ class Balancer:
     maglev: tuple[int, ...] = field(repr=False)
     weights: tuple[int, ...] = field(repr=False)
 
-    @property
-    def uses_hash(self) -> bool:
-        return self.config.policy is Policy.RING_HASH or self.config.policy is Policy.MAGLEV
+    uses_hash: bool = field(init=False, repr=False)
+    """Ring hash or maglev: requests need a hash value."""
+
+    def __post_init__(self) -> None:
+        hashed = self.config.policy in (Policy.RING_HASH, Policy.MAGLEV)
+        object.__setattr__(self, "uses_hash", hashed)
 
     def pick(
         self,

@@ -41,11 +41,9 @@ from connect.http1_headers import (
     REQUEST_TIMEOUT,
     XFCC,
     Framing,
+    HeadRewriter,
     bad_gateway,
-    forwardable,
     new_request_id,
-    request_line,
-    scan,
     unavailable,
     xfcc_element,
 )
@@ -70,6 +68,9 @@ _STATUS_LINES = {
     for s in HTTPStatus
 }
 _CRLF = b"\r\n"
+_COLON = b": "
+_SP = b" "
+_HTTP11 = b" HTTP/1.1\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _CLOSE = b"connection: close\r\n"
@@ -103,46 +104,38 @@ class _HeaderLimit(Exception):
 
 
 class _Exchange:
-    __slots__ = (
-        "body_done",
-        "conn",
-        "denied",
-        "expect",
-        "framing",
-        "head",
-        "headers",
-        "idempotent",
-        "is_head",
-        "keep_alive",
-        "method",
-        "pending",
-        "resp_chunked",
-        "resp_started",
-        "resp_until_close",
-        "retried",
-        "tunnel_pending",
-        "upgrade",
-    )
+    """One request and its response. Only what every request needs is set per instance;
+    the rest are class defaults an exchange overrides when it gets there (cheaper than
+    eighteen slot stores per request)."""
 
-    def __init__(self, method: bytes, head: bytes, framing: Framing, keep_alive: bool) -> None:
+    body_done = False
+    conn: _UpConn | None = None
+    denied = False
+    expect = False
+    pending: list[bytes] | None = None
+    """Body bytes read before an upstream connection was attached."""
+    resp_chunked = False
+    resp_started = False
+    resp_until_close = False
+    retried = False
+    tunnel_pending = b""
+    upgrade = b""
+
+    def __init__(
+        self,
+        method: bytes,
+        head: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: Framing,
+        keep_alive: bool,
+    ) -> None:
         self.method = method
         self.head = head
+        self.headers = headers
         self.framing = framing
         self.keep_alive = keep_alive
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body_done = False
-        self.conn: _UpConn | None = None
-        self.denied = False
-        self.expect = False
         self.idempotent = method in IDEMPOTENT
         self.is_head = method == b"HEAD"
-        self.pending: list[bytes] = []
-        self.resp_chunked = False
-        self.resp_started = False
-        self.resp_until_close = False
-        self.retried = False
-        self.tunnel_pending = b""
-        self.upgrade = b""
 
     @property
     def has_body(self) -> bool:
@@ -220,10 +213,8 @@ class _UpConn(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
             owner.response_done(self, reusable=True)
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.headers = []
-
+    # httptools callbacks (only those defined are called: no on_message_begin, the
+    # headers list is handed over and replaced when the head is complete)
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -231,12 +222,13 @@ class _UpConn(asyncio.Protocol):
         status = self.parser.get_status_code()
         owner = self.owner
         assert owner is not None
+        headers, self.headers = self.headers, []
         if 100 <= status < 200 and status != 101:
             self.interim = True
-            owner.interim_response(status, self.headers)
+            owner.interim_response(status, headers)
             return
         self.upgrading = status == 101
-        owner.response_head(status, self.headers)
+        owner.response_head(status, headers)
         if owner.current_is_head() and status not in (204, 304):
             self.skip_body = True
 
@@ -507,6 +499,7 @@ class _Downstream(asyncio.Protocol):
         "url",
         "watch",
         "watched",
+        "xfcc",
     )
 
     def __init__(self, listener: _HTTPListener, peer: Peer | None, watch: Any = None) -> None:
@@ -532,6 +525,8 @@ class _Downstream(asyncio.Protocol):
         self.read_paused = False
         self.tunnel: _UpConn | None = None
         self.eof = False
+        self.xfcc = b""
+        """This connection's X-Forwarded-Client-Cert line (inbound), built once."""
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -541,6 +536,9 @@ class _Downstream(asyncio.Protocol):
             self.peer = gate.admit(transport, self.watch)
             if self.peer is None:
                 return  # refused and aborted before a byte was read
+            if self.listener.by_uri:
+                element = xfcc_element(self.listener.by_uri, self.peer.cert_sha256, self.peer.uri)
+                self.xfcc = XFCC + b": " + element + _CRLF
         self.transport = transport
         transport.set_write_buffer_limits(high=self.listener.limits.high_water)
         self.listener.connections.add(self)
@@ -639,28 +637,25 @@ class _Downstream(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         headers = self.headers
-        facts = scan(headers)
         keep_alive = parser.should_keep_alive()
+        lines = [method, _SP, self.url, _HTTP11]
+        facts = listener.request_heads.rewrite(headers, lines)
         if not facts.host and parser.get_http_version() == "1.1":
             raise _BadHead  # RFC 9112 §3.2: a 1.1 request without Host is a 400
-        lines = [request_line(method, self.url)]
-        lines += forwardable(headers, facts.connection_tokens, listener.drop)
         if not facts.has_request_id:
-            lines.append(REQUEST_ID + b": " + new_request_id() + _CRLF)
-        if listener.by_uri and self.peer is not None:
-            element = xfcc_element(listener.by_uri, self.peer.cert_sha256, self.peer.uri)
-            lines.append(XFCC + b": " + element + _CRLF)
+            lines += (REQUEST_ID, _COLON, new_request_id(), _CRLF)
+        if self.xfcc:
+            lines.append(self.xfcc)
         framing = facts.framing
         if framing.chunked:
             lines.append(_CHUNKED)
         elif framing.length is not None:
-            lines.append(b"content-length: " + str(framing.length).encode() + _CRLF)
+            lines.append(framing.length_line)
         upgrade = facts.upgrade if parser.should_upgrade() else b""
         if upgrade:
             lines.append(_UPGRADE + upgrade + _CRLF)
         lines.append(_CRLF)
-        ex = _Exchange(method, b"".join(lines), framing, keep_alive and not upgrade)
-        ex.headers = headers
+        ex = _Exchange(method, b"".join(lines), headers, framing, keep_alive and not upgrade)
         ex.expect = facts.expect_continue
         ex.upgrade = upgrade
         self.state = _BUSY
@@ -683,6 +678,8 @@ class _Downstream(asyncio.Protocol):
             return
         conn = ex.conn
         if conn is None or conn.transport is None:
+            if ex.pending is None:
+                ex.pending = []
             ex.pending.append(body)
             if not self.read_paused and self.transport is not None:
                 self.read_paused = True
@@ -751,7 +748,7 @@ class _Downstream(asyncio.Protocol):
                     parts += (b"%x\r\n" % len(chunk), chunk, _CRLF)
                 else:
                     parts.append(chunk)
-            ex.pending.clear()
+            ex.pending = None
             if ex.body_done and ex.framing.chunked:
                 parts.append(_LAST_CHUNK)
             transport.writelines(parts)
@@ -778,21 +775,22 @@ class _Downstream(asyncio.Protocol):
     def interim_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         transport = self.transport
         if transport is not None:
-            lines = [_status_line(status), *forwardable(headers, frozenset()), _CRLF]
-            transport.writelines(lines)
+            lines = [_status_line(status)]
+            self.listener.response_heads.rewrite(headers, lines)
+            lines.append(_CRLF)
+            transport.write(b"".join(lines))
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         ex = self.queue[0]
         ex.resp_started = True
-        facts = scan(headers)
-        framing = facts.framing
         lines = [_status_line(status)]
-        lines += forwardable(headers, facts.connection_tokens)
+        facts = self.listener.response_heads.rewrite(headers, lines)
+        framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:
             lines.append(_UPGRADE + facts.upgrade + _CRLF)
         elif framing.length is not None and not framing.chunked:
-            lines.append(b"content-length: " + str(framing.length).encode() + _CRLF)
+            lines.append(framing.length_line)
         elif no_body:
             pass
         else:
@@ -1003,6 +1001,8 @@ class _HTTPListener(ListeningSocket):
         self.is_tls = is_tls
         self.connections: set[_Downstream] = set()
         self.gate: InboundGate | None = None
+        self.request_heads = HeadRewriter(drop)
+        self.response_heads = HeadRewriter()
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""

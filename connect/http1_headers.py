@@ -7,6 +7,7 @@ proxy never builds a dict per request.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ class Framing:
     chunked: bool
     length: int | None
     """Content-Length, or None (chunked, or read until close for responses)."""
+    length_line: bytes = b""
+    """`content-length: N\\r\\n`, built once per distinct length."""
 
 
 @dataclass(slots=True)
@@ -53,45 +56,120 @@ class RequestHead:
     upgrade: bytes
 
 
-def _tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+_KNOWN_CONNECTION = {
+    b"keep-alive": frozenset({b"keep-alive"}),
+    b"Keep-Alive": frozenset({b"keep-alive"}),
+    b"close": frozenset({b"close"}),
+    b"Close": frozenset({b"close"}),
+    b"upgrade": frozenset({b"upgrade"}),
+    b"Upgrade": frozenset({b"upgrade"}),
+}
+"""Connection values clients and servers send nearly always, parsed once."""
 
 
-def scan(headers: Sequence[tuple[bytes, bytes]]) -> RequestHead:
-    """One pass over a request's (or response's) headers: framing and connection facts."""
-    host = b""
-    chunked = False
-    length: int | None = None
-    connection: set[bytes] = set()
-    expect = False
-    has_id = False
-    upgrade = b""
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"host":
-            host = value
-        elif lower == b"content-length":
-            length = int(value)
-        elif lower == b"transfer-encoding":
-            # llhttp rejects anything but a final `chunked` alongside a body it must frame.
-            chunked = value.lower().rstrip().endswith(b"chunked")
-        elif lower == b"connection":
-            connection |= _tokens(value)
-        elif lower == b"expect":
-            expect = value.strip().lower() == b"100-continue"
-        elif lower == REQUEST_ID:
-            has_id = True
-        elif lower == b"upgrade":
-            upgrade = value
-    if chunked:
-        framing = CHUNKED_BODY
-    elif length is None:
-        framing = NO_LENGTH
-    else:
-        framing = _framing_for(length)
-    return RequestHead(
-        host, framing, frozenset(connection) if connection else _NO_TOKENS, expect, has_id, upgrade
-    )
+def _tokens(value: bytes) -> frozenset[bytes]:
+    known = _KNOWN_CONNECTION.get(value)
+    if known is not None:
+        return known
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+# What a header field means to the proxy. Everything not listed is forwarded as it came.
+_FORWARD, _HOST, _LENGTH, _TE, _CONNECTION, _EXPECT, _REQUEST_ID, _UPGRADE, _DROP = range(9)
+_ROLES = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    REQUEST_ID: _REQUEST_ID,
+    **dict.fromkeys(HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"connection"}, _DROP),
+    b"upgrade": _UPGRADE,
+}
+# Connection tokens that name no field this proxy would otherwise forward.
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b"te"}) | HOP_BY_HOP
+_COLON = b": "
+_CRLF = b"\r\n"
+
+
+class HeadRewriter:
+    """One pass over a message's (name, value) fields: the framing and connection facts,
+    and the fields to forward without the hop-by-hop ones (RFC 9110 §7.6.1) or `drop`.
+
+    Names are classified through a cache keyed by the name as sent, so a field name seen
+    before costs one dict lookup; the cache is bounded (names are attacker-chosen)."""
+
+    __slots__ = ("_cache", "_cache_size", "_roles")
+
+    def __init__(self, drop: frozenset[bytes] = frozenset(), cache_size: int = 2048) -> None:
+        self._roles = {**_ROLES, **dict.fromkeys(drop, _DROP)}
+        self._cache: dict[bytes, int] = {}
+        self._cache_size = cache_size
+
+    def _role(self, name: bytes) -> int:
+        role = self._roles.get(name.lower(), _FORWARD)
+        if len(self._cache) < self._cache_size:
+            self._cache[name] = role
+        return role
+
+    def rewrite(self, headers: Sequence[tuple[bytes, bytes]], out: list[bytes]) -> RequestHead:
+        """The facts of `headers`; appends to `out` the pieces that, joined, are the
+        forwarded `Name: value\\r\\n` lines."""
+        cache = self._cache
+        start = len(out)
+        host = b""
+        chunked = False
+        length: int | None = None
+        connection = _NO_TOKENS
+        expect = False
+        has_id = False
+        upgrade = b""
+        for name, value in headers:
+            role = cache.get(name)
+            if role is None:
+                role = self._role(name)
+            if role == _FORWARD:
+                out += (name, _COLON, value, _CRLF)
+            elif role == _DROP:
+                continue
+            elif role == _HOST:
+                host = value
+                out += (name, _COLON, value, _CRLF)
+            elif role == _LENGTH:
+                length = int(value)
+            elif role == _TE:
+                # llhttp rejects anything but a final `chunked` alongside a body it must frame.
+                chunked = value.lower().rstrip().endswith(b"chunked")
+            elif role == _CONNECTION:
+                connection = connection | _tokens(value) if connection else _tokens(value)
+            elif role == _EXPECT:
+                expect = value.strip().lower() == b"100-continue"
+                out += (name, _COLON, value, _CRLF)
+            elif role == _REQUEST_ID:
+                has_id = True
+                out += (name, _COLON, value, _CRLF)
+            elif role == _UPGRADE:
+                upgrade = value
+        if connection and not connection <= _PLAIN_TOKENS:
+            # Connection names other fields (rare): they are hop-by-hop too; drop them.
+            named = connection - _PLAIN_TOKENS
+            del out[start:]
+            for name, value in headers:
+                role = cache.get(name)
+                if role is None:
+                    role = self._role(name)
+                if role in _FORWARDED_ROLES and name.lower() not in named:
+                    out += (name, _COLON, value, _CRLF)
+        if chunked:
+            framing = CHUNKED_BODY
+        elif length is None:
+            framing = NO_LENGTH
+        else:
+            framing = _framing_for(length)
+        return RequestHead(host, framing, connection, expect, has_id, upgrade)
+
+
+_FORWARDED_ROLES = frozenset({_FORWARD, _HOST, _EXPECT, _REQUEST_ID})
 
 
 # Framing values are shared, not built per message (a frozen dataclass is slow to create).
@@ -104,26 +182,10 @@ _BY_LENGTH: dict[int, Framing] = {}
 def _framing_for(length: int) -> Framing:
     framing = _BY_LENGTH.get(length)
     if framing is None:
-        framing = Framing(False, length)
+        framing = Framing(False, length, b"content-length: %d\r\n" % length)
         if len(_BY_LENGTH) < 4096:
             _BY_LENGTH[length] = framing
     return framing
-
-
-def forwardable(
-    headers: Sequence[tuple[bytes, bytes]],
-    connection_tokens: frozenset[bytes],
-    drop: frozenset[bytes] = frozenset(),
-) -> list[bytes]:
-    """`Name: value\\r\\n` lines to forward: no hop-by-hop field, none named in Connection,
-    none in `drop` (lower-case)."""
-    out: list[bytes] = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in connection_tokens or lower in drop:
-            continue
-        out.append(name + b": " + value + b"\r\n")
-    return out
 
 
 def _xfcc_value(value: str) -> str:
@@ -138,18 +200,29 @@ def xfcc_element(by_uri: str, cert_sha256: str, peer_uri: str) -> bytes:
     return (f"By={_xfcc_value(by_uri)};Hash={cert_sha256};URI={_xfcc_value(peer_uri)}").encode()
 
 
-# Request IDs correlate logs; they are not secrets, so a seeded PRNG (no syscall per request)
-# is enough, as for Envoy's UUIDs.
-_ids = random.Random(os.urandom(32))
+class _RequestIds:
+    """Request IDs correlate logs; they must be unique, not secret. Each process draws a
+    random 80-bit prefix and counts in the last 48 bits, so an ID costs one format."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)  # a forked worker draws its own
+
+    def reseed(self) -> None:
+        rng = random.Random(os.urandom(32))
+        n = rng.getrandbits(80) << 48
+        n = (n & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+        n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+        x = b"%032x" % n
+        self.prefix = x[:8] + b"-" + x[8:12] + b"-" + x[12:16] + b"-" + x[16:20] + b"-"
+        self.count = itertools.count(rng.getrandbits(40))
+
+    def next(self) -> bytes:
+        """A version-4-shaped UUID text, unique within the process, random across them."""
+        return self.prefix + b"%012x" % (next(self.count) & 0xFFFFFFFFFFFF)
 
 
-def new_request_id() -> bytes:
-    """A random (version 4) UUID in its text form, without building a uuid.UUID."""
-    n = _ids.getrandbits(128)
-    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
-    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
-    x = b"%032x" % n
-    return x[:8] + b"-" + x[8:12] + b"-" + x[12:16] + b"-" + x[16:20] + b"-" + x[20:]
+new_request_id = _RequestIds().next
 
 
 def request_line(method: bytes, target: bytes) -> bytes:

@@ -142,7 +142,7 @@ class Mesh:
                 for ex in down.queue:
                     if ex.conn is not None and ex.conn.transport is not None:
                         total += ex.conn.transport.get_write_buffer_size()
-                    total += sum(len(c) for c in ex.pending)
+                    total += sum(len(c) for c in ex.pending or ())
         return total
 
     async def close(self) -> None:
