@@ -283,6 +283,15 @@ class SidecarSection:
             duration=True,
         ),
     )
+    workers: int = field(
+        default=1,
+        metadata=_doc(
+            "Processes serving the sidecar's listeners, each with its own event loop, sharing "
+            "the ports with SO_REUSEPORT (1 to 64). The first process also registers, watches "
+            "and serves admin; every extra one holds its own leaf and Consul watches. "
+            "`meshlet sidecar --workers N` overrides it; `meshlet agent` ignores it.",
+        ),
+    )
     upstreams: tuple[UpstreamSection, ...] = field(
         default=(), metadata=_doc("Services this one calls through the sidecar.")
     )
@@ -562,6 +571,18 @@ class _Parser:
 
 # ---- cross-field rules -------------------------------------------------------------------------
 
+MAX_WORKERS = 64
+"""More processes than this would only multiply Consul's load (each one watches and holds a
+leaf): a Python sidecar with spare cores uses a few."""
+
+
+def workers_problem(workers: int) -> str:
+    """Why `workers` is not a usable process count ("" when it is)."""
+    if not 1 <= workers <= MAX_WORKERS:
+        return f"expected an integer from 1 to {MAX_WORKERS}, got {workers}"
+    return ""
+
+
 _CONSUL_ENV = {
     "address": "CONSUL_HTTP_ADDR",
     "token": "CONSUL_HTTP_TOKEN",
@@ -614,6 +635,8 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("sidecar.port", "expected a port number from 1 to 65535, got 0")
     if side.check_ttl <= 0:
         fail("sidecar.check_ttl", "expected a positive duration")
+    if workers_problem(side.workers):
+        fail("sidecar.workers", workers_problem(side.workers))
     binds: dict[str, str] = {}
     targets: dict[tuple[str, str, str, str], str] = {}
     for i, up in enumerate(side.upstreams):
@@ -693,6 +716,36 @@ def load(path: Path, env: Mapping[str, str]) -> AgentConfig:
         what = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [Problem("", f"not valid YAML: {where}{what}")]) from None
     return parse(raw, env, source=str(path))
+
+
+def with_workers(config: AgentConfig, workers: int | None) -> AgentConfig:
+    """`meshlet sidecar --workers N`: the command line wins over `sidecar.workers`. Raises
+    `ConfigError` naming the flag when N is out of range; None keeps the file's value."""
+    if workers is None:
+        return config
+    problem = workers_problem(workers)
+    if problem:
+        raise ConfigError("--workers", [Problem("", problem)])
+    return dataclasses.replace(config, sidecar=dataclasses.replace(config.sidecar, workers=workers))
+
+
+def to_raw(config: Any) -> Any:
+    """The inverse of `parse` for the model's sections: `parse(to_raw(cfg), env) == cfg` for
+    the same environment. Worker processes get their parent's running configuration this way
+    (a file edited since, or rejected on reload, never reaches them)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {
+            f.name: to_raw(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if not f.metadata.get("derived") and getattr(config, f.name) is not None
+        }
+    if isinstance(config, tuple):
+        return [to_raw(v) for v in config]
+    if isinstance(config, Mapping):
+        return {str(k): to_raw(v) for k, v in config.items()}
+    if isinstance(config, Path):
+        return str(config)
+    return config
 
 
 # ---- the reference, generated from the model ---------------------------------------------------
