@@ -114,6 +114,9 @@ class _Exchange:
     expect = False
     pending: list[bytes] | None = None
     """Body bytes read before an upstream connection was attached."""
+    redo = False
+    """A peer sidecar answered that the request never reached its app: its answer is
+    swallowed and the request goes to another instance once that answer ends."""
     resp_chunked = False
     resp_started = False
     resp_until_close = False
@@ -320,6 +323,9 @@ class _Origin:
     def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
         raise NotImplementedError
 
+    def mark_failed(self, key: str) -> None:
+        """The endpoint `key` could not serve a request (only mesh endpoints are marked)."""
+
     def release(self, conn: _UpConn, reusable: bool) -> None:
         if reusable:
             self.pool.put(conn)
@@ -367,7 +373,8 @@ class AppOrigin(_Origin):
                 self.limits.connect_timeout,
             )
         except (OSError, TimeoutError) as err:
-            down.refuse(ex, bad_gateway(f"local app: {type(err).__name__}", close=True))
+            reason = f"local app: {type(err).__name__}"
+            down.refuse(ex, bad_gateway(reason, close=True, not_forwarded=True))
             return
         down.attach(ex, conn)
 
@@ -438,6 +445,14 @@ class MeshOrigin(_Origin):
             return
         self.stats.no_endpoint += 1
         down.refuse(ex, unavailable(reason, close=False))
+
+    def mark_failed(self, key: str) -> None:
+        up = self.upstream
+        for target in up.endpoints.balancer().targets:
+            if target.key == key:
+                self.stats.upstream_failures += 1
+                up.mark_failed(target, asyncio.get_running_loop().time())
+                return
 
     def _factory(self, key: str, slot: int) -> Callable[[], _UpConn]:
         return lambda: _UpConn(self.pool, key, slot)
@@ -782,9 +797,12 @@ class _Downstream(asyncio.Protocol):
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         ex = self.queue[0]
-        ex.resp_started = True
         lines = [_status_line(status)]
         facts = self.listener.response_heads.rewrite(headers, lines)
+        if facts.not_forwarded and self.listener.may_redo and self._replayable(ex):
+            ex.redo = True
+            return
+        ex.resp_started = True
         framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:
@@ -809,6 +827,8 @@ class _Downstream(asyncio.Protocol):
             self.transport.writelines(lines)
 
     def response_body(self, body: bytes) -> None:
+        if self.queue[0].redo:
+            return
         out = self.out
         if out is None:
             out = []
@@ -835,6 +855,9 @@ class _Downstream(asyncio.Protocol):
     def response_done(self, conn: _UpConn, reusable: bool) -> None:
         ex = self.queue[0]
         if ex.conn is not conn:
+            return
+        if ex.redo:
+            self._redo(ex, conn)
             return
         if ex.resp_chunked:
             if self.out is not None:
@@ -863,18 +886,40 @@ class _Downstream(asyncio.Protocol):
             elif self.transport is not None:
                 self.transport.abort()
             return
+        if ex.redo:
+            self._redo(ex, conn)
+            return
         ex.conn = None
         conn.owner = None
         self.listener.origin.release(conn, reusable=False)
-        if ex.idempotent and not ex.has_body and not ex.retried and not ex.upgrade:
+        if ex.idempotent and self._replayable(ex):
             # Nothing of the response came back and the request can be repeated: a pooled
             # connection the upstream closed, or an instance killed mid-request.
-            ex.retried = True
-            again = self.listener.origin.acquire(self, ex, conn.key)
-            if again is not None:
-                self.attach(ex, again)
+            self._again(ex, conn.key)
             return
         self.refuse(ex, bad_gateway("upstream connection closed", close=True))
+
+    @staticmethod
+    def _replayable(ex: _Exchange) -> bool:
+        """Can be sent again as it is: nothing of it is lost (no body) and it was not already
+        sent twice; an upgrade is never repeated."""
+        return not ex.has_body and not ex.retried and not ex.upgrade
+
+    def _again(self, ex: _Exchange, avoid: str) -> None:
+        ex.retried = True
+        again = self.listener.origin.acquire(self, ex, avoid)
+        if again is not None:
+            self.attach(ex, again)
+
+    def _redo(self, ex: _Exchange, conn: _UpConn) -> None:
+        """The peer sidecar could not reach its app: mark that endpoint, try another."""
+        ex.redo = False
+        ex.conn = None
+        conn.owner = None
+        origin = self.listener.origin
+        origin.release(conn, reusable=False)
+        origin.mark_failed(conn.key)
+        self._again(ex, conn.key)
 
     def upstream_broken(self, conn: _UpConn, reason: str) -> None:
         log.warning("upstream %s: %s", conn.key, reason)
@@ -1003,6 +1048,8 @@ class _HTTPListener(ListeningSocket):
         self.gate: InboundGate | None = None
         self.request_heads = HeadRewriter(drop)
         self.response_heads = HeadRewriter()
+        self.may_redo = not is_tls
+        """Outbound only: an inbound sidecar's app answers are never a peer's refusal."""
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""

@@ -501,3 +501,73 @@ async def test_killed_instance_fails_no_idempotent_request(
         assert m.apps[1].seen  # the survivor took over
     finally:
         await m.close()
+
+
+async def test_instance_whose_app_is_down_fails_over_even_for_post(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    """The peer sidecar is up but cannot connect to its app: its 502 says the request never
+    reached an app, so any bodiless request (POST too) goes to another instance."""
+    m = await build_mesh(ca, instances=2)
+    try:
+        await m.apps[0].runner.cleanup()  # instance 0's app is gone, its sidecar is not
+        for i in range(20):
+            method = "POST" if i % 2 else "GET"
+            async with session.request(method, m.url + "/hello") as resp:
+                assert resp.status == 200, await resp.text()
+                assert "x-meshlet-not-forwarded" not in resp.headers
+        upstream = m.outbound.origin.upstream  # type: ignore[attr-defined]
+        assert "n0/api-sidecar" in upstream._ejected
+        assert len(m.apps[1].seen) == 20
+    finally:
+        m.apps.pop(0)
+        await m.close()
+
+
+async def test_app_down_with_a_body_sent_is_a_502_with_its_reason(ca: ProxyTestCA) -> None:
+    """A streamed body is gone once sent: no second instance, the 502 reaches the client."""
+    m = await build_mesh(ca, instances=1)
+    try:
+        await m.apps[0].runner.cleanup()
+        reader, writer = await raw(
+            m.outbound.port,
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        status, headers, _ = await read_response(reader)
+        assert status == b"HTTP/1.1 502 Bad Gateway"
+        assert headers[b"x-meshlet-reason"].startswith(b"local app: ")
+        assert b"x-meshlet-not-forwarded" not in headers
+        writer.close()
+    finally:
+        m.apps.clear()
+        await m.close()
+
+
+async def test_an_app_cannot_make_the_caller_repeat_a_request(ca: ProxyTestCA) -> None:
+    """The marker from an app (not its sidecar) is removed: the request is not repeated."""
+    calls: list[str] = []
+
+    async def lying(request: web.Request) -> web.Response:
+        calls.append(request.method)
+        return web.Response(status=502, headers={"X-Meshlet-Not-Forwarded": "1"})
+
+    m = await build_mesh(ca, instances=2)
+    try:
+        for a in m.apps:
+            await a.runner.cleanup()
+        m.apps.clear()
+        for inbound in m.inbounds:
+            webapp = web.Application()
+            webapp.router.add_post("/hello", lying)
+            runner = web.AppRunner(webapp, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", inbound.origin.port).start()  # type: ignore[attr-defined]
+            m.apps.append(App(inbound.origin.port, runner))  # type: ignore[attr-defined]
+        reader, writer = await raw(m.outbound.port, b"POST /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == b"HTTP/1.1 502 Bad Gateway"
+        assert b"x-meshlet-not-forwarded" not in headers
+        assert calls == ["POST"]
+        writer.close()
+    finally:
+        await m.close()
