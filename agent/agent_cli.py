@@ -25,7 +25,7 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="print every configuration key as Markdown (docs/configuration.md) and exit",
     )
-    p.set_defaults(run=_run_agent, sidecar=False)
+    p.set_defaults(run=_run_agent, sidecar=False, workers=None, worker_index=None)
 
     s = sub.add_parser(
         "sidecar",
@@ -38,33 +38,59 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="validate FILE (with the environment's CONSUL_* overrides) and exit",
     )
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="processes serving the listeners, sharing the ports with SO_REUSEPORT "
+        "(default: sidecar.workers, 1); see docs/operations.md",
+    )
+    # A worker process of --workers N, started by the first process (agent/supervisor.py).
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(run=_run_agent, sidecar=True, print_config_reference=False)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load, reference_markdown
+    from agent.config import ConfigError, load, reference_markdown, with_workers
 
     if args.print_config_reference:
         sys.stdout.write(reference_markdown())
         return 0
     command = "meshlet sidecar" if args.sidecar else "meshlet agent"
+    if args.worker_index is not None:
+        return _run_worker(args)
     if args.config is None:
         print(f"{command}: -c FILE is required", file=sys.stderr)
         return 2
     env = dict(os.environ)
     try:
-        config = load(args.config, env)
+        config = with_workers(load(args.config, env), args.workers)
     except ConfigError as exc:
         print(f"{command}: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
+        workers = config.sidecar.workers
         print(
             f"{args.config}: valid (service {config.service.service_id}, "
-            f"{len(config.sidecar.upstreams)} upstreams)"
+            f"{len(config.sidecar.upstreams)} upstreams"
+            + (f", {workers} workers)" if args.sidecar and workers > 1 else ")")
         )
         return 0
 
     from agent.cli import _run
     from agent.runtime import run_agent
 
-    return _run(run_agent(args.config, env, config, sidecar=args.sidecar))
+    return _run(run_agent(args.config, env, config, sidecar=args.sidecar, workers=args.workers))
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    if args.control_fd is None or args.parent_pid is None:
+        print("meshlet sidecar: --worker-index is for the supervisor only", file=sys.stderr)
+        return 2
+    from agent.cli import _run
+    from agent.worker import run_worker
+
+    return _run(run_worker(args.worker_index, args.control_fd, args.parent_pid, dict(os.environ)))

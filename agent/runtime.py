@@ -12,6 +12,10 @@ shown in /v1/status); a good one is applied in place: watchers of unchanged upst
 their snapshots, new ones start, removed ones stop, the registration is repaired if it moved.
 Settings that need new sockets (consul, admin) are reported as needing a restart.
 
+With `meshlet sidecar --workers N` (N > 1) the proxy's listeners bind with SO_REUSEPORT and,
+once they are up, a `Supervisor` keeps N-1 worker processes (agent/worker.py) serving the same
+ports; they drain, reload and stop with this process and show in /v1/status under `workers`.
+
 SIGTERM (or SIGINT) drains: STOPPING=1, deregister first, keep serving for
 `shutdown.drain_period` while Consul's watchers of this service drop it, then stop. A second
 signal ends the drain early.
@@ -32,23 +36,20 @@ from typing import Any
 
 from agent.admin import AdminServer
 from agent.catalog import Snapshot, WatchKey
-from agent.config import AgentConfig, ConfigError, UpstreamSection, load
+from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
 from agent.readiness import ListenerReadiness, NoLeafSource, Readiness, SidecarReadiness
 from agent.registration import Registrar
 from agent.sidecar import Sidecar
+from agent.supervisor import Supervisor
 from agent.systemd import Notifier
-from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings
+from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
 
 log = logging.getLogger("meshlet.agent")
 
 # How often STATUS= is refreshed for `systemctl status` when no watchdog asks for more.
 _STATUS_EVERY = 5.0
-
-
-def watch_key(up: UpstreamSection) -> WatchKey:
-    return WatchKey(up.name, up.datacenter, up.peer, up.filter)
 
 
 def sidecar_listeners(cfg: AgentConfig) -> list[tuple[str, int]]:
@@ -96,19 +97,38 @@ class AgentRuntime:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         sidecar: bool = False,
+        workers: int | None = None,
     ) -> None:
+        self._workers = workers
+        """`--workers N`: wins over `sidecar.workers`, at start and on every reload."""
+        config = with_workers(config, workers)
         self.config: Latest[AgentConfig] = Latest(config)
         self._path = config_path
         self._env = dict(env or {})
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._notifier = notifier if notifier is not None else Notifier(None)
+        shared = sidecar and config.sidecar.workers > 1
         self.sidecar: Sidecar | None = (
-            Sidecar(config, self._env, self._watch_settings, rng=self._rng, clock=clock)
+            Sidecar(
+                config,
+                self._env,
+                self._watch_settings,
+                rng=self._rng,
+                clock=clock,
+                reuse_port=shared,
+                claim_ports=shared,
+            )
             if sidecar
             else None
         )
         """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches)."""
+        self.supervisor: Supervisor | None = (
+            Supervisor(config.sidecar.workers, self.config.get, self._env) if shared else None
+        )
+        """The other processes of `meshlet sidecar --workers N` (N > 1)."""
+        if not sidecar and config.sidecar.workers > 1:
+            log.warning("sidecar.workers is ignored by meshlet agent (it runs no proxy)")
         self._readiness = readiness or self.sidecar or ConfiguredReadiness(self.config.get)
         self._exit_code = 0
         self.connectivity = Connectivity(clock)
@@ -182,10 +202,16 @@ class AgentRuntime:
                         self._start_watch(tg, up)
                     if self.sidecar is not None:
                         tasks.append(tg.create_task(self._run_sidecar(consul), name="sidecar"))
+                    if self.supervisor is not None:
+                        tasks.append(tg.create_task(self._supervise(), name="workers"))
                     await self._stop.wait()
+                    if self.supervisor is not None:
+                        self.supervisor.begin_stop()  # the workers drain alongside
                     await self._drain(registrar)
-                    if self.sidecar is not None:
-                        await self.sidecar.close(grace=1.0)
+                    await asyncio.gather(
+                        *([self.supervisor.stop()] if self.supervisor is not None else []),
+                        *([self.sidecar.close(grace=1.0)] if self.sidecar is not None else []),
+                    )
                     for task in tasks:
                         task.cancel()
                     for watch in self._watches.values():
@@ -206,6 +232,13 @@ class AgentRuntime:
             self._exit_code = 1
             self.request_stop()
             self._force.set()
+
+    async def _supervise(self) -> None:
+        assert self.sidecar is not None and self.supervisor is not None
+        # Only once the parent holds its ports (checked free of strangers) do others share them.
+        await self.sidecar.started.wait()
+        log.info("starting %d worker processes", len(self.supervisor.workers))
+        await self.supervisor.run()
 
     def _upstream_latest(self, up: UpstreamSection) -> Latest[Snapshot | None] | None:
         watch = self._watches.get(watch_key(up))
@@ -294,7 +327,7 @@ class AgentRuntime:
             return
         old = self.config.get()
         try:
-            new = load(self._path, self._env)
+            new = with_workers(load(self._path, self._env), self._workers)
         except ConfigError as exc:
             self._last_reload_error = str(exc)
             log.error("reload failed, keeping the running configuration:\n%s", exc)
@@ -333,6 +366,8 @@ class AgentRuntime:
                 old.consul_client.max_connections,
             )
         self.config.publish(new)
+        if self.supervisor is not None:
+            self.supervisor.reconfigure(new)
         self._reloads += 1
         self._loaded_at = self._clock()
         self._last_reload_error = ""
@@ -377,6 +412,12 @@ class AgentRuntime:
                 reasons.append(f"{key.label} stale: {watch.watcher.state.last_error}")
         if self._registrar is not None and self._registrar.state.phase == "failing":
             reasons.append(f"registration failing: {self._registrar.state.last_error}")
+        if (
+            self.supervisor is not None
+            and self.sidecar is not None
+            and self.sidecar.started.is_set()
+        ):
+            reasons.extend(self.supervisor.problems())
         return tuple(reasons)
 
     def _summary(self) -> str:
@@ -462,7 +503,15 @@ class AgentRuntime:
             "apply": self.apply_times.summary(),
             "upstreams": upstreams,
             "proxy": self.sidecar.status() if self.sidecar is not None else None,
+            "workers": self._workers_status(),
         }
+
+    def _workers_status(self) -> Mapping[str, Any] | None:
+        if self.sidecar is None:
+            return None
+        if self.supervisor is None:
+            return {"count": 1, "processes": []}
+        return self.supervisor.status()
 
 
 def configure_logging(level: str) -> None:
@@ -470,13 +519,23 @@ def configure_logging(level: str) -> None:
 
 
 async def run_agent(
-    path: Path, env: Mapping[str, str], config: AgentConfig, *, sidecar: bool = False
+    path: Path,
+    env: Mapping[str, str],
+    config: AgentConfig,
+    *,
+    sidecar: bool = False,
+    workers: int | None = None,
 ) -> int:
     """`meshlet agent -c FILE` (or `meshlet sidecar -c FILE`, with the proxy) once the file is
     known to be valid: run until signalled."""
     configure_logging(config.log_level)
     runtime = AgentRuntime(
-        config, config_path=path, env=env, notifier=Notifier.from_env(env), sidecar=sidecar
+        config,
+        config_path=path,
+        env=env,
+        notifier=Notifier.from_env(env),
+        sidecar=sidecar,
+        workers=workers,
     )
     runtime.install_signal_handlers()
     return await runtime.run()

@@ -19,6 +19,9 @@ Fail closed: no listener is opened before a leaf is held and the first intention
 compiled (until then the snapshot denies everything); the readiness the registrar reports to
 Consul passes only while every listener is serving and the leaf is unexpired.
 
+With `sidecar.workers` > 1 the listeners bind with SO_REUSEPORT, the first process after checking
+that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
+
 Known limits: the listeners are fixed at start (a reload that changes `sidecar` or `certs`
 needs a restart, and says so); upstreams balance with least request (service-resolver
 `LoadBalancer` is not watched yet).
@@ -31,8 +34,9 @@ import dataclasses
 import datetime
 import logging
 import random
+import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from agent.catalog import Snapshot as EndpointSnapshot
@@ -139,6 +143,24 @@ def targets_of(snapshot: EndpointSnapshot | None) -> list[Target]:
     ]
 
 
+async def claim_port(host: str, port: int) -> None:
+    """Raise `OSError` (EADDRINUSE) when some socket already holds `host:port`: a plain bind
+    (SO_REUSEADDR as asyncio sets it, no SO_REUSEPORT) fails against any listener, shared or
+    not. The probe is closed at once; the listener then binds with SO_REUSEPORT."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"{host}:{port} is already in use ({exc.strerror})"
+                ) from None
+
+
 class _Endpoints:
     """An upstream's `EndpointSource`: the balancer compiled from the newest snapshot."""
 
@@ -167,8 +189,16 @@ class Sidecar:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        reuse_port: bool = False,
+        claim_ports: bool = False,
     ) -> None:
+        """`reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
+        group binds the same ports). `claim_ports`: first check that no other socket holds
+        them (the group's first process), so a port already taken fails at start as it does
+        without SO_REUSEPORT instead of being silently shared with a stranger."""
         self.config = config
+        self._reuse_port = reuse_port
+        self._claim_ports = claim_ports
         self._env = dict(env)
         self._settings = settings
         self._rng = rng if rng is not None else random.Random()
@@ -265,8 +295,14 @@ class Sidecar:
 
     # ---- the tasks ---------------------------------------------------------------------------
 
-    async def run(self, consul: ConsulClient, latest_for: UpstreamLatest) -> None:
-        """Run until cancelled: leaf rotation, the intentions watch, then the listeners."""
+    async def run(
+        self,
+        consul: ConsulClient,
+        latest_for: UpstreamLatest,
+        before_listen: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run until cancelled: leaf rotation, the intentions watch, then the listeners
+        (after `before_listen()` too, when given: a worker waits for its endpoints)."""
         leaf_source = await self._leaf_source(consul)
         self.rotator = LeafRotator(leaf_source, consul_roots_source(consul))
         async with asyncio.TaskGroup() as tg:
@@ -277,6 +313,8 @@ class Sidecar:
             log.info("leaf %s held (generation %d)", material.leaf.service_uri, material.generation)
             tg.create_task(self._follow_leaf(self.tls), name="leaf follower")
             await self.intentions.changed(0)
+            if before_listen is not None:
+                await before_listen()
             if self._closed:
                 return
             await self._start_listeners(tg, self.tls, latest_for)
@@ -406,6 +444,11 @@ class Sidecar:
         app_host = cfg.service.address or "127.0.0.1"
         bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
         peers = identity_verifier(lambda: tls.trust_domain)
+        if self._claim_ports:
+            for host, port in [(bind, cfg.sidecar.port)] + [
+                (up.local_bind_address, up.local_bind_port) for up in cfg.sidecar.upstreams
+            ]:
+                await claim_port(host, port)
         listener: _Listener
         if cfg.sidecar.protocol == "http":
             gate = InboundGate(tls.listener_context(), peers, self.stats)
@@ -420,7 +463,7 @@ class Sidecar:
             # tcp, and http2/grpc carried at L4: one decision per connection.
             gate = InboundGate(tls.listener_context(), peers, self.stats, authorize=conn_authz)
             listener = InboundL4(gate, app_host, cfg.service.port)
-        await listener.start(bind, cfg.sidecar.port)
+        await listener.start(bind, cfg.sidecar.port, reuse_port=self._reuse_port)
         self.inbound = listener
         log.info(
             "inbound %s listener on %s:%d -> %s:%d",
@@ -449,7 +492,7 @@ class Sidecar:
             if latest is not None:
                 endpoints.apply(latest.get())
                 tg.create_task(self._follow_endpoints(up.name, latest, endpoints))
-            await out.start(up.local_bind_address, up.local_bind_port)
+            await out.start(up.local_bind_address, up.local_bind_port, reuse_port=self._reuse_port)
             self.outbound[up.name] = (out, endpoints)
             log.info("upstream %s (%s) listening on %s", up.name, up.protocol, up.bind)
 

@@ -83,6 +83,14 @@ def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) ->
             + (f": {consul['last_error']}" if consul["last_error"] else ""),
         ),
     ]
+    workers = status.get("workers") or {}
+    for w in workers.get("processes", ()):
+        if w["state"] == "running":
+            state = "serving" if w["ready"] else "not serving: " + "; ".join(w["problems"])
+        else:
+            state = w["state"]
+        restarts = f", {w['restarts']} restarts, last {w['last_exit']}" if w["restarts"] else ""
+        summary.append((f"worker {w['index']}", f"pid {w['pid'] or '-'}, {state}{restarts}"))
     out = [_table(("", ""), [(k, v) for k, v in summary]).split("\n", 1)[1]]
     rows = []
     for up in status["upstreams"]:

@@ -38,6 +38,7 @@ from agent.catalog import (
     diff,
     snapshot_of,
 )
+from agent.config import UpstreamSection
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, Indexed
 from agent.consul_errors import ConsulError, ConsulUnavailable
@@ -87,6 +88,11 @@ def backoff_delay(failures: int, rng: random.Random, initial: float, maximum: fl
         return 0.0
     ceiling = min(maximum, initial * 2.0 ** min(failures - 1, 60))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def watch_key(up: UpstreamSection) -> WatchKey:
+    """What one upstream section watches: its name, datacenter, peer and filter."""
+    return WatchKey(up.name, up.datacenter, up.peer, up.filter)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,357 @@
+"""`meshlet sidecar --workers N`: the configuration rules, the restart decisions (pure), the
+control channel's messages, the port claim, and the supervisor over real (tiny) processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, parse, to_raw, with_workers
+from agent.runtime import AgentRuntime
+from agent.sidecar import claim_port
+from agent.supervisor import RestartPolicy, Supervisor, WorkerState, describe_exit
+from agent.worker import PARENT_ONLY_ENV, decode, encode
+
+
+def _raw(**sidecar: Any) -> dict[str, Any]:
+    return {
+        "service": {"name": "web", "port": 8080},
+        "sidecar": {
+            "port": 21000,
+            "upstreams": [{"name": "api", "local_bind_port": 9191}],
+            **sidecar,
+        },
+    }
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+
+def test_one_process_by_default() -> None:
+    assert parse(_raw(), {}).sidecar.workers == 1
+
+
+@pytest.mark.parametrize("workers", [0, -1, 65])
+def test_workers_out_of_range_names_the_key(workers: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(_raw(workers=workers), {})
+    assert [str(p) for p in info.value.problems] == [
+        f"sidecar.workers: expected an integer from 1 to 64, got {workers}"
+    ]
+
+
+def test_workers_must_be_an_integer() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(_raw(workers="two"), {})
+    assert "sidecar.workers: expected an integer, got 'two'" in str(info.value)
+
+
+def test_every_listener_port_is_fixed_so_workers_can_share_it() -> None:
+    """SO_REUSEPORT needs one known port per listener: 0 (any free port) is refused for the
+    inbound port and every upstream, whatever `workers` is, with the key named."""
+    raw = _raw(workers=4, port=0)
+    raw["sidecar"]["upstreams"][0]["local_bind_port"] = 0
+    with pytest.raises(ConfigError) as info:
+        parse(raw, {})
+    paths = {p.path for p in info.value.problems}
+    assert paths == {"sidecar.port", "sidecar.upstreams[0].local_bind_port"}
+
+
+def test_the_command_line_wins_over_the_file() -> None:
+    cfg = parse(_raw(workers=2), {})
+    assert with_workers(cfg, 4).sidecar.workers == 4
+    assert with_workers(cfg, None) is cfg
+    with pytest.raises(ConfigError) as info:
+        with_workers(cfg, 0)
+    assert str(info.value) == "--workers: expected an integer from 1 to 64, got 0"
+
+
+def test_the_running_config_round_trips_to_workers() -> None:
+    raw = {
+        "consul": {"address": "127.0.0.1:8501", "token": "s3cr3t", "timeout": "3s"},
+        "service": {
+            "name": "web",
+            "port": 8080,
+            "tags": ["a", "b"],
+            "meta": {"k": "v"},
+            "check": {"http": "http://127.0.0.1:8080/h", "interval": "5s"},
+        },
+        "sidecar": {
+            "port": 21001,
+            "protocol": "http",
+            "workers": 3,
+            "upstreams": [
+                {"name": "api", "local_bind_port": 9191, "protocol": "http", "filter": "x"},
+                {"name": "db", "local_bind_port": 9192, "datacenter": "dc2"},
+            ],
+        },
+        "certs": {"source": "vault", "vault": {"address": "http://vault:8200", "role": "r"}},
+        "watch": {"wait": "1m", "retry_max": "2s"},
+        "log_level": "debug",
+    }
+    env = {"CONSUL_HTTP_ADDR": "127.0.0.1:9500"}
+    cfg = parse(raw, env)
+    # Through JSON, as over the control channel.
+    assert parse(json.loads(json.dumps(to_raw(cfg))), env) == cfg
+
+
+def test_check_config_with_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "web.yaml"
+    path.write_text(json.dumps(_raw()))
+    assert main(["sidecar", "-c", str(path), "--workers", "3", "--check-config"]) == 0
+    assert "valid (service web, 1 upstreams, 3 workers)" in capsys.readouterr().out
+    assert main(["sidecar", "-c", str(path), "--workers", "0", "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration: --workers: expected an integer from 1 to 64, got 0" in err
+
+
+def test_status_lists_the_workers_before_they_start() -> None:
+    runtime = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=3)
+    workers = runtime.status(None)["workers"]
+    assert workers["count"] == 3
+    assert [(w["index"], w["state"], w["pid"]) for w in workers["processes"]] == [
+        (1, "pending", None),
+        (2, "pending", None),
+    ]
+    assert AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)["workers"] == {
+        "count": 1,
+        "processes": [],
+    }
+    assert AgentRuntime(parse(_raw(), {})).status(None)["workers"] is None
+
+
+# ---- pure decisions ---------------------------------------------------------------------------
+
+
+def test_restart_delay_doubles_per_quick_failure_and_is_capped() -> None:
+    policy = RestartPolicy(initial=0.5, maximum=30.0, stable_after=60.0)
+    assert [policy.delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert policy.delay(10_000) == 30.0
+
+
+def test_a_worker_that_ran_long_enough_starts_the_doubling_over() -> None:
+    policy = RestartPolicy(initial=0.5, maximum=30.0, stable_after=60.0)
+    assert policy.after_exit(0, ran_for=2.0) == (1, 0.5)
+    assert policy.after_exit(3, ran_for=2.0) == (4, 4.0)
+    assert policy.after_exit(3, ran_for=60.0) == (1, 0.5)
+
+
+def test_exits_in_words() -> None:
+    assert describe_exit(0) == "exit code 0"
+    assert describe_exit(1) == "exit code 1"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
+
+
+def test_a_worker_down_or_not_serving_is_a_problem_to_show() -> None:
+    w = WorkerState(1)
+    assert w.problem() == "worker 1 not started yet"
+    w.state, w.ready, w.problems = "running", False, ("no endpoints yet for api",)
+    assert w.problem() == "worker 1 not serving: no endpoints yet for api"
+    w.ready = True
+    assert w.problem() == ""
+    w.state, w.last_exit = "restarting", "killed by SIGKILL"
+    assert w.problem() == "worker 1 down (killed by SIGKILL), restarting"
+
+
+def test_control_messages() -> None:
+    line = encode({"ready": True, "problems": []})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode(line) == {"ready": True, "problems": []}
+    with pytest.raises(ValueError):
+        decode(b"[1, 2]\n")
+    with pytest.raises(ValueError):
+        decode(b"{nope\n")
+
+
+# ---- the port claim ---------------------------------------------------------------------------
+
+
+async def test_a_port_held_by_a_stranger_is_not_shared() -> None:
+    """With SO_REUSEPORT any process of the same user could share the port; the first process
+    of the group checks first that nothing holds it."""
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            await claim_port("127.0.0.1", port)
+        assert f"127.0.0.1:{port} is already in use" in str(info.value)
+    await claim_port("127.0.0.1", port)  # free again
+
+
+# ---- the supervisor over real processes ----------------------------------------------------------
+
+# A stand-in worker: speaks the control channel, then behaves as `mode` says.
+_FAKE = r"""
+import json, signal, socket, sys
+fd, mode, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+channel = socket.socket(fileno=fd).makefile("rwb")
+first = json.loads(channel.readline())
+assert first["config"]["service"]["name"] == "web", first
+open(marker, "a").write("started\n")
+if mode == "crash":
+    sys.exit(3)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+channel.write(b'{"ready": true, "problems": []}\n')
+channel.flush()
+for line in channel:
+    message = json.loads(line)
+    open(marker, "a").write(json.dumps(message) + "\n")
+    if message.get("stop") == "now" and mode != "stubborn":
+        sys.exit(0)
+"""
+
+
+def _fake(mode: str, marker: Path) -> Callable[[int, int, int], list[str]]:
+    def command(index: int, fd: int, parent: int) -> list[str]:
+        return [sys.executable, "-c", _FAKE, str(fd), mode, str(marker)]
+
+    return command
+
+
+async def _until(done: Callable[[], bool], what: str, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while not done():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # polling a condition; the deadline only bounds a hang
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+FAST = RestartPolicy(initial=0.01, maximum=0.05, stable_after=60.0)
+
+
+async def test_a_worker_that_exits_is_restarted_with_its_exit_recorded(tmp_path: Path) -> None:
+    cfg = parse(_raw(), {})
+    sup = Supervisor(2, lambda: cfg, {}, policy=FAST, command=_fake("crash", tmp_path / "m"))
+    task = asyncio.ensure_future(sup.run())
+    w = sup.workers[0]
+    await _until(lambda: w.restarts >= 3, "three restarts")
+    assert w.last_exit == "exit code 3"
+    assert w.consecutive_failures >= 3
+    await sup.stop(timeout=10)
+    await asyncio.wait_for(task, 10)
+    assert w.state == "stopped"
+    assert (tmp_path / "m").read_text().count("started") >= 4
+
+
+async def test_stop_drains_then_stops_and_reloads_reach_running_workers(tmp_path: Path) -> None:
+    cfg = parse(_raw(), {})
+    marker = tmp_path / "m"
+    env = {"NOTIFY_SOCKET": "/run/x", "KEEP": "1"}
+    sup = Supervisor(3, lambda: cfg, env, policy=FAST, command=_fake("serve", marker))
+    assert sup._env == {"KEEP": "1"}  # systemd talks to the parent only
+    assert "NOTIFY_SOCKET" in PARENT_ONLY_ENV
+    task = asyncio.ensure_future(sup.run())
+    await _until(lambda: all(w.ready for w in sup.workers), "both workers ready")
+    assert sup.problems() == []
+    pids = [w.pid for w in sup.workers]
+    assert all(pid is not None and _alive(pid) for pid in pids)
+    sup.reconfigure(parse(_raw(), {}))
+    sup.begin_stop()
+    await _until(lambda: marker.read_text().count('"drain"') == 2, "drain reached both")
+    await sup.stop(timeout=10)
+    await asyncio.wait_for(task, 10)
+    text = marker.read_text()
+    assert text.count('"config"') == 2  # the reload, to each worker
+    assert text.count('"now"') == 2
+    assert [w.state for w in sup.workers] == ["stopped", "stopped"]
+    assert [w.last_exit for w in sup.workers] == ["exit code 0", "exit code 0"]
+    assert all(w.restarts == 0 for w in sup.workers)
+
+
+async def test_a_worker_that_ignores_stop_is_killed(tmp_path: Path) -> None:
+    cfg = parse(_raw(), {})
+    sup = Supervisor(2, lambda: cfg, {}, policy=FAST, command=_fake("stubborn", tmp_path / "m"))
+    task = asyncio.ensure_future(sup.run())
+    await _until(lambda: sup.workers[0].ready, "the worker ready")
+    await sup.stop(timeout=0.2)
+    await asyncio.wait_for(task, 10)
+    assert sup.workers[0].last_exit == "killed by SIGKILL"
+
+
+async def test_cancelling_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> None:
+    cfg = parse(_raw(), {})
+    sup = Supervisor(3, lambda: cfg, {}, policy=FAST, command=_fake("stubborn", tmp_path / "m"))
+    task = asyncio.ensure_future(sup.run())
+    await _until(lambda: all(w.ready for w in sup.workers), "both workers ready")
+    pids = [w.pid for w in sup.workers]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for pid in pids:
+        assert pid is not None
+        # Killed; reaped by the event loop's child watcher once it notices.
+        await _until(lambda pid=pid: not _alive(pid) or _zombie(pid), f"pid {pid} gone")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_meshlet_status_shows_each_worker() -> None:
+    from agent.status_cli import render
+
+    runtime = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=3)
+    st = runtime.status(None)
+    one, two = st["workers"]["processes"]
+    one.update(state="running", pid=101, ready=True)
+    two.update(state="restarting", pid=102, restarts=2, last_exit="killed by SIGKILL")
+    text = render(st, time.time())
+    assert re.search(r"^worker 1 +pid 101, serving$", text, re.M)
+    assert re.search(
+        r"^worker 2 +pid 102, restarting, 2 restarts, last killed by SIGKILL$", text, re.M
+    )
+
+
+def test_a_worker_applies_the_parents_reload_in_place() -> None:
+    from agent.worker import WorkerRuntime
+
+    cfg = parse(_raw(), {})
+    worker = WorkerRuntime(1, cfg, {})
+    faster = parse({**_raw(), "watch": {"retry_max": "1s"}, "log_level": "debug"}, {})
+    worker._reconfigure(to_raw(faster))
+    assert worker.config.get() == faster
+    moved = parse(_raw(port=21999), {})
+    worker._reconfigure(to_raw(moved))  # listeners are fixed at start: kept
+    assert worker.config.get() == faster
+    worker._reconfigure({"service": "nope"})  # never applied
+    assert worker.config.get() == faster
+    logging.getLogger("meshlet").setLevel(logging.INFO)
+
+
+def test_a_second_stop_signal_ends_a_workers_drain() -> None:
+    from agent.worker import WorkerRuntime
+
+    worker = WorkerRuntime(1, parse(_raw(), {}), {})
+    worker.request_stop()
+    assert worker._stop.is_set() and not worker._now.is_set()
+    worker.request_stop()
+    assert worker._now.is_set()
