@@ -1,0 +1,297 @@
+"""`meshlet sidecar --workers 2` as real processes against `meshlet dev`.
+
+web (an http service) runs `meshlet sidecar --workers 2` with one http upstream, api, whose
+sidecar is a single process. Checked from outside, through /proc: both of web's processes
+hold listening sockets on every port; new connections through the upstream port are accepted
+by both (the kernel's SO_REUSEPORT hash spreads them) and all reach api's app; a worker
+SIGKILLed is restarted while the parent keeps serving; SIGTERM to the parent stops every
+process (exit 0, nothing left); SIGKILL to the parent takes its worker with it.
+
+Waits are on log lines, the parent's /v1/status and Consul blocking queries; the only polls
+are of /proc and of status, bounded by a deadline that only catches a hang. No timing is
+asserted.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev, wait_catalog
+from tests.integration.test_sidecar_mesh import (
+    _drain,
+    _json,
+    put_intentions,
+    start_app,
+    status,
+    wait_status,
+    write_sidecar_config,
+)
+
+DEADLINE = 60.0
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# ---- who holds which socket, from /proc -------------------------------------------------------
+
+
+def _tcp_sockets() -> list[tuple[int, int, str, int]]:
+    """(local port, remote port, state, inode) of every TCP socket in our network namespace."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
+            out.append(
+                (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode)
+            )
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_dir):
+        try:
+            link = os.readlink(fd_dir / fd)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(int(link[len("socket:[") : -1]))
+    return inodes
+
+
+_LISTEN = "0A"
+
+
+def listens(pid: int, port: int) -> bool:
+    """Does process `pid` hold a listening socket on `port`?"""
+    wanted = {i for lp, _, st, i in _tcp_sockets() if lp == port and st == _LISTEN}
+    return bool(wanted & _socket_inodes(pid))
+
+
+def accepted_by(port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server side of the connection from `client_port` to `port`."""
+    inodes = {i for lp, rp, st, i in _tcp_sockets() if lp == port and rp == client_port}
+    for pid in pids:
+        if inodes & _socket_inodes(pid):
+            return pid
+    return None
+
+
+def gone(pid: int) -> bool:
+    """No such process any more (or a zombie: it has exited, its sockets are closed)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_until(done: Any, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling /proc; the deadline only catches a hang
+
+
+def wait_line(proc: Proc, text: str) -> str:
+    """A line of a process whose log a `_drain` thread is collecting."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        found.extend(line for line in list(proc.lines) if text in line)
+        return bool(found)
+
+    wait_until(seen, repr(text))
+    return found[0]
+
+
+# ---- the mesh -----------------------------------------------------------------------------------
+
+
+class WorkersMesh:
+    def __init__(self, tmp: Path) -> None:
+        self.procs: list[Proc] = []
+        self.apps: list[ThreadingHTTPServer] = []
+        port = _free_port()
+        self.consul = f"127.0.0.1:{port}"
+        self.procs.append(start_dev(port))
+        self.api_app, self.web_app = start_app("api"), start_app("web")
+        self.apps += [self.api_app, self.web_app]
+        self.api_admin, self.web_admin = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+        self.api_public, self.web_public = _free_port(), _free_port()
+        self.web_upstream = _free_port()
+        self.threads: dict[str, threading.Thread] = {}
+        _json(
+            "PUT",
+            f"http://{self.consul}/v1/config",
+            {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
+        )
+        put_intentions(self.consul, "api", "allow")
+        api_cfg, web_cfg = tmp / "api.yaml", tmp / "web.yaml"
+        write_sidecar_config(
+            api_cfg,
+            consul=self.consul,
+            service="api",
+            app_port=self.api_app.server_address[1],
+            sidecar_port=self.api_public,
+            admin=self.api_admin,
+            protocol="http",
+        )
+        write_sidecar_config(
+            web_cfg,
+            consul=self.consul,
+            service="web",
+            app_port=self.web_app.server_address[1],
+            sidecar_port=self.web_public,
+            admin=self.web_admin,
+            protocol="http",
+            upstreams=(("api", self.web_upstream, "http"),),
+        )
+        self.api = self._start(["sidecar", "-c", str(api_cfg)], "api")
+        # api passes its checks before web starts: every web process's first answer has it.
+        wait_catalog(
+            self.consul,
+            "/v1/health/connect/api",
+            lambda b: len(b) == 1 and all(c["Status"] == "passing" for c in b[0]["Checks"]),
+        )
+        self.web = self._start(["sidecar", "-c", str(web_cfg), "--workers", "2"], "web")
+        st = wait_status(
+            self.web_admin,
+            lambda s: (
+                s["proxy"]["upstreams"].get("api", {}).get("endpoints") == 1
+                and s["workers"]["processes"][0]["ready"]
+            ),
+            "web's worker serving",
+        )
+        self.parent = self.web.p.pid
+        self.worker = int(st["workers"]["processes"][0]["pid"])
+
+    def _start(self, args: list[str], name: str) -> Proc:
+        proc = Proc(args, env=ENV)
+        self.procs.append(proc)
+        proc.wait_for_line("ready:")
+        self.threads[name] = _drain(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        for app in self.apps:
+            app.shutdown()
+            app.server_close()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[WorkersMesh]:
+    m = WorkersMesh(tmp_path)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def _through_upstream(port: int, path: str, pids: tuple[int, ...] = ()) -> int | None:
+    """One request on a new connection, answered by api's app; which of `pids` accepted it
+    (asked while the connection is open: the serving process holds its socket meanwhile)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, (resp.status, body)
+        assert json.loads(body)["app"] == "api"
+        assert conn.sock is not None
+        return accepted_by(port, conn.sock.getsockname()[1], pids)
+    finally:
+        conn.close()
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+
+
+def test_both_processes_serve_and_a_killed_worker_comes_back(mesh: WorkersMesh) -> None:
+    parent, worker = mesh.parent, mesh.worker
+    assert parent != worker
+    for port in (mesh.web_public, mesh.web_upstream):
+        assert listens(parent, port), f"the parent does not listen on {port}"
+        assert listens(worker, port), f"the worker does not listen on {port}"
+
+    # New connections are spread by the kernel's hash of each connection's addresses: with
+    # 60 of them, one socket getting them all has a chance of 2**-59.
+    owners = [_through_upstream(mesh.web_upstream, f"/n{i}", (parent, worker)) for i in range(60)]
+    assert set(owners) == {parent, worker}, owners
+
+    os.kill(worker, signal.SIGKILL)
+    line = wait_line(mesh.web, f"worker 1 (pid {worker}) exited unexpectedly")
+    assert "(killed by SIGKILL)" in line
+    # The worker is dead and reaped (its sockets closed): every new connection is served,
+    # by the parent or by the restarted worker once that one has bound.
+    for i in range(20):
+        _through_upstream(mesh.web_upstream, f"/down{i}")
+
+    st = wait_status(
+        mesh.web_admin,
+        lambda s: (
+            s["workers"]["processes"][0]["restarts"] == 1 and s["workers"]["processes"][0]["ready"]
+        ),
+        "the worker restarted and serving",
+    )
+    proc = st["workers"]["processes"][0]
+    assert proc["last_exit"] == "killed by SIGKILL"
+    assert proc["state"] == "running"
+    restarted = int(proc["pid"])
+    assert restarted != worker and gone(worker)
+    assert listens(restarted, mesh.web_upstream) and listens(restarted, mesh.web_public)
+    assert st["ready"] is True  # a worker down never made the instance unready
+    assert st["degraded"] is False
+    _through_upstream(mesh.web_upstream, "/after")
+
+
+def test_sigterm_stops_every_process(mesh: WorkersMesh) -> None:
+    worker = mesh.worker
+    mesh.web.p.send_signal(signal.SIGTERM)
+    assert mesh.web.p.wait(30) == 0
+    mesh.threads["web"].join(30)  # the whole log (the worker's too), up to EOF
+    text = "".join(mesh.web.lines)
+    assert f"worker 1 (pid {worker}) stopped (exit code 0)" in text
+    assert f"worker 1 (pid {worker}) meshlet.agent.worker: worker stopped" in text
+    assert "exited unexpectedly" not in text
+    assert text.index("worker stopped") < text.index("meshlet agent stopped")
+    assert gone(worker)
+    for port in (mesh.web_upstream, mesh.web_public):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    wait_catalog(mesh.consul, "/v1/catalog/service/web-sidecar-proxy", lambda b: b == [])
+
+
+def test_a_worker_dies_with_its_parent(mesh: WorkersMesh) -> None:
+    worker = mesh.worker
+    mesh.web.p.kill()
+    mesh.web.p.wait(30)
+    wait_until(lambda: gone(worker), f"worker pid {worker} gone after its parent")
+    mesh.threads["web"].join(30)  # EOF: no process is left holding the log pipe
+    wait_until(lambda: not listens_any(mesh.web_upstream), "the upstream port released")
+    assert status(mesh.api_admin)["ready"] is True  # the rest of the mesh is untouched
+
+
+def listens_any(port: int) -> bool:
+    return any(lp == port and st == _LISTEN for lp, _, st, _ in _tcp_sockets())
