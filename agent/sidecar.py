@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import gc
 import logging
 import random
 import socket
@@ -177,6 +178,17 @@ class _Endpoints:
         self.index = snapshot.index if snapshot is not None else None
 
 
+def _settle_garbage_collector() -> None:
+    """Once serving: what start-up built (modules, config, first snapshots) leaves the cyclic
+    collector's generations, and young collections become rarer. Requests allocate many
+    short-lived containers that reference counting frees; without this, a full collection
+    walks every long-lived object and stalls the event loop (perf.md §5.3; the proxy
+    benchmark's sidecars run with the same settings)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 class Sidecar:
     """The proxy half of `meshlet sidecar`; also the agent's `SidecarReadiness` and
     `LeafStatus` (the registrar's check passes only through `check()`)."""
@@ -318,6 +330,7 @@ class Sidecar:
             if self._closed:
                 return
             await self._start_listeners(tg, self.tls, latest_for)
+            _settle_garbage_collector()
             self.started.set()
 
     async def _rotate(self) -> None:

@@ -115,8 +115,8 @@ async def main(args: argparse.Namespace) -> None:
         listener = OutboundHTTP(upstream) if args.kind == "http" else OutboundL4(upstream)
     await listener.start("127.0.0.1", args.listen)
     gc.collect()
-    gc.freeze()  # long-lived config objects leave the GC's generations
-    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()  # as agent/sidecar.py does once serving
+    gc.set_threshold(10_000, 10, 10)
     print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
