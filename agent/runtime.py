@@ -61,8 +61,9 @@ def sidecar_listeners(cfg: AgentConfig) -> list[tuple[str, int]]:
 
 
 class ConfiguredReadiness:
-    """The sidecar readiness that exists today: dial the configured listeners, ask the leaf
-    source. The proxy replaces the dialling with its own listeners' state when it lands."""
+    """The sidecar readiness of `meshlet agent`, which runs no proxy itself: the configured
+    listeners answer a dial (whatever process serves them) and the leaf source is asked.
+    `meshlet sidecar` uses its own listeners' state instead (agent/sidecar.py)."""
 
     def __init__(self, config: Callable[[], AgentConfig], leaf: NoLeafSource | None = None):
         self._config = config
