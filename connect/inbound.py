@@ -1,12 +1,8 @@
-"""The public listener's gate: peer identity and the connection decision after the mTLS
-handshake, and the count of handshakes that failed.
+"""The public listener's gate: failed handshakes (counted by reason, logged once per peer),
+then peer identity and the connection decision after the mTLS handshake.
 
-The listener is `create_server(ssl=...)`: the event loop's own TLS (uvloop's, in Cython) does
-the handshake. (`start_tls` on an accepted socket would let us see each failure, but uvloop's
-server-side `start_tls` never completed a handshake in our tests.) The loop reports a failed
-server handshake to nobody, so each accepted connection's protocol carries a small
-`_HandshakeWatch`: the protocol is created at accept time and reaches `connection_made` only
-after a successful handshake; a watch freed without having seen it counts one failure.
+The listener terminates TLS per connection with `start_tls` (connect.listener), which reports
+each failed handshake with the peer's address and OpenSSL's reason to `handshake_failed`.
 """
 
 from __future__ import annotations
@@ -15,13 +11,72 @@ import asyncio
 import logging
 import ssl
 import time
+from typing import Any
 
 from connect.proxy import ConnectionAuthorizer, Peer, PeerCache, ProxyStats
 
 log = logging.getLogger("meshlet.proxy.inbound")
 
+__all__ = ["InboundGate", "handshake_failure"]
+
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h) that mean "not signed by a root we trust".
+_UNKNOWN_CA = frozenset(
+    {
+        2,  # UNABLE_TO_GET_ISSUER_CERT
+        18,  # DEPTH_ZERO_SELF_SIGNED_CERT
+        19,  # SELF_SIGNED_CERT_IN_CHAIN
+        20,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        21,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    }
+)
+_EXPIRED = 10  # X509_V_ERR_CERT_HAS_EXPIRED
+# SSL_R_* reasons for a first record that is not TLS.
+_PLAINTEXT = frozenset({"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER"})
+_NO_CERTIFICATE = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE"})
+_CLOSED = frozenset({"UNEXPECTED_EOF_WHILE_READING"})
+
+
+def handshake_failure(exc: BaseException) -> tuple[str, str]:
+    """(kind, detail) for a failed server handshake: kind is a `HandshakeFailures` field,
+    detail OpenSSL's words for a log line."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {exc.verify_message}"
+        if exc.verify_code == _EXPIRED:
+            return "expired", detail
+        if exc.verify_code in _UNKNOWN_CA:
+            return "unknown_ca", detail
+        return "other", detail
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "closed", "closed by the peer during the handshake"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        detail = reason.lower().replace("_", " ") if reason else str(exc)
+        if reason in _NO_CERTIFICATE:
+            return "no_certificate", "no client certificate"
+        if reason in _PLAINTEXT:
+            return "plaintext", f"not TLS ({detail})"
+        if reason in _CLOSED:
+            return "closed", "closed by the peer during the handshake"
+        return "other", detail
+    if isinstance(exc, (ConnectionAbortedError, TimeoutError)):
+        # Both loops abort a handshake that outlives ssl_handshake_timeout this way.
+        return "timeout", str(exc) or "handshake timed out"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "closed", "closed by the peer during the handshake"
+    return "other", f"{type(exc).__name__}: {exc}"
+
+
+def _host_port(peername: Any) -> tuple[str, str]:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return str(peername[0]), f"{peername[0]}:{peername[1]}"
+    text = str(peername) if peername else "unknown peer"
+    return text, text
+
 
 class _HandshakeWatch:
+    """Legacy, for a listener still on `create_server(ssl=...)` (`ListeningSocket._ssl`):
+    freed without having seen `admit`, it counts a failure whose peer and reason are unknown."""
+
     __slots__ = ("done", "gate")
 
     def __init__(self, gate: InboundGate) -> None:
@@ -30,10 +85,12 @@ class _HandshakeWatch:
 
     def __del__(self) -> None:
         if not self.done:
-            self.gate.handshake_failed()
+            self.gate._unexplained_failure()
 
 
 class InboundGate:
+    """The `TLSTerminator` of inbound listeners (connect.listener) and their admission."""
+
     def __init__(
         self,
         server_ssl: ssl.SSLContext,
@@ -51,39 +108,61 @@ class InboundGate:
         self.handshake_timeout = handshake_timeout
         self._logged: set[tuple[str, str]] = set()
         self._log_limit = log_limit
-        self._last_handshake_log = 0.0
+        self._last_unexplained_log = 0.0
+
+    def _log_once(self, host: str, key: str, message: str, *args: object) -> None:
+        """Log once per (peer host, key); the set is bounded (cleared when full)."""
+        k = (host, key)
+        if k in self._logged:
+            return
+        if len(self._logged) >= self._log_limit:
+            self._logged.clear()
+        self._logged.add(k)
+        log.warning(message, *args)
+
+    def handshake_failed(self, peername: Any, exc: BaseException) -> None:
+        """Count a failed TLS handshake under its reason and log it once per peer host and
+        reason (the connection is already closed)."""
+        kind, detail = handshake_failure(exc)
+        self.stats.handshakes_failed += 1
+        counts = self.stats.handshake_failures
+        setattr(counts, kind, getattr(counts, kind) + 1)
+        host, where = _host_port(peername)
+        self._log_once(
+            host, "handshake:" + kind, "inbound TLS handshake from %s refused (%s): %s",
+            where, kind, detail,
+        )  # fmt: skip
 
     def watch(self) -> _HandshakeWatch:
-        """Give one to each accepted connection's protocol; call `admit` in connection_made."""
+        """Legacy (see `_HandshakeWatch`): give one to each protocol created at accept time
+        by a `create_server(ssl=...)` listener and pass it to `admit`."""
         return _HandshakeWatch(self)
 
-    def handshake_failed(self) -> None:
+    def _unexplained_failure(self) -> None:
         self.stats.handshakes_failed += 1
+        self.stats.handshake_failures.other += 1
         now = time.monotonic()
-        if now - self._last_handshake_log >= 10.0:
-            # The loop does not say who or why; rate-limit instead of once per peer.
-            self._last_handshake_log = now
+        if now - self._last_unexplained_log >= 10.0:
+            self._last_unexplained_log = now
             log.warning(
-                "inbound TLS handshakes are failing (%d so far): plaintext, no client "
-                "certificate, or a certificate the mesh roots do not verify",
+                "inbound TLS handshakes are failing (%d so far; this listener's loop does "
+                "not say who or why)",
                 self.stats.handshakes_failed,
             )
 
     def _refuse(self, transport: asyncio.BaseTransport, reason: str) -> None:
-        addr = transport.get_extra_info("peername")
-        host = addr[0] if isinstance(addr, tuple) else str(addr)
-        key = (host, reason)
-        if key not in self._logged:
-            if len(self._logged) >= self._log_limit:
-                self._logged.clear()
-            self._logged.add(key)
-            log.warning("inbound connection from %s refused: %s", host, reason)
+        host, _ = _host_port(transport.get_extra_info("peername"))
+        self._log_once(host, reason, "inbound connection from %s refused: %s", host, reason)
         transport.abort()  # type: ignore[attr-defined]
 
-    def admit(self, transport: asyncio.BaseTransport, watch: _HandshakeWatch) -> Peer | None:
+    def admit(
+        self, transport: asyncio.BaseTransport, watch: _HandshakeWatch | None = None
+    ) -> Peer | None:
         """Identify and authorize a connection whose handshake just succeeded; None if
-        refused (counted, logged once per peer and reason, aborted before any byte is read)."""
-        watch.done = True
+        refused (counted, logged once per peer and reason, aborted before any byte is read).
+        `watch` only for the legacy `create_server(ssl=...)` path."""
+        if watch is not None:
+            watch.done = True
         peer = self.peers.peer_of(transport.get_extra_info("ssl_object"))
         if isinstance(peer, str):
             self.stats.peers_refused += 1

@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from connect.inbound import InboundGate
-from connect.listener import ListeningSocket
+from connect.listener import ListeningSocket, TLSTerminator
 from connect.proxy import DialFailed, ProxyStats, Upstream, dial_upstream
 
 log = logging.getLogger("meshlet.proxy.l4")
@@ -185,15 +184,14 @@ def _link(relay: _Relay) -> bool:
 
 
 class _AcceptedLeg(_Leg):
-    """The accepted side of a relay: created at accept time (before any TLS handshake), it
-    hands itself to its listener once connected."""
+    """The accepted side of a relay (created after the TLS handshake on an inbound
+    listener); it hands itself to its listener once connected."""
 
-    __slots__ = ("listener", "watch")
+    __slots__ = ("listener",)
 
     def __init__(self, relay: _Relay, listener: _Listener) -> None:
         super().__init__(relay)
         self.listener = listener
-        self.watch = listener.watch()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # pauses reading: the other leg is not there yet
@@ -209,9 +207,6 @@ class _Listener(ListeningSocket):
         self.stats = stats if stats is not None else ProxyStats()
         self.relays: set[_Relay] = set()
         self._drained: asyncio.Event | None = None
-
-    def watch(self) -> Any:
-        return None
 
     def _done(self, relay: _Relay) -> None:
         self.relays.discard(relay)
@@ -281,15 +276,12 @@ class InboundL4(_Listener):
         self.app_host = app_host
         self.app_port = app_port
 
-    def watch(self) -> Any:
-        return self.gate.watch()
-
-    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
-        return self.gate.server_ssl, self.gate.handshake_timeout
+    def _tls(self) -> TLSTerminator:
+        return self.gate
 
     def accepted(self, leg: _AcceptedLeg) -> None:
         assert leg.transport is not None
-        if self.gate.admit(leg.transport, leg.watch) is None:
+        if self.gate.admit(leg.transport) is None:
             leg.relay.closed = True  # refused before the relay existed: nothing to finish
             return
         self.relays.add(leg.relay)
