@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from connect.http1_headers import (
     xfcc_element,
 )
 from connect.inbound import InboundGate
-from connect.listener import ListeningSocket
+from connect.listener import ListeningSocket, TLSTerminator
 from connect.proxy import (
     DialFailed,
     Peer,
@@ -512,15 +511,13 @@ class _Downstream(asyncio.Protocol):
         "transport",
         "tunnel",
         "url",
-        "watch",
         "watched",
         "xfcc",
     )
 
-    def __init__(self, listener: _HTTPListener, peer: Peer | None, watch: Any = None) -> None:
+    def __init__(self, listener: _HTTPListener, peer: Peer | None) -> None:
         self.listener = listener
         self.peer = peer
-        self.watch = watch
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -548,7 +545,7 @@ class _Downstream(asyncio.Protocol):
         transport = cast("asyncio.Transport", transport)
         gate = self.listener.gate
         if gate is not None:
-            self.peer = gate.admit(transport, self.watch)
+            self.peer = gate.admit(transport)
             if self.peer is None:
                 return  # refused and aborted before a byte was read
             if self.listener.by_uri:
@@ -1124,7 +1121,7 @@ class InboundHTTP(_HTTPListener):
         self.inbound_gate = gate
 
     def _protocol(self) -> asyncio.Protocol:
-        return _Downstream(self, None, self.inbound_gate.watch())
+        return _Downstream(self, None)
 
-    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
-        return self.inbound_gate.server_ssl, self.inbound_gate.handshake_timeout
+    def _tls(self) -> TLSTerminator:
+        return self.inbound_gate

@@ -39,7 +39,6 @@ LOGGER = "meshlet.proxy.inbound"
 
 # InboundHTTP moves to the reporting path with the connect/http1.py side of this change
 # (`_tls` instead of `_ssl`); until then it is on create_server(ssl=...), which cannot say why.
-HTTP_REPORTS = InboundHTTP._tls is not ListeningSocket._tls
 
 
 @dataclass
@@ -189,7 +188,6 @@ def test_l4_bad_client_refused_counted_logged_once(
     run(loop, main)
 
 
-@pytest.mark.skipif(not HTTP_REPORTS, reason="connect/http1.py still on create_server(ssl=...)")
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("kind", sorted(CLIENTS))
 def test_http_bad_client_refused_counted_logged_once(
