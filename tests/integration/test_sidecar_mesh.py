@@ -80,14 +80,17 @@ def write_sidecar_config(
     protocol: str,
     certs: str = "",
     upstreams: tuple[tuple[str, int, str], ...] = (),
+    service_id: str = "",
 ) -> None:
     ups = "".join(
         f"    - {{name: {n}, local_bind_port: {p}, protocol: {proto}}}\n"
         for n, p, proto in upstreams
     )
+    ident = f"  id: {service_id}\n" if service_id else ""  # default: the service's name
     path.write_text(
         f"consul: {{address: '{consul}'}}\n"
         f"service:\n  name: {service}\n  port: {app_port}\n  address: 127.0.0.1\n"
+        f"{ident}"
         f"  check: {{http: 'http://127.0.0.1:{app_port}/health', interval: 1s}}\n"
         f"sidecar:\n  port: {sidecar_port}\n  protocol: {protocol}\n  check_ttl: 3s\n"
         f"  upstreams:\n{ups or '    []'}\n"
