@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from connect.balancer import Balancer, Cursor, Target
+from connect.resumption import offering, sessions_of
 from intentions.engine import Identity, Snapshot, http_request
 from intentions.errors import BadRequest
 
@@ -187,6 +188,9 @@ class Upstream:
     connect_timeout: float = 5.0
     eject_for: float = 10.0
     """How long an endpoint that refused a connection is skipped."""
+    resume_tls: bool = True
+    """Offer the endpoint's last TLS session (connect.resumption) when the client context
+    keeps sessions; the server is still verified and its identity checked on every dial."""
     rng: random.Random = field(default_factory=random.Random)
     _balancer: Balancer | None = None
     _cursor: Cursor = field(default_factory=lambda: Cursor([]))
@@ -235,20 +239,33 @@ async def dial_target(
     byte of a request was sent, so the caller may try another endpoint.
     """
     loop = asyncio.get_running_loop()
+    ctx = upstream.client_ssl()
+    sessions = sessions_of(ctx) if upstream.resume_tls else None
+    offer = None
+    key: tuple[object, ...] = ()
+    if sessions is not None:
+        # A session is offered only to the endpoint it came from, for the same expected identity.
+        key = (target.key, target.host, target.port, upstream.expected_service)
+        key += (upstream.expected_namespace, upstream.sni)
+        offer = sessions.offer(key)
     try:
-        transport, protocol = await asyncio.wait_for(
-            loop.create_connection(
-                protocol_factory,
-                target.host,
-                target.port,
-                ssl=upstream.client_ssl(),
-                server_hostname=upstream.sni or "",
-            ),
-            upstream.connect_timeout,
-        )
+        with offering(ctx, offer):
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    protocol_factory,
+                    target.host,
+                    target.port,
+                    ssl=ctx,
+                    server_hostname=upstream.sni or "",
+                ),
+                upstream.connect_timeout,
+            )
     except (OSError, TimeoutError) as err:  # ssl.SSLError is an OSError
+        if sessions is not None:
+            sessions.forget(key)
         raise DialFailed(f"connect to {target.key} failed: {type(err).__name__}") from None
-    peer = upstream.verify_peer.peer_of(transport.get_extra_info("ssl_object"))
+    ssl_object = transport.get_extra_info("ssl_object")
+    peer = upstream.verify_peer.peer_of(ssl_object)
     reason = ""
     if isinstance(peer, str):
         reason = peer
@@ -259,8 +276,12 @@ async def dial_target(
         reason = f"server is {peer.uri}, not {upstream.expected_service}"
     if reason:
         transport.abort()
+        if sessions is not None:
+            sessions.forget(key)
         log.warning("upstream %s endpoint %s refused: %s", upstream.name, target.key, reason)
         raise DialFailed(f"{target.key}: {reason}")
+    if sessions is not None:
+        sessions.keep(key, ssl_object)
     return transport, protocol
 
 

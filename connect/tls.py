@@ -24,6 +24,7 @@ from pathlib import Path
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
 from connect.leaf import Material
+from connect.resumption import ResumingClientContext
 
 log = logging.getLogger("meshlet.connect.tls")
 
@@ -43,7 +44,11 @@ def _context(purpose: ssl.Purpose, material: Material) -> ssl.SSLContext:
     protocol = (
         ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
     )
-    ctx = ssl.SSLContext(protocol)
+    # Client contexts can offer a kept session to the same endpoint (connect.resumption);
+    # a new generation's context starts without any.
+    ctx = (ResumingClientContext if purpose is ssl.Purpose.SERVER_AUTH else ssl.SSLContext)(
+        protocol
+    )
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -1,0 +1,163 @@
+"""TLS session resumption for sidecar-to-sidecar dials.
+
+asyncio's `create_connection` has no `session=`; both event loops (uvloop's SSLProtocol and
+asyncio's) build the connection's `SSLObject` with `sslcontext.wrap_bio(...)`. A
+`ResumingClientContext` is an `ssl.SSLContext` whose `wrap_bio` offers the session that the
+dial in progress chose (`offering`, a context variable the loop carries from the dialing task
+into the handshake's callbacks). Nothing else changes: the handshake still verifies the server
+(a resumed TLS 1.3 session proves the server holds the secret of a handshake that verified
+its certificate), and the caller still checks the server's SPIFFE identity, which OpenSSL keeps
+in the session.
+
+Sessions are kept per context (`sessions_of`) and per dial key: endpoint and the identity the
+caller expects, so a session is never offered to another endpoint or for another expected
+service. A new client context (leaf or roots rotated) starts with no sessions. A session is
+dropped at the earliest of the server leaf's expiry, the session's own lifetime, and `MAX_AGE`.
+
+TLS 1.3 tickets arrive after the handshake, so `keep` holds the connection's `SSLObject` and the
+next `offer` for that key takes its newest session once it has a ticket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import time
+from collections.abc import Hashable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+__all__ = ["MAX_AGE", "ResumingClientContext", "SessionCache", "offering", "sessions_of"]
+
+MAX_AGE = 300.0
+"""Seconds a session is offered at most (OpenSSL's server ticket lifetime is 7200)."""
+
+_OFFER: ContextVar[tuple[ResumingClientContext, ssl.SSLSession] | None] = ContextVar(
+    "meshlet_tls_session_offer", default=None
+)
+
+
+class ResumingClientContext(ssl.SSLContext):
+    """A client context that offers the session chosen by `offering` (if made by this very
+    context) and owns a `SessionCache`."""
+
+    _meshlet_sessions: SessionCache
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and not server_side:
+            offer = _OFFER.get()
+            if offer is not None and offer[0] is self:
+                with contextlib.suppress(ValueError):  # not from this context: no offer
+                    return super().wrap_bio(
+                        incoming, outgoing, server_side, server_hostname, offer[1]
+                    )
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+def sessions_of(ctx: ssl.SSLContext) -> SessionCache | None:
+    """The context's session cache; None for a context that cannot offer sessions."""
+    if not isinstance(ctx, ResumingClientContext):
+        return None
+    try:
+        return ctx._meshlet_sessions
+    except AttributeError:
+        cache = ctx._meshlet_sessions = SessionCache()
+        return cache
+
+
+@contextlib.contextmanager
+def offering(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> Iterator[None]:
+    """Offer `session` to handshakes that `ctx` starts in this context (the dialing task and
+    the loop callbacks created while dialing)."""
+    if session is None or not isinstance(ctx, ResumingClientContext):
+        yield
+        return
+    token = _OFFER.set((ctx, session))
+    try:
+        yield
+    finally:
+        _OFFER.reset(token)
+
+
+class _Kept:
+    __slots__ = ("der", "expires", "session", "source")
+
+    def __init__(self, source: ssl.SSLObject, der: bytes, expires: float) -> None:
+        self.source: ssl.SSLObject | None = source
+        self.session: ssl.SSLSession | None = None
+        self.der = der
+        self.expires = expires
+
+
+class SessionCache:
+    """The newest session per dial key, for one client context."""
+
+    def __init__(self, limit: int = 4096, max_age: float = MAX_AGE) -> None:
+        self._kept: dict[Hashable, _Kept] = {}
+        self._limit = limit
+        self._max_age = max_age
+        self.offered = 0
+        """Dials that offered a session (for stats and tests)."""
+
+    def offer(self, key: Hashable) -> ssl.SSLSession | None:
+        kept = self._kept.get(key)
+        if kept is None:
+            return None
+        now = time.time()
+        source = kept.source
+        if source is not None:
+            session = source.session
+            if session is not None and session.has_ticket:
+                kept.session = session
+                kept.source = None
+                kept.expires = min(kept.expires, session.time + session.timeout)
+        if kept.expires <= now:
+            del self._kept[key]
+            return None
+        if kept.session is not None:
+            self.offered += 1
+        return kept.session
+
+    def keep(self, key: Hashable, ssl_object: Any) -> None:
+        """After a dial whose server was verified: its session (once it has one) is the one
+        to offer next for `key`, until the entry expires; a resumed dial only refreshes an
+        entry, so every chain of resumptions starts from a full handshake at most `max_age`
+        seconds ago."""
+        if not isinstance(ssl_object, ssl.SSLObject):
+            return
+        der = ssl_object.getpeercert(True) or b""
+        kept = self._kept.get(key)
+        if kept is not None and kept.der == der:
+            kept.source = ssl_object
+            return
+        if ssl_object.session_reused:
+            return  # only a full handshake starts an entry (and its MAX_AGE)
+        not_after = _not_after(ssl_object)
+        if not_after is None:
+            return
+        if len(self._kept) >= self._limit:
+            self._kept.clear()
+        self._kept[key] = _Kept(ssl_object, der, min(not_after, time.time() + self._max_age))
+
+    def forget(self, key: Hashable) -> None:
+        self._kept.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+def _not_after(ssl_object: ssl.SSLObject) -> float | None:
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    not_after = cert.get("notAfter")
+    if not isinstance(not_after, str):
+        return None
+    return float(ssl.cert_time_to_seconds(not_after))

@@ -1,0 +1,255 @@
+"""TLS session resumption on sidecar-to-sidecar dials, over real sockets with devstack-issued
+leaves, on asyncio and on uvloop: the second dial to an endpoint resumes, both sides still see
+and check the other's certificate, and a session is never offered to another endpoint, for
+another expected service, or after the client's contexts changed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import pytest
+
+from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.inbound import InboundGate
+from connect.l4 import InboundL4, OutboundL4
+from connect.leaf import Material
+from connect.proxy import (
+    DialFailed,
+    Peer,
+    PeerCache,
+    ProxyStats,
+    Upstream,
+    Verdict,
+    dial_target,
+    fixed_endpoints,
+)
+from connect.resumption import ResumingClientContext, SessionCache, sessions_of
+from connect.tls import DynamicTLS
+from devstack.server import DevServer
+from tests.connect.devstack_tls import LOOPS, dev_mesh, run
+from tests.connect.proxy_test_ca import CAPeerVerifier
+from tests.connect.proxy_test_servers import AppStats, start_app
+
+
+@dataclass(frozen=True)
+class _Allow:
+    allowed: bool = True
+    reason: str = "test"
+
+
+@dataclass
+class Mesh:
+    dev: DevServer
+    api: DynamicTLS
+    web: DynamicTLS
+    inbound: InboundL4
+    app: AppStats
+    peers_seen: list[str]
+
+    def upstream(self, expected: str = "api", key: str = "n1/api-sidecar") -> Upstream:
+        target = Target(key, "127.0.0.1", self.inbound.port)
+        return Upstream(
+            name="api",
+            endpoints=fixed_endpoints(compile_balancer([target], BalancerConfig())),
+            client_ssl=self.web.client,
+            verify_peer=PeerCache(CAPeerVerifier(self.web.trust_domain)),
+            expected_service=expected,
+            rng=random.Random(1),
+        )
+
+
+@contextlib.asynccontextmanager
+async def mesh() -> AsyncIterator[Mesh]:
+    """web's DynamicTLS as the client; api's behind an InboundL4 (its listener context, as
+    the sidecar wires it) in front of an echo app; every admitted peer is recorded."""
+    async with dev_mesh() as dev:
+        api, web = await dev.tls("api"), await dev.tls("web")
+        app_server, app_port, app = await start_app()
+        seen: list[str] = []
+
+        def authorize(peer: Peer) -> Verdict:
+            seen.append(peer.uri)
+            return _Allow()
+
+        gate = InboundGate(
+            api.listener_context(),
+            PeerCache(CAPeerVerifier(api.trust_domain)),
+            ProxyStats(),
+            authorize=authorize,
+        )
+        inbound = InboundL4(gate, "127.0.0.1", app_port)
+        await inbound.start()
+        try:
+            yield Mesh(dev.dev, api, web, inbound, app, seen)
+        finally:
+            await inbound.close(grace=0)
+            app_server.close()
+            await app_server.wait_closed()
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.got = bytearray()
+        self.echoed = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+        self.echoed.set()
+
+
+async def _round_trip(upstream: Upstream, target: Target) -> bool:
+    """Dial (identity checked by dial_target), echo one message through the inbound sidecar,
+    close; whether the TLS session was resumed."""
+    transport, client = await dial_target(upstream, target, _Client)
+    reused = bool(transport.get_extra_info("ssl_object").session_reused)
+    transport.write(b"ping")
+    await asyncio.wait_for(client.echoed.wait(), 10)
+    assert bytes(client.got) == b"ping"
+    transport.close()
+    await asyncio.sleep(0.01)
+    return reused
+
+
+def _target(m: Mesh, key: str = "n1/api-sidecar") -> Target:
+    return Target(key, "127.0.0.1", m.inbound.port)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_second_dial_resumes_and_both_sides_still_check_identity(loop: str) -> None:
+    async def main() -> None:
+        async with mesh() as m:
+            upstream = m.upstream()
+            assert isinstance(m.web.client(), ResumingClientContext)
+            assert await _round_trip(upstream, _target(m)) is False
+            assert await _round_trip(upstream, _target(m)) is True
+            assert await _round_trip(upstream, _target(m)) is True
+            # The inbound gate identified and authorized web on every connection, resumed or
+            # not (OpenSSL keeps the client's certificate in the session).
+            web_uri = m.web.material.leaf.service_uri
+            assert m.peers_seen == [web_uri] * 3
+            assert m.inbound.stats.connections == 3
+            assert m.app.received == b"ping" * 3
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sessions_stay_with_their_endpoint_and_expected_service(loop: str) -> None:
+    async def main() -> None:
+        async with mesh() as m:
+            api = m.upstream()
+            await _round_trip(api, _target(m))
+            sessions = sessions_of(m.web.client())
+            assert sessions is not None and len(sessions) == 1
+
+            # The same address under another endpoint key: no offer, a full handshake.
+            offered = sessions.offered
+            assert await _round_trip(api, _target(m, "n2/api-sidecar")) is False
+            assert sessions.offered == offered
+
+            # The same endpoint for a caller that expects another service: never offered,
+            # and the server's identity still refuses it.
+            db = m.upstream(expected="db")
+            with pytest.raises(DialFailed, match="not db"):
+                await dial_target(db, _target(m), _Client)
+            assert sessions.offered == offered
+            assert await _round_trip(api, _target(m)) is True
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_new_client_generation_starts_without_sessions(loop: str) -> None:
+    async def main() -> None:
+        async with mesh() as m:
+            upstream = m.upstream()
+            await _round_trip(upstream, _target(m))
+            assert await _round_trip(upstream, _target(m)) is True
+            old = m.web.client()
+            # A rotation (here: the same leaf as a new generation) builds new contexts.
+            current = m.web.material
+            m.web.update(Material(current.leaf, current.bundle, current.generation + 1))
+            assert m.web.client() is not old
+            assert await _round_trip(upstream, _target(m)) is False
+            assert await _round_trip(upstream, _target(m)) is True
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_no_resumption_when_the_upstream_turns_it_off(loop: str) -> None:
+    async def main() -> None:
+        async with mesh() as m:
+            upstream = replace(m.upstream(), resume_tls=False)
+            assert await _round_trip(upstream, _target(m)) is False
+            assert await _round_trip(upstream, _target(m)) is False
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_l4_pair_resumes_between_sidecars(loop: str) -> None:
+    """Through OutboundL4 -> InboundL4: every app connection dials anew; from the second on,
+    the sidecars resume, and the bytes still cross."""
+
+    async def main() -> None:
+        async with mesh() as m:
+            outbound = OutboundL4(m.upstream())
+            await outbound.start()
+            try:
+                for i in range(4):
+                    before = set(outbound.relays)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port)
+                    writer.write(b"hello %d" % i)
+                    assert await asyncio.wait_for(reader.readexactly(7), 10) == b"hello %d" % i
+                    # this connection's mesh leg, dialed by the outbound sidecar (earlier
+                    # relays may still be open: a client's EOF cannot cross the TLS leg)
+                    (relay,) = outbound.relays - before
+                    assert relay.b.transport is not None
+                    reused = relay.b.transport.get_extra_info("ssl_object").session_reused
+                    assert reused is (i > 0)
+                    writer.close()
+                    await writer.wait_closed()
+                assert len(m.peers_seen) == 4
+            finally:
+                await outbound.close(grace=0)
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_expired_session_is_not_offered(loop: str) -> None:
+    async def main() -> None:
+        async with mesh() as m:
+            ctx = m.web.client()
+            cache = ctx._meshlet_sessions = SessionCache(max_age=0.0)  # type: ignore[attr-defined]
+            upstream = m.upstream()
+            assert await _round_trip(upstream, _target(m)) is False
+            assert await _round_trip(upstream, _target(m)) is False
+            assert cache.offered == 0
+
+    run(loop, main)
+
+
+def test_only_resuming_contexts_keep_sessions() -> None:
+    assert sessions_of(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)) is None
+    ctx = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    cache = sessions_of(ctx)
+    assert cache is not None and sessions_of(ctx) is cache
+    cache.keep("k", None)  # not a TLS connection: nothing kept
+    assert len(cache) == 0 and cache.offer("k") is None
+
+
+def _rotate(tls: DynamicTLS) -> None:
+    """A new generation of contexts (same leaf and roots), as a rotation builds."""
+    current = tls.material
+    tls.update(Material(current.leaf, current.bundle, current.generation + 1))
