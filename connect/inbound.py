@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from connect.proxy import ConnectionAuthorizer, Peer, PeerCache, ProxyStats
@@ -73,23 +74,18 @@ def _host_port(peername: Any) -> tuple[str, str]:
     return text, text
 
 
-class _HandshakeWatch:
-    """Legacy, for a listener still on `create_server(ssl=...)` (`ListeningSocket._ssl`):
-    freed without having seen `admit`, it counts a failure whose peer and reason are unknown."""
-
-    __slots__ = ("done", "gate")
-
-    def __init__(self, gate: InboundGate) -> None:
-        self.gate = gate
-        self.done = False
-
-    def __del__(self) -> None:
-        if not self.done:
-            self.gate._unexplained_failure()
-
-
 class InboundGate:
-    """The `TLSTerminator` of inbound listeners (connect.listener) and their admission."""
+    """The `TLSTerminator` of inbound listeners (connect.listener) and their admission.
+
+    `server_ssl` is one context for the listener's life (connect.tls's listener context moves
+    each handshake onto the current leaf). Its TLS 1.3 session tickets therefore outlive a
+    rotation, and OpenSSL does not verify a client again when it resumes (a ticket issued on a
+    resumed connection starts a new lifetime, so resumptions chain). Give `current_ssl` (e.g.
+    `DynamicTLS.server`) and `_tls()` listeners use the current generation's context for each
+    handshake instead: a new leaf or new roots then also means new ticket keys, so no session
+    is resumed across a rotation. Independently, `admit` refuses a resumed session whose
+    client certificate has expired since.
+    """
 
     def __init__(
         self,
@@ -100,15 +96,20 @@ class InboundGate:
         authorize: ConnectionAuthorizer | None = None,
         handshake_timeout: float = 10.0,
         log_limit: int = 1024,
+        current_ssl: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.server_ssl = server_ssl
+        self.current_ssl = current_ssl
         self.peers = peers
         self.stats = stats
         self.authorize = authorize
         self.handshake_timeout = handshake_timeout
         self._logged: set[tuple[str, str]] = set()
         self._log_limit = log_limit
-        self._last_unexplained_log = 0.0
+        self._not_after: dict[bytes, float] = {}
+
+    def server_context(self) -> ssl.SSLContext:
+        return self.current_ssl() if self.current_ssl is not None else self.server_ssl
 
     def _log_once(self, host: str, key: str, message: str, *args: object) -> None:
         """Log once per (peer host, key); the set is bounded (cleared when full)."""
@@ -133,40 +134,36 @@ class InboundGate:
             where, kind, detail,
         )  # fmt: skip
 
-    def watch(self) -> _HandshakeWatch:
-        """Legacy (see `_HandshakeWatch`): give one to each protocol created at accept time
-        by a `create_server(ssl=...)` listener and pass it to `admit`."""
-        return _HandshakeWatch(self)
-
-    def _unexplained_failure(self) -> None:
-        self.stats.handshakes_failed += 1
-        self.stats.handshake_failures.other += 1
-        now = time.monotonic()
-        if now - self._last_unexplained_log >= 10.0:
-            self._last_unexplained_log = now
-            log.warning(
-                "inbound TLS handshakes are failing (%d so far; this listener's loop does "
-                "not say who or why)",
-                self.stats.handshakes_failed,
-            )
+    def _expired(self, ssl_object: ssl.SSLObject) -> bool:
+        der = ssl_object.getpeercert(True) or b""
+        not_after = self._not_after.get(der)
+        if not_after is None:
+            cert = ssl_object.getpeercert()
+            text = cert.get("notAfter") if cert else None
+            not_after = ssl.cert_time_to_seconds(text) if isinstance(text, str) else 0.0
+            if len(self._not_after) >= 4096:
+                self._not_after.clear()
+            self._not_after[der] = not_after
+        return not_after <= time.time()
 
     def _refuse(self, transport: asyncio.BaseTransport, reason: str) -> None:
         host, _ = _host_port(transport.get_extra_info("peername"))
         self._log_once(host, reason, "inbound connection from %s refused: %s", host, reason)
         transport.abort()  # type: ignore[attr-defined]
 
-    def admit(
-        self, transport: asyncio.BaseTransport, watch: _HandshakeWatch | None = None
-    ) -> Peer | None:
+    def admit(self, transport: asyncio.BaseTransport) -> Peer | None:
         """Identify and authorize a connection whose handshake just succeeded; None if
-        refused (counted, logged once per peer and reason, aborted before any byte is read).
-        `watch` only for the legacy `create_server(ssl=...)` path."""
-        if watch is not None:
-            watch.done = True
-        peer = self.peers.peer_of(transport.get_extra_info("ssl_object"))
+        refused (counted, logged once per peer and reason, aborted before any byte is read)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        peer = self.peers.peer_of(ssl_object)
         if isinstance(peer, str):
             self.stats.peers_refused += 1
             self._refuse(transport, peer)
+            return None
+        if ssl_object.session_reused and self._expired(ssl_object):
+            # A fresh handshake would have failed; resumption does not verify again.
+            self.stats.peers_refused += 1
+            self._refuse(transport, f"{peer.uri}: certificate expired (resumed TLS session)")
             return None
         if self.authorize is not None:
             verdict = self.authorize(peer)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 __all__ = ["ListeningSocket", "TLSTerminator"]
@@ -28,8 +28,11 @@ __all__ = ["ListeningSocket", "TLSTerminator"]
 class TLSTerminator(Protocol):
     """What a TLS-terminating listener needs (connect.inbound.InboundGate is one)."""
 
-    server_ssl: ssl.SSLContext
     handshake_timeout: float
+
+    def server_context(self) -> ssl.SSLContext:
+        """The context for the handshake of a connection accepted now."""
+        ...
 
     def handshake_failed(self, peername: Any, exc: BaseException) -> None:
         """A server handshake failed (`exc` as `start_tls` raised it); the transport is closed."""
@@ -65,7 +68,7 @@ class _TLSAccept(asyncio.Protocol):
         self.coro = asyncio.get_running_loop().start_tls(
             transport,  # type: ignore[arg-type]
             self,
-            t.server_ssl,
+            t.server_context(),
             server_side=True,
             ssl_handshake_timeout=t.handshake_timeout,
         )
@@ -171,11 +174,6 @@ class ListeningSocket:
         """Terminate TLS with `start_tls` per connection, reporting each failed handshake."""
         return None
 
-    def _ssl(self) -> tuple[ssl.SSLContext | None, float | None]:
-        """Legacy: TLS from `create_server(ssl=...)`, whose failed handshakes nobody sees.
-        Used only when `_tls()` is None (listeners not yet moved to `_tls`)."""
-        return None, None
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -184,23 +182,10 @@ class ListeningSocket:
     async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         terminator = self._tls()
+        factory: Callable[[], asyncio.Protocol] = self._protocol
         if terminator is not None:
-            self.server = await loop.create_server(
-                lambda: _TLSAccept(self, terminator),
-                host,
-                port,
-                reuse_port=reuse_port or None,
-            )
-        else:
-            ctx, handshake_timeout = self._ssl()
-            self.server = await loop.create_server(
-                self._protocol,
-                host,
-                port,
-                reuse_port=reuse_port or None,
-                ssl=ctx,
-                ssl_handshake_timeout=handshake_timeout,
-            )
+            factory = lambda: _TLSAccept(self, terminator)  # noqa: E731
+        self.server = await loop.create_server(factory, host, port, reuse_port=reuse_port or None)
         self._port = int(self.server.sockets[0].getsockname()[1])
 
     async def _stop_accepting(self) -> None:

@@ -37,9 +37,6 @@ NOW = datetime.datetime.now(datetime.UTC)
 HOUR = datetime.timedelta(hours=1)
 LOGGER = "meshlet.proxy.inbound"
 
-# InboundHTTP moves to the reporting path with the connect/http1.py side of this change
-# (`_tls` instead of `_ssl`); until then it is on create_server(ssl=...), which cannot say why.
-
 
 @dataclass
 class Site:

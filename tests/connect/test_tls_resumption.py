@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import logging
 import random
 import ssl
 from collections.abc import AsyncIterator
@@ -28,12 +30,13 @@ from connect.proxy import (
     dial_target,
     fixed_endpoints,
 )
-from connect.resumption import ResumingClientContext, SessionCache, sessions_of
+from connect.resumption import ResumingClientContext, SessionCache, offering, sessions_of
 from connect.tls import DynamicTLS
 from devstack.server import DevServer
 from tests.connect.devstack_tls import LOOPS, dev_mesh, run
 from tests.connect.proxy_test_ca import CAPeerVerifier
 from tests.connect.proxy_test_servers import AppStats, start_app
+from tests.connect.test_peer_refusals import _client_context, _signed, _uri
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,10 @@ class Mesh:
 
 
 @contextlib.asynccontextmanager
-async def mesh() -> AsyncIterator[Mesh]:
+async def mesh(per_generation: bool = False) -> AsyncIterator[Mesh]:
     """web's DynamicTLS as the client; api's behind an InboundL4 (its listener context, as
-    the sidecar wires it) in front of an echo app; every admitted peer is recorded."""
+    the sidecar wires it, or each generation's own context with `per_generation`) in front
+    of an echo app; every admitted peer is recorded."""
     async with dev_mesh() as dev:
         api, web = await dev.tls("api"), await dev.tls("web")
         app_server, app_port, app = await start_app()
@@ -81,6 +85,7 @@ async def mesh() -> AsyncIterator[Mesh]:
             PeerCache(CAPeerVerifier(api.trust_domain)),
             ProxyStats(),
             authorize=authorize,
+            current_ssl=api.server if per_generation else None,
         )
         inbound = InboundL4(gate, "127.0.0.1", app_port)
         await inbound.start()
@@ -253,3 +258,67 @@ def _rotate(tls: DynamicTLS) -> None:
     """A new generation of contexts (same leaf and roots), as a rotation builds."""
     current = tls.material
     tls.update(Material(current.leaf, current.bundle, current.generation + 1))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_server_rotation_ends_resumption_only_with_per_generation_contexts(loop: str) -> None:
+    """The listener context keeps its ticket keys for the process's life: a session made
+    before the server's rotation still resumes. With `current_ssl`, each generation has its
+    own keys: the first dial after a rotation is a full handshake (and succeeds)."""
+
+    async def main() -> None:
+        for per_generation in (False, True):
+            async with mesh(per_generation) as m:
+                upstream = m.upstream()
+                await _round_trip(upstream, _target(m))
+                assert await _round_trip(upstream, _target(m)) is True
+                _rotate(m.api)
+                assert await _round_trip(upstream, _target(m)) is (not per_generation)
+                assert await _round_trip(upstream, _target(m)) is True
+                assert m.inbound.stats.connections == 4
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_resumed_session_with_an_expired_client_leaf_is_refused(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSSL does not verify a resuming client again; the gate refuses a resumed session
+    whose client leaf has expired since the full handshake."""
+    caplog.set_level(logging.WARNING, logger="meshlet.proxy.inbound")
+
+    async def main() -> None:
+        async with mesh() as m:
+            now = datetime.datetime.now(datetime.UTC)
+            issuer = m.dev.identity.ca.active.issuer
+            short = datetime.timedelta(seconds=3)
+            cert, key = _signed(issuer, uri_sans=[_uri(m.dev)], ttl=short, now=now)
+            ctx = _client_context(m.web.material, cert, key)
+            loop_ = asyncio.get_running_loop()
+            transport, client = await loop_.create_connection(
+                _Client, "127.0.0.1", m.inbound.port, ssl=ctx, server_hostname=""
+            )
+            transport.write(b"ping")
+            await asyncio.wait_for(client.echoed.wait(), 10)
+            session = transport.get_extra_info("ssl_object").session
+            assert session is not None and session.has_ticket
+            transport.close()
+            await asyncio.sleep((cert.not_valid_after_utc - now).total_seconds() + 1.5)
+            with offering(ctx, session):
+                transport, client = await loop_.create_connection(
+                    _Client, "127.0.0.1", m.inbound.port, ssl=ctx, server_hostname=""
+                )
+            assert transport.get_extra_info("ssl_object").session_reused
+            transport.write(b"late")
+            for _ in range(500):
+                if transport.is_closing() or m.inbound.stats.peers_refused:
+                    break
+                await asyncio.sleep(0.01)
+            assert m.inbound.stats.peers_refused == 1
+            assert m.inbound.stats.connections == 1
+            assert m.app.received == b"ping"
+            transport.close()
+
+    run(loop, main)
+    assert any("resumed TLS session" in r.getMessage() for r in caplog.records)
