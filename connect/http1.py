@@ -38,6 +38,8 @@ from connect.http1_headers import (
     HEADERS_TOO_LARGE,
     REQUEST_ID,
     REQUEST_TIMEOUT,
+    RETRY_ANY,
+    RETRY_IDEMPOTENT,
     XFCC,
     Framing,
     HeadRewriter,
@@ -356,7 +358,9 @@ class AppOrigin(_Origin):
         self.key = f"{host}:{port}"
 
     def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
-        conn = self.pool.take(self.key)
+        # A retry (avoid set) dials afresh: the other pooled connections to an app that just
+        # dropped one are likely dead too, and their close may not have been read yet.
+        conn = self.pool.take(self.key) if avoid is None else None
         if conn is not None:
             return conn
         self._spawn(self._dial(down, ex))
@@ -373,7 +377,7 @@ class AppOrigin(_Origin):
             )
         except (OSError, TimeoutError) as err:
             reason = f"local app: {type(err).__name__}"
-            down.refuse(ex, bad_gateway(reason, close=True, not_forwarded=True))
+            down.refuse(ex, bad_gateway(reason, close=True, retriable=RETRY_ANY))
             return
         down.attach(ex, conn)
 
@@ -796,7 +800,13 @@ class _Downstream(asyncio.Protocol):
         ex = self.queue[0]
         lines = [_status_line(status)]
         facts = self.listener.response_heads.rewrite(headers, lines)
-        if facts.not_forwarded and self.listener.may_redo and self._replayable(ex):
+        retriable = facts.retriable
+        if (
+            retriable
+            and self.listener.may_redo
+            and self._replayable(ex)
+            and (retriable == RETRY_ANY or (retriable == RETRY_IDEMPOTENT and ex.idempotent))
+        ):
             ex.redo = True
             return
         ex.resp_started = True
@@ -894,7 +904,12 @@ class _Downstream(asyncio.Protocol):
             # connection the upstream closed, or an instance killed mid-request.
             self._again(ex, conn.key)
             return
-        self.refuse(ex, bad_gateway("upstream connection closed", close=True))
+        # An inbound sidecar tells the caller's sidecar an idempotent request may go to
+        # another instance: its app closed before answering, even after one more try here.
+        retriable = b""
+        if self.listener.is_tls and ex.idempotent and not ex.has_body and not ex.upgrade:
+            retriable = RETRY_IDEMPOTENT
+        self.refuse(ex, bad_gateway("upstream connection closed", close=True, retriable=retriable))
 
     @staticmethod
     def _replayable(ex: _Exchange) -> bool:

@@ -31,10 +31,15 @@ HOP_BY_HOP = frozenset(
 )
 XFCC = b"x-forwarded-client-cert"
 REQUEST_ID = b"x-request-id"
-NOT_FORWARDED = b"x-meshlet-not-forwarded"
-"""On a peer sidecar's own error answer: the request never reached its app, so the caller's
-sidecar may send it to another instance. Only sidecars write it: an inbound sidecar removes
-it from its app's responses, an outbound sidecar from what it hands its app."""
+RETRIABLE = b"x-meshlet-retriable"
+"""On a peer sidecar's own 502: the caller's sidecar may send the request to another
+instance. `any`: it never reached the app (the app could not be connected to), so any
+bodiless request may go again; `idempotent`: the app's connection closed before any byte of
+an answer, so only an idempotent one may (RFC 9110 §9.2.2). Only sidecars write it: an
+inbound sidecar removes it from its app's answers, an outbound sidecar from what it hands
+its app."""
+RETRY_ANY = b"any"
+RETRY_IDEMPOTENT = b"idempotent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +63,8 @@ class RequestHead:
     expect_continue: bool
     has_request_id: bool
     upgrade: bytes
-    not_forwarded: bool = False
-    """The message carried NOT_FORWARDED (which is never forwarded itself)."""
+    retriable: bytes = b""
+    """The value of RETRIABLE (which is never forwarded itself), or empty."""
 
 
 _KNOWN_CONNECTION = {
@@ -82,7 +87,7 @@ def _tokens(value: bytes) -> frozenset[bytes]:
 
 # What a header field means to the proxy. Everything not listed is forwarded as it came.
 _FORWARD, _HOST, _LENGTH, _TE, _CONNECTION, _EXPECT, _REQUEST_ID, _UPGRADE, _DROP = range(9)
-_NOT_FORWARDED = 9
+_RETRIABLE = 9
 _ROLES = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -90,7 +95,7 @@ _ROLES = {
     b"connection": _CONNECTION,
     b"expect": _EXPECT,
     REQUEST_ID: _REQUEST_ID,
-    NOT_FORWARDED: _NOT_FORWARDED,
+    RETRIABLE: _RETRIABLE,
     **dict.fromkeys(HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"connection"}, _DROP),
     b"upgrade": _UPGRADE,
 }
@@ -132,7 +137,7 @@ class HeadRewriter:
         expect = False
         has_id = False
         upgrade = b""
-        not_forwarded = False
+        retriable = b""
         for name, value in headers:
             role = cache.get(name)
             if role is None:
@@ -159,8 +164,8 @@ class HeadRewriter:
                 out += (name, _COLON, value, _CRLF)
             elif role == _UPGRADE:
                 upgrade = value
-            elif role == _NOT_FORWARDED:
-                not_forwarded = True
+            elif role == _RETRIABLE:
+                retriable = value
         if connection and not connection <= _PLAIN_TOKENS:
             # Connection names other fields (rare): they are hop-by-hop too; drop them.
             named = connection - _PLAIN_TOKENS
@@ -177,7 +182,7 @@ class HeadRewriter:
             framing = NO_LENGTH
         else:
             framing = _framing_for(length)
-        return RequestHead(host, framing, connection, expect, has_id, upgrade, not_forwarded)
+        return RequestHead(host, framing, connection, expect, has_id, upgrade, retriable)
 
 
 _FORWARDED_ROLES = frozenset({_FORWARD, _HOST, _EXPECT, _REQUEST_ID})
@@ -291,11 +296,11 @@ def unavailable(reason: str, *, close: bool) -> bytes:
     )
 
 
-def bad_gateway(reason: str, *, close: bool, not_forwarded: bool = False) -> bytes:
-    """502. `not_forwarded`: the request provably did not reach the app (it could not be
-    connected to), so the calling sidecar may try another instance."""
+def bad_gateway(reason: str, *, close: bool, retriable: bytes = b"") -> bytes:
+    """502; `retriable` (RETRY_ANY or RETRY_IDEMPOTENT) tells the calling sidecar it may try
+    another instance (see RETRIABLE)."""
     clean = reason.encode("ascii", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
     extra = [(b"x-meshlet-reason", clean[:200])]
-    if not_forwarded:
-        extra.append((NOT_FORWARDED, b"1"))
+    if retriable:
+        extra.append((RETRIABLE, retriable))
     return local_response(502, b"upstream connect error", close=close, extra=extra)

@@ -4,6 +4,7 @@ app client -> OutboundHTTP -> mTLS -> InboundHTTP (intentions per request) -> ai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -515,7 +516,7 @@ async def test_instance_whose_app_is_down_fails_over_even_for_post(
             method = "POST" if i % 2 else "GET"
             async with session.request(method, m.url + "/hello") as resp:
                 assert resp.status == 200, await resp.text()
-                assert "x-meshlet-not-forwarded" not in resp.headers
+                assert "x-meshlet-retriable" not in resp.headers
         upstream = m.outbound.origin.upstream  # type: ignore[attr-defined]
         assert "n0/api-sidecar" in upstream._ejected
         assert len(m.apps[1].seen) == 20
@@ -536,7 +537,7 @@ async def test_app_down_with_a_body_sent_is_a_502_with_its_reason(ca: ProxyTestC
         status, headers, _ = await read_response(reader)
         assert status == b"HTTP/1.1 502 Bad Gateway"
         assert headers[b"x-meshlet-reason"].startswith(b"local app: ")
-        assert b"x-meshlet-not-forwarded" not in headers
+        assert b"x-meshlet-retriable" not in headers
         writer.close()
     finally:
         m.apps.clear()
@@ -549,7 +550,7 @@ async def test_an_app_cannot_make_the_caller_repeat_a_request(ca: ProxyTestCA) -
 
     async def lying(request: web.Request) -> web.Response:
         calls.append(request.method)
-        return web.Response(status=502, headers={"X-Meshlet-Not-Forwarded": "1"})
+        return web.Response(status=502, headers={"X-Meshlet-Retriable": "any"})
 
     m = await build_mesh(ca, instances=2)
     try:
@@ -566,8 +567,54 @@ async def test_an_app_cannot_make_the_caller_repeat_a_request(ca: ProxyTestCA) -
         reader, writer = await raw(m.outbound.port, b"POST /hello HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = await read_response(reader)
         assert status == b"HTTP/1.1 502 Bad Gateway"
-        assert b"x-meshlet-not-forwarded" not in headers
+        assert b"x-meshlet-retriable" not in headers
         assert calls == ["POST"]
         writer.close()
     finally:
+        await m.close()
+
+
+async def test_an_app_that_drops_requests_unanswered_fails_over_idempotent_ones_only(
+    ca: ProxyTestCA,
+) -> None:
+    """Instance 0's app accepts and reads each request, then closes without a word. Its
+    sidecar tries once more on a new connection, then says `idempotent`: the caller's
+    sidecar sends a GET to instance 1, but gives a bodiless POST (which the app may have
+    acted on) the 502."""
+    seen: list[bytes] = []
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    m = await build_mesh(ca, instances=2)
+    dropper = None
+    try:
+        port = m.apps[0].port
+        await m.apps.pop(0).runner.cleanup()
+        dropper = await asyncio.start_server(drop, "127.0.0.1", port)
+        for _ in range(4):  # round robin: every other GET lands on instance 0 first
+            reader, writer = await raw(m.outbound.port, b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, body = await read_response(reader)
+            assert status == b"HTTP/1.1 200 OK", (status, headers)
+            assert body == b"hello from api-1"
+            writer.close()
+        upstream = m.outbound.origin.upstream  # type: ignore[attr-defined]
+        assert "n0/api-sidecar" in upstream._ejected
+        assert len(seen) == 2  # the GET that reached instance 0, and its one retry there
+        upstream._ejected.clear()
+        seen.clear()
+        statuses = []
+        for _ in range(2):
+            reader, writer = await raw(m.outbound.port, b"POST /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, _ = await read_response(reader)
+            statuses.append(status)
+            assert b"x-meshlet-retriable" not in headers
+            writer.close()
+        assert sorted(statuses) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 502 Bad Gateway"]
+        assert len(seen) == 1  # the POST reached instance 0 once and was not repeated
+    finally:
+        if dropper is not None:
+            dropper.close()
         await m.close()

@@ -6,10 +6,10 @@ upstream apps in their own processes (so SIGKILL really drops their sockets).
 * WebSocket echo (text, binary, a 1 MB frame, many frames in flight) through the HTTP path;
   a deny intention turns the upgrade into a 403 that never reaches the app.
 * Two api instances under continuous keep-alive GET load: SIGKILLing one instance's sidecar
-  (and its app) fails no request. SIGKILLing only the app behind a live sidecar: requests
-  that find it gone fail over to the other instance, but a GET in flight at the app when it
-  dies can still get a 502 (xfail, a race); `CrashingApp` makes one case of that race
-  deterministic (strict xfail).
+  (and its app) fails no request. SIGKILLing only the app behind a live sidecar fails none
+  either: api-1's sidecar marks its 502s `x-meshlet-retriable` and web's sidecar sends those
+  requests to api-2. `CrashingApp` makes the hardest case deterministic: a GET in flight at
+  the app when it dies, with other pooled connections to the dead app still open.
 
 The mesh is test_sidecar_mesh's `Mesh` with api's app replaced by `AppProcess`. Waits are on
 log lines, the sidecars' /v1/status, Consul state and counts of answered requests; never on
@@ -554,8 +554,7 @@ def _under_load_kill(mesh: TrafficMesh, kill: Callable[[], None]) -> tuple[Load,
 
 
 class FailedRequests(AssertionError):
-    """Requests failed where none should: the expected failure of the xfail-ed tests (any
-    other error, a timeout or a broken set-up, fails them for real)."""
+    """Requests failed where none should."""
 
 
 def test_a_killed_instance_fails_no_idempotent_request(two_api_mesh: TrafficMesh) -> None:
@@ -575,24 +574,13 @@ def test_a_killed_instance_fails_no_idempotent_request(two_api_mesh: TrafficMesh
     assert status(mesh.web_admin)["proxy"]["stats"]["upstream_failures"] > failed_dials
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=FailedRequests,
-    reason=(
-        "a race, so not strict: in about half the runs 1-5 GETs in flight at the app when it "
-        "dies get 502 'upstream connection closed' from api-1's sidecar, whose one retry goes "
-        "to the same dead app (a pooled connection, see the strict test below, or a fresh "
-        "dial accepted into the dying app's backlog and then reset); that 502 carries no "
-        "x-meshlet-not-forwarded, so web's sidecar relays it"
-    ),
-)
 def test_a_killed_app_behind_a_live_sidecar_fails_no_idempotent_request(
     two_api_mesh: TrafficMesh,
 ) -> None:
     """SIGKILL only api-1's app: its sidecar stays up and answers 502 with
-    x-meshlet-not-forwarded to what it cannot deliver, and web's sidecar sends those
-    requests to api-2 (connect/http1, 7da0dc8). Requests in flight at the app when it dies
-    are what this test catches failing (xfail, not strict: it is a race)."""
+    x-meshlet-retriable (`any` when it cannot connect, `idempotent` when the app's connection
+    closed unanswered, even after its own retry on a new connection), and web's sidecar sends
+    those GETs to api-2."""
     mesh = two_api_mesh
     load, summary = _under_load_kill(mesh, mesh.app_procs["api"].kill)
     assert mesh.sidecars["api"].p.poll() is None  # only the app died
@@ -688,16 +676,6 @@ def crashing_mesh(tmp_path: Path) -> Iterator[TrafficMesh]:
     yield from _mesh(tmp_path, "http", api_app=CrashingApp)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailedRequests,
-    reason=(
-        "connect/http1.py AppOrigin.acquire ignores `avoid`: the inbound sidecar retries a GET "
-        "whose app connection closed unanswered on another pooled connection to the same app; "
-        "when that one is dead too it answers 502 'upstream connection closed' without "
-        "x-meshlet-not-forwarded, and web's sidecar relays it instead of trying api-2"
-    ),
-)
 def test_a_get_in_flight_when_the_app_dies_goes_to_another_instance(
     crashing_mesh: TrafficMesh,
 ) -> None:
