@@ -464,7 +464,7 @@ class Sidecar:
                 await claim_port(host, port)
         listener: _Listener
         if cfg.sidecar.protocol == "http":
-            gate = InboundGate(tls.listener_context(), peers, self.stats)
+            gate = InboundGate(tls.listener_context(), peers, self.stats, current_ssl=tls.server)
             listener = InboundHTTP(
                 gate,
                 app_host,
@@ -474,7 +474,13 @@ class Sidecar:
             )
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.
-            gate = InboundGate(tls.listener_context(), peers, self.stats, authorize=conn_authz)
+            gate = InboundGate(
+                tls.listener_context(),
+                peers,
+                self.stats,
+                authorize=conn_authz,
+                current_ssl=tls.server,
+            )
             listener = InboundL4(gate, app_host, cfg.service.port)
         await listener.start(bind, cfg.sidecar.port, reuse_port=self._reuse_port)
         self.inbound = listener
