@@ -322,7 +322,7 @@ def main() -> int:
         "nginx": b, "direct": b,
         "mh_out": b + 1, "mh_in": b + 11, "ml_out": b + 2, "ml_in": b + 12,
         "hh_out": b + 3, "hh_in": b + 13, "ht_out": b + 4, "ht_in": b + 14,
-        "htn_out": b + 5,
+        "htn_out": b + 5, "mln_out": b + 6,
     }  # fmt: skip
     procs: list[Proc] = []
     results: dict[str, dict[str, object]] = {}
@@ -372,6 +372,14 @@ def main() -> int:
                 logs / "haproxy-tcp-noreuse.log",
             )
             procs.append(htn)
+            # A second meshlet L4 client sidecar with resumption off: full handshakes.
+            mln = spawn(
+                "meshlet-l4-noresume-out",
+                [*meshlet("l4", "out", ports["mln_out"], ports["ml_in"], d), "--no-resume"],
+                SUT_CPU,
+                logs / "meshlet-l4-noresume-out.log",
+            )
+            procs.append(mln)
             for port in ports.values():
                 wait_port(port)
             for v in variants:
@@ -418,6 +426,7 @@ def main() -> int:
                 return wrk(port, conn_s, conns=16, close=True)
 
             results["meshlet-l4"]["w4"] = fresh(ports["ml_out"])
+            results["meshlet-l4"]["w4_no_resume"] = fresh(ports["mln_out"])
             results["haproxy-tcp"]["w4_no_ssl_reuse"] = fresh(ports["htn_out"])
             results["haproxy-tcp"]["w4_default"] = fresh(ports["ht_out"])
         finally:
@@ -503,15 +512,18 @@ def render(r: dict[str, dict[str, object]]) -> str:
             f"{'-' if cpu is None else f'{cpu:.1f}'} | {rss} |"
         )
     ours = g("meshlet-l4", "w4", "rps")
+    ours_full = g("meshlet-l4", "w4_no_resume", "rps")
     full = g("haproxy-tcp", "w4_no_ssl_reuse", "rps")
     resumed = g("haproxy-tcp", "w4_default", "rps")
     rows += [
         "",
         "| new mTLS connections/s (wrk -c16, Connection: close, L4) | conn/s | ratio |",
         "|---|---:|---:|",
-        f"| meshlet-l4 (full handshakes) | {ours:,.0f} "
-        f"| {100 * ours / full:.0f} % of no-ssl-reuse |",
+        f"| meshlet-l4, full handshakes (--no-resume) | {ours_full:,.0f} "
+        f"| {100 * ours_full / full:.0f} % of haproxy no-ssl-reuse |",
         f"| haproxy-tcp no-ssl-reuse | {full:,.0f} | |",
+        f"| meshlet-l4, session resumption (default) | {ours:,.0f} "
+        f"| {100 * ours / resumed:.0f} % of haproxy default |",
         f"| haproxy-tcp default (backend session reuse) | {resumed:,.0f} | |",
     ]  # fmt: skip
     errs = {n: (r[n].get("w1", {}) or {}).get("errors", 0) for n in r}  # type: ignore[union-attr]

@@ -34,6 +34,7 @@ from connect.proxy import (
     fixed_endpoints,
     intentions_authorizers,
 )
+from connect.resumption import ResumingClientContext
 from intentions.engine import Identity, compile_snapshot, identity_from_consul_uri
 from intentions.entries import load_entry
 
@@ -62,7 +63,8 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server.load_verify_locations(args.ca)
     server.load_cert_chain(args.cert, args.key)
     server.set_alpn_protocols(["http/1.1"])
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # As connect/tls.py builds it: a client context that can resume TLS sessions.
+    client = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_3
     client.check_hostname = False
     client.verify_mode = ssl.CERT_REQUIRED
@@ -111,6 +113,7 @@ async def main(args: argparse.Namespace) -> None:
             verify_peer=verifier(args.trust_domain),
             expected_service=args.service,
             rng=random.Random(),
+            resume_tls=not args.no_resume,
         )
         listener = OutboundHTTP(upstream) if args.kind == "http" else OutboundL4(upstream)
     await listener.start("127.0.0.1", args.listen)
@@ -136,5 +139,8 @@ if __name__ == "__main__":
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--service", default="api")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="full TLS handshakes on every dial (out side)"
+    )
     parser.add_argument("--trust-domain", default="11111111-2222-3333-4444-555555555555.consul")
     uvloop.run(main(parser.parse_args()))
