@@ -181,7 +181,9 @@ class Mesh:
         self.web_public = _free_port()
         self.web_upstream = _free_port()
 
-    def start(self) -> None:
+    def start(self, web_args: tuple[str, ...] = ()) -> None:
+        """api's sidecar, then (once api passes its checks, so every web process's first
+        answer has it) web's with `web_args` added to its command line."""
         _json(
             "PUT",
             f"http://{self.consul}/v1/config",
@@ -211,12 +213,7 @@ class Mesh:
         )
         self.sidecars: dict[str, Proc] = {}
         self.drains: dict[str, threading.Thread] = {}
-        for name, cfg in (("api", api_cfg), ("web", web_cfg)):
-            proc = Proc(["sidecar", "-c", str(cfg)], env=self.env)
-            self.procs.append(proc)
-            self.sidecars[name] = proc
-            proc.wait_for_line("ready:")
-            self.drains[name] = _drain(proc)
+        self._start_sidecar("api", ["sidecar", "-c", str(api_cfg)])
         # api's sidecar passes its check (listeners up, leaf held), so web sees an endpoint.
         wait_catalog(
             self.consul,
@@ -225,6 +222,7 @@ class Mesh:
                 any(all(c["Status"] == "passing" for c in e["Checks"]) for e in b) and len(b) == 1
             ),
         )
+        self._start_sidecar("web", ["sidecar", "-c", str(web_cfg), *web_args])
         wait_status(
             self.web_admin,
             lambda s: (
@@ -234,6 +232,14 @@ class Mesh:
             "web's api endpoint",
         )
         wait_status(self.api_admin, lambda s: s["sidecar"]["ready"], "api's sidecar ready")
+
+    def _start_sidecar(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(args, env=self.env)
+        self.procs.append(proc)
+        self.sidecars[name] = proc
+        proc.wait_for_line("ready:")
+        self.drains[name] = _drain(proc)
+        return proc
 
     def wait_intentions(self, index: int) -> None:
         wait_status(

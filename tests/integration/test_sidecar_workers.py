@@ -19,24 +19,19 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev, wait_catalog
+from tests.integration.test_agent_process import Proc, wait_catalog
 from tests.integration.test_sidecar_mesh import (
-    _drain,
-    _json,
+    Mesh,
     put_intentions,
-    start_app,
     status,
     wait_status,
-    write_sidecar_config,
 )
 
 DEADLINE = 60.0
@@ -127,77 +122,26 @@ def wait_line(proc: Proc, text: str) -> str:
 # ---- the mesh -----------------------------------------------------------------------------------
 
 
-class WorkersMesh:
+class WorkersMesh(Mesh):
+    """test_sidecar_mesh's Mesh (api and web speak http) with web's sidecar on two workers."""
+
     def __init__(self, tmp: Path) -> None:
-        self.procs: list[Proc] = []
-        self.apps: list[ThreadingHTTPServer] = []
-        port = _free_port()
-        self.consul = f"127.0.0.1:{port}"
-        self.procs.append(start_dev(port))
-        self.api_app, self.web_app = start_app("api"), start_app("web")
-        self.apps += [self.api_app, self.web_app]
-        self.api_admin, self.web_admin = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
-        self.api_public, self.web_public = _free_port(), _free_port()
-        self.web_upstream = _free_port()
-        self.threads: dict[str, threading.Thread] = {}
-        _json(
-            "PUT",
-            f"http://{self.consul}/v1/config",
-            {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
-        )
-        put_intentions(self.consul, "api", "allow")
-        api_cfg, web_cfg = tmp / "api.yaml", tmp / "web.yaml"
-        write_sidecar_config(
-            api_cfg,
-            consul=self.consul,
-            service="api",
-            app_port=self.api_app.server_address[1],
-            sidecar_port=self.api_public,
-            admin=self.api_admin,
-            protocol="http",
-        )
-        write_sidecar_config(
-            web_cfg,
-            consul=self.consul,
-            service="web",
-            app_port=self.web_app.server_address[1],
-            sidecar_port=self.web_public,
-            admin=self.web_admin,
-            protocol="http",
-            upstreams=(("api", self.web_upstream, "http"),),
-        )
-        self.api = self._start(["sidecar", "-c", str(api_cfg)], "api")
-        # api passes its checks before web starts: every web process's first answer has it.
-        wait_catalog(
-            self.consul,
-            "/v1/health/connect/api",
-            lambda b: len(b) == 1 and all(c["Status"] == "passing" for c in b[0]["Checks"]),
-        )
-        self.web = self._start(["sidecar", "-c", str(web_cfg), "--workers", "2"], "web")
-        st = wait_status(
-            self.web_admin,
-            lambda s: (
-                s["proxy"]["upstreams"].get("api", {}).get("endpoints") == 1
-                and s["workers"]["processes"][0]["ready"]
-            ),
-            "web's worker serving",
-        )
+        super().__init__(tmp, "http")
+        try:
+            put_intentions(self.consul, "api", "allow")
+            self.start(web_args=("--workers", "2"))
+            st = wait_status(
+                self.web_admin,
+                lambda s: s["workers"]["processes"][0]["ready"],
+                "web's worker serving",
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.api, self.web = self.sidecars["api"], self.sidecars["web"]
+        self.threads = self.drains
         self.parent = self.web.p.pid
         self.worker = int(st["workers"]["processes"][0]["pid"])
-
-    def _start(self, args: list[str], name: str) -> Proc:
-        proc = Proc(args, env=ENV)
-        self.procs.append(proc)
-        proc.wait_for_line("ready:")
-        self.threads[name] = _drain(proc)
-        return proc
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
-        for app in self.apps:
-            app.shutdown()
-            app.server_close()
 
 
 @pytest.fixture
