@@ -128,6 +128,19 @@ def wait_status(admin: str, done: Any, what: str) -> Any:
         time.sleep(0.05)
 
 
+def wait_line(proc: Proc, text: str) -> str:
+    """The first line of the process's log that contains `text` (its drain thread reads
+    the log as it comes); fail after DEADLINE."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        found = next((line for line in list(proc.lines) if text in line), None)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {text!r}:\n{''.join(proc.lines[-50:])}")
+        time.sleep(0.05)
+
+
 def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -294,16 +307,18 @@ def test_http_through_two_sidecars_then_denied_by_intention(http_mesh: Mesh) -> 
     assert xfcc.endswith(f";URI={web_uri}")
     assert seen["headers"]["x-request-id"]
 
-    # Plaintext to api's public port never reaches the app.
-    failed_before = status(mesh.api_admin)["proxy"]["stats"]["handshakes_failed"]
+    # Plaintext to api's public port never reaches the app; it is counted as plaintext and
+    # logged once with the peer and the reason.
+    plain_before = status(mesh.api_admin)["proxy"]["stats"]["handshake_failures"]["plaintext"]
     with pytest.raises((http.client.HTTPException, ConnectionError)):
         get(mesh.api_public, "/plaintext")
     assert "/plaintext" not in mesh.api_app.paths  # type: ignore[attr-defined]
     wait_status(
         mesh.api_admin,
-        lambda s: s["proxy"]["stats"]["handshakes_failed"] > failed_before,
+        lambda s: s["proxy"]["stats"]["handshake_failures"]["plaintext"] > plain_before,
         "the plaintext handshake counted",
     )
+    wait_line(mesh.sidecars["api"], "refused (plaintext)")
 
     index = put_intentions(mesh.consul, "api", "deny")
     mesh.wait_intentions(index)

@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_process import Proc, wait_catalog
+from tests.integration.test_agent_process import wait_catalog
 from tests.integration.test_sidecar_mesh import (
     Mesh,
     put_intentions,
     status,
+    wait_line,
     wait_status,
 )
 
@@ -105,18 +106,6 @@ def wait_until(done: Any, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)  # polling /proc; the deadline only catches a hang
-
-
-def wait_line(proc: Proc, text: str) -> str:
-    """A line of a process whose log a `_drain` thread is collecting."""
-    found: list[str] = []
-
-    def seen() -> bool:
-        found.extend(line for line in list(proc.lines) if text in line)
-        return bool(found)
-
-    wait_until(seen, repr(text))
-    return found[0]
 
 
 # ---- the mesh -----------------------------------------------------------------------------------
