@@ -155,6 +155,10 @@ class InboundGate:
         """Identify and authorize a connection whose handshake just succeeded; None if
         refused (counted, logged once per peer and reason, aborted before any byte is read)."""
         ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None and transport.is_closing():
+            # The peer left between its handshake and this callback (a client that closes at
+            # once, a health check): nothing to admit, and nobody was refused.
+            return None
         peer = self.peers.peer_of(ssl_object)
         if isinstance(peer, str):
             self.stats.peers_refused += 1

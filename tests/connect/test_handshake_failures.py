@@ -256,3 +256,27 @@ def test_stats_serialize_with_reasons() -> None:
     out: dict[str, Any] = asdict(stats)
     assert out["handshake_failures"]["unknown_ca"] == 1
     assert out["handshakes_failed"] == 0
+
+
+class _GoneTransport(asyncio.Transport):
+    """What the listener hands over when the client closed right after its handshake: the
+    transport is closing and has no TLS object any more."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return True
+
+
+def test_a_client_gone_before_admission_is_not_refused(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    def never(der: bytes, /) -> Any:
+        raise AssertionError("no certificate to verify")
+
+    stats = ProxyStats()
+    gate = InboundGate(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), PeerCache(never), stats)
+    assert gate.admit(_GoneTransport()) is None
+    assert stats.peers_refused == 0 and stats.connections == 0
+    assert not caplog.records
