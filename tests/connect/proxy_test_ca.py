@@ -1,9 +1,8 @@
-"""A throwaway Connect-style CA for the proxy tests (ECDSA P-256, SPIFFE URI SANs).
-
-Stand-in until connect/tls.py and devstack's Connect CA are committed: then the proxy tests
-should take their contexts from those. Also holds a test PeerVerifier: the agent wires
-`connect.identity.peer_identity`; this checks the same essentials (one SPIFFE URI SAN, our
-trust domain, a service identity) without depending on uncommitted code.
+"""A throwaway Connect-style CA for the proxy tests (ECDSA P-256, SPIFFE URI SANs), signed by
+devstack's issuer (devstack/issuer.py) as devstack's Connect CA signs; leaves are written to
+files for `ssl`. Also holds a test PeerVerifier: the agent wires `connect.identity.peer_identity`;
+this checks the same essentials (one SPIFFE URI SAN, our trust domain, a service identity).
+Tests that need devstack's own leaves over its HTTP API use tests/connect/devstack_tls.py.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from connect.proxy import Peer, PeerRejected
+from devstack.issuer import cert_pem, generate_key, key_pem, new_root
 from intentions.engine import identity_from_consul_uri
 
 TRUST_DOMAIN = "11111111-2222-3333-4444-555555555555.consul"
@@ -40,39 +38,14 @@ class ProxyTestCA:
         self.dir = directory
         self.name = name
         self.trust_domain = trust_domain
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshlet test {name}")])
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
+        self.issuer = new_root(
+            f"meshlet test {name}",
+            ttl=datetime.timedelta(days=1),
+            now=datetime.datetime.now(datetime.UTC),
         )
+        self.cert = self.issuer.cert
         self.ca_path = directory / f"{name}.crt"
-        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.ca_path.write_text(self.issuer.pem)
 
     def leaf(
         self,
@@ -81,53 +54,24 @@ class ProxyTestCA:
         uri: str | None = None,
         expired: bool = False,
     ) -> Leaf:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = generate_key("ec", 256)
         now = datetime.datetime.now(datetime.UTC)
-        if expired:
-            before, after = now - datetime.timedelta(days=2), now - datetime.timedelta(days=1)
-        else:
-            before, after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(before)
-            .not_valid_after(after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName(service),
-                        x509.UniformResourceIdentifier(uri or spiffe(service, self.trust_domain)),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
+        # An expired leaf was issued two days ago for one day; the others live an hour.
+        issued = now - datetime.timedelta(days=2) if expired else now
+        ttl = datetime.timedelta(days=1) if expired else datetime.timedelta(hours=1)
+        cert = self.issuer.sign_leaf(
+            key.public_key(),
+            uri_sans=[uri or spiffe(service, self.trust_domain)],
+            dns_sans=[service],
+            common_name=service,
+            ttl=ttl,
+            now=issued,
         )
         stem = f"{self.name}-{service}{'-expired' if expired else ''}-{cert.serial_number % 10**8}"
         cert_path = self.dir / f"{stem}.crt"
         key_path = self.dir / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        cert_path.write_text(cert_pem(cert))
+        key_path.write_text(key_pem(key))
         return Leaf(cert_path, key_path, cert.public_bytes(serialization.Encoding.DER))
 
     def server_context(self, leaf: Leaf) -> ssl.SSLContext:
