@@ -42,7 +42,7 @@ from agent.consul import ConsulClient
 from agent.readiness import ListenerReadiness, NoLeafSource, Readiness, SidecarReadiness
 from agent.registration import Registrar
 from agent.sidecar import Sidecar
-from agent.supervisor import Supervisor
+from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
 from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
 
@@ -508,11 +508,16 @@ class AgentRuntime:
         }
 
     def _workers_status(self) -> Mapping[str, Any] | None:
+        """The worker processes, and `stats_total`: the proxy counters of every process
+        (this one's are `proxy.stats`; a worker's restart from zero when it restarts)."""
         if self.sidecar is None:
             return None
+        own = dataclasses.asdict(self.sidecar.stats)
         if self.supervisor is None:
-            return {"count": 1, "processes": []}
-        return self.supervisor.status()
+            return {"count": 1, "processes": [], "stats_total": own}
+        status = dict(self.supervisor.status())
+        status["stats_total"] = sum_counters([own, *(w.stats for w in self.supervisor.workers)])
+        return status
 
 
 def configure_logging(level: str) -> None:

@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agent.config import AgentConfig, to_raw
@@ -40,6 +40,21 @@ log = logging.getLogger("meshlet.agent.supervisor")
 
 
 # ---- pure decisions ---------------------------------------------------------------------------
+
+
+def sum_counters(reports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counters of several processes added up, nested objects key by key (ProxyStats's
+    shape); a value that is not a number or an object is left out."""
+    total: dict[str, Any] = {}
+    for report in reports:
+        for key, value in report.items():
+            if isinstance(value, Mapping):
+                inner = total.get(key)
+                total[key] = sum_counters([inner if isinstance(inner, dict) else {}, value])
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                prior = total.get(key, 0)
+                total[key] = (prior if isinstance(prior, int | float) else 0) + value
+    return total
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +124,8 @@ class WorkerState:
     last_exit: str = ""
     last_exit_at: float | None = None
     restart_at: float | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The proxy counters it last reported (they restart from zero with the process)."""
 
     def status(self) -> dict[str, Any]:
         return {
@@ -122,6 +139,7 @@ class WorkerState:
             "last_exit": self.last_exit,
             "last_exit_at": self.last_exit_at,
             "restart_at": self.restart_at,
+            "stats": self.stats,
         }
 
     def problem(self) -> str:
@@ -298,6 +316,9 @@ class Supervisor:
                 except ValueError as exc:
                     log.error("worker %d: bad report ignored: %s", w.index, exc)
                     continue
+                stats = message.get("stats")
+                if isinstance(stats, dict):
+                    w.stats = stats
                 if "ready" in message:
                     w.ready = message["ready"] is True
                     problems = message.get("problems")
@@ -306,4 +327,11 @@ class Supervisor:
                     )
 
 
-__all__ = ["RestartPolicy", "Supervisor", "WorkerState", "describe_exit", "worker_command"]
+__all__ = [
+    "RestartPolicy",
+    "Supervisor",
+    "WorkerState",
+    "describe_exit",
+    "sum_counters",
+    "worker_command",
+]

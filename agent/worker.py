@@ -18,6 +18,8 @@ The control channel is a unix socketpair inherited as `--control-fd`, carrying J
                        {"stop": "drain"}     keep serving for shutdown.drain_period, then stop
                        {"stop": "now"}       stop now (the parent's drain is over)
     worker -> parent   {"ready": bool, "problems": [...]}   whenever that changes
+                       {"stats": {...}}      its proxy counters (ProxyStats), at most once a
+                                             second and only when they moved
 
 The worker never reads the file: a file edited since start, or rejected by the parent's
 reload, never reaches it. Its end of the channel reaching EOF means the parent is gone: it
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -240,17 +243,23 @@ class WorkerRuntime:
 
     async def _report(self, writer: asyncio.StreamWriter) -> None:
         """Tell the parent whenever readiness changes: at once when the listeners open, and
-        otherwise checked every second (a leaf can expire, a listener stop serving)."""
+        otherwise checked every second (a leaf can expire, a listener stop serving); and the
+        proxy's counters when they moved, so the parent's status counts every process."""
         last: tuple[str, ...] | None = None
+        last_stats: dict[str, Any] = {}
         while True:
             problems = tuple(self.problems())
-            if problems != last:
-                writer.write(encode({"ready": not problems, "problems": list(problems)}))
+            stats = dataclasses.asdict(self.sidecar.stats)
+            if problems != last or stats != last_stats:
+                if problems != last:
+                    writer.write(encode({"ready": not problems, "problems": list(problems)}))
+                if stats != last_stats:
+                    writer.write(encode({"stats": stats}))
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
-                if not problems:
+                if not problems and problems != last:
                     log.info("serving: listeners open with a leaf and intentions")
-                last = problems
+                last, last_stats = problems, stats
             if self.sidecar.started.is_set():
                 await asyncio.sleep(1.0)
             else:

@@ -22,7 +22,13 @@ from agent.cli import main
 from agent.config import ConfigError, parse, to_raw, with_workers
 from agent.runtime import AgentRuntime
 from agent.sidecar import claim_port
-from agent.supervisor import RestartPolicy, Supervisor, WorkerState, describe_exit
+from agent.supervisor import (
+    RestartPolicy,
+    Supervisor,
+    WorkerState,
+    describe_exit,
+    sum_counters,
+)
 from agent.worker import PARENT_ONLY_ENV, decode, encode
 
 
@@ -126,9 +132,11 @@ def test_status_lists_the_workers_before_they_start() -> None:
         (1, "pending", None),
         (2, "pending", None),
     ]
-    assert AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)["workers"] == {
+    one = AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)
+    assert one["workers"] == {
         "count": 1,
         "processes": [],
+        "stats_total": one["proxy"]["stats"],  # one process: its own counters are the total
     }
     assert AgentRuntime(parse(_raw(), {})).status(None)["workers"] is None
 
@@ -209,6 +217,7 @@ if mode == "crash":
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 channel.write(b'{"ready": true, "problems": []}\n')
+channel.write(b'{"stats": {"requests": 5, "handshake_failures": {"plaintext": 1}}}\n')
 channel.flush()
 for line in channel:
     message = json.loads(line)
@@ -355,3 +364,24 @@ def test_a_second_stop_signal_ends_a_workers_drain() -> None:
     assert worker._stop.is_set() and not worker._now.is_set()
     worker.request_stop()
     assert worker._now.is_set()
+
+
+def test_counters_of_all_processes_add_up_key_by_key() -> None:
+    parent = {"requests": 7, "handshake_failures": {"plaintext": 1, "expired": 0}}
+    worker = {"requests": 5, "handshake_failures": {"plaintext": 2}, "note": "ignored"}
+    assert sum_counters([parent, worker, {}]) == {
+        "requests": 12,
+        "handshake_failures": {"plaintext": 3, "expired": 0},
+    }
+
+
+async def test_a_workers_counters_reach_the_parent(tmp_path: Path) -> None:
+    cfg = parse(_raw(), {})
+    sup = Supervisor(2, lambda: cfg, {}, policy=FAST, command=_fake("serve", tmp_path / "m"))
+    task = asyncio.ensure_future(sup.run())
+    w = sup.workers[0]
+    await _until(lambda: bool(w.stats), "the worker's counters")
+    assert w.stats == {"requests": 5, "handshake_failures": {"plaintext": 1}}
+    assert sup.status()["processes"][0]["stats"] == w.stats
+    await sup.stop(timeout=10)
+    await asyncio.wait_for(task, 10)

@@ -170,8 +170,17 @@ def test_both_processes_serve_and_a_killed_worker_comes_back(mesh: WorkersMesh) 
 
     # New connections are spread by the kernel's hash of each connection's addresses: with
     # 60 of them, one socket getting them all has a chance of 2**-59.
+    before = status(mesh.web_admin)["workers"]["stats_total"]["requests"]
     owners = [_through_upstream(mesh.web_upstream, f"/n{i}", (parent, worker)) for i in range(60)]
     assert set(owners) == {parent, worker}, owners
+    # The parent's status counts every process's requests (workers report once a second).
+    wait_status(
+        mesh.web_admin,
+        lambda s: s["workers"]["stats_total"]["requests"] >= before + 60,
+        "all 60 requests counted across the processes",
+    )
+    st = status(mesh.web_admin)
+    assert st["proxy"]["stats"]["requests"] < st["workers"]["stats_total"]["requests"]
 
     os.kill(worker, signal.SIGKILL)
     line = wait_line(mesh.web, f"worker 1 (pid {worker}) exited unexpectedly")
