@@ -35,6 +35,7 @@ from connect.proxy import (
     intentions_authorizers,
 )
 from connect.resumption import ResumingClientContext
+from connect.tls import SESSION_TICKETS
 from intentions.engine import Identity, compile_snapshot, identity_from_consul_uri
 from intentions.entries import load_entry
 
@@ -63,6 +64,7 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server.load_verify_locations(args.ca)
     server.load_cert_chain(args.cert, args.key)
     server.set_alpn_protocols(["http/1.1"])
+    server.num_tickets = SESSION_TICKETS  # as connect/tls.py's server contexts
     # As connect/tls.py builds it: a client context that can resume TLS sessions.
     client = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_3
