@@ -172,28 +172,15 @@ async def _refused_counted_logged_once(
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("listener", ["l4", "http"])
 @pytest.mark.parametrize("kind", sorted(CLIENTS))
-def test_l4_bad_client_refused_counted_logged_once(
-    kind: str, loop: str, caplog: pytest.LogCaptureFixture
+def test_bad_client_refused_counted_logged_once(
+    kind: str, listener: str, loop: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
 
     async def main() -> None:
-        async with inbound_site("l4") as site:
-            await _refused_counted_logged_once(site, kind, caplog)
-
-    run(loop, main)
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("kind", sorted(CLIENTS))
-def test_http_bad_client_refused_counted_logged_once(
-    kind: str, loop: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-
-    async def main() -> None:
-        async with inbound_site("http") as site:
+        async with inbound_site(listener) as site:
             await _refused_counted_logged_once(site, kind, caplog)
 
     run(loop, main)
