@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import gc
 import logging
 import random
@@ -49,15 +48,12 @@ from agent.readiness import Readiness
 from agent.watch import Latest, WatchSettings, backoff_delay
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
 from connect.http1 import InboundHTTP, OutboundHTTP
-from connect.identity import PeerRefused, ServiceIdentity, peer_identity
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
+from connect.peers import service_peers
 from connect.proxy import (
-    Peer,
-    PeerCache,
-    PeerRejected,
     ProxyStats,
     Upstream,
     intentions_authorizers,
@@ -116,23 +112,6 @@ def compile_intentions(
         load_entry({k: v for k, v in body.items() if k not in _STORED_ONLY}) for body in bodies
     ]
     return compile_snapshot(entries, default_allow=default_allow, default_reason=default_reason)
-
-
-def identity_verifier(trust_domain: Callable[[], str]) -> PeerCache:
-    """connect.identity decides (current trust domain, time now); the proxy caches per DER."""
-
-    def verify(der: bytes, /) -> Peer:
-        try:
-            ident = peer_identity(
-                der, trust_domain=trust_domain(), now=datetime.datetime.now(datetime.UTC)
-            )
-        except PeerRefused as err:
-            raise PeerRejected(str(err)) from None
-        if not isinstance(ident, ServiceIdentity):
-            raise PeerRejected(f"{ident.uri} is not a service identity")
-        return Peer(ident.uri, Identity(ident.service, ident.namespace, ident.partition))
-
-    return PeerCache(verify)
 
 
 def targets_of(snapshot: EndpointSnapshot | None) -> list[Target]:
@@ -456,7 +435,7 @@ class Sidecar:
         conn_authz, request_authz = intentions_authorizers(self.intentions.get, local)
         app_host = cfg.service.address or "127.0.0.1"
         bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
-        peers = identity_verifier(lambda: tls.trust_domain)
+        peers = service_peers(lambda: tls.trust_domain)
         if self._claim_ports:
             for host, port in [(bind, cfg.sidecar.port)] + [
                 (up.local_bind_address, up.local_bind_port) for up in cfg.sidecar.upstreams
@@ -498,7 +477,7 @@ class Sidecar:
                 up.name,
                 endpoints=endpoints,
                 client_ssl=tls.client,
-                verify_peer=identity_verifier(lambda: tls.trust_domain),
+                verify_peer=service_peers(lambda: tls.trust_domain),
                 expected_service=up.name,
                 rng=random.Random(self._rng.random()),
             )

@@ -19,16 +19,13 @@ import signal
 import ssl
 
 import uvloop
-from cryptography import x509
 
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
+from connect.peers import service_peers
 from connect.proxy import (
-    Peer,
-    PeerCache,
-    PeerRejected,
     ProxyStats,
     Upstream,
     fixed_endpoints,
@@ -36,25 +33,8 @@ from connect.proxy import (
 )
 from connect.resumption import ResumingClientContext
 from connect.tls import SESSION_TICKETS
-from intentions.engine import Identity, compile_snapshot, identity_from_consul_uri
+from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
-
-
-def verifier(trust_domain: str) -> PeerCache:
-    # The agent wires connect.identity.peer_identity here; the benchmark checks the same
-    # essentials (one SPIFFE URI SAN in our trust domain naming a service).
-    def verify(der: bytes, /) -> Peer:
-        cert = x509.load_der_x509_certificate(der)
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        if len(uris) != 1 or not uris[0].startswith(f"spiffe://{trust_domain}/"):
-            raise PeerRejected("not a mesh identity")
-        ident = identity_from_consul_uri(uris[0])
-        if ident is None:
-            raise PeerRejected("not a service identity")
-        return Peer(uris[0], ident)
-
-    return PeerCache(verify)
 
 
 def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -91,7 +71,7 @@ async def main(args: argparse.Namespace) -> None:
         snapshot = compile_snapshot([entry], default_allow=False)
         connection, request = intentions_authorizers(lambda: snapshot, Identity(args.service))
         if args.kind == "http":
-            gate = InboundGate(server_ctx, verifier(args.trust_domain), stats)
+            gate = InboundGate(server_ctx, service_peers(lambda: args.trust_domain), stats)
             listener = InboundHTTP(
                 gate,
                 host,
@@ -100,7 +80,9 @@ async def main(args: argparse.Namespace) -> None:
                 local_uri=f"spiffe://{args.trust_domain}/ns/default/dc/dc1/svc/{args.service}",
             )
         else:
-            gate = InboundGate(server_ctx, verifier(args.trust_domain), stats, authorize=connection)
+            gate = InboundGate(
+                server_ctx, service_peers(lambda: args.trust_domain), stats, authorize=connection
+            )
             listener = InboundL4(gate, host, int(port))
     else:
         upstream = Upstream(
@@ -112,7 +94,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
             ),
             client_ssl=lambda: client_ctx,
-            verify_peer=verifier(args.trust_domain),
+            verify_peer=service_peers(lambda: args.trust_domain),
             expected_service=args.service,
             rng=random.Random(),
             resume_tls=not args.no_resume,

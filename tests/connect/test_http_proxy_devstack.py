@@ -5,7 +5,6 @@ connect.identity, intentions from the engine. (The other proxy tests use a local
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import random
 from collections.abc import AsyncIterator
@@ -19,14 +18,11 @@ from agent.consul_config import ConsulConfig
 from agent.consul_connect import consul_leaf_source, consul_roots_source
 from connect.balancer import BalancerConfig, Target, compile_balancer
 from connect.http1 import InboundHTTP, OutboundHTTP
-from connect.identity import PeerRefused, ServiceIdentity, peer_identity
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import Material
+from connect.peers import service_peers
 from connect.proxy import (
-    Peer,
-    PeerCache,
-    PeerRejected,
     ProxyStats,
     Upstream,
     fixed_endpoints,
@@ -37,23 +33,6 @@ from devstack.server import DevServer
 from intentions.engine import Identity
 from tests.connect.proxy_test_servers import start_app as start_tcp_app
 from tests.connect.test_http_proxy import INTENTIONS, start_app
-
-
-def identity_verifier(trust_domain: str) -> PeerCache:
-    """What the agent wires: connect.identity decides, the proxy caches per certificate."""
-
-    def verify(der: bytes, /) -> Peer:
-        try:
-            ident = peer_identity(
-                der, trust_domain=trust_domain, now=datetime.datetime.now(datetime.UTC)
-            )
-        except PeerRefused as err:
-            raise PeerRejected(str(err)) from None
-        if not isinstance(ident, ServiceIdentity):
-            raise PeerRejected(f"{ident.uri} is not a service identity")
-        return Peer(ident.uri, Identity(ident.service, ident.namespace, ident.partition))
-
-    return PeerCache(verify)
 
 
 @dataclass
@@ -78,7 +57,7 @@ async def test_http_pair_with_devstack_leaves(mesh_tls: Mesh) -> None:
     trust_domain = mesh_tls.api.trust_domain
     _, request = intentions_authorizers(lambda: INTENTIONS, Identity("api"))
     gate = InboundGate(
-        mesh_tls.api.listener_context(), identity_verifier(trust_domain), ProxyStats()
+        mesh_tls.api.listener_context(), service_peers(lambda: trust_domain), ProxyStats()
     )
     api_uri = mesh_tls.api.material.leaf.service_uri
     inbound = InboundHTTP(gate, "127.0.0.1", app.port, authorize=request, local_uri=api_uri)
@@ -89,7 +68,7 @@ async def test_http_pair_with_devstack_leaves(mesh_tls: Mesh) -> None:
             compile_balancer([Target("n1/api", "127.0.0.1", inbound.port)], BalancerConfig())
         ),
         client_ssl=mesh_tls.web.client,
-        verify_peer=identity_verifier(trust_domain),
+        verify_peer=service_peers(lambda: trust_domain),
         expected_service="api",
         rng=random.Random(3),
     )
@@ -119,7 +98,7 @@ async def test_l4_pair_with_devstack_leaves_and_a_wrong_identity(mesh_tls: Mesh)
     server, app_port, app = await start_tcp_app()
     trust_domain = mesh_tls.api.trust_domain
     gate = InboundGate(
-        mesh_tls.api.listener_context(), identity_verifier(trust_domain), ProxyStats()
+        mesh_tls.api.listener_context(), service_peers(lambda: trust_domain), ProxyStats()
     )
     inbound = InboundL4(gate, "127.0.0.1", app_port)
     await inbound.start()
@@ -131,7 +110,7 @@ async def test_l4_pair_with_devstack_leaves_and_a_wrong_identity(mesh_tls: Mesh)
                 compile_balancer([Target("n1/x", "127.0.0.1", inbound.port)], BalancerConfig())
             ),
             client_ssl=mesh_tls.web.client,
-            verify_peer=identity_verifier(trust_domain),
+            verify_peer=service_peers(lambda: trust_domain),
             expected_service=expected,
         )
         outbound = OutboundL4(upstream)
