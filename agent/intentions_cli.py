@@ -26,6 +26,7 @@ from intentions.apply import (
     PlanRefused,
     Protocols,
     format_plan,
+    held_entry,
     plan_apply,
 )
 from intentions.check import (
@@ -37,7 +38,7 @@ from intentions.check import (
     parse_request,
     parse_workload,
 )
-from intentions.entries import KIND, load_entry
+from intentions.entries import KIND
 from intentions.errors import EntryError, PolicyError, Problem
 from intentions.policy import AuthorizationPolicy, load_policies
 from intentions.render import entries_hcl, entries_json
@@ -286,7 +287,7 @@ async def _apply_async(args: argparse.Namespace) -> int:
             catalog = await _catalog(consul)
             protocols = await _protocols(consul)
             held = await consul.config_entries.list(KIND)
-            current = [load_entry(dict(body)) for body in held.value]
+            current = [held_entry(dict(body)) for body in held.value]
             changes = plan_apply(policies, catalog, protocols, current, options)
             for warning in changes.warnings:
                 print(f"warning: {warning}", file=sys.stderr)

@@ -32,6 +32,7 @@ from intentions.entries import (
     Permission,
     ServiceIntentions,
     SourceIntention,
+    decode_entry,
     entry_to_json,
     normalize,
     source_display,
@@ -258,6 +259,13 @@ def plan_apply(
     if problems:
         raise PlanRefused(problems)
     return ApplyPlan(tuple(changes), tuple(dict.fromkeys(warnings)), tuple(dict.fromkeys(notes)))
+
+
+def held_entry(body: object) -> ServiceIntentions:
+    """An entry as Consul returns it: decoded and normalized, not held to the write-side rules
+    (Consul returns the Legacy* fields of intentions made through the legacy API, which it
+    refuses on writes). Raises EntryDecodeError."""
+    return normalize(decode_entry(body))
 
 
 def _clip(text: str, limit: int = _META_VALUE_MAX) -> str:

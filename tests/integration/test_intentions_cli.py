@@ -337,6 +337,22 @@ def test_hand_written_source_is_kept_without_prune_and_removed_with_it(
     assert not _allowed(base, "db", "web")
 
 
+def test_source_created_through_the_legacy_api_is_kept_and_pruned(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    # What `consul intention create -allow db web` does; Consul returns the Legacy* fields.
+    legacy = {"SourceName": "db", "DestinationName": "web", "Action": "allow"}
+    _call(base, "POST", "/v1/connect/intentions", legacy)
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "source db was not written by meshlet" in done.stderr
+    assert _allowed(base, "db", "web")
+    pruned = _meshlet("apply", "-f", str(policy), "--prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert not _allowed(base, "db", "web")
+
+
 def test_hand_written_source_the_policy_redefines_needs_prune(
     mesh: tuple[str, dict[str, str], Path],
 ) -> None:
