@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from intentions.entries import (
+    WILDCARD,
     HeaderMatch,
     Permission,
     ServiceIntentions,
@@ -239,6 +240,12 @@ def plan_apply(
                     "(service-defaults Protocol = http), or pass --allow-drop to apply Istio's "
                     "TCP semantics"
                 )
+        if any(src.name == WILDCARD and src.action == "allow" for src in entry.sources):
+            # Istio's meaning, but a surprise on a default-deny Consul: say it before writing.
+            warnings.append(
+                f"{key[0]}/{key[1]}: no ALLOW policy selects it, so callers the policies do not "
+                "deny are allowed (Istio's default), whatever Consul's default intention policy"
+            )
         planned.append(_marked(entry, refs))
     # Drops were reported above with where the protocol came from; warnings about services
     # left alone would only be noise.

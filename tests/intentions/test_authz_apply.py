@@ -99,6 +99,13 @@ def test_namespace_wide_policy_never_reaches_proxies_gateways_or_consul() -> Non
     assert sorted(by_name(result)) == ["api", "web"]
 
 
+def test_deny_only_policy_warns_that_everybody_else_is_allowed() -> None:
+    deny = {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["legacy"]}}]}]}
+    result = plan(policies(deny | {"selector": {"matchLabels": {"app": "api"}}}))
+    (warning,) = result.warnings
+    assert warning.startswith("default/api: no ALLOW policy selects it, so callers")
+
+
 def test_a_proxy_registered_as_a_typical_service_is_still_a_proxy() -> None:
     result = plan(policies({}), catalog=[CatalogService("x"), CatalogService("x-sidecar-proxy")])
     assert list(by_name(result)) == ["x"]
