@@ -288,12 +288,12 @@ async def _apply_async(args: argparse.Namespace) -> int:
             protocols = await _protocols(consul)
             held = await consul.config_entries.list(KIND)
             current = [held_entry(dict(body)) for body in held.value]
-            changes = plan_apply(policies, catalog, protocols, current, options)
-            for warning in changes.warnings:
+            plan = plan_apply(policies, catalog, protocols, current, options)
+            for warning in plan.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
-            print(format_plan(changes), end="")
+            print(format_plan(plan), end="")
             failed = []
-            for change in changes.changes:
+            for change in plan.changes:
                 if args.dry_run or change.action == "unchanged":
                     continue
                 if not await consul.config_entries.put(change.body, cas=change.cas):
