@@ -1,7 +1,8 @@
 """`meshlet intentions`: Istio AuthorizationPolicy in, Consul service-intentions out.
 
     translate  print the entries a policy set becomes (JSON or HCL)
-    apply      translate and write them to Consul with CAS, showing a diff first
+    apply      translate and write to Consul with CAS the entries of the services the
+               policies select (never proxies or gateways), showing a diff first
     explain    which policy rule (and which intention) decides one request
     check      evaluate requests (JSON lines on stdin) against policies or Consul entries
 
@@ -19,6 +20,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from intentions.apply import (
+    ApplyOptions,
+    CatalogService,
+    PlanRefused,
+    Protocols,
+    format_plan,
+    held_entry,
+    plan_apply,
+)
 from intentions.check import (
     CheckInputError,
     EntryChecker,
@@ -28,10 +38,10 @@ from intentions.check import (
     parse_request,
     parse_workload,
 )
-from intentions.entries import KIND, load_entry
+from intentions.entries import KIND
 from intentions.errors import EntryError, PolicyError, Problem
 from intentions.policy import AuthorizationPolicy, load_policies
-from intentions.render import entries_hcl, entries_json, plan
+from intentions.render import entries_hcl, entries_json
 from intentions.translate import ServiceRef, TranslateOptions, Translation, translate
 
 EXIT_PROBLEMS = 2
@@ -101,9 +111,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--services",
         default="",
         metavar="LIST",
-        help="as for translate (default: the services in Consul's catalog)",
+        help="comma-separated [namespace/]name[:protocol]: touch only these of the services "
+        "the policies select (default: every one they select; selectors are resolved against "
+        "Consul's catalog, protocols read from service-defaults/proxy-defaults)",
     )
     a.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    a.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove or replace sources meshlet did not write (default: keep them, and warn)",
+    )
+    a.add_argument(
+        "--allow-drop",
+        action="store_true",
+        help="apply even when an ALLOW rule is ignored because its service is not HTTP "
+        "(default: refuse, since what it allows would be denied)",
+    )
     a.set_defaults(intentions_run=_apply)
 
     e = cmds.add_parser("explain", help="which rule decides one request")
@@ -146,6 +169,11 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None) -> int:
         for problem in err.problems:
             print(problem, file=sys.stderr)
         return EXIT_PROBLEMS
+    except PlanRefused as err:
+        for line in err.problems:
+            print(line, file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return EXIT_PROBLEMS
     except CheckInputError as err:
         print(err, file=sys.stderr)
         return EXIT_PROBLEMS
@@ -180,14 +208,16 @@ def _policies(files: Sequence[str]) -> tuple[AuthorizationPolicy, ...]:
     return tuple(found)
 
 
-def _services(text: str, default_namespace: str) -> list[ServiceRef]:
+def _services(
+    text: str, default_namespace: str, default_protocol: str = "http"
+) -> list[ServiceRef]:
     refs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         ref, _, protocol = item.partition(":")
         namespace, _, name = ref.rpartition("/")
         if not name:
             raise _Refused([f"--services: {item!r} is not [namespace/]name[:protocol]"])
-        refs.append(ServiceRef(name, namespace or default_namespace, protocol or "http"))
+        refs.append(ServiceRef(name, namespace or default_namespace, protocol or default_protocol))
     return refs
 
 
@@ -243,31 +273,33 @@ async def _apply_async(args: argparse.Namespace) -> int:
     from agent.consul_errors import ConsulError
 
     policies = _policies(args.files)
+    namespace = args.single_namespace or "default"
+    only = None
+    if args.services:
+        # No protocol given: the one Consul holds, never an assumed http.
+        only = {
+            (ref.namespace, ref.name): ref.protocol
+            for ref in _services(args.services, namespace, default_protocol="")
+        }
+    options = ApplyOptions(_options(args), namespace, only, args.prune, args.allow_drop)
     try:
         async with ConsulClient.from_env() as consul:
-            services = _services(
-                args.services, args.single_namespace or "default"
-            ) or await _catalog_services(consul, args.single_namespace or "default")
-            translation = translate(policies, services, _options(args))
-            _warn(translation)
+            catalog = await _catalog(consul)
+            protocols = await _protocols(consul)
             held = await consul.config_entries.list(KIND)
-            current = [load_entry(dict(body)) for body in held.value]
-            changes = plan(current, translation.entries)
+            current = [held_entry(dict(body)) for body in held.value]
+            plan = plan_apply(policies, catalog, protocols, current, options)
+            for warning in plan.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            print(format_plan(plan), end="")
             failed = []
-            for change in changes:
-                if change.action == "unchanged":
-                    print(f"= {change.namespace}/{change.name} unchanged")
-                    continue
-                print(change.diff, end="")
-                if args.dry_run:
+            for change in plan.changes:
+                if args.dry_run or change.action == "unchanged":
                     continue
                 if not await consul.config_entries.put(change.body, cas=change.cas):
-                    failed.append(f"{change.namespace}/{change.name}")
+                    failed.append(change.label)
                 else:
-                    print(
-                        f"{'+' if change.action == 'create' else '~'} "
-                        f"{change.namespace}/{change.name} written"
-                    )
+                    print(f"{change.label} written")
     except (ConsulError, EntryError) as err:
         raise _Refused([f"consul: {err}"]) from None
     if failed:
@@ -281,22 +313,24 @@ async def _apply_async(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _catalog_services(consul: Any, namespace: str) -> list[ServiceRef]:
-    """Every service in the catalog, with its protocol from service-defaults/proxy-defaults."""
-    names = (await consul.catalog.services()).value
+async def _catalog(consul: Any) -> list[CatalogService]:
+    """The catalog's service names, each with whether it is a typical service or not."""
+    typical = (await consul.catalog.services(filter='ServiceKind == ""')).value
+    others = (await consul.catalog.services(filter='ServiceKind != ""')).value
+    # The list endpoint does not say which kind: "" or "not typical" is all apply needs.
+    return [CatalogService(name) for name in typical] + [
+        CatalogService(name, "proxy or gateway") for name in others
+    ]
+
+
+async def _protocols(consul: Any) -> Protocols:
     defaults = {
-        e["Name"]: str(e.get("Protocol") or "")
+        str(e["Name"]): str(e.get("Protocol") or "")
         for e in (await consul.config_entries.list("service-defaults")).value
     }
     proxy = (await consul.config_entries.list("proxy-defaults")).value
-    mesh_default = (
-        str(((proxy[0].get("Config") or {}).get("protocol")) or "tcp") if proxy else "tcp"
-    )
-    return [
-        ServiceRef(name, namespace, defaults.get(name) or mesh_default)
-        for name in sorted(names)
-        if name != "consul"
-    ]
+    mesh = str(((proxy[0].get("Config") or {}).get("protocol")) or "") if proxy else ""
+    return Protocols(defaults, mesh)
 
 
 def _explain(args: argparse.Namespace, stdin: TextIO) -> int:

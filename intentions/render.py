@@ -1,12 +1,11 @@
-"""Text forms of translated entries for the CLI: JSON bodies, HCL, and a plan against Consul."""
+"""Text forms of translated entries for the CLI: JSON bodies and HCL (`apply`'s plan and diff
+are in `intentions.apply`)."""
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from intentions.entries import ServiceIntentions, entry_to_json
 
@@ -53,42 +52,3 @@ def entry_hcl(entry: ServiceIntentions) -> str:
 
 def entries_hcl(entries: Iterable[ServiceIntentions]) -> str:
     return "\n".join(entry_hcl(e) for e in entries)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    action: Literal["create", "update", "unchanged"]
-    name: str
-    namespace: str
-    cas: int
-    """`?cas=` for the write: 0 creates only if absent, else the ModifyIndex read."""
-    body: Mapping[str, Any]
-    diff: str
-
-
-def plan(
-    current: Iterable[ServiceIntentions], desired: Iterable[ServiceIntentions]
-) -> tuple[Change, ...]:
-    """What `apply` writes: one change per desired entry, compared with what Consul holds.
-
-    Entries Consul holds for services outside the translation are left alone on purpose: a
-    policy set describes its services, not the whole mesh.
-    """
-    held = {(e.namespace_or_default, e.name): e for e in current}
-    changes = []
-    for entry in desired:
-        key = (entry.namespace_or_default, entry.name)
-        body = entry_to_json(entry, for_write=True)
-        new_text = json.dumps(body, indent=2, sort_keys=True).splitlines(keepends=True)
-        old = held.get(key)
-        label = f"{key[0]}/{key[1]}"
-        if old is None:
-            diff = "".join(difflib.unified_diff([], new_text, "/dev/null", label))
-            changes.append(Change("create", entry.name, key[0], 0, body, diff))
-            continue
-        old_body = entry_to_json(old, for_write=True)
-        old_text = json.dumps(old_body, indent=2, sort_keys=True).splitlines(keepends=True)
-        diff = "".join(difflib.unified_diff(old_text, new_text, label, label))
-        action: Literal["update", "unchanged"] = "update" if diff else "unchanged"
-        changes.append(Change(action, entry.name, key[0], old.modify_index, body, diff))
-    return tuple(changes)

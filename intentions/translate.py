@@ -96,6 +96,18 @@ class Translation:
     """(destination namespace, destination, source namespace, source), with Consul's
     normalized names ("default" in CE) -> for each permission of that source (one item for an
     L4 source), the Istio rule or catch-all it came from."""
+    applied: Mapping[tuple[str, str], tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """(namespace, name) of each entry, as Consul normalizes them -> the enforced policies
+    (`namespace/name`) that select the service; empty for an entry that only states Istio's
+    default (no enforced policy selects the service)."""
+    dropped: Mapping[tuple[str, str], tuple[Problem, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """(namespace, name) -> the ALLOW rules ignored because they use HTTP-only fields on a
+    service that is not HTTP (also in `warnings`): Istio's TCP semantics, but what the rule's
+    author meant to allow is denied."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +398,7 @@ class _Translator:
         self.o = options
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
+        self.dropped: list[Problem] = []
 
     def problem(self, policy: AuthorizationPolicy, path: str, message: str) -> None:
         self.problems.append(Problem(policy.label, path, message, "unsupported"))
@@ -760,6 +773,8 @@ def translate(
 
     entries: list[ServiceIntentions] = []
     origins: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
+    applied: dict[tuple[str, str], tuple[str, ...]] = {}
+    dropped: dict[tuple[str, str], tuple[Problem, ...]] = {}
     for key in sorted(scope):
         svc = inventory[key]
         applicable = scope[key]
@@ -771,12 +786,23 @@ def translate(
         if svc.is_http:
             for crule in rules:
                 t.reject_jwt_on_http(crule)
+        t.dropped = []
         entry, entry_origins = _entry_for(t, svc, applicable, rules)
         entries.append(entry)
         origins.update(entry_origins)
+        consul_key = (entry.namespace_or_default, entry.name)
+        applied[consul_key] = tuple(p.ref for p in applicable)
+        if t.dropped:
+            dropped[consul_key] = tuple(t.dropped)
     if t.problems:
         raise PolicyError(dict.fromkeys(t.problems))
-    return Translation(tuple(entries), tuple(dict.fromkeys(t.warnings)), MappingProxyType(origins))
+    return Translation(
+        tuple(entries),
+        tuple(dict.fromkeys(t.warnings)),
+        MappingProxyType(origins),
+        MappingProxyType(applied),
+        MappingProxyType(dropped),
+    )
 
 
 def _entry_for(
@@ -847,14 +873,14 @@ def _entry_for(
     if not svc.is_http:
         for rule in rules:
             if rule.tcp is None:
-                t.warnings.append(
-                    Problem(
-                        where,
-                        "",
-                        f"{rule.origin} uses HTTP-only fields on a {svc.protocol} service; as in "
-                        "Istio the whole ALLOW rule is ignored",
-                    )
+                drop = Problem(
+                    where,
+                    "",
+                    f"{rule.origin} uses HTTP-only fields on a {svc.protocol} service; as in "
+                    "Istio the whole ALLOW rule is ignored",
                 )
+                t.warnings.append(drop)
+                t.dropped.append(drop)
             elif rule.http_only:
                 t.warnings.append(
                     Problem(

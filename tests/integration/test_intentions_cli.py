@@ -166,7 +166,8 @@ def test_apply_writes_with_cas_and_consul_enforces_it(consul_addr: str, tmp_path
     ]
     dry = _meshlet("apply", *args, "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    assert '"Name": "payment-service"' in dry.stdout
+    assert "default/payment-service: create" in dry.stdout
+    assert "  +     allow Methods=POST PathExact=/process-payment" in dry.stdout
     done = _meshlet("apply", *args, env=env)
     assert done.returncode == 0, done.stderr
     assert "payment-service written" in done.stdout
@@ -181,3 +182,231 @@ def test_apply_writes_with_cas_and_consul_enforces_it(consul_addr: str, tmp_path
     # Connection-level check: L7 intentions answer deny there; an unrelated source is denied too.
     assert check("order-service") is False
     assert check("anyone") is False
+
+
+# ---- apply must touch only what the policies select (issue 10, item 6) ----------------------
+
+WEB_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-allow, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/frontend"]}}]
+    to: [{operation: {paths: ["/public/*"]}}]
+"""
+
+API_HAND_WRITTEN = {
+    "Kind": "service-intentions",
+    "Name": "api",
+    "Sources": [{"Name": "web", "Action": "allow"}, {"Name": "*", "Action": "deny"}],
+}
+
+
+def _call(base: str, method: str, path: str, body: object = None) -> Any:
+    req = urllib.request.Request(
+        base + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def _entry(base: str, name: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = _call(base, "GET", f"/v1/config/service-intentions/{name}")
+    return found
+
+
+def _allowed(base: str, source: str, destination: str) -> bool:
+    found = _call(
+        base, "GET", f"/v1/connect/intentions/check?source={source}&destination={destination}"
+    )
+    return bool(found["Allowed"])
+
+
+@pytest.fixture
+def mesh(consul_addr: str, tmp_path: Path) -> tuple[str, dict[str, str], Path]:
+    """`meshlet dev` with api and web (each with its sidecar proxy), two gateways, web on
+    http, a hand-written entry for api and a policy file that names web only."""
+    base = f"http://{consul_addr}"
+    for svc in (
+        {"Name": "api", "Port": 8080, "Connect": {"SidecarService": {}}},
+        {"Name": "web", "Port": 8081, "Connect": {"SidecarService": {}}},
+        {"Kind": "mesh-gateway", "Name": "mesh-gateway", "Port": 8443},
+        {"Kind": "terminating-gateway", "Name": "egress", "Port": 8444},
+    ):
+        _call(base, "PUT", "/v1/agent/service/register", svc)
+    _call(
+        base, "PUT", "/v1/config", {"Kind": "service-defaults", "Name": "web", "Protocol": "http"}
+    )
+    _call(base, "PUT", "/v1/config", API_HAND_WRITTEN)
+    policy = tmp_path / "web.yaml"
+    policy.write_text(WEB_POLICY)
+    return base, {"CONSUL_HTTP_ADDR": consul_addr}, policy
+
+
+def test_policy_for_web_leaves_apis_hand_written_entry_alone(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    before = _entry(base, "api")
+    assert _allowed(base, "web", "api") and not _allowed(base, "other", "api")
+    dry = _meshlet("apply", "-f", str(policy), "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "api" not in dry.stdout.replace("default/web", "")
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 0, done.stderr
+    assert _entry(base, "api") == before
+    # Access is what the hand-written entry says, not the file's side effect (allow-all).
+    assert _allowed(base, "web", "api") and not _allowed(base, "other", "api")
+    assert (_entry(base, "web") or {})["Meta"]["meshlet.io/managed"] == "true"
+
+
+def test_services_listed_but_not_selected_are_left_alone(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    before = _entry(base, "api")
+    done = _meshlet("apply", "-f", str(policy), "--services", "api,web", env=env)
+    assert done.returncode == 0, done.stderr
+    assert _entry(base, "api") == before
+    assert "default/api" in done.stdout  # said to be left alone, not silently skipped
+    assert not _allowed(base, "other", "api")
+
+
+def test_proxies_and_gateways_are_never_planned(mesh: tuple[str, dict[str, str], Path]) -> None:
+    base, env, policy = mesh
+    namespace_wide = policy.parent / "ns.yaml"
+    namespace_wide.write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-legacy, namespace: default}\n"
+        "spec: {action: DENY, rules: [{from: [{source: {namespaces: [legacy]}}]}]}\n"
+    )
+    done = _meshlet("apply", "-f", str(namespace_wide), env=env)
+    assert done.returncode == 0, done.stderr
+    for name in ("api-sidecar-proxy", "web-sidecar-proxy", "mesh-gateway", "egress", "consul"):
+        assert name not in done.stdout
+        assert _entry(base, name) is None
+    assert _entry(base, "web") is not None
+
+
+@pytest.mark.parametrize("target", ["web-sidecar-proxy", "mesh-gateway"])
+def test_selector_naming_a_proxy_or_gateway_is_refused(
+    mesh: tuple[str, dict[str, str], Path], target: str
+) -> None:
+    base, env, policy = mesh
+    policy.write_text(WEB_POLICY.replace("app: web", f"app: {target}"))
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 2
+    assert target in done.stderr
+    assert _entry(base, target) is None
+
+
+def test_hand_written_source_is_kept_without_prune_and_removed_with_it(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    _call(
+        base,
+        "PUT",
+        "/v1/config",
+        {
+            "Kind": "service-intentions",
+            "Name": "web",
+            "Sources": [{"Name": "db", "Action": "allow"}],
+        },
+    )
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "db" in done.stderr and "--prune" in done.stderr
+    names = [s["Name"] for s in (_entry(base, "web") or {})["Sources"]]
+    assert "db" in names and "frontend" in names
+    assert _allowed(base, "db", "web")
+    pruned = _meshlet("apply", "-f", str(policy), "--prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "db" in pruned.stdout
+    names = [s["Name"] for s in (_entry(base, "web") or {})["Sources"]]
+    assert "db" not in names
+    assert not _allowed(base, "db", "web")
+
+
+def test_source_created_through_the_legacy_api_is_kept_and_pruned(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    # What `consul intention create -allow db web` does; Consul returns the Legacy* fields.
+    legacy = {"SourceName": "db", "DestinationName": "web", "Action": "allow"}
+    _call(base, "POST", "/v1/connect/intentions", legacy)
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "source db was not written by meshlet" in done.stderr
+    assert _allowed(base, "db", "web")
+    pruned = _meshlet("apply", "-f", str(policy), "--prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert not _allowed(base, "db", "web")
+
+
+def test_hand_written_source_the_policy_redefines_needs_prune(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    # frontend may call all of web by hand; the policy allows it /public/* only.
+    hand = {"Name": "frontend", "Action": "allow"}
+    _call(
+        base, "PUT", "/v1/config", {"Kind": "service-intentions", "Name": "web", "Sources": [hand]}
+    )
+    before = _entry(base, "web")
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 2
+    assert "frontend" in done.stderr and "--prune" in done.stderr
+    assert done.stdout == ""
+    assert _entry(base, "web") == before
+    pruned = _meshlet("apply", "-f", str(policy), "--prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    (source,) = [s for s in (_entry(base, "web") or {})["Sources"] if s["Name"] == "frontend"]
+    assert "Action" not in source and len(source["Permissions"]) == 2
+
+
+def test_allow_rule_dropped_for_protocol_mismatch_is_an_error(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    # orders' protocol is unknown (no service-defaults, no proxy-defaults): Consul treats it as
+    # tcp, where Istio ignores an ALLOW rule with HTTP fields, leaving deny-all.
+    _call(base, "PUT", "/v1/agent/service/register", {"Name": "orders", "Port": 8082})
+    policy.write_text(WEB_POLICY.replace("app: web", "app: orders"))
+    done = _meshlet("apply", "-f", str(policy), env=env)
+    assert done.returncode == 2
+    assert "--allow-drop" in done.stderr and "default/web-allow" in done.stderr
+    assert done.stdout == ""
+    assert _entry(base, "orders") is None
+    dropped = _meshlet("apply", "-f", str(policy), "--allow-drop", env=env)
+    assert dropped.returncode == 0, dropped.stderr
+    assert "default/web-allow" in dropped.stderr  # still warned about
+    assert not _allowed(base, "frontend", "orders")
+
+
+def test_dry_run_diff_has_one_readable_block_per_entry(
+    mesh: tuple[str, dict[str, str], Path],
+) -> None:
+    base, env, policy = mesh
+    dry = _meshlet("apply", "-f", str(policy), "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        "default/web: create",
+        "  + frontend",
+        "  +     allow PathPrefix=/public/",
+        "  +     deny  PathRegex=.*",
+        "  + */*: deny",
+    ]
+    assert _entry(base, "web") is None
+    assert _meshlet("apply", "-f", str(policy), env=env).returncode == 0
+    again = _meshlet("apply", "-f", str(policy), "--dry-run", env=env)
+    assert again.stdout.splitlines() == ["unchanged: default/web"]

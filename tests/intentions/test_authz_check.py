@@ -18,7 +18,7 @@ from intentions.check import (
 from intentions.entries import SourceIntention, load_entry
 from intentions.legacy import exact, legacy_intentions, match, remove_source, upsert_source
 from intentions.policy import load_policies
-from intentions.render import entries_hcl, entries_json, plan
+from intentions.render import entries_hcl, entries_json
 from intentions.translate import translate
 
 POLICIES = """
@@ -151,16 +151,12 @@ def test_legacy_view_and_exact_edits() -> None:
     assert remove_source(created, "web") is None
 
 
-def test_render_and_plan() -> None:
+def test_render() -> None:
+    # apply's plan is tested in test_authz_apply.py.
     entries = translate(load_policies(POLICIES)).entries
     assert '"Precedence"' not in entries_json(entries)
     hcl = entries_hcl(entries)
     assert 'Kind = "service-intentions"' in hcl and 'PathPrefix = "/admin"' in hcl
-    (change,) = plan([], entries)
-    assert (change.action, change.cas) == ("create", 0)
-    held = load_entry(dict(change.body, ModifyIndex=42))
-    (same,) = plan([held], entries)
-    assert (same.action, same.cas, same.diff) == ("unchanged", 42, "")
 
 
 def test_consul_ce_mode_maps_one_istio_namespace() -> None:

@@ -256,6 +256,34 @@ def test_tcp_follows_istio_and_warns() -> None:
     messages = " ".join(w.message for w in result.warnings)
     assert "DENY applies to all its traffic" in messages
     assert "whole ALLOW rule is ignored" in messages
+    # Only the ignored ALLOW rule is a drop: `apply` refuses it unless told otherwise.
+    (drop,) = result.dropped[("foo", "db")]
+    assert drop.message.startswith("ALLOW foo/p1 rules[0] uses HTTP-only fields")
+    assert result.applied[("foo", "db")] == ("foo/p0", "foo/p1")
+
+
+def test_applied_names_the_enforced_policies_of_each_entry() -> None:
+    result = translate(
+        policies(
+            {"selector": {"matchLabels": {"app": "web"}}, "rules": [{}]},
+            {"selector": {"matchLabels": {"app": "api"}}},
+            {"selector": {"matchLabels": {"app": "db"}}, "rules": [{}]},
+        )
+        + policies(
+            {"selector": {"matchLabels": {"app": "db"}}, "action": "AUDIT", "rules": [{}]},
+            namespace="bar",
+        ),
+        [ServiceRef("cache", "foo"), ServiceRef("db", "bar")],
+        TranslateOptions(),
+    )
+    assert dict(result.applied) == {
+        ("bar", "db"): (),  # AUDIT only: not enforced, the entry states Istio's default
+        ("foo", "api"): ("foo/p1",),
+        ("foo", "cache"): (),
+        ("foo", "db"): ("foo/p2",),
+        ("foo", "web"): ("foo/p0",),
+    }
+    assert not result.dropped
 
 
 def test_plaintext_admitting_rule_warns() -> None:
