@@ -661,13 +661,12 @@ class _Downstream(asyncio.Protocol):
         if targets is not None:
             # One normalized origin-form target: what is authorized is what the app receives.
             try:
-                parsed = targets(method, target)
+                target, authority = targets(method, target)
             except BadTarget as err:
                 log.debug("request target refused: %s", err)
                 raise _BadHead from None
-            target = parsed.target
-            if parsed.authority:
-                headers, sent_host = with_authority(headers, parsed.authority)
+            if authority:
+                headers, sent_host = with_authority(headers, authority)
                 if not sent_host and parser.get_http_version() == "1.1":
                     raise _BadHead
         lines = [method, _SP, target, _HTTP11]

@@ -20,24 +20,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from intentions.errors import BadRequest
 from intentions.path_normalization import PathNormalization, target_normalizer
 
-__all__ = ["BadTarget", "RequestTarget", "TargetParser", "with_authority"]
+__all__ = ["BadTarget", "TargetParser", "with_authority"]
 
 
 class BadTarget(Exception):
     """A request target the sidecar refuses with 400; str() says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestTarget:
-    target: bytes
-    """Origin-form (or `*`): what is authorized and what the app receives."""
-    authority: bytes = b""
-    """From an absolute-form target: the Host to forward (replacing any Host sent)."""
 
 
 # scheme "://" authority, then the rest of the target (path-abempty, query, fragment).
@@ -45,28 +36,37 @@ _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 # host (a DNS name or address, or a bracketed IPv6 literal) and an optional port.
 _AUTHORITY = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _SCHEMES = frozenset({b"http", b"https"})
-_ASTERISK = RequestTarget(b"*")
+_ASTERISK = (b"*", b"")
+_NO_AUTHORITY = b""
 
 
 class TargetParser:
-    """Built once per listener with its normalization mode; called once per request."""
+    """Built once per listener with its normalization mode; called once per request with the
+    method and the target as sent. Returns (target, authority): the origin-form target (or
+    `*`) that is authorized and forwarded, and for an absolute-form target its authority,
+    the Host to forward in place of any Host sent (else empty). A tuple, not an object: this
+    runs for every request."""
 
     __slots__ = ("_normalize",)
 
     def __init__(self, mode: PathNormalization = "base") -> None:
         self._normalize: Callable[[bytes], bytes] = target_normalizer(mode)
 
-    def __call__(self, method: bytes, raw: bytes) -> RequestTarget:
-        if raw[:1] == b"/":
-            if method == b"CONNECT":
-                raise BadTarget("CONNECT is refused: the sidecar is not a forward proxy")
-            return RequestTarget(self._origin(raw))
+    def __call__(self, method: bytes, raw: bytes) -> tuple[bytes, bytes]:
+        if raw[:1] == b"/" and method != b"CONNECT":
+            try:
+                return self._normalize(raw), _NO_AUTHORITY
+            except BadRequest as err:
+                raise BadTarget(str(err)) from None
+        return self._other_forms(method, raw)
+
+    def _other_forms(self, method: bytes, raw: bytes) -> tuple[bytes, bytes]:
+        if method == b"CONNECT":
+            raise BadTarget("CONNECT is refused: the sidecar is not a forward proxy")
         if raw == b"*":
             if method != b"OPTIONS":
                 raise BadTarget("the asterisk-form target is only valid for OPTIONS")
             return _ASTERISK
-        if method == b"CONNECT":
-            raise BadTarget("CONNECT is refused: the sidecar is not a forward proxy")
         m = _ABSOLUTE.fullmatch(raw)
         if m is None:
             raise BadTarget(f"unsupported request target {raw[:100]!r}")
@@ -79,11 +79,8 @@ class TargetParser:
             raise BadTarget(f"invalid authority {authority[:100]!r}")
         if rest[:1] != b"/":
             rest = b"/" + rest  # RFC 9112 §3.2.1: an empty path is sent as `/`
-        return RequestTarget(self._origin(rest), authority)
-
-    def _origin(self, target: bytes) -> bytes:
         try:
-            return self._normalize(target)
+            return self._normalize(rest), authority
         except BadRequest as err:
             raise BadTarget(str(err)) from None
 
