@@ -83,6 +83,7 @@ CASES: list[tuple[str, str, str | None, str | None, str | None, str | None]] = [
     ("GET", "/%5cadmin", "/%5cadmin", "/%5cadmin", "/admin", _),
     ("GET", "/%61dmin", "/admin", "/admin", "/admin", _),
     ("GET", "/%2561dmin", "/%2561dmin", "/%2561dmin", "/%2561dmin", "/%2561dmin"),
+    ("GET", "/x/%%32e%%32e/admin", *["/x/%2e%2e/admin"] * 3, _),  # decoded once only
     ("GET", "/public?x=/../admin", *["/public?x=/../admin"] * 4),
     ("GET", "/public/..;/admin", *["/public/..;/admin"] * 4),
     ("GET", "/..", "/", "/", "/", _),
