@@ -671,6 +671,8 @@ class _Downstream(asyncio.Protocol):
                     raise _BadHead
         lines = [method, _SP, target, _HTTP11]
         facts = listener.request_heads.rewrite(headers, lines)
+        if facts.hosts > 1:
+            raise _BadHead  # RFC 9112 §3.2: so is one with two
         if not facts.host:
             if parser.get_http_version() == "1.1":
                 raise _BadHead  # RFC 9112 §3.2: a 1.1 request without Host is a 400

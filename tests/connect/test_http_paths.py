@@ -257,3 +257,16 @@ async def test_http10_without_host_through_an_http_upstream_gets_the_upstream_na
         await outbound.close(grace=0)
         await site.inbound.close(grace=0)
         await site.app.close()
+
+
+async def test_two_host_fields_are_refused(ca: ProxyTestCA) -> None:
+    """RFC 9112 §3.2: more than one Host is a 400. Otherwise the decision (`:authority`: the
+    last one) and the app (often the first one) would not agree on the request's host."""
+    site = await start_site(ca, POLICIES["allow_public"], "base")
+    try:
+        head = b"GET /public HTTP/1.1\r\nHost: api\r\nX-A: 1\r\nhost: admin.api\r\n\r\n"
+        assert await site.send(head) == b"400"
+        assert site.app.received == []
+    finally:
+        await site.inbound.close(grace=0)
+        await site.app.close()
