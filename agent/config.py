@@ -31,6 +31,7 @@ import yaml
 from agent.consul_blocking import parse_duration
 from agent.consul_config import ConsulConfig, config_from_env
 from agent.consul_errors import ConsulConfigError
+from intentions.path_normalization import PathNormalization
 
 # ---- field metadata ----------------------------------------------------------------------------
 
@@ -274,6 +275,18 @@ class SidecarSection:
     )
     protocol: SidecarProtocol = field(
         default="tcp", metadata=_doc("What the application speaks: tcp, http, http2 or grpc.")
+    )
+    path_normalization: PathNormalization = field(
+        default="base",
+        metadata=_doc(
+            "http only: how the inbound listener normalizes each request path before the "
+            "intentions decide on it; the app receives the path that was decided on. base "
+            "(Istio's default): dot segments removed, `\\` made `/`, percent-encoded unreserved "
+            "characters decoded; merge_slashes: base, then `//` made `/`; "
+            "decode_and_merge_slashes: `%2F` and `%5C` decoded first, then merge_slashes; "
+            "reject: a path that decode_and_merge_slashes would change is refused with 400. "
+            "See docs/proxy.md."
+        ),
     )
     check_ttl: float = field(
         default=15.0,

@@ -450,6 +450,7 @@ class Sidecar:
                 cfg.service.port,
                 authorize=request_authz,
                 local_uri=tls.material.leaf.service_uri,
+                path_normalization=cfg.sidecar.path_normalization,
             )
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.

@@ -48,6 +48,7 @@ from connect.http1_headers import (
     unavailable,
     xfcc_element,
 )
+from connect.http_target import BadTarget, TargetParser, with_authority
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
 from connect.proxy import (
@@ -58,6 +59,7 @@ from connect.proxy import (
     Upstream,
     dial_target,
 )
+from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.proxy.http")
 
@@ -654,10 +656,29 @@ class _Downstream(asyncio.Protocol):
         method = parser.get_method()
         headers = self.headers
         keep_alive = parser.should_keep_alive()
-        lines = [method, _SP, self.url, _HTTP11]
+        target = self.url
+        targets = listener.targets
+        if targets is not None:
+            # One normalized origin-form target: what is authorized is what the app receives.
+            try:
+                target, authority = targets(method, target)
+            except BadTarget as err:
+                log.debug("request target refused: %s", err)
+                raise _BadHead from None
+            if authority:
+                headers, sent_host = with_authority(headers, authority)
+                if not sent_host and parser.get_http_version() == "1.1":
+                    raise _BadHead
+        lines = [method, _SP, target, _HTTP11]
         facts = listener.request_heads.rewrite(headers, lines)
-        if not facts.host and parser.get_http_version() == "1.1":
-            raise _BadHead  # RFC 9112 §3.2: a 1.1 request without Host is a 400
+        if facts.hosts > 1:
+            raise _BadHead  # RFC 9112 §3.2: so is one with two
+        if not facts.host:
+            if parser.get_http_version() == "1.1":
+                raise _BadHead  # RFC 9112 §3.2: a 1.1 request without Host is a 400
+            if listener.default_host:
+                # HTTP/1.0 may omit Host; it goes on as 1.1, which must carry one.
+                lines += (b"host", _COLON, listener.default_host, _CRLF)
         if not facts.has_request_id:
             lines += (REQUEST_ID, _COLON, new_request_id(), _CRLF)
         if self.xfcc:
@@ -679,7 +700,7 @@ class _Downstream(asyncio.Protocol):
         listener.stats.requests += 1
         authorize = listener.authorize
         if authorize is not None and self.peer is not None:
-            verdict = authorize(self.peer, method, self.url, facts.host, headers)
+            verdict = authorize(self.peer, method, target, facts.host, headers)
             if not verdict.allowed:
                 ex.denied = True
                 listener.stats.requests_denied += 1
@@ -1037,6 +1058,11 @@ class _BadHead(Exception):
 
 
 class _HTTPListener(ListeningSocket):
+    targets: TargetParser | None = None
+    """Inbound: parses and normalizes each request target; outbound forwards it as sent."""
+    default_host = b""
+    """Outbound: the Host given to an HTTP/1.0 request that has none (the upstream's name)."""
+
     def __init__(
         self,
         origin: _Origin,
@@ -1104,6 +1130,7 @@ class OutboundHTTP(_HTTPListener):
             drop=frozenset({XFCC}),
             is_tls=False,
         )
+        self.default_host = upstream.name.encode()
 
     def _protocol(self) -> asyncio.Protocol:
         return _Downstream(self, None)
@@ -1121,6 +1148,7 @@ class InboundHTTP(_HTTPListener):
         authorize: RequestAuthorizer,
         local_uri: str,
         limits: HTTPLimits | None = None,
+        path_normalization: PathNormalization = "base",
     ) -> None:
         limits = limits or HTTPLimits()
         super().__init__(
@@ -1134,6 +1162,7 @@ class InboundHTTP(_HTTPListener):
         )
         self.gate = gate
         self.inbound_gate = gate
+        self.targets = TargetParser(path_normalization)
 
     def _protocol(self) -> asyncio.Protocol:
         return _Downstream(self, None)

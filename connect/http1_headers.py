@@ -65,6 +65,8 @@ class RequestHead:
     upgrade: bytes
     retriable: bytes = b""
     """The value of RETRIABLE (which is never forwarded itself), or empty."""
+    hosts: int = 0
+    """Host fields seen: more than one makes a request a 400 (RFC 9112 §3.2)."""
 
 
 _KNOWN_CONNECTION = {
@@ -138,6 +140,7 @@ class HeadRewriter:
         has_id = False
         upgrade = b""
         retriable = b""
+        hosts = 0
         for name, value in headers:
             role = cache.get(name)
             if role is None:
@@ -148,6 +151,7 @@ class HeadRewriter:
                 continue
             elif role == _HOST:
                 host = value
+                hosts += 1
                 out += (name, _COLON, value, _CRLF)
             elif role == _LENGTH:
                 length = int(value)
@@ -182,7 +186,9 @@ class HeadRewriter:
             framing = NO_LENGTH
         else:
             framing = _framing_for(length)
-        return RequestHead(host, framing, connection, expect, has_id, upgrade, retriable)
+        return RequestHead(
+            host, framing, connection, expect, has_id, upgrade, retriable, hosts=hosts
+        )
 
 
 _FORWARDED_ROLES = frozenset({_FORWARD, _HOST, _EXPECT, _REQUEST_ID})

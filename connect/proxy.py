@@ -80,7 +80,8 @@ class Verdict(Protocol):
 ConnectionAuthorizer = Callable[[Peer], Verdict]
 RequestAuthorizer = Callable[[Peer, bytes, bytes, bytes, Sequence[tuple[bytes, bytes]]], Verdict]
 """(peer, method, request target, host, headers as parsed) -> verdict. Bytes as the parser
-hands them over: an authorizer that needs only the peer decodes nothing."""
+hands them over: an authorizer that needs only the peer decodes nothing. The target is the
+origin-form one the listener already normalized (connect.http_target) and will forward."""
 
 
 class PeerCache:
@@ -321,8 +322,10 @@ def intentions_authorizers(
 ) -> tuple[ConnectionAuthorizer, RequestAuthorizer]:
     """Authorizers over the engine's current snapshot for one local destination service.
 
-    A request builds the engine's normalized `HTTPRequest` only when the deciding intention
-    has L7 permissions; otherwise the connection-level decision answers.
+    A request builds the engine's `HTTPRequest` only when the deciding intention has L7
+    permissions; otherwise the connection-level decision answers. The target comes normalized
+    by the listener, so it is matched as it is: normalizing again could only make the decision
+    differ from what the app receives.
     """
 
     def connection(peer: Peer) -> Verdict:
@@ -348,7 +351,11 @@ def intentions_authorizers(
             merged.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
         try:
             req = http_request(
-                method.decode("latin-1"), path.decode("latin-1"), host.decode("latin-1"), merged
+                method.decode("latin-1"),
+                path.decode("latin-1"),
+                host.decode("latin-1"),
+                merged,
+                normalize=False,
             )
         except BadRequest as err:
             return _Refused(f"bad request: {err}")

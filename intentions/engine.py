@@ -30,6 +30,7 @@ from intentions.entries import (
     intention_display,
 )
 from intentions.errors import BadRequest, UnsupportedEntry
+from intentions.path_normalization import normalize_path
 
 # --------------------------------------------------------------------------------------------
 # Requests
@@ -70,53 +71,6 @@ def identity_from_consul_uri(uri: str) -> Identity | None:
 
 
 _METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
-
-
-def normalize_path(path: str) -> str:
-    """Istio/Consul default (`BASE`) normalization of a request's `:path`.
-
-    `\\` becomes `/`, percent-encoded unreserved characters are decoded once, dot segments are
-    removed (RFC 3986 §5.2.4); `//` is not merged and `%2F` is not decoded. The query is kept.
-    Raises BadRequest for `%00`, which Envoy rejects with 400.
-    """
-    cut = len(path)
-    for sep in "?#":
-        pos = path.find(sep)
-        if pos != -1:
-            cut = min(cut, pos)
-    raw, rest = path[:cut], path[cut:]
-    if "%00" in raw:
-        raise BadRequest("path contains %00")
-    if not raw.startswith(("/", "\\")):
-        return path  # asterisk-form (`OPTIONS *`) and oddities are matched as sent
-    raw = raw.replace("\\", "/")
-
-    def decode(m: re.Match[str]) -> str:
-        char = chr(int(m.group(1), 16))
-        return char if char in _UNRESERVED else m.group(0)
-
-    raw = _PCT.sub(decode, raw)
-    return _remove_dot_segments(raw) + rest
-
-
-def _remove_dot_segments(path: str) -> str:
-    segments = path.split("/")[1:]
-    out: list[str] = []
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        if seg == ".":
-            if last:
-                out.append("")
-        elif seg == "..":
-            if out:
-                out.pop()
-            if last:
-                out.append("")
-        else:
-            out.append(seg)
-    return "/" + "/".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +95,9 @@ def http_request(
     *,
     normalize: bool = True,
 ) -> HTTPRequest:
-    """Build the request the engine matches. `path` is the raw request target (query allowed).
+    """Build the request the engine matches. `path` is the request target (query allowed),
+    normalized here as Istio's default does; `normalize=False` when the caller already did (the
+    proxy normalizes once, with its configured mode, and forwards what it authorized).
 
     Raises BadRequest where Envoy answers 400 before any authorization: a method that is not
     an upper-case token (methods are case-sensitive; Envoy's HTTP/1 codec rejects `get`, see

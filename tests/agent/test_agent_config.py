@@ -169,3 +169,14 @@ def test_reference_lists_every_key() -> None:
         "shutdown.drain_period",
     ):
         assert f"| `{key}` |" in doc
+
+
+def test_path_normalization_is_one_of_the_modes_and_named_when_wrong() -> None:
+    assert parse(MINIMAL, {}).sidecar.path_normalization == "base"
+    raw = {**MINIMAL, "sidecar": {"protocol": "http", "path_normalization": "reject"}}
+    assert parse(raw, {}).sidecar.path_normalization == "reject"
+    assert _problems({**MINIMAL, "sidecar": {"path_normalization": "NONE"}}) == {
+        "sidecar.path_normalization": (
+            "expected one of base, merge_slashes, decode_and_merge_slashes, reject, got 'NONE'"
+        )
+    }
