@@ -54,7 +54,7 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load, reference_markdown, with_workers
+    from agent.config import ConfigError, load, proxy_env_problems, reference_markdown, with_workers
 
     if args.print_config_reference:
         sys.stdout.write(reference_markdown())
@@ -68,6 +68,10 @@ def _run_agent(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     try:
         config = with_workers(load(args.config, env), args.workers)
+        # The proxy's own needs, checked here rather than met as a traceback once it starts.
+        missing = proxy_env_problems(config, env) if args.sidecar else []
+        if missing:
+            raise ConfigError(str(args.config), missing)
     except ConfigError as exc:
         print(f"{command}: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,103 @@
+"""Settings that used to pass `--check-config` and then fail at start (as a traceback, or as a
+retry loop): `meshlet sidecar` as a real process refuses each of them in `--check-config` and
+at start, naming the key; a port someone else holds stops the start with one line naming the
+key and the address, before anything is registered."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_agent_process import (
+    ENV,
+    MESHLET,
+    _free_port,
+    _get,
+    start_dev,
+)
+
+# Each case: the file's extra sections, the environment's extra variables, and what stderr
+# must say (the key path and the values it allows).
+CASES = {
+    "vault kubernetes auth": (
+        "certs: {source: vault, vault: {address: 'http://127.0.0.1:1', role: web, "
+        "auth: kubernetes}}\n",
+        {"VAULT_TOKEN": "t"},
+        "certs.vault.auth: expected one of token, approle, got 'kubernetes'",
+    ),
+    "vault token not in the environment": (
+        "certs: {source: vault, vault: {address: 'http://127.0.0.1:1', role: web}}\n",
+        {},
+        "certs.vault.auth: token needs VAULT_TOKEN in the environment",
+    ),
+    "service name no leaf can carry": (
+        "",
+        {},
+        "service.name: 'web api' cannot be the service name in a SPIFFE ID; expected letters, "
+        "digits, '.', '-' and '_' only",
+    ),
+    "sidecar port is the service port": (
+        "",
+        {},
+        "sidecar.port: 127.0.0.1:8080 collides with service.port (127.0.0.1:8080); expected a "
+        "port from 1 to 65535 that no other listener of this file uses",
+    ),
+    "upstream port is the admin port": (
+        "",
+        {},
+        "collides with sidecar.upstreams[0].local_bind_port (127.0.0.1:{admin})",
+    ),
+}
+
+
+def _write(path: Path, consul: str, case: str, admin_port: int) -> None:
+    name = "web api" if case == "service name no leaf can carry" else "web"
+    sidecar_port = 8080 if case == "sidecar port is the service port" else _free_port()
+    up_port = admin_port if case == "upstream port is the admin port" else _free_port()
+    path.write_text(
+        f"consul: {{address: '{consul}'}}\n"
+        f"service: {{name: '{name}', port: 8080, address: 127.0.0.1}}\n"
+        f"sidecar:\n  port: {sidecar_port}\n"
+        f"  upstreams:\n  - {{name: api, local_bind_port: {up_port}}}\n"
+        f"admin: {{address: '127.0.0.1:{admin_port}'}}\n"
+        "watch: {retry_initial: 50ms, retry_max: 500ms}\n"
+        "shutdown: {drain_period: 0s}\n" + CASES[case][0]
+    )
+
+
+@pytest.fixture
+def consul() -> Iterator[str]:
+    port = _free_port()
+    dev = start_dev(port)
+    yield f"127.0.0.1:{port}"
+    dev.stop()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_check_config_and_start_refuse_what_would_fail_later(
+    tmp_path: Path, consul: str, case: str
+) -> None:
+    admin_port = _free_port()
+    cfg = tmp_path / "agent.yaml"
+    _write(cfg, consul, case, admin_port)
+    env = {k: v for k, v in ENV.items() if not k.startswith("VAULT_")} | CASES[case][1]
+    expected = CASES[case][2].format(admin=admin_port)
+    for args in (["--check-config", "-c", str(cfg)], ["-c", str(cfg)]):
+        # The start is refused before anything runs: bounded, not timed.
+        done = subprocess.run(
+            [MESHLET, "sidecar", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "invalid configuration" in done.stderr
+        assert expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr + done.stdout
+    services, _ = _get(f"http://{consul}/v1/agent/services")
+    assert services == {}  # nothing was registered, nothing to clean up
