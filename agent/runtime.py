@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.admin import AdminServer
+from agent.bind_check import bind_error, bind_exit_code, bind_refused, sidecar_binds
 from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
@@ -173,7 +174,16 @@ class AgentRuntime:
             await self.admin.start()
         except OSError as exc:
             log.error("cannot listen on admin.address %s: %s", cfg.admin.address, exc.strerror)
-            return 1
+            return bind_exit_code(exc.errno)
+        if self.sidecar is not None:
+            # Before registering anything: a port held by someone else is a one-line error and
+            # an exit that a supervisor can tell from a crash (docs/operations.md), not a
+            # traceback once the leaf and intentions are in.
+            refused = await bind_refused(sidecar_binds(cfg))
+            if refused is not None:
+                log.error("%s", refused)
+                await self.admin.close()
+                return refused.exit_code
         log.info(
             "meshlet agent for %s: admin at http://%s, Consul at %s",
             cfg.service.service_id,
@@ -229,8 +239,14 @@ class AgentRuntime:
         except Exception as exc:
             # A listener that cannot bind, a certificate source that cannot be built: the
             # proxy cannot serve, so the process stops (deregistering first) and says why.
-            log.error("sidecar failed, stopping: %s", exc, exc_info=exc)
-            self._exit_code = 1
+            bind = bind_error(exc)
+            if bind is not None:
+                # Taken since the check at start: one line, as that check says it.
+                log.error("sidecar cannot listen, stopping: %s", bind)
+                self._exit_code = bind_exit_code(bind.errno)
+            else:
+                log.error("sidecar failed, stopping: %s", exc, exc_info=exc)
+                self._exit_code = 1
             self.request_stop()
             self._force.set()
 

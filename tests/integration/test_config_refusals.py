@@ -5,6 +5,7 @@ key and the address, before anything is registered."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from tests.integration.test_agent_process import (
     ENV,
     MESHLET,
+    Proc,
     _free_port,
     _get,
     start_dev,
@@ -101,3 +103,52 @@ def test_check_config_and_start_refuse_what_would_fail_later(
         assert "Traceback" not in done.stderr + done.stdout
     services, _ = _get(f"http://{consul}/v1/agent/services")
     assert services == {}  # nothing was registered, nothing to clean up
+
+
+@pytest.mark.parametrize("which", ["sidecar.port", "sidecar.upstreams[0].local_bind_port"])
+def test_a_port_held_by_another_process_stops_the_start_with_one_line(
+    tmp_path: Path, consul: str, which: str
+) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    inbound = busy if which == "sidecar.port" else _free_port()
+    upstream = busy if which != "sidecar.port" else _free_port()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        f"consul: {{address: '{consul}'}}\n"
+        "service: {name: web, port: 8080, address: 127.0.0.1}\n"
+        f"sidecar:\n  port: {inbound}\n"
+        f"  upstreams:\n  - {{name: api, local_bind_port: {upstream}}}\n"
+        f"admin: {{address: '127.0.0.1:{_free_port()}'}}\n"
+        "watch: {retry_initial: 50ms, retry_max: 500ms}\n"
+        "shutdown: {drain_period: 0s}\n"
+    )
+    try:
+        # --check-config does not test-bind (it runs while the instance holds its ports).
+        checked = subprocess.run(
+            [MESHLET, "sidecar", "--check-config", "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stderr
+        proc = Proc(["sidecar", "-c", str(cfg)])
+        try:
+            out, _ = proc.p.communicate(timeout=60)  # exits by itself: no retry loop
+        finally:
+            proc.stop()
+    finally:
+        holder.close()
+    assert proc.p.returncode == 69, out  # EX_UNAVAILABLE
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1, out
+    assert errors[0].endswith(
+        f"cannot listen on {which} 127.0.0.1:{busy}: Address already in use"
+    ), out
+    services, _ = _get(f"http://{consul}/v1/agent/services")
+    assert services == {}
