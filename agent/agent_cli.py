@@ -11,7 +11,8 @@ from pathlib import Path
 def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "agent",
-        help="run the node agent: register the service and its sidecar, watch upstreams",
+        help="run the node agent without a proxy: register the service (no sidecar), watch "
+        "upstreams",
         description="Run the meshlet node agent for one service (see docs/configuration.md).",
     )
     p.add_argument("-c", "--config", type=Path, metavar="FILE", help="the agent's YAML file")
