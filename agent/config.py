@@ -690,8 +690,9 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
 # ---- what would pass here and fail at start -----------------------------------------------------
 
 # A SPIFFE ID path segment (spiffe/spiffe standards/SPIFFE-ID.md §2.2): Consul's leaf URI is
-# `.../svc/<service name>`, and Consul percent-encodes anything else, which SPIFFE forbids and
-# which no peer would match against the name.
+# `.../svc/<service name>`. Any other character Consul either percent-encodes (space, '%',
+# '?', '#', non-ASCII) or writes as is (':', '@', ';', ...); SPIFFE forbids both, and meshlet's
+# identity parser would not give back the name ('%2F' decodes to '/').
 _SPIFFE_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _NAME_RULE = "expected letters, digits, '.', '-' and '_' only (not '.' or '..')"
 

@@ -185,8 +185,8 @@ NAME_RULE = "expected letters, digits, '.', '-' and '_' only (not '.' or '..')"
 
 @pytest.mark.parametrize(
     "name",
-    # Consul would percent-encode each of these into the leaf's URI (.../svc/web%20api), which
-    # SPIFFE forbids and no peer would match against the name; '..' is a dot-segment.
+    # Each would reach the leaf's URI percent-encoded (.../svc/web%20api) or as a character
+    # SPIFFE forbids in a path segment (':', '@'); '.' and '..' are dot-segments.
     ["web api", "web%2Fadmin", "wéb", "a?b", "a#b", "a:b", "a@b", "..", "."],
 )
 def test_a_service_name_no_leaf_can_carry_is_refused(name: str) -> None:
