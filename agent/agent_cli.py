@@ -11,7 +11,8 @@ from pathlib import Path
 def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "agent",
-        help="run the node agent: register the service and its sidecar, watch upstreams",
+        help="run the node agent without a proxy: register the service (no sidecar), watch "
+        "upstreams",
         description="Run the meshlet node agent for one service (see docs/configuration.md).",
     )
     p.add_argument("-c", "--config", type=Path, metavar="FILE", help="the agent's YAML file")
@@ -54,7 +55,7 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load, reference_markdown, with_workers
+    from agent.config import ConfigError, load, proxy_env_problems, reference_markdown, with_workers
 
     if args.print_config_reference:
         sys.stdout.write(reference_markdown())
@@ -68,6 +69,10 @@ def _run_agent(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     try:
         config = with_workers(load(args.config, env), args.workers)
+        # The proxy's own needs, checked here rather than met as a traceback once it starts.
+        missing = proxy_env_problems(config, env) if args.sidecar else []
+        if missing:
+            raise ConfigError(str(args.config), missing)
     except ConfigError as exc:
         print(f"{command}: invalid configuration: {exc}", file=sys.stderr)
         return 2

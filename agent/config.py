@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -310,7 +311,7 @@ class SidecarSection:
     )
 
 
-VaultAuth = Literal["token", "approle", "kubernetes"]
+VaultAuth = Literal["token", "approle"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +324,11 @@ class VaultSection:
     )
     mount: str = field(default="pki", metadata=_doc("Mount path of the PKI secrets engine."))
     auth: VaultAuth = field(
-        default="token", metadata=_doc("How the agent logs in: token, approle or kubernetes.")
+        default="token",
+        metadata=_doc(
+            "How the sidecar logs in: token (`VAULT_TOKEN`) or approle (`VAULT_ROLE_ID` and "
+            "`VAULT_SECRET_ID`), from its environment."
+        ),
     )
 
 
@@ -695,6 +700,101 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("watch.anti_entropy_interval", "expected a positive duration")
 
 
+# ---- what would pass here and fail at start -----------------------------------------------------
+
+# A SPIFFE ID path segment (spiffe/spiffe standards/SPIFFE-ID.md §2.2): Consul's leaf URI is
+# `.../svc/<service name>`. Any other character Consul either percent-encodes (space, '%',
+# '?', '#', non-ASCII) or writes as is (':', '@', ';', ...); SPIFFE forbids both, and meshlet's
+# identity parser would not give back the name ('%2F' decodes to '/').
+_SPIFFE_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_NAME_RULE = "expected letters, digits, '.', '-' and '_' only (not '.' or '..')"
+
+
+def identity_name_problem(name: str) -> str:
+    """Why `name` cannot be a service identity in a leaf certificate ("" when it can)."""
+    if not name or (_SPIFFE_SEGMENT.fullmatch(name) and name not in (".", "..")):
+        return ""
+    return f"{name!r} cannot be the service name in a SPIFFE ID; {_NAME_RULE}"
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
+
+
+def listen_addresses(cfg: AgentConfig) -> list[tuple[str, str, int]]:
+    """(key, host, port) of every socket this file places on the host: the application's,
+    which the sidecar forwards to, and those meshlet binds."""
+    svc, side = cfg.service, cfg.sidecar
+    out = [
+        ("service.port", svc.address or "127.0.0.1", svc.port),
+        ("sidecar.port", side.address or svc.address or "127.0.0.1", side.port),
+    ]
+    out += [
+        (f"sidecar.upstreams[{i}].local_bind_port", u.local_bind_address, u.local_bind_port)
+        for i, u in enumerate(side.upstreams)
+    ]
+    host, _, port = cfg.admin.address.rpartition(":")
+    if port.isdigit() and int(port) != 0:
+        out.append(("admin.address", host.strip("[]"), int(port)))
+    return out
+
+
+def _overlap(a: str, b: str) -> bool:
+    # A wildcard bind takes the port on every address of its host.
+    return a == b or a in _WILDCARD_HOSTS or b in _WILDCARD_HOSTS
+
+
+def _start_checks(cfg: AgentConfig, p: _Parser) -> None:
+    """Rules whose violation today surfaces only once the process runs: an identity Consul's
+    CA cannot put in a leaf, two listeners on one port."""
+    already = {x.path for x in p.problems}
+
+    def fail(path: str, message: str) -> None:
+        if path not in already:
+            p.fail(path, message)
+            already.add(path)
+
+    problem = identity_name_problem(cfg.service.name)
+    if problem:
+        fail("service.name", problem)
+    for i, up in enumerate(cfg.sidecar.upstreams):
+        problem = identity_name_problem(up.name) if up.name != "*" else ""
+        if problem:
+            fail(f"sidecar.upstreams[{i}].name", problem)
+    seen: list[tuple[str, str, int]] = []
+    for key, host, port in listen_addresses(cfg):
+        if port == 0 or key in already:
+            continue
+        for other, other_host, other_port in seen:
+            if port == other_port and _overlap(host, other_host):
+                fail(
+                    key,
+                    f"{host}:{port} collides with {other} ({other_host}:{other_port}); "
+                    "expected a port from 1 to 65535 that no other listener of this file uses",
+                )
+                break
+        seen.append((key, host, port))
+
+
+def proxy_env_problems(cfg: AgentConfig, env: Mapping[str, str]) -> list[Problem]:
+    """What the sidecar proxy needs from its environment and would miss only at start: the
+    Vault credentials of `certs.vault.auth`. `meshlet agent` runs no proxy and needs none."""
+    vault = cfg.certs.vault
+    if cfg.certs.source != "vault" or vault is None:
+        return []
+    wanted = ("VAULT_TOKEN",) if vault.auth == "token" else ("VAULT_ROLE_ID", "VAULT_SECRET_ID")
+    missing = [var for var in wanted if not env.get(var)]
+    if not missing:
+        return []
+    return [
+        Problem(
+            "certs.vault.auth",
+            f"{vault.auth} needs {' and '.join(missing)} in the environment, "
+            f"{'which is' if len(missing) == 1 else 'which are'} not set; "
+            "expected token (VAULT_TOKEN) or approle (VAULT_ROLE_ID and VAULT_SECRET_ID)",
+        )
+    ]
+
+
 def parse(raw: Any, env: Mapping[str, str], *, source: str = "<config>") -> AgentConfig:
     """Validate decoded YAML plus the environment into an `AgentConfig`, or raise `ConfigError`
     listing every problem found."""
@@ -705,6 +805,7 @@ def parse(raw: Any, env: Mapping[str, str], *, source: str = "<config>") -> Agen
         )
     cfg: AgentConfig = p.section(AgentConfig, raw, "")
     _cross_checks(cfg, p)
+    _start_checks(cfg, p)
     try:
         client = consul_client_config(cfg.consul, env, len(cfg.sidecar.upstreams))
     except ConsulConfigError as exc:

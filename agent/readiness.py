@@ -7,7 +7,8 @@ verdict to Consul as a TTL check, so instances that cannot serve drop out of the
 
 The proxy and the certificate source are built elsewhere (connect/); they plug in here through
 `LeafStatus` (and, when the proxy runs in this process, a `SidecarReadiness` of its own that
-asks its listener objects directly instead of dialling them).
+asks its listener objects directly instead of dialling them). A process that runs no proxy
+has no readiness to give, and registers no sidecar (agent/registration.py).
 """
 
 from __future__ import annotations
@@ -56,19 +57,6 @@ class LeafStatus(Protocol):
     def leaf_problem(self) -> str:
         """Why no valid leaf is held (empty when one is)."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class NoLeafSource:
-    """The leaf source the agent has until the certificate work plugs one in."""
-
-    source: str
-
-    def leaf_expiry(self) -> float | None:
-        return None
-
-    def leaf_problem(self) -> str:
-        return f"no leaf certificate: the {self.source!r} certificate source is not wired yet"
 
 
 async def _accepts(host: str, port: int, timeout: float) -> str:

@@ -13,6 +13,10 @@ The checks, so that Consul's health reflects reality:
   listeners are up and it holds a valid leaf (if the agent dies, the TTL lapses), and an alias
   of the service, as Consul's default sidecar checks do, so a sidecar in front of a failing
   application is not dialled either.
+
+A process that runs no proxy (`meshlet agent`) has no readiness to report: it registers the
+service alone, and removes a sidecar left by an earlier `meshlet sidecar` of the same ID, so the
+catalog never holds a sidecar whose check nothing can pass.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def _upstream_key(u: Upstream) -> tuple[str, str, str, str, int]:
     )
 
 
-def desired(cfg: AgentConfig) -> ServiceRegistration:
+def desired(cfg: AgentConfig, *, sidecar: bool = True) -> ServiceRegistration:
+    """`sidecar=False`: the service alone (no proxy runs for it)."""
     svc, side = cfg.service, cfg.sidecar
     sid = svc.service_id
     upstreams = tuple(
@@ -101,7 +106,7 @@ def desired(cfg: AgentConfig) -> ServiceRegistration:
         )
         for u in side.upstreams
     )
-    return ServiceRegistration(
+    alone = ServiceRegistration(
         name=svc.name,
         id=sid,
         port=svc.port,
@@ -109,6 +114,11 @@ def desired(cfg: AgentConfig) -> ServiceRegistration:
         tags=svc.tags,
         meta=svc.meta,
         checks=(_app_check(sid, svc.check),) if svc.check is not None else (),
+    )
+    if not sidecar:
+        return alone
+    return replace(
+        alone,
         sidecar=SidecarService(
             port=side.port,
             address=side.address,
@@ -137,10 +147,15 @@ def desired(cfg: AgentConfig) -> ServiceRegistration:
 
 
 def drift(
-    cfg: AgentConfig, services: Mapping[str, AgentService], checks: Mapping[str, HealthCheck]
+    cfg: AgentConfig,
+    services: Mapping[str, AgentService],
+    checks: Mapping[str, HealthCheck],
+    *,
+    sidecar: bool = True,
 ) -> tuple[str, ...]:
-    """How the Consul agent's view differs from `desired(cfg)`; empty when in sync."""
-    want = desired(cfg)
+    """How the Consul agent's view differs from `desired(cfg, sidecar=sidecar)`; empty when
+    in sync."""
+    want = desired(cfg, sidecar=sidecar)
     sid = cfg.service.service_id
     have = services.get(sid)
     if have is None:
@@ -157,7 +172,14 @@ def drift(
             reasons.append(f"service {what} is {theirs!r}, want {mine!r}")
     side_id = sidecar_id(sid)
     side = services.get(side_id)
-    assert want.sidecar is not None and want.sidecar.proxy is not None
+    if want.sidecar is None:
+        if side is not None:
+            reasons.append(f"sidecar {side_id!r} is registered, but no proxy runs for it")
+        reasons += [
+            f"check {c.check_id!r} is missing" for c in want.checks if c.check_id not in checks
+        ]
+        return tuple(reasons)
+    assert want.sidecar.proxy is not None
     want_proxy = want.sidecar.proxy
     if side is None or side.proxy is None or side.kind != "connect-proxy":
         reasons.append(f"sidecar {side_id!r} is not registered")
@@ -205,7 +227,7 @@ class Registrar:
         consul: ConsulClient,
         config: Callable[[], AgentConfig],
         connectivity: Connectivity,
-        readiness: SidecarReadiness,
+        readiness: SidecarReadiness | None,
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
@@ -217,6 +239,7 @@ class Registrar:
         self._config = config
         self._connectivity = connectivity
         self._readiness = readiness
+        """None: no proxy runs for this service, so no sidecar is registered."""
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._sync_wake = asyncio.Event()
@@ -243,18 +266,29 @@ class Registrar:
             with contextlib.suppress(ConsulNotFound):
                 await self._consul.agent.deregister_service(old)
             self._owned.discard(old)
-        reasons = drift(cfg, services, checks)
+        with_sidecar = self._readiness is not None
+        reasons = drift(cfg, services, checks, sidecar=with_sidecar)
+        if not with_sidecar and sidecar_id(sid) in services:
+            # Left by a `meshlet sidecar` of the same ID: its check would stay critical.
+            log.info("deregistering %s: no proxy runs for it here", sidecar_id(sid))
+            with contextlib.suppress(ConsulNotFound):
+                await self._consul.agent.deregister_service(sidecar_id(sid))
         if reasons:
             first = self.state.registrations == 0 and not self.registered.is_set()
             if not first:
                 log.warning("registration drifted, repairing: %s", "; ".join(reasons))
-            await self._consul.agent.register_service(desired(cfg), replace_existing_checks=True)
+            await self._consul.agent.register_service(
+                desired(cfg, sidecar=with_sidecar), replace_existing_checks=True
+            )
             self._owned.add(sid)
             self._set(
                 registrations=self.state.registrations + 1,
                 last_repair="" if first else "; ".join(reasons),
             )
-            log.info("registered %s and %s with Consul", sid, sidecar_id(sid))
+            if with_sidecar:
+                log.info("registered %s and %s with Consul", sid, sidecar_id(sid))
+            else:
+                log.info("registered %s with Consul, without a sidecar", sid)
             # A fresh TTL check starts critical; say what the sidecar's state is right away.
             self._report_wake.set()
         self._owned.add(sid)
@@ -300,10 +334,13 @@ class Registrar:
     async def run_readiness(self) -> None:
         """Report the sidecar's readiness to its TTL check, at a third of the TTL."""
         await self.registered.wait()
+        readiness = self._readiness
+        if readiness is None:
+            return  # no sidecar registered, no check to report to
         while not self.draining():
             cfg = self._config()
             self._report_wake.clear()
-            ready = await self._readiness.check()
+            ready = await readiness.check()
             check_id = ready_check_id(cfg.service.service_id)
             try:
                 if self.draining():

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.admin import AdminServer
+from agent.bind_check import bind_error, bind_exit_code, bind_refused, sidecar_binds
 from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
-from agent.readiness import ListenerReadiness, NoLeafSource, Readiness, SidecarReadiness
-from agent.registration import Registrar
+from agent.readiness import SidecarReadiness
+from agent.registration import Registrar, sidecar_id
 from agent.sidecar import Sidecar
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
@@ -50,29 +51,6 @@ log = logging.getLogger("meshlet.agent")
 
 # How often STATUS= is refreshed for `systemctl status` when no watchdog asks for more.
 _STATUS_EVERY = 5.0
-
-
-def sidecar_listeners(cfg: AgentConfig) -> list[tuple[str, int]]:
-    """Where the sidecar's listeners are: the inbound port and each upstream's local port."""
-    inbound = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
-    return [(inbound, cfg.sidecar.port)] + [
-        (u.local_bind_address, u.local_bind_port) for u in cfg.sidecar.upstreams
-    ]
-
-
-class ConfiguredReadiness:
-    """The sidecar readiness of `meshlet agent`, which runs no proxy itself: the configured
-    listeners answer a dial (whatever process serves them) and the leaf source is asked.
-    `meshlet sidecar` uses its own listeners' state instead (agent/sidecar.py)."""
-
-    def __init__(self, config: Callable[[], AgentConfig], leaf: NoLeafSource | None = None):
-        self._config = config
-        self._leaf = leaf
-
-    async def check(self) -> Readiness:
-        cfg = self._config()
-        leaf = self._leaf or NoLeafSource(cfg.certs.source)
-        return await ListenerReadiness(sidecar_listeners(cfg), leaf).check()
 
 
 @dataclasses.dataclass
@@ -130,7 +108,9 @@ class AgentRuntime:
         """The other processes of `meshlet sidecar --workers N` (N > 1)."""
         if not sidecar and config.sidecar.workers > 1:
             log.warning("sidecar.workers is ignored by meshlet agent (it runs no proxy)")
-        self._readiness = readiness or self.sidecar or ConfiguredReadiness(self.config.get)
+        self._readiness: SidecarReadiness | None = readiness or self.sidecar
+        """None for `meshlet agent`: no proxy runs here, so no sidecar is registered (a
+        sidecar whose check nothing passes would only sit critical in the catalog)."""
         self._exit_code = 0
         self.connectivity = Connectivity(clock)
         self.apply_times = ApplyTimes()
@@ -173,7 +153,23 @@ class AgentRuntime:
             await self.admin.start()
         except OSError as exc:
             log.error("cannot listen on admin.address %s: %s", cfg.admin.address, exc.strerror)
-            return 1
+            return bind_exit_code(exc.errno)
+        if self.sidecar is not None:
+            # Before registering anything: a port held by someone else is a one-line error and
+            # an exit that a supervisor can tell from a crash (docs/operations.md), not a
+            # traceback once the leaf and intentions are in.
+            refused = await bind_refused(sidecar_binds(cfg))
+            if refused is not None:
+                log.error("%s", refused)
+                await self.admin.close()
+                return refused.exit_code
+        elif self._readiness is None:
+            log.info(
+                "meshlet agent runs no proxy: %s is registered without a sidecar, so the mesh "
+                "cannot reach it; `meshlet sidecar` runs the proxy and registers %s",
+                cfg.service.service_id,
+                sidecar_id(cfg.service.service_id),
+            )
         log.info(
             "meshlet agent for %s: admin at http://%s, Consul at %s",
             cfg.service.service_id,
@@ -229,8 +225,14 @@ class AgentRuntime:
         except Exception as exc:
             # A listener that cannot bind, a certificate source that cannot be built: the
             # proxy cannot serve, so the process stops (deregistering first) and says why.
-            log.error("sidecar failed, stopping: %s", exc, exc_info=exc)
-            self._exit_code = 1
+            bind = bind_error(exc)
+            if bind is not None:
+                # Taken since the check at start: one line, as that check says it.
+                log.error("sidecar cannot listen, stopping: %s", bind)
+                self._exit_code = bind_exit_code(bind.errno)
+            else:
+                log.error("sidecar failed, stopping: %s", exc, exc_info=exc)
+                self._exit_code = 1
             self.request_stop()
             self._force.set()
 
@@ -485,7 +487,13 @@ class AgentRuntime:
             },
             "sidecar": {
                 "ready": side.ready if side else False,
-                "reasons": list(side.reasons) if side else ["not checked yet"],
+                "reasons": list(side.reasons)
+                if side
+                else [
+                    "not checked yet"
+                    if self._readiness is not None
+                    else "none registered: meshlet agent runs no proxy (meshlet sidecar does)"
+                ],
                 "reported_at": _iso_age(reg.sidecar_reported) if reg else None,
             },
             "leaf": {"expires_at": side.leaf_expires_at if side else None},

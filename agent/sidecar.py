@@ -330,10 +330,12 @@ class Sidecar:
 
         vault = cfg.certs.vault
         assert vault is not None, "config validation requires certs.vault for source vault"
-        if vault.auth == "kubernetes":
-            raise NotImplementedError("certs.vault.auth kubernetes is not supported yet")
+        # Only the credentials of the configured `auth` count: a stray VAULT_ROLE_ID must not
+        # turn a token login into an AppRole one, nor the reverse.
+        unused = ("VAULT_ROLE_ID", "VAULT_SECRET_ID") if vault.auth == "token" else ("VAULT_TOKEN",)
+        env = {k: v for k, v in self._env.items() if k not in unused}
         vconf = vault_config_from_env(
-            self._env, addr=vault.address or None, mount=vault.mount, role=vault.role
+            env, addr=vault.address or None, mount=vault.mount, role=vault.role
         )
         delay_failures = 0
         while True:

@@ -180,6 +180,21 @@ def test_drift_names_each_difference() -> None:
     assert drift(CFG, services, checks) == ("sidecar 'web-sidecar-proxy' is not registered",)
 
 
+def test_without_a_proxy_the_service_is_registered_alone() -> None:
+    body = desired(CFG, sidecar=False).to_json()
+    assert "Connect" not in body
+    services, checks = _consul_view()
+    del checks[ready_check_id("web")], checks[alias_check_id("web")]
+    # A sidecar left by an earlier `meshlet sidecar`: its ready check nothing would pass.
+    assert drift(CFG, services, checks, sidecar=False) == (
+        "sidecar 'web-sidecar-proxy' is registered, but no proxy runs for it",
+    )
+    del services["web-sidecar-proxy"]
+    assert drift(CFG, services, checks, sidecar=False) == ()
+    del checks[app_check_id("web")]
+    assert drift(CFG, services, checks, sidecar=False) == ("check 'service:web' is missing",)
+
+
 def test_desired_registration_body() -> None:
     body = desired(CFG).to_json()
     side = body["Connect"]["SidecarService"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, load, parse, reference_markdown
+from agent.config import ConfigError, load, parse, proxy_env_problems, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,3 +180,113 @@ def test_path_normalization_is_one_of_the_modes_and_named_when_wrong() -> None:
             "expected one of base, merge_slashes, decode_and_merge_slashes, reject, got 'NONE'"
         )
     }
+
+
+# ---- settings that used to pass here and fail only at start --------------------------------
+
+
+def test_vault_auth_offers_only_what_the_vault_source_implements() -> None:
+    vault = {"address": "https://vault:8200", "role": "web", "auth": "kubernetes"}
+    problems = _problems({**MINIMAL, "certs": {"source": "vault", "vault": vault}})
+    assert problems == {"certs.vault.auth": "expected one of token, approle, got 'kubernetes'"}
+
+
+NAME_RULE = "expected letters, digits, '.', '-' and '_' only (not '.' or '..')"
+
+
+@pytest.mark.parametrize(
+    "name",
+    # Each would reach the leaf's URI percent-encoded (.../svc/web%20api) or as a character
+    # SPIFFE forbids in a path segment (':', '@'); '.' and '..' are dot-segments.
+    ["web api", "web%2Fadmin", "wéb", "a?b", "a#b", "a:b", "a@b", "..", "."],
+)
+def test_a_service_name_no_leaf_can_carry_is_refused(name: str) -> None:
+    problems = _problems({"service": {"name": name, "port": 8080}})
+    assert set(problems) == {"service.name"}
+    assert problems["service.name"].endswith(NAME_RULE)
+    ups = [{"name": name, "local_bind_port": 9191}]
+    problems = _problems({**MINIMAL, "sidecar": {"upstreams": ups}})
+    assert set(problems) == {"sidecar.upstreams[0].name"}
+    assert problems["sidecar.upstreams[0].name"].endswith(NAME_RULE)
+
+
+@pytest.mark.parametrize(
+    "name", ["web", "Web-2", "web_api", "com.daml.ledger.api.v1.ActiveContractsService"]
+)
+def test_names_consul_accepts_beyond_dns_labels_still_parse(name: str) -> None:
+    assert parse({"service": {"name": name, "port": 8080}}, {}).service.name == name
+
+
+PORT_RULE = "expected a port from 1 to 65535 that no other listener of this file uses"
+
+
+def test_sidecar_port_equal_to_service_port_is_refused() -> None:
+    problems = _problems({"service": {"name": "web", "port": 21000}, "sidecar": {"port": 21000}})
+    assert problems == {
+        "sidecar.port": "127.0.0.1:21000 collides with service.port (127.0.0.1:21000); " + PORT_RULE
+    }
+    # Same port on two distinct addresses is two sockets.
+    raw = {
+        "service": {"name": "web", "port": 21000, "address": "10.0.0.1"},
+        "sidecar": {"port": 21000, "address": "10.0.0.2"},
+    }
+    assert parse(raw, {}).sidecar.port == 21000
+
+
+def test_listener_ports_that_collide_are_refused_with_both_keys() -> None:
+    problems = _problems(
+        {
+            **MINIMAL,
+            "sidecar": {
+                "port": 21000,
+                "upstreams": [
+                    {"name": "a", "local_bind_port": 21000},
+                    {"name": "b", "local_bind_port": 9191, "local_bind_address": "0.0.0.0"},
+                    {"name": "c", "local_bind_port": 9191},
+                    {"name": "d", "local_bind_port": 8080},
+                    {"name": "e", "local_bind_port": 19000},
+                ],
+            },
+        }
+    )
+    assert problems == {
+        "sidecar.upstreams[0].local_bind_port": (
+            "127.0.0.1:21000 collides with sidecar.port (127.0.0.1:21000); " + PORT_RULE
+        ),
+        # A wildcard bind holds the port on every address.
+        "sidecar.upstreams[2].local_bind_port": (
+            "127.0.0.1:9191 collides with sidecar.upstreams[1].local_bind_port (0.0.0.0:9191); "
+            + PORT_RULE
+        ),
+        "sidecar.upstreams[3].local_bind_port": (
+            "127.0.0.1:8080 collides with service.port (127.0.0.1:8080); " + PORT_RULE
+        ),
+        "admin.address": (
+            "127.0.0.1:19000 collides with sidecar.upstreams[4].local_bind_port "
+            "(127.0.0.1:19000); " + PORT_RULE
+        ),
+    }
+
+
+def test_admin_port_zero_collides_with_nothing() -> None:
+    raw = {**MINIMAL, "admin": {"address": "127.0.0.1:0"}, "sidecar": {"port": 21000}}
+    assert parse(raw, {}).admin.address == "127.0.0.1:0"
+
+
+def test_the_proxy_needs_the_vault_credentials_of_its_auth() -> None:
+    vault = {"address": "https://vault:8200", "role": "web"}
+    token = parse({**MINIMAL, "certs": {"source": "vault", "vault": vault}}, {})
+    approle = parse(
+        {**MINIMAL, "certs": {"source": "vault", "vault": {**vault, "auth": "approle"}}}, {}
+    )
+    allowed = "expected token (VAULT_TOKEN) or approle (VAULT_ROLE_ID and VAULT_SECRET_ID)"
+    assert [str(p) for p in proxy_env_problems(token, {"VAULT_ROLE_ID": "r"})] == [
+        f"certs.vault.auth: token needs VAULT_TOKEN in the environment, which is not set; {allowed}"
+    ]
+    assert proxy_env_problems(token, {"VAULT_TOKEN": "t"}) == []
+    assert [str(p) for p in proxy_env_problems(approle, {"VAULT_TOKEN": "t"})] == [
+        "certs.vault.auth: approle needs VAULT_ROLE_ID and VAULT_SECRET_ID in the environment, "
+        f"which are not set; {allowed}"
+    ]
+    assert proxy_env_problems(approle, {"VAULT_ROLE_ID": "r", "VAULT_SECRET_ID": "s"}) == []
+    assert proxy_env_problems(parse(MINIMAL, {}), {}) == []

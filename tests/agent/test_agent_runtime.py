@@ -21,7 +21,8 @@ from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
 from agent.consul_config import ConsulConfig
 from agent.consul_services import CheckDefinition, ProxyConfig, ServiceRegistration
-from agent.readiness import ListenerReadiness
+from agent.readiness import ListenerReadiness, Readiness
+from agent.registration import desired
 from agent.runtime import AgentRuntime
 from agent.watch import UpstreamWatcher, WatchSettings
 from devstack.config import DevConfig
@@ -63,6 +64,21 @@ class Leaf:
         return ""
 
 
+class NoLeaf:
+    """A leaf source that has not been issued one."""
+
+    def leaf_expiry(self) -> float | None:
+        return None
+
+    def leaf_problem(self) -> str:
+        return "no leaf certificate yet"
+
+
+class Ready:
+    async def check(self) -> Readiness:
+        return Readiness(True, (), time.time() + 3600)
+
+
 async def _wait_for(
     consul: ConsulClient, read: Callable[[int], Awaitable[tuple[int, bool]]]
 ) -> None:
@@ -77,7 +93,8 @@ async def _wait_for(
 async def test_registers_service_and_sidecar_and_deregisters_on_stop(
     dev: DevServer, consul: ConsulClient
 ) -> None:
-    runtime = AgentRuntime(_config(dev.http_addr))
+    # The readiness of a proxy that serves the sidecar (here: one that always says ready).
+    runtime = AgentRuntime(_config(dev.http_addr), readiness=Ready())
     async with running(runtime):
         await runtime.ready.wait()
         web_got = await consul.catalog.service("web")
@@ -133,7 +150,10 @@ async def test_without_a_leaf_the_sidecar_is_not_passing(
 ) -> None:
     listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    runtime = AgentRuntime(_config(dev.http_addr, sidecar={"port": port}))
+    runtime = AgentRuntime(
+        _config(dev.http_addr, sidecar={"port": port}),
+        readiness=ListenerReadiness([("127.0.0.1", port)], NoLeaf()),
+    )
     async with running(runtime):
         await runtime.ready.wait()
         checks = await consul.agent.checks()
@@ -141,12 +161,35 @@ async def test_without_a_leaf_the_sidecar_is_not_passing(
         async def reported(index: int) -> tuple[int, bool]:
             got = await consul.health.checks("web-sidecar-proxy", index=index, wait="10s")
             ready = [c for c in got.value if c.check_id.endswith(":ready")]
-            return got.next_index, bool(ready) and "no leaf certificate" in ready[0].output
+            return got.next_index, bool(ready) and "no leaf certificate yet" in ready[0].output
 
         await _wait_for(consul, reported)
         assert checks["service:web-sidecar-proxy:ready"].status.value == "critical"
     listener.close()
     await listener.wait_closed()
+
+
+async def test_without_a_proxy_no_sidecar_is_registered(
+    dev: DevServer, consul: ConsulClient
+) -> None:
+    """`meshlet agent` runs no proxy: a sidecar registered for it could only sit critical."""
+    # Left by an earlier `meshlet sidecar` of the same ID.
+    await consul.agent.register_service(desired(_config(dev.http_addr)))
+    assert "web-sidecar-proxy" in await consul.agent.services()
+    runtime = AgentRuntime(_config(dev.http_addr))
+    async with running(runtime):
+        await runtime.ready.wait()
+        services = await consul.agent.services()
+        checks = await consul.agent.checks()
+        assert list(services) == ["web"]
+        assert sorted(checks) == ["service:web"]
+        assert (await consul.catalog.connect("web")).value == ()
+        side = runtime.status(None)["sidecar"]
+        assert side["ready"] is False
+        assert side["reasons"] == [
+            "none registered: meshlet agent runs no proxy (meshlet sidecar does)"
+        ]
+        assert runtime.status(None)["ready"] is True
 
 
 async def test_anti_entropy_repairs_a_service_removed_behind_its_back(
@@ -159,7 +202,7 @@ async def test_anti_entropy_repairs_a_service_removed_behind_its_back(
         await consul.agent.deregister_service("web")
 
         async def back(index: int) -> tuple[int, bool]:
-            got = await consul.catalog.connect("web", index=index, wait="10s")
+            got = await consul.catalog.service("web", index=index, wait="10s")
             return got.next_index, len(got.value) == 1
 
         await _wait_for(consul, back)

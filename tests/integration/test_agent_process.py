@@ -182,17 +182,10 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(
         assert status["ready"] is True
         assert len(wait_catalog(consul, "/v1/catalog/service/web", lambda b: len(b) == 1)) == 1
 
-        # A good file is applied in place: a new upstream watched and registered.
+        # A good file is applied in place: a new upstream watched.
         write_config(cfg, consul, admin, ["api", "db"])
         agent.p.send_signal(signal.SIGHUP)
         agent.wait_for_line("reloaded")
-        proxies = wait_catalog(
-            consul,
-            "/v1/catalog/service/web-sidecar-proxy",
-            lambda b: len(b) == 1 and len(b[0]["ServiceProxy"]["Upstreams"]) == 2,
-        )
-        names = sorted(u["DestinationName"] for u in proxies[0]["ServiceProxy"]["Upstreams"])
-        assert names == ["api", "db"]
         assert any("watching upstream db" in line for line in agent.lines)  # logged before
         status, _ = _get(f"http://{admin}/v1/status")
         assert [u["name"] for u in status["upstreams"]] == ["api", "db"]
@@ -220,11 +213,47 @@ def test_devstack_restarted_empty_gets_the_registration_back(
 
         started = time.monotonic()
         procs.append(start_dev(port))
-        wait_catalog(consul, "/v1/catalog/connect/web", lambda b: len(b) == 1)
+        wait_catalog(consul, "/v1/catalog/service/web", lambda b: len(b) == 1)
         elapsed = time.monotonic() - started
         print(f"\nre-registered {elapsed:.2f}s after a fresh devstack came up")
         assert len(wait_catalog(consul, "/v1/catalog/service/web", lambda b: len(b) == 1)) == 1
         agent.wait_for_line("Consul is reachable again")
+    finally:
+        agent.stop()
+
+
+def _put(url: str, body: Any) -> None:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+
+
+def test_meshlet_agent_leaves_no_sidecar_check_that_cannot_pass(
+    tmp_path: Path, dev_port: tuple[int, list[Proc]]
+) -> None:
+    """`meshlet agent` runs no proxy: it registers the service alone, says so, and removes a
+    sidecar an earlier `meshlet sidecar` of the same ID left, whose check nothing would pass."""
+    port, _ = dev_port
+    consul, admin = f"127.0.0.1:{port}", f"127.0.0.1:{_free_port()}"
+    _put(
+        f"http://{consul}/v1/agent/service/register",
+        {"Name": "web", "ID": "web", "Port": 8080, "Connect": {"SidecarService": {"Port": 21000}}},
+    )
+    cfg = tmp_path / "agent.yaml"
+    write_config(cfg, consul, admin, ["api"])
+    agent = Proc(["agent", "-c", str(cfg)])
+    try:
+        agent.wait_for_line("ready: ready")
+        services, _ = _get(f"http://{consul}/v1/agent/services")
+        checks, _ = _get(f"http://{consul}/v1/agent/checks")
+        assert sorted(services) == ["web"]
+        assert [c["ServiceID"] for c in checks.values()] == ["web"]
+        assert _get(f"http://{consul}/v1/health/checks/web-sidecar-proxy")[0] == []
+        said = "".join(agent.lines)
+        assert "meshlet agent runs no proxy: web is registered without a sidecar" in said
+        status, _ = _get(f"http://{admin}/v1/status")
+        assert status["ready"] is True
+        assert "meshlet agent runs no proxy" in status["sidecar"]["reasons"][0]
     finally:
         agent.stop()
 
