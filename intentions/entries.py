@@ -461,6 +461,19 @@ def normalize(entry: ServiceIntentions) -> ServiceIntentions:
     return dataclasses.replace(entry, sources=tuple(sources))
 
 
+def drop_legacy_fields(entry: ServiceIntentions) -> ServiceIntentions:
+    """What Consul's `Normalize()` for a non-legacy write (`PUT /v1/config`, the exact API)
+    does to the legacy API's bookkeeping: LegacyID and both timestamps are cleared, LegacyMeta
+    is kept so that `validate` refuses a write that would silently lose it."""
+    return dataclasses.replace(
+        entry,
+        sources=tuple(
+            dataclasses.replace(src, legacy_id="", legacy_create_time=None, legacy_update_time=None)
+            for src in entry.sources
+        ),
+    )
+
+
 def _wildcard_error(name: str, namespace: str, partition: str, peer: str) -> str | None:
     wild_ns = namespace == WILDCARD
     wild_name = name == WILDCARD
@@ -662,6 +675,8 @@ def _validate_permission(where: str, perm: Permission) -> str | None:
 def load_entry(body: object, *, legacy_write: bool = False) -> ServiceIntentions:
     """Decode, normalize and validate one body; what `PUT /v1/config` does before storing."""
     entry = normalize(decode_entry(body))
+    if not legacy_write:
+        entry = drop_legacy_fields(entry)
     validate(entry, legacy_write=legacy_write)
     return entry
 
@@ -838,6 +853,7 @@ __all__ = [
     "ServiceIntentions",
     "SourceIntention",
     "decode_entry",
+    "drop_legacy_fields",
     "entry_to_json",
     "intention_display",
     "load_entry",
