@@ -34,6 +34,7 @@ from agent.sidecar import Sidecar
 from agent.status_cli import render
 from connect.balancer import BalancerConfig, Target, compile_balancer
 from connect.http1 import OutboundHTTP
+from connect.l4 import OutboundL4
 from connect.leaf import Material
 from connect.peers import service_peers
 from connect.proxy import Upstream, fixed_endpoints
@@ -42,13 +43,14 @@ from devstack.config_entries import Entry
 from devstack.server import DevServer
 from intentions.entries import KIND
 from tests.agent.test_agent_runtime import running
+from tests.connect.proxy_test_servers import start_app as start_tcp_app
 from tests.connect.test_http_proxy import App, start_app
 from tests.connect.test_l4_relay import free_port
 
 DEADLINE = 30.0
 
 
-def _api_config(consul_addr: str, app_port: int, sidecar_port: int) -> Any:
+def _api_config(consul_addr: str, app_port: int, sidecar_port: int, protocol: str = "http") -> Any:
     return parse(
         {
             "consul": {"address": consul_addr},
@@ -58,7 +60,7 @@ def _api_config(consul_addr: str, app_port: int, sidecar_port: int) -> Any:
                 "address": "127.0.0.1",
                 "check": {"ttl": "60s"},
             },
-            "sidecar": {"port": sidecar_port, "protocol": "http", "check_ttl": "3s"},
+            "sidecar": {"port": sidecar_port, "protocol": protocol, "check_ttl": "3s"},
             "admin": {"address": "127.0.0.1:0"},
             "watch": {"retry_initial": "50ms", "retry_max": "500ms"},
             "shutdown": {"drain_period": "0s"},
@@ -68,9 +70,11 @@ def _api_config(consul_addr: str, app_port: int, sidecar_port: int) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _client(consul: ConsulClient, source: str, sidecar_port: int) -> AsyncIterator[str]:
-    """`source`'s side of the mesh: its leaf, and an HTTP upstream listener to api's sidecar.
-    Yields the plain-HTTP base URL an app of `source` would call."""
+async def _client(
+    consul: ConsulClient, source: str, sidecar_port: int, protocol: str = "http"
+) -> AsyncIterator[str]:
+    """`source`'s side of the mesh: its leaf, and an upstream listener to api's sidecar
+    (HTTP, or L4 for `protocol` tcp). Yields the base URL an app of `source` would call."""
     bundle = await consul_roots_source(consul).roots(0)
     leaf = await consul_leaf_source(consul, source).fetch(None, bundle)
     tls = DynamicTLS(Material(leaf, bundle, 1))
@@ -84,7 +88,7 @@ async def _client(consul: ConsulClient, source: str, sidecar_port: int) -> Async
         expected_service="api",
         rng=random.Random(1),
     )
-    outbound = OutboundHTTP(upstream)
+    outbound = OutboundHTTP(upstream) if protocol == "http" else OutboundL4(upstream)
     await outbound.start()
     try:
         yield f"http://127.0.0.1:{outbound.port}"
@@ -99,14 +103,16 @@ async def _status_code(session: aiohttp.ClientSession, url: str) -> int:
 
 
 async def _seen_by(side: Sidecar, index: int) -> None:
-    """Wait (bounded) until the sidecar has published the intentions at Consul's `index` or
-    later. (The original code published nothing for an entry it refused: this timed out.)"""
+    """Wait until the sidecar has published the intentions at Consul's `index` or later.
+    Bounded, and not itself an assertion: the original code published nothing for an entry it
+    refused, and the assertions that follow then show what traffic got through."""
 
     async def applied() -> None:
         while side.intentions_index < index:
             await side.intentions.changed(side.intentions.version)
 
-    await asyncio.wait_for(applied(), DEADLINE)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(applied(), DEADLINE)
 
 
 @dataclass
@@ -225,6 +231,12 @@ async def test_an_entry_that_cannot_be_compiled_denies_everything_to_api_until_f
     table = render(st, time.time())
     assert "ready, degraded" in table
     assert reason in table
+    # The same through the command an operator types.
+    assert mesh.runtime.admin is not None
+    shown = await asyncio.to_thread(_meshlet, "status", "--admin-addr", mesh.runtime.admin.address)
+    assert "ready, degraded" in shown.stdout, shown.stderr
+    assert "intentions for api cannot be enforced" in shown.stdout
+    assert "Sentinel" in shown.stdout
 
     # Valid for Consul (it does not compile regexes on write) but not for meshlet.
     regex = {
@@ -250,6 +262,71 @@ async def test_an_entry_that_cannot_be_compiled_denies_everything_to_api_until_f
     assert st["degraded"] is False
     assert st["proxy"]["intentions"]["broken"] == {}
     assert "denying" not in render(st, time.time())
+
+
+async def test_on_a_tcp_service_a_broken_entry_refuses_every_connection(
+    dev: DevServer, consul: ConsulClient
+) -> None:
+    server, app_port, app = await start_tcp_app()
+    port = free_port()
+    runtime = AgentRuntime(_api_config(dev.http_addr, app_port, port, "tcp"), sidecar=True)
+    side = runtime.sidecar
+    assert side is not None
+
+    async def echo(base: str, data: bytes) -> bytes:
+        host, _, p = base.removeprefix("http://").rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(p))
+        try:
+            writer.write(data)
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                while len(got) < len(data) and (chunk := await reader.read(64)):
+                    got += chunk
+            return got
+        finally:
+            writer.close()
+
+    try:
+        async with (
+            running(runtime),
+            _client(consul, "web", port, "tcp") as web,
+            _client(consul, "ops", port, "tcp") as ops,
+            aiohttp.ClientSession() as session,
+        ):
+            await asyncio.wait_for(side.started.wait(), DEADLINE)
+            assert await echo(web, b"one") == b"one"
+            status, _ = await _call(
+                session,
+                dev,
+                "POST",
+                "/v1/connect/intentions",
+                {"SourceName": "web", "DestinationName": "api", "Action": "deny"},
+            )
+            assert status == 200
+            await _seen_by(side, dev.store.index)
+            # Original code: the connection was relayed (b"two" echoed).
+            assert await echo(web, b"two") == b""
+            assert await echo(ops, b"three") == b"three"
+            broken = {"Kind": KIND, "Name": "api", "Sources": [{"Name": "ops", "Action": "ok"}]}
+            dev.store.config_set(Entry(KIND, "api", broken))
+            await _seen_by(side, dev.store.index)
+            assert await echo(ops, b"four") == b""
+            assert await echo(web, b"five") == b""
+            assert bytes(app.received) == b"onethree"
+            st = runtime.status(None)
+            assert any(
+                "Action must be set to 'allow' or 'deny'" in r for r in st["degraded_reasons"]
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _meshlet(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    meshlet = shutil.which("meshlet", path=str(Path(sys.executable).parent)) or "meshlet"
+    return subprocess.run(
+        [meshlet, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 async def _call(
@@ -283,18 +360,11 @@ async def test_meshlet_intentions_check_reads_entries_written_by_the_legacy_api(
         json.dumps({"source": {"name": s}, "method": "GET", "path": "/"}) + "\n"
         for s in ("web", "ops", "other")
     )
-    meshlet = shutil.which("meshlet", path=str(Path(sys.executable).parent)) or "meshlet"
     done = await asyncio.to_thread(
-        subprocess.run,
-        [
-            *(meshlet, "intentions", "check", "--entries", str(entries), "--reason"),
-            *("--destination", '{"name": "api", "protocol": "http"}', "--default-policy", "deny"),
-        ],
-        input=lines,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        _meshlet,
+        *("intentions", "check", "--entries", str(entries), "--reason"),
+        *("--destination", '{"name": "api", "protocol": "http"}', "--default-policy", "deny"),
+        stdin=lines,
     )
     # Original code: exit 2, "entries[0]: Sources[0].LegacyCreateTime must be omitted".
     assert done.returncode == 0, done.stderr
