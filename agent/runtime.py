@@ -415,6 +415,8 @@ class AgentRuntime:
                 reasons.append(f"{key.label} stale: {watch.watcher.state.last_error}")
         if self._registrar is not None and self._registrar.state.phase == "failing":
             reasons.append(f"registration failing: {self._registrar.state.last_error}")
+        if self.sidecar is not None:
+            reasons.extend(self.sidecar.degradations())
         if (
             self.supervisor is not None
             and self.sidecar is not None

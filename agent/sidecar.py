@@ -7,10 +7,12 @@ What runs (as tasks of the agent's one TaskGroup):
 * leaf: a `LeafRotator` over the configured source (`certs.source`: Consul's Connect CA, or
   Vault PKI with Consul's roots) and a `DynamicTLS` that follows its generations. Listeners
   hold the `listener_context()` and the client-context getter, so rotation never restarts them.
-* intentions: a blocking watch of the `service-intentions` config entries, compiled into the
-  engine's `Snapshot` whenever Consul's index moves; an entry meshlet cannot enforce (or that
-  does not validate) keeps the previous snapshot. The default decision follows Consul's
-  `DefaultIntentionPolicy`, else the ACL default policy when ACLs are on, else allow.
+* intentions: a blocking watch of the `service-intentions` config entries, read as Consul
+  returns them (Legacy* fields and all) and compiled into the engine's `Snapshot` whenever
+  Consul's index moves. An entry meshlet cannot read or enforce makes the sidecar deny every
+  request and connection to its destination (never the entry's previous state), counts it and
+  reports it as degraded. The default decision follows Consul's `DefaultIntentionPolicy`,
+  else the ACL default policy when ACLs are on, else allow.
 * listeners: the public inbound listener on `sidecar.port` (L4 for tcp/http2/grpc services,
   HTTP/1.1 for http) in front of the local app, and one 127.0.0.1 listener per upstream whose
   balancer is recompiled from the agent's `UpstreamWatcher` snapshots.
@@ -61,13 +63,9 @@ from connect.proxy import (
 from connect.tls import DynamicTLS
 from intentions.engine import Identity, compile_snapshot
 from intentions.engine import Snapshot as IntentionsSnapshot
-from intentions.entries import load_entry
-from intentions.errors import EntryError
+from intentions.stored import compile_stored, destination_of
 
 log = logging.getLogger("meshlet.agent.sidecar")
-
-# Keys Consul adds to a stored entry that a write body does not carry.
-_STORED_ONLY = ("CreateIndex", "ModifyIndex", "Hash")
 
 _NOT_LOADED = "intentions not loaded yet"
 
@@ -106,12 +104,10 @@ def default_allow(agent_self: Mapping[str, Any]) -> tuple[bool, str]:
 def compile_intentions(
     bodies: tuple[Mapping[str, Any], ...], *, default_allow: bool, default_reason: str
 ) -> IntentionsSnapshot:
-    """Stored `service-intentions` entries -> the engine's snapshot. Raises `EntryError`
-    (invalid or unsupported content): the caller keeps its previous snapshot."""
-    entries = [
-        load_entry({k: v for k, v in body.items() if k not in _STORED_ONLY}) for body in bodies
-    ]
-    return compile_snapshot(entries, default_allow=default_allow, default_reason=default_reason)
+    """Stored `service-intentions` entries (as Consul's read returns them) -> the engine's
+    snapshot. Never raises for content: `snapshot.broken` lists the destinations that deny
+    everything because their entry could not be read or compiled."""
+    return compile_stored(bodies, default_allow=default_allow, default_reason=default_reason)
 
 
 def targets_of(snapshot: EndpointSnapshot | None) -> list[Target]:
@@ -205,6 +201,10 @@ class Sidecar:
         self.intentions_loaded = False
         self.intentions_error = ""
         self.intentions_failures = 0
+        self.intentions_broken: dict[str, str] = {}
+        """Destination -> why its entry could not be compiled (every request to it is denied)."""
+        self.intentions_broken_total = 0
+        """Entries refused since start (a destination counts again when its reason changes)."""
         self.inbound: _Listener | None = None
         self.outbound: dict[str, tuple[_Listener, _Endpoints]] = {}
         self._closed = False
@@ -255,6 +255,14 @@ class Sidecar:
             reasons.append("leaf certificate expired")
         return reasons
 
+    def degradations(self) -> list[str]:
+        """What the proxy serves in a reduced way now: destinations it denies wholesale."""
+        return [
+            f"intentions for {dest} cannot be enforced (index {self.intentions_index}), "
+            f"denying every request to it: {reason}"
+            for dest, reason in sorted(self.intentions_broken.items())
+        ]
+
     def status(self) -> dict[str, Any]:
         material = self.rotator.current if self.rotator is not None else None
         return {
@@ -272,6 +280,8 @@ class Sidecar:
                 "version": self.intentions.version,
                 "failures": self.intentions_failures,
                 "last_error": self.intentions_error,
+                "broken": dict(self.intentions_broken),
+                "broken_total": self.intentions_broken_total,
             },
             "listeners": {
                 name: (listener is not None and listener.server is not None)
@@ -407,23 +417,30 @@ class Sidecar:
             index = got.next_index
 
     def _relevant(self, bodies: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
-        """The entries that can decide for the local service: its own and the wildcard one.
-        An entry for another service, valid or not, never holds back ours."""
+        """The entries that can decide for the local service: its own and the wildcard one
+        (and one whose destination cannot be told, which fails closed as a wildcard). An
+        entry for another service, valid or not, never affects ours."""
         names = (self.config.service.name, "*")
-        return tuple(b for b in bodies if b.get("Name") in names)
+        return tuple(b for b in bodies if destination_of(b)[2] in names)
 
     def _apply_intentions(
         self, bodies: tuple[Mapping[str, Any], ...], index: int, default: tuple[bool, str]
     ) -> None:
-        try:
-            snapshot = compile_intentions(
-                bodies, default_allow=default[0], default_reason=default[1]
-            )
-        except EntryError as exc:
-            # Enforcing less than what Consul says is worse than enforcing the old state.
-            self.intentions_error = f"index {index}: kept the previous snapshot: {exc}"
-            log.error("intentions at index %d not applied, keeping the previous: %s", index, exc)
-            return
+        snapshot = compile_intentions(bodies, default_allow=default[0], default_reason=default[1])
+        broken = {b.display: b.reason for b in snapshot.broken.values()}
+        for dest, reason in broken.items():
+            if self.intentions_broken.get(dest) != reason:
+                self.intentions_broken_total += 1
+                log.error(
+                    "intentions at index %d: the entry for %s cannot be enforced, denying "
+                    "every request to it: %s",
+                    index,
+                    dest,
+                    reason,
+                )
+        for dest in self.intentions_broken.keys() - broken.keys():
+            log.info("intentions at index %d: the entry for %s is enforced again", index, dest)
+        self.intentions_broken = broken
         self.intentions_index = index
         self.intentions_loaded = True
         self.intentions.publish(snapshot)

@@ -26,7 +26,7 @@ from intentions.engine import (
     http_request,
     identity_from_consul_uri,
 )
-from intentions.entries import DEFAULT, ServiceIntentions, load_entry
+from intentions.entries import DEFAULT, ServiceIntentions, read_entry
 from intentions.errors import BadRequest, EntryError, IntentionsError, PolicyError, Problem
 from intentions.policy import AuthorizationPolicy
 from intentions.translate import (
@@ -278,20 +278,28 @@ class EntryChecker:
         *,
         default_allow: bool,
     ) -> EntryChecker:
-        """Entries as JSON objects; raises PolicyError naming the entry and Consul's message."""
+        """Entries as JSON objects, as Consul returns them (`consul config read`, or
+        `GET /v1/config/service-intentions`: Legacy* fields and indexes included); raises
+        PolicyError naming the entry and Consul's message, or what meshlet cannot enforce."""
         loaded: list[ServiceIntentions] = []
         problems: list[Problem] = []
         for i, body in enumerate(entries):
             try:
-                loaded.append(load_entry(body))
+                loaded.append(read_entry(body))
             except EntryError as exc:
                 problems.append(Problem(f"entries[{i}]", "", str(exc)))
         if problems:
             raise PolicyError(problems)
-        try:
-            snapshot = compile_snapshot(loaded, default_allow=default_allow)
-        except EntryError as exc:
-            raise PolicyError([Problem("entries", "", str(exc), "unsupported")]) from None
+        snapshot = compile_snapshot(loaded, default_allow=default_allow)
+        if snapshot.broken:
+            # The sidecar would deny everything to these destinations; a check that answers
+            # with that would hide the reason, so refuse instead.
+            raise PolicyError(
+                [
+                    Problem("entries", b.display, b.reason, "unsupported")
+                    for b in snapshot.broken.values()
+                ]
+            )
         return cls(destination, protocol, snapshot)
 
     def check(self, r: CheckRequest) -> Decision:

@@ -11,6 +11,12 @@ intention whose source matches decides; an L7 intention's permissions are tried 
 the first match decides; if none matches, the default policy decides, never a lower-precedence
 intention. Matchers behave as Envoy's do for what Consul emits (a missing header matches nothing
 except `Present` + `Invert`; path matchers see the path without the query).
+
+Fail closed per destination: an entry that cannot be compiled exactly (JWT, a regex Python
+cannot compile, or one the caller could not decode, passed as a `BrokenEntry`) becomes a
+"broken" policy for its destination that denies everything that reaches it, with the reason;
+the other destinations' entries are enforced as usual. Never the previous state of that entry:
+intentions are not silently stale.
 """
 
 from __future__ import annotations
@@ -299,9 +305,17 @@ class DestinationPolicy:
     fallback: DestinationPolicy | None
     default: Decision
 
+    broken: _CompiledIntention | None = None
+    """Set when this destination's entry could not be compiled: it answers every source, of
+    every request and connection, with deny (and nothing of this entry is enforced)."""
+
     def intention_for(self, source: Identity) -> _CompiledIntention | None:
         policy: DestinationPolicy | None = self
         while policy is not None:
+            if policy.broken is not None:
+                # A broken entry might hold any intention for any source: nothing that gets
+                # this far can be decided by a less specific entry or the default.
+                return policy.broken
             hit = policy.exact.get(source.exact_key)
             if hit is None:
                 hit = policy.by_namespace.get(source.namespace_key)
@@ -331,11 +345,41 @@ class DestinationPolicy:
         return intention.unmatched
 
 
+@dataclass(frozen=True, slots=True)
+class BrokenEntry:
+    """An entry for one destination that cannot be enforced, and why (e.g. it did not decode)."""
+
+    name: str
+    reason: str
+    namespace: str = DEFAULT
+    partition: str = DEFAULT
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.partition or DEFAULT, self.namespace or DEFAULT, self.name)
+
+    @property
+    def display(self) -> str:
+        """The destination as `[partition/][namespace/]name`, defaults elided."""
+        parts = [p for p in (self.partition, self.namespace) if p and p != DEFAULT]
+        return "/".join([*parts, self.name])
+
+
+def _broken_policy(broken: BrokenEntry, fallback: DestinationPolicy | None) -> DestinationPolicy:
+    deny = Decision(
+        False,
+        f"intentions for {broken.display} cannot be enforced, denying every request: "
+        f"{broken.reason}",
+    )
+    compiled = _CompiledIntention(f"broken entry {broken.display}", None, deny, deny)
+    # The fallback is kept for introspection only: `intention_for` stops at `broken`.
+    return DestinationPolicy({}, {}, {}, fallback, deny, compiled)
+
+
 def _entry_policy(
-    entry: ServiceIntentions | None, fallback: DestinationPolicy | None, default: Decision
-) -> DestinationPolicy | None:
-    if entry is None:
-        return fallback
+    entry: ServiceIntentions, fallback: DestinationPolicy | None, default: Decision
+) -> DestinationPolicy:
+    """Raises UnsupportedEntry when some intention of the entry cannot be enforced exactly."""
     exact: dict[_ExactKey, _CompiledIntention] = {}
     by_ns: dict[_NsKey, _CompiledIntention] = {}
     any_src: dict[_AnyKey, _CompiledIntention] = {}
@@ -365,6 +409,9 @@ class Snapshot:
     by_partition: Mapping[str, DestinationPolicy]
     default: Decision
     empty: DestinationPolicy = field(repr=False)
+    broken: Mapping[_DestKey, BrokenEntry] = field(default_factory=dict)
+    """(partition, namespace, name) of every destination whose entry denies everything
+    because it could not be compiled, with the reason."""
 
     def for_destination(
         self, name: str, namespace: str = DEFAULT, partition: str = DEFAULT
@@ -403,41 +450,60 @@ def compile_snapshot(
     *,
     default_allow: bool,
     default_reason: str = DEFAULT_INTENTION_POLICY_REASON,
+    broken: Iterable[BrokenEntry] = (),
 ) -> Snapshot:
     """Compile normalized, validated entries (see `entries.load_entry`) into a Snapshot.
 
-    Raises UnsupportedEntry for content meshlet cannot enforce exactly (JWT, sameness groups,
-    regexes Python cannot compile); the caller should keep its previous snapshot.
+    Never raises for an entry's content: an entry meshlet cannot enforce exactly (JWT,
+    sameness groups, regexes Python cannot compile), and every `broken` one the caller could
+    not decode, makes its destination deny everything (see `Snapshot.broken`). A `broken`
+    entry wins over a decoded entry for the same destination.
     """
     default = Decision(default_allow, default_reason)
-    exact_entries: dict[_DestKey, ServiceIntentions] = {}
-    ns_entries: dict[tuple[str, str], ServiceIntentions] = {}
-    any_entries: dict[str, ServiceIntentions] = {}
-    for entry in entries:
-        partition = entry.partition_or_default
-        namespace = entry.namespace_or_default
+    refused = {b.key: b for b in broken}
+    exact_entries: dict[_DestKey, ServiceIntentions | BrokenEntry] = {}
+    ns_entries: dict[tuple[str, str], ServiceIntentions | BrokenEntry] = {}
+    any_entries: dict[str, ServiceIntentions | BrokenEntry] = {}
+    listed: list[ServiceIntentions | BrokenEntry] = [*entries, *refused.values()]
+    for entry in listed:
+        if isinstance(entry, ServiceIntentions):
+            partition, namespace, name = (
+                entry.partition_or_default,
+                entry.namespace_or_default,
+                entry.name,
+            )
+            if (partition, namespace, name) in refused:
+                continue
+        else:
+            partition, namespace, name = entry.key
         if namespace == WILDCARD:
             any_entries[partition] = entry
-        elif entry.name == WILDCARD:
+        elif name == WILDCARD:
             ns_entries[(partition, namespace)] = entry
         else:
-            exact_entries[(partition, namespace, entry.name)] = entry
+            exact_entries[(partition, namespace, name)] = entry
 
-    by_partition: dict[str, DestinationPolicy] = {}
-    for p, e in any_entries.items():
-        built = _entry_policy(e, None, default)
-        assert built is not None
-        by_partition[p] = built
-    by_namespace: dict[tuple[str, str], DestinationPolicy] = {}
-    for (p, ns), e in ns_entries.items():
-        built = _entry_policy(e, by_partition.get(p), default)
-        assert built is not None
-        by_namespace[(p, ns)] = built
-    exact: dict[_DestKey, DestinationPolicy] = {}
-    for (p, ns, name), e in exact_entries.items():
-        fallback = by_namespace.get((p, ns)) or by_partition.get(p)
-        built = _entry_policy(e, fallback, default)
-        assert built is not None
-        exact[(p, ns, name)] = built
+    found: dict[_DestKey, BrokenEntry] = {}
+
+    def build(
+        key: _DestKey, e: ServiceIntentions | BrokenEntry, fallback: DestinationPolicy | None
+    ) -> DestinationPolicy:
+        if isinstance(e, ServiceIntentions):
+            try:
+                return _entry_policy(e, fallback, default)
+            except UnsupportedEntry as exc:
+                e = BrokenEntry(e.name, str(exc), e.namespace, e.partition)
+        found[key] = e
+        return _broken_policy(e, fallback)
+
+    by_partition = {p: build((p, WILDCARD, WILDCARD), e, None) for p, e in any_entries.items()}
+    by_namespace = {
+        (p, ns): build((p, ns, WILDCARD), e, by_partition.get(p))
+        for (p, ns), e in ns_entries.items()
+    }
+    exact = {
+        key: build(key, e, by_namespace.get(key[:2]) or by_partition.get(key[0]))
+        for key, e in exact_entries.items()
+    }
     empty = DestinationPolicy({}, {}, {}, None, default)
-    return Snapshot(exact, by_namespace, by_partition, default, empty)
+    return Snapshot(exact, by_namespace, by_partition, default, empty, found)

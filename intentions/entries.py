@@ -461,6 +461,19 @@ def normalize(entry: ServiceIntentions) -> ServiceIntentions:
     return dataclasses.replace(entry, sources=tuple(sources))
 
 
+def drop_legacy_fields(entry: ServiceIntentions) -> ServiceIntentions:
+    """What Consul's `Normalize()` for a non-legacy write (`PUT /v1/config`, the exact API)
+    does to the legacy API's bookkeeping: LegacyID and both timestamps are cleared, LegacyMeta
+    is kept so that `validate` refuses a write that would silently lose it."""
+    return dataclasses.replace(
+        entry,
+        sources=tuple(
+            dataclasses.replace(src, legacy_id="", legacy_create_time=None, legacy_update_time=None)
+            for src in entry.sources
+        ),
+    )
+
+
 def _wildcard_error(name: str, namespace: str, partition: str, peer: str) -> str | None:
     wild_ns = namespace == WILDCARD
     wild_name = name == WILDCARD
@@ -499,17 +512,22 @@ def source_key(src: SourceIntention) -> tuple[str, str, str, str, str]:
     )
 
 
-def validate(entry: ServiceIntentions, *, legacy_write: bool = False) -> None:
+def validate(entry: ServiceIntentions, *, legacy_write: bool = False, read: bool = False) -> None:
     """Consul's `validate`: raises InvalidEntry with the first failure, in Consul's order.
 
     Expects a normalized entry (as Consul does); `Sources[i]` refers to the normalized order.
+    `legacy_write`: the rules of a write through the legacy `/v1/connect/intentions` API.
+    `read`: an entry as Consul returns it, whichever API wrote it: the Legacy* fields are the
+    legacy API's bookkeeping (a read returns them, a config-entry write must omit them), so
+    none of the write-side rules about them apply; every rule about what an intention means
+    still does.
     """
-    err = _validate(entry, legacy_write=legacy_write)
+    err = _validate(entry, legacy_write=legacy_write, read=read)
     if err is not None:
         raise InvalidEntry(err)
 
 
-def _validate(entry: ServiceIntentions, *, legacy_write: bool) -> str | None:
+def _validate(entry: ServiceIntentions, *, legacy_write: bool, read: bool = False) -> str | None:
     if not entry.name:
         return "Name is required"
     err = _wildcard_error(entry.name, entry.namespace_or_default, entry.partition_or_default, "")
@@ -526,7 +544,7 @@ def _validate(entry: ServiceIntentions, *, legacy_write: bool) -> str | None:
                 return "JWT provider name is required"
     seen: set[tuple[str, str, str, str, str]] = set()
     for i, src in enumerate(entry.sources):
-        err = _validate_source(entry, i, src, legacy_write=legacy_write)
+        err = _validate_source(entry, i, src, legacy_write=legacy_write, read=read)
         if err is not None:
             return err
         key = source_key(src)
@@ -544,7 +562,7 @@ def _service_string(src: SourceIntention) -> str:
 
 
 def _validate_source(
-    entry: ServiceIntentions, i: int, src: SourceIntention, *, legacy_write: bool
+    entry: ServiceIntentions, i: int, src: SourceIntention, *, legacy_write: bool, read: bool
 ) -> str | None:
     if not src.name:
         return f"Sources[{i}].Name is required"
@@ -561,7 +579,14 @@ def _validate_source(
         return f"Sources[{i}].SamenessGroup: cannot set SamenessGroup and Peer at the same time"
     if len(src.description) > _META_VALUE_MAX:
         return f"Sources[{i}].Description exceeds maximum length {_META_VALUE_MAX}"
-    if not legacy_write:
+    if legacy_write:
+        if src.permissions:
+            return f"Sources[{i}].Permissions must be omitted for legacy intentions"
+        if src.peer:
+            return f"Sources[{i}].Peer cannot be set by legacy intentions"
+        if src.sameness_group:
+            return f"Sources[{i}].SamenessGroup cannot be set by legacy intentions"
+    elif not read:
         if src.legacy_meta:
             return f"Sources[{i}].LegacyMeta must be omitted"
         if src.legacy_create_time is not None:
@@ -570,13 +595,6 @@ def _validate_source(
             return f"Sources[{i}].LegacyUpdateTime must be omitted"
         if src.legacy_id:
             return f"Sources[{i}].LegacyID must be omitted"
-    else:
-        if src.permissions:
-            return f"Sources[{i}].Permissions must be omitted for legacy intentions"
-        if src.peer:
-            return f"Sources[{i}].Peer cannot be set by legacy intentions"
-        if src.sameness_group:
-            return f"Sources[{i}].SamenessGroup cannot be set by legacy intentions"
     if not src.permissions:
         if src.action not in ("allow", "deny"):
             return f"Sources[{i}].Action must be set to 'allow' or 'deny'"
@@ -657,7 +675,20 @@ def _validate_permission(where: str, perm: Permission) -> str | None:
 def load_entry(body: object, *, legacy_write: bool = False) -> ServiceIntentions:
     """Decode, normalize and validate one body; what `PUT /v1/config` does before storing."""
     entry = normalize(decode_entry(body))
+    if not legacy_write:
+        entry = drop_legacy_fields(entry)
     validate(entry, legacy_write=legacy_write)
+    return entry
+
+
+def read_entry(body: object) -> ServiceIntentions:
+    """Decode, normalize and validate one entry as Consul returns it on a read
+    (`GET /v1/config/service-intentions[/name]`): with `Hash`, the indexes, `Precedence`
+    and, for intentions written through the legacy API, `LegacyID`, `LegacyMeta`,
+    `LegacyCreateTime` and `LegacyUpdateTime`. Unknown keys and invalid content still raise
+    EntryError: what cannot be read exactly cannot be enforced exactly."""
+    entry = normalize(decode_entry(body))
+    validate(entry, read=True)
     return entry
 
 
@@ -822,12 +853,14 @@ __all__ = [
     "ServiceIntentions",
     "SourceIntention",
     "decode_entry",
+    "drop_legacy_fields",
     "entry_to_json",
     "intention_display",
     "load_entry",
     "normalize",
     "permission_to_json",
     "precedence",
+    "read_entry",
     "source_key",
     "validate",
 ]

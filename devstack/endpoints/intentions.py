@@ -24,6 +24,7 @@ from intentions.entries import (
     ServiceIntentions,
     SourceIntention,
     decode_entry,
+    drop_legacy_fields,
     entry_to_json,
     normalize,
     validate,
@@ -81,10 +82,20 @@ def _entry_for(call: Call, name: str) -> ServiceIntentions | None:
 def _store(call: Call, model: ServiceIntentions | None, name: str, *, legacy_write: bool) -> None:
     """Validate and write (or delete) the entry for `name`, as PUT /v1/config would."""
     store = call.store
+    previous = store.config.get((KIND, name))
+    held = previous.intentions.sources if previous and previous.intentions else ()
+    if legacy_write and any(not src.legacy_id for src in held):
+        # Consul's checkLegacyIntentionApplyAllowed (CE names the service alone).
+        raise RPCError(
+            f'cannot use legacy intention API to edit intentions with a destination of "{name}"'
+            " after editing them via a service-intentions config entry"
+        )
     if model is None:
         proposed = {k: v for k, v in store.config.items() if k != (KIND, name)}
     else:
         model = normalize(model)
+        if not legacy_write:
+            model = drop_legacy_fields(model)
         try:
             validate(model, legacy_write=legacy_write)
         except InvalidEntry as err:

@@ -10,7 +10,6 @@ from agent.config import AgentConfig, parse
 from agent.sidecar import Sidecar, compile_intentions, default_allow
 from agent.watch import WatchSettings
 from intentions.engine import Identity
-from intentions.errors import EntryError
 
 
 def _config(**sidecar: Any) -> AgentConfig:
@@ -58,18 +57,57 @@ def test_stored_entries_compile() -> None:
     assert snap.decide_connection(Identity("api"), Identity("other")).allowed
 
 
-def test_an_unenforceable_entry_keeps_the_previous_snapshot() -> None:
+def test_an_unenforceable_entry_denies_its_destination_never_the_previous_state() -> None:
     side = _sidecar()
-    side._apply_intentions((_entry("allow"),), 10, (False, "default deny"))
-    before = side.intentions.get()
-    assert before.decide_connection(Identity("api"), Identity("web")).allowed
-    jwt = _entry("deny", JWT={"Providers": [{"Name": "okta"}]})
-    with pytest.raises(EntryError):
-        compile_intentions((jwt,), default_allow=False, default_reason="d")
-    side._apply_intentions((jwt,), 11, (False, "default deny"))
-    assert side.intentions.get() is before
-    assert side.intentions_index == 10
-    assert "kept the previous snapshot" in side.intentions_error
+    side._apply_intentions((_entry("allow"),), 10, (True, "default allow"))
+    assert side.intentions.get().decide_connection(Identity("api"), Identity("web")).allowed
+    assert side.degradations() == []
+    jwt = _entry("allow", JWT={"Providers": [{"Name": "okta"}]})
+    side._apply_intentions((jwt,), 11, (True, "default allow"))
+    snap = side.intentions.get()
+    for source in ("web", "other"):
+        got = snap.decide_connection(Identity("api"), Identity(source))
+        assert not got.allowed
+        assert "JWT requirements are not enforced by meshlet" in got.reason
+    assert side.intentions_index == 11
+    assert side.status()["intentions"]["broken"] == {
+        "api": "web => api (allow): JWT requirements are not enforced by meshlet"
+    }
+    assert side.intentions_broken_total == 1
+    [reason] = side.degradations()
+    assert reason.startswith("intentions for api cannot be enforced (index 11), denying")
+    # The same broken entry at a later index (another entry changed) is not counted again.
+    side._apply_intentions((jwt,), 12, (True, "default allow"))
+    assert side.intentions_broken_total == 1
+    side._apply_intentions((_entry("deny"),), 13, (True, "default allow"))
+    snap = side.intentions.get()
+    assert not snap.decide_connection(Identity("api"), Identity("web")).allowed
+    assert snap.decide_connection(Identity("api"), Identity("other")).allowed
+    assert side.degradations() == []
+    assert side.status()["intentions"]["broken_total"] == 1
+
+
+def test_a_legacy_entry_as_consul_returns_it_is_enforced() -> None:
+    legacy = _entry(
+        "deny",
+        Hash=1234567890123,
+        Sources=[
+            {
+                "Name": "web",
+                "Action": "deny",
+                "Precedence": 9,
+                "Type": "consul",
+                "LegacyID": "0b0e6a36-1f0b-4d3b-9a43-3f4f3c2c1a10",
+                "LegacyMeta": {"owner": "ops"},
+                "LegacyCreateTime": "2026-12-06T07:39:52.713662123Z",
+                "LegacyUpdateTime": "2026-12-06T07:39:52.713662123Z",
+            }
+        ],
+    )
+    snap = compile_intentions((legacy,), default_allow=True, default_reason="d")
+    assert snap.broken == {}
+    assert not snap.decide_connection(Identity("api"), Identity("web")).allowed
+    assert snap.decide_connection(Identity("api"), Identity("other")).allowed
 
 
 def test_entries_of_other_services_do_not_hold_back_ours() -> None:

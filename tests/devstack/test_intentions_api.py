@@ -157,3 +157,94 @@ async def test_list_filter(http: Http) -> None:
     status, text, _ = await http.get("/v1/connect/intentions", params={"filter": "Nope == 1"})
     assert status == 500
     assert text.startswith('Failed to create boolean expression evaluator: Selector "Nope"')
+
+
+async def test_legacy_create_stores_the_shape_consul_reads_back(http: Http) -> None:
+    """A legacy create is stored as Consul's `LegacyNormalize` leaves it (consul
+    agent/structs/config_entry_intentions.go): Precedence and Type computed, LegacyID and both
+    timestamps set, LegacyMeta only when non-empty (`omitempty`)."""
+    for body in (
+        {"SourceName": "web", "DestinationName": "api", "Action": "deny"},
+        {"SourceName": "ops", "DestinationName": "api", "Action": "allow", "Meta": {"k": "v"}},
+    ):
+        status, _, _ = await http.call("POST", "/v1/connect/intentions", json=body)
+        assert status == 200
+    _, entry, _ = await http.get("/v1/config/service-intentions/api")
+    assert set(entry) == {"Kind", "Name", "Sources", "CreateIndex", "ModifyIndex"}
+    web, ops = sorted(entry["Sources"], key=lambda s: s["Name"] != "web")
+    legacy_keys = {"LegacyID", "LegacyCreateTime", "LegacyUpdateTime"}
+    assert set(web) == {"Name", "Action", "Precedence", "Type"} | legacy_keys
+    assert set(ops) == {"Name", "Action", "Precedence", "Type", "LegacyMeta"} | legacy_keys
+    assert (web["Precedence"], web["Type"], ops["LegacyMeta"]) == (9, "consul", {"k": "v"})
+    assert web["LegacyCreateTime"].endswith("Z")
+
+
+async def test_legacy_api_refuses_a_destination_edited_through_config_entries(
+    http: Http,
+) -> None:
+    entry = {
+        "Kind": "service-intentions",
+        "Name": "api",
+        "Sources": [{"Name": "web", "Action": "allow"}],
+    }
+    assert (await http.put("/v1/config", json=entry))[0] == 200
+    _, before, _ = await http.get("/v1/config/service-intentions/api")
+    status, text, _ = await http.call(
+        "POST",
+        "/v1/connect/intentions",
+        json={"SourceName": "ops", "DestinationName": "api", "Action": "allow"},
+    )
+    # Consul's checkLegacyIntentionApplyAllowed (agent/consul/intention_endpoint.go).
+    assert status == 500
+    assert text == (
+        'cannot use legacy intention API to edit intentions with a destination of "api" after '
+        "editing them via a service-intentions config entry"
+    )
+    assert (await http.get("/v1/config/service-intentions/api"))[1] == before
+
+
+async def test_config_entry_writes_drop_what_only_the_legacy_api_sets(http: Http) -> None:
+    """Consul's non-legacy `Normalize` clears LegacyID and the timestamps and `Validate` then
+    refuses only a non-empty LegacyMeta: an entry read back from a legacy create can be written
+    again (`consul config read | consul config write`), and the exact API can edit it."""
+    status, created, _ = await http.call(
+        "POST",
+        "/v1/connect/intentions",
+        json={"SourceName": "web", "DestinationName": "api", "Action": "deny"},
+    )
+    assert status == 200
+    _, read_back, _ = await http.get("/v1/config/service-intentions/api")
+    assert read_back["Sources"][0]["LegacyID"] == created["ID"]
+    status, ok, _ = await http.put("/v1/config", json=read_back)
+    assert (status, ok) == (200, True)
+    _, rewritten, _ = await http.get("/v1/config/service-intentions/api")
+    assert set(rewritten["Sources"][0]) == {"Name", "Action", "Precedence", "Type"}
+    assert (await http.get(f"/v1/connect/intentions/{created['ID']}"))[0] == 404
+
+    status, created, _ = await http.call(
+        "POST",
+        "/v1/connect/intentions",
+        json={"SourceName": "web", "DestinationName": "db", "Action": "deny"},
+    )
+    status, ok, _ = await http.put(
+        "/v1/connect/intentions/exact",
+        params={"source": "ops", "destination": "db"},
+        json={"Action": "allow"},
+    )
+    assert (status, ok) == (200, True)
+    _, db, _ = await http.get("/v1/config/service-intentions/db")
+    assert [set(s) for s in db["Sources"]] == [{"Name", "Action", "Precedence", "Type"}] * 2
+
+    status, _, _ = await http.call(
+        "POST",
+        "/v1/connect/intentions",
+        json={
+            "SourceName": "web",
+            "DestinationName": "cache",
+            "Action": "deny",
+            "Meta": {"k": "v"},
+        },
+    )
+    _, with_meta, _ = await http.get("/v1/config/service-intentions/cache")
+    status, text, _ = await http.put("/v1/config", json=with_meta)
+    assert (status, text) == (500, "Sources[0].LegacyMeta must be omitted")

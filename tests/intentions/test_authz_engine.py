@@ -14,7 +14,7 @@ from intentions.engine import (
     normalize_path,
 )
 from intentions.entries import load_entry
-from intentions.errors import BadRequest, UnsupportedEntry
+from intentions.errors import BadRequest
 
 
 def entry(name: str, *sources: dict[str, Any], **extra: Any) -> Any:
@@ -165,15 +165,28 @@ def test_namespaces_partitions_and_peers_are_distinct_keys() -> None:
     assert snap.decide_connection(Identity("api"), Identity("web", "dev")).allowed  # other ns
 
 
-def test_unsupported_content_fails_compilation() -> None:
+def test_unsupported_content_fails_closed_for_its_destination() -> None:
+    """Content meshlet cannot enforce exactly denies everything to that destination (the
+    other destinations stay enforced); see test_authz_stored.py for the read path."""
     jwt = entry("api", {"Name": "web", "Action": "allow"}, JWT={"Providers": [{"Name": "okta"}]})
-    with pytest.raises(UnsupportedEntry, match="JWT"):
-        compile_snapshot([jwt], default_allow=True)
     bad_regex = entry(
-        "api", {"Name": "web", "Permissions": [{"Action": "allow", "HTTP": {"PathRegex": "(("}}]}
+        "db", {"Name": "web", "Permissions": [{"Action": "allow", "HTTP": {"PathRegex": "(("}}]}
     )
-    with pytest.raises(UnsupportedEntry, match="regular expression"):
-        compile_snapshot([bad_regex], default_allow=True)
+    fine = entry("cache", {"Name": "web", "Action": "deny"})
+    snap = compile_snapshot([jwt, bad_regex, fine], default_allow=True)
+    assert set(snap.broken) == {("default", "default", "api"), ("default", "default", "db")}
+    assert "JWT" in snap.broken[("default", "default", "api")].reason
+    assert "regular expression" in snap.broken[("default", "default", "db")].reason
+    for dest in ("api", "db"):
+        for source in ("web", "other"):
+            got = snap.decide_connection(Identity(dest), Identity(source))
+            assert not got.allowed
+            assert f"intentions for {dest} cannot be enforced" in got.reason
+            req = http_request("GET", "/", "x")
+            assert not snap.decide_request(Identity(dest), Identity(source), req).allowed
+    assert not snap.decide_connection(Identity("cache"), WEB).allowed
+    assert snap.decide_connection(Identity("cache"), Identity("other")).allowed
+    assert snap.decide_connection(Identity("elsewhere"), WEB).allowed
 
 
 @pytest.mark.parametrize(

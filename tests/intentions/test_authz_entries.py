@@ -11,7 +11,9 @@ from intentions.entries import (
     entry_to_json,
     intention_display,
     load_entry,
+    normalize,
     precedence,
+    validate,
 )
 from intentions.errors import EntryDecodeError, InvalidEntry
 
@@ -184,8 +186,8 @@ def test_missing_and_wrong_kind() -> None:
             'Sources[1] defines "default/default/web" more than once',
         ),
         (
-            entry({"Name": "web", "Action": "allow", "LegacyID": "x"}),
-            "Sources[0].LegacyID must be omitted",
+            entry({"Name": "web", "Action": "allow", "LegacyMeta": {"k": "v"}}),
+            "Sources[0].LegacyMeta must be omitted",
         ),
         (
             entry({"Name": "web", "Action": "allow", "Description": "x" * 513}),
@@ -280,3 +282,21 @@ def test_intention_display() -> None:
         "web => api (allow)",
         "db => api (1 permission)",
     ]
+
+
+def test_a_config_entry_write_drops_the_legacy_bookkeeping() -> None:
+    # Consul's non-legacy Normalize clears LegacyID and the timestamps (and keeps LegacyMeta,
+    # which Validate refuses when non-empty); validate alone still names each field.
+    body = entry(
+        {
+            "Name": "web",
+            "Action": "allow",
+            "LegacyID": "x",
+            "LegacyCreateTime": "2026-12-06T07:39:52Z",
+            "LegacyUpdateTime": "2026-12-06T07:39:52Z",
+        }
+    )
+    src = load_entry(body).sources[0]
+    assert (src.legacy_id, src.legacy_create_time, src.legacy_update_time) == ("", None, None)
+    with pytest.raises(InvalidEntry, match=r"Sources\[0\]\.LegacyCreateTime must be omitted"):
+        validate(normalize(decode_entry(body)))
