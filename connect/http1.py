@@ -680,6 +680,8 @@ class _Downstream(asyncio.Protocol):
         elif framing.length is not None:
             lines.append(framing.length_line)
         upgrade = facts.upgrade if parser.should_upgrade() else b""
+        if upgrade and (framing.chunked or framing.length):
+            raise _BadHead  # llhttp takes the body for the new protocol's (see _hold): refused
         if upgrade:
             lines.append(_UPGRADE + upgrade + _CRLF)
         lines.append(_CRLF)
@@ -727,7 +729,8 @@ class _Downstream(asyncio.Protocol):
         conn = ex.conn
         if conn is not None and conn.transport is not None and ex.framing.chunked:
             conn.transport.write(_LAST_CHUNK)
-        if ex.denied and ex is self.queue[0]:
+        if ex.denied and self.queue and ex is self.queue[0]:
+            # (a denied upgrade is answered and closed already, the queue then empty)
             self._finish(ex)
 
     # -- exchange lifecycle

@@ -270,6 +270,14 @@ H2C = (
     b"GET /public/h2 HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
 )
+WITH_BODY = (
+    b"POST /public/up HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Content-Length: 5\r\n\r\nhello"
+)
+CHUNKED = (
+    b"POST /public/up HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+)
 UPGRADES = {"websocket": WEBSOCKET, "h2c": H2C}
 FORGED_XFCC = b"X-Forwarded-Client-Cert: By=forged;URI=spiffe://forged/ns/default/dc/dc1/svc/x\r\n"
 SMUGGLED = {
@@ -305,6 +313,20 @@ async def test_a_request_after_an_upgrade_the_app_declines_is_authorized_on_its_
     assert_every_request_went_through_the_sidecar(net)
 
 
+@pytest.mark.parametrize("upgrade", [WITH_BODY, CHUNKED], ids=["length", "chunked"])
+@pytest.mark.parametrize("via", VIAS)
+async def test_an_upgrade_request_with_a_body_is_refused_before_the_app_sees_it(
+    net: Net, via: str, upgrade: bytes
+) -> None:
+    """llhttp stops at the head of an upgrade request and would take its body as the new
+    protocol's, so the body could not be told from a smuggled request: such a request (which
+    RFC 6455 §4.1 excludes for WebSocket) is refused with 400."""
+    answer = await net.send(via, upgrade + SMUGGLED["allowed"] + CLOSE)
+    await net.app_quiet()
+    assert statuses(answer) == [b"400"], answer
+    assert net.rec.raw == b""
+
+
 @pytest.mark.parametrize("upgrade", sorted(UPGRADES))
 @pytest.mark.parametrize("via", VIAS)
 async def test_a_request_after_a_denied_upgrade_never_reaches_the_app(
@@ -314,6 +336,7 @@ async def test_a_request_after_a_denied_upgrade_never_reaches_the_app(
     answer = await net.send(via, denied + SMUGGLED["allowed"] + CLOSE)
     await net.app_quiet()
     assert statuses(answer) == [b"403"], answer  # one answer, then the close
+    assert net.inbound.stats.bad_requests == 0
     assert net.rec.requests == []
     assert net.rec.raw == b""
 
