@@ -999,8 +999,8 @@ class _Downstream(asyncio.Protocol):
         held = self.held
         assert held is not None
         held += data
-        # A client sends nothing after an upgrade request before the 101 (RFC 6455 §4.1,
-        # RFC 9113 §3.2 via RFC 7540); only what one read brought along is held, bounded.
+        # A client sends nothing of the new protocol before the 101 (RFC 6455 §4.1, RFC 7540
+        # §3.2) and reading is paused: only what reads already under way bring is held.
         if len(held) > self.listener.limits.high_water:
             self.held = b""
             self._fail(BAD_REQUEST)
