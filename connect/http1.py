@@ -10,8 +10,10 @@ other, so a connection holds at most about a high-water mark per direction.
 An `_Origin` says where requests go: `AppOrigin` (inbound: the local app, plain TCP) or
 `MeshOrigin` (outbound: a balanced, mTLS-dialed, identity-checked upstream sidecar). The
 listeners (`InboundHTTP`, `OutboundHTTP`) add what differs: the inbound side authorizes each
-request against the peer's identity and writes X-Forwarded-Client-Cert; the outbound side
-removes any X-Forwarded-Client-Cert the app sent.
+request against the peer's identity, removes every X-Forwarded-Client-Cert and x-meshlet-*
+field the caller sent and writes its own X-Forwarded-Client-Cert (Envoy's SANITIZE_SET),
+whatever listener the caller used; the outbound side removes any X-Forwarded-Client-Cert the
+app sent.
 
 Pipelined requests are answered in order: a request that begins while another is in flight
 pauses reading and waits (with at most the rest of one read buffered).
@@ -36,6 +38,7 @@ from connect.http1_headers import (
     FORBIDDEN_CLOSE,
     GATEWAY_TIMEOUT,
     HEADERS_TOO_LARGE,
+    MESHLET_PREFIX,
     REQUEST_ID,
     REQUEST_TIMEOUT,
     RETRY_ANY,
@@ -113,6 +116,9 @@ class _Exchange:
 
     body_done = False
     conn: _UpConn | None = None
+    declined_keeps = False
+    """An upgrade request whose client would keep the connection: it is kept after all if
+    the upstream declines the upgrade (any answer but 101) and keeps its own."""
     denied = False
     expect = False
     pending: list[bytes] | None = None
@@ -124,7 +130,6 @@ class _Exchange:
     resp_started = False
     resp_until_close = False
     retried = False
-    tunnel_pending = b""
     upgrade = b""
 
     def __init__(
@@ -502,6 +507,7 @@ class _Downstream(asyncio.Protocol):
         "head_bytes",
         "head_size",
         "headers",
+        "held",
         "listener",
         "out",
         "parser",
@@ -543,6 +549,9 @@ class _Downstream(asyncio.Protocol):
         self.read_paused = False
         self.tunnel: _UpConn | None = None
         self.eof = False
+        self.held: bytes | None = None
+        """Set once llhttp stops at an upgrade request: what the client sent after its head,
+        for the upstream only if it answers 101 (see _upgrade_requested)."""
         self.xfcc = b""
         """This connection's X-Forwarded-Client-Cert line (inbound), built once."""
 
@@ -570,6 +579,9 @@ class _Downstream(asyncio.Protocol):
         if tunnel is not None:
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
+            return
+        if self.held is not None:
+            self._hold(data)
             return
         try:
             self.parser.feed_data(data)
@@ -689,6 +701,8 @@ class _Downstream(asyncio.Protocol):
         elif framing.length is not None:
             lines.append(framing.length_line)
         upgrade = facts.upgrade if parser.should_upgrade() else b""
+        if upgrade and (framing.chunked or framing.length):
+            raise _BadHead  # llhttp takes the body for the new protocol's (see _hold): refused
         if upgrade:
             lines.append(_UPGRADE + upgrade + _CRLF)
         lines.append(_CRLF)
@@ -736,7 +750,8 @@ class _Downstream(asyncio.Protocol):
         conn = ex.conn
         if conn is not None and conn.transport is not None and ex.framing.chunked:
             conn.transport.write(_LAST_CHUNK)
-        if ex.denied and ex is self.queue[0]:
+        if ex.denied and self.queue and ex is self.queue[0]:
+            # (a denied upgrade is answered and closed already, the queue then empty)
             self._finish(ex)
 
     # -- exchange lifecycle
@@ -793,9 +808,6 @@ class _Downstream(asyncio.Protocol):
             transport.write(ex.head)
             if ex.body_done and ex.framing.chunked:
                 transport.write(_LAST_CHUNK)
-        if ex.tunnel_pending:
-            transport.write(ex.tunnel_pending)
-            ex.tunnel_pending = b""
         self._resume()
 
     def refuse(self, ex: _Exchange, response: bytes) -> None:
@@ -846,7 +858,11 @@ class _Downstream(asyncio.Protocol):
                 ex.resp_chunked = True
                 lines.append(_CHUNKED)
         if not ex.keep_alive and status != 101:
-            lines.append(_CLOSE)
+            conn = ex.conn
+            if ex.declined_keeps and conn is not None and conn.parser.should_keep_alive():
+                ex.keep_alive = True  # see _declined
+            else:
+                lines.append(_CLOSE)
         lines.append(_CRLF)
         out = self.out
         if out is not None:
@@ -969,23 +985,48 @@ class _Downstream(asyncio.Protocol):
         self.tunnel = conn
         self.queue.clear()
         self.state = _BUSY
+        held, self.held = self.held, None
+        if held and conn.transport is not None:
+            conn.transport.write(held)
         if self.transport is not None and rest:
             self.transport.write(rest)
         self._resume()
 
     def _upgrade_requested(self, rest: bytes) -> None:
-        ex = self.queue[-1] if self.queue else None
-        if ex is None or not ex.upgrade or ex.denied:
-            return
-        conn = ex.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.write(rest)
-        else:
-            ex.tunnel_pending += rest
-        # Until the upstream answers 101, nothing more may be read.
+        """llhttp stopped after an upgrade request (or a CONNECT). What follows is the new
+        protocol only once the upstream has answered 101; until then it may as well be a
+        second request that authorization never saw, which the app would take as one if it
+        declines the upgrade. So it is held here, neither parsed nor forwarded, and reading
+        stops: a 101 sends it into the tunnel (tunnel_open); any other answer leaves the
+        connection HTTP/1.1, and it is parsed then as what follows that answer (_declined)."""
+        self.held = b""
         if self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+        ex = self.queue[-1] if self.queue else None
+        if ex is None:
+            # Already answered (denied, or refused at once): nothing will switch protocols.
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if not ex.upgrade or ex.denied:
+            ex.keep_alive = False  # a denied upgrade or a CONNECT: the answer ends it all
+            return
+        # The client's own choice, for when the upstream declines (parser still knows it).
+        ex.declined_keeps = self.parser.should_keep_alive()
+        self._hold(rest)
+
+    def _hold(self, data: bytes) -> None:
+        held = self.held
+        assert held is not None
+        held += data
+        # A client sends nothing of the new protocol before the 101 (RFC 6455 §4.1, RFC 7540
+        # §3.2) and reading is paused: only what reads already under way bring is held.
+        if len(held) > self.listener.limits.high_water:
+            self.held = b""
+            self._fail(BAD_REQUEST)
+            return
+        self.held = held
 
     def _finish(self, ex: _Exchange) -> None:
         if self.out:
@@ -1003,13 +1044,30 @@ class _Downstream(asyncio.Protocol):
             return
         if self.queue:
             self._start(self.queue[0])
+        elif self.held is not None:
+            self._declined()
+            return
         elif self.eof:
             transport.close()  # the client half-closed and has had every answer
             return
         self._resume()
 
+    def _declined(self) -> None:
+        """The upstream answered an upgrade request without switching protocols: the
+        connection stays HTTP/1.1 (RFC 9110 §7.8), so what the client sent after that request
+        is parsed now, by a fresh parser (llhttp's stopped at the upgrade), and each request in
+        it goes the way of any other (authorization, rewrite, XFCC)."""
+        held, self.held = self.held, None
+        self.parser = httptools.HttpRequestParser(self)
+        self._resume()
+        if held:
+            self.data_received(held)
+        if self.eof and not self.queue and self.transport is not None:
+            self.transport.close()
+
     def _resume(self) -> None:
-        if self.read_paused and self.transport is not None:
+        # Never while bytes after an upgrade request are held: only a 101 resumes those.
+        if self.read_paused and self.transport is not None and self.held is None:
             self.read_paused = False
             self.transport.resume_reading()
 
@@ -1072,6 +1130,7 @@ class _HTTPListener(ListeningSocket):
         authorize: RequestAuthorizer | None,
         by_uri: str,
         drop: frozenset[bytes],
+        drop_prefixes: tuple[bytes, ...] = (),
         is_tls: bool,
     ) -> None:
         super().__init__()
@@ -1084,7 +1143,7 @@ class _HTTPListener(ListeningSocket):
         self.is_tls = is_tls
         self.connections: set[_Downstream] = set()
         self.gate: InboundGate | None = None
-        self.request_heads = HeadRewriter(drop)
+        self.request_heads = HeadRewriter(drop, drop_prefixes=drop_prefixes)
         self.response_heads = HeadRewriter()
         self.may_redo = not is_tls
         """Outbound only: an inbound sidecar's app answers are never a peer's refusal."""
@@ -1157,7 +1216,11 @@ class InboundHTTP(_HTTPListener):
             gate.stats,
             authorize=authorize,
             by_uri=local_uri,
-            drop=frozenset(),
+            # What a caller says about its certificate or speaks as a sidecar is not believed,
+            # whichever listener it came through (a tcp upstream relays bytes as they are, and
+            # any mesh leaf can connect here directly): the app sees this sidecar's word only.
+            drop=frozenset({XFCC}),
+            drop_prefixes=(MESHLET_PREFIX,),
             is_tls=True,
         )
         self.gate = gate

@@ -38,6 +38,9 @@ bodiless request may go again; `idempotent`: the app's connection closed before 
 an answer, so only an idempotent one may (RFC 9110 §9.2.2). Only sidecars write it: an
 inbound sidecar removes it from its app's answers, an outbound sidecar from what it hands
 its app."""
+MESHLET_PREFIX = b"x-meshlet-"
+"""Fields sidecars write for each other (RETRIABLE, x-meshlet-reason): an inbound sidecar
+removes every one a caller sent, so none reaches its app as if a sidecar had said it."""
 RETRY_ANY = b"any"
 RETRY_IDEMPOTENT = b"idempotent"
 
@@ -112,17 +115,28 @@ class HeadRewriter:
     and the fields to forward without the hop-by-hop ones (RFC 9110 §7.6.1) or `drop`.
 
     Names are classified through a cache keyed by the name as sent, so a field name seen
-    before costs one dict lookup; the cache is bounded (names are attacker-chosen)."""
+    before costs one dict lookup; the cache is bounded (names are attacker-chosen). Fields
+    whose lower-case name starts with one of `drop_prefixes` are dropped too (decided on a
+    cache miss, so it costs nothing per request)."""
 
-    __slots__ = ("_cache", "_cache_size", "_roles")
+    __slots__ = ("_cache", "_cache_size", "_prefixes", "_roles")
 
-    def __init__(self, drop: frozenset[bytes] = frozenset(), cache_size: int = 2048) -> None:
+    def __init__(
+        self,
+        drop: frozenset[bytes] = frozenset(),
+        cache_size: int = 2048,
+        drop_prefixes: tuple[bytes, ...] = (),
+    ) -> None:
         self._roles = {**_ROLES, **dict.fromkeys(drop, _DROP)}
+        self._prefixes = drop_prefixes
         self._cache: dict[bytes, int] = {}
         self._cache_size = cache_size
 
     def _role(self, name: bytes) -> int:
-        role = self._roles.get(name.lower(), _FORWARD)
+        lower = name.lower()
+        role = self._roles.get(lower, _FORWARD)
+        if role == _FORWARD and lower.startswith(self._prefixes):
+            role = _DROP
         if len(self._cache) < self._cache_size:
             self._cache[name] = role
         return role

@@ -58,6 +58,24 @@ def test_drop_removes_any_case_of_the_name_and_the_name_cache_does_not_leak_role
         assert b"".join(out) == b"X-A: 1\r\nX-B: 2\r\n"
 
 
+def test_drop_prefixes_remove_every_case_of_a_family_and_keep_the_retriable_fact() -> None:
+    rewriter = HeadRewriter(drop_prefixes=(b"x-meshlet-",), cache_size=3)
+    for _ in range(3):  # through the cache and past it
+        out: list[bytes] = []
+        facts = rewriter.rewrite(
+            [
+                (b"X-Meshlet-Reason", b"forged"),
+                (b"x-MESHLET-anything", b"forged"),
+                (b"X-Meshlet-Retriable", b"any"),
+                (b"X-Meshlets", b"kept: not the prefix"),
+                (b"X-A", b"1"),
+            ],
+            out,
+        )
+        assert b"".join(out) == b"X-Meshlets: kept: not the prefix\r\nX-A: 1\r\n"
+        assert facts.retriable == b"any"  # still read (responses), never forwarded
+
+
 def test_framing_and_request_facts() -> None:
     facts, lines = rewrite(
         [
