@@ -52,6 +52,7 @@ from connect.http1_headers import (
     xfcc_element,
 )
 from connect.http_target import BadTarget, TargetParser, with_authority
+from connect.identity import IdentityError, parse_service
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
 from connect.proxy import (
@@ -1226,6 +1227,12 @@ class InboundHTTP(_HTTPListener):
         self.gate = gate
         self.inbound_gate = gate
         self.targets = TargetParser(path_normalization)
+        # An HTTP/1.0 caller may omit Host; the app gets HTTP/1.1, which must carry one: the
+        # name this sidecar serves is the host the caller reached.
+        try:
+            self.default_host = parse_service(local_uri).service.encode()
+        except IdentityError:
+            self.default_host = b""  # no service name to give: forwarded without Host
 
     def _protocol(self) -> asyncio.Protocol:
         return _Downstream(self, None)

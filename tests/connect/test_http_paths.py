@@ -270,3 +270,21 @@ async def test_two_host_fields_are_refused(ca: ProxyTestCA) -> None:
     finally:
         await site.inbound.close(grace=0)
         await site.app.close()
+
+
+async def test_http10_without_host_straight_to_the_inbound_gets_the_local_service_name(
+    ca: ProxyTestCA,
+) -> None:
+    """A mesh leaf speaking HTTP/1.0 to the inbound port directly: the app receives HTTP/1.1,
+    which must carry a Host (RFC 9112 §3.2), so the sidecar names the service it serves."""
+    site = await start_site(ca, POLICIES["deny_admin"], "base")
+    try:
+        assert await site.send(b"GET /public HTTP/1.0\r\n\r\n") == b"200"
+        (got,) = site.app.received
+        assert (got.target, got.version) == (b"/public", b"HTTP/1.1")
+        assert got.header(b"host") == [b"api"]
+        assert await site.send(b"GET /public HTTP/1.0\r\nHost: api.internal\r\n\r\n") == b"200"
+        assert site.app.received[1].header(b"host") == [b"api.internal"]
+    finally:
+        await site.inbound.close(grace=0)
+        await site.app.close()
