@@ -283,27 +283,37 @@ class Supervisor:
             ours.close()
             w.last_exit, w.last_exit_at = f"could not start: {exc}", self._clock()
             return w.last_exit
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        # From here the process exists: whatever happens next (a cancellation while the
+        # channel opens included), it is killed and reaped before this returns or raises.
         self._procs[w.index] = proc
-        self._channels[w.index] = writer
-        w.state, w.pid, w.started_at, w.restart_at = "running", proc.pid, self._clock(), None
-        w.ready, w.problems = False, ("starting",)
-        log.info("worker %d started (pid %d)", w.index, proc.pid)
-        writer.write(encode({"config": to_raw(self._config())}))
-        if self._stop_phase:
-            # Asked to stop while it was starting: it learns at once.
-            writer.write(encode({"stop": self._stop_phase}))
-        reports = asyncio.ensure_future(self._follow(w, reader))
+        writer: asyncio.StreamWriter | None = None
+        reports: asyncio.Future[None] | None = None
         try:
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            self._channels[w.index] = writer
+            w.state, w.pid, w.started_at, w.restart_at = "running", proc.pid, self._clock(), None
+            w.ready, w.problems = False, ("starting",)
+            log.info("worker %d started (pid %d)", w.index, proc.pid)
+            writer.write(encode({"config": to_raw(self._config())}))
+            if self._stop_phase:
+                # Asked to stop while it was starting: it learns at once.
+                writer.write(encode({"stop": self._stop_phase}))
+            reports = asyncio.ensure_future(self._follow(w, reader))
             returncode = await proc.wait()
         finally:
-            reports.cancel()
+            if reports is not None:
+                reports.cancel()
             if proc.returncode is None:  # cancelled: the worker must not outlive us
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
+                # Reaped here, not left to the garbage collector (a zombie until then).
+                await asyncio.shield(proc.wait())
             self._channels.pop(w.index, None)
             self._procs.pop(w.index, None)
-            writer.close()
+            if writer is not None:
+                writer.close()
+            else:
+                ours.close()
         w.ready, w.problems = False, ("not running",)
         w.last_exit, w.last_exit_at = describe_exit(returncode), self._clock()
         return w.last_exit
