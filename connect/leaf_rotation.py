@@ -269,8 +269,13 @@ class LeafRotator:
             if current is not None and not broken:
                 if fresh.serial == current.serial:
                     continue  # a blocking query that ran out of wait
-                if not should_replace(current.validity, fresh.validity):
+                # A higher ModifyIndex is Consul's word that the leaf is newer, even when it
+                # expires earlier (LeafCertTTL was lowered); only an unindexed source is
+                # judged by expiry. Ignoring it would re-ask at once, forever.
+                newer = fresh.index > current.index if fresh.index else False
+                if not newer and not should_replace(current.validity, fresh.validity):
                     log.warning("%s returned an older leaf; ignored", self._leaf_source.name)
+                    next_try = self._retry(current, 1)
                     continue
             self._leaf = fresh
             self._renew_at = renew_at(fresh.validity, self._draw(), self._policy)
