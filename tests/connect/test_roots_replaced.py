@@ -124,6 +124,24 @@ async def test_devstack_replaces_the_roots_with_a_new_trust_domain(
     assert fresh["ModifyIndex"] > before["ModifyIndex"]
 
 
+async def test_devstack_rotates_without_cross_signing_when_forced(replace_http: Http) -> None:
+    _, before, _ = await replace_http.get("/v1/agent/connect/ca/roots")
+    status, body, _ = await replace_http.put(
+        "/v1/connect/ca/configuration",
+        json={
+            "Provider": "consul",
+            "ForceWithoutCrossSigning": True,
+            "Config": {"PrivateKeyBits": 384},
+        },
+    )
+    assert status == 200, body
+    _, roots, _ = await replace_http.get("/v1/agent/connect/ca/roots")
+    assert roots["TrustDomain"] == before["TrustDomain"]
+    old, new = roots["Roots"]  # Consul keeps the old root listed, inactive
+    assert old["ID"] == before["ActiveRootID"] and not old["Active"]
+    assert new["Active"] and new["IntermediateCerts"] is None
+
+
 async def test_a_leaf_that_no_longer_chains_is_replaced(
     replace_http: Http, rotators: dict[str, Running]
 ) -> None:
