@@ -49,6 +49,14 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--vault-addr", metavar="HOST:PORT", default=None, help="also serve Vault PKI")
     p.add_argument("--vault-token", metavar="TOKEN", default=None, help="Vault root token")
+    p.add_argument(
+        "--ca-change-delay",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="after a CA root change, keep serving the old leaves this long before re-signing "
+        "(Consul waits a random 0-30 s; default %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=_run_dev)
 
@@ -116,6 +124,7 @@ def _run_dev(args: argparse.Namespace) -> int:
             enable_script_checks=args.enable_script_checks,
             vault_addr=args.vault_addr,
             vault_token=args.vault_token,
+            ca_change_delay=args.ca_change_delay,
         )
     except DevConfigError as err:
         print(f"meshlet dev: {err}", file=sys.stderr)

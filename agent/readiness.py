@@ -1,9 +1,10 @@
 """Is the sidecar fit to receive traffic? Its Consul check says what this module answers.
 
 The answer is "yes" only when the sidecar's listeners accept connections and it holds a leaf
-certificate that has not expired. The registrar asks a `SidecarReadiness` and reports the
-verdict to Consul as a TTL check, so instances that cannot serve drop out of their callers'
-`/v1/health/connect/...?passing` answers.
+certificate that has not expired and that chains to the CA's current roots (a leaf the roots
+no longer vouch for is refused by every peer). The registrar asks a `SidecarReadiness` and
+reports the verdict to Consul as a TTL check, so instances that cannot serve drop out of their
+callers' `/v1/health/connect/...?passing` answers.
 
 The proxy and the certificate source are built elsewhere (connect/); they plug in here through
 `LeafStatus` (and, when the proxy runs in this process, a `SidecarReadiness` of its own that
@@ -55,7 +56,8 @@ class LeafStatus(Protocol):
         ...
 
     def leaf_problem(self) -> str:
-        """Why no valid leaf is held (empty when one is)."""
+        """Why no usable leaf is held: none yet, or one that does not chain to the current
+        roots (empty when the held leaf is usable)."""
         ...
 
 
@@ -105,4 +107,6 @@ class ListenerReadiness:
             reasons.append(self._leaf.leaf_problem() or "no leaf certificate held")
         elif expiry <= self._clock():
             reasons.append("leaf certificate expired")
+        elif problem := self._leaf.leaf_problem():
+            reasons.append(problem)
         return Readiness(not reasons, tuple(reasons), expiry)

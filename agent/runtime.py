@@ -522,7 +522,7 @@ class AgentRuntime:
         (this one's are `proxy.stats`; a worker's restart from zero when it restarts)."""
         if self.sidecar is None:
             return None
-        own = dataclasses.asdict(self.sidecar.stats)
+        own = self.sidecar.counters()
         if self.supervisor is None:
             return {"count": 1, "processes": [], "stats_total": own}
         status = dict(self.supervisor.status())

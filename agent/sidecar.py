@@ -207,6 +207,7 @@ class Sidecar:
         """Entries refused since start (a destination counts again when its reason changes)."""
         self.inbound: _Listener | None = None
         self.outbound: dict[str, tuple[_Listener, _Endpoints]] = {}
+        self.upstreams: dict[str, Upstream] = {}
         self._closed = False
         self.started = asyncio.Event()
         """Set once every listener is up."""
@@ -219,7 +220,8 @@ class Sidecar:
 
     def leaf_problem(self) -> str:
         if self.leaf_expiry() is not None:
-            return ""
+            # A leaf that does not chain to the current roots is refused by every peer.
+            return self.rotator.problem() if self.rotator is not None else ""
         why = f": {self.leaf_error}" if self.leaf_error else ""
         return f"no leaf certificate yet from the {self.config.certs.source!r} source{why}"
 
@@ -253,6 +255,8 @@ class Sidecar:
             reasons.append(self.leaf_problem())
         elif expiry <= self._clock():
             reasons.append("leaf certificate expired")
+        elif problem := self.leaf_problem():
+            reasons.append(problem)
         return reasons
 
     def degradations(self) -> list[str]:
@@ -273,6 +277,11 @@ class Sidecar:
                 "expires_at": self.leaf_expiry(),
                 "health": self.rotator.health().value if self.rotator is not None else "",
                 "error": self.leaf_error,
+                "trust_domain": material.bundle.trust_domain if material else "",
+                "problem": self.rotator.problem() if self.rotator is not None else "",
+                "roots_changes": self.rotator.roots_changes if self.rotator is not None else 0,
+                "chain_breaks": self.rotator.chain_breaks if self.rotator is not None else 0,
+                "stale_leaves": self.rotator.stale_leaves if self.rotator is not None else 0,
             },
             "intentions": {
                 "loaded": self.intentions_loaded,
@@ -291,7 +300,17 @@ class Sidecar:
                 name: {"index": ep.index, "endpoints": len(ep.current.targets)}
                 for name, (_, ep) in self.outbound.items()
             },
-            "stats": dataclasses.asdict(self.stats),
+            "stats": self.counters(),
+        }
+
+    def counters(self) -> dict[str, Any]:
+        """The proxy's counters (`ProxyStats`) and the failed dials per upstream and kind
+        (connect.dial_failures): what a worker reports and a worker group adds up."""
+        return {
+            **dataclasses.asdict(self.stats),
+            "upstream_refusals": {
+                name: upstream.refusal_counts() for name, upstream in self.upstreams.items()
+            },
         }
 
     # ---- the tasks ---------------------------------------------------------------------------
@@ -501,6 +520,7 @@ class Sidecar:
                 expected_service=up.name,
                 rng=random.Random(self._rng.random()),
             )
+            self.upstreams[up.name] = upstream
             out: _Listener = (
                 OutboundHTTP(upstream, stats=self.stats)
                 if up.protocol == "http"

@@ -52,6 +52,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _refusals(status: Mapping[str, Any]) -> Mapping[str, Mapping[str, int]]:
+    """Failed dials per upstream and kind: the worker group's totals when there are workers."""
+    stats = status.get("stats_total") or (status.get("proxy") or {}).get("stats") or {}
+    refusals: Mapping[str, Mapping[str, int]] = stats.get("upstream_refusals") or {}
+    return refusals
+
+
 def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) -> str:
     """The status as text: a summary table, then one row per upstream (pure, for tests)."""
     reg, side, consul = status["registration"], status["sidecar"], status["consul"]
@@ -83,6 +90,12 @@ def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) ->
             + (f": {consul['last_error']}" if consul["last_error"] else ""),
         ),
     ]
+    proxy = status.get("proxy") or {}
+    leaf_state = proxy.get("leaf") or {}
+    if leaf_state.get("trust_domain"):
+        summary.append(("trust domain", leaf_state["trust_domain"]))
+    if leaf_state.get("problem"):
+        summary.append(("leaf problem", leaf_state["problem"]))
     workers = status.get("workers") or {}
     for w in workers.get("processes", ()):
         if w["state"] == "running":
@@ -113,6 +126,14 @@ def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) ->
         if rows
         else "no upstreams"
     )
+    refused = [
+        (name, kind, str(count))
+        for name, kinds in sorted(_refusals(status).items())
+        for kind, count in sorted(kinds.items())
+    ]
+    if refused:
+        out.append("")
+        out.append(_table(("UPSTREAM", "DIALS FAILED", "COUNT"), refused))
     if endpoints:
         for up in status["upstreams"]:
             out.append("")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import json
 import logging
 import os
@@ -249,7 +248,7 @@ class WorkerRuntime:
         last_stats: dict[str, Any] = {}
         while True:
             problems = tuple(self.problems())
-            stats = dataclasses.asdict(self.sidecar.stats)
+            stats = self.sidecar.counters()
             if problems != last or stats != last_stats:
                 if problems != last:
                     writer.write(encode({"ready": not problems, "problems": list(problems)}))

@@ -5,6 +5,19 @@ or the pure schedule in `renewal.py` for sources that do not block). A failure n
 valid leaf: it is logged, retried with backoff, and shows up in `health()` once the leaf is past
 its hard deadline. A root rotation renews at once a leaf the new root did not sign.
 
+Roots changes: whenever the bundle changes, the held leaf is checked against it
+(`leaf_chain.chain_problem`: chains to one of the roots, SPIFFE ID in the bundle's trust domain).
+A leaf that no longer passes is useless (every peer refuses it), so the loop stops waiting on
+Consul's blocking query and asks for a leaf at once with a non-blocking one, retrying with
+backoff until a leaf that chains arrives: Consul's agent re-signs when the active root changes,
+but only after a random delay of up to 30 s (`caChangeJitterWindow`, consul:agent/leafcert/
+generate.go), and while that refresh is pending it answers even non-blocking queries with the
+leaf it holds (consul:agent/leafcert/leafcert.go `certNeedsUpdate`). A fetched leaf that does not
+chain never replaces one (it is counted in `stale_leaves`), and `problem()` says why the held
+leaf is unusable until one that chains is in place. Conversely, a fetched leaf that does not
+chain to our bundle may mean the bundle is the stale one (a rebuilt cluster whose index went
+backwards parks the roots query): the roots are then re-read at once.
+
 Readers take `current` (one immutable value) or wait for a new generation with `changed()`.
 """
 
@@ -12,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from connect.leaf import (
     Leaf,
@@ -26,6 +41,7 @@ from connect.leaf import (
     SourceRejected,
     TrustBundle,
 )
+from connect.leaf_chain import chain_problem
 from connect.renewal import (
     DEFAULT_POLICY,
     Health,
@@ -38,6 +54,8 @@ from connect.renewal import (
 )
 
 log = logging.getLogger("meshlet.connect.rotation")
+
+T = TypeVar("T")
 
 
 class LeafRotator:
@@ -62,9 +80,16 @@ class LeafRotator:
         self._renew_at = 0.0
         self._published = asyncio.Condition()
         self._roots_moved = asyncio.Event()
+        self._reread_roots = asyncio.Event()
         self._have_bundle = asyncio.Event()
+        self._problem = ""
         self.renewals = 0
         self.failures = 0
+        self.roots_changes = 0
+        self.chain_breaks = 0
+        """Times a roots change left the held leaf without a chain to the roots."""
+        self.stale_leaves = 0
+        """Leaves fetched that did not chain to the current roots (never put in use)."""
 
     # ---- readers ---------------------------------------------------------------------------
 
@@ -76,6 +101,22 @@ class LeafRotator:
         if self._leaf is None:
             return Health.EXPIRED
         return health(self._leaf.validity, self._clock(), self._policy)
+
+    def problem(self) -> str:
+        """Why the held leaf is unusable with the held bundle ("" when it chains, or when
+        nothing is held yet)."""
+        return self._problem
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+
+    def _check_chain(self) -> str:
+        """Re-evaluate the held leaf against the held bundle; returns (and keeps) the problem."""
+        if self._leaf is None or self._bundle is None:
+            self._problem = ""
+        else:
+            self._problem = chain_problem(self._leaf, self._bundle, self._now())
+        return self._problem
 
     async def ready(self) -> Material:
         return await self.changed(0)
@@ -108,8 +149,11 @@ class LeafRotator:
         index = 0
         failures = 0
         while True:
+            self._reread_roots.clear()
             try:
-                bundle = await self._roots_source.roots(index)
+                got = await self._unless(
+                    self._roots_source.roots(index), self._reread_roots, lambda: True
+                )
             except LeafError as err:
                 failures += 1
                 delay = min(self._policy.backoff_cap, self._policy.backoff_base * 2**failures)
@@ -117,18 +161,40 @@ class LeafRotator:
                 await asyncio.sleep(delay * (0.5 + 0.5 * self._draw()))
                 index = 0
                 continue
+            if got is None:
+                # A leaf that does not chain to our bundle came back: maybe the bundle is
+                # the stale one. Read the roots now rather than when the blocking query ends.
+                index = 0
+                continue
+            bundle = got
             failures = 0
             index = bundle.index
             old = self._bundle
-            if old is not None and (old.roots_pem, old.active_root_id) == (
+            if old is not None and (old.roots_pem, old.active_root_id, old.trust_domain) == (
                 bundle.roots_pem,
                 bundle.active_root_id,
+                bundle.trust_domain,
             ):
                 continue
             self._bundle = bundle
             self._have_bundle.set()
-            if old is not None and old.active_root_id != bundle.active_root_id:
-                log.info("CA root rotated to %s", bundle.active_root_id)
+            if old is None:
+                self._check_chain()
+                await self._publish()
+                continue
+            self.roots_changes += 1
+            had_problem = self._problem
+            problem = self._check_chain()
+            if old.active_root_id != bundle.active_root_id:
+                log.info(
+                    "CA root rotated to %s (trust domain %s)",
+                    bundle.active_root_id,
+                    bundle.trust_domain,
+                )
+            if problem and not had_problem:
+                self.chain_breaks += 1
+                log.error("%s after the roots changed; fetching a new leaf now", problem)
+            if problem or old.active_root_id != bundle.active_root_id:
                 self._roots_moved.set()
             await self._publish()
 
@@ -144,19 +210,32 @@ class LeafRotator:
                 current is not None
                 and not self._leaf_source.blocking
                 and not self._needs_new_root(current)
+                and not self._problem
             ):
                 await self._wait_until(self._renew_at)
             self._roots_moved.clear()
-            assert self._bundle is not None
+            current = self._leaf
+            bundle = self._bundle
+            assert bundle is not None
+            # A held leaf that does not chain is worth nothing: ask for one at once (a
+            # non-blocking query: Consul's agent then revalidates its cached leaf).
+            broken = current is not None and bool(self._problem)
+            ask = None if broken else current
             try:
-                fresh = await self._leaf_source.fetch(current, self._bundle)
+                if ask is not None and self._leaf_source.blocking:
+                    fresh = await self._unless(
+                        self._leaf_source.fetch(ask, bundle),
+                        self._roots_moved,
+                        lambda: bool(self._problem),
+                    )
+                    if fresh is None:
+                        continue  # the roots changed under the wait: decide again
+                else:
+                    fresh = await self._leaf_source.fetch(ask, bundle)
             except LeafError as err:
                 failures += 1
                 self.failures += 1
-                validity = current.validity if current else Validity(0, 0)
-                now = self._clock()
-                next_try = retry_at(validity, now, failures, self._draw(), self._policy)
-                state = health(validity, now, self._policy) if current else Health.EXPIRED
+                next_try = self._retry(current, failures)
                 level = logging.ERROR if isinstance(err, SourceRejected) else logging.WARNING
                 log.log(
                     level,
@@ -164,28 +243,93 @@ class LeafRotator:
                     self._leaf_source.name,
                     current.service if current else "?",
                     err,
-                    state.value,
-                    next_try - now,
+                    self._state(current),
+                    next_try - self._clock(),
                 )
                 continue
-            failures, next_try = 0, None
-            if current is not None and fresh.serial == current.serial:
-                continue  # a blocking query that ran out of wait
-            if current is not None and not should_replace(current.validity, fresh.validity):
-                log.warning("%s returned an older leaf; ignored", self._leaf_source.name)
+            if self._bundle is not bundle:
+                continue  # the roots changed during the fetch: judge against the new ones
+            problem = chain_problem(fresh, bundle, self._now())
+            if problem and current is not None:
+                # Consul's agent answers with the leaf it holds until its re-signing delay
+                # has passed; it must not replace ours, nor stop us asking.
+                self.stale_leaves += 1
+                failures += 1
+                next_try = self._retry(current, failures)
+                log.warning(
+                    "%s answered with a leaf that does not chain to the current roots (%s); "
+                    "asking again in %.1fs",
+                    self._leaf_source.name,
+                    problem,
+                    next_try - self._clock(),
+                )
+                self._reread_roots.set()
                 continue
+            failures, next_try = 0, None
+            if current is not None and not broken:
+                if fresh.serial == current.serial:
+                    continue  # a blocking query that ran out of wait
+                # A higher ModifyIndex is Consul's word that the leaf is newer, even when it
+                # expires earlier (LeafCertTTL was lowered); only an unindexed source is
+                # judged by expiry. Ignoring it would re-ask at once, forever.
+                newer = fresh.index > current.index if fresh.index else False
+                if not newer and not should_replace(current.validity, fresh.validity):
+                    log.warning("%s returned an older leaf; ignored", self._leaf_source.name)
+                    next_try = self._retry(current, 1)
+                    continue
             self._leaf = fresh
             self._renew_at = renew_at(fresh.validity, self._draw(), self._policy)
             if current is not None:
                 self.renewals += 1
+            self._check_chain()
             log.info(
-                "leaf for %s from %s: serial %s, valid until %s",
+                "leaf for %s from %s: serial %s, valid until %s%s",
                 fresh.service,
                 fresh.source,
                 fresh.serial,
                 fresh.valid_before.isoformat(),
+                "; it replaces a leaf that no longer chained to the roots" if broken else "",
             )
+            if self._problem:
+                log.error("%s; asking again", self._problem)
+                failures = 1
+                next_try = self._retry(fresh, failures)
             await self._publish()
+
+    def _retry(self, current: Leaf | None, failures: int) -> float:
+        validity = current.validity if current else Validity(0, 0)
+        return retry_at(validity, self._clock(), failures, self._draw(), self._policy)
+
+    def _state(self, current: Leaf | None) -> str:
+        if current is None:
+            return Health.EXPIRED.value
+        if self._problem:
+            return "not chaining to the roots"
+        return health(current.validity, self._clock(), self._policy).value
+
+    async def _unless(
+        self, call: Awaitable[T], event: asyncio.Event, still: Callable[[], bool]
+    ) -> T | None:
+        """`call`'s result, or None once `event` is set while `still()` holds (the call is
+        then cancelled). Errors of `call` propagate."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                waiter = asyncio.ensure_future(event.wait())
+                try:
+                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if task.done():
+                    return task.result()
+                if still():
+                    return None
+                event.clear()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _needs_new_root(self, leaf: Leaf) -> bool:
         return self._bundle is not None and leaf.issuer != self._bundle.active_subject

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from connect.balancer import Balancer, Cursor, Target
+from connect.dial_failures import dial_failure
 from connect.resumption import offering, sessions_of
 from intentions.engine import Identity, Snapshot, http_request
 from intentions.errors import BadRequest
@@ -193,9 +194,43 @@ class Upstream:
     """Offer the endpoint's last TLS session (connect.resumption) when the client context
     keeps sessions; the server is still verified and its identity checked on every dial."""
     rng: random.Random = field(default_factory=random.Random)
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Failed dials by kind (connect.dial_failures): handshakes refused by the peer or by
+    us, identity mismatches, timeouts. Read through `refusal_counts()`."""
     _balancer: Balancer | None = None
     _cursor: Cursor = field(default_factory=lambda: Cursor([]))
     _ejected: dict[str, float] = field(default_factory=dict)
+    _unconfirmed: list[tuple[asyncio.BaseTransport, ssl.SSLObject]] = field(default_factory=list)
+    """Fresh TLS 1.3 connections whose server has not yet sent a session ticket, i.e. not
+    yet said it accepted our certificate (connect.dial_failures, `peer_refused`)."""
+
+    def refused(self, kind: str) -> None:
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
+
+    def settle(self) -> None:
+        """Count the fresh connections that closed before their server accepted us."""
+        if not self._unconfirmed:
+            return
+        waiting = []
+        for transport, ssl_object in self._unconfirmed:
+            session = ssl_object.session
+            if session is not None and session.has_ticket:
+                continue
+            if transport.is_closing():
+                self.refused("peer_refused")
+                log.warning(
+                    "upstream %s: the server closed right after the handshake: it refused "
+                    "our certificate (its handshake_failures say why)",
+                    self.name,
+                )
+                continue
+            waiting.append((transport, ssl_object))
+        # Bounded: a server that sends no tickets at all must not make this grow.
+        self._unconfirmed = waiting[-_UNCONFIRMED_MAX:]
+
+    def refusal_counts(self) -> dict[str, int]:
+        self.settle()
+        return dict(self.refusals)
 
     def cursor_for(self, balancer: Balancer) -> Cursor:
         if balancer is not self._balancer:
@@ -224,6 +259,9 @@ class Upstream:
         self._ejected[target.key] = now + self.eject_for
 
 
+_UNCONFIRMED_MAX = 64
+
+
 class DialFailed(Exception):
     """No endpoint could be reached; str() is the reason for the 503's header."""
 
@@ -240,6 +278,7 @@ async def dial_target(
     byte of a request was sent, so the caller may try another endpoint.
     """
     loop = asyncio.get_running_loop()
+    upstream.settle()
     ctx = upstream.client_ssl()
     sessions = sessions_of(ctx) if upstream.resume_tls else None
     offer = None
@@ -264,17 +303,23 @@ async def dial_target(
     except (OSError, TimeoutError) as err:  # ssl.SSLError is an OSError
         if sessions is not None:
             sessions.forget(key)
+        kind, detail = dial_failure(err)
+        upstream.refused(kind)
+        if kind not in ("connect_refused", "timeout", "closed", "other"):
+            log.warning("upstream %s endpoint %s: %s", upstream.name, target.key, detail)
         raise DialFailed(f"connect to {target.key} failed: {type(err).__name__}") from None
     ssl_object = transport.get_extra_info("ssl_object")
     peer = upstream.verify_peer.peer_of(ssl_object)
     reason = ""
     if isinstance(peer, str):
         reason = peer
+        upstream.refused("identity_refused")
     elif (
         peer.identity.name != upstream.expected_service
         or peer.identity.namespace != upstream.expected_namespace
     ):
         reason = f"server is {peer.uri}, not {upstream.expected_service}"
+        upstream.refused("identity_mismatch")
     if reason:
         transport.abort()
         if sessions is not None:
@@ -283,6 +328,12 @@ async def dial_target(
         raise DialFailed(f"{target.key}: {reason}")
     if sessions is not None:
         sessions.keep(key, ssl_object)
+    if (
+        ssl_object is not None
+        and not ssl_object.session_reused
+        and ssl_object.version() == "TLSv1.3"
+    ):
+        upstream._unconfirmed.append((transport, ssl_object))
     return transport, protocol
 
 

@@ -29,6 +29,9 @@ class DevConfig:
     # PUT may set (Consul's is 1h; tests lower it to use leaves that live seconds).
     leaf_cert_ttl: float = 72 * 3600.0
     min_leaf_cert_ttl: float = 3600.0
+    # Seconds the agent keeps serving a leaf of a root that is no longer active before it
+    # re-signs (Consul: a random delay of up to 30 s; fixed here so tests can rely on it).
+    ca_change_delay: float = 0.0
     # Serve the Vault PKI subset on this HOST:PORT, with this root token (random if unset).
     vault_addr: str | None = None
     vault_token: str | None = field(default=None, repr=False)
@@ -48,6 +51,8 @@ class DevConfig:
             split_host_port(self.vault_addr)
         if not 0 < self.leaf_cert_ttl < 8760 * 3600:
             raise DevConfigError("leaf_cert_ttl must be more than 0s and less than 8760h")
+        if not 0 <= self.ca_change_delay <= 600:
+            raise DevConfigError("ca_change_delay must be between 0s and 600s")
         if not self.datacenter or not self.node_name:
             raise DevConfigError("datacenter and node_name must not be empty")
 

@@ -7,7 +7,17 @@ Consul's CA manager and the agent's leaf-certificate cache in one object (consul
   keeps the old root listed, inactive, until the leaves it signed have expired;
 - leaves: one per service name, issued on first request and re-issued when the active root
   changes or the leaf passes its soft expiry, a random point in 60-90 % of its lifetime
-  (consul:agent/leafcert), which is when blocked leaf queries return.
+  (consul:agent/leafcert), which is when blocked leaf queries return. After the active root
+  changes, Consul's agent waits a random delay of up to 30 s before re-signing
+  (`caChangeJitterWindow`, consul:agent/leafcert/generate.go) and meanwhile answers with the
+  leaf it holds; `change_delay` models that as a fixed delay (0 by default, as Consul's
+  `TestOverrideCAChangeInitialDelay` does in its tests);
+- `ForceWithoutCrossSigning` skips the cross-signature, as in Consul. A devstack extension: a
+  PUT whose `ClusterID` differs from the current one replaces the CA as a re-bootstrapped
+  cluster would (new trust domain, new root, the old roots dropped, nothing cross-signed).
+  Consul itself ignores `ClusterID` in a PUT (consul:agent/consul/leader_connect_ca.go "Don't
+  allow users to change the ClusterID"); the extension lets tests reproduce a mesh whose roots
+  were replaced under running sidecars.
 
 Every change commits the store's index, so blocking queries wake as for any other write. The
 provider (where root keys live) is Consul's built-in one, or devstack's Vault PKI mount.
@@ -155,6 +165,7 @@ class ConnectCA:
         provider: RootProvider | None = None,
         min_leaf_ttl: float = HOUR,
         cluster_id: str | None = None,
+        change_delay: float = 0.0,
     ) -> None:
         self.store = store
         self.datacenter = datacenter
@@ -174,6 +185,10 @@ class ConnectCA:
         self.config_modify_index = 0
         self._timers: list[asyncio.TimerHandle] = []
         self.closing = asyncio.Event()
+        self.change_delay = change_delay
+        # When the active root last changed: leaves of other roots are re-signed from
+        # `rotated_at + change_delay` on.
+        self.rotated_at: datetime.datetime | None = None
 
     # ---- roots -----------------------------------------------------------------------------
 
@@ -234,37 +249,77 @@ class ConnectCA:
         return "".join(r.issuer.pem + "".join(r.intermediates) for r in self.roots)
 
     def rotate(
-        self, settings: CASettings | None = None, provider: RootProvider | None = None
+        self,
+        settings: CASettings | None = None,
+        provider: RootProvider | None = None,
+        *,
+        cross_sign: bool = True,
     ) -> None:
-        """Make a new active root, cross-signed by the current one."""
+        """Make a new active root, cross-signed by the current one unless `cross_sign` is
+        False (Consul's ForceWithoutCrossSigning)."""
         settings = settings or self.settings
         if provider is not None:
             self.provider = provider
         old = self.active
         fresh = self._generate_root(settings)
-        cross = old.issuer.cross_sign(fresh.cert, utcnow())
-        fresh = Issuer(name=fresh.name, key=fresh.key, cert=fresh.cert, chain=(cross,), id=fresh.id)
+        intermediates: list[str] = []
+        if cross_sign:
+            cross = old.issuer.cross_sign(fresh.cert, utcnow())
+            fresh = Issuer(
+                name=fresh.name, key=fresh.key, cert=fresh.cert, chain=(cross,), id=fresh.id
+            )
+            intermediates = [cert_pem(cross)]
         self.provider.adopt(fresh)
         index = self.store._commit([ROOTS_TABLE])
         old.active = False
         old.modify_index = index
         old.retired_at = utcnow()
+        self.rotated_at = old.retired_at
         self.roots.append(
             CARoot(
                 fresh,
                 active=True,
                 create_index=index,
                 modify_index=index,
-                intermediates=[cert_pem(cross)],
+                intermediates=intermediates,
             )
         )
         self.settings = settings
         log.info(
-            "CA root rotated: %s -> %s (old root stays trusted until its leaves expire)",
+            "CA root rotated: %s -> %s (%s; old root stays trusted until its leaves expire)",
             old.issuer.fingerprint,
             fresh.fingerprint,
+            "cross-signed" if cross_sign else "not cross-signed",
         )
         self._schedule_prune(self.settings.leaf_cert_ttl + PRUNE_GRACE)
+
+    def replace(self, cluster_id: str, settings: CASettings | None = None) -> None:
+        """Start over as a re-bootstrapped cluster: a new cluster ID and trust domain, one new
+        root, the old roots gone (a devstack extension, see the module docstring)."""
+        settings = settings or self.settings
+        old = self.active
+        self.cluster_id = cluster_id
+        self.trust_domain = f"{cluster_id}.consul"
+        fresh = self._generate_root(settings)
+        self.provider.adopt(fresh)
+        index = self.store._commit([ROOTS_TABLE])
+        self.roots = [CARoot(fresh, active=True, create_index=index, modify_index=index)]
+        self.settings = settings
+        self.rotated_at = utcnow()
+        log.info(
+            "CA replaced: trust domain %s, root %s (old root %s dropped, not cross-signed)",
+            self.trust_domain,
+            fresh.fingerprint,
+            old.issuer.fingerprint,
+        )
+
+    def resign_at(self, leaf: IssuedLeaf) -> datetime.datetime | None:
+        """When a leaf of an inactive root is re-signed; None for a leaf of the active root."""
+        if leaf.root_id == self.active.issuer.fingerprint:
+            return None
+        if self.rotated_at is None:
+            return utcnow()
+        return self.rotated_at + datetime.timedelta(seconds=self.change_delay)
 
     def _schedule_prune(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -317,9 +372,16 @@ class ConnectCA:
         }
 
     def update_config(
-        self, provider: RootProvider, config: dict[str, Any], *, rotate_for: Sequence[str] = ()
+        self,
+        provider: RootProvider,
+        config: dict[str, Any],
+        *,
+        rotate_for: Sequence[str] = (),
+        cross_sign: bool = True,
+        cluster_id: str = "",
     ) -> bool:
-        """Apply a PUT; True when it rotated the root. Validation errors are CAConfigError."""
+        """Apply a PUT; True when it rotated (or replaced) the root. Validation errors are
+        CAConfigError."""
         s = self.settings
         new = CASettings(
             leaf_cert_ttl=_ttl(config, "LeafCertTTL", s.leaf_cert_ttl),
@@ -339,8 +401,13 @@ class ConnectCA:
         known |= {"PrivateKeyBits", *rotate_for, *provider.config()}
         self.extra_config = {k: v for k, v in config.items() if k not in known}
         self.written_config = dict(config)
-        if rotate:
-            self.rotate(new, provider)
+        if cluster_id and cluster_id != self.cluster_id:
+            if provider is not self.provider:
+                self.provider = provider
+            self.replace(cluster_id, new)
+            rotate = True
+        elif rotate:
+            self.rotate(new, provider, cross_sign=cross_sign)
         self.settings = new
         self.config_modify_index = self.store._commit([CONFIG_TABLE])
         return rotate
@@ -366,12 +433,10 @@ class ConnectCA:
     def leaf(self, service: str, now: datetime.datetime) -> IssuedLeaf:
         """The service's current leaf, issuing a new one when none is usable."""
         cached = self.leaves.get(service)
-        if (
-            cached is not None
-            and cached.root_id == self.active.issuer.fingerprint
-            and now < cached.soft_expiry
-        ):
-            return cached
+        if cached is not None and now < cached.soft_expiry:
+            resign = self.resign_at(cached)
+            if resign is None or now < resign:
+                return cached
         return self._issue(service, now, cached)
 
     def _issue(self, service: str, now: datetime.datetime, old: IssuedLeaf | None) -> IssuedLeaf:

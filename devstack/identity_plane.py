@@ -37,6 +37,7 @@ class IdentityPlane:
             datacenter=config.datacenter,
             settings=CASettings(leaf_cert_ttl=config.leaf_cert_ttl),
             min_leaf_ttl=min(config.min_leaf_cert_ttl, config.leaf_cert_ttl),
+            change_delay=config.ca_change_delay,
         )
 
     async def start(self) -> None:

@@ -118,7 +118,13 @@ async def put_config(call: Call) -> Reply:
     if provider is None:
         raise RPCError(f"devstack: CA provider {name!r} is not available here")
     try:
-        ca.update_config(provider, dict(body.get("Config") or {}), rotate_for=ROTATING_KEYS)
+        ca.update_config(
+            provider,
+            dict(body.get("Config") or {}),
+            rotate_for=ROTATING_KEYS,
+            cross_sign=not body.get("ForceWithoutCrossSigning", False),
+            cluster_id=body.get("ClusterID") or "",
+        )
     except CAConfigError as err:
         raise RPCError(f"error parsing CA config: {err}") from None
     return Reply()
@@ -152,8 +158,11 @@ async def _blocking_leaf(call: Call, ca: ConnectCA, service: str) -> IssuedLeaf:
             or ca.closing.is_set()
         ):
             return issued
-        until_soft = (issued.soft_expiry - now).total_seconds()
-        await _park(call, ca, max(0.0, min(remaining, until_soft)))
+        until = issued.soft_expiry
+        resign = ca.resign_at(issued)
+        if resign is not None:
+            until = min(until, resign)
+        await _park(call, ca, max(0.0, min(remaining, (until - now).total_seconds())))
 
 
 async def authorize(call: Call) -> Reply:

@@ -59,8 +59,8 @@ class Proc:
         self.p.communicate(timeout=10)
 
 
-def start_dev(port: int) -> Proc:
-    dev = Proc(["dev", "--http-addr", f"127.0.0.1:{port}"])
+def start_dev(port: int, args: tuple[str, ...] = ()) -> Proc:
+    dev = Proc(["dev", "--http-addr", f"127.0.0.1:{port}", *args])
     dev.wait_for_line("HTTP API at http://")
     return dev
 

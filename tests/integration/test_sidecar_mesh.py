@@ -163,7 +163,9 @@ def put_intentions(consul: str, destination: str, action: str) -> int:
 
 
 class Mesh:
-    def __init__(self, tmp: Path, protocol: str, certs: str = "consul") -> None:
+    def __init__(
+        self, tmp: Path, protocol: str, certs: str = "consul", dev_args: tuple[str, ...] = ()
+    ) -> None:
         self.procs: list[Proc] = []
         self.apps: list[ThreadingHTTPServer] = []
         self.tmp = tmp
@@ -173,7 +175,7 @@ class Mesh:
         self.env = ENV
         self.certs = ""
         if certs == "consul":
-            self.procs.append(start_dev(port))
+            self.procs.append(start_dev(port, dev_args))
         else:
             vault = f"127.0.0.1:{_free_port()}"
             dev = Proc(
