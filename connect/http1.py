@@ -24,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
 
-from connect.balancer import request_hash
+from connect.balancer import Target, request_hash
+from connect.cluster import Outcome
+from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1_headers import (
     BAD_REQUEST,
     FORBIDDEN,
@@ -55,14 +57,7 @@ from connect.http_target import BadTarget, TargetParser, with_authority
 from connect.identity import IdentityError, parse_service
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
-from connect.proxy import (
-    DialFailed,
-    Peer,
-    ProxyStats,
-    RequestAuthorizer,
-    Upstream,
-    dial_target,
-)
+from connect.proxy import Peer, ProxyStats, RequestAuthorizer
 from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.proxy.http")
@@ -168,16 +163,17 @@ class _UpConn(asyncio.Protocol):
         "parser",
         "pool",
         "skip_body",
-        "slot",
+        "target",
         "transport",
         "tunnel",
         "upgrading",
     )
 
-    def __init__(self, pool: _Pool, key: str, slot: int) -> None:
+    def __init__(self, pool: _Pool, key: str, target: Target | None) -> None:
         self.pool = pool
         self.key = key
-        self.slot = slot
+        self.target = target
+        """The mesh endpoint, while its cluster counts this connection's request in flight."""
         self.transport: asyncio.Transport | None = None
         self.owner: _Downstream | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -328,14 +324,22 @@ class _Origin:
         self.limits = limits
         self.pool = _Pool(limits.high_water, limits.max_idle_per_endpoint)
         self.tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: get_running_loop() costs a getpid() syscall per call on 3.11.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
         raise NotImplementedError
 
-    def mark_failed(self, key: str) -> None:
-        """The endpoint `key` could not serve a request (only mesh endpoints are marked)."""
-
-    def release(self, conn: _UpConn, reusable: bool) -> None:
+    def release(self, conn: _UpConn, reusable: bool, outcome: Outcome = Outcome.SUCCESS) -> None:
+        """Done with `conn` for one exchange, which ended as `outcome` (mesh endpoints learn
+        from it: connect.cluster)."""
         if reusable:
             self.pool.put(conn)
         else:
@@ -379,7 +383,7 @@ class AppOrigin(_Origin):
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _UpConn(self.pool, self.key, -1), self.host, self.port
+                    lambda: _UpConn(self.pool, self.key, None), self.host, self.port
                 ),
                 self.limits.connect_timeout,
             )
@@ -400,84 +404,61 @@ class MeshOrigin(_Origin):
 
     def acquire(self, down: _Downstream, ex: _Exchange, avoid: str | None) -> _UpConn | None:
         up = self.upstream
-        balancer = up.endpoints.balancer()
-        cursor = up.cursor_for(balancer)
-        exclude: set[int] = _NOTHING
-        if up.has_marks or avoid is not None:
-            # Off the common path: get_running_loop() costs a getpid() syscall on 3.11.
-            exclude = up.ejected_indexes(balancer, asyncio.get_running_loop().time())
-            if avoid is not None:
-                exclude |= {i for i, t in enumerate(balancer.targets) if t.key == avoid}
-            if exclude and len(exclude) >= len(balancer.targets) and avoid is None:
-                exclude = _NOTHING
+        cluster = up.cluster
+        balancer = cluster.balancer()
         h = None
         if balancer.uses_hash and balancer.config.hash_policies:
             h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
-        idx = balancer.pick(cursor, up.rng, h, exclude)
-        if idx is None and avoid is not None:
-            idx = balancer.pick(cursor, up.rng, h)  # the only endpoint: a new connection
-        if idx is None:
+        now = self.loop.time()
+        if avoid is None:
+            target = cluster.choose(now, up.rng, h)
+        else:
+            target = cluster.choose(now, up.rng, h, (avoid,))
+            if target is None:
+                target = cluster.choose(now, up.rng, h)  # the only endpoint: a new connection
+        if target is None:
             self.stats.no_endpoint += 1
             down.refuse(ex, unavailable("no healthy endpoint", close=False))
             return None
-        target = balancer.targets[idx]
         conn = self.pool.take(target.key)
         if conn is not None:
-            cursor.inflight[idx] += 1
-            conn.slot = idx
+            conn.target = target
             return conn
-        self._spawn(self._dial(down, ex, idx, set(exclude), h))
+        self._spawn(self._dial(down, ex, target, () if avoid is None else (avoid,), h))
         return None
 
     async def _dial(
-        self, down: _Downstream, ex: _Exchange, idx: int, exclude: set[int], h: int | None
+        self, down: _Downstream, ex: _Exchange, first: Target, avoid: tuple[str, ...], h: int | None
     ) -> None:
-        up = self.upstream
-        balancer = up.endpoints.balancer()
-        cursor = up.cursor_for(balancer)
-        loop = asyncio.get_running_loop()
-        reason = "no healthy endpoint"
-        current: int | None = idx
-        while current is not None:
-            target = balancer.targets[current]
-            slot = current
-            try:
-                _, conn = await dial_target(up, target, self._factory(target.key, slot))
-            except DialFailed as err:
-                reason = str(err)
-                self.stats.upstream_failures += 1
-                up.mark_failed(target, loop.time())
-                exclude.add(current)
-                current = balancer.pick(cursor, up.rng, h, exclude)
-                continue
-            if balancer is up.endpoints.balancer():
-                cursor.inflight[current] += 1
-            down.attach(ex, conn)
+        try:
+            _, conn, _ = await dial_upstream(
+                self.upstream,
+                self._connection,
+                request_hash=h,
+                avoid=avoid,
+                first=first,
+                on_failure=self._dial_failed,
+            )
+        except DialFailed as err:
+            self.stats.no_endpoint += 1
+            down.refuse(ex, unavailable(str(err), close=False))
             return
-        self.stats.no_endpoint += 1
-        down.refuse(ex, unavailable(reason, close=False))
+        down.attach(ex, conn)
 
-    def mark_failed(self, key: str) -> None:
-        up = self.upstream
-        for target in up.endpoints.balancer().targets:
-            if target.key == key:
+    def _dial_failed(self) -> None:
+        self.stats.upstream_failures += 1
+
+    def _connection(self, target: Target) -> _UpConn:
+        return _UpConn(self.pool, target.key, target)
+
+    def release(self, conn: _UpConn, reusable: bool, outcome: Outcome = Outcome.SUCCESS) -> None:
+        target = conn.target
+        if target is not None:
+            conn.target = None
+            if outcome is Outcome.REFUSED:
                 self.stats.upstream_failures += 1
-                up.mark_failed(target, asyncio.get_running_loop().time())
-                return
-
-    def _factory(self, key: str, slot: int) -> Callable[[], _UpConn]:
-        return lambda: _UpConn(self.pool, key, slot)
-
-    def release(self, conn: _UpConn, reusable: bool) -> None:
-        up = self.upstream
-        cursor = up._cursor
-        if 0 <= conn.slot < len(cursor.inflight) and cursor.inflight[conn.slot] > 0:
-            cursor.inflight[conn.slot] -= 1
-        super().release(conn, reusable)
-
-
-_NOTHING: set[int] = set()
-"""Shared and never mutated: the exclusion set of a request with nothing to avoid."""
+            self.upstream.cluster.record(target, outcome, self.loop.time())
+        super().release(conn, reusable, outcome)
 
 
 class _HeaderLookup:
@@ -615,7 +596,7 @@ class _Downstream(asyncio.Protocol):
             if conn is not None:
                 ex.conn = None
                 conn.owner = None
-                self.listener.origin.release(conn, reusable=False)
+                self.listener.origin.release(conn, reusable=False, outcome=Outcome.CANCELLED)
         self.queue.clear()
         tunnel = self.tunnel
         if tunnel is not None and tunnel.transport is not None:
@@ -788,7 +769,7 @@ class _Downstream(asyncio.Protocol):
     def attach(self, ex: _Exchange, conn: _UpConn) -> None:
         """Send the request head and what is buffered of its body; then stream the rest."""
         if self.transport is None or not self.queue or self.queue[0] is not ex:
-            self.listener.origin.release(conn, reusable=True)
+            self.listener.origin.release(conn, reusable=True, outcome=Outcome.CANCELLED)
             return
         ex.conn = conn
         conn.owner = self
@@ -919,6 +900,7 @@ class _Downstream(asyncio.Protocol):
 
     def upstream_lost(self, conn: _UpConn) -> None:
         if self.tunnel is conn:
+            self.listener.origin.release(conn, reusable=False)  # the tunnel's use has ended
             if self.transport is not None:
                 self.transport.close()
             return
@@ -936,7 +918,7 @@ class _Downstream(asyncio.Protocol):
             return
         ex.conn = None
         conn.owner = None
-        self.listener.origin.release(conn, reusable=False)
+        self.listener.origin.release(conn, reusable=False, outcome=Outcome.RESET)
         if ex.idempotent and self._replayable(ex):
             # Nothing of the response came back and the request can be repeated: a pooled
             # connection the upstream closed, or an instance killed mid-request.
@@ -966,9 +948,7 @@ class _Downstream(asyncio.Protocol):
         ex.redo = False
         ex.conn = None
         conn.owner = None
-        origin = self.listener.origin
-        origin.release(conn, reusable=False)
-        origin.mark_failed(conn.key)
+        self.listener.origin.release(conn, reusable=False, outcome=Outcome.REFUSED)
         self._again(ex, conn.key)
 
     def upstream_broken(self, conn: _UpConn, reason: str) -> None:

@@ -22,9 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from connect.balancer import Target
+from connect.cluster import Outcome
+from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
-from connect.proxy import DialFailed, ProxyStats, Upstream, dial_upstream
+from connect.proxy import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.l4")
 
@@ -244,6 +247,9 @@ class OutboundL4(_Listener):
     ) -> None:
         super().__init__(limits or RelayLimits(), stats)
         self.upstream = upstream
+        self.dialed: dict[_Relay, Target] = {}
+        """The endpoint each relay went to: in flight in the upstream's cluster until the
+        relay ends (so least_request sees connections)."""
 
     def accepted(self, leg: _AcceptedLeg) -> None:
         self.relays.add(leg.relay)
@@ -252,13 +258,31 @@ class OutboundL4(_Listener):
 
     async def _dial(self, relay: _Relay) -> None:
         try:
-            await dial_upstream(self.upstream, lambda: relay.b)
+            _, _, target = await dial_upstream(self.upstream, lambda target: relay.b)
         except DialFailed as err:
             self.stats.no_endpoint += 1
             log.warning("upstream %s: %s", self.upstream.name, err)
             relay.abort()
             return
+        if relay.closed:
+            # The client went away during the dial (its relay has ended): drop what we got.
+            self._ended(target)
+            if relay.b.transport is not None:
+                relay.b.transport.abort()
+            return
+        self.dialed[relay] = target
         _link(relay)
+
+    def _done(self, relay: _Relay) -> None:
+        target = self.dialed.pop(relay, None)
+        if target is not None:
+            self._ended(target)
+        super()._done(relay)
+
+    def _ended(self, target: Target) -> None:
+        # How a relayed connection ends says nothing about the endpoint's health.
+        now = asyncio.get_running_loop().time()
+        self.upstream.cluster.record(target, Outcome.SUCCESS, now)
 
 
 class InboundL4(_Listener):

@@ -28,10 +28,12 @@ import pytest
 import uvloop
 
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import HTTPLimits, InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import OutboundL4
-from connect.proxy import PeerCache, ProxyStats, Upstream, fixed_endpoints, intentions_authorizers
+from connect.proxy import PeerCache, ProxyStats, intentions_authorizers
 from intentions.engine import Identity
 from tests.connect.proxy_test_ca import Leaf, ProxyTestCA, spiffe
 from tests.connect.test_http_proxy import INTENTIONS, read_response

@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,11 @@ from typing import cast
 import pytest
 
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4, RelayLimits
-from connect.proxy import (
-    Peer,
-    PeerCache,
-    ProxyStats,
-    Upstream,
-    Verdict,
-    fixed_endpoints,
-    intentions_authorizers,
-)
+from connect.proxy import Peer, PeerCache, ProxyStats, Verdict, intentions_authorizers
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
@@ -237,7 +232,7 @@ async def test_refused_endpoint_fails_over_and_is_marked(ca: ProxyTestCA) -> Non
             assert await reader.readexactly(1) == b"x"
             writer.close()
         assert p.app.accepted == 6
-        assert "n0/api-sidecar" in p.outbound.upstream._ejected
+        assert "n0/api-sidecar" in p.outbound.upstream.cluster.ejected
     finally:
         await close_all(p, servers)
 
@@ -387,3 +382,26 @@ async def test_l4_intentions_from_the_engine_allow_and_deny(ca: ProxyTestCA) -> 
             writer.close()
         finally:
             await close_all(p, servers)
+
+
+async def test_a_relayed_connection_is_in_flight_in_the_cluster_until_it_ends(
+    ca: ProxyTestCA,
+) -> None:
+    p, servers = await build_pair(ca, policy=Policy.LEAST_REQUEST)
+    try:
+        cluster = p.outbound.upstream.cluster
+        reader, writer = await p.connect()
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        assert cluster.inflight("n1/api-sidecar") == 1
+        # (a client's half-close is held at the TLS leg: a reset ends the relay at once)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        for _ in range(200):
+            if cluster.inflight("n1/api-sidecar") == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert cluster.inflight("n1/api-sidecar") == 0
+    finally:
+        await close_all(p, servers)
