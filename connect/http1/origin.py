@@ -1,0 +1,183 @@
+"""Where requests go: `AppOrigin` (inbound: the local app, plain TCP) or `MeshOrigin`
+(outbound: a cluster's endpoints, dialed with mTLS and identity-checked, connect.dial). An
+origin answers `acquire` at once from its pool, or starts a dial and later calls
+`down.attach(ex, conn)` or `down.refuse(ex, response)`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from connect.balancer import Target, request_hash
+from connect.cluster import Outcome
+from connect.dial import DialFailed, Upstream, dial_upstream
+from connect.http1.exchange import Exchange
+from connect.http1.limits import HTTPLimits
+from connect.http1.upstream import Pool, UpConn
+from connect.http1_headers import RETRY_ANY, bad_gateway, unavailable
+from connect.proxy import ProxyStats
+
+if TYPE_CHECKING:
+    from connect.http1.downstream import Downstream
+
+__all__ = ["AppOrigin", "MeshOrigin", "Origin"]
+
+
+class Origin:
+    """Where requests go. `acquire` answers at once from the pool, or starts a dial and
+    later calls `down.attach(conn)` or `down.refuse(response)`."""
+
+    def __init__(self, limits: HTTPLimits) -> None:
+        self.limits = limits
+        self.pool = Pool(limits.high_water, limits.max_idle_per_endpoint)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: get_running_loop() costs a getpid() syscall per call on 3.11.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
+        raise NotImplementedError
+
+    def release(self, conn: UpConn, reusable: bool, outcome: Outcome = Outcome.SUCCESS) -> None:
+        """Done with `conn` for one exchange, which ended as `outcome` (mesh endpoints learn
+        from it: connect.cluster)."""
+        if reusable:
+            self.pool.put(conn)
+        else:
+            conn.owner = None
+            if conn.transport is not None:
+                conn.transport.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+        self.pool.close()
+
+
+class AppOrigin(Origin):
+    """The local application, over plain TCP on loopback (inbound side)."""
+
+    def __init__(self, host: str, port: int, limits: HTTPLimits) -> None:
+        super().__init__(limits)
+        self.host = host
+        self.port = port
+        self.key = f"{host}:{port}"
+
+    def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
+        # A retry (avoid set) dials afresh: the other pooled connections to an app that just
+        # dropped one are likely dead too, and their close may not have been read yet.
+        conn = self.pool.take(self.key) if avoid is None else None
+        if conn is not None:
+            return conn
+        self._spawn(self._dial(down, ex))
+        return None
+
+    async def _dial(self, down: Downstream, ex: Exchange) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpConn(self.pool, self.key, None), self.host, self.port
+                ),
+                self.limits.connect_timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            reason = f"local app: {type(err).__name__}"
+            down.refuse(ex, bad_gateway(reason, close=True, retriable=RETRY_ANY))
+            return
+        down.attach(ex, conn)
+
+
+class MeshOrigin(Origin):
+    """A balanced upstream service, dialed with mTLS per endpoint (outbound side)."""
+
+    def __init__(self, upstream: Upstream, limits: HTTPLimits, stats: ProxyStats) -> None:
+        super().__init__(limits)
+        self.upstream = upstream
+        self.stats = stats
+
+    def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
+        up = self.upstream
+        cluster = up.cluster
+        balancer = cluster.balancer()
+        h = None
+        if balancer.uses_hash and balancer.config.hash_policies:
+            h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
+        now = self.loop.time()
+        if avoid is None:
+            target = cluster.choose(now, up.rng, h)
+        else:
+            target = cluster.choose(now, up.rng, h, (avoid,))
+            if target is None:
+                target = cluster.choose(now, up.rng, h)  # the only endpoint: a new connection
+        if target is None:
+            self.stats.no_endpoint += 1
+            down.refuse(ex, unavailable("no healthy endpoint", close=False))
+            return None
+        conn = self.pool.take(target.key)
+        if conn is not None:
+            conn.target = target
+            return conn
+        self._spawn(self._dial(down, ex, target, () if avoid is None else (avoid,), h))
+        return None
+
+    async def _dial(
+        self, down: Downstream, ex: Exchange, first: Target, avoid: tuple[str, ...], h: int | None
+    ) -> None:
+        try:
+            _, conn, _ = await dial_upstream(
+                self.upstream,
+                self._connection,
+                request_hash=h,
+                avoid=avoid,
+                first=first,
+                on_failure=self._dial_failed,
+            )
+        except DialFailed as err:
+            self.stats.no_endpoint += 1
+            down.refuse(ex, unavailable(str(err), close=False))
+            return
+        down.attach(ex, conn)
+
+    def _dial_failed(self) -> None:
+        self.stats.upstream_failures += 1
+
+    def _connection(self, target: Target) -> UpConn:
+        return UpConn(self.pool, target.key, target)
+
+    def release(self, conn: UpConn, reusable: bool, outcome: Outcome = Outcome.SUCCESS) -> None:
+        target = conn.target
+        if target is not None:
+            conn.target = None
+            if outcome is Outcome.REFUSED:
+                self.stats.upstream_failures += 1
+            self.upstream.cluster.record(target, outcome, self.loop.time())
+        super().release(conn, reusable, outcome)
+
+
+class _HeaderLookup:
+    """Lower-case header lookup for hash policies, decoded only when a policy asks."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+
+    def __call__(self, name: str) -> str | None:
+        wanted = name.encode()
+        values = [v.decode("latin-1") for n, v in self.headers if n.lower() == wanted]
+        return ",".join(values) if values else None
