@@ -143,7 +143,9 @@ class Cluster:
     ) -> Target | None:
         """The endpoint to use next (counted in flight until `record`), or None when there
         is none outside `avoid`."""
-        balancer = self.balancer()
+        balancer = self.endpoints.balancer()
+        if balancer is not self._balancer:
+            self._swap(balancer)
         targets = balancer.targets
         exclude: Collection[int] = _NOTHING
         if self.ejected or avoid:
@@ -179,7 +181,8 @@ class Cluster:
         i = self._index.get(target.key)
         if i is not None and self._cursor.inflight[i] > 0:
             self._cursor.inflight[i] -= 1
-        self.learn(target.key, outcome, now)
+        if outcome is not Outcome.SUCCESS or self._failures:
+            self.learn(target.key, outcome, now)
 
     def learn(self, key: str, outcome: Outcome, now: float) -> None:
         """Apply the ejection policy to an outcome of endpoint `key` (no in-flight change)."""

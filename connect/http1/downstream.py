@@ -54,6 +54,7 @@ from connect.http1_headers import (
 )
 from connect.http_target import BadTarget, with_authority
 from connect.proxy import Peer
+from connect.routes import DEFAULT_RETRY
 
 if TYPE_CHECKING:
     from connect.http1.listener import HTTPListener
@@ -181,6 +182,8 @@ class Downstream(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         for ex in self.queue:
+            if ex.route is not None:
+                self._stop_timers(ex)
             conn = ex.conn
             if conn is not None:
                 ex.conn = None
@@ -252,6 +255,20 @@ class Downstream(asyncio.Protocol):
                 headers, sent_host = with_authority(headers, authority)
                 if not sent_host and parser.get_http_version() == "1.1":
                     raise _BadHead
+        routes = listener.routes
+        selection = None
+        if routes is not None:
+            # Once per head, before it is serialized: the route may rewrite path and fields.
+            table = routes()
+            selection = table.fixed
+            if selection is None:
+                path, sep, query = target.partition(b"?")
+                selection = table.select(method, path, query, headers, listener.rng)
+                if selection.path is not None:
+                    target = selection.path + sep + query
+                edits = selection.action.request_headers
+                if edits:
+                    headers = edits.apply(headers)
         lines = [method, SP, target, HTTP11]
         facts = listener.request_heads.rewrite(headers, lines)
         if facts.hosts > 1:
@@ -278,6 +295,13 @@ class Downstream(asyncio.Protocol):
             lines.append(UPGRADE_LINE + upgrade + CRLF)
         lines.append(CRLF)
         ex = Exchange(method, b"".join(lines), headers, framing, keep_alive and not upgrade)
+        if selection is not None:
+            action = selection.action
+            ex.cluster = selection.cluster
+            if action.retry is not DEFAULT_RETRY:
+                ex.retry = action.retry
+            if action.needs_shell:
+                ex.route = action
         ex.expect = facts.expect_continue
         ex.upgrade = upgrade
         self.state = _BUSY
@@ -342,6 +366,11 @@ class Downstream(asyncio.Protocol):
             if ex.body_done or not ex.keep_alive:
                 self._finish(ex)
             return
+        route = ex.route
+        if route is not None and route.request_timeout is not None and ex.deadline is None:
+            ex.deadline = asyncio.get_running_loop().call_later(
+                route.request_timeout, self._timed_out, ex, False
+            )
         conn = self.listener.origin.acquire(self, ex, None)
         if conn is not None:
             self.attach(ex, conn)
@@ -379,6 +408,11 @@ class Downstream(asyncio.Protocol):
             transport.write(ex.head)
             if ex.body_done and ex.framing.chunked:
                 transport.write(LAST_CHUNK)
+        route = ex.route
+        if route is not None and route.try_timeout is not None:
+            ex.try_deadline = asyncio.get_running_loop().call_later(
+                route.try_timeout, self._timed_out, ex, True
+            )
         self._resume()
 
     def refuse(self, ex: Exchange, response: bytes) -> None:
@@ -402,6 +436,13 @@ class Downstream(asyncio.Protocol):
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         ex = self.queue[0]
+        route = ex.route
+        if route is not None:
+            if ex.try_deadline is not None:
+                ex.try_deadline.cancel()  # a try ends with its answer's head
+                ex.try_deadline = None
+            if route.response_headers:
+                headers = route.response_headers.apply(headers)
         lines = [status_line(status)]
         facts = self.listener.response_heads.rewrite(headers, lines)
         conn = ex.conn
@@ -507,7 +548,42 @@ class Downstream(asyncio.Protocol):
     def _detach(self, ex: Exchange, conn: UpConn, outcome: Outcome) -> None:
         ex.conn = None
         conn.owner = None
+        if ex.try_deadline is not None:
+            ex.try_deadline.cancel()
+            ex.try_deadline = None
         self.listener.origin.release(conn, reusable=False, outcome=outcome)
+
+    def _timed_out(self, ex: Exchange, try_only: bool) -> None:
+        """The route's request timeout (`try_only` False) or per-try timeout passed."""
+        if try_only:
+            ex.try_deadline = None
+        else:
+            ex.deadline = None
+        transport = self.transport
+        if transport is None or not self.queue or self.queue[0] is not ex:
+            return
+        conn = ex.conn
+        action = ex.on_timeout(conn.key if conn is not None else None, try_only)
+        if action is CLOSE:
+            transport.abort()
+            return
+        if conn is not None:
+            # Whatever it would still say cannot be told from the next try's answer.
+            if conn.transport is not None:
+                conn.transport.abort()
+            self._detach(ex, conn, Outcome.TIMEOUT)
+        if isinstance(action, Answer):
+            ex.keep_alive = False  # the 504 says close: the request may still be arriving
+        self._act(ex, action)
+
+    @staticmethod
+    def _stop_timers(ex: Exchange) -> None:
+        if ex.deadline is not None:
+            ex.deadline.cancel()
+            ex.deadline = None
+        if ex.try_deadline is not None:
+            ex.try_deadline.cancel()
+            ex.try_deadline = None
 
     def _act(self, ex: Exchange, action: Action) -> None:
         """Carry out what the exchange decided once it has no upstream connection."""
@@ -579,6 +655,8 @@ class Downstream(asyncio.Protocol):
         self.held = held
 
     def _finish(self, ex: Exchange) -> None:
+        if ex.route is not None:
+            self._stop_timers(ex)
         if self.out:
             # Batched bytes of this response must precede a close or the next response.
             pending, self.out = self.out, []

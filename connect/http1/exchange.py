@@ -19,8 +19,9 @@ Actions:
   `Retry` from `on_response_head` means "swallow this answer and retry once it has ended";
   the shell keeps reading it off the connection, then calls `on_response_end`.
 
-When a retry is allowed is a `RetryPolicy` (a count and conditions), so a route's
-`NumRetries: 3` with `RetryOnStatusCodes` fits the same place as the proxy's built-in rules.
+When a retry is allowed is the route's `RetryPolicy` (connect.routes: a count and
+conditions), so `NumRetries: 3` with `RetryOnStatusCodes` fits where the proxy's built-in
+rules (the default policy) are.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from connect.http1_headers import (
     Framing,
     bad_gateway,
 )
+from connect.routes import DEFAULT_RETRY, RetryPolicy, RouteAction
 
 if TYPE_CHECKING:
     import asyncio
@@ -53,11 +55,9 @@ __all__ = [
     "Finish",
     "Forward",
     "Retry",
-    "RetryPolicy",
 ]
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,51 +96,6 @@ CLOSE = Close()
 Action = Forward | Finish | Close | Answer | Retry
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """When a request is sent again, and how often.
-
-    Only a replayable request is ever retried: no body (nothing of it is kept), and no
-    upgrade. Conditions:
-
-    * `on_reset`: the upstream closed before any byte of an answer (a pooled connection it
-      had closed, an instance killed mid-request); idempotent requests only (RFC 9110
-      §9.2.2), since the upstream may have acted on it.
-    * `on_refused`: a peer sidecar answered with x-meshlet-retriable (its app was never
-      reached, or closed before answering an idempotent request). Only outbound listeners
-      honour it (see `Exchange.on_response_head`'s `may_redo`).
-    * `on_status`: these response statuses (Consul's `RetryOnStatusCodes`); `on_5xx` any
-      5xx, `on_gateway_error` 502/503/504 (Envoy's `RetryOn` values of those names).
-    * `on_timeout`: a try that timed out (per-try timeout) before any byte of an answer.
-
-    A failed connect never counts here: the dialer goes on to the next endpoint by itself
-    (connect.dial) before a request has been sent.
-    """
-
-    num_retries: int = 1
-    on_reset: bool = True
-    on_refused: bool = True
-    on_status: frozenset[int] = frozenset()
-    on_5xx: bool = False
-    on_gateway_error: bool = False
-    on_timeout: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_retries < 0:
-            raise ValueError("RetryPolicy.num_retries must not be negative")
-
-    def retries_status(self, status: int) -> bool:
-        return (
-            status in self.on_status
-            or (self.on_5xx and 500 <= status < 600)
-            or (self.on_gateway_error and status in GATEWAY_ERRORS)
-        )
-
-
-DEFAULT_RETRY = RetryPolicy()
-"""What the proxy has always done: one more try after a reset or a peer sidecar's refusal."""
-
-
 class Exchange:
     """One request and its response. Only what every request needs is set per instance; the
     rest are class defaults an exchange overrides when it gets there (cheaper than twenty
@@ -166,8 +121,16 @@ class Exchange:
     outcome = Outcome.SUCCESS
     """How the current try went for its endpoint (connect.cluster), as far as known."""
     upgrade = b""
+    retry: RetryPolicy = DEFAULT_RETRY
+    """The route's retry policy (set only when it is not the default)."""
+    cluster = ""
+    """The cluster its route chose (outbound; empty: the origin's own)."""
+    route: RouteAction | None = None
+    """The route's action, when it has timeouts or response header edits for the shell."""
     deadline: asyncio.TimerHandle | None = None
-    """The shell's timer handle for this exchange's request or try timeout, if it has one."""
+    """The shell's timer for the route's request timeout, while it runs."""
+    try_deadline: asyncio.TimerHandle | None = None
+    """The shell's timer for the route's per-try timeout, while it runs."""
 
     def __init__(
         self,
@@ -176,15 +139,12 @@ class Exchange:
         headers: list[tuple[bytes, bytes]],
         framing: Framing,
         keep_alive: bool,
-        *,
-        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.method = method
         self.head = head
         self.headers = headers
         self.framing = framing
         self.keep_alive = keep_alive
-        self.retry = retry
         self.idempotent = method in IDEMPOTENT
         self.is_head = method == b"HEAD"
 
@@ -211,6 +171,11 @@ class Exchange:
         """The upstream's final response head arrived (from endpoint `key`). `retriable` is
         its x-meshlet-retriable value; `may_redo`: this listener honours it (outbound)."""
         policy = self.retry
+        if not retriable and status not in policy.statuses:
+            # The common case: nothing that could make it go again.
+            self.outcome = Outcome.SERVER_ERROR if status >= 500 else Outcome.SUCCESS
+            self.resp_started = True
+            return FORWARD
         refused = (
             retriable
             and may_redo
@@ -261,6 +226,7 @@ class Exchange:
         self.outcome = Outcome.TIMEOUT
         if self.resp_started:
             return CLOSE
+        self.redo = False  # a swallowed answer that stalled: it is given up with its try
         if try_only and key is not None and self.retry.on_timeout and self.replayable:
             return self._retry(key)
         return Answer(GATEWAY_TIMEOUT)

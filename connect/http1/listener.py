@@ -8,6 +8,8 @@ the app sent."""
 from __future__ import annotations
 
 import asyncio
+import random
+from collections.abc import Callable, Mapping
 
 from connect.dial import Upstream
 from connect.http1.downstream import Downstream
@@ -19,6 +21,7 @@ from connect.identity import IdentityError, parse_service
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
 from connect.proxy import ProxyStats, RequestAuthorizer
+from connect.routes import RouteTable, default_table
 from intentions.path_normalization import PathNormalization
 
 __all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]
@@ -29,6 +32,10 @@ class HTTPListener(ListeningSocket):
     """Inbound: parses and normalizes each request target; outbound forwards it as sent."""
     default_host = b""
     """Outbound: the Host given to an HTTP/1.0 request that has none (the upstream's name)."""
+    routes: Callable[[], RouteTable] | None = None
+    """Outbound: the current route table (connect.routes), consulted once per request head."""
+    rng: random.Random = random.Random()
+    """Outbound: for the routes' weighted splits."""
 
     def __init__(
         self,
@@ -78,18 +85,29 @@ class HTTPListener(ListeningSocket):
 
 
 class OutboundHTTP(HTTPListener):
-    """Plain HTTP from the local app to one upstream service over pooled mTLS."""
+    """Plain HTTP from the local app to an upstream service over pooled mTLS.
+
+    `routes` returns the current route table (an immutable connect.routes.RouteTable, e.g.
+    `Latest[RouteTable].get`); each request head is routed by the table current when it
+    arrives. Its clusters are named: `upstream` is the cluster named `upstream.name`,
+    `clusters` adds others by name. Without `routes`, one route to `upstream`
+    (`default_table`), which is what this listener has always done.
+    """
 
     def __init__(
         self,
         upstream: Upstream,
         limits: HTTPLimits | None = None,
         stats: ProxyStats | None = None,
+        *,
+        routes: Callable[[], RouteTable] | None = None,
+        clusters: Mapping[str, Upstream] | None = None,
     ) -> None:
         limits = limits or HTTPLimits()
         stats = stats or ProxyStats()
+        named = {upstream.name: upstream, **(clusters or {})}
         super().__init__(
-            MeshOrigin(upstream, limits, stats),
+            MeshOrigin(upstream, limits, stats, named),
             limits,
             stats,
             authorize=None,
@@ -99,6 +117,11 @@ class OutboundHTTP(HTTPListener):
             is_tls=False,
         )
         self.default_host = upstream.name.encode()
+        if routes is None:
+            table = default_table(upstream.name)
+            routes = lambda: table  # noqa: E731
+        self.routes = routes
+        self.rng = upstream.rng
 
     def _protocol(self) -> asyncio.Protocol:
         return Downstream(self, None)

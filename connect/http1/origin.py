@@ -6,11 +6,12 @@ origin answers `acquire` at once from its pool, or starts a dial and later calls
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from connect.balancer import Target, request_hash
-from connect.cluster import Outcome
+from connect.cluster import Cluster, Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1.exchange import Exchange
 from connect.http1.limits import HTTPLimits
@@ -31,6 +32,7 @@ class Origin:
     def __init__(self, limits: HTTPLimits) -> None:
         self.limits = limits
         self.pool = Pool(limits.high_water, limits.max_idle_per_endpoint)
+        self.pools = [self.pool]
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -49,7 +51,7 @@ class Origin:
         """Done with `conn` for one exchange, which ended as `outcome` (mesh endpoints learn
         from it: connect.cluster)."""
         if reusable:
-            self.pool.put(conn)
+            conn.pool.put(conn)
         else:
             conn.owner = None
             if conn.transport is not None:
@@ -65,7 +67,8 @@ class Origin:
             task.cancel()
         if self.tasks:
             await asyncio.wait(self.tasks)
-        self.pool.close()
+        for pool in self.pools:
+            pool.close()
 
 
 class AppOrigin(Origin):
@@ -103,15 +106,37 @@ class AppOrigin(Origin):
 
 
 class MeshOrigin(Origin):
-    """A balanced upstream service, dialed with mTLS per endpoint (outbound side)."""
+    """Upstream clusters by name, each dialed with mTLS per endpoint (outbound side); the
+    exchange's route named its cluster. Idle connections are pooled per cluster."""
 
-    def __init__(self, upstream: Upstream, limits: HTTPLimits, stats: ProxyStats) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        limits: HTTPLimits,
+        stats: ProxyStats,
+        clusters: Mapping[str, Upstream] | None = None,
+    ) -> None:
         super().__init__(limits)
         self.upstream = upstream
         self.stats = stats
+        self.clusters = dict(clusters or {upstream.name: upstream})
+        self.named: dict[str, tuple[Upstream, Pool]] = {}
+        """Cluster name -> its upstream and its idle pool."""
+        for name, up in self.clusters.items():
+            pool = self.pool
+            if up is not upstream:
+                pool = Pool(limits.high_water, limits.max_idle_per_endpoint)
+                self.pools.append(pool)
+            self.named[name] = (up, pool)
 
     def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
-        up = self.upstream
+        name = ex.cluster or self.upstream.name
+        found = self.named.get(name)
+        if found is None:
+            self.stats.no_endpoint += 1
+            down.refuse(ex, unavailable(f"no cluster {name!r}", close=False))
+            return None
+        up, pool = found
         cluster = up.cluster
         balancer = cluster.balancer()
         h = None
@@ -128,20 +153,29 @@ class MeshOrigin(Origin):
             self.stats.no_endpoint += 1
             down.refuse(ex, unavailable("no healthy endpoint", close=False))
             return None
-        conn = self.pool.take(target.key)
+        conn = pool.take(target.key)
         if conn is not None:
             conn.target = target
             return conn
-        self._spawn(self._dial(down, ex, target, () if avoid is None else (avoid,), h))
+        avoided = () if avoid is None else (avoid,)
+        self._spawn(self._dial(down, ex, up=up, pool=pool, first=target, avoid=avoided, h=h))
         return None
 
     async def _dial(
-        self, down: Downstream, ex: Exchange, first: Target, avoid: tuple[str, ...], h: int | None
+        self,
+        down: Downstream,
+        ex: Exchange,
+        *,
+        up: Upstream,
+        pool: Pool,
+        first: Target,
+        avoid: tuple[str, ...],
+        h: int | None,
     ) -> None:
         try:
             _, conn, _ = await dial_upstream(
-                self.upstream,
-                self._connection,
+                up,
+                partial(_connection, pool, up.cluster),
                 request_hash=h,
                 avoid=avoid,
                 first=first,
@@ -156,17 +190,20 @@ class MeshOrigin(Origin):
     def _dial_failed(self) -> None:
         self.stats.upstream_failures += 1
 
-    def _connection(self, target: Target) -> UpConn:
-        return UpConn(self.pool, target.key, target)
-
     def release(self, conn: UpConn, reusable: bool, outcome: Outcome = Outcome.SUCCESS) -> None:
         target = conn.target
-        if target is not None:
+        if target is not None and conn.cluster is not None:
             conn.target = None
             if outcome is Outcome.REFUSED:
                 self.stats.upstream_failures += 1
-            self.upstream.cluster.record(target, outcome, self.loop.time())
+            conn.cluster.record(target, outcome, self.loop.time())
         super().release(conn, reusable, outcome)
+
+
+def _connection(pool: Pool, cluster: Cluster, target: Target) -> UpConn:
+    conn = UpConn(pool, target.key, target)
+    conn.cluster = cluster
+    return conn
 
 
 class _HeaderLookup:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from connect.balancer import Target
+from connect.cluster import Cluster
 
 if TYPE_CHECKING:
     from connect.http1.downstream import Downstream
@@ -21,6 +22,7 @@ class UpConn(asyncio.Protocol):
     """One upstream connection; `owner` is the downstream it currently serves."""
 
     __slots__ = (
+        "cluster",
         "headers",
         "interim",
         "key",
@@ -39,6 +41,8 @@ class UpConn(asyncio.Protocol):
         self.key = key
         self.target = target
         """The mesh endpoint, while its cluster counts this connection's request in flight."""
+        self.cluster: Cluster | None = None
+        """The mesh cluster `target` belongs to."""
         self.transport: asyncio.Transport | None = None
         self.owner: Downstream | None = None
         self.parser = httptools.HttpResponseParser(self)

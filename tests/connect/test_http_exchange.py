@@ -13,9 +13,9 @@ from connect.http1.exchange import (
     Answer,
     Exchange,
     Retry,
-    RetryPolicy,
 )
 from connect.http1_headers import GATEWAY_TIMEOUT, RETRY_ANY, RETRY_IDEMPOTENT, Framing
+from connect.routes import RetryPolicy
 
 NO_BODY = Framing(chunked=False, length=None)
 BODY = Framing(chunked=False, length=5, length_line=b"content-length: 5\r\n")
@@ -24,9 +24,10 @@ BODY = Framing(chunked=False, length=5, length_line=b"content-length: 5\r\n")
 def exchange(
     method: bytes = b"GET", framing: Framing = NO_BODY, retry: RetryPolicy | None = None
 ) -> Exchange:
-    if retry is None:
-        return Exchange(method, b"", [], framing, keep_alive=True)
-    return Exchange(method, b"", [], framing, keep_alive=True, retry=retry)
+    ex = Exchange(method, b"", [], framing, keep_alive=True)
+    if retry is not None:
+        ex.retry = retry
+    return ex
 
 
 def test_an_ordinary_answer_is_forwarded_and_finished() -> None:
