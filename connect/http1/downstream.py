@@ -609,6 +609,8 @@ class Downstream(asyncio.Protocol):
             return
         conn.tunnel = True
         self.tunnel = conn
+        if ex.route is not None:
+            self._stop_timers(ex)  # a tunnel lives by the idle limit, not a request's
         self.queue.clear()
         self.state = _BUSY
         held, self.held = self.held, None

@@ -247,3 +247,16 @@ async def test_per_try_timeout_without_retry_is_a_504(
         assert sorted(statuses) == [200, 504]
     finally:
         await m.close()
+
+
+async def test_an_upgraded_connection_outlives_the_request_timeout(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    m = await build(ca, RouteTable((), to("v1", request_timeout=0.2)))
+    try:
+        async with session.ws_connect(m.url.replace("http", "ws") + "/ws") as ws:
+            await asyncio.sleep(0.4)  # past the request timeout: the tunnel has none
+            await ws.send_str("ping")
+            assert (await ws.receive_str()) == "echo:ping"
+    finally:
+        await m.close()
