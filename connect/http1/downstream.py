@@ -43,8 +43,6 @@ from connect.http1.wire import (
 )
 from connect.http1_headers import (
     BAD_REQUEST,
-    FORBIDDEN,
-    FORBIDDEN_CLOSE,
     HEADERS_TOO_LARGE,
     REQUEST_ID,
     REQUEST_TIMEOUT,
@@ -357,14 +355,9 @@ class Downstream(asyncio.Protocol):
         if ex.denied:
             transport = self.transport
             assert transport is not None
-            if (ex.expect and ex.has_body) or ex.upgrade:
-                # The client may be holding its body for a 100 we will not send: close.
-                ex.keep_alive = False
-                transport.write(FORBIDDEN_CLOSE)
-            else:
-                transport.write(FORBIDDEN)
+            transport.write(ex.on_denied().response)
             if ex.body_done or not ex.keep_alive:
-                self._finish(ex)
+                self._finish(ex)  # else once the body has been read (on_message_complete)
             return
         route = ex.route
         if route is not None and route.request_timeout is not None and ex.deadline is None:

@@ -4,6 +4,7 @@ sockets, no clock, no parser (h11's habit: the shell feeds events, the core says
 The downstream protocol (connect.http1.downstream) turns parser callbacks and upstream events
 into calls here and carries out what comes back:
 
+    on_denied()                                   -> Answer
     on_response_head(status, retriable, may_redo) -> FORWARD | Retry
     on_response_end()                             -> FINISH | Retry
     on_upstream_lost(key, signal_retriable)       -> FINISH | CLOSE | Retry | Answer
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING
 
 from connect.cluster import Outcome
 from connect.http1_headers import (
+    FORBIDDEN,
+    FORBIDDEN_CLOSE,
     GATEWAY_TIMEOUT,
     RETRY_ANY,
     RETRY_IDEMPOTENT,
@@ -166,6 +169,15 @@ class Exchange:
     def _retry(self, avoid: str) -> Retry:
         self.tries += 1
         return Retry(avoid)
+
+    def on_denied(self) -> Answer:
+        """Authorization refused the request: the 403 to answer. The connection closes when
+        the client may be holding its body for a 100 we will not send, or after an upgrade
+        request (what follows it is not HTTP/1.1 we could read)."""
+        if (self.expect and self.has_body) or self.upgrade:
+            self.keep_alive = False
+            return Answer(FORBIDDEN_CLOSE)
+        return Answer(FORBIDDEN)
 
     def on_response_head(self, status: int, retriable: bytes, may_redo: bool, key: str) -> Action:
         """The upstream's final response head arrived (from endpoint `key`). `retriable` is

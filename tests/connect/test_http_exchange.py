@@ -14,7 +14,14 @@ from connect.http1.exchange import (
     Exchange,
     Retry,
 )
-from connect.http1_headers import GATEWAY_TIMEOUT, RETRY_ANY, RETRY_IDEMPOTENT, Framing
+from connect.http1_headers import (
+    FORBIDDEN,
+    FORBIDDEN_CLOSE,
+    GATEWAY_TIMEOUT,
+    RETRY_ANY,
+    RETRY_IDEMPOTENT,
+    Framing,
+)
 from connect.routes import RetryPolicy
 
 NO_BODY = Framing(chunked=False, length=None)
@@ -159,3 +166,14 @@ def test_timeouts() -> None:
 def test_retry_policy_refuses_a_negative_count() -> None:
     with pytest.raises(ValueError, match="num_retries"):
         RetryPolicy(num_retries=-1)
+
+
+def test_denied_request_is_a_403_that_closes_only_when_it_must() -> None:
+    ex = exchange()
+    assert ex.on_denied() == Answer(FORBIDDEN) and ex.keep_alive
+    ex = exchange(b"POST", BODY)
+    ex.expect = True  # the client waits for a 100 that will not come
+    assert ex.on_denied() == Answer(FORBIDDEN_CLOSE) and not ex.keep_alive
+    ex = exchange()
+    ex.upgrade = b"websocket"
+    assert ex.on_denied() == Answer(FORBIDDEN_CLOSE) and not ex.keep_alive
