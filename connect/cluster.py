@@ -56,22 +56,59 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class EjectionPolicy:
-    """When an endpoint is skipped, and for how long.
+    """When an endpoint is skipped, and for how long. A cluster applies one or more.
 
     `consecutive` outcomes from `on` in a row (a SUCCESS resets the run) eject the endpoint
-    for `eject_for` seconds. The default is what the proxy has always done: one failed
-    connect or one refusal by the peer's sidecar skips the endpoint for 10 s.
+    for `eject_for` seconds; with `growing`, for `eject_for` times the number of times this
+    policy has ejected it (at most `max_eject_for`; a success after an ejection has ended
+    takes one off that count), as Envoy's outlier detection does. An ejection that would
+    leave more than `max_percent` % of the endpoints ejected (by this cluster's policies)
+    does not happen, except that one endpoint may always be ejected.
+
+    The default is what the proxy has always done: one failed connect or one refusal by the
+    peer's sidecar skips the endpoint for 10 s. `EjectionPolicy.passive_health_check` is the
+    one for Consul's `PassiveHealthCheck`.
     """
 
     eject_for: float = 10.0
     on: frozenset[Outcome] = frozenset({Outcome.CONNECT_FAILURE, Outcome.REFUSED})
     consecutive: int = 1
+    growing: bool = False
+    max_eject_for: float = 300.0
+    max_percent: int = 100
 
     def __post_init__(self) -> None:
         if self.eject_for < 0:
             raise ValueError("EjectionPolicy.eject_for must not be negative")
         if self.consecutive < 1:
             raise ValueError("EjectionPolicy.consecutive must be at least 1")
+        if not 0 <= self.max_percent <= 100:
+            raise ValueError("EjectionPolicy.max_percent must be between 0 and 100")
+
+    @classmethod
+    def passive_health_check(
+        cls,
+        *,
+        max_failures: int = 0,
+        max_ejection_percent: int = 0,
+        base_ejection_time: float = 30.0,
+    ) -> EjectionPolicy:
+        """Consul's `UpstreamConfig.PassiveHealthCheck` as Envoy applies it: `MaxFailures`
+        consecutive 5xx (a reset or timeout counts as one, as Envoy counts locally originated
+        errors) eject for `BaseEjectionTime` times the ejections so far, at most
+        `MaxEjectionPercent` % of the endpoints at once. Zero means Envoy's default (5 and
+        10 %). `Interval` needs no field here (an ejection ends by its time, checked when
+        endpoints are chosen); `EnforcingConsecutive5xx` is always 100 %."""
+        return cls(
+            eject_for=base_ejection_time,
+            on=frozenset({Outcome.SERVER_ERROR, Outcome.RESET, Outcome.TIMEOUT}),
+            consecutive=max_failures or 5,
+            growing=True,
+            max_percent=max_ejection_percent or 10,
+        )
+
+
+DEFAULT_EJECTION = EjectionPolicy()
 
 
 class EndpointSource(Protocol):
@@ -99,15 +136,28 @@ _NOTHING: frozenset[int] = frozenset()
 class Cluster:
     """One target's endpoints (from `endpoints`) and its balancing and ejection state."""
 
-    __slots__ = ("_balancer", "_cursor", "_failures", "_index", "ejected", "endpoints", "policy")
+    __slots__ = (
+        "_balancer",
+        "_cursor",
+        "_failures",
+        "_index",
+        "_times",
+        "ejected",
+        "endpoints",
+        "policies",
+    )
 
-    def __init__(self, endpoints: EndpointSource, policy: EjectionPolicy | None = None) -> None:
+    def __init__(
+        self, endpoints: EndpointSource, policies: tuple[EjectionPolicy, ...] = (DEFAULT_EJECTION,)
+    ) -> None:
         self.endpoints = endpoints
-        self.policy = policy or EjectionPolicy()
+        self.policies = policies
         self.ejected: dict[str, float] = {}
         """Endpoint key -> the time its ejection ends."""
-        self._failures: dict[str, int] = {}
-        """Endpoint key -> outcomes from `policy.on` in a row (only while not zero)."""
+        self._failures: dict[tuple[int, str], int] = {}
+        """(policy index, endpoint key) -> outcomes from its `on` in a row (while not zero)."""
+        self._times: dict[tuple[int, str], int] = {}
+        """(policy index, endpoint key) -> ejections so far, for `growing` policies."""
         self._balancer: Balancer | None = None
         self._cursor = Cursor([])
         self._index: dict[str, int] = {}
@@ -181,18 +231,42 @@ class Cluster:
         i = self._index.get(target.key)
         if i is not None and self._cursor.inflight[i] > 0:
             self._cursor.inflight[i] -= 1
-        if outcome is not Outcome.SUCCESS or self._failures:
+        if outcome is not Outcome.SUCCESS or self._failures or self._times:
             self.learn(target.key, outcome, now)
 
     def learn(self, key: str, outcome: Outcome, now: float) -> None:
-        """Apply the ejection policy to an outcome of endpoint `key` (no in-flight change)."""
-        policy = self.policy
-        if outcome in policy.on:
-            run = self._failures.get(key, 0) + 1
-            if run >= policy.consecutive:
-                self._failures.pop(key, None)
-                self.ejected[key] = now + policy.eject_for
-            else:
-                self._failures[key] = run
-        elif outcome is Outcome.SUCCESS and self._failures:
-            self._failures.pop(key, None)
+        """Apply the ejection policies to an outcome of endpoint `key` (no in-flight change)."""
+        for i, policy in enumerate(self.policies):
+            run_key = (i, key)
+            if outcome in policy.on:
+                run = self._failures.get(run_key, 0) + 1
+                if run < policy.consecutive:
+                    self._failures[run_key] = run
+                    continue
+                self._failures.pop(run_key, None)
+                if self._may_eject(key, policy, now):
+                    self._eject(run_key, policy, now)
+            elif outcome is Outcome.SUCCESS:
+                self._failures.pop(run_key, None)
+                times = self._times.get(run_key)
+                if times is not None and key not in self.ejected:
+                    if times > 1:
+                        self._times[run_key] = times - 1
+                    else:
+                        del self._times[run_key]
+
+    def _may_eject(self, key: str, policy: EjectionPolicy, now: float) -> bool:
+        if policy.max_percent >= 100 or key in self.ejected:
+            return True
+        live = sum(1 for until in self.ejected.values() if until > now)
+        total = len(self.balancer().targets)
+        return live == 0 or (live + 1) * 100 <= policy.max_percent * total
+
+    def _eject(self, run_key: tuple[int, str], policy: EjectionPolicy, now: float) -> None:
+        duration = policy.eject_for
+        if policy.growing:
+            times = self._times.get(run_key, 0) + 1
+            self._times[run_key] = times
+            duration = min(policy.eject_for * times, max(policy.max_eject_for, policy.eject_for))
+        key = run_key[1]
+        self.ejected[key] = max(self.ejected.get(key, 0.0), now + duration)

@@ -49,7 +49,9 @@ class Upstream:
     """Offer the endpoint's last TLS session (connect.resumption) when the client context
     keeps sessions; the server is still verified and its identity checked on every dial."""
     rng: random.Random = field(default_factory=random.Random)
-    ejection: EjectionPolicy | None = None
+    ejection: tuple[EjectionPolicy, ...] = ()
+    """The cluster's ejection policies; empty: one `EjectionPolicy(eject_for)`. Add
+    `EjectionPolicy.passive_health_check(...)` for Consul's PassiveHealthCheck."""
     refusals: dict[str, int] = field(default_factory=dict)
     """Failed dials by kind (connect.dial_failures): handshakes refused by the peer or by
     us, identity mismatches, timeouts. Read through `refusal_counts()`."""
@@ -59,7 +61,7 @@ class Upstream:
     yet said it accepted our certificate (connect.dial_failures, `peer_refused`)."""
 
     def __post_init__(self) -> None:
-        self.cluster = Cluster(self.endpoints, self.ejection or EjectionPolicy(self.eject_for))
+        self.cluster = Cluster(self.endpoints, self.ejection or (EjectionPolicy(self.eject_for),))
 
     def refused(self, kind: str) -> None:
         self.refusals[kind] = self.refusals.get(kind, 0) + 1

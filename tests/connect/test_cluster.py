@@ -18,7 +18,7 @@ def targets(n: int) -> list[Target]:
 
 def cluster(n: int, policy: Policy = Policy.ROUND_ROBIN, **ejection: object) -> Cluster:
     balancer = compile_balancer(targets(n), BalancerConfig(policy=policy))
-    return Cluster(fixed_endpoints(balancer), EjectionPolicy(**ejection))  # type: ignore[arg-type]
+    return Cluster(fixed_endpoints(balancer), (EjectionPolicy(**ejection),))  # type: ignore[arg-type]
 
 
 RNG = random.Random(7)
@@ -147,3 +147,44 @@ def test_ejection_policy_refuses_nonsense() -> None:
         EjectionPolicy(consecutive=0)
     with pytest.raises(ValueError, match="eject_for"):
         EjectionPolicy(eject_for=-1)
+
+
+def test_passive_health_check_ejects_after_consecutive_5xx_for_growing_times() -> None:
+    balancer = compile_balancer(targets(10), BalancerConfig(policy=Policy.ROUND_ROBIN))
+    phc = EjectionPolicy.passive_health_check(max_failures=3, base_ejection_time=30.0)
+    c = Cluster(fixed_endpoints(balancer), (EjectionPolicy(), phc))
+    for _ in range(3):
+        c.learn("n0/api", Outcome.SERVER_ERROR, 0.0)
+    assert c.ejected == {"n0/api": 30.0}
+    # Back after its time; ejected again, for twice as long.
+    for _ in range(3):
+        c.learn("n0/api", Outcome.SERVER_ERROR, 40.0)
+    assert c.ejected == {"n0/api": 100.0}
+    # The connection-failure policy still ejects at once, for its own 10 s.
+    c.learn("n1/api", Outcome.CONNECT_FAILURE, 40.0)
+    assert c.ejected["n1/api"] == 50.0
+
+
+def test_passive_health_check_defaults_and_max_ejection_percent() -> None:
+    phc = EjectionPolicy.passive_health_check()
+    assert (phc.consecutive, phc.max_percent, phc.eject_for) == (5, 10, 30.0)
+    balancer = compile_balancer(targets(10), BalancerConfig(policy=Policy.ROUND_ROBIN))
+    c = Cluster(fixed_endpoints(balancer), (phc,))
+    for key in ("n0/api", "n1/api"):
+        for _ in range(5):
+            c.learn(key, Outcome.SERVER_ERROR, 0.0)
+    # 10 % of 10 endpoints: the second would be 20 %, so it stays in.
+    assert list(c.ejected) == ["n0/api"]
+
+
+def test_a_success_after_an_ejection_shortens_the_next_one() -> None:
+    balancer = compile_balancer(targets(2), BalancerConfig(policy=Policy.ROUND_ROBIN))
+    phc = EjectionPolicy.passive_health_check(max_failures=1, max_ejection_percent=100)
+    c = Cluster(fixed_endpoints(balancer), (phc,))
+    c.learn("n0/api", Outcome.SERVER_ERROR, 0.0)  # 30 s
+    c.learn("n0/api", Outcome.SERVER_ERROR, 31.0)  # 60 s
+    assert c.ejected["n0/api"] == 91.0
+    c.choose(100.0, RNG)  # expires the ejection
+    c.learn("n0/api", Outcome.SUCCESS, 100.0)
+    c.learn("n0/api", Outcome.SERVER_ERROR, 101.0)  # back to twice, not three times
+    assert c.ejected["n0/api"] == 161.0
