@@ -85,6 +85,9 @@ class RetryPolicy:
     * `on_status`: these response statuses (`RetryOnStatusCodes`); `on_5xx` any 5xx,
       `on_gateway_error` 502/503/504 (Envoy's `RetryOn` values of those names).
     * `on_timeout`: a try whose `try_timeout` passed before the response head.
+    * `backoff`: the base of the wait before a retry (seconds); 0, the default, retries at
+      once. Retry n waits a random time in [0, min(max_backoff, backoff * (2**n - 1))]
+      (Envoy's fully jittered exponential back-off; Envoy's base is 25 ms).
 
     A failed connect is not a try: the dialer goes on to the next endpoint by itself before
     a request was sent (connect.dial).
@@ -97,6 +100,8 @@ class RetryPolicy:
     on_5xx: bool = False
     on_gateway_error: bool = False
     on_timeout: bool = False
+    backoff: float = 0.0
+    max_backoff: float = 0.25
 
     statuses: frozenset[int] = field(init=False, repr=False, compare=False)
     """Every status that is retried (on_status, on_5xx, on_gateway_error), compiled once."""
@@ -104,6 +109,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.num_retries < 0:
             raise ValueError("RetryPolicy.num_retries must not be negative")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("RetryPolicy.backoff and max_backoff must not be negative")
         statuses = set(self.on_status)
         if self.on_5xx:
             statuses.update(range(500, 600))
@@ -113,6 +120,12 @@ class RetryPolicy:
 
     def retries_status(self, status: int) -> bool:
         return status in self.statuses
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number `retry` (1 for the first)."""
+        if not self.backoff:
+            return 0.0
+        return rng.uniform(0.0, min(self.max_backoff, self.backoff * (2**retry - 1)))
 
 
 DEFAULT_RETRY = RetryPolicy()

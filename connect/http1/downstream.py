@@ -180,7 +180,7 @@ class Downstream(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         for ex in self.queue:
-            if ex.route is not None:
+            if ex.route is not None or ex.try_deadline is not None:
                 self._stop_timers(ex)
             conn = ex.conn
             if conn is not None:
@@ -569,6 +569,14 @@ class Downstream(asyncio.Protocol):
             ex.keep_alive = False  # the 504 says close: the request may still be arriving
         self._act(ex, action)
 
+    def _retry(self, ex: Exchange, avoid: str) -> None:
+        ex.try_deadline = None
+        if self.transport is None or not self.queue or self.queue[0] is not ex:
+            return  # answered (a request timeout) or gone while waiting
+        again = self.listener.origin.acquire(self, ex, avoid)
+        if again is not None:
+            self.attach(ex, again)
+
     @staticmethod
     def _stop_timers(ex: Exchange) -> None:
         if ex.deadline is not None:
@@ -581,9 +589,13 @@ class Downstream(asyncio.Protocol):
     def _act(self, ex: Exchange, action: Action) -> None:
         """Carry out what the exchange decided once it has no upstream connection."""
         if isinstance(action, Retry):
-            again = self.listener.origin.acquire(self, ex, action.avoid)
-            if again is not None:
-                self.attach(ex, again)
+            delay = ex.retry.delay(ex.tries - 1, self.listener.rng) if ex.retry.backoff else 0.0
+            if delay:
+                ex.try_deadline = asyncio.get_running_loop().call_later(
+                    delay, self._retry, ex, action.avoid
+                )
+            else:
+                self._retry(ex, action.avoid)
         elif isinstance(action, Answer):
             self.refuse(ex, action.response)
         elif self.transport is not None:
@@ -650,7 +662,7 @@ class Downstream(asyncio.Protocol):
         self.held = held
 
     def _finish(self, ex: Exchange) -> None:
-        if ex.route is not None:
+        if ex.route is not None or ex.try_deadline is not None:
             self._stop_timers(ex)
         if self.out:
             # Batched bytes of this response must precede a close or the next response.

@@ -133,7 +133,8 @@ class Exchange:
     deadline: asyncio.TimerHandle | None = None
     """The shell's timer for the route's request timeout, while it runs."""
     try_deadline: asyncio.TimerHandle | None = None
-    """The shell's timer for the route's per-try timeout, while it runs."""
+    """The shell's timer for the route's per-try timeout, or for the back-off before a
+    retry (RetryPolicy.delay), while it runs."""
 
     def __init__(
         self,

@@ -233,6 +233,21 @@ async def test_per_try_timeout_retries_on_another_endpoint(
         await m.close()
 
 
+async def test_retry_after_a_jittered_backoff(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    retry = RetryPolicy(num_retries=1, on_timeout=True, backoff=0.05)
+    table = RouteTable((), to("both", try_timeout=0.3, retry=retry))
+    m = await build(ca, table, stall_in=("s0",))
+    try:
+        for _ in range(2):  # round robin: one goes to the stalled instance first
+            async with session.get(m.url + "/hello") as resp:
+                assert resp.status == 200
+                assert await resp.text() == "hello from v1"
+    finally:
+        await m.close()
+
+
 async def test_per_try_timeout_without_retry_is_a_504(
     ca: ProxyTestCA, session: aiohttp.ClientSession
 ) -> None:

@@ -171,3 +171,16 @@ def test_header_edits() -> None:
 def test_refused_values_name_the_problem(edits: object, problem: str) -> None:
     with pytest.raises(ValueError, match=re.escape(problem)):
         edits()  # type: ignore[operator]
+
+
+def test_retry_backoff_is_fully_jittered_and_capped() -> None:
+    assert RetryPolicy().delay(1, RNG) == 0.0  # the built-in policy retries at once
+    policy = RetryPolicy(num_retries=5, backoff=0.025, max_backoff=0.25)
+    rng = random.Random(1)
+    first = [policy.delay(1, rng) for _ in range(200)]
+    assert all(0.0 <= d <= 0.025 for d in first) and max(first) > 0.02
+    third = [policy.delay(3, rng) for _ in range(200)]
+    assert all(0.0 <= d <= 0.175 for d in third) and max(third) > 0.15
+    assert all(d <= 0.25 for d in (policy.delay(8, rng) for _ in range(200)))
+    with pytest.raises(ValueError, match="backoff"):
+        RetryPolicy(backoff=-1)
