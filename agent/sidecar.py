@@ -48,6 +48,7 @@ from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_errors import ConsulError, ConsulUnavailable
 from agent.readiness import Readiness
 from agent.watch import Latest, WatchSettings, backoff_delay
+from connect.authz import intentions_authorizers
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
@@ -56,7 +57,7 @@ from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.peers import service_peers
-from connect.proxy import ProxyStats, intentions_authorizers
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from intentions.engine import Identity, compile_snapshot
 from intentions.engine import Snapshot as IntentionsSnapshot

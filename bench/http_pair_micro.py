@@ -24,12 +24,14 @@ from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Target, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
-from connect.proxy import PeerCache, ProxyStats, intentions_authorizers
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe

@@ -20,6 +20,7 @@ import ssl
 
 import uvloop
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
@@ -27,8 +28,8 @@ from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.peers import service_peers
-from connect.proxy import ProxyStats, intentions_authorizers
 from connect.resumption import ResumingClientContext
+from connect.stats import ProxyStats
 from connect.tls import SESSION_TICKETS
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry

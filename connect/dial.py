@@ -20,8 +20,8 @@ from typing import TypeVar
 from connect.balancer import Target
 from connect.cluster import Cluster, EjectionPolicy, EndpointSource, Outcome
 from connect.dial_failures import dial_failure
-from connect.proxy import PeerCache
 from connect.resumption import offering, sessions_of
+from connect.seams import PeerCache
 
 log = logging.getLogger("meshlet.proxy")
 

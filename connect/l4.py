@@ -27,7 +27,7 @@ from connect.cluster import Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
-from connect.proxy import ProxyStats
+from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.l4")
 

@@ -51,8 +51,8 @@ from connect.http1_headers import (
     xfcc_element,
 )
 from connect.http_target import BadTarget, with_authority
-from connect.proxy import Peer
 from connect.routes import DEFAULT_RETRY
+from connect.seams import Peer
 
 if TYPE_CHECKING:
     from connect.http1.listener import HTTPListener

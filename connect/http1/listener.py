@@ -20,8 +20,9 @@ from connect.http_target import TargetParser
 from connect.identity import IdentityError, parse_service
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
-from connect.proxy import ProxyStats, RequestAuthorizer
 from connect.routes import RouteTable, default_table
+from connect.seams import RequestAuthorizer
+from connect.stats import ProxyStats
 from intentions.path_normalization import PathNormalization
 
 __all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]

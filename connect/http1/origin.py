@@ -17,7 +17,7 @@ from connect.http1.exchange import Exchange
 from connect.http1.limits import HTTPLimits
 from connect.http1.upstream import Pool, UpConn
 from connect.http1_headers import RETRY_ANY, bad_gateway, unavailable
-from connect.proxy import ProxyStats
+from connect.stats import ProxyStats
 
 if TYPE_CHECKING:
     from connect.http1.downstream import Downstream

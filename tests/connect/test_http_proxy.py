@@ -17,12 +17,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import HTTPLimits, InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
-from connect.proxy import PeerCache, ProxyStats, intentions_authorizers
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe

@@ -13,12 +13,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
-from connect.proxy import PeerCache, ProxyStats, intentions_authorizers
 from connect.routes import (
     HeaderEdits,
     HeaderMatch,
@@ -29,6 +29,8 @@ from connect.routes import (
     RouteTable,
     WeightedCluster,
 )
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from intentions.engine import Identity
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
 from tests.connect.test_http_proxy import INTENTIONS, App, start_app

@@ -16,12 +16,14 @@ from typing import cast
 
 import pytest
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4, RelayLimits
-from connect.proxy import Peer, PeerCache, ProxyStats, Verdict, intentions_authorizers
+from connect.seams import Peer, PeerCache, Verdict
+from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe

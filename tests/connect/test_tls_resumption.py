@@ -22,8 +22,9 @@ from connect.dial import DialFailed, Upstream, dial_target
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import Material
-from connect.proxy import Peer, PeerCache, ProxyStats, Verdict
 from connect.resumption import ResumingClientContext, SessionCache, offering, sessions_of
+from connect.seams import Peer, PeerCache, Verdict
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from devstack.server import DevServer
 from tests.connect.devstack_tls import LOOPS, dev_mesh, run
