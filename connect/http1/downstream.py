@@ -499,12 +499,13 @@ class Downstream(asyncio.Protocol):
         ex = self.queue[0]
         if ex.conn is not conn:
             return
-        outcome = ex.outcome
-        action = ex.on_response_end(conn.key)
-        if action is not FINISH:
-            self._detach(ex, conn, outcome)
-            self._act(ex, action)
-            return
+        if ex.redo:  # only a swallowed answer can end in anything but FINISH
+            outcome = ex.outcome
+            action = ex.on_response_end(conn.key)
+            if action is not FINISH:
+                self._detach(ex, conn, outcome)
+                self._act(ex, action)
+                return
         if ex.resp_chunked:
             if self.out is not None:
                 self.out.append(LAST_CHUNK)

@@ -142,7 +142,7 @@ class MeshOrigin(Origin):
         h = None
         if balancer.uses_hash and balancer.config.hash_policies:
             h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
-        now = self.loop.time()
+        now = (self._loop or self.loop).time()
         if avoid is None:
             target = cluster.choose(now, up.rng, h)
         else:
@@ -196,7 +196,7 @@ class MeshOrigin(Origin):
             conn.target = None
             if outcome is Outcome.REFUSED:
                 self.stats.upstream_failures += 1
-            conn.cluster.record(target, outcome, self.loop.time())
+            conn.cluster.record(target, outcome, (self._loop or self.loop).time())
         super().release(conn, reusable, outcome)
 
 
