@@ -17,7 +17,9 @@ to the outcome. An outcome reported for an endpoint that has left the set is ign
 
 "All ejected" rule (one, for L4 and HTTP): ejected endpoints are skipped unless every endpoint
 not in `avoid` is ejected; then the ejections are ignored, since trying one beats a certain
-503. Endpoints in `avoid` are never chosen: a caller that would rather reuse one (the only
+503 (`panic`), except in a cluster that has failover clusters after it: that one then
+chooses nothing and the caller goes on to the next (connect.dial.dial_failover).
+Endpoints in `avoid` are never chosen: a caller that would rather reuse one (the only
 endpoint of a service) asks again without it.
 """
 
@@ -190,9 +192,13 @@ class Cluster:
         rng: random.Random,
         request_hash: int | None = None,
         avoid: Collection[str] = (),
+        *,
+        panic: bool = True,
     ) -> Target | None:
         """The endpoint to use next (counted in flight until `record`), or None when there
-        is none outside `avoid`."""
+        is none outside `avoid`. With `panic` False (a cluster that has failover clusters
+        after it) the "all ejected" rule does not apply: None when every endpoint not
+        avoided is ejected, so that the caller fails over."""
         balancer = self.endpoints.balancer()
         if balancer is not self._balancer:
             self._swap(balancer)
@@ -201,7 +207,7 @@ class Cluster:
         if self.ejected or avoid:
             avoided = {i for i, t in enumerate(targets) if t.key in avoid} if avoid else _NOTHING
             ejected = self._ejected_indexes(targets, now)
-            if ejected and len(ejected | avoided) < len(targets):
+            if ejected and (not panic or len(ejected | avoided) < len(targets)):
                 exclude = ejected | avoided
             else:
                 exclude = avoided

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -25,7 +25,7 @@ from connect.seams import PeerCache
 
 log = logging.getLogger("meshlet.proxy")
 
-__all__ = ["DialFailed", "Upstream", "dial_target", "dial_upstream"]
+__all__ = ["DialFailed", "Upstream", "dial_failover", "dial_target", "dial_upstream"]
 
 
 @dataclass(slots=True)
@@ -178,11 +178,13 @@ async def dial_upstream(
     avoid: Collection[str] = (),
     first: Target | None = None,
     on_failure: Callable[[], None] | None = None,
+    panic: bool = True,
 ) -> tuple[asyncio.Transport, P, Target]:
     """Choose an endpoint of the upstream's cluster and `dial_target` it; on failure record
     it (the cluster's ejection policy decides what that costs the endpoint) and choose
     another, never one already tried. `first`, already chosen by the caller (who looked for
     a pooled connection to it), is tried first. `on_failure` is called per failed dial.
+    `panic`: see `Cluster.choose` (False when failover clusters follow this one).
 
     The returned target stays in flight in the cluster: the caller records its outcome.
     Raises DialFailed with the last failure once no endpoint is left to try.
@@ -194,7 +196,7 @@ async def dial_upstream(
     last_error = "no healthy endpoint"
     while True:
         if target is None:
-            target = cluster.choose(loop.time(), upstream.rng, request_hash, tried)
+            target = cluster.choose(loop.time(), upstream.rng, request_hash, tried, panic=panic)
             if target is None:
                 raise DialFailed(last_error)
         chosen = target
@@ -212,3 +214,32 @@ async def dial_upstream(
             cluster.record(chosen, Outcome.CANCELLED, loop.time())
             raise
         return transport, protocol, chosen
+
+
+async def dial_failover(
+    upstreams: Sequence[Upstream],
+    protocol_for: Callable[[Target], P],
+    *,
+    request_hash: int | None = None,
+    on_failure: Callable[[], None] | None = None,
+) -> tuple[asyncio.Transport, P, Upstream, Target]:
+    """`dial_upstream` over a primary cluster and its failover clusters, in order (a
+    service-resolver's `Failover` targets): a cluster is left for the next when it has no
+    endpoint that is not ejected, or when every one of them failed to connect; the last one
+    tries even ejected endpoints (`panic`). Returns the upstream that answered with the
+    transport, protocol and target (in flight in that upstream's cluster)."""
+    last_error = "no healthy endpoint"
+    for i, upstream in enumerate(upstreams):
+        try:
+            transport, protocol, target = await dial_upstream(
+                upstream,
+                protocol_for,
+                request_hash=request_hash,
+                on_failure=on_failure,
+                panic=i == len(upstreams) - 1,
+            )
+        except DialFailed as err:
+            last_error = str(err)
+            continue
+        return transport, protocol, upstream, target
+    raise DialFailed(last_error)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 from connect.balancer import Target
-from connect.cluster import Outcome
-from connect.dial import DialFailed, Upstream, dial_upstream
+from connect.cluster import Cluster, Outcome
+from connect.dial import DialFailed, Upstream, dial_failover
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
 from connect.stats import ProxyStats
@@ -240,16 +240,24 @@ class _Listener(ListeningSocket):
 
 
 class OutboundL4(_Listener):
-    """Plaintext from the local app, carried over mTLS to an upstream's sidecar."""
+    """Plaintext from the local app, carried over mTLS to an upstream's sidecar; to the
+    `failover` upstreams, in order, when `upstream` has no endpoint left to try
+    (connect.dial.dial_failover)."""
 
     def __init__(
-        self, upstream: Upstream, limits: RelayLimits | None = None, stats: ProxyStats | None = None
+        self,
+        upstream: Upstream,
+        limits: RelayLimits | None = None,
+        stats: ProxyStats | None = None,
+        *,
+        failover: Sequence[Upstream] = (),
     ) -> None:
         super().__init__(limits or RelayLimits(), stats)
         self.upstream = upstream
-        self.dialed: dict[_Relay, Target] = {}
-        """The endpoint each relay went to: in flight in the upstream's cluster until the
-        relay ends (so least_request sees connections)."""
+        self.chain = (upstream, *failover)
+        self.dialed: dict[_Relay, tuple[Cluster, Target]] = {}
+        """The endpoint each relay went to: in flight in its cluster until the relay ends
+        (so least_request sees connections)."""
 
     def accepted(self, leg: _AcceptedLeg) -> None:
         self.relays.add(leg.relay)
@@ -258,7 +266,7 @@ class OutboundL4(_Listener):
 
     async def _dial(self, relay: _Relay) -> None:
         try:
-            _, _, target = await dial_upstream(self.upstream, lambda target: relay.b)
+            _, _, upstream, target = await dial_failover(self.chain, lambda target: relay.b)
         except DialFailed as err:
             self.stats.no_endpoint += 1
             log.warning("upstream %s: %s", self.upstream.name, err)
@@ -266,23 +274,24 @@ class OutboundL4(_Listener):
             return
         if relay.closed:
             # The client went away during the dial (its relay has ended): drop what we got.
-            self._ended(target)
+            self._ended((upstream.cluster, target))
             if relay.b.transport is not None:
                 relay.b.transport.abort()
             return
-        self.dialed[relay] = target
+        self.dialed[relay] = (upstream.cluster, target)
         _link(relay)
 
     def _done(self, relay: _Relay) -> None:
-        target = self.dialed.pop(relay, None)
-        if target is not None:
-            self._ended(target)
+        dialed = self.dialed.pop(relay, None)
+        if dialed is not None:
+            self._ended(dialed)
         super()._done(relay)
 
-    def _ended(self, target: Target) -> None:
+    @staticmethod
+    def _ended(dialed: tuple[Cluster, Target]) -> None:
         # How a relayed connection ends says nothing about the endpoint's health.
-        now = asyncio.get_running_loop().time()
-        self.upstream.cluster.record(target, Outcome.SUCCESS, now)
+        cluster, target = dialed
+        cluster.record(target, Outcome.SUCCESS, asyncio.get_running_loop().time())
 
 
 class InboundL4(_Listener):

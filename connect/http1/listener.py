@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from connect.dial import Upstream
 from connect.http1.downstream import Downstream
@@ -90,8 +90,9 @@ class OutboundHTTP(HTTPListener):
 
     `routes` returns the current route table (an immutable connect.routes.RouteTable, e.g.
     `Latest[RouteTable].get`); each request head is routed by the table current when it
-    arrives. Its clusters are named: `upstream` is the cluster named `upstream.name`,
-    `clusters` adds others by name. Without `routes`, one route to `upstream`
+    arrives. Its clusters are named: `upstream` is the cluster named `upstream.name` (with
+    `failover` after it, in order), `clusters` adds others by name, each an upstream or a
+    failover chain of them. Without `routes`, one route to `upstream`
     (`default_table`), which is what this listener has always done.
     """
 
@@ -102,11 +103,13 @@ class OutboundHTTP(HTTPListener):
         stats: ProxyStats | None = None,
         *,
         routes: Callable[[], RouteTable] | None = None,
-        clusters: Mapping[str, Upstream] | None = None,
+        clusters: Mapping[str, Upstream | Sequence[Upstream]] | None = None,
+        failover: Sequence[Upstream] = (),
     ) -> None:
         limits = limits or HTTPLimits()
         stats = stats or ProxyStats()
-        named = {upstream.name: upstream, **(clusters or {})}
+        own: Upstream | Sequence[Upstream] = (upstream, *failover) if failover else upstream
+        named = {upstream.name: own, **(clusters or {})}
         super().__init__(
             MeshOrigin(upstream, limits, stats, named),
             limits,

@@ -6,11 +6,11 @@ origin answers `acquire` at once from its pool, or starts a dial and later calls
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from connect.balancer import Target, request_hash
+from connect.balancer import Policy, Target, request_hash
 from connect.cluster import Cluster, Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1.exchange import Exchange
@@ -107,85 +107,96 @@ class AppOrigin(Origin):
 
 class MeshOrigin(Origin):
     """Upstream clusters by name, each dialed with mTLS per endpoint (outbound side); the
-    exchange's route named its cluster. Idle connections are pooled per cluster."""
+    exchange's route named its cluster. A name may stand for a failover chain: its clusters
+    are tried in order (connect.dial.dial_failover's rules). Idle connections are pooled
+    per cluster."""
 
     def __init__(
         self,
         upstream: Upstream,
         limits: HTTPLimits,
         stats: ProxyStats,
-        clusters: Mapping[str, Upstream] | None = None,
+        clusters: Mapping[str, Upstream | Sequence[Upstream]] | None = None,
     ) -> None:
         super().__init__(limits)
         self.upstream = upstream
         self.stats = stats
-        self.clusters = dict(clusters or {upstream.name: upstream})
-        self.named: dict[str, tuple[Upstream, Pool]] = {}
-        """Cluster name -> its upstream and its idle pool."""
-        for name, up in self.clusters.items():
-            pool = self.pool
-            if up is not upstream:
-                pool = Pool(limits.high_water, limits.max_idle_per_endpoint)
-                self.pools.append(pool)
-            self.named[name] = (up, pool)
+        pools: dict[int, Pool] = {id(upstream): self.pool}
+        self.named: dict[str, tuple[tuple[Upstream, Pool], ...]] = {}
+        """Cluster name -> its upstreams (the primary, then failover) with their idle pools."""
+        for name, ups in (clusters or {upstream.name: upstream}).items():
+            chain = (ups,) if isinstance(ups, Upstream) else tuple(ups)
+            if not chain:
+                raise ValueError(f"cluster {name!r}: no upstream")
+            links = []
+            for up in chain:
+                pool = pools.get(id(up))
+                if pool is None:
+                    pool = pools[id(up)] = Pool(limits.high_water, limits.max_idle_per_endpoint)
+                    self.pools.append(pool)
+                links.append((up, pool))
+            self.named[name] = tuple(links)
 
     def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
         name = ex.cluster or self.upstream.name
-        found = self.named.get(name)
-        if found is None:
+        chain = self.named.get(name)
+        if chain is None:
             self.stats.no_endpoint += 1
             down.refuse(ex, unavailable(f"no cluster {name!r}", close=False))
             return None
-        up, pool = found
-        cluster = up.cluster
-        balancer = cluster.balancer()
-        h = None
-        if balancer.uses_hash and balancer.config.hash_policies:
-            h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
         now = (self._loop or self.loop).time()
-        if avoid is None:
-            target = cluster.choose(now, up.rng, h)
-        else:
-            target = cluster.choose(now, up.rng, h, (avoid,))
+        last = len(chain) - 1
+        for i, (up, pool) in enumerate(chain):
+            cluster = up.cluster
+            h = _hash_of(up, ex)
+            if avoid is None:
+                target = cluster.choose(now, up.rng, h, panic=i == last)
+            else:
+                target = cluster.choose(now, up.rng, h, (avoid,), panic=i == last)
+                if target is None and i == last:
+                    target = cluster.choose(now, up.rng, h)  # the only endpoint: a new connection
             if target is None:
-                target = cluster.choose(now, up.rng, h)  # the only endpoint: a new connection
-        if target is None:
-            self.stats.no_endpoint += 1
-            down.refuse(ex, unavailable("no healthy endpoint", close=False))
+                continue
+            conn = pool.take(target.key)
+            if conn is not None:
+                conn.target = target
+                return conn
+            avoided = () if avoid is None else (avoid,)
+            self._spawn(self._dial(down, ex, chain[i:], first=target, avoid=avoided, h=h))
             return None
-        conn = pool.take(target.key)
-        if conn is not None:
-            conn.target = target
-            return conn
-        avoided = () if avoid is None else (avoid,)
-        self._spawn(self._dial(down, ex, up=up, pool=pool, first=target, avoid=avoided, h=h))
+        self.stats.no_endpoint += 1
+        down.refuse(ex, unavailable("no healthy endpoint", close=False))
         return None
 
     async def _dial(
         self,
         down: Downstream,
         ex: Exchange,
+        chain: tuple[tuple[Upstream, Pool], ...],
         *,
-        up: Upstream,
-        pool: Pool,
         first: Target,
         avoid: tuple[str, ...],
         h: int | None,
     ) -> None:
-        try:
-            _, conn, _ = await dial_upstream(
-                up,
-                partial(_connection, pool, up.cluster),
-                request_hash=h,
-                avoid=avoid,
-                first=first,
-                on_failure=self._dial_failed,
-            )
-        except DialFailed as err:
-            self.stats.no_endpoint += 1
-            down.refuse(ex, unavailable(str(err), close=False))
+        reason = "no healthy endpoint"
+        for j, (up, pool) in enumerate(chain):
+            try:
+                _, conn, _ = await dial_upstream(
+                    up,
+                    partial(_connection, pool, up.cluster),
+                    request_hash=h if j == 0 else _hash_of(up, ex),
+                    avoid=avoid if j == 0 else (),
+                    first=first if j == 0 else None,
+                    on_failure=self._dial_failed,
+                    panic=j == len(chain) - 1,
+                )
+            except DialFailed as err:
+                reason = str(err)
+                continue
+            down.attach(ex, conn)
             return
-        down.attach(ex, conn)
+        self.stats.no_endpoint += 1
+        down.refuse(ex, unavailable(reason, close=False))
 
     def _dial_failed(self) -> None:
         self.stats.upstream_failures += 1
@@ -198,6 +209,16 @@ class MeshOrigin(Origin):
                 self.stats.upstream_failures += 1
             conn.cluster.record(target, outcome, (self._loop or self.loop).time())
         super().release(conn, reusable, outcome)
+
+
+def _hash_of(up: Upstream, ex: Exchange) -> int | None:
+    config = up.cluster.balancer().config
+    if config.hash_policies and config.policy in _HASHED:
+        return request_hash(config.hash_policies, _HeaderLookup(ex.headers))
+    return None
+
+
+_HASHED = frozenset({Policy.RING_HASH, Policy.MAGLEV})
 
 
 def _connection(pool: Pool, cluster: Cluster, target: Target) -> UpConn:

@@ -188,3 +188,13 @@ def test_a_success_after_an_ejection_shortens_the_next_one() -> None:
     c.learn("n0/api", Outcome.SUCCESS, 100.0)
     c.learn("n0/api", Outcome.SERVER_ERROR, 101.0)  # back to twice, not three times
     assert c.ejected["n0/api"] == 161.0
+
+
+def test_a_cluster_with_failover_after_it_chooses_nothing_when_all_are_ejected() -> None:
+    c = cluster(2)
+    c.learn("n0/api", Outcome.CONNECT_FAILURE, 0.0)
+    c.learn("n1/api", Outcome.CONNECT_FAILURE, 0.0)
+    assert c.choose(1.0, RNG, panic=False) is None
+    assert c.choose(1.0, RNG) is not None  # the last cluster of a chain still tries one
+    c.learn("n0/api", Outcome.SUCCESS, 0.0)
+    assert c.choose(20.0, RNG, panic=False) is not None  # ejections over

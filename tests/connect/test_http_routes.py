@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,7 @@ async def test_per_try_timeout_retries_on_another_endpoint(
             async with session.get(m.url + "/hello") as resp:
                 assert resp.status == 200
                 assert await resp.text() == "hello from v1"
-        cluster = m.outbound.origin.clusters["both"].cluster  # type: ignore[attr-defined]
+        cluster = m.outbound.origin.named["both"][0][0].cluster  # type: ignore[attr-defined]
         assert cluster.inflight("s0/api-sidecar") == 0
         assert cluster.inflight("v1/api-sidecar") == 0
     finally:
@@ -277,3 +278,40 @@ async def test_an_upgraded_connection_outlives_the_request_timeout(
             assert (await ws.receive_str()) == "echo:ping"
     finally:
         await m.close()
+
+
+async def test_failover_chain_of_a_route_cluster(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    m = await build(ca, RouteTable((), to("v1")))
+    try:
+        origin = m.outbound.origin
+        ((v2, _),) = origin.named["v2"]  # type: ignore[attr-defined]
+        dead = Upstream(
+            name="dead",
+            endpoints=fixed_endpoints(
+                compile_balancer([Target("n9/dead", "127.0.0.1", _free_port())], BalancerConfig())
+            ),
+            client_ssl=v2.client_ssl,
+            verify_peer=v2.verify_peer,
+            expected_service="api",
+        )
+        failing = OutboundHTTP(dead, routes=lambda: RouteTable((), to("dead")), failover=[v2])
+        await failing.start()
+        try:
+            for _ in range(3):
+                async with session.get(f"http://127.0.0.1:{failing.port}/hello") as resp:
+                    assert resp.status == 200
+                    assert await resp.text() == "hello from v2"
+            assert "n9/dead" in dead.cluster.ejected
+            assert sum(dead.refusal_counts().values()) == 1  # ejected: skipped, not redialed
+        finally:
+            await failing.close(grace=0)
+    finally:
+        await m.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -407,3 +407,35 @@ async def test_a_relayed_connection_is_in_flight_in_the_cluster_until_it_ends(
         assert cluster.inflight("n1/api-sidecar") == 0
     finally:
         await close_all(p, servers)
+
+
+async def test_failover_upstream_takes_over_when_the_primary_has_no_endpoint_left(
+    ca: ProxyTestCA,
+) -> None:
+    p, servers = await build_pair(ca)
+    dead = Upstream(
+        name="api-primary",
+        endpoints=fixed_endpoints(
+            compile_balancer([Target("n0/dead", "127.0.0.1", free_port())], BalancerConfig())
+        ),
+        client_ssl=p.outbound.upstream.client_ssl,
+        verify_peer=p.outbound.upstream.verify_peer,
+        expected_service="api",
+    )
+    outbound = OutboundL4(dead, failover=[p.outbound.upstream])
+    await outbound.start()
+    try:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port)
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            assert p.outbound.upstream.cluster.inflight("n1/api-sidecar") >= 1
+            writer.close()
+            await writer.wait_closed()
+        assert p.app.accepted == 3
+        # The primary's endpoint failed once, then it was ejected: no dial to it after that.
+        assert "n0/dead" in dead.cluster.ejected
+        assert sum(dead.refusal_counts().values()) == 1
+    finally:
+        await outbound.close(grace=0)
+        await close_all(p, servers)
