@@ -113,6 +113,38 @@ class EjectionPolicy:
 DEFAULT_EJECTION = EjectionPolicy()
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Circuit breaking, Consul's `UpstreamConfig.Limits`; 0 means no limit (as in Consul's
+    entries, where 0 leaves Envoy's defaults, which meshlet does not impose).
+
+    * `max_concurrent_requests`: uses in flight (HTTP requests; L4 connections);
+    * `max_pending_requests`: HTTP requests waiting for a connection to be dialed;
+    * `max_connections`: connections open to the cluster (HTTP: pooled and busy; L4: relays).
+
+    A request or connection over a limit is refused at once (HTTP: a 503) and counted in
+    `Cluster.overflows` by the limit's name. Envoy queues an HTTP request that finds
+    `max_connections` reached as pending; meshlet refuses it.
+    """
+
+    max_connections: int = 0
+    max_pending_requests: int = 0
+    max_concurrent_requests: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_pending_requests", "max_concurrent_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Limits.{name} must not be negative")
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.max_connections or self.max_pending_requests or self.max_concurrent_requests
+        )
+
+
+NO_LIMITS = Limits()
+
+
 class EndpointSource(Protocol):
     """The current compiled Balancer of a target; the agent swaps it whole on change."""
 
@@ -144,16 +176,36 @@ class Cluster:
         "_failures",
         "_index",
         "_times",
+        "active",
+        "connections",
         "ejected",
         "endpoints",
+        "limited",
+        "limits",
+        "overflows",
+        "pending",
         "policies",
     )
 
     def __init__(
-        self, endpoints: EndpointSource, policies: tuple[EjectionPolicy, ...] = (DEFAULT_EJECTION,)
+        self,
+        endpoints: EndpointSource,
+        policies: tuple[EjectionPolicy, ...] = (DEFAULT_EJECTION,),
+        limits: Limits = NO_LIMITS,
     ) -> None:
         self.endpoints = endpoints
         self.policies = policies
+        self.limits = limits
+        self.limited = bool(limits)
+        """Whether `admit` needs asking (a per-request attribute read when it does not)."""
+        self.active = 0
+        """Uses chosen and not yet recorded, all endpoints together."""
+        self.pending = 0
+        """HTTP requests waiting for a dial (kept by the origin)."""
+        self.connections = 0
+        """Connections open to the cluster (kept by the L4 listener and the HTTP origin)."""
+        self.overflows: dict[str, int] = {}
+        """Refusals by circuit-breaking limit name."""
         self.ejected: dict[str, float] = {}
         """Endpoint key -> the time its ejection ends."""
         self._failures: dict[tuple[int, str], int] = {}
@@ -215,7 +267,36 @@ class Cluster:
         if idx is None:
             return None
         self._cursor.inflight[idx] += 1
+        self.active += 1
         return targets[idx]
+
+    def admit(
+        self, *, request: bool = True, new_connection: bool = False, dial: bool = False
+    ) -> str | None:
+        """None when what is asked fits the `limits`, else the name of the limit it would
+        exceed (counted in `overflows`). `request`: one more use (asked before `choose`);
+        `new_connection`: it opens a connection (L4, or an HTTP request that found no pooled
+        one); `dial`: it would wait for that dial (HTTP)."""
+        limits = self.limits
+        over = ""
+        if (
+            request
+            and limits.max_concurrent_requests
+            and self.active >= limits.max_concurrent_requests
+        ):
+            over = "max_concurrent_requests"
+        elif (
+            new_connection
+            and limits.max_connections
+            and (self.connections >= limits.max_connections)
+        ):
+            over = "max_connections"
+        elif dial and limits.max_pending_requests and self.pending >= limits.max_pending_requests:
+            over = "max_pending_requests"
+        if not over:
+            return None
+        self.overflows[over] = self.overflows.get(over, 0) + 1
+        return over
 
     def _ejected_indexes(self, targets: tuple[Target, ...], now: float) -> set[int]:
         ejected = self.ejected
@@ -237,6 +318,8 @@ class Cluster:
         i = self._index.get(target.key)
         if i is not None and self._cursor.inflight[i] > 0:
             self._cursor.inflight[i] -= 1
+        if self.active > 0:
+            self.active -= 1
         if outcome is not Outcome.SUCCESS or self._failures or self._times:
             self.learn(target.key, outcome, now)
 

@@ -18,7 +18,7 @@ from functools import partial
 from typing import TypeVar
 
 from connect.balancer import Target
-from connect.cluster import Cluster, EjectionPolicy, EndpointSource, Outcome
+from connect.cluster import NO_LIMITS, Cluster, EjectionPolicy, EndpointSource, Limits, Outcome
 from connect.dial_failures import dial_failure
 from connect.resumption import offering, sessions_of
 from connect.seams import PeerCache
@@ -49,6 +49,8 @@ class Upstream:
     """Offer the endpoint's last TLS session (connect.resumption) when the client context
     keeps sessions; the server is still verified and its identity checked on every dial."""
     rng: random.Random = field(default_factory=random.Random)
+    limits: Limits = NO_LIMITS
+    """Circuit breaking (Consul's UpstreamConfig.Limits)."""
     ejection: tuple[EjectionPolicy, ...] = ()
     """The cluster's ejection policies; empty: one `EjectionPolicy(eject_for)`. Add
     `EjectionPolicy.passive_health_check(...)` for Consul's PassiveHealthCheck."""
@@ -61,7 +63,8 @@ class Upstream:
     yet said it accepted our certificate (connect.dial_failures, `peer_refused`)."""
 
     def __post_init__(self) -> None:
-        self.cluster = Cluster(self.endpoints, self.ejection or (EjectionPolicy(self.eject_for),))
+        policies = self.ejection or (EjectionPolicy(self.eject_for),)
+        self.cluster = Cluster(self.endpoints, policies, self.limits)
 
     def refused(self, kind: str) -> None:
         self.refusals[kind] = self.refusals.get(kind, 0) + 1

@@ -265,6 +265,13 @@ class OutboundL4(_Listener):
         self._spawn(self._dial(leg.relay))
 
     async def _dial(self, relay: _Relay) -> None:
+        primary = self.upstream.cluster
+        if primary.limited:
+            over = primary.admit(new_connection=True)
+            if over is not None:
+                log.warning("upstream %s: circuit breaker: %s", self.upstream.name, over)
+                relay.abort()
+                return
         try:
             _, _, upstream, target = await dial_failover(self.chain, lambda target: relay.b)
         except DialFailed as err:
@@ -274,10 +281,11 @@ class OutboundL4(_Listener):
             return
         if relay.closed:
             # The client went away during the dial (its relay has ended): drop what we got.
-            self._ended((upstream.cluster, target))
+            upstream.cluster.record(target, Outcome.CANCELLED, asyncio.get_running_loop().time())
             if relay.b.transport is not None:
                 relay.b.transport.abort()
             return
+        upstream.cluster.connections += 1
         self.dialed[relay] = (upstream.cluster, target)
         _link(relay)
 
@@ -291,6 +299,7 @@ class OutboundL4(_Listener):
     def _ended(dialed: tuple[Cluster, Target]) -> None:
         # How a relayed connection ends says nothing about the endpoint's health.
         cluster, target = dialed
+        cluster.connections -= 1
         cluster.record(target, Outcome.SUCCESS, asyncio.get_running_loop().time())
 
 

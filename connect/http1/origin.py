@@ -11,7 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from connect.balancer import Policy, Target, request_hash
-from connect.cluster import Cluster, Outcome
+from connect.cluster import Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1.exchange import Exchange
 from connect.http1.limits import HTTPLimits
@@ -146,6 +146,9 @@ class MeshOrigin(Origin):
             return None
         now = (self._loop or self.loop).time()
         last = len(chain) - 1
+        primary = chain[0][0].cluster
+        if primary.limited and self._overflow(down, ex, primary.admit()):
+            return None
         for i, (up, pool) in enumerate(chain):
             cluster = up.cluster
             h = _hash_of(up, ex)
@@ -161,6 +164,12 @@ class MeshOrigin(Origin):
             if conn is not None:
                 conn.target = target
                 return conn
+            if cluster.limited:
+                over = cluster.admit(request=False, new_connection=True, dial=True)
+                if over is not None:
+                    cluster.record(target, Outcome.CANCELLED, now)
+                    self._overflow(down, ex, over)
+                    return None
             avoided = () if avoid is None else (avoid,)
             self._spawn(self._dial(down, ex, chain[i:], first=target, avoid=avoided, h=h))
             return None
@@ -178,12 +187,29 @@ class MeshOrigin(Origin):
         avoid: tuple[str, ...],
         h: int | None,
     ) -> None:
+        waiting = chain[0][0].cluster
+        waiting.pending += 1
+        try:
+            await self._dial_chain(down, ex, chain, first=first, avoid=avoid, h=h)
+        finally:
+            waiting.pending -= 1
+
+    async def _dial_chain(
+        self,
+        down: Downstream,
+        ex: Exchange,
+        chain: tuple[tuple[Upstream, Pool], ...],
+        *,
+        first: Target,
+        avoid: tuple[str, ...],
+        h: int | None,
+    ) -> None:
         reason = "no healthy endpoint"
         for j, (up, pool) in enumerate(chain):
             try:
                 _, conn, _ = await dial_upstream(
                     up,
-                    partial(_connection, pool, up.cluster),
+                    partial(_connection, pool),
                     request_hash=h if j == 0 else _hash_of(up, ex),
                     avoid=avoid if j == 0 else (),
                     first=first if j == 0 else None,
@@ -193,10 +219,20 @@ class MeshOrigin(Origin):
             except DialFailed as err:
                 reason = str(err)
                 continue
+            # Counted from here (a dial that failed its identity check never was).
+            conn.cluster = up.cluster
+            up.cluster.connections += 1
             down.attach(ex, conn)
             return
         self.stats.no_endpoint += 1
         down.refuse(ex, unavailable(reason, close=False))
+
+    def _overflow(self, down: Downstream, ex: Exchange, over: str | None) -> bool:
+        if over is None:
+            return False
+        self.stats.no_endpoint += 1
+        down.refuse(ex, unavailable(f"circuit breaker: {over}", close=False))
+        return True
 
     def _dial_failed(self) -> None:
         self.stats.upstream_failures += 1
@@ -221,10 +257,8 @@ def _hash_of(up: Upstream, ex: Exchange) -> int | None:
 _HASHED = frozenset({Policy.RING_HASH, Policy.MAGLEV})
 
 
-def _connection(pool: Pool, cluster: Cluster, target: Target) -> UpConn:
-    conn = UpConn(pool, target.key, target)
-    conn.cluster = cluster
-    return conn
+def _connection(pool: Pool, target: Target) -> UpConn:
+    return UpConn(pool, target.key, target)
 
 
 class _HeaderLookup:

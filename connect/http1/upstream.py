@@ -42,7 +42,8 @@ class UpConn(asyncio.Protocol):
         self.target = target
         """The mesh endpoint, while its cluster counts this connection's request in flight."""
         self.cluster: Cluster | None = None
-        """The mesh cluster `target` belongs to."""
+        """The mesh cluster `target` belongs to, once the dial has succeeded (it counts this
+        connection among its open ones until it is lost)."""
         self.transport: asyncio.Transport | None = None
         self.owner: Downstream | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -140,6 +141,8 @@ class UpConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.pool.forget(self)
+        if self.cluster is not None:
+            self.cluster.connections -= 1
         owner = self.owner
         if owner is not None:
             owner.upstream_lost(self)

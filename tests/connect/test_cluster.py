@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from connect.balancer import Balancer, BalancerConfig, Policy, Target, compile_balancer
-from connect.cluster import Cluster, EjectionPolicy, Outcome, fixed_endpoints
+from connect.cluster import Cluster, EjectionPolicy, Limits, Outcome, fixed_endpoints
 
 
 def targets(n: int) -> list[Target]:
@@ -198,3 +198,30 @@ def test_a_cluster_with_failover_after_it_chooses_nothing_when_all_are_ejected()
     assert c.choose(1.0, RNG) is not None  # the last cluster of a chain still tries one
     c.learn("n0/api", Outcome.SUCCESS, 0.0)
     assert c.choose(20.0, RNG, panic=False) is not None  # ejections over
+
+
+def test_limits_admit_and_count_overflows() -> None:
+    balancer = compile_balancer(targets(2), BalancerConfig(policy=Policy.ROUND_ROBIN))
+    limits = Limits(max_connections=1, max_pending_requests=1, max_concurrent_requests=2)
+    c = Cluster(fixed_endpoints(balancer), limits=limits)
+    assert c.limited and not Cluster(fixed_endpoints(balancer)).limited
+    a = c.choose(0.0, RNG)
+    assert c.admit() is None
+    b = c.choose(0.0, RNG)
+    assert c.admit() == "max_concurrent_requests"
+    assert c.admit(request=False, new_connection=True) is None
+    c.connections = 1
+    assert c.admit(request=False, new_connection=True) == "max_connections"
+    c.pending = 1
+    assert c.admit(request=False, dial=True) == "max_pending_requests"
+    assert c.overflows == {
+        "max_concurrent_requests": 1,
+        "max_connections": 1,
+        "max_pending_requests": 1,
+    }
+    for t in (a, b):
+        assert t is not None
+        c.record(t, Outcome.SUCCESS, 0.0)
+    assert c.active == 0 and c.admit() is None
+    with pytest.raises(ValueError, match="max_connections"):
+        Limits(max_connections=-1)

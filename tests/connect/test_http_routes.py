@@ -16,7 +16,7 @@ import pytest
 
 from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
-from connect.cluster import fixed_endpoints
+from connect.cluster import Limits, fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
@@ -315,3 +315,38 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_circuit_breaker_answers_overflow_503_at_once(ca: ProxyTestCA) -> None:
+    m = await build(ca, RouteTable((), to("v1")), stall_in=("s0",))
+    try:
+        ((stalled, _),) = m.outbound.origin.named["stalled"]  # type: ignore[attr-defined]
+        limited = Upstream(
+            name="stalled",
+            endpoints=stalled.endpoints,
+            client_ssl=stalled.client_ssl,
+            verify_peer=stalled.verify_peer,
+            expected_service="api",
+            limits=Limits(max_concurrent_requests=1),
+        )
+        outbound = OutboundHTTP(limited)
+        await outbound.start()
+        try:
+            _, w1 = await asyncio.open_connection("127.0.0.1", outbound.port)
+            w1.write(b"GET /hello HTTP/1.1\r\nhost: api\r\n\r\n")  # hangs at the stalled app
+            for _ in range(200):
+                if limited.cluster.active:
+                    break
+                await asyncio.sleep(0.01)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", outbound.port)
+            w2.write(b"GET /hello HTTP/1.1\r\nhost: api\r\n\r\n")
+            head = await r2.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503")
+            assert b"x-meshlet-reason: circuit breaker: max_concurrent_requests" in head
+            assert limited.cluster.overflows == {"max_concurrent_requests": 1}
+            for w in (w1, w2):
+                w.close()
+        finally:
+            await outbound.close(grace=0)
+    finally:
+        await m.close()

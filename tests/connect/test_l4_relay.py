@@ -4,6 +4,7 @@ mTLS -> inbound sidecar -> app, with refusals, failover, half-close and bounded 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -18,7 +19,7 @@ import pytest
 
 from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
-from connect.cluster import fixed_endpoints
+from connect.cluster import Limits, fixed_endpoints
 from connect.dial import Upstream
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4, RelayLimits
@@ -436,6 +437,38 @@ async def test_failover_upstream_takes_over_when_the_primary_has_no_endpoint_lef
         # The primary's endpoint failed once, then it was ejected: no dial to it after that.
         assert "n0/dead" in dead.cluster.ejected
         assert sum(dead.refusal_counts().values()) == 1
+    finally:
+        await outbound.close(grace=0)
+        await close_all(p, servers)
+
+
+async def test_max_connections_refuses_the_connection_over_the_limit(ca: ProxyTestCA) -> None:
+    p, servers = await build_pair(ca)
+    up = p.outbound.upstream
+    limited = Upstream(
+        name="api",
+        endpoints=up.endpoints,
+        client_ssl=up.client_ssl,
+        verify_peer=up.verify_peer,
+        expected_service="api",
+        limits=Limits(max_connections=1),
+    )
+    outbound = OutboundL4(limited)
+    await outbound.start()
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", outbound.port)
+        w1.write(b"x")
+        assert await r1.readexactly(1) == b"x"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", outbound.port)
+        w2.write(b"y")
+        with contextlib.suppress(ConnectionResetError):  # aborted: closed or reset
+            assert await r2.read() == b""  # without a byte relayed
+        assert limited.cluster.overflows == {"max_connections": 1}
+        assert p.app.accepted == 1
+        w1.write(b"z")  # the first one still works
+        assert await r1.readexactly(1) == b"z"
+        for w in (w1, w2):
+            w.close()
     finally:
         await outbound.close(grace=0)
         await close_all(p, servers)
