@@ -253,11 +253,12 @@ class Downstream(asyncio.Protocol):
                 headers, sent_host = with_authority(headers, authority)
                 if not sent_host and parser.get_http_version() == "1.1":
                     raise _BadHead
-        routes = listener.routes
+        table = listener.fixed_routes
+        if table is None and listener.routes is not None:
+            table = listener.routes()
         selection = None
-        if routes is not None:
+        if table is not None:
             # Once per head, before it is serialized: the route may rewrite path and fields.
-            table = routes()
             selection = table.fixed
             if selection is None:
                 path, sep, query = target.partition(b"?")

@@ -35,6 +35,8 @@ class HTTPListener(ListeningSocket):
     """Outbound: the Host given to an HTTP/1.0 request that has none (the upstream's name)."""
     routes: Callable[[], RouteTable] | None = None
     """Outbound: the current route table (connect.routes), consulted once per request head."""
+    fixed_routes: RouteTable | None = None
+    """Outbound without `routes`: the one table it ever has (read without a call)."""
     rng: random.Random = random.Random()
     """Outbound: for the routes' weighted splits."""
 
@@ -122,8 +124,7 @@ class OutboundHTTP(HTTPListener):
         )
         self.default_host = upstream.name.encode()
         if routes is None:
-            table = default_table(upstream.name)
-            routes = lambda: table  # noqa: E731
+            self.fixed_routes = default_table(upstream.name)
         self.routes = routes
         self.rng = upstream.rng
 

@@ -151,7 +151,10 @@ class MeshOrigin(Origin):
             return None
         for i, (up, pool) in enumerate(chain):
             cluster = up.cluster
-            h = _hash_of(up, ex)
+            h = None
+            balancer = cluster.endpoints.balancer()  # (choose swaps the cursor if it is new)
+            if balancer.uses_hash and balancer.config.hash_policies:
+                h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
             if avoid is None:
                 target = cluster.choose(now, up.rng, h, panic=i == last)
             else:
