@@ -4,11 +4,15 @@ sockets, no clock, no parser (h11's habit: the shell feeds events, the core says
 The downstream protocol (connect.http1.downstream) turns parser callbacks and upstream events
 into calls here and carries out what comes back:
 
-    on_denied()                                   -> Answer
-    on_response_head(status, retriable, may_redo) -> FORWARD | Retry
-    on_response_end()                             -> FINISH | Retry
-    on_upstream_lost(key, signal_retriable)       -> FINISH | CLOSE | Retry | Answer
-    on_timeout(try_only)                          -> Answer | CLOSE | Retry
+    on_denied()                                        -> Answer
+    on_response_head(status, retriable, may_redo, key) -> FORWARD | Retry
+    on_response_end(key)                               -> FINISH | Retry
+    on_upstream_lost(key, signal_retriable)            -> FINISH | CLOSE | Retry | Answer
+    on_timeout(key, try_only)                          -> Answer | CLOSE | Retry
+
+`key` is the endpoint of the current try (the one a Retry avoids). After each decision
+`outcome` says how the try went for that endpoint (connect.cluster.Outcome), which the shell
+records in the endpoint's cluster.
 
 Actions:
 
