@@ -428,13 +428,13 @@ def volumes(o: InjectOptions) -> list[dict[str, Any]]:
         {"name": CONFIG_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         # Leaf keys live here: memory-backed, never on the node's disk.
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
-        # optional: a cluster without ACLs has no token; with ACLs on, a missing Secret shows
-        # as a sidecar that never gets ready (registration is refused), so the app never starts.
+        # Not optional: a missing Secret holds the pod at ContainerCreating with an event that
+        # names it (an optional one would leave no token file, and the sidecar would
+        # crash-loop on it). A cluster without ACLs creates the Secret with an empty token.
         {
             "name": TOKEN_VOLUME,
             "secret": {
                 "secretName": o.token_secret,
-                "optional": True,
                 "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}],
             },
         },
