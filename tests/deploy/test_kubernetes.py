@@ -742,3 +742,26 @@ def test_kubelet_expansion_helper_matches_the_documented_rules() -> None:
     env = {"A": "1"}
     assert expand("$(A)-$(B)-$$(A)", env) == "1-$(B)-$(A)"
     assert os.path.basename(MESHLET) == "meshlet"
+
+
+# ---- docs/kubernetes.md ------------------------------------------------------------------------
+
+
+def test_docs_commands_parse_and_links_stay_in_the_repository() -> None:
+    import re
+    import shlex
+
+    doc = ROOT / "docs" / "kubernetes.md"
+    text = doc.read_text()
+    commands = [
+        line.strip()
+        for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+        for line in block.splitlines()
+        if line.strip().startswith("meshlet ")
+    ]
+    assert commands
+    for line in commands:
+        build_parser().parse_args(shlex.split(line)[1:])
+    for target in re.findall(r"\]\(([^)]+)\)", text):
+        assert "://" not in target, target
+        assert (doc.parent / target.split("#")[0]).resolve().exists(), target
