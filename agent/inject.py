@@ -253,6 +253,13 @@ def _settings(
                 f"{SIDECAR}; remove the annotation to inject again"
             )
         return None
+    if spec.get("hostNetwork") is True:
+        # The node's network: ports 19000 and 21000 and the loopback upstream listeners would
+        # be shared with every other such pod on the node, and the pod IP is the node's.
+        raise InjectError(
+            f"{spath}.hostNetwork: meshlet does not inject pods on the node's network (its "
+            f'fixed ports would clash); annotate the pod {INJECT}: "false"'
+        )
     for key, items in (("initContainers", inits), ("containers", containers)):
         for i, c in enumerate(items):
             if c["name"] in OUR_NAMES:

@@ -322,6 +322,11 @@ PREFIX = "document 1 (Deployment web): spec.template."
         ),
         (f"{T}/spec/containers", [], "spec.containers: expected at least one container"),
         (f"{T}/spec", _DELETE, "spec: expected a pod spec mapping, got null"),
+        (
+            f"{T}/spec/hostNetwork",
+            True,
+            "spec.hostNetwork: meshlet does not inject pods on the node's network",
+        ),
     ],
 )
 def test_malformed_input_is_refused_naming_the_document_and_field(
