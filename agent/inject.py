@@ -216,9 +216,9 @@ def _containers(spec: dict[str, Any], key: str, path: str) -> list[dict[str, Any
     return items
 
 
-def _container_ports(containers: Sequence[dict[str, Any]], path: str) -> list[tuple[str, int]]:
-    """(name, containerPort) of every declared port, in order."""
-    out: list[tuple[str, int]] = []
+def _container_ports(containers: Sequence[dict[str, Any]], path: str) -> list[tuple[str, int, str]]:
+    """(name, containerPort, where) of every declared port, in order."""
+    out: list[tuple[str, int, str]] = []
     for i, c in enumerate(containers):
         for j, raw in enumerate(_list(c.get("ports"), f"{path}.containers[{i}].ports")):
             where = f"{path}.containers[{i}].ports[{j}]"
@@ -226,7 +226,7 @@ def _container_ports(containers: Sequence[dict[str, Any]], path: str) -> list[tu
             number = p.get("containerPort")
             if not isinstance(number, int) or isinstance(number, bool):
                 raise InjectError(f"{where}.containerPort: expected a port number")
-            out.append((str(p.get("name") or ""), number))
+            out.append((str(p.get("name") or ""), number, f"{where}.containerPort"))
     return out
 
 
@@ -240,12 +240,12 @@ def _settings(
     flag = annotations.get(INJECT, "true")
     if flag not in ("true", "false"):
         raise InjectError(f'{apath}.{INJECT}: expected "true" or "false", got {flag!r}')
+    if flag == "false":
+        return None
     containers = _containers(spec, "containers", spath)
     inits = _containers(spec, "initContainers", spath)
     if not containers:
         raise InjectError(f"{spath}.containers: expected at least one container")
-    if flag == "false":
-        return None
     if annotations.get(INJECTED) == "true":
         if not any(c["name"] == SIDECAR for c in inits):
             raise InjectError(
@@ -297,7 +297,7 @@ def _settings(
     ports = _container_ports(containers, spath)
     if SERVICE_PORT in annotations:
         raw = annotations[SERVICE_PORT]
-        named = [n for name, n in ports if name and name == raw]
+        named = [n for name, n, _ in ports if name and name == raw]
         port = named[0] if named else parse_port(raw, f"{apath}.{SERVICE_PORT}")
     elif ports:
         port = ports[0][1]
@@ -313,7 +313,10 @@ def _settings(
     reserved = {SIDECAR_PORT: "the sidecar's inbound port", admin_port: "the sidecar's admin port"}
     if port in reserved:
         raise InjectError(f"{apath}.{SERVICE_PORT}: {port} is {reserved[port]}")
-    in_use = {n: f"{spath} containerPort" for _, n in ports}
+    for _, n, where in ports:
+        if n in reserved:
+            raise InjectError(f"{where}: {n} is {reserved[n]}; the pod shares one network")
+    in_use = {n: f"declared at {where}" for _, n, where in ports}
     in_use.update(reserved)
     in_use[port] = "the application port"
     for up in upstreams:

@@ -323,6 +323,11 @@ PREFIX = "document 1 (Deployment web): spec.template."
         (f"{T}/spec/containers", [], "spec.containers: expected at least one container"),
         (f"{T}/spec", _DELETE, "spec: expected a pod spec mapping, got null"),
         (
+            f"{T}/spec/containers/0/ports",
+            [{"containerPort": 8080}, {"name": "debug", "containerPort": 19000}],
+            "spec.containers[0].ports[1].containerPort: 19000 is the sidecar's admin port",
+        ),
+        (
             f"{T}/spec/hostNetwork",
             True,
             "spec.hostNetwork: meshlet does not inject pods on the node's network",
