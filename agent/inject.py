@@ -476,11 +476,15 @@ def inject_pod(
 # ---- documents and streams ---------------------------------------------------------------------
 
 
-def _describe(index: int, doc: Mapping[str, Any]) -> str:
+def _label(doc: Any) -> str:
+    """' (Deployment web)': what a document is, for error messages."""
+    if not isinstance(doc, dict):
+        return ""
     meta = doc.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
     kind = doc.get("kind")
-    return f"document {index}" + (f" ({kind} {name})" if kind and name else f" ({kind})")
+    parts = [str(p) for p in (kind, name) if isinstance(p, str) and p]
+    return f" ({' '.join(parts)})" if parts else ""
 
 
 def inject_document(doc: Any, options: InjectOptions, *, where: str = "document") -> Any:
@@ -491,7 +495,7 @@ def inject_document(doc: Any, options: InjectOptions, *, where: str = "document"
     if key == ("v1", "List"):
         items = _list(doc.get("items"), f"{where}: items")
         new = [
-            inject_document(item, options, where=f"{where}: items[{i}]")
+            inject_document(item, options, where=f"{where}: items[{i}]{_label(item)}")
             for i, item in enumerate(items)
         ]
         if all(a is b for a, b in zip(new, items, strict=True)):
@@ -560,7 +564,7 @@ def inject_stream(text: str, options: InjectOptions) -> str:
     out: list[str] = []
     errors: list[str] = []
     for i, (doc, chunk) in enumerate(zip(docs, chunks, strict=True), start=1):
-        where = _describe(i, doc) if isinstance(doc, dict) else f"document {i}"
+        where = f"document {i}{_label(doc)}"
         try:
             new = inject_document(doc, options, where=where)
         except InjectError as exc:

@@ -196,6 +196,17 @@ def test_other_documents_and_opted_out_workloads_are_copied_byte_for_byte() -> N
     assert docs[2]["spec"]["template"]["spec"]["initContainers"][1]["name"] == SIDECAR
 
 
+def test_a_bad_item_of_a_list_is_named_with_its_kind() -> None:
+    bad = _workload("Job")
+    bad["spec"]["template"]["spec"]["containers"][0]["name"] = SIDECAR
+    doc = {"apiVersion": "v1", "kind": "List", "items": [_workload("Pod"), bad]}
+    with pytest.raises(InjectError) as err:
+        inject_stream(yaml.safe_dump(doc), OPTS)
+    assert str(err.value).startswith(
+        "document 1 (List): items[1] (Job web): spec.template.spec.containers[0].name:"
+    )
+
+
 def test_a_list_document_has_its_items_injected() -> None:
     doc = {"apiVersion": "v1", "kind": "List", "items": [_workload("Pod"), _workload("Job")]}
     (after,) = _inject(doc)
