@@ -21,7 +21,8 @@ import base64
 import json
 from typing import Any
 
-from agent.inject import InjectError, InjectOptions, pod_patch
+from agent.inject import InjectError, pod_patch
+from agent.inject_template import InjectOptions
 
 API_VERSION = "admission.k8s.io/v1"
 POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}

@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from agent.inject import InjectError, InjectOptions
+from agent.inject import InjectError
+from agent.inject_template import InjectOptions
 
 log = logging.getLogger("meshlet.inject")
 _DEFAULTS = InjectOptions()

@@ -17,15 +17,13 @@ import yaml
 
 from agent.config import ConfigError, parse
 from agent.inject import (
-    ADMIN_ADDRESS,
-    SIDECAR_PORT,
     InjectError,
-    Upstream,
     parse_port,
     parse_protocol,
     parse_service_name,
     parse_upstreams,
 )
+from agent.inject_template import ADMIN_ADDRESS, SIDECAR_PORT, Upstream
 
 
 def sidecar_config(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.inject import InjectOptions
 from agent.inject_admission import ReviewError, review
+from agent.inject_template import InjectOptions
 
 log = logging.getLogger("meshlet.inject")
 

@@ -25,7 +25,8 @@ import jsonpatch
 import pytest
 import yaml
 
-from agent.inject import INJECTED, SIDECAR, InjectOptions, inject_stream
+from agent.inject import INJECTED, inject_stream
+from agent.inject_template import SIDECAR, InjectOptions
 from agent.inject_webhook import MAX_BODY, InjectWebhook
 from devstack.issuer import cert_pem, generate_key, key_pem, new_root
 from tests.deploy.kube import validate

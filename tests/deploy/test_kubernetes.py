@@ -24,15 +24,8 @@ import yaml
 from agent import probe
 from agent.admin import AdminServer
 from agent.cli import build_parser
-from agent.inject import (
-    ADMIN_ADDRESS,
-    INIT,
-    SIDECAR,
-    SIDECAR_PORT,
-    InjectError,
-    InjectOptions,
-    inject_stream,
-)
+from agent.inject import InjectError, inject_stream
+from agent.inject_template import ADMIN_ADDRESS, INIT, SIDECAR, SIDECAR_PORT, InjectOptions
 from tests.deploy.kube import command_line, container_env, expand, pod_template, validate
 from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev
 
