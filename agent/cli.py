@@ -80,6 +80,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from agent.agent_cli import add_agent_command
+    from agent.inject_cli import add_inject_command
     from agent.intentions_cli import add_parser as add_intentions_command
     from agent.status_cli import add_status_command
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_command(sub)
     add_status_command(sub)
     add_intentions_command(sub)
+    add_inject_command(sub)
     return parser
 
 
