@@ -9,10 +9,10 @@ burst leaves its free chunks interleaved with live ones. Measured on `meshlet si
 offsets, so other pages get touched). `malloc_trim(0)` gives every free page back (glibc
 >= 2.8 also releases whole free pages inside the heap): 64 MB after it.
 
-`HeapTrimmer` calls it when the listeners' open connections have dropped by `min_drop` from
-their peak since the last trim, checked every `interval` seconds: never on the data path,
-never under steady churn (the peak stays near the current count), once after a burst.
-Where `malloc_trim` does not exist (not glibc) it does nothing.
+`HeapTrimmer` calls it, checking every `interval` seconds (never on the data path), once at
+least `min_ended` connections have ended since the last trim and the listeners hold at most
+half of their peak since then: after a burst has drained, not under steady churn (the count
+stays near its peak). Where `malloc_trim` does not exist (not glibc) it does nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class Gauged(Protocol):
     @property
     def peak_connections(self) -> int: ...
 
+    @property
+    def accepted_connections(self) -> int: ...
+
     def reset_peak(self) -> None: ...
 
 
@@ -57,33 +60,40 @@ class HeapTrimmer:
         self,
         listeners: Callable[[], Iterable[Gauged]],
         *,
-        min_drop: int = 256,
+        min_ended: int = 64,
         interval: float = 2.0,
         trim: Callable[[], int] | None = None,
     ) -> None:
         self._listeners = listeners
-        self.min_drop = min_drop
+        self.min_ended = min_ended
+        """About 3 MiB of heap when each ended connection had started a TLS handshake."""
         self.interval = interval
         self._trim = trim if trim is not None else libc_malloc_trim()
         self.trims = 0
+        self._accepted = 0
+        self._open = 0
+        """The listeners' accepted and open totals at the last trim."""
 
     def check(self) -> bool:
         """Trim if a burst has drained since the last trim; True if it trimmed."""
         if self._trim is None:
             return False
         listeners = list(self._listeners())
-        peak = sum(lst.peak_connections for lst in listeners)
+        accepted = sum(lst.accepted_connections for lst in listeners)
         now = sum(lst.open_connections for lst in listeners)
-        if peak - now < self.min_drop:
+        peak = sum(lst.peak_connections for lst in listeners)
+        ended = (accepted - self._accepted) - (now - self._open)
+        if ended < self.min_ended or now * 2 > peak:
             return False
         for lst in listeners:
             lst.reset_peak()
+        self._accepted, self._open = accepted, now
         started = time.perf_counter()
         self._trim()
         self.trims += 1
         log.debug(
-            "heap trimmed after %d connections closed (%.1f ms)",
-            peak - now, (time.perf_counter() - started) * 1000,
+            "heap trimmed after %d connections ended (%.1f ms)",
+            ended, (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         return True
 

@@ -301,6 +301,8 @@ class ListeningSocket:
         self.connection_limits = ConnectionLimits()
         self.peak_connections = 0
         """The most connections open at once since the last `reset_peak` (for HeapTrimmer)."""
+        self.accepted_connections = 0
+        """Connections admitted since the start."""
         self._refusals_unlogged: dict[str, int] = {}
         self._refusal_logged_at: dict[str, float] = {}
 
@@ -345,6 +347,7 @@ class ListeningSocket:
             return "max_connections"
         if tls and pending >= limits.max_pending_handshakes:
             return "max_pending_handshakes"
+        self.accepted_connections += 1
         if open_now >= self.peak_connections:
             self.peak_connections = open_now + 1
         return ""

@@ -245,9 +245,16 @@ class _Gauge:
     def __init__(self) -> None:
         self.open_connections = 0
         self.peak_connections = 0
+        self.accepted_connections = 0
 
     def reset_peak(self) -> None:
         self.peak_connections = self.open_connections
+
+    def churn(self, opened: int, closed: int) -> None:
+        self.accepted_connections += opened
+        self.open_connections += opened
+        self.peak_connections = max(self.peak_connections, self.open_connections)
+        self.open_connections -= closed
 
 
 def test_heap_trimmer_trims_once_after_a_burst_drains_not_under_churn() -> None:
@@ -258,12 +265,21 @@ def test_heap_trimmer_trims_once_after_a_burst_drains_not_under_churn() -> None:
         return 1
 
     a, b = _Gauge(), _Gauge()
-    trimmer = HeapTrimmer(lambda: [a, b], min_drop=100, trim=trim)
-    a.open_connections = a.peak_connections = 50  # steady: nothing to give back
-    assert not trimmer.check()
-    a.peak_connections, b.peak_connections = 120, 40  # a burst came and went
-    b.open_connections = 0
-    assert trimmer.check() and len(trims) == 1
-    assert (a.peak_connections, b.peak_connections) == (50, 0)
+    trimmer = HeapTrimmer(lambda: [a, b], min_ended=100, trim=trim)
+    a.churn(50, 0)
+    assert not trimmer.check()  # nothing ended
+    for _ in range(20):
+        a.churn(10, 10)  # steady churn: many ended, the count stays near its peak
+        assert not trimmer.check()
+    b.churn(300, 0)
+    assert not trimmer.check()  # a burst, still open
+    b.churn(0, 300)
+    assert trimmer.check() and len(trims) == 1  # drained
     assert not trimmer.check()  # once per burst
-    assert trimmer.trims == 1
+    # A burst that drains after a trim in its middle is trimmed again at its end.
+    b.churn(200, 0)
+    b.churn(0, 150)
+    assert trimmer.check()
+    b.churn(80, 0)
+    b.churn(0, 130)  # the 50 left open at the trim count as ended too
+    assert trimmer.check() and trimmer.trims == 3
