@@ -6,20 +6,21 @@ A listener that terminates TLS accepts plain TCP and upgrades each connection wi
 while we still know the peer's address. `create_server(ssl=...)` would swallow it: both uvloop
 and asyncio only debug-log an `OSError` from a server handshake.
 
-`start_tls` must take the transport over *inside* `connection_made`: uvloop (basetransport.pyx
-`_call_connection_made`) and asyncio before 3.12 (CPython gh-103607) start reading right after
-`connection_made` returns, even if it paused reading, so a `start_tls` awaited in a task comes
-one loop iteration late: the ClientHello has already gone to the plain protocol and the
-handshake hangs. `_TLSAccept` therefore runs the `start_tls` coroutine's first step (which only
-swaps the transport's protocol for the loop's SSL protocol) synchronously and resumes it from its
-future's callback, as a Task would: no Task per connection.
+`start_tls` must take the transport over synchronously, inside a protocol callback: uvloop
+(basetransport.pyx `_call_connection_made`) and asyncio before 3.12 (CPython gh-103607) start
+reading right after `connection_made` returns, even if it paused reading, so a `start_tls`
+awaited in a task comes one loop iteration late: the ClientHello has already gone to the plain
+protocol and the handshake hangs. `_TLSAccept` therefore runs the `start_tls` coroutine's first
+step (which only swaps the transport's protocol for the loop's SSL protocol) synchronously and
+resumes it from its future's callback, as a Task would: no Task per connection.
 
-TLS starts only when the client's first bytes arrive (they are handed to the SSL protocol
-before it reads anything else). Starting it at accept costs each silent connection what the
-loop's SSL protocol and OpenSSL allocate up front, measured at about 56 KiB of heap per
-connection (OpenSSL 3.0: the first `do_handshake` without data allocates ~47 KiB; uvloop adds a
-256 KiB read buffer per SSL protocol): 2,000 idle connections added ~100 MB of RSS. A silent
-connection now holds a plain transport and a timer until `handshake_timeout`.
+It does so when the client's first bytes arrive, not at accept, and hands those bytes to the
+SSL protocol (as its transport would: `get_buffer`/`buffer_updated`) before it reads anything
+else. Starting TLS at accept cost each silent connection what the loop's SSL protocol and
+OpenSSL allocate up front: about 55 KiB of heap (OpenSSL 3.0's first `do_handshake`
+without data allocates ~47 KiB, the SSL object ~9 KiB; uvloop adds a mostly untouched 256 KiB
+read buffer), so 2,000 idle connections added ~80 MB of RSS. A silent connection now holds a
+plain transport and a timer (about 1 KiB) until `handshake_timeout`, which runs from accept.
 
 Admission: each listener caps its connections (`ConnectionLimits`): beyond `max_connections`
 open ones, or `max_pending_handshakes` accepted but not yet through the TLS handshake, a new
