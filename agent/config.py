@@ -306,6 +306,22 @@ class SidecarSection:
             "`meshlet sidecar --workers N` overrides it; `meshlet agent` ignores it.",
         ),
     )
+    max_connections: int = field(
+        default=4096,
+        metadata=_doc(
+            "Open downstream connections each listener (inbound, and each upstream's) accepts, "
+            "per process; beyond it a new connection is reset at accept and counted in "
+            "`connections_refused_limit`. Each inbound connection also holds one to the app.",
+        ),
+    )
+    max_pending_handshakes: int = field(
+        default=512,
+        metadata=_doc(
+            "Connections the inbound listener holds before their TLS handshake has finished "
+            "(unauthenticated), per process; beyond it a new connection is reset at accept, "
+            "before any TLS work. They count towards `max_connections` too.",
+        ),
+    )
     upstreams: tuple[UpstreamSection, ...] = field(
         default=(), metadata=_doc("Services this one calls through the sidecar.")
     )
@@ -655,6 +671,13 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("sidecar.check_ttl", "expected a positive duration")
     if workers_problem(side.workers):
         fail("sidecar.workers", workers_problem(side.workers))
+    if side.max_connections < 1:
+        fail("sidecar.max_connections", f"expected a positive integer, got {side.max_connections}")
+    if side.max_pending_handshakes < 1:
+        fail(
+            "sidecar.max_pending_handshakes",
+            f"expected a positive integer, got {side.max_pending_handshakes}",
+        )
     binds: dict[str, str] = {}
     targets: dict[tuple[str, str, str, str], str] = {}
     for i, up in enumerate(side.upstreams):

@@ -49,11 +49,13 @@ from agent.consul_errors import ConsulError, ConsulUnavailable
 from agent.readiness import Readiness
 from agent.watch import Latest, WatchSettings, backoff_delay
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
+from connect.heap_trim import HeapTrimmer
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
+from connect.listener import ConnectionLimits
 from connect.peers import service_peers
 from connect.proxy import (
     ProxyStats,
@@ -74,8 +76,26 @@ class _Listener(Protocol):
     server: asyncio.Server | None
 
     async def start(
-        self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reuse_port: bool = False,
+        limits: ConnectionLimits | None = None,
     ) -> None: ...
+
+    @property
+    def open_connections(self) -> int: ...
+
+    @property
+    def pending_handshakes(self) -> int: ...
+
+    @property
+    def peak_connections(self) -> int: ...
+
+    @property
+    def accepted_connections(self) -> int: ...
+
+    def reset_peak(self) -> None: ...
 
     async def close(self, grace: float = 5.0) -> None: ...
 
@@ -209,6 +229,8 @@ class Sidecar:
         self.outbound: dict[str, tuple[_Listener, _Endpoints]] = {}
         self.upstreams: dict[str, Upstream] = {}
         self._closed = False
+        self.heap = HeapTrimmer(lambda: [lst for _, lst in self._listeners() if lst is not None])
+        """Gives the heap back to the OS once a burst of connections has drained."""
         self.started = asyncio.Event()
         """Set once every listener is up."""
 
@@ -300,6 +322,12 @@ class Sidecar:
                 name: {"index": ep.index, "endpoints": len(ep.current.targets)}
                 for name, (_, ep) in self.outbound.items()
             },
+            "connections": {
+                name: {"open": lst.open_connections, "handshaking": lst.pending_handshakes}
+                for name, lst in self._listeners()
+                if lst is not None
+            },
+            "heap_trims": self.heap.trims,
             "stats": self.counters(),
         }
 
@@ -338,6 +366,7 @@ class Sidecar:
             if self._closed:
                 return
             await self._start_listeners(tg, self.tls, latest_for)
+            tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
             self.started.set()
 
@@ -479,6 +508,10 @@ class Sidecar:
                 (up.local_bind_address, up.local_bind_port) for up in cfg.sidecar.upstreams
             ]:
                 await claim_port(host, port)
+        limits = ConnectionLimits(
+            max_connections=cfg.sidecar.max_connections,
+            max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
+        )
         listener: _Listener
         if cfg.sidecar.protocol == "http":
             gate = InboundGate(tls.listener_context(), peers, self.stats, current_ssl=tls.server)
@@ -500,7 +533,7 @@ class Sidecar:
                 current_ssl=tls.server,
             )
             listener = InboundL4(gate, app_host, cfg.service.port)
-        await listener.start(bind, cfg.sidecar.port, reuse_port=self._reuse_port)
+        await listener.start(bind, cfg.sidecar.port, reuse_port=self._reuse_port, limits=limits)
         self.inbound = listener
         log.info(
             "inbound %s listener on %s:%d -> %s:%d",
@@ -530,7 +563,10 @@ class Sidecar:
             if latest is not None:
                 endpoints.apply(latest.get())
                 tg.create_task(self._follow_endpoints(up.name, latest, endpoints))
-            await out.start(up.local_bind_address, up.local_bind_port, reuse_port=self._reuse_port)
+            bind_port = up.local_bind_port
+            await out.start(
+                up.local_bind_address, bind_port, reuse_port=self._reuse_port, limits=limits
+            )
             self.outbound[up.name] = (out, endpoints)
             log.info("upstream %s (%s) listening on %s", up.name, up.protocol, up.bind)
 
