@@ -73,6 +73,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from agent.agent_cli import add_agent_command
     from agent.intentions_cli import add_parser as add_intentions_command
+    from agent.routes_cli import add_parser as add_routes_command
     from agent.status_cli import add_status_command
 
     parser = argparse.ArgumentParser(prog="meshlet", description=__doc__)
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_command(sub)
     add_status_command(sub)
     add_intentions_command(sub)
+    add_routes_command(sub)
     return parser
 
 
