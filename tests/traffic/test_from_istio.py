@@ -556,7 +556,8 @@ REFUSALS: list[tuple[str, str, dict[str, Any], str]] = [
     (
         "cors",
         _vs(
-            "  - corsPolicy: {allowOrigins: [{exact: x}]}\n    route: [{destination: {host: api}}]\n"
+            "  - corsPolicy: {allowOrigins: [{exact: x}]}\n"
+            "    route: [{destination: {host: api}}]\n"
         ),
         {},
         f"{VS}: spec.http[0].corsPolicy: not translated: Consul has no CORS policy",
@@ -686,7 +687,8 @@ REFUSALS: list[tuple[str, str, dict[str, Any], str]] = [
     (
         "query prefix",
         _vs(
-            "  - match: [{queryParams: {q: {prefix: a}}}]\n    route: [{destination: {host: api}}]\n"
+            "  - match: [{queryParams: {q: {prefix: a}}}]\n"
+            "    route: [{destination: {host: api}}]\n"
         ),
         {},
         f"{VS}: spec.http[0].match[0].queryParams.q.prefix: not translated: Consul matches query "
@@ -711,7 +713,8 @@ REFUSALS: list[tuple[str, str, dict[str, Any], str]] = [
     (
         "grpc abort",
         _vs(
-            "  - route: [{destination: {host: api}}]\n    fault: {abort: {grpcStatus: UNAVAILABLE}}\n"
+            "  - route: [{destination: {host: api}}]\n"
+            "    fault: {abort: {grpcStatus: UNAVAILABLE}}\n"
         ),
         {},
         f"{VS}: spec.http[0].fault.abort.grpcStatus: not translated: only httpStatus aborts are "
