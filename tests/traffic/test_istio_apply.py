@@ -30,8 +30,8 @@ def _t(*names: str, **options: Any) -> Translation:
 
 def _held(*bodies: dict[str, Any]) -> dict[Key, dict[str, Any]]:
     out = {}
-    for n, body in enumerate(bodies, start=10):
-        body = {**body, "CreateIndex": n, "ModifyIndex": n}
+    for n, given in enumerate(bodies, start=10):
+        body = {**given, "CreateIndex": n, "ModifyIndex": n}
         out[(body["Kind"], "default", body["Name"])] = body
     return out
 
