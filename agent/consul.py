@@ -864,16 +864,11 @@ class ConfigEntriesAPI(_Group):
 
     async def get(self, kind: str, name: str) -> Mapping[str, Any] | None:
         """One entry, or None when Consul has none of that kind and name (404)."""
-        params, blocking = _read_params(dc="", index=0, wait=None, stale=False)
-        found = await self._indexed(
-            f"/v1/config/{_segment(kind)}/{_segment(name)}",
-            lambda v: MappingProxyType(dict(as_object(v, "entry"))),
-            params,
-            blocking,
-            0,
-            missing=lambda: None,
-        )
-        return found.value
+        resp = await self._http.request("GET", f"/v1/config/{_segment(kind)}/{_segment(name)}")
+        if resp.status == 404:
+            return None
+        resp.raise_for_status()
+        return _decode(resp, lambda v: MappingProxyType(dict(as_object(v, "entry"))))
 
     async def put(self, entry: Mapping[str, Any], *, cas: int | None = None) -> bool:
         """Write an entry; with `cas` only if its ModifyIndex is still `cas` (0: create only).
