@@ -438,6 +438,9 @@ def _host(r: _Reader, value: Any, path: str, o: TranslateOptions) -> _Service | 
     if not _DNS_LABEL.fullmatch(name) or not _DNS_LABEL.fullmatch(namespace):
         r.refuse(path, f"{host!r}: {name!r} is not a Consul service name (a DNS label)")
         return None
+    if name.endswith("-sidecar-proxy") or name == "consul":
+        r.refuse(path, f"{host!r} is a sidecar proxy or Consul itself: name the service")
+        return None
     consul_ns = _consul_namespace(r, namespace, path, o)
     return None if consul_ns is None else _Service(consul_ns, name)
 
@@ -581,18 +584,24 @@ def _http_match(r: _Reader, raw: Any, path: str) -> tuple[dict[str, Any], bool] 
         method = _string_match(r, m["method"], f"{path}.method")
         if method is not None:
             kind, text = method
-            if kind == "Exact":
-                http["Methods"] = [text.upper()]
+            if kind == "Exact" and _METHOD_ALTERNATION.fullmatch(text):
+                http["Methods"] = [text]
             elif kind == "Regex" and _METHOD_ALTERNATION.fullmatch(text):
                 http["Methods"] = text.split("|")
             else:
-                r.refuse(f"{path}.method", "Consul matches a list of exact methods")
+                # Istio compares methods case-sensitively; Consul upper-cases them, which would
+                # make a lower-case method (that no request sends) match.
+                r.refuse(
+                    f"{path}.method",
+                    "Consul matches a list of exact upper-case methods (exact, or a regex "
+                    "like GET|HEAD)",
+                )
     headers: list[dict[str, Any]] = []
     for key, invert in (("headers", False), ("withoutHeaders", True)):
         given = (
             r.obj(m.get(key), f"{path}.{key}", ()) if not isinstance(m.get(key), dict) else m[key]
         )
-        for name, value in sorted((given or {}).items()):
+        for name, value in sorted((given or {}).items(), key=lambda kv: str(kv[0])):
             where = f"{path}.{key}.{name}"
             if not isinstance(name, str) or not name or name.startswith(":"):
                 r.refuse(where, "pseudo-headers and empty names are not matched by Consul")
@@ -611,7 +620,7 @@ def _http_match(r: _Reader, raw: Any, path: str) -> tuple[dict[str, Any], bool] 
     params = m.get("queryParams")
     given = params if isinstance(params, dict) else r.obj(params, f"{path}.queryParams", ())
     query: list[dict[str, Any]] = []
-    for name, value in sorted((given or {}).items()):
+    for name, value in sorted((given or {}).items(), key=lambda kv: str(kv[0])):
         where = f"{path}.queryParams.{name}"
         match = _string_match(r, value, where, prefix_ok=False)
         if match is not None:
@@ -762,8 +771,13 @@ def _fault_percent(r: _Reader, spec: Mapping[str, Any], where: str, allow_int: b
     return "100"
 
 
-def _mirror(
-    r: _Reader, route: Mapping[str, Any], path: str, features: dict[str, str], o: TranslateOptions
+def _mirror(  # noqa: PLR0917
+    r: _Reader,
+    route: Mapping[str, Any],
+    path: str,
+    features: dict[str, str],
+    o: TranslateOptions,
+    home: _Service,
 ) -> None:
     # (destination, its path, percentage value, percentage path, integer percent?)
     mirrors: list[tuple[Any, str, Any, str, bool]] = []
@@ -806,6 +820,9 @@ def _mirror(
     if target is None:
         return
     service, subset = target
+    if service.namespace != home.namespace:
+        r.refuse(where, "meshlet's mirror key names a service in the router's own namespace")
+        return
     features[MIRROR] = service.name + (f"/{subset}" if subset else "")
     pct: str | None = "100"
     if pct_raw is not None and integer:
@@ -881,7 +898,7 @@ def _http_route(  # noqa: PLR0917
     dest.update(_retries(r, route.get("retries"), f"{path}.retries", features))
     if "fault" in route:
         _fault(r, route["fault"], f"{path}.fault", features)
-    _mirror(r, route, path, features, o)
+    _mirror(r, route, path, features, o, home)
     route_headers = _header_ops(r, route.get("headers"), f"{path}.headers")
     rewrite = r.obj(
         route.get("rewrite"), f"{path}.rewrite", ("uri", "authority", "uriRegexRewrite")
@@ -915,9 +932,9 @@ def _http_route(  # noqa: PLR0917
 
     plain_to: _Service | None = None
     if len(targets) == 1:
-        service, subset, weight, headers = targets[0]
-        if weight not in (None, 100):
-            r.fail(f"{path}.route[0].weight", f"{weight}: a single destination takes all traffic")
+        service, subset, _weight, headers = targets[0]
+        # Istio: "If there is only one destination in a rule, the weight value is assumed to
+        # be 100", whatever it says.
         dest = {**_target(service, subset, home), **dest, **_merge_headers(route_headers, headers)}
         if not subset:
             plain_to = service

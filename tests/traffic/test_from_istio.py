@@ -893,3 +893,108 @@ def test_durations_round_trip_in_gos_form() -> None:
     for bad in ("", "10", "s", "-1s", "1d"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+# ---- hostile and malformed input ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            _vs(
+                "  - match: [{headers: {1: {exact: a}, b: {exact: c}}}]\n"
+                "    route: [{destination: {host: api}}]\n"
+            ),
+            f"{VS}: spec.http[0].match[0].headers.1: not translated: pseudo-headers and empty "
+            "names are not matched by Consul",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api}\n"
+            "spec: &s\n  hosts: [api]\n  http: [{route: *s}]\n",
+            f"{VS}: spec.http[0].route: expected a list, got a mapping",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api}\n"
+            "spec:\n  hosts: [api]\n  http: &h [*h]\n",
+            f"{VS}: spec.http[0]: expected a mapping, got a list",
+        ),
+        (
+            _vs("  - route: [{destination: {host: api}}]\n", hosts="[api-sidecar-proxy]"),
+            f"{VS}: spec.hosts[0]: not translated: 'api-sidecar-proxy' is a sidecar proxy or "
+            "Consul itself: name the service",
+        ),
+        (
+            _vs("  - route: [{destination: {host: consul.default.svc.cluster.local}}]\n"),
+            f"{VS}: spec.http[0].route[0].destination.host: not translated: "
+            "'consul.default.svc.cluster.local' is a sidecar proxy or Consul itself: name the "
+            "service",
+        ),
+        (
+            _vs("  - match: [{method: {exact: get}}]\n    route: [{destination: {host: api}}]\n"),
+            f"{VS}: spec.http[0].match[0].method: not translated: Consul matches a list of exact "
+            "upper-case methods (exact, or a regex like GET|HEAD)",
+        ),
+        (
+            _vs(
+                "  - route:\n    - {destination: {host: api, subset: a}, weight: 90.5}\n"
+                "    - {destination: {host: api, subset: b}, weight: 9.5}\n"
+            ),
+            f"{VS}: spec.http[0].route[0].weight: expected an integer, got a number",
+        ),
+        (
+            _vs(
+                "  - route: [{destination: {host: api}}]\n"
+                "    retries: {attempts: 99999999999999999999}\n"
+            ),
+            f"{VS}: spec.http[0].retries.attempts: 99999999999999999999 is out of range",
+        ),
+        (
+            _vs(
+                "  - route: [{destination: {host: api}}]\n"
+                "    mirror: {host: web.shop.svc.cluster.local}\n"
+            ),
+            f"{VS}: spec.http[0].mirror: not translated: meshlet's mirror key names a service in "
+            "the router's own namespace",
+        ),
+        (
+            _vs("  - route: [{destination: {host: api}}]\n    timeout: 1e999s\n"),
+            f"{VS}: spec.http[0].timeout: '1e999s' is not a duration",
+        ),
+    ],
+    ids=[
+        "non-string header",
+        "recursive alias",
+        "self-containing list",
+        "proxy host",
+        "consul host",
+        "lower-case method",
+        "fractional weight",
+        "huge integer",
+        "cross-namespace mirror",
+        "exponent duration",
+    ],
+)
+def test_hostile_input_is_refused_cleanly(text: str, message: str) -> None:
+    assert any(p.startswith(message) for p in _problems(text)), _problems(text)
+
+
+def test_python_tags_are_not_constructed() -> None:
+    with pytest.raises(RoutesError) as info:
+        load_resources("!!python/object/apply:os.system [echo pwned]\n", "t.yaml")
+    assert info.value.problems[0].startswith("t.yaml: not valid YAML:")
+
+
+def test_header_names_and_values_stay_data_in_json_and_hcl() -> None:
+    from intentions.render import body_hcl
+
+    http = (
+        "  - route: [{destination: {host: api}}]\n"
+        "    headers:\n      request:\n        set: {'x\"} = evil': '${file(\"/etc/passwd\")}'}\n"
+    )
+    (router,) = _entries(_vs(http))
+    assert router["Routes"][0]["Destination"]["RequestHeaders"] == {
+        "Set": {'x"} = evil': '${file("/etc/passwd")}'}
+    }
+    hcl = body_hcl(router)
+    assert '"x\\"} = evil" = "$${file(\\"/etc/passwd\\")}"' in hcl
