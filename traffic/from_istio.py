@@ -480,7 +480,6 @@ _ROUTE_FIELDS = (
     "mirrors",
     "mirrorPercentage",
     "mirrorPercent",
-    "mirror_percent",
     "corsPolicy",
     "headers",
 )
@@ -806,7 +805,7 @@ def _mirror(  # noqa: PLR0917
                 )
             )
     if not mirrors:
-        for key in ("mirrorPercentage", "mirrorPercent", "mirror_percent"):
+        for key in ("mirrorPercentage", "mirrorPercent"):
             if key in route:
                 r.fail(f"{path}.{key}", "set without mirror")
         return
