@@ -43,6 +43,8 @@ FAULT_ABORT_STATUS = "fault.abort-status"
 FAULT_ABORT_PERCENT = "fault.abort-percent"
 MIRROR = "mirror"
 MIRROR_PERCENT = "mirror-percent"
+# Consul's limit on Meta keys per entry, less the three `meshlet routes apply` adds.
+META_KEYS_FOR_ROUTES = 64 - 3
 
 NETWORKING_VERSIONS = (
     "networking.istio.io/v1",
@@ -586,7 +588,7 @@ def _http_match(r: _Reader, raw: Any, path: str) -> tuple[dict[str, Any], bool] 
             if kind == "Exact" and _METHOD_ALTERNATION.fullmatch(text):
                 http["Methods"] = [text]
             elif kind == "Regex" and _METHOD_ALTERNATION.fullmatch(text):
-                http["Methods"] = text.split("|")
+                http["Methods"] = list(dict.fromkeys(text.split("|")))
             else:
                 # Istio compares methods case-sensitively; Consul upper-cases them, which would
                 # make a lower-case method (that no request sends) match.
@@ -1058,6 +1060,13 @@ def _service_routes(r: _Reader, home: _Service, vs: _VSOut, out: _Out) -> None:
                     f"{home.name} Meta {key_}={value}: meshlet's proxy honours it, other Consul "
                     "proxies (Envoy) ignore it"
                 )
+        if len(meta) > META_KEYS_FOR_ROUTES:
+            r.refuse(
+                "spec.http",
+                f"{len(meta)} meshlet.io/route.* Meta keys for {home.name!r}: Consul allows 64 "
+                f"Meta keys per entry and apply needs 3, so at most {META_KEYS_FOR_ROUTES}",
+            )
+            return
         body: dict[str, Any] = {"Kind": ROUTER, "Name": home.name}
         _with_namespace(body, home.namespace)
         if meta:

@@ -998,3 +998,17 @@ def test_header_names_and_values_stay_data_in_json_and_hcl() -> None:
     }
     hcl = body_hcl(router)
     assert '"x\\"} = evil" = "$${file(\\"/etc/passwd\\")}"' in hcl
+
+
+def test_more_meta_keys_than_consul_holds_are_refused() -> None:
+    route = (
+        "  - match: [{{uri: {{exact: /r{n}}}}}]\n    route: [{{destination: {{host: api}}}}]\n"
+        "    retries: {{attempts: 1, perTryTimeout: 1s}}\n"
+    )
+    text = _vs("".join(route.format(n=n) for n in range(62)))
+    assert _problems(text) == [
+        f"{VS}: spec.http: not translated: 62 meshlet.io/route.* Meta keys for 'api': Consul "
+        "allows 64 Meta keys per entry and apply needs 3, so at most 61"
+    ]
+    text = _vs("".join(route.format(n=n) for n in range(61)))
+    assert len(_entries(text)[0]["Meta"]) == 61
