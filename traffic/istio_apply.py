@@ -358,8 +358,9 @@ def _merge(  # noqa: PLR0917
     new_managed &= set(result)
     old_meta = dict((old or {}).get("Meta") or {})
     meta = {k: v for k, v in old_meta.items() if not k.startswith(META_PREFIX)}
-    if not whole:
-        # Another source's meshlet keys in a shared entry (a service-defaults) stay.
+    if not whole or "Routes" not in new_items:
+        # meshlet.io/ keys this apply does not rewrite stay: another source's in a shared entry
+        # (a service-defaults), or the route keys of a router whose Routes are kept.
         meta.update(
             {
                 k: v

@@ -268,3 +268,29 @@ def test_hand_written_permissive_mode_is_not_silently_made_strict() -> None:
         plan_apply(_pa("STRICT"), held)
     plan = plan_apply(_pa("STRICT"), held, options=ApplyOptions(prune=True))
     assert plan.changes[0].body["MutualTLSMode"] == "strict"
+
+
+def test_a_kept_hand_written_router_keeps_its_route_meta() -> None:
+    held = _held(
+        {
+            "Kind": "service-router",
+            "Name": "api",
+            "Routes": [{"Match": {"HTTP": {"PathPrefix": "/x"}}, "Destination": {}}],
+            "Meta": {"meshlet.io/route.0.per-try-timeout": "1s", "team": "api"},
+        }
+    )
+    # A VirtualService whose only route is Consul's implicit one: no router of its own.
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api}\n"
+        "spec:\n  hosts: [api]\n  http: [{route: [{destination: {host: api}}]}]\n"
+    )
+    plan = plan_apply(translate(load_resources(text, "vs.yaml")), held, HTTP)
+    (router,) = plan.changes
+    assert (router.label, router.action) == ("service-router/api", "unchanged")
+    assert plan.warnings == (
+        "service-router/api: Routes was not written by meshlet: kept; --prune removes it",
+    )
+    pruned = plan_apply(
+        translate(load_resources(text, "vs.yaml")), held, HTTP, ApplyOptions(prune=True)
+    )
+    assert [(c.label, c.action) for c in pruned.changes] == [("service-router/api", "delete")]
