@@ -79,6 +79,7 @@ ISTIO_DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "c
 ISTIO_DEFAULT_RETRY_CODES = (503,)
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _META_SELECTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _METHOD_ALTERNATION = re.compile(r"[A-Z]+(\|[A-Z]+)*")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -248,6 +249,9 @@ def load_resources(text: str, origin: str = "") -> tuple[Resource, ...]:
             problems.append(f"{at}: {kind} needs metadata.name")
             continue
         name, namespace = meta["name"], meta.get("namespace", "default")
+        if not _DNS_SUBDOMAIN.fullmatch(name):
+            problems.append(f"{at}: metadata.name {name!r} is not a Kubernetes object name")
+            continue
         if not isinstance(namespace, str) or not _DNS_LABEL.fullmatch(namespace):
             problems.append(f"{at}: metadata.namespace {namespace!r} is not a namespace name")
             continue
@@ -1520,6 +1524,12 @@ def _peer_authentication(r: _Reader, o: TranslateOptions, out: _Out) -> None:
         name = labels[o.service_label]
         if not _DNS_LABEL.fullmatch(name):
             r.refuse("spec.selector.matchLabels", f"{name!r} is not a Consul service name")
+            return
+        if name.endswith("-sidecar-proxy") or name == "consul":
+            r.refuse(
+                "spec.selector.matchLabels",
+                f"{name!r} is a sidecar proxy or Consul itself: select the service",
+            )
             return
         namespace = _consul_namespace(r, r.resource.namespace, "metadata.namespace", o)
         if namespace is None:

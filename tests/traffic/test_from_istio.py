@@ -1012,3 +1012,18 @@ def test_more_meta_keys_than_consul_holds_are_refused() -> None:
     ]
     text = _vs("".join(route.format(n=n) for n in range(61)))
     assert len(_entries(text)[0]["Meta"]) == 61
+
+
+def test_names_that_are_not_kubernetes_names_or_services_are_refused() -> None:
+    with pytest.raises(RoutesError) as info:
+        load_resources(
+            _vs("  - route: [{destination: {host: api}}]\n").replace("name: api}", "name: 'a,b'}"),
+            "t.yaml",
+        )
+    assert info.value.problems == (
+        "t.yaml: document 1: metadata.name 'a,b' is not a Kubernetes object name",
+    )
+    assert _problems(_pa("  selector: {matchLabels: {app: api-sidecar-proxy}}\n")) == [
+        f"{PA}: spec.selector.matchLabels: not translated: 'api-sidecar-proxy' is a sidecar "
+        "proxy or Consul itself: select the service"
+    ]

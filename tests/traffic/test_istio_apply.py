@@ -294,3 +294,23 @@ def test_a_kept_hand_written_router_keeps_its_route_meta() -> None:
         translate(load_resources(text, "vs.yaml")), held, HTTP, ApplyOptions(prune=True)
     )
     assert [(c.label, c.action) for c in pruned.changes] == [("service-router/api", "delete")]
+
+
+def test_a_route_to_another_service_touches_only_the_host_s_entries() -> None:
+    # Attack: a VirtualService for api that names web must not rewrite web's own routing.
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api}\n"
+        "spec:\n  hosts: [api]\n  http:\n  - match: [{uri: {prefix: /web}}]\n"
+        "    route: [{destination: {host: web}}]\n"
+    )
+    held = _held(
+        {"Kind": "service-router", "Name": "web", "Routes": [{"Destination": {"Service": "x"}}]},
+        {"Kind": "service-splitter", "Name": "web", "Splits": [{"Weight": 100}]},
+    )
+    facts = Facts(protocols={"api": "http", "web": "http"})
+    plan = plan_apply(translate(load_resources(text, "vs.yaml")), held, facts)
+    assert [(c.label, c.action) for c in plan.changes] == [("service-router/api", "create")]
+    # ... and web's protocol is checked, since Consul checks it for the router of api.
+    with pytest.raises(PlanRefused) as info:
+        plan_apply(translate(load_resources(text, "vs.yaml")), held, HTTP)
+    assert info.value.problems[0].startswith("service-router/api: 'web' has protocol tcp")
