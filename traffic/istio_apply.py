@@ -195,12 +195,15 @@ def canonical(value: Any, key: str = "") -> Any:
                 return value
         return value
     if isinstance(value, Mapping):
-        return {
-            k: canonical(v, k)
-            for k, v in sorted(value.items())
-            if k not in _SERVER_FIELDS
-            and not (_empty(v) or (v in (0, False) and k != "EnforcingConsecutive5xx"))
-        }
+        out = {}
+        for k, v in sorted(value.items()):
+            c = canonical(v, k)
+            if k in _SERVER_FIELDS or _empty(c):
+                continue
+            if c in (0, False) and k != "EnforcingConsecutive5xx":
+                continue
+            out[k] = c
+        return out
     if isinstance(value, list):
         return [canonical(v) for v in value]
     return value

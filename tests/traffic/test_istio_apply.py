@@ -314,3 +314,12 @@ def test_a_route_to_another_service_touches_only_the_host_s_entries() -> None:
     with pytest.raises(PlanRefused) as info:
         plan_apply(translate(load_resources(text, "vs.yaml")), held, HTTP)
     assert info.value.problems[0].startswith("service-router/api: 'web' has protocol tcp")
+
+
+def test_zero_durations_consul_fills_in_compare_as_unset() -> None:
+    from traffic.istio_apply import canonical
+
+    assert canonical({"ConnectTimeout": "0s", "RequestTimeout": 0, "Subsets": {}}) == {}
+    assert canonical({"PassiveHealthCheck": {"EnforcingConsecutive5xx": 0}}) == {
+        "PassiveHealthCheck": {"EnforcingConsecutive5xx": 0}
+    }
