@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.agent_cli import add_agent_command
     from agent.inject_cli import add_inject_command
     from agent.intentions_cli import add_parser as add_intentions_command
+    from agent.routes_cli import add_parser as add_routes_command
     from agent.status_cli import add_status_command
 
     parser = argparse.ArgumentParser(prog="meshlet", description=__doc__)
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_command(sub)
     add_intentions_command(sub)
     add_inject_command(sub)
+    add_routes_command(sub)
     return parser
 
 

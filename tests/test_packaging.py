@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "connect", "intentions", "devstack")
+PACKAGES = ("agent", "connect", "intentions", "devstack", "traffic")
 
 
 @pytest.fixture(scope="module")
