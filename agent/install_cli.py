@@ -114,7 +114,7 @@ def _console_script() -> str:
     return str(Path(found).absolute())
 
 
-def _node_address() -> str:
+def default_node_address() -> str:
     """The source address of the default route: what a peer on another host reaches us at on
     a typical one-interface VM. No packet is sent (a UDP connect only picks the route)."""
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -163,7 +163,7 @@ def _install(args: argparse.Namespace) -> int:
         raise UnitError(f"--port: expected a port number from 1 to 65535, got {args.port}")
     if args.app_unit is not None and (args.agent_only or "/" in args.app_unit):
         raise UnitError("--app-unit: a unit name such as web.service, and not with --agent-only")
-    address = args.address or _node_address()
+    address = args.address or default_node_address()
     try:
         ipaddress.ip_address(address)
     except ValueError:
@@ -216,6 +216,7 @@ def _install(args: argparse.Namespace) -> int:
             consul_address=args.consul_addr,
             token_path=str(Path("/etc/meshlet/creds") / token_path.name),
             unit=unit,
+            command="agent" if args.agent_only else "sidecar",
         )
         # World-readable: the unit's dynamic user reads it, and it holds no secret.
         _write(config_path, config_skeleton(skeleton), 0o644)

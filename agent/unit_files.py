@@ -119,6 +119,8 @@ class Skeleton:
     consul_address: str
     token_path: str
     unit: str
+    command: str
+    """`sidecar` or `agent`: what the unit runs."""
 
 
 def config_skeleton(s: Skeleton) -> str:
@@ -126,7 +128,7 @@ def config_skeleton(s: Skeleton) -> str:
     loopback, the sidecar's public listener on the node's address), a valid start."""
     return f"""\
 # meshlet for the service {s.service} ({s.unit}); every key is in docs/configuration.md.
-# Validate after editing: meshlet sidecar --check-config -c <this file>
+# Validate after editing: meshlet {s.command} --check-config -c <this file>
 #
 # The Consul ACL token is not in this file: systemd passes {s.token_path}
 # to the process as a credential and CONSUL_HTTP_TOKEN_FILE points at it.

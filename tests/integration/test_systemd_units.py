@@ -7,6 +7,7 @@ running here: the test plays the service manager's part for one unit."""
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import json
 import shlex
 import shutil
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.unit_files import UNIT_FILES
+from agent.install_cli import default_node_address
+from agent.unit_files import UNIT_FILES, UnitError
 from tests.integration.test_agent_process import ENV, MESHLET, Proc, _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +32,9 @@ TOKEN = "2b0c1d5e-6a7f-4e8d-9c3b-0a1b2c3d4e5f"
 
 
 def install(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # --address: the default (the default route's source address) is tested on its own.
     done = subprocess.run(
-        [MESHLET, "install", "systemd", "--root", str(root), *args],
+        [MESHLET, "install", "systemd", "--root", str(root), "--address", "10.0.0.5", *args],
         capture_output=True,
         text=True,
         env=ENV,
@@ -96,6 +99,7 @@ def test_install_writes_units_config_and_credential(tmp_path: Path) -> None:
     assert TOKEN not in config.read_text()
     raw = yaml.safe_load(config.read_text())
     assert raw["service"] == {"name": "web", "address": "127.0.0.1", "port": 8080}
+    assert raw["sidecar"]["address"] == "10.0.0.5"
     assert raw["sidecar"]["port"] == 21000
     check = subprocess.run(
         [MESHLET, "sidecar", "--check-config", "-c", str(config)],
@@ -127,6 +131,32 @@ def test_install_writes_units_config_and_credential(tmp_path: Path) -> None:
 
     bad = install(root, "--service", "../web", check=False)
     assert bad.returncode == 2 and "--service: expected 1 to 63 letters" in bad.stderr
+
+    # meshlet-agent.service: its own file and credential, valid for `meshlet agent`.
+    done = install(root, "--service", "db", "--agent-only")
+    assert "systemctl enable --now meshlet-agent.service" in done.stdout
+    agent_config = etc / "agent.yaml"
+    assert yaml.safe_load(agent_config.read_text())["service"]["name"] == "db"
+    assert "meshlet agent --check-config" in agent_config.read_text()
+    assert (etc / "creds/agent.consul-token").exists()
+    check = subprocess.run(
+        [MESHLET, "agent", "--check-config", "-c", str(agent_config)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=30,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def testdefault_node_address_is_an_ip_or_a_clear_error() -> None:
+    try:
+        address = default_node_address()
+    except UnitError as exc:
+        assert str(exc).startswith("--address: this host has no default route")
+    else:
+        ipaddress.ip_address(address)
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
