@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import os
 import shutil
 import socket
 import sys
@@ -106,9 +107,8 @@ def _console_script() -> str:
     here = Path(sysconfig.get_path("scripts")) / "meshlet"
     if here.is_file():
         return str(here)
-    found = shutil.which("meshlet") or shutil.which(
-        "meshlet", path=str(Path(sys.executable).parent)
-    )
+    beside = str(Path(sys.executable).parent)
+    found = shutil.which("meshlet", path=beside) or shutil.which("meshlet")
     if found is None:
         raise UnitError("--meshlet: no installed `meshlet` console script found; name it")
     return str(Path(found).absolute())
@@ -125,10 +125,15 @@ def default_node_address() -> str:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
+    """Replace `path` whole; the file has `mode` from its first byte (a token is never
+    readable by others, not even for a moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".meshlet-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(mode)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        os.fchmod(fd, mode)  # the umask may have taken bits away from a 0644 file
+        out.write(text)
     tmp.replace(path)
 
 
