@@ -721,6 +721,52 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("watch.retry_max", "expected retry_initial > 0 and retry_max >= retry_initial")
     if w.anti_entropy_interval <= 0:
         fail("watch.anti_entropy_interval", "expected a positive duration")
+    for problem in public_listener_problems(cfg):
+        fail(problem.path, problem.message)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, Consul hands it to peers as is
+
+
+def public_listener_problems(cfg: AgentConfig, node_address: str = "") -> list[Problem]:
+    """A sidecar whose public (mTLS) listener is bound to loopback while the service is
+    registered at an address peers on other hosts dial: they could never reach it.
+
+    The listener binds `sidecar.address`, else `service.address`, else 127.0.0.1; Consul
+    registers the sidecar at `sidecar.address`, else the service's address, else the node's
+    (`node_address`, when known: it is not in the file). Loopback everywhere is a one-host
+    setup and fine."""
+    side, svc = cfg.sidecar, cfg.service
+    bind = side.address or svc.address or "127.0.0.1"
+    if not _is_loopback(bind):
+        return []
+    if svc.address and not _is_loopback(svc.address):
+        return [
+            Problem(
+                "sidecar.address",
+                f"the sidecar's public listener is bound to loopback ({bind}) while "
+                f"service.address registers the service at {svc.address}: peers on other "
+                f"hosts could never reach it; set sidecar.address to this node's address as "
+                f"registered in Consul (the application may stay on loopback)",
+            )
+        ]
+    if not side.address and not svc.address and node_address and not _is_loopback(node_address):
+        return [
+            Problem(
+                "sidecar.address",
+                f"sidecar.address and service.address are empty, so the sidecar's public "
+                f"listener is bound to 127.0.0.1 while Consul registers it at the node's "
+                f"address {node_address}: peers on other hosts could never reach it; set "
+                f"sidecar.address to {node_address}",
+            )
+        ]
+    return []
 
 
 # ---- what would pass here and fail at start -----------------------------------------------------
