@@ -838,6 +838,16 @@ def read_raw(path: Path) -> Any:
     return raw
 
 
+def parse_consul_section(raw: Any, source: str) -> ConsulSection:
+    """The `consul` section alone, validated as in a whole file: `meshlet sidecar --nomad`
+    reaches Consul to learn the rest of its configuration."""
+    p = _Parser()
+    section: ConsulSection = p.section(ConsulSection, raw, "consul")
+    if p.problems:
+        raise ConfigError(source, p.problems)
+    return section
+
+
 def with_workers(config: AgentConfig, workers: int | None) -> AgentConfig:
     """`meshlet sidecar --workers N`: the command line wins over `sidecar.workers`. Raises
     `ConfigError` naming the flag when N is out of range; None keeps the file's value."""

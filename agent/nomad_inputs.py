@@ -35,7 +35,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,10 @@ from agent.config import (
     Problem,
     consul_client_config,
     parse,
+    parse_consul_section,
     read_raw,
 )
 from agent.consul import ConsulClient
-from agent.consul_config import DEFAULT_ADDRESS
 from agent.consul_errors import ConsulConfigError, ConsulError, ConsulNotFound, ConsulUnavailable
 from agent.consul_results import AgentService
 from agent.registration import ExternalRegistration
@@ -244,15 +244,11 @@ def gather(
     return NomadInputs(proxy_id, token, source, admin_address)
 
 
-def consul_section(raw_file: Mapping[str, Any], inputs: NomadInputs) -> ConsulSection:
-    """Only to read the registration: the file's address, Nomad's token; the environment
-    still wins (consul_client_config)."""
-    consul = raw_file.get("consul")
-    address = consul.get("address") if isinstance(consul, dict) else None
-    return ConsulSection(
-        address=address if isinstance(address, str) and address else DEFAULT_ADDRESS,
-        token=inputs.token,
-    )
+def consul_section(raw_file: Mapping[str, Any], inputs: NomadInputs, source: str) -> ConsulSection:
+    """How to reach Consul before the registration is read: the file's `consul` section with
+    Nomad's token; the environment still wins (consul_client_config)."""
+    section = parse_consul_section(raw_file.get("consul"), source)
+    return replace(section, token=inputs.token) if inputs.token else section
 
 
 def _port(value: object) -> int | None:
@@ -421,7 +417,8 @@ async def resolve(
     if not isinstance(raw_file, dict):
         raise ConfigError(str(config_file), [Problem("", "expected a mapping at the top")])
     try:
-        client_config = consul_client_config(consul_section(raw_file, inputs), env, 0)
+        section = consul_section(raw_file, inputs, str(config_file or "--nomad"))
+        client_config = consul_client_config(section, env, 0)
     except ConsulConfigError as exc:
         raise ConfigError("consul", [Problem("", str(exc))]) from None
     try:

@@ -308,3 +308,18 @@ async def test_with_acls_the_si_token_is_used_and_a_wrong_one_refused_at_once(
         with pytest.raises(ConfigError) as err:
             await resolve(env, timeout=600)
         assert "Consul refused to show it" in str(err.value) and "403" in str(err.value)
+
+
+async def test_the_files_consul_section_is_used_to_reach_consul_and_checked(
+    dev: DevServer, http: Http, tmp_path: Path
+) -> None:
+    await _register(http, _web())
+    env = {"NOMAD_SECRETS_DIR": str(_secrets(tmp_path, si_token=None))}  # no CONSUL_HTTP_ADDR
+    settings = tmp_path / "meshlet.yaml"
+    settings.write_text(f"consul: {{address: '{dev.http_addr}', timeout: 3s}}\n")
+    cfg = (await resolve(env, config_file=settings, timeout=5)).config
+    assert cfg.consul_client.timeout == 3
+    settings.write_text("consul: {timeout: soon}\n")
+    with pytest.raises(ConfigError) as err:
+        await resolve(env, config_file=settings, timeout=5)
+    assert str(err.value).startswith(f"{settings}: consul.timeout: expected a duration")
