@@ -104,6 +104,10 @@ def _run_agent(args: argparse.Namespace) -> int:
         return _run_worker(args)
     if args.nomad:
         return _run_nomad(args)
+    stray = [flag for flag, value in _nomad_flags(args) if value]
+    if stray:
+        print(f"{command}: {', '.join(stray)} only with --nomad", file=sys.stderr)
+        return 2
     if args.config is None:
         print(f"{command}: -c FILE is required", file=sys.stderr)
         return 2
@@ -142,6 +146,15 @@ def _run_worker(args: argparse.Namespace) -> int:
     return _run(run_worker(args.worker_index, args.control_fd, args.parent_pid, dict(os.environ)))
 
 
+def _nomad_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [
+        ("--proxy-id", getattr(args, "proxy_id", "")),
+        ("--bootstrap", getattr(args, "bootstrap", None)),
+        ("--admin-addr", getattr(args, "admin_addr", "")),
+        ("--registration-timeout", getattr(args, "registration_timeout", 60.0) != 60.0),
+    ]
+
+
 def _run_nomad(args: argparse.Namespace) -> int:
     """`meshlet sidecar --nomad`: Nomad's inputs and its registration instead of a file."""
     from agent.cli import _run
@@ -150,6 +163,13 @@ def _run_nomad(args: argparse.Namespace) -> int:
     from agent.runtime import run_agent
 
     env = dict(os.environ)
+    if not 0 < args.registration_timeout <= 3600:
+        print(
+            "meshlet sidecar --nomad: --registration-timeout: expected seconds from 0 to 3600, "
+            f"got {args.registration_timeout:g}",
+            file=sys.stderr,
+        )
+        return 2
 
     async def main() -> int:
         try:

@@ -323,3 +323,22 @@ async def test_the_files_consul_section_is_used_to_reach_consul_and_checked(
     with pytest.raises(ConfigError) as err:
         await resolve(env, config_file=settings, timeout=5)
     assert str(err.value).startswith(f"{settings}: consul.timeout: expected a duration")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-c", "x.yaml", "--proxy-id", "p"], "meshlet sidecar: --proxy-id only with --nomad"),
+        (["-c", "x.yaml", "--bootstrap", "b.json"], "--bootstrap only with --nomad"),
+        (["--nomad", "--registration-timeout", "0"], "--registration-timeout: expected seconds"),
+        (["--nomad"], "--nomad: no proxy ID: pass --proxy-id, or --bootstrap FILE"),
+    ],
+)
+def test_the_command_line_refuses_nomad_flags_it_cannot_use(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    from agent.cli import main
+
+    monkeypatch.delenv("NOMAD_SECRETS_DIR", raising=False)
+    assert main(["sidecar", *argv]) == 2
+    assert expected in capsys.readouterr().err

@@ -234,3 +234,26 @@ def test_every_task_has_resources_and_a_known_driver(spec: str) -> None:
             assert task["driver"] in ("exec", "raw_exec", "docker")
             resources = one(task["resources"], "resources")
             assert resources["cpu"] > 0 and resources["memory"] > 0
+
+
+# ---- docs/nomad.md ---------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "nomad.md"
+
+
+def test_the_nomad_doc_links_only_inside_the_repository_and_its_commands_parse() -> None:
+    text = DOC.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert links
+    for link in links:
+        assert "://" not in link, f"link outside the repository: {link}"
+        assert (DOC.parent / link.split("#")[0]).exists(), f"broken link: {link}"
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    commands = [line.split() for b in blocks for line in b.splitlines()]
+    commands = [c for c in commands if c and c[0] == "meshlet"]
+    assert commands
+    for words in commands:
+        try:
+            build_parser().parse_args(words[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"{' '.join(words)}: exit {exc.code}") from None
