@@ -218,6 +218,7 @@ def gather(
     boot: Bootstrap | None = None
     if bootstrap is not None and (not proxy_id or bootstrap.exists()):
         boot = read_bootstrap(bootstrap)
+    from_flag = bool(proxy_id)
     if proxy_id:
         if proxy_id_problem(proxy_id):
             raise ConfigError("--proxy-id", [Problem("", proxy_id_problem(proxy_id))])
@@ -231,6 +232,21 @@ def gather(
                     "",
                     "no proxy ID: pass --proxy-id, or --bootstrap FILE, or run as a Nomad task "
                     f"(NOMAD_SECRETS_DIR/{BOOTSTRAP_NAME})",
+                )
+            ],
+        )
+    alloc = env.get("NOMAD_ALLOC_ID", "")
+    if alloc and proxy_id.startswith("_nomad-task-") and f"-{alloc}-" not in proxy_id[10:]:
+        # A stale bootstrap or a copied --proxy-id: serving another allocation's registration
+        # would listen on ports and upstreams this allocation was never given.
+        where = "--proxy-id" if from_flag else str(bootstrap)
+        raise ConfigError(
+            where,
+            [
+                Problem(
+                    "" if where == "--proxy-id" else "node.id",
+                    f"{proxy_id} is the proxy of another allocation, not of this one "
+                    f"(NOMAD_ALLOC_ID={alloc})",
                 )
             ],
         )
@@ -269,6 +285,14 @@ def admin_env(env: Mapping[str, str], service: str) -> str:
         if value:
             return value
     return ""
+
+
+def port_env(env: Mapping[str, str], service: str) -> tuple[str, str] | None:
+    """(name, value) of NOMAD_PORT_connect_proxy_<service>, the port Nomad allocated for the
+    sidecar (label `connect-proxy-<service>`, '-' made '_'), when the task has it."""
+    name = "NOMAD_PORT_connect_proxy_" + service.replace("-", "_")
+    value = env.get(name)
+    return (name, value) if value is not None else None
 
 
 def config_raw(
@@ -341,6 +365,19 @@ def config_raw(
         raise ConfigError(source, problems)
 
     service = proxy.destination_service_name
+    label = port_env(env, service)
+    if label is not None and label[1] != str(bind_port):
+        # Nomad gives the task the same port it registered; a mismatch means the registration
+        # is not this task's.
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    "Proxy.Config.bind_port",
+                    f"{bind_port} is not this task's port ({label[0]}={label[1]})",
+                )
+            ],
+        )
     sidecar = dict(base.get("sidecar") or {})
     sidecar.update(port=bind_port, address=bind_address, protocol=protocol, upstreams=upstreams)
     consul = dict(base.get("consul") or {})

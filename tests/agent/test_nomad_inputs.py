@@ -342,3 +342,31 @@ def test_the_command_line_refuses_nomad_flags_it_cannot_use(
     monkeypatch.delenv("NOMAD_SECRETS_DIR", raising=False)
     assert main(["sidecar", *argv]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_a_proxy_id_of_another_allocation_is_refused(tmp_path: Path) -> None:
+    env = {"NOMAD_SECRETS_DIR": str(_secrets(tmp_path, si_token=None))}
+    assert gather({**env, "NOMAD_ALLOC_ID": ALLOC}).proxy_id == WEB_PROXY
+    other = "11111111-2222-3333-4444-555555555555"
+    with pytest.raises(ConfigError) as err:
+        gather({**env, "NOMAD_ALLOC_ID": other})
+    assert str(err.value) == (
+        f"{tmp_path / 'envoy_bootstrap.json'}: node.id: {WEB_PROXY} is the proxy of another "
+        f"allocation, not of this one (NOMAD_ALLOC_ID={other})"
+    )
+    with pytest.raises(ConfigError, match=r"--proxy-id: .* is the proxy of another allocation"):
+        gather({**env, "NOMAD_ALLOC_ID": other}, proxy_id=WEB_PROXY)
+
+
+async def test_a_registration_whose_port_is_not_the_tasks_is_refused(
+    dev: DevServer, http: Http, tmp_path: Path
+) -> None:
+    await _register(http, _web())
+    env = _env(dev, _secrets(tmp_path, si_token=None))
+    ok = await resolve({**env, "NOMAD_PORT_connect_proxy_web": "24100"}, timeout=5)
+    assert ok.config.sidecar.port == 24100
+    with pytest.raises(ConfigError) as err:
+        await resolve({**env, "NOMAD_PORT_connect_proxy_web": "24999"}, timeout=5)
+    assert str(err.value).endswith(
+        "Proxy.Config.bind_port: 24100 is not this task's port (NOMAD_PORT_connect_proxy_web=24999)"
+    )
