@@ -236,7 +236,8 @@ def gather(
             ],
         )
     alloc = env.get("NOMAD_ALLOC_ID", "")
-    if alloc and proxy_id.startswith("_nomad-task-") and f"-{alloc}-" not in proxy_id[10:]:
+    prefix = "_nomad-task-"  # nomad client/serviceregistration/id.go
+    if alloc and proxy_id.startswith(prefix) and not proxy_id.startswith(f"{prefix}{alloc}-"):
         # A stale bootstrap or a copied --proxy-id: serving another allocation's registration
         # would listen on ports and upstreams this allocation was never given.
         where = "--proxy-id" if from_flag else str(bootstrap)
