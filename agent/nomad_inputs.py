@@ -265,7 +265,7 @@ def consul_section(raw_file: Mapping[str, Any], inputs: NomadInputs, source: str
     """How to reach Consul before the registration is read: the file's `consul` section with
     Nomad's token; the environment still wins (consul_client_config)."""
     section = parse_consul_section(raw_file.get("consul"), source)
-    return replace(section, token=inputs.token) if inputs.token else section
+    return replace(section, token=inputs.token, token_file=None) if inputs.token else section
 
 
 def _port(value: object) -> int | None:
@@ -383,7 +383,10 @@ def config_raw(
     sidecar.update(port=bind_port, address=bind_address, protocol=protocol, upstreams=upstreams)
     consul = dict(base.get("consul") or {})
     if inputs.token:
+        # The task's own token beats a node-wide one in the file (a token file would win
+        # over `token`, as in Consul, so it goes).
         consul["token"] = inputs.token
+        consul.pop("token_file", None)
     raw: dict[str, Any] = {
         **base,
         "service": {
@@ -465,8 +468,12 @@ async def resolve(
     except ConsulConfigError as exc:
         raise ConfigError("consul", [Problem("", str(exc))]) from None
     raw = config_raw(reg, inputs, env, raw_file)
-    config = parse(raw, env, source=f"proxy registration {inputs.proxy_id}")
-    return Resolved(config, ExternalRegistration(inputs.proxy_id, OWNER), inputs.token_source)
+    source = f"proxy registration {inputs.proxy_id}"
+    config = parse(raw, env, source=f"{source} with {config_file}" if config_file else source)
+    token_source = inputs.token_source
+    if env.get("CONSUL_HTTP_TOKEN") or env.get("CONSUL_HTTP_TOKEN_FILE"):
+        token_source = "the environment (CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE)"
+    return Resolved(config, ExternalRegistration(inputs.proxy_id, OWNER), token_source)
 
 
 def summary(resolved: Resolved) -> str:
@@ -475,5 +482,6 @@ def summary(resolved: Resolved) -> str:
     return (
         f"{resolved.external.proxy_id}: service {cfg.service.name}, app at "
         f"{cfg.service.address}:{cfg.service.port}, public listener "
-        f"{cfg.sidecar.address or cfg.service.address}:{cfg.sidecar.port}, upstreams {ups}"
+        f"{cfg.sidecar.address or cfg.service.address}:{cfg.sidecar.port}, upstreams {ups}; "
+        f"Consul token from {resolved.token_source or 'nowhere (none sent)'}"
     )

@@ -370,3 +370,22 @@ async def test_a_registration_whose_port_is_not_the_tasks_is_refused(
     assert str(err.value).endswith(
         "Proxy.Config.bind_port: 24100 is not this task's port (NOMAD_PORT_connect_proxy_web=24999)"
     )
+
+
+async def test_the_tasks_token_beats_a_token_file_in_the_settings_file(
+    dev: DevServer, http: Http, tmp_path: Path
+) -> None:
+    await _register(http, _web())
+    env = _env(dev, _secrets(tmp_path, si_token=b"s1\n"))
+    node_token = tmp_path / "node.token"
+    node_token.write_text("node-wide\n")
+    settings = tmp_path / "meshlet.yaml"
+    settings.write_text(f"consul: {{token_file: '{node_token}'}}\n")
+    resolved = await resolve(env, config_file=settings, timeout=5)
+    assert resolved.config.consul_client.token == "s1"
+    assert resolved.config.consul_client.token_file is None
+    assert resolved.token_source == str(tmp_path / "si_token")
+    # The environment still wins, as for the consul CLI.
+    resolved = await resolve({**env, "CONSUL_HTTP_TOKEN": "from-env"}, timeout=5)
+    assert resolved.config.consul_client.token == "from-env"
+    assert resolved.token_source.startswith("the environment")

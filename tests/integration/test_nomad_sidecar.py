@@ -208,6 +208,15 @@ def test_web_to_api_over_mtls_through_nomad_registered_sidecars(
     api_before, web_before = api.held(), web.held()
     api.start()
     web.start()
+    # Each sidecar says what it serves and where its token came from (never the token).
+    assert web.proc is not None and api.proc is not None
+    said = wait_line(web.proc, f"meshlet sidecar --nomad: {web.proxy_id}: service web")
+    assert f"upstreams api on 127.0.0.1:{web_upstream}" in said
+    assert f"Consul token from {web.secrets / 'si_token'}" in said
+    said = wait_line(api.proc, f"meshlet sidecar --nomad: {api.proxy_id}: service api")
+    assert f"public listener 127.0.0.1:{api.proxy_port}" in said
+    assert "envoy_bootstrap.json (x-consul-token)" in said
+    assert ROOT not in "".join(web.proc.lines + api.proc.lines)
     wait_status(
         web.admin,
         lambda s: (
