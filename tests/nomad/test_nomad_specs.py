@@ -90,6 +90,9 @@ def test_connect_job_groups_have_bridge_network_and_a_connect_service() -> None:
         # Nomad rejects a Connect sidecar in any network mode but bridge or cni/*.
         network = one(group["network"], "network")
         assert network["mode"] == "bridge"
+        # Nomad adds the sidecar's port itself, labelled connect-proxy-<service> (to = -1);
+        # the job must not claim that label.
+        assert not any(p.startswith("connect-proxy-") for p in labelled(network.get("port")))
         service = one(group["service"], "service")
         assert NOMAD_NAME.fullmatch(service["name"])
         connect = one(service["connect"], "connect")
