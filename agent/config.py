@@ -887,6 +887,12 @@ def parse(raw: Any, env: Mapping[str, str], *, source: str = "<config>") -> Agen
 
 def load(path: Path, env: Mapping[str, str]) -> AgentConfig:
     """Read and parse one YAML file. Every failure is a `ConfigError` naming the file."""
+    return parse(read_raw(path), env, source=str(path))
+
+
+def read_raw(path: Path) -> Any:
+    """The decoded YAML of one file, not yet validated (`meshlet sidecar --nomad` adds the
+    sections Nomad's registration gives before parsing). Failures are `ConfigError`s."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -898,7 +904,17 @@ def load(path: Path, env: Mapping[str, str]) -> AgentConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [Problem("", f"not valid YAML: {where}{what}")]) from None
-    return parse(raw, env, source=str(path))
+    return raw
+
+
+def parse_consul_section(raw: Any, source: str) -> ConsulSection:
+    """The `consul` section alone, validated as in a whole file: `meshlet sidecar --nomad`
+    reaches Consul to learn the rest of its configuration."""
+    p = _Parser()
+    section: ConsulSection = p.section(ConsulSection, raw, "consul")
+    if p.problems:
+        raise ConfigError(source, p.problems)
+    return section
 
 
 def with_workers(config: AgentConfig, workers: int | None) -> AgentConfig:

@@ -41,7 +41,7 @@ from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_w
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
 from agent.readiness import SidecarReadiness
-from agent.registration import Registrar, sidecar_id
+from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import Sidecar
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
@@ -77,7 +77,10 @@ class AgentRuntime:
         rng: random.Random | None = None,
         sidecar: bool = False,
         workers: int | None = None,
+        external: ExternalRegistration | None = None,
     ) -> None:
+        self._external = external
+        """Set: the proxy's registration is someone else's (Nomad's); never written here."""
         self._workers = workers
         """`--workers N`: wins over `sidecar.workers`, at start and on every reload."""
         config = with_workers(config, workers)
@@ -186,6 +189,7 @@ class AgentRuntime:
                     self._readiness,
                     rng=self._rng,
                     clock=self._clock,
+                    external=self._external,
                 )
                 self._registrar = registrar
                 async with asyncio.TaskGroup() as tg:
@@ -252,7 +256,8 @@ class AgentRuntime:
         was_registered = registrar.registered.is_set()
         self.draining = True
         self._notifier.stopping("deregistering and draining")
-        log.info("stopping: deregistering from Consul first")
+        if registrar.external is None:
+            log.info("stopping: deregistering from Consul first")
         await registrar.deregister()
         if not was_registered:
             return  # nobody was sent here, so there is nothing to drain
@@ -535,15 +540,17 @@ def configure_logging(level: str) -> None:
 
 
 async def run_agent(
-    path: Path,
+    path: Path | None,
     env: Mapping[str, str],
     config: AgentConfig,
     *,
     sidecar: bool = False,
     workers: int | None = None,
+    external: ExternalRegistration | None = None,
 ) -> int:
     """`meshlet agent -c FILE` (or `meshlet sidecar -c FILE`, with the proxy) once the file is
-    known to be valid: run until signalled."""
+    known to be valid: run until signalled. `path` None: the configuration was not read from a
+    file (`meshlet sidecar --nomad`), so SIGHUP has nothing to re-read."""
     configure_logging(config.log_level)
     runtime = AgentRuntime(
         config,
@@ -552,6 +559,7 @@ async def run_agent(
         notifier=Notifier.from_env(env),
         sidecar=sidecar,
         workers=workers,
+        external=external,
     )
     runtime.install_signal_handlers()
     return await runtime.run()
