@@ -211,7 +211,7 @@ def test_links_resolve_inside_the_repository(path: Path) -> None:
 
 def test_the_docs_are_found() -> None:
     names = set(_ids(MARKDOWN))
-    assert {"README.md", "docs/operations.md", "bench/README.md", "compat/README.md"} <= names
+    assert {"README.md", "docs/README.md", "bench/README.md", "compat/README.md"} <= names
 
 
 def test_anchor_rules_match_github() -> None:
@@ -354,7 +354,7 @@ def test_commands_are_found_in_every_kind_of_block() -> None:
     )
     argvs = [argv for _, cmd in commands(block) for argv in meshlet_invocations(cmd)]
     assert argvs == [["status", "--json"], ["dev", "--http-addr", "127.0.0.1:8500"], ["version"]]
-    assert len(SHOWN) >= 10, "the docs show meshlet commands; the scanner lost them"
+    assert len(SHOWN) > 20, "the docs show meshlet commands; the scanner lost them"
 
 
 def test_a_wrong_command_is_caught() -> None:
