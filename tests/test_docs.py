@@ -159,9 +159,9 @@ def anchors_of(path: Path) -> set[str]:
     return result
 
 
-def link_problems(path: Path) -> list[str]:
+def link_problems(path: Path, root: Path = ROOT) -> list[str]:
     page = read_page(path)
-    rel = path.relative_to(ROOT)
+    rel = path.relative_to(root)
     problems: list[str] = []
     for number, text in page.prose:
         if URL.search(text):
@@ -181,32 +181,54 @@ def link_problems(path: Path) -> list[str]:
             continue
         resolved = (path.parent / file_part).resolve() if file_part else path
         try:
-            resolved.relative_to(ROOT)
+            resolved.relative_to(root)
         except ValueError:
             problems.append(f"{where}: points outside the repository")
             continue
         if not resolved.exists():
-            problems.append(f"{where}: {resolved.relative_to(ROOT)} does not exist")
+            problems.append(f"{where}: {resolved.relative_to(root)} does not exist")
             continue
         if fragment and resolved.suffix == ".md" and fragment not in anchors_of(resolved):
-            problems.append(f"{where}: no heading #{fragment} in {resolved.relative_to(ROOT)}")
+            problems.append(f"{where}: no heading #{fragment} in {resolved.relative_to(root)}")
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         for name in UNSHIPPED:
-            if name in text and not _names_repo_file(text, name):
+            if name in text and not _names_repo_file(text, name, root):
                 problems.append(f"{rel}:{number}: cites {name}, which is not in the repository")
     return problems
 
 
-def _names_repo_file(text: str, name: str) -> bool:
+def _names_repo_file(text: str, name: str, root: Path = ROOT) -> bool:
     # "perf.md" is unshipped, but a path such as docs/proxy.md merely ends like another name.
     return any(
-        (ROOT / m).is_file() for m in re.findall(r"[\w./-]*" + re.escape(name), text) if "/" in m
+        (root / m).is_file() for m in re.findall(r"[\w./-]*" + re.escape(name), text) if "/" in m
     )
 
 
 @pytest.mark.parametrize("path", MARKDOWN, ids=_ids(MARKDOWN))
 def test_links_resolve_inside_the_repository(path: Path) -> None:
     assert not link_problems(path), "\n".join(link_problems(path))
+
+
+def test_a_broken_link_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "ops.md").write_text("# Ops\n\n## Reload (SIGHUP)\n")
+    page = tmp_path / "docs" / "index.md"
+    page.write_text(
+        "[ok](ops.md#reload-sighup) [gone](missing.md) [anchor](ops.md#reload)\n"
+        "[out](../../elsewhere.md) [web](https://example.com) [mail](mailto:x) see DESIGN.md\n"
+        "`curl http://127.0.0.1:8500/v1/status/leader` is code\n"
+        "```sh\nopen https://example.com  # in code: an example, not a link\n```\n"
+    )
+    problems = link_problems(page, root=tmp_path)
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "a web address outside code: [out](../../elsewhere.md) [web](https://example.com) "
+        "[mail](mailto:x) see DESIGN.md",
+        "link 'missing.md': docs/missing.md does not exist",
+        "link 'ops.md#reload': no heading #reload in docs/ops.md",
+        "link '../../elsewhere.md': points outside the repository",
+        "link 'mailto:x': only relative links to files in the repository",
+        "cites DESIGN.md, which is not in the repository",
+    ], problems
 
 
 def test_the_docs_are_found() -> None:
