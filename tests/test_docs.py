@@ -87,7 +87,8 @@ class Page:
     blocks: tuple[Block, ...]
 
 
-FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
+# Any indentation: fences nested in list items are indented with the item.
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 
 
