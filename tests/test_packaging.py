@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "connect", "intentions", "devstack")
+PACKAGES = ("agent", "connect", "intentions", "traffic", "devstack")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_installed_wheel_imports_outside_the_checkout(wheel: Path, tmp_path: Pat
         check=True,
         timeout=300,
     )
-    code = "import agent, connect, intentions, devstack.server; print(devstack.server.__file__)"
+    code = (
+        "import agent, connect, intentions, traffic, devstack.server; "
+        "print(devstack.server.__file__)"
+    )
     done = subprocess.run(
         [sys.executable, "-P", "-c", code],
         cwd=tmp_path,
