@@ -1438,3 +1438,21 @@ def entry_from_json(body: Mapping[str, Any]) -> RoutingEntry:
     if kind == SERVICE_SPLITTER:
         return _splitter(data)
     return _resolver(data)
+
+
+def related_services(entry: RoutingEntry) -> tuple[str, ...]:
+    """`ListRelatedServices`: other services an entry sends traffic to (writers need read)."""
+    found: set[str] = set()
+    if isinstance(entry, ServiceRouter):
+        found = {r.destination.service or entry.name for r in entry.routes if r.destination}
+    elif isinstance(entry, ServiceSplitter):
+        found = {s.service or entry.name for s in entry.splits}
+    else:
+        if entry.redirect is not None:
+            found.add(entry.redirect.service or entry.name)
+        for failover in entry.failover.values():
+            if not failover.targets:
+                found.add(failover.service or entry.name)
+            found |= {t.service or entry.name for t in failover.targets if not t.peer}
+    found.discard(entry.name)
+    return tuple(sorted(found))
