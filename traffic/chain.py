@@ -893,7 +893,14 @@ _PREFIX_SLASH = HTTPMatch(path_prefix="/")
 
 def compile_chain(req: CompileRequest, entries: ChainEntries) -> CompiledDiscoveryChain:
     """Compile the chain for `req.service`; GraphError carries Consul's text."""
-    return _Compiler(req, entries).compile()
+    try:
+        return _Compiler(req, entries).compile()
+    except RecursionError:
+        # Go's goroutine stacks grow; Python's do not. Splitters nested hundreds deep are
+        # refused with a clear error rather than crashing whoever asked.
+        raise GraphError(
+            f"discovery chain {go_quote(req.service)} nests splitters too deeply for this server"
+        ) from None
 
 
 def related_services(entries: ChainEntries) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from devstack.config_entries import load
 from devstack.server import DevServer
 from tests.conftest import Http
 from tests.devstack.test_routing_entries import SPLITTER, put_entry, write_canary
@@ -90,3 +91,38 @@ async def test_discovery_chain_blocks_until_an_entry_changes(http: Http, dev: De
     assert int(after["X-Consul-Index"]) > int(index)
     splits = body["Chain"]["Nodes"]["splitter:web.default.default"]["Splits"]
     assert [s["NextNode"] for s in splits] == ["resolver:v2.web.default.default.dc1"]
+
+
+async def test_splitters_nested_too_deep_answer_a_clear_error(http: Http, dev: DevServer) -> None:
+    """Attack: splitters nested past Python's stack. The store is filled directly (each link
+    is a valid entry on its own); then one more write and a chain read must answer Consul-style
+    500s naming the problem, and leave the state as it was."""
+    depth = 1200
+    for i in range(depth + 1):
+        dev.store.config_set(
+            load({"Kind": "service-defaults", "Name": f"s{i}", "Protocol": "http"})
+        )
+    for i in range(1, depth):
+        dev.store.config_set(
+            load(
+                {
+                    "Kind": "service-splitter",
+                    "Name": f"s{i}",
+                    "Splits": [{"Weight": 100, "Service": f"s{i + 1}"}],
+                }
+            )
+        )
+    text = 'discovery chain "s0" nests splitters too deeply for this server'
+    _, _, before = await http.get("/v1/config/service-splitter")
+    status, answer = await put_entry(
+        http,
+        {"Kind": "service-splitter", "Name": "s0", "Splits": [{"Weight": 100, "Service": "s1"}]},
+    )
+    assert (status, answer) == (500, text)
+    _, _, after = await http.get("/v1/config/service-splitter")
+    assert after["X-Consul-Index"] == before["X-Consul-Index"]
+    status, answer, _ = await http.get("/v1/discovery-chain/s1")
+    assert (status, answer) == (
+        500,
+        'discovery chain "s1" nests splitters too deeply for this server',
+    )

@@ -441,3 +441,73 @@ def test_proxy_defaults_protocol_applies_when_no_service_defaults() -> None:
         ]
     )
     assert compile_chain(CompileRequest("web", TD), entries).protocol == "http"
+
+
+def test_router_docs_example_prefix_to_another_service() -> None:
+    """service-router docs: requests under /admin go to the admin service."""
+    entries = _entries(
+        {"Kind": "service-defaults", "Name": "web", "Protocol": "http"},
+        {"Kind": "service-defaults", "Name": "admin", "Protocol": "http"},
+        {
+            "Kind": "service-router",
+            "Name": "web",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/admin"}},
+                    "Destination": {"Service": "admin", "PrefixRewrite": "/"},
+                }
+            ],
+        },
+    )
+    chain = compile_chain(CompileRequest("web", TD), entries).to_json()
+    assert chain["Nodes"]["router:web.default.default"]["Routes"] == [
+        {
+            "Definition": {
+                "Match": {"HTTP": {"PathPrefix": "/admin"}},
+                "Destination": {"Service": "admin", "PrefixRewrite": "/"},
+            },
+            "NextNode": "resolver:admin.default.default.dc1",
+        },
+        {
+            "Definition": {
+                "Match": {"HTTP": {"PathPrefix": "/"}},
+                "Destination": {"Service": "web", "Namespace": "default", "Partition": "default"},
+            },
+            "NextNode": "resolver:web.default.default.dc1",
+        },
+    ]
+    assert chain["Targets"] == {
+        "admin.default.default.dc1": _target("admin"),
+        "web.default.default.dc1": _target("web"),
+    }
+    assert chain["Nodes"]["resolver:admin.default.default.dc1"] == _resolver(
+        "admin.default.default.dc1", Default=True
+    )
+
+
+def test_splitters_nested_beyond_the_stack_are_a_graph_error_not_a_crash() -> None:
+    """Attack: a write that nests splitters deeper than Python's stack (RecursionError before)."""
+    depth = 1500
+    models: list[Any] = [
+        load_entry(
+            {
+                "Kind": "service-splitter",
+                "Name": f"s{i}",
+                "Splits": [{"Weight": 100, "Service": f"s{i + 1}"}],
+            }
+        )
+        for i in range(depth)
+    ]
+    models += [
+        service_defaults_from_json(
+            {"Kind": "service-defaults", "Name": f"s{i}", "Protocol": "http"}
+        )
+        for i in range(depth + 1)
+    ]
+    entries = ChainEntries.of(models)
+    with pytest.raises(GraphError) as err:
+        compile_chain(CompileRequest("s0", TD), entries)
+    assert str(err.value) == 'discovery chain "s0" nests splitters too deeply for this server'
+    # A shallow part of the same graph still compiles.
+    chain = compile_chain(CompileRequest(f"s{depth - 3}", TD), entries)
+    assert chain.start_node == f"splitter:s{depth - 3}.default.default"

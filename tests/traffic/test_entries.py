@@ -422,3 +422,59 @@ def test_resolver_reads_back_as_consul_marshals_it() -> None:
         },
     }
     assert entry_from_json(rendered) == entry
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_KEYS = st.sampled_from(
+    [
+        "Name",
+        "Routes",
+        "Splits",
+        "Match",
+        "HTTP",
+        "Destination",
+        "Header",
+        "Weight",
+        "Subsets",
+        "Failover",
+        "Redirect",
+        "LoadBalancer",
+        "HashPolicies",
+        "ConnectTimeout",
+        "Targets",
+        "Datacenters",
+        "Methods",
+        "PathPrefix",
+        "ServiceSubset",
+        "Meta",
+        "CookieConfig",
+    ]
+)
+_SHAPED = st.recursive(
+    _JSON,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    st.sampled_from([ROUTER, SPLITTER, RESOLVER]),
+    st.dictionaries(_KEYS, _SHAPED, max_size=5),
+)
+def test_hostile_bodies_only_ever_raise_consul_errors(kind: str, body: dict[str, Any]) -> None:
+    """Whatever the body, the answer is an entry or one of Consul's two error families."""
+    try:
+        entry = load_entry({**body, "Kind": kind})
+    except (EntryDecodeError, InvalidEntry):
+        return
+    assert entry_from_json(entry.to_json()) == entry
