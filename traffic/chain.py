@@ -46,6 +46,7 @@ from traffic.entries import (
     go_quote,
     is_http_like,
     normalize_weight,
+    scale_weight,
     weight_json,
 )
 from traffic.errors import GraphError
@@ -227,6 +228,11 @@ class DiscoverySplit:
     definition: Split
     weight: float
     next_node: str
+
+    @property
+    def hundredths(self) -> int:
+        """The weight in 0.01 % units (out of 10000), as Envoy's weighted clusters take it."""
+        return scale_weight(self.weight)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"Definition": self.definition.to_json()}

@@ -305,6 +305,9 @@ def test_nested_splitters_are_flattened_with_multiplied_weights() -> None:
         "RequestHeaders": {"Set": {"x-v": "1"}},
     }
     assert "splitter:api.default.default" not in chain["Nodes"]
+    compiled = compile_chain(CompileRequest("web", TD), entries)
+    legs = compiled.nodes["splitter:web.default.default"].splits
+    assert [leg.hundredths for leg in legs] == [5000, 3334, 1667]
 
 
 @pytest.mark.parametrize(
