@@ -862,6 +862,20 @@ class ConfigEntriesAPI(_Group):
             index,
         )
 
+    async def get(
+        self, kind: str, name: str, *, index: int = 0, wait: Wait | None = None
+    ) -> Indexed[Mapping[str, Any]]:
+        """One entry (`/v1/config/:kind/:name`); blocks until it changes. A missing entry
+        is `ConsulNotFound`."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        return await self._indexed(
+            f"/v1/config/{_segment(kind)}/{_segment(name)}",
+            lambda v: MappingProxyType(dict(as_object(v, "entry"))),
+            params,
+            blocking,
+            index,
+        )
+
     async def put(self, entry: Mapping[str, Any], *, cas: int | None = None) -> bool:
         """Write an entry; with `cas` only if its ModifyIndex is still `cas` (0: create only).
         False means the CAS check failed and nothing was written."""
