@@ -37,6 +37,7 @@ upstreams balance with least request (service-resolver `LoadBalancer` is not wat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -68,6 +69,9 @@ from intentions.stored import compile_stored, destination_of
 log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
+
+_FIRST_ENDPOINTS_WAIT = 10.0
+"""Seconds a reload waits for a new upstream's first endpoints before opening its port."""
 
 
 UpstreamLatest = Callable[[WatchKey], Latest[EndpointSnapshot | None] | None]
@@ -413,7 +417,22 @@ class Sidecar:
         self.config = config
         if self.proxy is None or self.tls is None or self._closed:
             return None
-        return await self.proxy.apply(sidecar_spec(config, self.tls.material.leaf.service_uri))
+        spec = sidecar_spec(config, self.tls.material.leaf.service_uri)
+        await self._first_endpoints(spec)
+        return await self.proxy.apply(spec)
+
+    async def _first_endpoints(self, spec: SidecarSpec) -> None:
+        """Before binding a new upstream's port, wait (bounded) for its watch's first answer,
+        as a worker does at start: a connection accepted before that could only be refused
+        with 503. Past the bound the port opens anyway and readiness says what is missing."""
+        waits = []
+        for up in spec.upstreams:
+            latest = self._latest_for(upstream_key(up))
+            if latest is not None and latest.get() is None:
+                waits.append(latest.changed(0))
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), _FIRST_ENDPOINTS_WAIT)
 
     async def _rotate(self) -> None:
         assert self.rotator is not None
