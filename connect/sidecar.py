@@ -27,7 +27,6 @@ benchmark); listeners keep one object, so a rotation never restarts them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -287,7 +286,8 @@ class Sidecar(Generic[S]):
         self._claim_ports = claim_ports
         self._balancer = balancer if balancer is not None else BalancerConfig()
         self._resume_tls = resume_tls
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: dict[asyncio.Task[None], Running] = {}
+        """Listeners removed or replaced, still serving their open connections."""
         self._lock = asyncio.Lock()
 
     def listener(self, spec: ListenerSpec) -> Running | None:
@@ -337,8 +337,8 @@ class Sidecar(Generic[S]):
         task = asyncio.get_running_loop().create_task(
             self._drain(running, grace), name=f"drain {running.spec.label}"
         )
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        self._draining[task] = running
+        task.add_done_callback(lambda t: self._draining.pop(t, None))
 
     async def _drain(self, running: Running, grace: float) -> None:
         try:
@@ -419,15 +419,17 @@ class Sidecar(Generic[S]):
             log.debug("%s: balancer over %d endpoints", spec.label, len(endpoints.current.targets))
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting everywhere; open exchanges get `grace` seconds (draining ones keep
-        their own deadline)."""
+        """Stop accepting everywhere; open exchanges get `grace` seconds, those of listeners
+        still draining after a reload too (their longer drain is cut short)."""
         async with self._lock:
             running, self.running = list(self.running.values()), {}
             for r in running:
                 if r.follower is not None:
                     r.follower.cancel()
-            await asyncio.gather(*(r.listener.close(grace) for r in running))
-            draining = list(self._draining)
-        if draining:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*draining)
+            draining = dict(self._draining)
+            # Closing again with the shorter grace aborts what the first close still waits
+            # for; that first close is then cancelled.
+            await asyncio.gather(*(r.listener.close(grace) for r in [*running, *draining.values()]))
+            for task in draining:
+                task.cancel()
+            await asyncio.gather(*draining, return_exceptions=True)

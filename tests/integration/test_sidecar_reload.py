@@ -6,9 +6,10 @@ to api's app. SIGHUP with a file that adds a second upstream (billing) and chang
 else: the new port serves and the old connection is untouched (the same TCP connection
 reaches api's app). Changing billing's protocol tcp -> http: its port now speaks HTTP (web's
 sidecar counts each request; as tcp it counted connections only). Removing api: its port stops
-accepting while the open connection keeps being served for the drain period and closes when
-the client is done. A broken file on SIGHUP changes nothing and is reported in /v1/status.
-With `--workers 2` the worker applies the same listeners (checked in /proc).
+accepting while the open connection keeps being served (the drain period is long), and the
+listener is closed as soon as that connection ends. A broken file on SIGHUP changes nothing
+and is reported in /v1/status. With `--workers 2` the worker applies the same listeners
+(checked in /proc).
 
 Waits are on log lines, /v1/status and Consul blocking queries; no timing is asserted.
 """
@@ -294,6 +295,9 @@ def test_upstreams_added_changed_and_removed_on_sighup(mesh: ReloadMesh) -> None
     )
     assert _ask(held, "/held-5")["from_port"] == first["from_port"]
 
+    # The app ends the held connection: the removed listener's drain is over at once.
+    held.request("GET", "/held-last", headers={"Connection": "close"})
+    assert held.getresponse().read()
     held.close()
     wait_line(mesh.web, f"upstream api 127.0.0.1:{api}: closed")
 
