@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from agent.consul import ConsulClient, Indexed
+from agent.watches import BlockingWatch, WatchSettings
 from connect.balancer import Target
 from connect.latest import Latest
 from connect.proxy import allow_all
@@ -71,6 +74,7 @@ class Mesh:
     web: Sidecar[tuple[Target, ...]]
     app: AppStats
     clients: list[asyncio.StreamWriter]
+    consul: ConsulClient
 
     async def connect(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(
@@ -101,7 +105,7 @@ async def mesh() -> AsyncIterator[Mesh]:
             endpoints=lambda up: endpoints,
             targets=lambda t: t,
         )
-        m = Mesh(web, stats, [])
+        m = Mesh(web, stats, [], dm.consul)
         try:
             yield m
         finally:
@@ -197,3 +201,56 @@ async def test_a_port_that_cannot_be_bound_fails_alone_and_is_retried() -> None:
         again = await m.web.apply(SidecarSpec(upstreams=(ok, busy)))
         assert again.start == (busy,) and again.keep == (ok,)
         assert await _echo(await m.connect(busy.port), b"x") == b"x"
+
+
+async def test_listeners_follow_consul_without_a_reload() -> None:
+    """Ready for "when Consul says so": a `BlockingWatch` of api's service-defaults publishes
+    its protocol and a follower applies the spec it implies; no file, no SIGHUP."""
+    async with mesh() as m:
+        defaults = {"Kind": "service-defaults", "Name": "api", "Protocol": "tcp"}
+        assert await m.consul.config_entries.put(defaults)
+
+        async def fetch(index: int, wait: float) -> Indexed[Mapping[str, Any]]:
+            return await m.consul.config_entries.get(
+                "service-defaults", "api", index=index, wait=wait
+            )
+
+        watch: BlockingWatch[Mapping[str, Any], str] = BlockingWatch(
+            "service-defaults api",
+            fetch,
+            lambda entry, index: str(entry.get("Protocol") or "tcp"),
+            "tcp",
+            lambda: WatchSettings(wait=5.0, retry_initial=0.01, retry_max=0.05),
+        )
+        port = _free_port()
+        applied: asyncio.Queue[UpstreamSpec] = asyncio.Queue()
+
+        async def follow() -> None:
+            version = 0
+            while True:
+                version, protocol = await watch.latest.changed(version)
+                spec = UpstreamSpec("api", protocol, "127.0.0.1", port)
+                await m.web.apply(SidecarSpec(upstreams=(spec,), drain_grace=30.0))
+                applied.put_nowait(spec)
+
+        tasks = [asyncio.ensure_future(watch.run()), asyncio.ensure_future(follow())]
+        try:
+            first = await asyncio.wait_for(applied.get(), DEADLINE)
+            assert first.protocol == "tcp"
+            held = await m.connect(port)
+            assert await _echo(held, b"tcp") == b"tcp"
+
+            assert await m.consul.config_entries.put({**defaults, "Protocol": "http"})
+            second = await asyncio.wait_for(applied.get(), DEADLINE)
+            assert second.protocol == "http"
+            assert m.web.listener(second) is not None
+            reader, writer = await m.connect(port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+            status_line = await asyncio.wait_for(reader.readline(), DEADLINE)
+            assert status_line.startswith(b"HTTP/1.1 502"), status_line  # parsed as HTTP
+            # The tcp connection opened before the change is draining, still served.
+            assert await _echo(held, b"still") == b"still"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
