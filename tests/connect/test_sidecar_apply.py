@@ -98,7 +98,7 @@ async def mesh() -> AsyncIterator[Mesh]:
         await api.apply(
             SidecarSpec(InboundSpec("tcp", "127.0.0.1", api_port, "127.0.0.1", app_port, uri))
         )
-        endpoints = Latest((Target("n1/api", "127.0.0.1", api_port),))
+        endpoints: Latest[tuple[Target, ...]] = Latest((Target("n1/api", "127.0.0.1", api_port),))
         web = Sidecar[tuple[Target, ...]](
             await dm.tls("web"),
             allow_all(),
