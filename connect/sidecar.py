@@ -49,6 +49,7 @@ log = logging.getLogger("meshlet.connect.sidecar")
 __all__ = [
     "InboundSpec",
     "Plan",
+    "Running",
     "Sidecar",
     "SidecarSpec",
     "SidecarTLS",
