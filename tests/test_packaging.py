@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "connect", "intentions", "devstack", "traffic")
+PACKAGES = ("agent", "connect", "intentions", "traffic", "devstack")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_installed_wheel_imports_outside_the_checkout(wheel: Path, tmp_path: Pat
         timeout=300,
     )
     code = (
-        "import agent, connect, intentions, devstack.server, importlib.resources;"
+        "import agent, connect, intentions, traffic, devstack.server, importlib.resources;"
         "units = importlib.resources.files('agent').joinpath('units');"
         "assert units.joinpath('meshlet-sidecar@.service').read_text().startswith('# meshlet');"
         "print(devstack.server.__file__)"
