@@ -177,8 +177,8 @@ def _settle_garbage_collector() -> None:
     """Once serving: what start-up built (modules, config, first snapshots) leaves the cyclic
     collector's generations, and young collections become rarer. Requests allocate many
     short-lived containers that reference counting frees; without this, a full collection
-    walks every long-lived object and stalls the event loop (perf.md §5.3; the proxy
-    benchmark's sidecars run with the same settings)."""
+    walks every long-lived object and stalls the event loop (the proxy benchmark's
+    sidecars run with the same settings)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

@@ -6,7 +6,7 @@
 `in` terminates mesh mTLS, authorizes with the intentions engine (one allow intention, so the
 decision path is the real one) and forwards to the app; `out` takes plaintext and dials
 `--target` with mTLS, checking the server is `--service`. Runs on uvloop with the GC frozen
-after start, as perf.md §5 recommends. Prints "ready" once listening.
+after start, as `meshlet sidecar` does. Prints "ready" once listening.
 """
 
 from __future__ import annotations
