@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
-TYPED  := intentions connect agent devstack
+TYPED  := intentions traffic connect agent devstack
 
 .PHONY: install test lint typecheck pytest demo dev compat bench clean
 

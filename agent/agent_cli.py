@@ -47,11 +47,50 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="processes serving the listeners, sharing the ports with SO_REUSEPORT "
         "(default: sidecar.workers, 1); see docs/operations.md",
     )
+    nomad = s.add_argument_group(
+        "Nomad",
+        "--nomad: run as a Connect group's sidecar_task. Nomad registers the proxy; meshlet "
+        "reads that registration from Consul (service, ports, upstreams) and never writes or "
+        "removes it. -c FILE is then optional and may hold only the settings Nomad has no say "
+        "in (certs, watch, shutdown, log_level). See docs/nomad.md.",
+    )
+    nomad.add_argument(
+        "--nomad",
+        action="store_true",
+        help="take the inputs Nomad gives an Envoy sidecar instead of a config file",
+    )
+    nomad.add_argument(
+        "--proxy-id",
+        metavar="ID",
+        default="",
+        help="the proxy's Consul service ID (default: node.id of the bootstrap file)",
+    )
+    nomad.add_argument(
+        "--bootstrap",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="the Envoy bootstrap Nomad writes (default: $NOMAD_SECRETS_DIR/envoy_bootstrap.json)",
+    )
+    nomad.add_argument(
+        "--admin-addr",
+        metavar="HOST:PORT",
+        default="",
+        help="admin listener (default: $NOMAD_ENVOY_ADMIN_ADDR_<service>, else admin.address)",
+    )
+    nomad.add_argument(
+        "--registration-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=60.0,
+        help="how long to wait for Nomad's registration of the proxy (default %(default)s)",
+    )
     # A worker process of --workers N, started by the first process (agent/supervisor.py).
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(run=_run_agent, sidecar=True, print_config_reference=False)
+    p.set_defaults(nomad=False)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -63,6 +102,12 @@ def _run_agent(args: argparse.Namespace) -> int:
     command = "meshlet sidecar" if args.sidecar else "meshlet agent"
     if args.worker_index is not None:
         return _run_worker(args)
+    if args.nomad:
+        return _run_nomad(args)
+    stray = [flag for flag, value in _nomad_flags(args) if value]
+    if stray:
+        print(f"{command}: {', '.join(stray)} only with --nomad", file=sys.stderr)
+        return 2
     if args.config is None:
         print(f"{command}: -c FILE is required", file=sys.stderr)
         return 2
@@ -99,3 +144,56 @@ def _run_worker(args: argparse.Namespace) -> int:
     from agent.worker import run_worker
 
     return _run(run_worker(args.worker_index, args.control_fd, args.parent_pid, dict(os.environ)))
+
+
+def _nomad_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [
+        ("--proxy-id", getattr(args, "proxy_id", "")),
+        ("--bootstrap", getattr(args, "bootstrap", None)),
+        ("--admin-addr", getattr(args, "admin_addr", "")),
+        ("--registration-timeout", getattr(args, "registration_timeout", 60.0) != 60.0),
+    ]
+
+
+def _run_nomad(args: argparse.Namespace) -> int:
+    """`meshlet sidecar --nomad`: Nomad's inputs and its registration instead of a file."""
+    from agent.cli import _run
+    from agent.config import ConfigError, proxy_env_problems, with_workers
+    from agent.nomad_inputs import resolve, summary
+    from agent.runtime import run_agent
+
+    env = dict(os.environ)
+    if not 0 < args.registration_timeout <= 3600:
+        print(
+            "meshlet sidecar --nomad: --registration-timeout: expected seconds from 0 to 3600, "
+            f"got {args.registration_timeout:g}",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def main() -> int:
+        try:
+            resolved = await resolve(
+                env,
+                config_file=args.config,
+                proxy_id=args.proxy_id,
+                bootstrap=args.bootstrap,
+                admin_address=args.admin_addr,
+                timeout=args.registration_timeout,
+            )
+            config = with_workers(resolved.config, args.workers)
+            missing = proxy_env_problems(config, env)
+            if missing:
+                raise ConfigError("meshlet sidecar --nomad", missing)
+        except ConfigError as exc:
+            print(f"meshlet sidecar --nomad: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        if args.check_config:
+            print(f"valid: {summary(resolved)}")
+            return 0
+        print(f"meshlet sidecar --nomad: {summary(resolved)}", file=sys.stderr, flush=True)
+        return await run_agent(
+            None, env, config, sidecar=True, workers=args.workers, external=resolved.external
+        )
+
+    return _run(main())

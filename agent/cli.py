@@ -80,10 +80,15 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from agent.agent_cli import add_agent_command
+    from agent.inject_cli import add_inject_command
+    from agent.install_cli import add_install_command
     from agent.intentions_cli import add_parser as add_intentions_command
+    from agent.routes_cli import add_parser as add_routes_command
     from agent.status_cli import add_status_command
+    from agent.version_cli import VersionAction, add_version_command
 
     parser = argparse.ArgumentParser(prog="meshlet", description=__doc__)
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_dev(sub)
     _add_demo(sub)
@@ -91,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_command(sub)
     add_status_command(sub)
     add_intentions_command(sub)
+    add_inject_command(sub)
+    add_routes_command(sub)
+    add_install_command(sub)
+    add_version_command(sub)
     return parser
 
 

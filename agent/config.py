@@ -60,8 +60,8 @@ class ConsulSection:
     address: str = field(
         default="127.0.0.1:8500",
         metadata=_doc(
-            "The local Consul agent: host:port, http://host:port, https://host:port or "
-            "unix:///path/to/consul.sock.",
+            "The local Consul agent: `host:port`, `http://host:port`, `https://host:port` or "
+            "`unix:///path/to/consul.sock`.",
             env="CONSUL_HTTP_ADDR",
         ),
     )
@@ -84,7 +84,7 @@ class ConsulSection:
     ssl: bool = field(
         default=False,
         metadata=_doc(
-            "Speak HTTPS even when `address` has no https:// scheme.", env="CONSUL_HTTP_SSL"
+            "Speak HTTPS even when `address` has no `https://` scheme.", env="CONSUL_HTTP_SSL"
         ),
     )
     ssl_verify: bool = field(
@@ -306,6 +306,22 @@ class SidecarSection:
             "`meshlet sidecar --workers N` overrides it; `meshlet agent` ignores it.",
         ),
     )
+    max_connections: int = field(
+        default=4096,
+        metadata=_doc(
+            "Open downstream connections each listener (inbound, and each upstream's) accepts, "
+            "per process; beyond it a new connection is reset at accept and counted in "
+            "`connections_refused_limit`. Each inbound connection also holds one to the app.",
+        ),
+    )
+    max_pending_handshakes: int = field(
+        default=512,
+        metadata=_doc(
+            "Connections the inbound listener holds before their TLS handshake has finished "
+            "(unauthenticated), per process; beyond it a new connection is reset at accept, "
+            "before any TLS work. They count towards `max_connections` too.",
+        ),
+    )
     upstreams: tuple[UpstreamSection, ...] = field(
         default=(), metadata=_doc("Services this one calls through the sidecar.")
     )
@@ -317,7 +333,7 @@ VaultAuth = Literal["token", "approle"]
 @dataclass(frozen=True, slots=True)
 class VaultSection:
     address: str = field(
-        default="", metadata=_doc("Vault's URL, e.g. https://vault:8200.", required=True)
+        default="", metadata=_doc("Vault's URL, e.g. `https://vault:8200`.", required=True)
     )
     role: str = field(
         default="", metadata=_doc("PKI role that issues this service's leaf.", required=True)
@@ -655,6 +671,13 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("sidecar.check_ttl", "expected a positive duration")
     if workers_problem(side.workers):
         fail("sidecar.workers", workers_problem(side.workers))
+    if side.max_connections < 1:
+        fail("sidecar.max_connections", f"expected a positive integer, got {side.max_connections}")
+    if side.max_pending_handshakes < 1:
+        fail(
+            "sidecar.max_pending_handshakes",
+            f"expected a positive integer, got {side.max_pending_handshakes}",
+        )
     binds: dict[str, str] = {}
     targets: dict[tuple[str, str, str, str], str] = {}
     for i, up in enumerate(side.upstreams):
@@ -698,6 +721,52 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("watch.retry_max", "expected retry_initial > 0 and retry_max >= retry_initial")
     if w.anti_entropy_interval <= 0:
         fail("watch.anti_entropy_interval", "expected a positive duration")
+    for problem in public_listener_problems(cfg):
+        fail(problem.path, problem.message)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, Consul hands it to peers as is
+
+
+def public_listener_problems(cfg: AgentConfig, node_address: str = "") -> list[Problem]:
+    """A sidecar whose public (mTLS) listener is bound to loopback while the service is
+    registered at an address peers on other hosts dial: they could never reach it.
+
+    The listener binds `sidecar.address`, else `service.address`, else 127.0.0.1; Consul
+    registers the sidecar at `sidecar.address`, else the service's address, else the node's
+    (`node_address`, when known: it is not in the file). Loopback everywhere is a one-host
+    setup and fine."""
+    side, svc = cfg.sidecar, cfg.service
+    bind = side.address or svc.address or "127.0.0.1"
+    if not _is_loopback(bind):
+        return []
+    if svc.address and not _is_loopback(svc.address):
+        return [
+            Problem(
+                "sidecar.address",
+                f"the sidecar's public listener is bound to loopback ({bind}) while "
+                f"service.address registers the service at {svc.address}: peers on other "
+                f"hosts could never reach it; set sidecar.address to this node's address as "
+                f"registered in Consul (the application may stay on loopback)",
+            )
+        ]
+    if not side.address and not svc.address and node_address and not _is_loopback(node_address):
+        return [
+            Problem(
+                "sidecar.address",
+                f"sidecar.address and service.address are empty, so the sidecar's public "
+                f"listener is bound to 127.0.0.1 while Consul registers it at the node's "
+                f"address {node_address}: peers on other hosts could never reach it; set "
+                f"sidecar.address to {node_address}",
+            )
+        ]
+    return []
 
 
 # ---- what would pass here and fail at start -----------------------------------------------------
@@ -818,6 +887,12 @@ def parse(raw: Any, env: Mapping[str, str], *, source: str = "<config>") -> Agen
 
 def load(path: Path, env: Mapping[str, str]) -> AgentConfig:
     """Read and parse one YAML file. Every failure is a `ConfigError` naming the file."""
+    return parse(read_raw(path), env, source=str(path))
+
+
+def read_raw(path: Path) -> Any:
+    """The decoded YAML of one file, not yet validated (`meshlet sidecar --nomad` adds the
+    sections Nomad's registration gives before parsing). Failures are `ConfigError`s."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -829,7 +904,17 @@ def load(path: Path, env: Mapping[str, str]) -> AgentConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [Problem("", f"not valid YAML: {where}{what}")]) from None
-    return parse(raw, env, source=str(path))
+    return raw
+
+
+def parse_consul_section(raw: Any, source: str) -> ConsulSection:
+    """The `consul` section alone, validated as in a whole file: `meshlet sidecar --nomad`
+    reaches Consul to learn the rest of its configuration."""
+    p = _Parser()
+    section: ConsulSection = p.section(ConsulSection, raw, "consul")
+    if p.problems:
+        raise ConfigError(source, p.problems)
+    return section
 
 
 def with_workers(config: AgentConfig, workers: int | None) -> AgentConfig:

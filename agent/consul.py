@@ -862,12 +862,45 @@ class ConfigEntriesAPI(_Group):
             index,
         )
 
+    async def get(
+        self, kind: str, name: str, *, index: int = 0, wait: Wait | None = None
+    ) -> Indexed[Mapping[str, Any]]:
+        """One entry (`/v1/config/:kind/:name`); blocks until it changes. A missing entry
+        is `ConsulNotFound`."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        return await self._indexed(
+            f"/v1/config/{_segment(kind)}/{_segment(name)}",
+            lambda v: MappingProxyType(dict(as_object(v, "entry"))),
+            params,
+            blocking,
+            index,
+        )
+
+    async def find(self, kind: str, name: str) -> Mapping[str, Any] | None:
+        """One entry, or None when Consul has none of that kind and name (404)."""
+        resp = await self._http.request("GET", f"/v1/config/{_segment(kind)}/{_segment(name)}")
+        if resp.status == 404:
+            return None
+        resp.raise_for_status()
+        return _decode(resp, lambda v: MappingProxyType(dict(as_object(v, "entry"))))
+
     async def put(self, entry: Mapping[str, Any], *, cas: int | None = None) -> bool:
         """Write an entry; with `cas` only if its ModifyIndex is still `cas` (0: create only).
         False means the CAS check failed and nothing was written."""
         params = [("cas", str(cas))] if cas is not None else []
         resp = await self._put("/v1/config", dict(entry), params)
         return _decode(resp, _bool)
+
+    async def delete(self, kind: str, name: str, *, cas: int | None = None) -> bool:
+        """Delete an entry; with `cas` only if its ModifyIndex is still `cas`. False means the
+        CAS check failed and nothing was deleted."""
+        params = [("cas", str(cas))] if cas is not None else []
+        resp = await self._http.request(
+            "DELETE", f"/v1/config/{_segment(kind)}/{_segment(name)}", params=params
+        )
+        resp.raise_for_status()
+        # Without cas Consul answers an empty object; with it, true or false.
+        return True if cas is None else _decode(resp, _bool)
 
 
 class ConsulClient:

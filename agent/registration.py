@@ -17,6 +17,10 @@ The checks, so that Consul's health reflects reality:
 A process that runs no proxy (`meshlet agent`) has no readiness to report: it registers the
 service alone, and removes a sidecar left by an earlier `meshlet sidecar` of the same ID, so the
 catalog never holds a sidecar whose check nothing can pass.
+
+A registration owned by someone else (`ExternalRegistration`: Nomad registers a Connect group's
+proxy and its checks itself) is only watched: the registrar never writes it, never removes it,
+and reports readiness to no check of its own (the owner's checks cover the listener).
 """
 
 from __future__ import annotations
@@ -208,6 +212,16 @@ Phase = Literal["pending", "registered", "failing", "deregistered"]
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalRegistration:
+    """The sidecar's proxy registration belongs to `owner` (e.g. Nomad, which registers a
+    Connect group's proxy and deregisters it before it signals the task): read, never written
+    or removed here."""
+
+    proxy_id: str
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
 class RegistrationState:
     phase: Phase = "pending"
     service_id: str = ""
@@ -231,8 +245,12 @@ class Registrar:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        external: ExternalRegistration | None = None,
     ) -> None:
         self.state = RegistrationState(service_id=config().service.service_id)
+        self._external = external
+        """Set: someone else owns the registration; only watch that it is there."""
+        self._external_hash = ""
         self.registered = asyncio.Event()
         """Set once the first registration is in place."""
         self._consul = consul
@@ -249,6 +267,10 @@ class Registrar:
         """Service IDs this process registered (a reload may rename the service)."""
         connectivity.on_recover(self.poke)
 
+    @property
+    def external(self) -> ExternalRegistration | None:
+        return self._external
+
     def poke(self) -> None:
         """Compare and repair now rather than at the next anti-entropy tick."""
         self._sync_wake.set()
@@ -256,7 +278,41 @@ class Registrar:
     def _set(self, **changes: object) -> None:
         self.state = replace(self.state, **changes)  # type: ignore[arg-type]
 
+    async def _observe(self, external: ExternalRegistration) -> None:
+        """Someone else's registration: note whether it is there; never write it."""
+        try:
+            held = await self._consul.agent.service(external.proxy_id)
+        except ConsulNotFound:
+            if self.registered.is_set() and self.state.phase != "deregistered":
+                # The owner's stop sequence (Nomad: deregister, shutdown_delay, signal): keep
+                # serving the connections already here until the signal comes.
+                log.info("%s was deregistered by %s", external.proxy_id, external.owner)
+            self._set(
+                phase="deregistered" if self.registered.is_set() else "pending",
+                last_error=f"{external.proxy_id} is not registered with the Consul agent "
+                f"(registered by {external.owner}, not by meshlet)",
+            )
+            return
+        if self._external_hash and held.content_hash != self._external_hash:
+            # Listeners and identity were built from the registration read at start.
+            log.warning(
+                "%s changed in Consul (by %s); restart the sidecar to apply the change",
+                external.proxy_id,
+                external.owner,
+            )
+        self._external_hash = held.content_hash
+        self._set(
+            phase="registered",
+            service_id=external.proxy_id,
+            last_sync=self._clock(),
+            last_error="",
+        )
+        self.registered.set()
+
     async def _sync(self, cfg: AgentConfig) -> None:
+        if self._external is not None:
+            await self._observe(self._external)
+            return
         sid = cfg.service.service_id
         services = await self._consul.agent.services()
         checks = await self._consul.agent.checks()
@@ -342,6 +398,15 @@ class Registrar:
             self._report_wake.clear()
             ready = await readiness.check()
             check_id = ready_check_id(cfg.service.service_id)
+            if self._external is not None:
+                # The owner's checks (Nomad's TCP check on the listener) speak for the sidecar;
+                # the verdict is kept for /ready and /v1/status only.
+                if self.state.sidecar is None or self.state.sidecar.ready != ready.ready:
+                    log.info("sidecar %s: %s", "ready" if ready.ready else "not ready", ready.note)
+                self._set(sidecar=ready, sidecar_reported=self._clock())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._report_wake.wait(), cfg.sidecar.check_ttl / 3)
+                continue
             try:
                 if self.draining():
                     return
@@ -369,6 +434,13 @@ class Registrar:
         self._draining = True
         self._sync_wake.set()
         self._report_wake.set()
+        if self._external is not None:
+            log.info(
+                "leaving %s registered: %s owns it and removes it itself",
+                self._external.proxy_id,
+                self._external.owner,
+            )
+            return
         for sid in sorted(self._owned):
             for target in (sid, sidecar_id(sid)):
                 try:

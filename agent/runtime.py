@@ -9,8 +9,11 @@ error: the agent keeps trying, is not ready, and /ready says why.
 
 SIGHUP re-reads the file. A file that does not parse changes nothing (the error is logged and
 shown in /v1/status); a good one is applied in place: watchers of unchanged upstreams keep
-their snapshots, new ones start, removed ones stop, the registration is repaired if it moved.
-Settings that need new sockets (consul, admin) are reported as needing a restart.
+their snapshots, new ones start, removed ones stop, the registration is repaired if it moved,
+and the sidecar's upstream listeners follow (added, removed, or replaced when their protocol
+or destination changed; the others and their connections are untouched), in the workers too.
+Settings that need new sockets (consul, admin, the inbound listener) or a new identity
+(certs, service) are reported as needing a restart.
 
 With `meshlet sidecar --workers N` (N > 1) the proxy's listeners bind with SO_REUSEPORT and,
 once they are up, a `Supervisor` keeps N-1 worker processes (agent/worker.py) serving the same
@@ -41,8 +44,8 @@ from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_w
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
 from agent.readiness import SidecarReadiness
-from agent.registration import Registrar, sidecar_id
-from agent.sidecar import Sidecar
+from agent.registration import ExternalRegistration, Registrar, sidecar_id
+from agent.sidecar import Sidecar, live_changes, needs_restart
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
 from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
@@ -77,7 +80,10 @@ class AgentRuntime:
         rng: random.Random | None = None,
         sidecar: bool = False,
         workers: int | None = None,
+        external: ExternalRegistration | None = None,
     ) -> None:
+        self._external = external
+        """Set: the proxy's registration is someone else's (Nomad's); never written here."""
         self._workers = workers
         """`--workers N`: wins over `sidecar.workers`, at start and on every reload."""
         config = with_workers(config, workers)
@@ -186,6 +192,7 @@ class AgentRuntime:
                     self._readiness,
                     rng=self._rng,
                     clock=self._clock,
+                    external=self._external,
                 )
                 self._registrar = registrar
                 async with asyncio.TaskGroup() as tg:
@@ -243,8 +250,8 @@ class AgentRuntime:
         log.info("starting %d worker processes", len(self.supervisor.workers))
         await self.supervisor.run()
 
-    def _upstream_latest(self, up: UpstreamSection) -> Latest[Snapshot | None] | None:
-        watch = self._watches.get(watch_key(up))
+    def _upstream_latest(self, key: WatchKey) -> Latest[Snapshot | None] | None:
+        watch = self._watches.get(key)
         return watch.watcher.latest if watch is not None else None
 
     async def _drain(self, registrar: Registrar) -> None:
@@ -252,7 +259,8 @@ class AgentRuntime:
         was_registered = registrar.registered.is_set()
         self.draining = True
         self._notifier.stopping("deregistering and draining")
-        log.info("stopping: deregistering from Consul first")
+        if registrar.external is None:
+            log.info("stopping: deregistering from Consul first")
         await registrar.deregister()
         if not was_registered:
             return  # nobody was sent here, so there is nothing to drain
@@ -321,46 +329,58 @@ class AgentRuntime:
             await self._reload.wait()
             self._reload.clear()
             self._notifier.reloading()
-            self._apply_reload(tg)
+            if self._apply_reload(tg):
+                await self._apply_listeners()
             self._notifier.ready(self._summary())
 
-    def _apply_reload(self, tg: asyncio.TaskGroup) -> None:
+    async def _apply_listeners(self) -> None:
+        """After a reload: the sidecar's listeners follow the new configuration, here first
+        (so a port this process claims is claimed before any worker binds it), then in every
+        worker."""
+        new = self.config.get()
+        if self.sidecar is not None:
+            try:
+                await self.sidecar.reconfigure(new)
+            except OSError as exc:
+                self._last_reload_error = f"listener not started: {exc}"
+                log.error("reload: a listener could not be started: %s", exc)
+        if self.supervisor is not None:
+            self.supervisor.reconfigure(new)
+
+    def _apply_reload(self, tg: asyncio.TaskGroup) -> bool:
+        """Read the file again and apply what changes in place; False when nothing was."""
         if self._path is None:
             log.warning("SIGHUP ignored: the agent was not started from a file")
-            return
+            return False
         old = self.config.get()
         try:
             new = with_workers(load(self._path, self._env), self._workers)
         except ConfigError as exc:
             self._last_reload_error = str(exc)
             log.error("reload failed, keeping the running configuration:\n%s", exc)
-            return
-        needs_restart = [
+            return False
+        restart = [
             what
             for what, changed in (
                 ("consul", new.consul != old.consul or new.consul_client != old.consul_client),
                 ("admin", new.admin != old.admin),
                 (
-                    "sidecar proxy (sidecar, certs, service)",
-                    self.sidecar is not None
-                    and (new.sidecar, new.certs, new.service)
-                    != (old.sidecar, old.certs, old.service),
+                    "sidecar proxy (certs, service, sidecar other than upstreams)",
+                    self.sidecar is not None and needs_restart(old, new),
                 ),
             )
             if changed
         ]
-        if needs_restart:
+        if restart:
             log.warning(
                 "reload: %s changed; that takes effect after a restart (kept the running values)",
-                ", ".join(needs_restart),
+                ", ".join(restart),
             )
             new = dataclasses.replace(
                 new, consul=old.consul, consul_client=old.consul_client, admin=old.admin
             )
             if self.sidecar is not None:
-                new = dataclasses.replace(
-                    new, sidecar=old.sidecar, certs=old.certs, service=old.service
-                )
+                new = live_changes(old, new)
         if len(new.sidecar.upstreams) + 16 > old.consul_client.max_connections:
             log.warning(
                 "reload: %d upstreams need more than the %d Consul connections sized at start; "
@@ -369,8 +389,6 @@ class AgentRuntime:
                 old.consul_client.max_connections,
             )
         self.config.publish(new)
-        if self.supervisor is not None:
-            self.supervisor.reconfigure(new)
         self._reloads += 1
         self._loaded_at = self._clock()
         self._last_reload_error = ""
@@ -386,6 +404,7 @@ class AgentRuntime:
         if (new.service, new.sidecar) != (old.service, old.sidecar) and self._registrar:
             self._registrar.poke()
         log.info("reloaded %s", self._path)
+        return True
 
     # ---- what /ready and /v1/status say ------------------------------------------------------
 
@@ -535,15 +554,17 @@ def configure_logging(level: str) -> None:
 
 
 async def run_agent(
-    path: Path,
+    path: Path | None,
     env: Mapping[str, str],
     config: AgentConfig,
     *,
     sidecar: bool = False,
     workers: int | None = None,
+    external: ExternalRegistration | None = None,
 ) -> int:
     """`meshlet agent -c FILE` (or `meshlet sidecar -c FILE`, with the proxy) once the file is
-    known to be valid: run until signalled."""
+    known to be valid: run until signalled. `path` None: the configuration was not read from a
+    file (`meshlet sidecar --nomad`), so SIGHUP has nothing to re-read."""
     configure_logging(config.log_level)
     runtime = AgentRuntime(
         config,
@@ -552,6 +573,7 @@ async def run_agent(
         notifier=Notifier.from_env(env),
         sidecar=sidecar,
         workers=workers,
+        external=external,
     )
     runtime.install_signal_handlers()
     return await runtime.run()

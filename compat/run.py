@@ -49,6 +49,7 @@ TEST_FILES = [
     "tests/api/test_status.py",
     "tests/api/test_connect.py",
     "tests/api/test_config.py",
+    "tests/api/test_discovery_chain.py",
 ]
 
 # The conftest starts every server on 127.0.0.1:8500 (the suite hard-codes that port).

@@ -216,6 +216,9 @@ class _Listener(ListeningSocket):
         if not self.relays and self._drained is not None:
             self._drained.set()
 
+    def _live(self) -> int:
+        return len(self.relays)
+
     def _protocol(self) -> asyncio.Protocol:
         relay = _Relay(self.limits, self._done)
         leg = _AcceptedLeg(relay, self)

@@ -6,23 +6,82 @@ A listener that terminates TLS accepts plain TCP and upgrades each connection wi
 while we still know the peer's address. `create_server(ssl=...)` would swallow it: both uvloop
 and asyncio only debug-log an `OSError` from a server handshake.
 
-`start_tls` must take the transport over *inside* `connection_made`: uvloop (basetransport.pyx
-`_call_connection_made`) and asyncio before 3.12 (CPython gh-103607) start reading right after
-`connection_made` returns, even if it paused reading, so a `start_tls` awaited in a task comes
-one loop iteration late: the ClientHello has already gone to the plain protocol and the
-handshake hangs. `_TLSAccept` therefore runs the `start_tls` coroutine's first step (which only
-swaps the transport's protocol for the loop's SSL protocol) synchronously from `connection_made`
-and resumes it from its future's callback, as a Task would: no Task per connection.
+`start_tls` must take the transport over synchronously, inside a protocol callback: uvloop
+(basetransport.pyx `_call_connection_made`) and asyncio before 3.12 (CPython gh-103607) start
+reading right after `connection_made` returns, even if it paused reading, so a `start_tls`
+awaited in a task comes one loop iteration late: the ClientHello has already gone to the plain
+protocol and the handshake hangs. `_TLSAccept` therefore runs the `start_tls` coroutine's first
+step (which only swaps the transport's protocol for the loop's SSL protocol) synchronously and
+resumes it from its future's callback, as a Task would: no Task per connection.
+
+It does so when the client's first bytes arrive, not at accept, and hands those bytes to the
+SSL protocol (as its transport would: `get_buffer`/`buffer_updated`) before it reads anything
+else. Starting TLS at accept cost each silent connection what the loop's SSL protocol and
+OpenSSL allocate up front: about 55 KiB of heap (OpenSSL 3.0's first `do_handshake`
+without data allocates ~47 KiB, the SSL object ~9 KiB; uvloop adds a mostly untouched 256 KiB
+read buffer), so 2,000 idle connections added ~80 MB of RSS. A silent connection now holds a
+plain transport and a timer (about 1 KiB) until `handshake_timeout`, which runs from accept.
+
+Admission: each listener caps its connections (`ConnectionLimits`): beyond `max_connections`
+open ones, or `max_pending_handshakes` accepted but not yet through the TLS handshake, a new
+connection is reset at accept (before any TLS work) and counted in
+`ProxyStats.connections_refused_limit`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import socket
 import ssl
+import struct
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
-__all__ = ["ListeningSocket", "TLSTerminator"]
+from connect.stats import ProxyStats
+
+log = logging.getLogger("meshlet.proxy.listener")
+
+__all__ = ["ConnectionLimits", "ListeningSocket", "TLSTerminator"]
+
+# SO_LINGER on, 0 s: close() resets the connection. A refused client learns at once, and the
+# refusing side keeps no TIME_WAIT entry per refusal.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one listener admits (per process: each `sidecar.workers` process has its own)."""
+
+    max_connections: int = 4096
+    """Open downstream connections, handshaking ones included; beyond it new ones are reset."""
+    max_pending_handshakes: int = 512
+    """Connections accepted but not yet through the TLS handshake (unauthenticated): the cheap
+    way to hold memory and CPU without a certificate. TLS-terminating listeners only."""
+    refusal_log_interval: float = 10.0
+    """At most one warning per listener and cap in this many seconds (with the count)."""
+
+
+class _BufferedProtocol(Protocol):
+    """The loops' SSL protocols are buffered protocols (asyncio.BufferedProtocol's methods;
+    uvloop's is a Cython class that does not subclass it)."""
+
+    def get_buffer(self, sizehint: int, /) -> Any: ...
+
+    def buffer_updated(self, nbytes: int, /) -> None: ...
+
+
+def _feed(protocol: _BufferedProtocol, data: bytes) -> None:
+    """Deliver `data` to a buffered protocol as its transport would."""
+    view = memoryview(data)
+    while view:
+        buf = protocol.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 class TLSTerminator(Protocol):
@@ -47,7 +106,20 @@ class _TLSAccept(asyncio.Protocol):
     data (and EOF, loss) that came with the handshake before `start_tls` returns; those are
     held and replayed, and later callbacks bound to this object are forwarded."""
 
-    __slots__ = ("app", "coro", "eof", "listener", "lost", "peer", "pending", "raw", "terminator")
+    __slots__ = (
+        "app",
+        "coro",
+        "deadline",
+        "eof",
+        "listener",
+        "lost",
+        "peer",
+        "pending",
+        "raw",
+        "started",
+        "terminator",
+        "timer",
+    )
 
     def __init__(self, listener: ListeningSocket, terminator: TLSTerminator) -> None:
         self.listener = listener
@@ -59,20 +131,50 @@ class _TLSAccept(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.eof = False
         self.lost: tuple[Exception | None] | None = None
+        self.started = False
+        """TLS has started: callbacks now come from the TLS transport."""
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
         self.peer = transport.get_extra_info("peername")
         self.listener._handshaking.add(self)
+        loop = asyncio.get_running_loop()
+        timeout = self.terminator.handshake_timeout
+        self.deadline = loop.time() + timeout
+        self.timer = loop.call_later(timeout, self._silent)
+
+    def _start(self, first: bytes) -> None:
+        """The client's first bytes: start TLS, and hand them to the SSL protocol ahead of
+        anything it reads (it only buffers them until its own `connection_made`, which
+        `start_tls` schedules, begins the handshake)."""
+        self.started = True
+        self._cancel_timer()
+        raw = cast("asyncio.Transport", self.raw)
+        loop = asyncio.get_running_loop()
         t = self.terminator
-        self.coro = asyncio.get_running_loop().start_tls(
-            transport,  # type: ignore[arg-type]
+        self.coro = loop.start_tls(
+            raw,
             self,
             t.server_context(),
             server_side=True,
-            ssl_handshake_timeout=t.handshake_timeout,
+            ssl_handshake_timeout=max(self.deadline - loop.time(), 0.001),
         )
         self._step()
+        if self.coro is not None and not raw.is_closing():
+            _feed(cast(_BufferedProtocol, raw.get_protocol()), first)
+
+    def _cancel_timer(self) -> None:
+        # The handle refers back to us: drop it so nothing outlives the connection in a cycle.
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _silent(self) -> None:
+        """No byte within the handshake timeout."""
+        self.timer = None
+        self._failed(TimeoutError("no TLS handshake started within the handshake timeout"))
 
     def _step(self, _: object = None) -> None:
         coro = self.coro
@@ -114,28 +216,43 @@ class _TLSAccept(asyncio.Protocol):
 
     def _failed(self, exc: BaseException) -> None:
         self.coro = None
-        self.listener._handshaking.discard(self)
+        self._cancel_timer()
+        listener = self.listener
+        if self not in listener._handshaking:
+            return  # already reported
+        listener._handshaking.discard(self)
         if self.raw is not None:
             self.raw.abort()  # type: ignore[attr-defined]
-        if not self.listener._closing:
+        if not listener._closing:
             self.terminator.handshake_failed(self.peer, exc)
+        # start_tls's frame (transport, SSL protocol, its waiter holding `exc`) is in the
+        # traceback: without it, refcounting frees the lot now instead of the cycle collector.
+        exc.__traceback__ = None
 
-    # -- as the TLS transport's protocol, between the handshake and the hand-over
+    # -- the plain transport's protocol until TLS starts; then the TLS transport's until the
+    # -- handshake ends and the connection is handed over
     def data_received(self, data: bytes) -> None:
         if self.app is not None:
             self.app.data_received(data)
+        elif not self.started:
+            self._start(data)
         else:
             self.pending.append(data)
 
     def eof_received(self) -> bool | None:
         if self.app is not None:
             return self.app.eof_received()
+        if not self.started:
+            self._failed(ConnectionResetError("closed before the TLS handshake started"))
+            return False
         self.eof = True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.app is not None:
             self.app.connection_lost(exc)
+        elif not self.started:
+            self._failed(exc or ConnectionResetError("closed before the TLS handshake started"))
         else:
             self.lost = (exc,)
 
@@ -148,13 +265,33 @@ class _TLSAccept(asyncio.Protocol):
             self.app.resume_writing()
 
 
+class _Refused(asyncio.Protocol):
+    """The protocol of a connection refused at accept: reset it, read nothing."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # OSError: the peer is gone already, and a plain close is as good.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        transport.abort()  # type: ignore[attr-defined]
+
+
+_REFUSED = _Refused()
+
+
 class ListeningSocket:
     """One server socket, its background tasks, and how it starts and stops accepting.
 
     Subclasses say what to speak (`_protocol`, created per connection, after the handshake
-    when terminating TLS) and whether to terminate TLS (`_tls`); they own what happens to
-    connections already accepted when they close.
+    when terminating TLS), whether to terminate TLS (`_tls`) and how many connections they
+    hold (`_live`); they own what happens to connections already accepted when they close.
     """
+
+    stats: ProxyStats
+    """Set by each subclass (refusals at accept are counted here)."""
 
     def __init__(self) -> None:
         self.server: asyncio.Server | None = None
@@ -162,12 +299,35 @@ class ListeningSocket:
         self._port = 0
         self._handshaking: set[_TLSAccept] = set()
         self._closing = False
+        self.connection_limits = ConnectionLimits()
+        self.peak_connections = 0
+        """The most connections open at once since the last `reset_peak` (for HeapTrimmer)."""
+        self.accepted_connections = 0
+        """Connections admitted since the start."""
+        self._refusals_unlogged: dict[str, int] = {}
+        self._refusal_logged_at: dict[str, float] = {}
 
     @property
     def port(self) -> int:
         return self._port
 
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._handshaking)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections this listener holds now, handshaking ones included."""
+        return self._live() + len(self._handshaking)
+
+    def reset_peak(self) -> None:
+        self.peak_connections = self.open_connections
+
     def _protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+    def _live(self) -> int:
+        """Accepted connections past the handshake that are still open."""
         raise NotImplementedError
 
     def _tls(self) -> TLSTerminator | None:
@@ -179,12 +339,62 @@ class ListeningSocket:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
+    def _admit(self, tls: bool) -> str:
+        """The cap a connection accepted now would exceed ("" when it is admitted)."""
+        limits = self.connection_limits
+        pending = len(self._handshaking)
+        open_now = self._live() + pending
+        if open_now >= limits.max_connections:
+            return "max_connections"
+        if tls and pending >= limits.max_pending_handshakes:
+            return "max_pending_handshakes"
+        self.accepted_connections += 1
+        if open_now >= self.peak_connections:
+            self.peak_connections = open_now + 1
+        return ""
+
+    def _refuse(self, cap: str) -> asyncio.Protocol:
+        refusals = self.stats.connections_refused_limit
+        setattr(refusals, cap, getattr(refusals, cap) + 1)
+        count = self._refusals_unlogged.get(cap, 0) + 1
+        now = asyncio.get_running_loop().time()
+        last = self._refusal_logged_at.get(cap)
+        if last is None or now - last >= self.connection_limits.refusal_log_interval:
+            self._refusal_logged_at[cap] = now
+            log.warning(
+                "listener on port %d: %s (%d) reached, refusing new connections "
+                "(%d refused since the last warning)",
+                self._port, cap, getattr(self.connection_limits, cap), count,
+            )  # fmt: skip
+            count = 0
+        self._refusals_unlogged[cap] = count
+        return _REFUSED
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reuse_port: bool = False,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
+        if limits is not None:
+            self.connection_limits = limits
         terminator = self._tls()
-        factory: Callable[[], asyncio.Protocol] = self._protocol
+        factory: Callable[[], asyncio.Protocol]
         if terminator is not None:
-            factory = lambda: _TLSAccept(self, terminator)  # noqa: E731
+            tls = terminator
+
+            def factory() -> asyncio.Protocol:
+                cap = self._admit(True)
+                return _TLSAccept(self, tls) if not cap else self._refuse(cap)
+
+        else:
+
+            def factory() -> asyncio.Protocol:
+                cap = self._admit(False)
+                return self._protocol() if not cap else self._refuse(cap)
+
         self.server = await loop.create_server(factory, host, port, reuse_port=reuse_port or None)
         self._port = int(self.server.sockets[0].getsockname()[1])
 

@@ -66,7 +66,7 @@ origin-form one the listener already normalized (connect.http_target) and will f
 
 class PeerCache:
     """Verify each distinct peer certificate once: a mesh has few identities and many
-    connections, and DER bytes are a cheaper key than parsing (perf.md §5.9)."""
+    connections, and DER bytes are a cheaper key than parsing the certificate."""
 
     def __init__(self, verify: PeerVerifier, limit: int = 4096) -> None:
         self._verify = verify

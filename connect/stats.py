@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["HandshakeFailures", "ProxyStats"]
+__all__ = ["HandshakeFailures", "LimitRefusals", "ProxyStats"]
 
 
 @dataclass(slots=True)
@@ -27,6 +27,16 @@ class HandshakeFailures:
 
 
 @dataclass(slots=True)
+class LimitRefusals:
+    """Connections reset at accept because a listener was full (connect.listener)."""
+
+    max_connections: int = 0
+    """The listener held `max_connections` open connections."""
+    max_pending_handshakes: int = 0
+    """The listener held `max_pending_handshakes` connections not yet through TLS."""
+
+
+@dataclass(slots=True)
 class ProxyStats:
     """Counters the admin endpoint exposes; plain ints so the hot path pays one add.
     `dataclasses.asdict` gives the JSON shape (handshake failures as a nested object)."""
@@ -34,6 +44,8 @@ class ProxyStats:
     handshakes_failed: int = 0
     """All failed inbound handshakes; `handshake_failures` splits them by reason."""
     handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
+    connections_refused_limit: LimitRefusals = field(default_factory=LimitRefusals)
+    """Refused at accept, by the cap that was reached."""
     peers_refused: int = 0
     connections_denied: int = 0
     connections: int = 0

@@ -2,11 +2,15 @@
 
 Consul decodes `PUT /v1/config` bodies with mapstructure: keys match field names in CamelCase
 or snake_case, unknown keys are collected as `invalid config key "X"` (400), and validation
-failures are plain errors (500). Writes and deletes that would leave a service's L7 intentions
-on a non-HTTP protocol are refused, as Consul's service-graph validation refuses them.
+failures are plain errors (500). Writes and deletes that Consul's service-graph validation
+refuses are refused: L7 intentions on a non-HTTP protocol, ingress listeners whose protocol
+differs from the service's, and any discovery chain that no longer compiles (a router or
+splitter on a tcp service, a missing subset, circular redirects or splits, ...).
 
-`service-intentions` entries are decoded and validated by the `intentions` package, so that
-the engine the proxy uses and the control plane agree on one reading of an entry.
+`service-intentions` entries are decoded and validated by the `intentions` package, and the
+routing kinds (`service-router`, `service-splitter`, `service-resolver`) and the chain compiler
+by the `traffic` package, so that what the proxy applies and what the control plane accepted
+are one reading of an entry.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from devstack.decode import (
     Spec,
     Struct,
 )
+from devstack.filter import FilterError, check_syntax
 from intentions.entries import (
     KIND as INTENTIONS_KIND,
 )
@@ -42,6 +47,18 @@ from intentions.entries import (
     load_entry,
 )
 from intentions.errors import EntryDecodeError, InvalidEntry
+from traffic import entries as routing
+from traffic.chain import ChainEntries
+from traffic.chain import validate_graph as validate_chains
+from traffic.defaults import (
+    proxy_defaults_from_json,
+    service_defaults_from_json,
+    upstream_configuration_errors,
+    upstream_configuration_from_json,
+)
+from traffic.entries import multierror
+from traffic.errors import EntryDecodeError as RoutingDecodeError
+from traffic.errors import TrafficError
 
 SERVICE_DEFAULTS = "service-defaults"
 PROXY_DEFAULTS = "proxy-defaults"
@@ -51,9 +68,6 @@ HTTP_PROTOCOLS = ("http", "http2", "grpc")
 # Kinds Consul CE knows that devstack does not hold yet: refused with a clear error rather
 # than stored without the validation Consul would apply.
 NOT_YET = (
-    "service-router",
-    "service-splitter",
-    "service-resolver",
     "mesh",
     "exported-services",
     "terminating-gateway",
@@ -86,6 +100,7 @@ class Entry:
     name: str
     body: Mapping[str, Any]
     intentions: ServiceIntentions | None = None
+    routing: routing.RoutingEntry | None = None
     create_index: int = 0
     modify_index: int = 0
 
@@ -189,6 +204,35 @@ _COMMON: dict[str, Spec] = {
     "ModifyIndex": INT,
     "Hash": INT,
 }
+# structs.UpstreamConfig (CE: no Namespace/Partition). Durations stay as given (Go text or
+# nanoseconds) and are read by traffic.defaults, which Consul's checks also live in.
+_UPSTREAM_CONFIG = Struct(
+    "UpstreamConfig",
+    {
+        "Name": STRING,
+        "Peer": STRING,
+        "EnvoyListenerJSON": STRING,
+        "EnvoyClusterJSON": STRING,
+        "Protocol": STRING,
+        "ConnectTimeoutMs": INT,
+        "Limits": Struct(
+            "UpstreamLimits",
+            {"MaxConnections": INT, "MaxPendingRequests": INT, "MaxConcurrentRequests": INT},
+        ),
+        "PassiveHealthCheck": Struct(
+            "PassiveHealthCheck",
+            {
+                "Interval": ANY,
+                "MaxFailures": INT,
+                "EnforcingConsecutive5xx": INT,
+                "MaxEjectionPercent": INT,
+                "BaseEjectionTime": ANY,
+            },
+        ),
+        "MeshGateway": MESH_GATEWAY,
+        "BalanceOutboundConnections": STRING,
+    },
+)
 SERVICE_DEFAULTS_SPEC = Struct(
     "ServiceConfigEntry",
     {
@@ -201,7 +245,8 @@ SERVICE_DEFAULTS_SPEC = Struct(
         "Expose": EXPOSE,
         "ExternalSNI": STRING,
         "UpstreamConfig": Struct(
-            "UpstreamConfiguration", {"Defaults": MapOf(ANY), "Overrides": ListOf(MapOf(ANY))}
+            "UpstreamConfiguration",
+            {"Defaults": _UPSTREAM_CONFIG, "Overrides": ListOf(_UPSTREAM_CONFIG)},
         ),
         "Destination": Struct("DestinationConfig", {"Addresses": ListOf(STRING), "Port": INT}),
         "MaxInboundConnections": INT,
@@ -323,7 +368,26 @@ def _service_defaults(body: dict[str, Any]) -> dict[str, Any]:
         raise _invalid("UpstreamConfig and Destination are mutually exclusive for service defaults")
     if body.get("Protocol"):
         body["Protocol"] = body["Protocol"].lower()
+    if "UpstreamConfig" in body:
+        _upstream_config(body["UpstreamConfig"])
     return _canonical(body, ("TransparentProxy", "MeshGateway", "Expose"))
+
+
+def _upstream_config(config: dict[str, Any]) -> None:
+    """Normalize (protocol lower case, negative connect timeout 0) and validate in place."""
+    for item in [config.get("Defaults"), *(config.get("Overrides") or [])]:
+        if item is None:
+            continue
+        if item.get("Protocol"):
+            item["Protocol"] = item["Protocol"].lower()
+        if item.get("ConnectTimeoutMs", 0) < 0:
+            item["ConnectTimeoutMs"] = 0
+    try:
+        errors = upstream_configuration_errors(upstream_configuration_from_json(config))
+    except TrafficError as err:
+        raise _invalid(str(err)) from None
+    if errors:
+        raise _invalid(multierror(errors))
 
 
 def _proxy_defaults(body: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +430,22 @@ _RULES: dict[str, tuple[Struct, Callable[[dict[str, Any]], dict[str, Any]]]] = {
     PROXY_DEFAULTS: (PROXY_DEFAULTS_SPEC, _proxy_defaults),
     INGRESS_GATEWAY: (INGRESS_GATEWAY_SPEC, _ingress_gateway),
 }
-KINDS = (SERVICE_DEFAULTS, PROXY_DEFAULTS, INTENTIONS_KIND, INGRESS_GATEWAY)
+KINDS = (
+    SERVICE_DEFAULTS,
+    PROXY_DEFAULTS,
+    INTENTIONS_KIND,
+    INGRESS_GATEWAY,
+    *routing.KINDS,
+)
+
+
+def _filter_syntax(expression: str) -> str | None:
+    """bexpr.CreateEvaluator(filter, nil): syntax only, no schema (a resolver subset filter)."""
+    try:
+        check_syntax(expression)
+    except FilterError as err:
+        return str(err)
+    return None
 
 
 def check_kind(kind: str) -> None:
@@ -382,12 +461,21 @@ def load(body: object) -> Entry:
     """Decode, normalize and validate one `PUT /v1/config` body."""
     if not isinstance(body, dict):
         raise ConfigEntryError(400, "Request decoding failed: body must be a JSON object")
-    kind = next((v for k, v in body.items() if str(k).lower() == "kind"), None)
-    if kind is None:
-        raise ConfigEntryError(400, "Payload does not contain a kind/Kind key at the top level")
-    if not isinstance(kind, str) or (kind not in KINDS and kind not in NOT_YET):
+    try:
+        kind = routing.kind_of(body)
+    except TrafficError as err:
+        raise ConfigEntryError(400, str(err)) from None
+    if kind not in KINDS and kind not in NOT_YET:
         raise ConfigEntryError(400, f"Request decoding failed: invalid config entry kind: {kind}")
     check_kind(kind)
+    if kind in routing.KINDS:
+        try:
+            routed = routing.load_entry(body, check_filter=_filter_syntax)
+        except RoutingDecodeError as err:
+            raise ConfigEntryError(400, str(err)) from None
+        except TrafficError as err:
+            raise ConfigEntryError(500, str(err)) from None
+        return Entry(kind, routed.name, routed.to_json(), routing=routed)
     if kind == INTENTIONS_KIND:
         try:
             model = load_entry(body)
@@ -419,8 +507,26 @@ def protocol_of(service: str, entries: Mapping[tuple[str, str], Entry]) -> str:
     return "tcp"
 
 
+def chain_entries(entries: Mapping[tuple[str, str], Entry]) -> ChainEntries:
+    """What the discovery-chain compiler reads from the stored entries."""
+    models: list[Any] = []
+    for entry in entries.values():
+        if entry.routing is not None:
+            models.append(entry.routing)
+        elif entry.kind == SERVICE_DEFAULTS:
+            models.append(service_defaults_from_json(entry.body))
+        elif entry.kind == PROXY_DEFAULTS:
+            models.append(proxy_defaults_from_json(entry.body))
+    return ChainEntries.of(models)
+
+
 def validate_graph(entries: Mapping[tuple[str, str], Entry]) -> None:
     """Refuse a proposed set of entries that Consul's graph validation would refuse."""
+    try:
+        # The trust domain only shapes SNI, which no graph check reads.
+        validate_chains(chain_entries(entries), trust_domain="consul")
+    except TrafficError as err:
+        raise _invalid(str(err)) from None
     for entry in entries.values():
         model = entry.intentions
         if model is None or model.has_wildcard_destination or not has_l7_permissions(model):

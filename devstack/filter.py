@@ -1425,6 +1425,14 @@ class Filter:
         return self._predicate(obj)
 
 
+def check_syntax(expression: str) -> None:
+    """Parse ``expression`` only (go-bexpr's ``CreateEvaluator`` with no data type).
+
+    Raises :class:`FilterSyntaxError`.
+    """
+    _parse(expression)
+
+
 def compile_filter(expression: str, schema: Schema) -> Filter:
     """Parse ``expression`` and check it against ``schema``, as Consul's ``CreateFilter`` does.
 

@@ -29,6 +29,7 @@ from devstack.endpoints import (
     catalog,
     config,
     connect_ca,
+    discovery_chain,
     health,
     intentions,
     kv,
@@ -50,7 +51,18 @@ MIN_DEREGISTER_AFTER = 60.0
 
 def build_router() -> Router:
     router = Router()
-    for family in (agent, catalog, config, health, intentions, kv, session, status, connect_ca):
+    for family in (
+        agent,
+        catalog,
+        config,
+        discovery_chain,
+        health,
+        intentions,
+        kv,
+        session,
+        status,
+        connect_ca,
+    ):
         family.routes(router)
     return router
 

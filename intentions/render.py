@@ -4,10 +4,13 @@ are in `intentions.apply`)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from intentions.entries import ServiceIntentions, entry_to_json
+
+_HCL_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def entries_json(entries: Iterable[ServiceIntentions]) -> str:
@@ -21,6 +24,11 @@ def _hcl_string(value: str) -> str:
     return json.dumps(value).replace("${", "$${").replace("%{", "%%{")
 
 
+def _hcl_key(key: str) -> str:
+    # An HCL identifier stays bare; any other key (a Meta key like meshlet.io/managed) is quoted.
+    return key if _HCL_IDENTIFIER.fullmatch(key) else _hcl_string(key)
+
+
 def _hcl_value(value: Any, indent: int) -> str:
     pad = "  " * indent
     if isinstance(value, bool):
@@ -32,7 +40,9 @@ def _hcl_value(value: Any, indent: int) -> str:
     if isinstance(value, Mapping):
         if not value:
             return "{}"
-        inner = "".join(f"{pad}  {k} = {_hcl_value(v, indent + 1)}\n" for k, v in value.items())
+        inner = "".join(
+            f"{pad}  {_hcl_key(str(k))} = {_hcl_value(v, indent + 1)}\n" for k, v in value.items()
+        )
         return "{\n" + inner + pad + "}"
     if isinstance(value, Sequence):
         if not value:
@@ -44,10 +54,14 @@ def _hcl_value(value: Any, indent: int) -> str:
     raise TypeError(f"cannot render {type(value).__name__} as HCL")
 
 
+def body_hcl(body: Mapping[str, Any]) -> str:
+    """Any config entry's JSON body in Consul's HCL form (as `consul config write` accepts)."""
+    return "".join(f"{k} = {_hcl_value(v, 0)}\n" for k, v in body.items())
+
+
 def entry_hcl(entry: ServiceIntentions) -> str:
     """One entry in Consul's HCL config-entry form (as `consul config write` accepts)."""
-    body = entry_to_json(entry, for_write=True)
-    return "".join(f"{k} = {_hcl_value(v, 0)}\n" for k, v in body.items())
+    return body_hcl(entry_to_json(entry, for_write=True))
 
 
 def entries_hcl(entries: Iterable[ServiceIntentions]) -> str:

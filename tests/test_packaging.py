@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "connect", "intentions", "devstack")
+PACKAGES = ("agent", "connect", "intentions", "traffic", "devstack")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,9 @@ def test_wheel_holds_the_packages_typed_and_the_script(wheel: Path) -> None:
         assert f"{pkg}/__init__.py" in names
         assert f"{pkg}/py.typed" in names
     assert "devstack/endpoints/__init__.py" in names
+    # `meshlet install systemd` renders these: the wheel, not the checkout, must carry them.
+    for unit in ("meshlet-sidecar@.service", "meshlet-agent.service", "app-after-sidecar.conf"):
+        assert f"agent/units/{unit}" in names
     assert not any(n.startswith(("tests/", "compat/")) for n in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -66,7 +69,12 @@ def test_installed_wheel_imports_outside_the_checkout(wheel: Path, tmp_path: Pat
         check=True,
         timeout=300,
     )
-    code = "import agent, connect, intentions, devstack.server; print(devstack.server.__file__)"
+    code = (
+        "import agent, connect, intentions, traffic, devstack.server, importlib.resources;"
+        "units = importlib.resources.files('agent').joinpath('units');"
+        "assert units.joinpath('meshlet-sidecar@.service').read_text().startswith('# meshlet');"
+        "print(devstack.server.__file__)"
+    )
     done = subprocess.run(
         [sys.executable, "-P", "-c", code],
         cwd=tmp_path,

@@ -67,6 +67,9 @@ class HTTPListener(ListeningSocket):
         self.may_redo = not is_tls
         """Outbound only: an inbound sidecar's app answers are never a peer's refusal."""
 
+    def _live(self) -> int:
+        return len(self.connections)
+
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""
         await self._stop_accepting()

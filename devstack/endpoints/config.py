@@ -1,5 +1,6 @@
 """/v1/config: config entries (service-defaults, proxy-defaults, service-intentions,
-ingress-gateway), with CAS, blocking reads and service-graph validation."""
+ingress-gateway, service-router, service-splitter, service-resolver), with CAS, blocking reads
+and service-graph validation on write and delete."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ from devstack.config_entries import (
 )
 from devstack.httpapi import Call, HTTPError, Reply, Router, RPCError, bad_request
 from intentions.entries import KIND as INTENTIONS_KIND
+from traffic.entries import related_services
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> object:
+    # Go's encoding/json has no NaN or Infinity; Python's json reads them unless told not to.
+    raise _NotJSON(f"invalid character {name[0]!r} looking for beginning of value")
 
 
 def routes(router: Router) -> None:
@@ -57,8 +68,10 @@ def _raise(err: ConfigEntryError) -> None:
 async def put(call: Call) -> Reply:
     raw = await call.request.read()
     try:
-        body = json.loads(raw) if raw.strip() else None
+        body = json.loads(raw, parse_constant=_no_constant) if raw.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad_request(f"Request decoding failed: {err}") from None
+    except _NotJSON as err:
         raise bad_request(f"Request decoding failed: {err}") from None
     try:
         entry = load(body)
@@ -66,6 +79,10 @@ async def put(call: Call) -> Reply:
         _raise(err)
         raise
     _require(call, entry.kind, entry.name, write=True)
+    if entry.routing is not None:
+        # canWriteDiscoveryChain: redirecting traffic to a service needs read on it.
+        for service in related_services(entry.routing):
+            call.identity.require("service:read", service)
     store = call.store
     key = (entry.kind, entry.name)
     cas = _cas(call)

@@ -40,7 +40,12 @@ async def test_service_defaults_roundtrip_with_snake_case(http: Http) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "text"),
     [
-        ({"Name": "x"}, 400, "Payload does not contain a kind/Kind key at the top level"),
+        # consul agent/config_endpoint_test.go TestConfig_Apply_Decoding "No Kind".
+        (
+            {"Name": "x"},
+            400,
+            "Request decoding failed: Payload does not contain a kind/Kind key at the top level",
+        ),
         ({"Kind": "nope", "Name": "x"}, 400, "Request decoding failed: invalid config entry kind"),
         (
             {"Kind": "service-defaults", "Name": "x", "Foo": 1},
