@@ -54,15 +54,16 @@ from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf
 from agent.readiness import Readiness
 from agent.watches import BlockingWatch, WatchSettings, unindexed
+from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.heap_trim import HeapTrimmer
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
-from connect.proxy import ProxyStats, intentions_authorizers
 from connect.sidecar import InboundSpec, Plan, SidecarSpec, UpstreamSpec, bind_address
 from connect.sidecar import Sidecar as DataPlane
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from intentions.engine import Identity, compile_snapshot
 from intentions.engine import Snapshot as IntentionsSnapshot

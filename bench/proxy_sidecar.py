@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import uvloop
 
+from connect.authz import allow_all, intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target
 from connect.latest import Latest
-from connect.proxy import allow_all, intentions_authorizers
 from connect.resumption import ResumingClientContext
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
 from connect.tls import SESSION_TICKETS

@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
+from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.latest import Latest
 from connect.listener import ConnectionLimits
 from connect.peers import service_peers
-from connect.proxy import ConnectionAuthorizer, ProxyStats, RequestAuthorizer, Upstream
+from connect.seams import ConnectionAuthorizer, RequestAuthorizer
+from connect.stats import ProxyStats
 from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.connect.sidecar")

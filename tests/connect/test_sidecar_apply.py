@@ -15,9 +15,9 @@ import pytest
 
 from agent.consul import ConsulClient, Indexed
 from agent.watches import BlockingWatch, WatchSettings
+from connect.authz import allow_all
 from connect.balancer import Target
 from connect.latest import Latest
-from connect.proxy import allow_all
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec, plan
 from tests.connect.devstack_tls import dev_mesh
 from tests.connect.proxy_test_servers import AppStats, start_app
