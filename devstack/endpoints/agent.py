@@ -286,6 +286,8 @@ async def set_token(call: Call) -> Reply:
     if call.tail not in TOKEN_TYPES:
         raise not_found(f'Token "{call.tail}" is unknown')
     call.server.agent_tokens[call.tail] = body.get("Token", "")
+    if call.tail == "default":
+        call.server.acl.default_token = body.get("Token", "")
     return Reply()
 
 
