@@ -367,6 +367,8 @@ async def register_service(call: Call) -> Reply:
         except InvalidRegistration as err:
             raise bad_request(str(err)) from None
         sidecar = (side_data, side_checks)
+        # Consul vets the sidecar as its own registration (vetServiceRegisterWithAuthorizer).
+        call.identity.require("service:write", side_data["Service"])
     _require_script_checks(server, checks + (sidecar[1] if sidecar else []))
     replace = call.bool_param(
         "replace-existing-checks", "Invalid value for replace-existing-checks"
