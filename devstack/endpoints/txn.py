@@ -284,8 +284,8 @@ async def apply(call: Call) -> Reply:
             errors.append({"OpIndex": at, "What": str(err)})
             continue
         for entry in entries:
+            # Filtered silently: Consul's Txn handler sets no X-Consul-Results-Filtered header.
             if op.verb in ("get", "get-tree") and not call.identity.allowed("key:read", entry.key):
-                call.results_filtered = True
                 continue
             shown = entry if op.verb in ("get", "get-tree") else replace(entry, value=b"")
             results.append({"KV": render_entry(shown)})
