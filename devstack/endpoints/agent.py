@@ -215,6 +215,10 @@ async def members(call: Call) -> Reply:
     if wan and segment and segment != "_all":
         raise bad_request("Cannot provide a segment with wan=true")
     items = [member(call.server, wan=wan)]
+    # Consul's filterMembers: node:read on each member.
+    readable = [m for m in items if call.identity.allowed("node:read", m["Name"])]
+    call.results_filtered = len(readable) < len(items)
+    items = readable
     f = call.filter(AGENT_MEMBER)
     if f is not None:
         items = [m for m in items if f.matches(m)]
@@ -479,7 +483,18 @@ async def node_maintenance(call: Call) -> Reply:
 
 
 async def checks(call: Call) -> Reply:
-    out = {c.check_id: render.check(c) for c in call.server.local_checks()}
+    # Consul's filterChecksWithAuthorizer: service:read for a service's check, else node:read.
+    local = call.server.local_checks()
+    visible = [
+        c
+        for c in local
+        if call.identity.allowed(
+            "service:read" if c.service_id else "node:read",
+            c.service_name if c.service_id else c.node,
+        )
+    ]
+    call.results_filtered = len(visible) < len(local)
+    out = {c.check_id: render.check(c) for c in visible}
     f = call.filter(AGENT_CHECK)
     if f is not None:
         out = {k: v for k, v in out.items() if f.matches(v)}

@@ -270,3 +270,26 @@ async def test_acl_endpoints_without_acls_are_401(http: Http) -> None:
     for path in ("/v1/acl/policies", "/v1/acl/tokens", "/v1/acl/token/self"):
         status, text, _ = await http.get(path)
         assert (status, text) == (401, "ACL support disabled")
+
+
+async def test_sessions_checks_and_members_are_filtered(http: Http) -> None:
+    token = await make_token(http, 'service "web" { policy = "read" }')
+    me = {"X-Consul-Token": token["SecretID"]}
+    status, created, _ = await http.put("/v1/session/create", json={}, headers=root())
+    assert status == 200
+    for name in ("web", "api"):
+        await http.put(
+            "/v1/agent/service/register",
+            json={"Name": name, "Check": {"TTL": "60s"}},
+            headers=root(),
+        )
+    status, sessions, headers = await http.get("/v1/session/list", headers=me)
+    assert (status, sessions) == (200, [])
+    assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    status, text, _ = await http.put(f"/v1/session/renew/{created['ID']}", headers=me)
+    assert status == 403 and "lacks permission 'session:write' on \"meshlet-dev\"" in text
+    status, checks, _ = await http.get("/v1/agent/checks", headers=me)
+    assert [c["ServiceName"] for c in checks.values()] == ["web"]
+    status, members, headers = await http.get("/v1/agent/members", headers=me)
+    assert (status, members) == (200, [])
+    assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
