@@ -56,6 +56,8 @@ SIDECAR_API = {
 AGENT = {
     'service "billing" { policy = "write" }': "lacks permission 'service:write' on \"billing\"",
     'service "api" { policy = "read" }': "lacks permission 'service:read' on \"api\"",
+    'service "api-sidecar-proxy" { policy = "read" }': HIDDEN,
+    'node_prefix "" { policy = "read" }': HIDDEN,
 }
 ROLES = {"web": SIDECAR_WEB, "api": SIDECAR_API, "agent": AGENT}
 
@@ -204,6 +206,11 @@ def test_minimal_tokens_run_the_mesh_and_the_agent(mesh: AclMesh) -> None:
 
     agent = mesh.start("agent", list(AGENT))
     wait_line(agent, "ready")
+    wait_status(
+        mesh.admin["agent"],
+        lambda s: [len(u["endpoints"]) for u in s["upstreams"]] == [1],
+        "the agent's api endpoint",
+    )
     services = consul(mesh.addr, "GET", "/v1/catalog/services")
     assert {"api", "web", "billing"} <= set(services)
     for proc in mesh.procs[1:]:
@@ -215,8 +222,8 @@ CASES = [(role, rule) for role, rules in ROLES.items() for rule in rules]
 
 @pytest.mark.parametrize(("role", "missing"), CASES, ids=[f"{r}:{m}" for r, m in CASES])
 def test_one_rule_less_fails_naming_what_was_denied(mesh: AclMesh, role: str, missing: str) -> None:
-    if role == "web":
-        # web's failures show once api is there to be found.
+    if role in ("web", "agent"):
+        # Failures to read an upstream show once api is there to be found.
         wait_line(mesh.start("api", list(SIDECAR_API)), "ready:")
         wait_status(mesh.admin["api"], lambda s: s["sidecar"]["ready"], "api's sidecar ready")
     rules = [r for r in ROLES[role] if r != missing]
