@@ -90,12 +90,6 @@ class Identity:
             return self.default_allow and not permission.startswith("acl:")
         return decision
 
-    def any_allowed(self, permission: str) -> bool:
-        """Some resource of this kind allowed (Consul's ServiceWriteAny and friends)."""
-        if self.allow_all or (self.default_allow and not permission.startswith("acl:")):
-            return True
-        return self.rules is not None and self.rules.any_allows(permission)
-
     def require(self, permission: str, resource: str | None = None) -> None:
         if not self.allowed(permission, resource):
             raise PermissionDenied(self, permission, resource)

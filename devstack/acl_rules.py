@@ -67,13 +67,6 @@ class Rules:
                 best = prefix
         return None if best is None else self.prefix[kind][best]
 
-    def any_allows(self, permission: str) -> bool:
-        """Whether some rule of the permission's kind allows it (Consul's `anyAllowed`)."""
-        kind, _, level = permission.partition(":")
-        kind = _TABLE_OF.get(kind, kind)
-        tables = (self.exact.get(kind, {}), self.prefix.get(kind, {}))
-        return any(_enforce(a, level) for t in tables for a in t.values())
-
 
 def _enforce(access: str | None, level: str) -> bool | None:
     if access is None:
