@@ -144,6 +144,8 @@ class Token:
     create_time: str
     create_index: int
     modify_index: int
+    # Unix time after which the token no longer resolves (ExpirationTTL/ExpirationTime).
+    expires: float | None = None
     compiled: Rules | None = field(default=None, repr=False)
 
     def hash(self) -> str:
@@ -225,6 +227,8 @@ class Authorizer:
         if accessor is None:
             raise ACLNotFound
         token = self.tokens[accessor]
+        if token.expires is not None and time.time() >= token.expires:
+            raise ACLNotFound
         if MANAGEMENT_POLICY_ID in token.policy_ids:
             return Identity(accessor, allow_all=True, anonymous=False, token_given=given)
         if token.compiled is None:
@@ -401,6 +405,7 @@ class Authorizer:
                 raise ACLInvalid("Changing a token's SecretID is not permitted")
         if body.get("Rules"):
             raise ACLInvalid("Rules cannot be specified for this token")
+        expires = self._expiry(body, old)
         policy_ids = self._policy_links(list(body.get("Policies") or []))
         services = self._service_identities(list(body.get("ServiceIdentities") or []))
         nodes = self._node_identities(list(body.get("NodeIdentities") or []), datacenter)
@@ -416,9 +421,44 @@ class Authorizer:
             create_time=old.create_time if old else _now(),
             create_index=old.create_index if old else index,
             modify_index=index,
+            expires=expires,
         )
         self._put_token(token)
         return token
+
+    def clone(self, accessor_id: str, description: str | None) -> Token:
+        """A new token (new IDs) with the same links as `accessor_id`'s (Consul's TokenClone)."""
+        source = self.tokens.get(accessor_id)
+        if source is None:
+            raise ACLInvalid(f'Cannot find token "{accessor_id}"')
+        if accessor_id == ANONYMOUS_ACCESSOR:
+            raise ACLInvalid("Cannot clone the anonymous token")
+        return self.set_token(
+            {
+                "Description": source.description if description is None else description,
+                "Policies": [{"ID": p} for p in source.policy_ids],
+                "ServiceIdentities": source.service_identities,
+                "NodeIdentities": source.node_identities,
+                "Local": source.local,
+            },
+            "",
+            "",
+        )
+
+    @staticmethod
+    def _expiry(body: dict[str, Any], old: Token | None) -> float | None:
+        if old is not None:
+            return old.expires  # Consul does not let an update change a token's expiry
+        ttl_ns = body.get("ExpirationTTL") or 0
+        if body.get("ExpirationTime") and ttl_ns:
+            raise ACLInvalid("Expiration TTL and Expiration Time cannot both be set")
+        if not ttl_ns:
+            return None
+        if not 60e9 <= ttl_ns <= 86400e9:
+            raise ACLInvalid(
+                f"Token Expiration TTL '{ttl_ns / 1e9:g}s' should be between 1m0s and 24h0m0s"
+            )
+        return time.time() + ttl_ns / 1e9
 
     def delete_token(self, accessor_id: str, caller: str) -> None:
         if accessor_id == ANONYMOUS_ACCESSOR:
@@ -446,6 +486,10 @@ class Authorizer:
             out["ServiceIdentities"] = token.service_identities
         if token.node_identities:
             out["NodeIdentities"] = token.node_identities
+        if token.expires is not None:
+            out["ExpirationTime"] = (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(token.expires)) + "Z"
+            )
         out |= {
             "Local": token.local,
             "CreateTime": token.create_time,

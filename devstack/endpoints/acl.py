@@ -54,6 +54,7 @@ TOKEN = schema.Struct(
         "Rules": schema.STRING,
         "Type": schema.STRING,
         "ExpirationTTL": schema.DURATION,
+        "ExpirationTime": schema.ANY,
         "CreateTime": schema.ANY,
         "Hash": schema.ANY,
         "CreateIndex": schema.INT,
@@ -204,9 +205,14 @@ async def create_token(call: Call) -> Reply:
 
 async def update_token(call: Call) -> Reply:
     acl = _acl(call)
-    if call.tail.endswith("/clone"):
-        raise bad_request("devstack does not clone tokens")
     body = await _decode(call, TOKEN, "Token")
+    if call.tail.endswith("/clone"):
+        call.identity.require("acl:write")
+        try:
+            clone = acl.clone(call.tail.removesuffix("/clone"), body.get("Description"))
+        except ACLInvalid as err:
+            raise _state_error(err) from None
+        return call.reply(acl.render_token(clone))
     call.identity.require("acl:write")
     if body.get("AccessorID") and body["AccessorID"] != call.tail:
         raise bad_request("Token Accessor ID in URL and payload do not match")

@@ -293,3 +293,19 @@ async def test_sessions_checks_and_members_are_filtered(http: Http) -> None:
     status, members, headers = await http.get("/v1/agent/members", headers=me)
     assert (status, members) == (200, [])
     assert headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+
+
+async def test_clone_and_expiration(http: Http) -> None:
+    token = await make_token(http, 'node_prefix "" { policy = "read" }', description="orig")
+    anonymous = {"X-Consul-Token": "anonymous"}
+    path = f"/v1/acl/token/{token['AccessorID']}/clone"
+    status, text, _ = await http.put(path, json={}, headers=anonymous)
+    assert status == 403 and "lacks permission 'acl:write'" in text
+    status, clone, _ = await http.put(path, json={"Description": "copy"}, headers=root())
+    assert status == 200
+    assert clone["AccessorID"] != token["AccessorID"] and clone["SecretID"] != token["SecretID"]
+    assert (clone["Description"], clone["Policies"]) == ("copy", token["Policies"])
+    status, made, _ = await http.put("/v1/acl/token", json={"ExpirationTTL": "10m"}, headers=root())
+    assert status == 200 and made["ExpirationTime"].endswith("Z")
+    status, text, _ = await http.put("/v1/acl/token", json={"ExpirationTTL": "1s"}, headers=root())
+    assert status == 500 and "should be between 1m0s and 24h0m0s" in text
