@@ -51,6 +51,9 @@ TEST_FILES = [
     "tests/api/test_connect.py",
     "tests/api/test_config.py",
     "tests/api/test_discovery_chain.py",
+    "tests/api/test_acl.py",
+    "tests/api/test_txn.py",
+    "tests/api/test_session.py",
     # The asyncio client (consul.aio): KV, /v1/txn, agent services and sessions.
     "tests/test_aio.py",
 ]

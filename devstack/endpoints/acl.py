@@ -9,6 +9,7 @@ Consul's text, as Consul's RPC errors are.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from devstack import decode as schema
@@ -67,6 +68,8 @@ TOKEN = schema.Struct(
 
 def routes(router: Router) -> None:
     router.add("/v1/acl/bootstrap", put=bootstrap)
+    router.add("/v1/acl/login", post=login)
+    router.add("/v1/acl/logout", post=logout)
     router.add("/v1/acl/policies", rpc=True, get=list_policies)
     router.add("/v1/acl/policy", put=create_policy)
     router.add(
@@ -98,6 +101,20 @@ async def _decode(call: Call, spec: schema.Struct, what: str) -> dict[str, Any]:
 
 def _state_error(err: ACLInvalid) -> RPCError:
     return RPCError(str(err))
+
+
+def _lookup_id(what: str, raw: str) -> str:
+    """Consul looks IDs up in a UUID index: a malformed one is a failed lookup (500)."""
+    try:
+        uuid.UUID(raw)
+    except ValueError:
+        raise RPCError(f"failed acl {what} lookup: UUID must be 36 characters") from None
+    return raw
+
+
+def _does_not_exist(what: str) -> HTTPError:
+    # consul agent/acl_endpoint.go: 404 with acl.ACLResourceNotExistError.
+    return HTTPError(404, f"Requested {what} does not exist: ACL not found")
 
 
 # ---- policies -------------------------------------------------------------------------------
@@ -146,9 +163,9 @@ async def read_policy(call: Call) -> Reply:
     if not call.tail:
         raise bad_request("Missing policy ID")
     call.identity.require("acl:read")
-    policy = acl.policies.get(call.tail)
+    policy = acl.policies.get(_lookup_id("policy", call.tail))
     if policy is None:
-        raise ACLNotFound
+        raise _does_not_exist("policy")
     return call.reply(policy.render(), index=policy.modify_index)
 
 
@@ -159,7 +176,7 @@ async def read_policy_by_name(call: Call) -> Reply:
     call.identity.require("acl:read")
     policy = acl.policy_by_name(call.tail)
     if policy is None:
-        raise ACLNotFound
+        raise _does_not_exist("policy")
     return call.reply(policy.render(), index=policy.modify_index)
 
 
@@ -176,6 +193,21 @@ async def delete_policy(call: Call) -> Reply:
 
 
 # ---- tokens ---------------------------------------------------------------------------------
+
+
+async def login(call: Call) -> Reply:
+    _acl(call)
+    # devstack has no auth methods, so every login names one that does not exist.
+    raise RPCError("ACL not found: auth method not found")
+
+
+async def logout(call: Call) -> Reply:
+    acl = _acl(call)
+    token = acl.tokens.get(call.identity.accessor_id)
+    if token is None or call.identity.anonymous:
+        raise ACLNotFound
+    # Only tokens made by a login may log out, and devstack makes none.
+    raise HTTPError(403, "Permission denied")
 
 
 async def list_tokens(call: Call) -> Reply:
@@ -230,6 +262,8 @@ async def read_token(call: Call) -> Reply:
     call.identity.require("acl:read")
     token = acl.tokens.get(call.tail)
     if token is None:
+        # ACL.TokenRead answers a missing token with acl.ErrNotFound (403), unlike policies
+        # (py-consul's test_acl_token_delete relies on it).
         raise ACLNotFound
     body = acl.render_token(token, show_secret=call.identity.allowed("acl:write"))
     return call.reply(body, index=token.modify_index)

@@ -63,7 +63,9 @@ async def test_policy_crud_and_read_by_name(http: Http) -> None:
     status, ok, _ = await http.call("DELETE", f"/v1/acl/policy/{pid}", headers=root())
     assert (status, ok) == (200, True)
     status, text, _ = await http.get(f"/v1/acl/policy/{pid}", headers=root())
-    assert (status, text) == (403, "ACL not found")
+    assert (status, text) == (404, "Requested policy does not exist: ACL not found")
+    status, text, _ = await http.get("/v1/acl/policy/not-a-uuid", headers=root())
+    assert (status, text) == (500, "failed acl policy lookup: UUID must be 36 characters")
 
 
 async def test_token_crud_self_and_hidden_secrets(http: Http) -> None:
