@@ -2,8 +2,8 @@
 
 Downloads the py-consul sdist from PyPI into .compat/ (reused on later runs), extracts it
 afresh, puts compat/conftest.py in place of its root conftest.py and runs the agent, catalog,
-health, kv, status, connect, config, discovery-chain and asyncio (tests/test_aio.py)
-test files with this interpreter's pytest, serially. Prints
+health, kv, status, connect, config, discovery-chain, acl, txn, session and asyncio
+(tests/test_aio.py) test files with this interpreter's pytest, serially. Prints
 `N passed, N failed` (errors count as failed) and exits non-zero if anything failed.
 
 Usage: .venv/bin/python compat/run.py [extra pytest arguments, e.g. -k test_kv -x]
