@@ -270,7 +270,9 @@ class ConsulHTTP:
     def _warn_filtered(self, method: str, path: str) -> None:
         # A filtered read is not an error to Consul (no 403), so without this line a missing
         # service:read or node:read would look like an upstream without instances.
-        if path in self._filtered:
+        # A local agent listing hides the other services on the node, which a least-privilege
+        # token is meant not to see: nothing to warn about.
+        if path in self._filtered or path in ("/v1/agent/services", "/v1/agent/checks"):
             return
         self._filtered.add(path)
         log.warning(
