@@ -42,7 +42,7 @@ from agent.bind_check import bind_error, bind_exit_code, bind_refused, sidecar_b
 from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
-from agent.consul import ConsulClient
+from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import Sidecar, live_changes, needs_restart
@@ -305,12 +305,33 @@ class AgentRuntime:
                 return
             await pending[0].watcher.latest.changed(0)
 
+    async def _explain_empty_upstreams(self) -> None:
+        """Say so when an upstream is empty because the token may not read it.
+
+        Consul answers a Connect health query without service:read on the destination with no
+        instances and no sign of filtering, which looks like a service nobody runs. The agent
+        health endpoint refuses the same token with 403 and the missing permission, so ask it
+        once for each upstream that starts empty."""
+        consul = self._require_consul()
+        for watch in list(self._watches.values()):
+            key = watch.watcher.key
+            snapshot = watch.watcher.latest.get()
+            if snapshot is None or snapshot.endpoints or key.peer or key.datacenter:
+                continue
+            try:
+                await consul.agent.service_health_by_name(key.name)
+            except ConsulPermissionDenied as err:
+                log.error("upstream %s: the token may not read it: %s", key.label, err.message)
+            except ConsulError:
+                continue  # not found, or Consul busy: nothing to explain
+
     async def _systemd(self) -> None:
         await self._until_ready()
         self.ready.set()
         summary = self._summary()
         log.info("ready: %s", summary)
         self._notifier.ready(summary)
+        await self._explain_empty_upstreams()
         interval = self._notifier.watchdog_interval
         last = summary
         while True:
