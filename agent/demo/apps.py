@@ -7,7 +7,8 @@ header the inbound sidecar adds), how many requests, how many answered with a fa
     web              only a health endpoint: the demo itself plays web's app, calling its
                      upstreams through web's sidecar
     order-service    GET /order places an order: it calls payment-service's POST
-                     /process-payment through its own sidecar, and answers 200 when that did
+                     /process-payment (the order in headers, no body) through its own
+                     sidecar, and answers 200 when that did
     payment-service  POST /process-payment; when `flaky` it answers every third try 503 (a
                      gateway error the mesh's retry policy may retry)
     api v1, api v2   GET / answers its version; counts requests with and without x-canary
@@ -107,6 +108,7 @@ class OrderService(DemoApp):
         self.payments: Counter[int] = Counter()
         """Status codes of the answers this app got from payment-service (0: no answer)."""
         self._client: aiohttp.ClientSession | None = None
+        self.orders = 0
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/order", self._order)
@@ -123,8 +125,12 @@ class OrderService(DemoApp):
     async def _order(self, request: web.Request) -> web.Response:
         caller = self.record(request)
         assert self._client is not None
+        self.orders += 1
+        # The order travels in headers, the body stays empty: meshlet's proxy retries only a
+        # request it can replay, and it keeps no request body to replay.
+        headers = {"x-order-id": str(self.orders), "x-amount": "42.00"}
         try:
-            async with self._client.post(self._payment_url, data=b"amount=42") as resp:
+            async with self._client.post(self._payment_url, headers=headers) as resp:
                 body = (await resp.text()).strip()
                 status = resp.status
         except aiohttp.ClientError as err:

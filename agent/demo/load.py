@@ -31,8 +31,7 @@ async def call(
 ) -> Answer:
     start = time.perf_counter()
     try:
-        data = b"amount=42" if method == "POST" else None
-        async with http.request(method, url, headers=headers, data=data) as resp:
+        async with http.request(method, url, headers=headers) as resp:
             body = (await resp.text()).strip()
             return Answer(resp.status, body, time.perf_counter() - start)
     except (aiohttp.ClientError, TimeoutError) as err:
@@ -51,6 +50,8 @@ class Load:
     """Stop after this many requests (all workers together)."""
     seconds: float
     """...or after this long."""
+    pause: float = 0.0
+    """Each worker waits this long between its requests: a steady rate, not a flood."""
     sent: int = 0
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     """Per kind, answers by status code."""
@@ -69,10 +70,12 @@ class Load:
             kind, answer = await self.request(n)
             self.statuses.setdefault(kind, Counter())[answer.status] += 1
             self.slowest[kind] = max(self.slowest.get(kind, 0.0), answer.seconds)
+            if self.pause:
+                await asyncio.sleep(self.pause)
 
     async def run(self, tick: Callable[[str], Awaitable[None]]) -> None:
         """Send the load; await `tick(label)` after each whole second ("1s", "2s", ...) and
-        once at the end ("end")."""
+        at the end ("4.6s"), unless that is within a fifth of a second of the last tick."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         workers = [
@@ -90,7 +93,9 @@ class Load:
                 except TimeoutError:
                     await tick(f"{second}s")
                     second += 1
-            await tick("end")
+            elapsed = loop.time() - start
+            if elapsed - (second - 1) >= 0.2:
+                await tick(f"{elapsed:.1f}s")
         finally:
             for worker in workers:
                 worker.cancel()

@@ -275,6 +275,29 @@ async def authorization(scene: Scene) -> Verdict:
 # ---- 3. canary ------------------------------------------------------------------------------
 
 
+async def _routed(scene: Scene, side: Sidecar, upstream: str) -> bool:
+    """Until the sidecar routes `upstream` by the chain the applied entries compile to."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE
+    while loop.time() < deadline:
+        if await capabilities.routed(scene.http, side, upstream):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _not_routed(scene: Scene, step: str, side: Sidecar, upstream: str) -> Verdict:
+    return _done(
+        scene,
+        Verdict(
+            step,
+            Outcome.FAIL,
+            f"{side.label}'s sidecar did not route {upstream} by its discovery chain within "
+            f"{SETTLE:.0f}s (/v1/status proxy.routing.upstreams.{upstream}.routed)",
+        ),
+    )
+
+
 async def _canary_routed(scene: Scene) -> bool:
     """Until the routes applied at the start are in force: x-canary requests reach v2."""
     loop = asyncio.get_running_loop()
@@ -292,9 +315,11 @@ async def canary(scene: Scene) -> Verdict:
         "3. canary: the VirtualService sends x-canary: true to api v2 and splits the rest "
         "90/10 between v1 and v2 (service-router and service-splitter in Consul)"
     )
-    why = await capabilities.routing(scene.http, scene.web, "api")
+    why = await capabilities.routing(scene.http, scene.web)
     if why:
         return _skip(scene, "canary", why)
+    if not await _routed(scene, scene.web, "api"):
+        return _not_routed(scene, "canary", scene.web, "api")
     if not await _canary_routed(scene):
         return _done(
             scene,
@@ -317,7 +342,8 @@ async def canary(scene: Scene) -> Verdict:
             return "x-canary", await call(scene.http, "GET", scene.url("api", "/"), headers)
         return "plain", await call(scene.http, "GET", scene.url("api", "/"))
 
-    load = Load(request, workers=4, limit=800, seconds=10.0)
+    # Paced so the split shows building up for a few seconds, not over in a blink.
+    load = Load(request, workers=2, limit=2_000, seconds=6.0, pause=0.01)
     table = Table(
         (
             ("t", -4),
@@ -379,9 +405,11 @@ async def retry(scene: Scene) -> Verdict:
         "4. retry: payment-service now fails every third try (503); the VirtualService's "
         "retry policy (3 attempts on gateway-error) has order-service's sidecar try again"
     )
-    why = await capabilities.routing(scene.http, scene.order, "payment-service")
+    why = await capabilities.routing(scene.http, scene.order)
     if why:
         return _skip(scene, "retry", why)
+    if not await _routed(scene, scene.order, "payment-service"):
+        return _not_routed(scene, "retry", scene.order, "payment-service")
     pay, order = scene.payment_app, scene.order_app
     tries, failures, answers = pay.tries, pay.failures, order.payments.copy()
 
@@ -389,7 +417,7 @@ async def retry(scene: Scene) -> Verdict:
         return "order", await call(scene.http, "GET", scene.url("order-service", "/order"))
 
     # One order at a time: a failed try is then always followed by its own retry.
-    load = Load(request, workers=1, limit=150, seconds=5.0)
+    load = Load(request, workers=1, limit=1_000, seconds=4.0, pause=0.02)
     table = Table(
         (
             ("t", -4),
@@ -483,7 +511,7 @@ async def metrics(scene: Scene) -> Verdict:
             )
         return "api", await call(scene.http, "GET", scene.url("api", "/"))
 
-    load = Load(request, workers=4, limit=10_000, seconds=5.0)
+    load = Load(request, workers=3, limit=10_000, seconds=5.0, pause=0.005)
     table = Table(
         (
             ("t", -4),
@@ -513,6 +541,7 @@ async def metrics(scene: Scene) -> Verdict:
         last.update(now)
         last_at = loop.time()
 
+    started = loop.time()
     try:
         await load.run(tick)
         # Counters move when a response is complete; the client has read every one by now.
@@ -544,13 +573,14 @@ async def metrics(scene: Scene) -> Verdict:
                     f"{slowest[dest] * 1000.0:.1f} ms"
                 )
         figures.append(f"{dest} {count:.0f} requests, p99 {p99:.1f} ms")
+    elapsed = loop.time() - started
     return _done(
         scene,
         _fail("metrics", problems)
         or Verdict(
             "metrics",
             Outcome.PASS,
-            "the sidecars counted every request: " + "; ".join(figures),
+            f"the sidecars counted every request of {elapsed:.1f}s: " + "; ".join(figures),
         ),
     )
 
