@@ -8,8 +8,9 @@ header the inbound sidecar adds), how many requests, how many answered with a fa
                      upstreams through web's sidecar
     order-service    GET /order places an order: it calls payment-service's POST
                      /process-payment (the order in headers, no body) through its own
-                     sidecar, and answers 200 when that did
-    payment-service  POST /process-payment; when `flaky` it answers every third try 503 (a
+                     sidecar, and answers 200 when that did; GET /peek GETs
+                     /process-payment instead (which the policy does not allow)
+    payment-service  POST (and GET) /process-payment; when `flaky` it answers every third try 503 (a
                      gateway error the mesh's retry policy may retry)
     api v1, api v2   GET / answers its version; counts requests with and without x-canary
 """
@@ -88,12 +89,20 @@ class PaymentService(DemoApp):
         """POST /process-payment requests received (each retry is one more)."""
         self.failures = 0
         """Of those, answered 503 on purpose."""
+        self.received: Counter[str] = Counter()
+        """Requests by "<caller> <method>", e.g. "order-service POST"."""
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/process-payment", self._pay)
+        app.router.add_get("/process-payment", self._look)
+
+    async def _look(self, request: web.Request) -> web.Response:
+        self.received[f"{self.record(request)} GET"] += 1
+        return web.Response(text="nothing to see")
 
     async def _pay(self, request: web.Request) -> web.Response:
         caller = self.record(request)
+        self.received[f"{caller} POST"] += 1
         self.tries += 1
         if self.flaky and self.tries % 3 == 0:
             self.failures += 1
@@ -109,9 +118,22 @@ class OrderService(DemoApp):
         """Status codes of the answers this app got from payment-service (0: no answer)."""
         self._client: aiohttp.ClientSession | None = None
         self.orders = 0
+        self.last_payment = 0
+        """Status of payment-service's last answer to an order."""
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/order", self._order)
+        app.router.add_get("/peek", self._peek)
+
+    async def _peek(self, request: web.Request) -> web.Response:
+        """GET payment-service's /process-payment and pass on what came back."""
+        self.record(request)
+        assert self._client is not None
+        try:
+            async with self._client.get(self._payment_url) as resp:
+                return web.Response(status=resp.status, text=await resp.text())
+        except aiohttp.ClientError as err:
+            return web.Response(status=502, text=f"no answer: {err}")
 
     async def start(self) -> None:
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
@@ -136,6 +158,7 @@ class OrderService(DemoApp):
         except aiohttp.ClientError as err:
             body, status = f"no answer: {err}", 0
         self.payments[status] += 1
+        self.last_payment = status
         if status != 200:
             return web.Response(status=502, text=f"order failed: payment said {status} {body}")
         return web.Response(text=f"order placed for {caller}; payment-service: {body}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import os
 import shutil
@@ -28,11 +29,15 @@ from agent.demo.apps import DemoApp
 STOP_GRACE = 10.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free now: each socket stays bound until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,9 @@ class Sidecar:
     service_id: str
     upstreams: tuple[Upstream, ...] = ()
     meta: Mapping[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
+    port: int = 0
     """The public mTLS listener."""
-    admin: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
+    admin: str = ""
     proc: asyncio.subprocess.Process | None = None
     log: Path | None = None
 
@@ -89,6 +94,20 @@ class Sidecar:
         return [self.port, int(self.admin.rpartition(":")[2]), *(u.port for u in self.upstreams)]
 
 
+# Loaded before any fork: the child only calls into it.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _in_group(group: int) -> None:
+    """In the child, before exec: join the demo's process group (uvloop has no
+    process_group argument) and, on Linux, be sent SIGTERM if the demo dies without
+    stopping it (killed with SIGKILL, say), so that not even then is a sidecar left behind."""
+    os.setpgid(0, group)
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def meshlet_command() -> str:
     """The `meshlet` script beside this interpreter (the venv's), else the one on PATH."""
     return shutil.which("meshlet", path=str(Path(sys.executable).parent)) or "meshlet"
@@ -114,8 +133,7 @@ async def running(
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
-                    # uvloop has no process_group argument; this is what it does.
-                    preexec_fn=functools.partial(os.setpgid, 0, group),
+                    preexec_fn=functools.partial(_in_group, group),
                 )
             group = group or side.proc.pid
         yield sidecars

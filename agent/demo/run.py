@@ -14,6 +14,7 @@ every step that ran passed, 1 when one did not or the mesh did not come up, 130 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import tempfile
 from collections.abc import Sequence
@@ -44,23 +45,30 @@ class DemoFailed(Exception):
 
 def _layout() -> list[Sidecar]:
     """The five app instances, their sidecars and who calls whom (web's app is the demo)."""
-    pay_port = mesh.free_port()
+    ports = iter(mesh.free_ports(5 * 2 + 4))
+    pay_port = next(ports)
     order_up = (Upstream("payment-service", pay_port),)
     web_up = (
-        Upstream("order-service", mesh.free_port()),
-        Upstream("api", mesh.free_port()),
+        Upstream("order-service", next(ports)),
+        Upstream("api", next(ports)),
         # Not in web's real job: here to show that the intentions deny it.
-        Upstream("payment-service", mesh.free_port()),
+        Upstream("payment-service", next(ports)),
     )
-    return [
+    layout = [
         Sidecar(DemoApp("web"), "web", web_up),
         Sidecar(
-            OrderService(f"http://127.0.0.1:{pay_port}/process-payment"), "order-service", order_up
+            OrderService(f"http://127.0.0.1:{pay_port}/process-payment"),
+            "order-service",
+            order_up,
         ),
         Sidecar(PaymentService(), "payment-service"),
         Sidecar(ApiVersion("v1"), "api-v1", meta={"version": "v1"}),
         Sidecar(ApiVersion("v2"), "api-v2", meta={"version": "v2"}),
     ]
+    for side in layout:
+        side.port = next(ports)
+        side.admin = f"127.0.0.1:{next(ports)}"
+    return layout
 
 
 async def demo(http_addr: str, *, colour: bool) -> int:
@@ -91,6 +99,8 @@ async def _demo(http_addr: str, out: Output) -> int:
     from devstack.config import DevConfig, DevConfigError
     from devstack.server import DevServer
 
+    # Its leaf-issuing lines would break up the tables; warnings and errors still show.
+    logging.getLogger("devstack").setLevel(logging.WARNING)
     try:
         config = DevConfig(http_addr=http_addr)
     except DevConfigError as err:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def _session_members(sid: int) -> list[str]:
             continue
         # pid (comm) state ppid pgrp session ...: comm may hold spaces, so split after ')'.
         fields = text.rpartition(")")[2].split()
-        if int(fields[3]) == sid:
+        # A zombie runs nothing (whoever adopted an orphan may reap it late).
+        if int(fields[3]) == sid and fields[0] != "Z":
             found.append(text[:80])
     return found
 
@@ -162,3 +164,29 @@ def test_ctrl_c_stops_the_demo_and_leaves_nothing() -> None:
     assert "==> interrupted: stopping the sidecars and devstack" in stdout
     assert "==> summary" not in stdout
     _assert_nothing_left(proc.pid, stdout, port)
+
+
+@pytest.mark.timeout(200)
+def test_a_killed_demo_takes_its_sidecars_with_it() -> None:
+    """SIGKILL leaves the demo no chance to clean up: the sidecars still go (the kernel sends
+    them SIGTERM when their parent dies), though the temp directory stays."""
+    port = _free_port()
+    proc = _start(port)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("    all ready"):
+            break
+    else:
+        pytest.fail("the demo ended before its sidecars were ready: " + "".join(seen))
+    pids = [int(m.group(2)) for line in seen if (m := SIDECAR_LINE.match(line))]
+    assert len(pids) == 5
+    proc.kill()
+    proc.communicate(timeout=30)
+    (tmp,) = re.findall(r"configs and logs in (\S+),", "".join(seen))
+    shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.monotonic() + 60
+    while _session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_members(proc.pid) == [], "sidecars outlived the killed demo"
