@@ -219,5 +219,16 @@ async def _apply_examples(
     entry = await consul.config_entries.find("service-intentions", "payment-service")
     if entry is None:
         raise DemoFailed("the AuthorizationPolicy wrote no intentions for payment-service")
+    roots = (await consul.connect.ca_roots()).value
     web, order, payment, api_v1, api_v2 = sidecars
-    return Scene(http, out, web, order, payment, api_v1, api_v2, int(entry.get("ModifyIndex") or 0))
+    return Scene(
+        http,
+        out,
+        web,
+        order,
+        payment,
+        api_v1,
+        api_v2,
+        intentions_index=int(entry.get("ModifyIndex") or 0),
+        trust_domain=roots.trust_domain,
+    )

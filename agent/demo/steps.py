@@ -56,6 +56,8 @@ class Scene:
     api_v2: Sidecar
     intentions_index: int
     """ModifyIndex of payment-service's intentions as the AuthorizationPolicy wrote them."""
+    trust_domain: str
+    """Consul's Connect CA trust domain: every leaf's SPIFFE ID is in it."""
 
     @property
     def order_app(self) -> OrderService:
@@ -150,8 +152,11 @@ async def mtls(scene: Scene) -> Verdict:
         out.say(table.row(label, code, uri))
         if code != 200:
             problems.append(f"{label} answered {code}")
-        if not uri.startswith("spiffe://") or service_of(uri) != caller:
-            problems.append(f"{label}: the app was told {uri!r}, not {caller}'s SPIFFE ID")
+        domain = f"spiffe://{scene.trust_domain}/"
+        if not uri.startswith(domain) or service_of(uri) != caller:
+            problems.append(
+                f"{label}: the app was told {uri!r}, not {caller}'s SPIFFE ID in {domain}"
+            )
     refused = not raw.startswith(b"HTTP/")
     out.say(
         table.row(
@@ -172,8 +177,8 @@ async def mtls(scene: Scene) -> Verdict:
         or Verdict(
             "mtls",
             Outcome.PASS,
-            "every app was told its caller's SPIFFE ID, verified over mTLS; "
-            "a caller without a certificate got nothing",
+            f"every app was told its caller's SPIFFE ID in trust domain {scene.trust_domain}, "
+            "verified over mTLS; a caller without a certificate got nothing",
         ),
     )
 
