@@ -28,6 +28,7 @@ import pytest
 
 from tests.integration.faults.harness import (
     CONNS,
+    FULL,
     FaultMesh,
     HttpLoad,
     TcpStreams,
@@ -39,9 +40,23 @@ from tests.integration.test_sidecar_mesh import put_intentions, status, wait_lin
 pytestmark = pytest.mark.timeout(300)
 
 
+full_only = pytest.mark.skipif(not FULL, reason="long form only: make faults")
+
+
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[FaultMesh]:
     m = FaultMesh(tmp_path)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultMesh]:
+    """One mesh for the faults that leave it as they found it (intentions put back, apps
+    answering, registrations removed): saves a mesh start per test in the short form."""
+    m = FaultMesh(tmp_path_factory.mktemp("calm"))
     try:
         yield m
     finally:
@@ -84,6 +99,7 @@ def test_leaf_rotation_every_few_seconds(tmp_path: Path) -> None:
     _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
 
 
+@full_only
 def test_ca_root_rotation_cross_signed(mesh: FaultMesh) -> None:
     def rotate_root(load: HttpLoad) -> str:
         gens = {sid: _generation(mesh.admins[sid]) for sid in ("web", "api-1", "api-2", "echo")}
@@ -150,6 +166,7 @@ def test_control_plane_killed_traffic_flows_on_the_last_snapshot(mesh: FaultMesh
     assert run.streams.failed == [], run.report()
 
 
+@full_only
 @pytest.mark.xfail(
     strict=True,
     reason="agent/watch.py publishes the restarted control plane's first (empty) health answer: "
@@ -165,6 +182,7 @@ def test_control_plane_restarted_empty_fails_no_request(mesh: FaultMesh) -> None
 # ---- an upstream instance --------------------------------------------------------------------
 
 
+@full_only
 def test_upstream_instance_killed(mesh: FaultMesh) -> None:
     def kill(load: HttpLoad) -> str:
         mesh.sidecars["api-2"].p.kill()
@@ -177,6 +195,7 @@ def test_upstream_instance_killed(mesh: FaultMesh) -> None:
     _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
 
 
+@full_only
 def test_upstream_instance_slow(mesh: FaultMesh) -> None:
     def slow(load: HttpLoad) -> str:
         mesh.apps["api-2"].mode("slow")
@@ -188,6 +207,7 @@ def test_upstream_instance_slow(mesh: FaultMesh) -> None:
     _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
 
 
+@full_only
 def test_upstream_instance_flapping_in_and_out_of_the_catalog(mesh: FaultMesh) -> None:
     cycles = int(seconds(3, 15))
 
@@ -206,6 +226,7 @@ def test_upstream_instance_flapping_in_and_out_of_the_catalog(mesh: FaultMesh) -
     assert run.http.by_app.get("api-2", 0) > 0
 
 
+@full_only
 def test_upstream_instance_hung_holds_its_requests(mesh: FaultMesh) -> None:
     """The current contract, with no request timeout or retry policy in the config yet
     (issue 11): a GET sent to an instance whose app accepts and never answers waits (web's and
@@ -232,6 +253,7 @@ def test_upstream_instance_hung_holds_its_requests(mesh: FaultMesh) -> None:
     assert run.http.failed == [] and run.streams.failed == [], run.report()
 
 
+@full_only
 @pytest.mark.xfail(
     strict=True,
     reason="issue 11: no per-try timeout or retry policy yet; a GET sent to a hung instance "
@@ -248,6 +270,7 @@ def test_a_get_sent_to_a_hung_instance_is_answered_by_another(mesh: FaultMesh) -
     assert figures.pending == 0 and figures.failed == [], figures.line()
 
 
+@full_only
 @pytest.mark.xfail(
     strict=True,
     reason="connect/http1.py (OutboundHTTP) does not notice a client closing its connection "
@@ -277,6 +300,55 @@ def test_a_client_giving_up_on_a_held_get_releases_its_connections(mesh: FaultMe
     raise AssertionError(f"web still holds the abandoned GET's connection: {conns}")
 
 
+def _inbound_open(admin: str) -> int:
+    return sum(c["open"] for c in status(admin)["proxy"]["connections"].values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="connect/http1.py's _Pool keeps idle connections per endpoint key and nothing "
+    "evicts the keys of endpoints that left the catalog: each instance that goes away keeps "
+    "up to max_idle_per_endpoint mTLS connections open in web (and at the peer) until the "
+    "peer's 300 s keep-alive timeout; the soak with a new ID per churn cycle grew web's and "
+    "api-1's fds by 33 a minute",
+)
+def test_pooled_connections_to_an_endpoint_that_left_are_closed(calm: FaultMesh) -> None:
+    """Instances that come and go with new IDs (pods, allocations) all served by api-1's
+    sidecar: once each has left, web's pooled connections to it should be closed."""
+    mesh = calm
+    api1 = mesh.admins["api-1"]
+    port = int(next(iter(status(api1)["proxy"]["connections"])).split(":")[1])
+    burst = HttpLoad(mesh.web_api, rate=200, conns=4)
+    burst.wait_ok(100)
+    burst.stop()
+    baseline = _inbound_open(api1)
+    base = f"http://{mesh.consul}/v1/agent/service"
+    for n in range(10):
+        sid = f"api-gone-{n}"
+        body = {
+            "Name": "api-sidecar-proxy",
+            "ID": sid,
+            "Kind": "connect-proxy",
+            "Address": "127.0.0.1",
+            "Port": port,
+            "Proxy": {"DestinationServiceName": "api"},
+        }
+        req = urllib.request.Request(
+            f"{base}/register", data=json.dumps(body).encode(), method="PUT"
+        )
+        urllib.request.urlopen(req, timeout=30).close()
+        mesh.wait_web_endpoints(api=3)
+        burst = HttpLoad(mesh.web_api, rate=200, conns=4)
+        burst.wait_ok(60)
+        burst.stop()
+        req = urllib.request.Request(f"{base}/deregister/{sid}", method="PUT")
+        urllib.request.urlopen(req, timeout=30).close()
+        mesh.wait_web_endpoints(api=2)
+    after = _inbound_open(api1)
+    print(f"\napi-1's inbound connections: {baseline} before, {after} after 10 endpoints left")
+    assert after <= baseline + 4, f"{after - baseline} connections to departed endpoints kept"
+
+
 # ---- the sidecars themselves -----------------------------------------------------------------
 
 
@@ -301,7 +373,9 @@ def test_server_sidecar_restarted_with_a_drain(tmp_path: Path) -> None:
     assert run.http.by_app.get("api-1", 0) > 0
 
 
-def test_config_reload(mesh: FaultMesh) -> None:
+def test_config_reload(calm: FaultMesh) -> None:
+    mesh = calm
+
     def reload(load: HttpLoad) -> str:
         for sid in ("web", "api-1", "echo"):
             before = sum("reloaded" in line for line in mesh.sidecars[sid].lines)
@@ -317,6 +391,7 @@ def test_config_reload(mesh: FaultMesh) -> None:
     _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
 
 
+@full_only
 def test_a_worker_process_killed(tmp_path: Path) -> None:
     """web on `--workers 2`, one worker SIGKILLed: the client connections it held die with
     it (a killed process's sockets are reset by the kernel). What may be lost is bounded:
@@ -353,9 +428,10 @@ def test_a_worker_process_killed(tmp_path: Path) -> None:
 # ---- intentions --------------------------------------------------------------------------------
 
 
-def test_an_intention_change_applies_to_the_next_request(mesh: FaultMesh) -> None:
+def test_an_intention_change_applies_to_the_next_request(calm: FaultMesh) -> None:
     """L7: once api's sidecars have the deny (one watch round trip), the next GET is a 403;
     once they have the allow back, the next is a 200."""
+    mesh = calm
     load = HttpLoad(mesh.web_api, rate=50, conns=2)
     try:
         load.wait_ok(20)
@@ -403,22 +479,26 @@ def _closed(s: socket.socket) -> bool:
         return True
 
 
-def _deny_echo(mesh: FaultMesh) -> None:
-    index = put_intentions(mesh.consul, "echo", "deny")
+def _echo_intention(mesh: FaultMesh, action: str) -> None:
+    index = put_intentions(mesh.consul, "echo", action)
     wait_status(
         mesh.admins["echo"],
         lambda s: s["proxy"]["intentions"]["index"] >= index,
-        "echo has the deny",
+        f"echo has the {action}",
     )
 
 
-def test_an_intention_change_applies_to_the_next_l4_connection(mesh: FaultMesh) -> None:
+def test_an_intention_change_applies_to_the_next_l4_connection(calm: FaultMesh) -> None:
+    mesh = calm
     _stream(mesh.web_echo).close()
-    _deny_echo(mesh)
-    s = socket.create_connection(("127.0.0.1", mesh.web_echo), timeout=10)
-    with s:
-        assert _closed(s)
-    assert status(mesh.admins["echo"])["proxy"]["stats"]["connections_denied"] >= 1
+    _echo_intention(mesh, "deny")
+    try:
+        s = socket.create_connection(("127.0.0.1", mesh.web_echo), timeout=10)
+        with s:
+            assert _closed(s)
+        assert status(mesh.admins["echo"])["proxy"]["stats"]["connections_denied"] >= 1
+    finally:
+        _echo_intention(mesh, "allow")
 
 
 @pytest.mark.xfail(
@@ -427,10 +507,11 @@ def test_an_intention_change_applies_to_the_next_l4_connection(mesh: FaultMesh) 
     "authorizes once, at the handshake (connect/l4.py, agent/sidecar.py's intentions watch "
     "never re-checks open relays)",
 )
-def test_revoking_an_allow_closes_open_l4_connections(mesh: FaultMesh) -> None:
+def test_revoking_an_allow_closes_open_l4_connections(calm: FaultMesh) -> None:
+    mesh = calm
     streams = [_stream(mesh.web_echo) for _ in range(3)]
     try:
-        _deny_echo(mesh)
+        _echo_intention(mesh, "deny")
         # One watch round trip has passed (echo's sidecar applied the deny); give the close
         # a moment to travel through both sidecars.
         deadline = time.monotonic() + 5
@@ -442,10 +523,12 @@ def test_revoking_an_allow_closes_open_l4_connections(mesh: FaultMesh) -> None:
     finally:
         for s in streams:
             s.close()
+        _echo_intention(mesh, "allow")
 
 
-def test_streams_survive_on_their_own(mesh: FaultMesh) -> None:
+def test_streams_survive_on_their_own(calm: FaultMesh) -> None:
     """The harness's own control: no fault, the same load: nothing fails."""
+    mesh = calm
     run = under_load(mesh, "no fault", lambda load: None)
     _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
     assert isinstance(TcpStreams, type)
@@ -457,16 +540,17 @@ def test_streams_survive_on_their_own(mesh: FaultMesh) -> None:
     "transport has no write_eof), so connect/l4.py holds the relay, both sidecars' sockets and "
     "the server's connection until the server closes or the 300 s idle timeout",
 )
-def test_l4_client_close_is_released(mesh: FaultMesh) -> None:
+def test_l4_client_close_is_released(calm: FaultMesh) -> None:
     """A client that closes its end (FIN, nothing more to say) of a connection whose server
     waits for it to finish: the relays and the server's connection should go."""
+    mesh = calm
     s = _stream(mesh.web_echo)
     s.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         web_open = status(mesh.admins["web"])["proxy"]["connections"]
         echo_open = status(mesh.admins["echo"])["proxy"]["connections"]
         if not any(c["open"] for c in [*web_open.values(), *echo_open.values()]):
             return
         time.sleep(0.2)
-    raise AssertionError(f"still open 10 s after the client closed: {web_open} {echo_open}")
+    raise AssertionError(f"still open 5 s after the client closed: {web_open} {echo_open}")
