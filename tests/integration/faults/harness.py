@@ -52,6 +52,9 @@ def seconds(short: float, full: float) -> float:
 RATE = 200.0
 """GETs per second offered to web's api port: a few hundred, within what two cores shared
 with the rest of the machine carry for four sidecars, devstack and the load itself."""
+TASK_SLACK = 3
+"""asyncio tasks a sidecar may hold beyond its baseline: a blocking query or a leaf renewal
+caught in flight by the census."""
 CONNS = 8
 STREAMS = 6
 FD_SLACK = 2
@@ -568,6 +571,7 @@ def connection_gauges(admin: str) -> dict[str, int]:
 class Census:
     fds: dict[str, int]
     gauges: dict[str, dict[str, int]]
+    tasks: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def take(cls, mesh: FaultMesh) -> Census:
@@ -575,12 +579,13 @@ class Census:
         for name, pid in mesh.pids().items():
             with contextlib.suppress(FileNotFoundError):
                 fds[name] = fd_count(pid)
-        gauges = {
-            sid: connection_gauges(admin)
-            for sid, admin in mesh.admins.items()
-            if mesh.sidecars[sid].p.poll() is None
-        }
-        return cls(fds, gauges)
+        gauges, tasks = {}, {}
+        for sid, admin in mesh.admins.items():
+            if mesh.sidecars[sid].p.poll() is None:
+                st = status(admin)
+                gauges[sid] = {n: c["open"] for n, c in st["proxy"]["connections"].items()}
+                tasks[sid] = st["tasks"]
+        return cls(fds, gauges, tasks)
 
 
 def _open(census: Census, sid: str) -> int:
@@ -616,12 +621,18 @@ def settled(mesh: FaultMesh, baseline: Census, timeout: float = 30) -> Census:
         # test_l4_client_close_is_released) are not the load's.
         held = baseline.gauges.get("web", {})
         web_open = {k: v for k, v in now.gauges.get("web", {}).items() if v > held.get(k, 0)}
-        if not grown and not web_open:
+        # No task per connection or request outlives it; the watches and timers are fixed.
+        more_tasks = {
+            sid: (baseline.tasks[sid], n)
+            for sid, n in now.tasks.items()
+            if sid in baseline.tasks and n > baseline.tasks[sid] + TASK_SLACK
+        }
+        if not grown and not web_open and not more_tasks:
             return now
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"leak: fds grown {grown} (allowed {allowed}), web's open client connections "
-                f"{web_open}; before {baseline}, after {now}"
+                f"{web_open}, tasks grown {more_tasks}; before {baseline}, after {now}"
             )
         time.sleep(0.2)  # polling /proc; the deadline only catches a leak
 
@@ -641,6 +652,7 @@ class Run:
         return (
             f"\nFAULT {self.name}: {self.http.line()}\n  {self.streams.line()}\n"
             f"  fds before {self.before.fds} after {self.after.fds}\n"
+            f"  tasks before {self.before.tasks} after {self.after.tasks}\n"
             f"  gauges after {self.after.gauges} {self.extra}"
         )
 
