@@ -15,6 +15,7 @@ Thresholds, per minute of run:
   CPython's allocator and the TLS caches step the RSS by hundreds of kB at a time (the
   measured slopes of a clean run are under 400 kB/min), and the short run fits its line
   through ~23 samples; a leak of 1 kB per request is 12 MB a minute.
+* asyncio tasks of each sidecar (/v1/status `tasks`): as fds.
 No GET may fail and no stream break.
 """
 
@@ -123,6 +124,7 @@ def test_soak(mesh: FaultMesh) -> None:
         sid: status(admin)["proxy"]["leaf"]["generation"] for sid, admin in mesh.admins.items()
     }
     samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in pids}
+    tasks: dict[str, list[tuple[float, float]]] = {sid: [] for sid in mesh.admins}
     load = HttpLoad(mesh.web_api)
     streams = TcpStreams(mesh.web_echo)
     churn = Churn(mesh, api1_port)
@@ -131,6 +133,8 @@ def test_soak(mesh: FaultMesh) -> None:
         while (now := time.monotonic()) < start + DURATION:
             for name, pid in pids.items():
                 samples[name].append((now - start, rss_kb(pid), fd_count(pid)))
+            for sid, admin in mesh.admins.items():
+                tasks[sid].append((now - start, status(admin)["tasks"]))
             time.sleep(SAMPLE_EVERY)  # the sampling period of the soak, not a wait
     finally:
         cycles = churn.stop()
@@ -156,9 +160,18 @@ def test_soak(mesh: FaultMesh) -> None:
             f"  {name}: RSS {steady[0][1]}->{steady[-1][1]} kB, slope {rss:+.0f} kB/min; "
             f"fds {steady[0][2]}->{steady[-1][2]}, slope {fds:+.2f}/min"
         )
+    task_slopes = {
+        sid: slope([p for p in series if p[0] >= WARMUP]) for sid, series in tasks.items()
+    }
+    report.append(
+        "  asyncio tasks per sidecar (last, slope/min): "
+        + ", ".join(f"{sid} {tasks[sid][-1][1]:.0f} {v:+.2f}" for sid, v in task_slopes.items())
+    )
     print("\n".join(report))
     assert figures.failed == [] and stream_figures.failed == [], report
     assert all(n >= 2 for n in rotated.values()), rotated
+    for sid, v in task_slopes.items():
+        assert v <= FD_SLOPE, f"{sid}'s asyncio tasks grow {v:.2f}/min: {report}"
     for name, (rss, fds) in slopes.items():
         assert rss <= RSS_SLOPE_KB, f"{name}'s RSS grows {rss:.0f} kB/min: {report}"
         assert fds <= FD_SLOPE, f"{name}'s fds grow {fds:.2f}/min: {report}"
