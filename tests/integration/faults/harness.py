@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -178,6 +179,7 @@ class FaultMesh:
         web_args: tuple[str, ...] = (),
         drain: str = "0s",
     ) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.dev_args = dev_args
         self.drain = drain
@@ -311,6 +313,19 @@ class FaultMesh:
         for server in (self.echo, self.web_app):
             server.shutdown()
             server.server_close()
+
+
+def make_mesh(tmp: Path, **kwargs: Any) -> FaultMesh:
+    """A FaultMesh; started again (up to three times) when a port `_free_port` chose was
+    taken before its sidecar bound it: the load's own outgoing connections draw their local
+    ports from the same ephemeral range."""
+    for attempt in range(3):
+        try:
+            return FaultMesh(tmp / f"try{attempt}", **kwargs)
+        except AssertionError as err:
+            if "Address already in use" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 # ---- the load ------------------------------------------------------------------------------
