@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -56,6 +57,14 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=0.0,
         help="after a CA root change, keep serving the old leaves this long before re-signing "
         "(Consul waits a random 0-30 s; default %(default)s)",
+    )
+    p.add_argument(
+        "--leaf-cert-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="lifetime of the leaves the Connect CA signs (Consul's LeafCertTTL, default 72h); "
+        "seconds are allowed, so tests and soaks can rotate leaves every few seconds",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=_run_dev)
@@ -137,6 +146,12 @@ def _run_dev(args: argparse.Namespace) -> int:
             vault_token=args.vault_token,
             ca_change_delay=args.ca_change_delay,
         )
+        if args.leaf_cert_ttl is not None:
+            # A short leaf also lowers the floor a CA configuration PUT is held to (Consul's 1h).
+            ttl = args.leaf_cert_ttl
+            config = dataclasses.replace(
+                config, leaf_cert_ttl=ttl, min_leaf_cert_ttl=min(ttl, config.min_leaf_cert_ttl)
+            )
     except DevConfigError as err:
         print(f"meshlet dev: {err}", file=sys.stderr)
         return 2

@@ -555,6 +555,8 @@ class AgentRuntime:
             "upstreams": upstreams,
             "proxy": self.sidecar.status() if self.sidecar is not None else None,
             "workers": self._workers_status(),
+            # This process's asyncio tasks: a fault or soak that leaks them shows here.
+            "tasks": len(asyncio.all_tasks()),
         }
 
     def _workers_status(self) -> Mapping[str, Any] | None:
