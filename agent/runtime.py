@@ -43,6 +43,7 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
+from agent.metrics import metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import Sidecar, live_changes, needs_restart
@@ -154,7 +155,9 @@ class AgentRuntime:
     async def run(self) -> int:
         cfg = self.config.get()
         host, _, port = cfg.admin.address.rpartition(":")
-        self.admin = AdminServer(self, host.strip("[]"), int(port))
+        self.admin = AdminServer(
+            self, host.strip("[]"), int(port), extra_routes=[metrics_route(self.metrics_snapshot)]
+        )
         try:
             await self.admin.start()
         except OSError as exc:
@@ -556,6 +559,41 @@ class AgentRuntime:
             "proxy": self.sidecar.status() if self.sidecar is not None else None,
             "workers": self._workers_status(),
         }
+
+    def metrics_snapshot(self) -> Mapping[str, Any]:
+        """What /metrics renders (agent.metrics): the proxy counters summed over every
+        process, and this process's view of the watches, the leaf and the endpoints."""
+        watches: dict[str, Any] = {}
+        rejected = 0
+        endpoints: dict[str, int] = {}
+        for key, watch in self._watches.items():
+            st = watch.watcher.state
+            watches[f"health:{key.name}"] = {
+                "failures": st.failures,
+                "last_success": st.last_success,
+            }
+            rejected += st.rejected
+            snap = watch.watcher.latest.get()
+            endpoints[key.name] = len(snap.endpoints) if snap is not None else 0
+        snapshot: dict[str, Any] = {
+            "watches": watches,
+            "endpoints": endpoints,
+            "snapshots_rejected": rejected,
+        }
+        side = self.sidecar
+        if side is not None:
+            st = side.intentions_watch.state
+            watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
+            snapshot["snapshots_rejected"] = rejected + st.rejected + side.intentions_broken_total
+            snapshot["leaf_expires_at"] = side.leaf_expiry()
+            material = side.rotator.current if side.rotator is not None else None
+            snapshot["roots_generation"] = material.generation if material is not None else 0
+            own = side.counters()
+            workers = self.supervisor.workers if self.supervisor is not None else []
+            counters = sum_counters([own, *(w.stats for w in workers)])
+            snapshot["counters"] = counters
+            snapshot["mesh"] = counters.get("mesh", {})
+        return snapshot
 
     def _workers_status(self) -> Mapping[str, Any] | None:
         """The worker processes, and `stats_total`: the proxy counters of every process

@@ -52,6 +52,7 @@ from agent.config import AgentConfig
 from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf
+from agent.metrics import process_counters
 from agent.readiness import Readiness
 from agent.watches import BlockingWatch, WatchSettings, unindexed
 from connect.authz import intentions_authorizers
@@ -61,6 +62,7 @@ from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
+from connect.observe import Telemetry
 from connect.sidecar import InboundSpec, Plan, SidecarSpec, UpstreamSpec, bind_address
 from connect.sidecar import Sidecar as DataPlane
 from connect.stats import ProxyStats
@@ -72,6 +74,8 @@ from intentions.stored import compile_stored, destination_of
 log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
+_METRICS_ONLY = frozenset({"mesh", "clusters", "process"})
+"""Counters a worker reports for /metrics that /v1/status does not show (they are big)."""
 
 _FIRST_ENDPOINTS_WAIT = 10.0
 """Seconds a reload waits for a new upstream's first endpoints before opening its port."""
@@ -212,6 +216,8 @@ class Sidecar:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self.stats = ProxyStats()
+        self.telemetry = Telemetry(config.service.name)
+        """What the listeners observe (connect.observe): /metrics and the access log."""
         self.rotator: LeafRotator | None = None
         self.tls: DynamicTLS | None = None
         self.leaf_error = ""
@@ -367,7 +373,7 @@ class Sidecar:
                 for r in (self.proxy.running.values() if self.proxy is not None else ())
             },
             "heap_trims": self.heap.trims,
-            "stats": self.counters(),
+            "stats": {k: v for k, v in self.counters().items() if k not in _METRICS_ONLY},
         }
 
     def counters(self) -> dict[str, Any]:
@@ -379,6 +385,16 @@ class Sidecar:
             "upstream_refusals": {
                 name: upstream.refusal_counts() for name, upstream in upstreams.items()
             },
+            "mesh": self.telemetry.metrics.export(),
+            "clusters": {
+                name: {
+                    "overflows": dict(up.cluster.overflows),
+                    "ejections": up.cluster.ejections,
+                    "ejected": len(up.cluster.ejected),
+                }
+                for name, up in upstreams.items()
+            },
+            "process": process_counters(),
         }
 
     # ---- the tasks ---------------------------------------------------------------------------
@@ -400,6 +416,7 @@ class Sidecar:
             tg.create_task(self.intentions_watch.run(), name="intentions watch")
             material = await self.rotator.ready()
             self.tls = DynamicTLS(material)
+            self.telemetry.principal = material.leaf.service_uri
             log.info("leaf %s held (generation %d)", material.leaf.service_uri, material.generation)
             tg.create_task(self._follow_leaf(self.tls), name="leaf follower")
             await self.intentions.changed(0)
@@ -422,6 +439,7 @@ class Sidecar:
                 rng=self._rng,
                 reuse_port=self._reuse_port,
                 claim_ports=self._claim_ports,
+                telemetry=self.telemetry,
             )
             await self.proxy.apply(sidecar_spec(self.config, tls.material.leaf.service_uri))
             tg.create_task(self.heap.run(), name="heap trimmer")

@@ -234,6 +234,7 @@ class MeshOrigin(Origin):
         if over is None:
             return False
         self.stats.no_endpoint += 1
+        ex.flags = "UO"
         down.refuse(ex, unavailable(f"circuit breaker: {over}", close=False))
         return True
 
