@@ -46,7 +46,7 @@ from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
 from agent.metrics import metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
-from agent.sidecar import Sidecar, live_changes, needs_restart
+from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
 from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
@@ -602,9 +602,15 @@ class AgentRuntime:
             return None
         own = self.sidecar.counters()
         if self.supervisor is None:
-            return {"count": 1, "processes": [], "stats_total": own}
+            total = own
+        else:
+            total = sum_counters([own, *(w.stats for w in self.supervisor.workers)])
+        # /metrics shows the rest (they are big).
+        total = {k: v for k, v in total.items() if k not in METRICS_ONLY}
+        if self.supervisor is None:
+            return {"count": 1, "processes": [], "stats_total": total}
         status = dict(self.supervisor.status())
-        status["stats_total"] = sum_counters([own, *(w.stats for w in self.supervisor.workers)])
+        status["stats_total"] = total
         return status
 
 

@@ -74,7 +74,7 @@ from intentions.stored import compile_stored, destination_of
 log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
-_METRICS_ONLY = frozenset({"mesh", "clusters", "process"})
+METRICS_ONLY = frozenset({"mesh", "clusters", "process"})
 """Counters a worker reports for /metrics that /v1/status does not show (they are big)."""
 
 _FIRST_ENDPOINTS_WAIT = 10.0
@@ -373,7 +373,7 @@ class Sidecar:
                 for r in (self.proxy.running.values() if self.proxy is not None else ())
             },
             "heap_trims": self.heap.trims,
-            "stats": {k: v for k, v in self.counters().items() if k not in _METRICS_ONLY},
+            "stats": {k: v for k, v in self.counters().items() if k not in METRICS_ONLY},
         }
 
     def counters(self) -> dict[str, Any]:

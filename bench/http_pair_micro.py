@@ -30,6 +30,7 @@ from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
+from connect.observe import Telemetry
 from connect.seams import PeerCache
 from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
@@ -126,6 +127,11 @@ async def run(args: argparse.Namespace) -> None:
         rng=random.Random(1),
     )
     outbound = OutboundHTTP(upstream)
+    if args.metrics:
+        # What the agent attaches (connect.observe): both sidecars count every exchange.
+        telemetry = Telemetry("bench", spiffe("web"))
+        inbound.observer = telemetry.http(telemetry.inbound("http"))
+        outbound.observer = telemetry.http(telemetry.upstream("api", "http"))
     await outbound.start()
 
     async def round_(total: int) -> tuple[float, float]:
@@ -155,7 +161,7 @@ async def run(args: argparse.Namespace) -> None:
         best_rps = max(best_rps, args.requests / wall)
     print(
         f"requests={args.requests} connections={args.connections} rounds={args.rounds} "
-        f"loop={'uvloop' if args.uvloop else 'asyncio'}: "
+        f"loop={'uvloop' if args.uvloop else 'asyncio'} metrics={'on' if args.metrics else 'off'}: "
         f"best CPU {best_cpu:.1f} us/request (whole process), best {best_rps:,.0f} req/s"
     )
     await outbound.close(grace=0)
@@ -170,6 +176,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument(
+        "--metrics", action="store_true", help="attach the metrics observers (connect.observe)"
+    )
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
