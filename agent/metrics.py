@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from connect.observe import BYTES_BUCKETS, DURATION_BUCKETS_MS, HTTP_LABELS, SEP, TCP_LABELS
 
-__all__ = ["MeshCollector", "metrics_route", "process_counters", "render"]
+__all__ = ["MeshCollector", "MetricsServer", "metrics_route", "process_counters", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -238,6 +238,12 @@ def _meshlet(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "Leaf material generation (it grows with each leaf or roots change).",
         value=_num(snap.get("roots_generation")),
     )
+    access: Mapping[str, Any] = counters.get("access_log") or {}
+    yield CounterMetricFamily(
+        "meshlet_access_log_dropped",
+        "Access-log lines dropped because the writer fell behind (the proxy never waits).",
+        value=_num(access.get("dropped")),
+    )
     process: Mapping[str, Any] = counters.get("process") or {}
     yield GaugeMetricFamily(
         "meshlet_process_resident_memory_bytes",
@@ -264,3 +270,35 @@ def metrics_route(snapshot: Callable[[], Mapping[str, Any]]) -> web.RouteDef:
         return web.Response(body=render(snapshot), headers={"Content-Type": CONTENT_TYPE})
 
     return web.get("/metrics", handler)
+
+
+class MetricsServer:
+    """The metrics-only listener (`telemetry.metrics_address`): GET /metrics and nothing
+    else, so it can face other hosts while the admin API stays on loopback."""
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Any]], address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._host, self._port = host.strip("[]"), int(port)
+        self._snapshot = snapshot
+        self._runner: web.AppRunner | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_routes([metrics_route(self._snapshot)])
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port, reuse_address=True).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = runner.addresses[0]
+        host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.address = f"{host}:{bound[1]}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()

@@ -43,7 +43,7 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
-from agent.metrics import metrics_route
+from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
@@ -185,6 +185,20 @@ class AgentRuntime:
             self.admin.address,
             cfg.consul_client.base_url,
         )
+        metrics: MetricsServer | None = None
+        if cfg.telemetry.metrics_address:
+            metrics = MetricsServer(self.metrics_snapshot, cfg.telemetry.metrics_address)
+            try:
+                await metrics.start()
+            except OSError as exc:
+                log.error(
+                    "cannot listen on telemetry.metrics_address %s: %s",
+                    cfg.telemetry.metrics_address,
+                    exc.strerror,
+                )
+                await self.admin.close()
+                return bind_exit_code(exc.errno)
+            log.info("metrics at http://%s/metrics", metrics.address)
         try:
             async with ConsulClient(cfg.consul_client) as consul:
                 self._consul = consul
@@ -224,6 +238,8 @@ class AgentRuntime:
                     for watch in self._watches.values():
                         watch.task.cancel()
         finally:
+            if metrics is not None:
+                await metrics.close()
             await self.admin.close()
         log.info("meshlet agent stopped")
         return self._exit_code
@@ -584,7 +600,11 @@ class AgentRuntime:
         if side is not None:
             st = side.intentions_watch.state
             watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
-            snapshot["snapshots_rejected"] = rejected + st.rejected + side.intentions_broken_total
+            pd = side.proxy_defaults_watch.state
+            watches["proxy-defaults"] = {"failures": pd.failures, "last_success": pd.last_success}
+            snapshot["snapshots_rejected"] = (
+                rejected + st.rejected + pd.rejected + side.intentions_broken_total
+            )
             snapshot["leaf_expires_at"] = side.leaf_expiry()
             material = side.rotator.current if side.rotator is not None else None
             snapshot["roots_generation"] = material.generation if material is not None else 0

@@ -339,7 +339,6 @@ class OutboundL4(_Listener):
         upstream.cluster.connections += 1
         self.dialed[relay] = (upstream.cluster, target)
         relay.upstream = f"{target.host}:{target.port}"
-        relay.upstream = target.key
         _link(relay)
 
     def _done(self, relay: _Relay) -> None:

@@ -469,6 +469,9 @@ class Downstream(asyncio.Protocol):
             return  # Retry: the answer is swallowed, the request goes again once it ends
         if ex.start:
             ex.status = status
+            if conn is not None:
+                t = conn.target
+                ex.upstream = f"{t.host}:{t.port}" if t is not None else conn.key
             if ex.tries > 1 and status >= 500:
                 ex.flags = "URX"  # the retries were spent and it still failed
         framing = facts.framing

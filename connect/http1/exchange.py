@@ -153,6 +153,8 @@ class Exchange:
     """Observed: Envoy's response flags for how it went (connect.observe)."""
     verdict: Verdict | None = None
     """Observed: authorization's decision (inbound)."""
+    upstream = ""
+    """Observed: host:port (or endpoint key) of the upstream that answered."""
 
     def __init__(
         self,

@@ -16,18 +16,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import _free_port
 from tests.integration.test_sidecar_mesh import Mesh, _json, get, wait_status
 
@@ -51,25 +50,6 @@ RATE = 20.0
 SECONDS = 10.0
 
 
-class _ProfiledApp(BaseHTTPRequestHandler):
-    """api's app: /fail is a 500, /slow answers after 300 ms, anything else at once."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/slow"):
-            time.sleep(0.3)
-        code = 500 if self.path.startswith("/fail") else 200
-        body = b"ok" if code == 200 else b"failed"
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def _path(i: int) -> str:
     if i % 10 == 3:
         return "/fail"
@@ -82,15 +62,7 @@ def _path(i: int) -> str:
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    m = Mesh(tmp_path, "http")
-    default = m.api_app
-    default.shutdown()
-    default.server_close()
-    app = ThreadingHTTPServer(("127.0.0.1", 0), _ProfiledApp)
-    app.daemon_threads = True
-    threading.Thread(target=app.serve_forever, daemon=True).start()
-    m.api_app = app
-    m.apps = [app, m.web_app]
+    m = profiled_mesh(tmp_path)
     try:
         m.start()
         yield m
