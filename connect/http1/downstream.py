@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -316,7 +317,7 @@ class Downstream(asyncio.Protocol):
         self.head_bytes = 0
         listener.stats.requests += 1
         if listener.observer is not None:
-            ex.start = asyncio.get_running_loop().time()
+            ex.start = time.monotonic()
         authorize = listener.authorize
         if authorize is not None and self.peer is not None:
             verdict = authorize(self.peer, method, target, facts.host, headers)
@@ -668,7 +669,7 @@ class Downstream(asyncio.Protocol):
 
     def _observed(self, observer: ExchangeObserver, ex: Exchange, flags: str) -> None:
         start, ex.start = ex.start, 0.0  # told once
-        duration = asyncio.get_running_loop().time() - start
+        duration = time.monotonic() - start
         try:
             ex.flags = flags
             observer.done(ex, self.peer, duration)

@@ -141,8 +141,8 @@ class Exchange:
     """The shell's timer for the route's per-try timeout, or for the back-off before a
     retry (RetryPolicy.delay), while it runs."""
     start = 0.0
-    """Loop time its head arrived; set (non-zero) only while the listener has an observer
-    (connect.observe), which is then told about it when it is over."""
+    """time.monotonic() when its head arrived; set (non-zero) only while the listener has an
+    observer (connect.observe), which is then told about it when it is over."""
     rx = 0
     """Observed: request body bytes read from the client."""
     tx = 0

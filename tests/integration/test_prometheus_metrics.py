@@ -30,6 +30,7 @@ from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import _free_port
 from tests.integration.test_sidecar_mesh import Mesh, _json, get, wait_status
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
@@ -179,6 +180,14 @@ def test_prometheus_answers_the_mesh_queries_from_known_traffic(mesh: Mesh, tmp_
         assert float(denied[0]["value"][1]) == total // 10 + 1
         reasons = _query(prom, "meshlet_intention_denials_total")
         assert {r["metric"]["reason"] for r in reasons} == {"intention"}
+        # The Grafana dashboard in docs/ queries the same names: every panel's query runs,
+        # and the request, error and latency panels have data.
+        dashboard = json.loads((ROOT / "docs" / "grafana" / "meshlet-mesh.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                result = _query(prom, target["expr"].replace("$service", ".*"))
+                if panel["id"] in (1, 2, 3, 4):
+                    assert result, (panel["title"], target["expr"])
         status = wait_status(mesh.web_admin, lambda s: True, "status")
         assert "mesh" not in status["proxy"]["stats"]
     finally:
