@@ -221,7 +221,10 @@ class MeshOrigin(Origin):
                 )
             except DialFailed as err:
                 reason = str(err)
+                ex.flags = "UF"  # Envoy's: endpoints were there, connecting to them failed
                 continue
+            if ex.flags == "UF":
+                ex.flags = "-"  # failed over: this one connected
             # Counted from here (a dial that failed its identity check never was).
             conn.cluster = up.cluster
             up.cluster.connections += 1
