@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.integration.profiled_mesh import profiled_mesh
-from tests.integration.test_agent_process import _free_port
+from tests.integration.test_agent_process import MESHLET, _free_port
 from tests.integration.test_sidecar_mesh import Mesh, _json, get, wait_status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,8 +152,21 @@ def test_prometheus_answers_the_mesh_queries_from_known_traffic(mesh: Mesh, tmp_
                 time.sleep(delay)
             codes.append(get(mesh.web_upstream, _path(i))[0])
 
+        # `meshlet top` over 5 s of the run, alongside.
+        top = subprocess.Popen(
+            [MESHLET, "top", "--once", "--interval", "5", "--admin-addr", mesh.web_admin],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(send, range(total)))
+        shown, _ = top.communicate(timeout=30)
+        assert top.returncode == 0
+        row = next(line.split() for line in shown.splitlines() if line.startswith("upstream"))
+        assert row[1] == "api"
+        assert 14.0 <= float(row[2]) <= 26.0, shown  # requests per second
+        assert 80.0 <= float(row[3].rstrip("%")) <= 100.0, shown  # 10 % are 500s
+        assert 250.0 <= float(row[5]) <= 500.0, shown  # p99 inside the slow bucket
         assert codes.count(500) == total // 10
         assert codes.count(403) == total // 10
         assert codes.count(200) == total - 2 * (total // 10)
