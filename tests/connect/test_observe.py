@@ -121,3 +121,14 @@ async def test_a_request_the_proxy_answers_itself_carries_envoys_flag(
     assert (record["response_code"], record["response_flags"]) == (code, flags)
     assert record["path"] == "/x"
     assert record["request_id"]  # the one the proxy added
+
+
+def test_a_full_queue_drops_and_counts_instead_of_waiting() -> None:
+    web = Telemetry("web", spiffe("web"))
+    log = AccessLog(AccessLogSettings(enabled=True), limit=2)
+    side = web.upstream("api", "tcp")
+    for _ in range(3):
+        log.tcp(side, None, received=1, sent=2, flags="-", start=0.0, upstream="h:1")
+    assert log.dropped == 1
+    assert len(log.drain().splitlines()) == 2
+    assert log.written == 2
