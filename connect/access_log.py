@@ -10,7 +10,8 @@ task formats what has queued up and writes it from a worker thread. A line is JS
      "method": "GET", "authority": "api", "path": "/x", "response_code": 200,
      "response_flags": "-", "bytes_received": 0, "bytes_sent": 2, "upstream_host": "api",
      "upstream_cluster": "api", "reporter": "destination", "peer": "spiffe://.../svc/web",
-     "intention": "allow", "rule": "web => api (allow)", "request_id": "...", "trace_id": "..."}
+     "intention": "allow", "rule": "web => api (allow)", "request_id": "...",
+     "trace_id": "..."}
 
 `JSONFormat` (a JSON object whose string values are Envoy command operators) and `TextFormat`
 (a string of them) choose fields and names; the operators known here are listed in
