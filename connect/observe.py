@@ -1,8 +1,9 @@
 """What the listeners tell an observer about each exchange, and the mesh metrics kept from it.
 
-The HTTP listeners call an `ExchangeObserver` once per request, when it is over (the
-downstream protocol keeps the start time and the byte counts on the exchange only while an
-observer is set: a listener without one pays an attribute test per request). The L4
+The HTTP listeners call an `ExchangeObserver` at three points of each request: its routed
+head, the response head, and when it is over (the downstream protocol keeps the start time
+and the byte counts on the exchange only while an observer is set: a listener without one
+pays an attribute test per request). The L4
 listeners call a `ConnectionObserver` when a relayed connection opens and when it closes.
 
 `MeshMetrics` is the observer behind `/metrics`: per label tuple, plain int counters and
@@ -110,6 +111,13 @@ def status_of(response: bytes) -> int:
 
 
 class ExchangeObserver(Protocol):
+    """Three calls per exchange: its head (routed: `ex.cluster` and `ex.route` are set,
+    `ex.head` is what goes upstream), the response head it gets (`ex.status`), and done."""
+
+    def request(self, ex: Exchange, peer: Peer | None) -> None: ...
+
+    def response(self, ex: Exchange) -> None: ...
+
     def done(self, ex: Exchange, peer: Peer | None, duration: float) -> None:
         """`ex` is over, `duration` seconds after its head arrived: answered with
         `ex.status` (0: none could be sent), `ex.flags` (Envoy's short codes, "-" for none);
@@ -315,6 +323,12 @@ class HTTPSide:
             "-",
             s.security,
         )
+
+    def request(self, ex: Exchange, peer: Peer | None) -> None:
+        pass  # metrics are taken when it is done
+
+    def response(self, ex: Exchange) -> None:
+        pass
 
     def done(self, ex: Exchange, peer: Peer | None, duration: float) -> None:
         status, flags = ex.status, ex.flags

@@ -326,6 +326,10 @@ class Downstream(asyncio.Protocol):
             if not verdict.allowed:
                 ex.denied = True
                 listener.stats.requests_denied += 1
+        if ex.start:
+            observer = listener.observer
+            assert observer is not None
+            observer.request(ex, self.peer)
         self.parsing = ex
         self.queue.append(ex)
         if len(self.queue) == 1:
@@ -475,6 +479,9 @@ class Downstream(asyncio.Protocol):
                 ex.upstream = f"{t.host}:{t.port}" if t is not None else conn.key
             if ex.tries > 1 and status >= 500:
                 ex.flags = "URX"  # the retries were spent and it still failed
+            observer = self.listener.observer
+            if observer is not None:
+                observer.response(ex)
         framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:
