@@ -38,10 +38,14 @@ dev: $(STAMP)
 	$(BIN)/meshlet dev
 
 # The agent at scale: 1,000 upstreams x 10 instances plus one of 10,000; figures printed.
-# Then the sidecar pair against haproxy (needs haproxy, nginx, wrk; see bench/README.md).
+# Then the sidecar pair against haproxy (needs haproxy, nginx, wrk; see bench/README.md),
+# then what metrics and access logs cost per request (http_pair_micro.py, in one process).
 bench: $(STAMP)
 	$(BIN)/python bench/agent_scale.py
 	$(BIN)/python bench/proxy_bench.py
+	$(BIN)/python bench/http_pair_micro.py --requests 10000
+	$(BIN)/python bench/http_pair_micro.py --requests 10000 --metrics
+	$(BIN)/python bench/http_pair_micro.py --requests 10000 --access-log
 
 # py-consul's own test suite against `meshlet dev` (see compat/README.md).
 compat: $(STAMP)

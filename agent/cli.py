@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.intentions_cli import add_parser as add_intentions_command
     from agent.routes_cli import add_parser as add_routes_command
     from agent.status_cli import add_status_command
+    from agent.top import add_top_command
     from agent.version_cli import VersionAction, add_version_command
 
     parser = argparse.ArgumentParser(prog="meshlet", description=__doc__)
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cert(sub)
     add_agent_command(sub)
     add_status_command(sub)
+    add_top_command(sub)
     add_intentions_command(sub)
     add_inject_command(sub)
     add_routes_command(sub)

@@ -32,6 +32,7 @@ import yaml
 from agent.consul_blocking import parse_duration
 from agent.consul_config import ConsulConfig, config_from_env
 from agent.consul_errors import ConsulConfigError
+from connect.access_log import parse_access_logs
 from intentions.path_normalization import PathNormalization
 
 # ---- field metadata ----------------------------------------------------------------------------
@@ -408,6 +409,61 @@ class ShutdownSection:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AccessLogsSection:
+    """Overrides of the proxy-defaults entry's AccessLogs block (connect/access_log.py); a key
+    left unset follows Consul's."""
+
+    enabled: bool | None = field(
+        default=None, metadata=_doc("Log every request and connection (unset: proxy-defaults).")
+    )
+    type: Literal["file", "stdout", "stderr"] | None = field(
+        default=None, metadata=_doc("Where lines go: file, stdout or stderr.")
+    )
+    path: str = field(default="", metadata=_doc("The file, when type is file."))
+    json_format: str = field(
+        default="", metadata=_doc("A JSON object of Envoy operators (%START_TIME%, %REQ(:PATH)%).")
+    )
+    text_format: str = field(default="", metadata=_doc("A line of Envoy operators."))
+    disable_listener_logs: bool | None = field(
+        default=None, metadata=_doc("Accepted as Consul's; meshlet has no listener rejections.")
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys set here, by their snake_case AccessLogs names."""
+        out: dict[str, Any] = {}
+        for name in ("enabled", "type", "disable_listener_logs"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        for name in ("path", "json_format", "text_format"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        return out
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.enabled:
+            try:
+                parse_access_logs(self.overrides())
+            except ValueError as exc:
+                yield "", str(exc)
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySection:
+    metrics_address: str = field(
+        default="",
+        metadata=_doc(
+            "A metrics-only listener serving /metrics (e.g. 0.0.0.0:20200, like Consul's "
+            "envoy_prometheus_bind_addr), so a Prometheus elsewhere can scrape while admin "
+            "stays on loopback. Empty: /metrics on the admin listener only."
+        ),
+    )
+    access_logs: AccessLogsSection = field(
+        default_factory=AccessLogsSection, metadata=_doc("Access-log overrides.")
+    )
+
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -431,6 +487,9 @@ class AgentConfig:
     )
     shutdown: ShutdownSection = field(
         default_factory=ShutdownSection, metadata=_doc("Draining on SIGTERM.")
+    )
+    telemetry: TelemetrySection = field(
+        default_factory=TelemetrySection, metadata=_doc("Metrics listener and access logs.")
     )
     log_level: LogLevel = field(default="info", metadata=_doc("debug, info, warning or error."))
     consul_client: ConsulConfig = field(

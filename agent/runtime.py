@@ -43,9 +43,10 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
+from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
-from agent.sidecar import Sidecar, live_changes, needs_restart
+from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
 from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
@@ -154,7 +155,9 @@ class AgentRuntime:
     async def run(self) -> int:
         cfg = self.config.get()
         host, _, port = cfg.admin.address.rpartition(":")
-        self.admin = AdminServer(self, host.strip("[]"), int(port))
+        self.admin = AdminServer(
+            self, host.strip("[]"), int(port), extra_routes=[metrics_route(self.metrics_snapshot)]
+        )
         try:
             await self.admin.start()
         except OSError as exc:
@@ -182,6 +185,20 @@ class AgentRuntime:
             self.admin.address,
             cfg.consul_client.base_url,
         )
+        metrics: MetricsServer | None = None
+        if cfg.telemetry.metrics_address:
+            metrics = MetricsServer(self.metrics_snapshot, cfg.telemetry.metrics_address)
+            try:
+                await metrics.start()
+            except OSError as exc:
+                log.error(
+                    "cannot listen on telemetry.metrics_address %s: %s",
+                    cfg.telemetry.metrics_address,
+                    exc.strerror,
+                )
+                await self.admin.close()
+                return bind_exit_code(exc.errno)
+            log.info("metrics at http://%s/metrics", metrics.address)
         try:
             async with ConsulClient(cfg.consul_client) as consul:
                 self._consul = consul
@@ -221,6 +238,8 @@ class AgentRuntime:
                     for watch in self._watches.values():
                         watch.task.cancel()
         finally:
+            if metrics is not None:
+                await metrics.close()
             await self.admin.close()
         log.info("meshlet agent stopped")
         return self._exit_code
@@ -559,6 +578,45 @@ class AgentRuntime:
             "tasks": len(asyncio.all_tasks()),
         }
 
+    def metrics_snapshot(self) -> Mapping[str, Any]:
+        """What /metrics renders (agent.metrics): the proxy counters summed over every
+        process, and this process's view of the watches, the leaf and the endpoints."""
+        watches: dict[str, Any] = {}
+        rejected = 0
+        endpoints: dict[str, int] = {}
+        for key, watch in self._watches.items():
+            st = watch.watcher.state
+            watches[f"health:{key.name}"] = {
+                "failures": st.failures,
+                "last_success": st.last_success,
+            }
+            rejected += st.rejected
+            snap = watch.watcher.latest.get()
+            endpoints[key.name] = len(snap.endpoints) if snap is not None else 0
+        snapshot: dict[str, Any] = {
+            "watches": watches,
+            "endpoints": endpoints,
+            "snapshots_rejected": rejected,
+        }
+        side = self.sidecar
+        if side is not None:
+            st = side.intentions_watch.state
+            watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
+            pd = side.proxy_defaults_watch.state
+            watches["proxy-defaults"] = {"failures": pd.failures, "last_success": pd.last_success}
+            snapshot["snapshots_rejected"] = (
+                rejected + st.rejected + pd.rejected + side.intentions_broken_total
+            )
+            snapshot["leaf_expires_at"] = side.leaf_expiry()
+            material = side.rotator.current if side.rotator is not None else None
+            snapshot["roots_generation"] = material.generation if material is not None else 0
+            own = side.counters()
+            workers = self.supervisor.workers if self.supervisor is not None else []
+            counters = sum_counters([own, *(w.stats for w in workers)])
+            snapshot["counters"] = counters
+            snapshot["mesh"] = counters.get("mesh", {})
+        return snapshot
+
     def _workers_status(self) -> Mapping[str, Any] | None:
         """The worker processes, and `stats_total`: the proxy counters of every process
         (this one's are `proxy.stats`; a worker's restart from zero when it restarts)."""
@@ -566,9 +624,15 @@ class AgentRuntime:
             return None
         own = self.sidecar.counters()
         if self.supervisor is None:
-            return {"count": 1, "processes": [], "stats_total": own}
+            total = own
+        else:
+            total = sum_counters([own, *(w.stats for w in self.supervisor.workers)])
+        # /metrics shows the rest (they are big).
+        total = {k: v for k, v in total.items() if k not in METRICS_ONLY}
+        if self.supervisor is None:
+            return {"count": 1, "processes": [], "stats_total": total}
         status = dict(self.supervisor.status())
-        status["stats_total"] = sum_counters([own, *(w.stats for w in self.supervisor.workers)])
+        status["stats_total"] = total
         return status
 
 

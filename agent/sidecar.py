@@ -52,8 +52,10 @@ from agent.config import AgentConfig
 from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf
+from agent.metrics import process_counters
 from agent.readiness import Readiness
-from agent.watches import BlockingWatch, WatchSettings, unindexed
+from agent.watches import AnswerRejected, BlockingWatch, WatchSettings, unindexed
+from connect.access_log import AccessLog, AccessLogSettings, effective_settings
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.heap_trim import HeapTrimmer
@@ -61,6 +63,7 @@ from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
+from connect.observe import Telemetry
 from connect.sidecar import InboundSpec, Plan, SidecarSpec, UpstreamSpec, bind_address
 from connect.sidecar import Sidecar as DataPlane
 from connect.stats import ProxyStats
@@ -72,6 +75,8 @@ from intentions.stored import compile_stored, destination_of
 log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
+METRICS_ONLY = frozenset({"mesh", "clusters", "process", "access_log"})
+"""Counters a worker reports for /metrics that /v1/status does not show (they are big)."""
 
 _FIRST_ENDPOINTS_WAIT = 10.0
 """Seconds a reload waits for a new upstream's first endpoints before opening its port."""
@@ -166,6 +171,8 @@ def live_changes(old: AgentConfig, new: AgentConfig) -> AgentConfig:
         certs=old.certs,
         service=old.service,
         sidecar=dataclasses.replace(old.sidecar, upstreams=new.sidecar.upstreams),
+        # The metrics listener is bound once; access logs follow a reload.
+        telemetry=dataclasses.replace(new.telemetry, metrics_address=old.telemetry.metrics_address),
     )
 
 
@@ -212,6 +219,23 @@ class Sidecar:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self.stats = ProxyStats()
+        self.telemetry = Telemetry(config.service.name)
+        """What the listeners observe (connect.observe): /metrics and the access log."""
+        self.access_log = AccessLog(AccessLogSettings())
+        """Off (denied requests only, on stderr) until proxy-defaults or agent.yaml enable it."""
+        self.telemetry.access_log = self.access_log
+        self._access_logs_raw: Mapping[str, Any] | None = None
+        """The proxy-defaults entry's AccessLogs block, as last accepted."""
+        self.proxy_defaults_watch: BlockingWatch[tuple[Mapping[str, Any], ...], AccessLogSettings]
+        self.proxy_defaults_watch = BlockingWatch(
+            "proxy-defaults",
+            self._fetch_proxy_defaults,
+            self._decode_proxy_defaults,
+            AccessLogSettings(),
+            settings,
+            rng=self._rng,
+            clock=clock,
+        )
         self.rotator: LeafRotator | None = None
         self.tls: DynamicTLS | None = None
         self.leaf_error = ""
@@ -367,7 +391,7 @@ class Sidecar:
                 for r in (self.proxy.running.values() if self.proxy is not None else ())
             },
             "heap_trims": self.heap.trims,
-            "stats": self.counters(),
+            "stats": {k: v for k, v in self.counters().items() if k not in METRICS_ONLY},
         }
 
     def counters(self) -> dict[str, Any]:
@@ -379,6 +403,17 @@ class Sidecar:
             "upstream_refusals": {
                 name: upstream.refusal_counts() for name, upstream in upstreams.items()
             },
+            "mesh": self.telemetry.metrics.export(),
+            "clusters": {
+                name: {
+                    "overflows": dict(up.cluster.overflows),
+                    "ejections": up.cluster.ejections,
+                    "ejected": len(up.cluster.ejected),
+                }
+                for name, up in upstreams.items()
+            },
+            "process": process_counters(),
+            "access_log": {"dropped": self.access_log.dropped, "written": self.access_log.written},
         }
 
     # ---- the tasks ---------------------------------------------------------------------------
@@ -398,8 +433,12 @@ class Sidecar:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._rotate(), name="leaf rotation")
             tg.create_task(self.intentions_watch.run(), name="intentions watch")
+            tg.create_task(self.proxy_defaults_watch.run(), name="proxy-defaults watch")
+            tg.create_task(self._follow_access_logs(), name="access log settings")
+            tg.create_task(self.access_log.run(), name="access log writer")
             material = await self.rotator.ready()
             self.tls = DynamicTLS(material)
+            self.telemetry.principal = material.leaf.service_uri
             log.info("leaf %s held (generation %d)", material.leaf.service_uri, material.generation)
             tg.create_task(self._follow_leaf(self.tls), name="leaf follower")
             await self.intentions.changed(0)
@@ -422,6 +461,7 @@ class Sidecar:
                 rng=self._rng,
                 reuse_port=self._reuse_port,
                 claim_ports=self._claim_ports,
+                telemetry=self.telemetry,
             )
             await self.proxy.apply(sidecar_spec(self.config, tls.material.leaf.service_uri))
             tg.create_task(self.heap.run(), name="heap trimmer")
@@ -433,6 +473,7 @@ class Sidecar:
         before the listeners are up: they then start from this config. Raises `OSError` for
         a listener that cannot bind (the others are applied)."""
         self.config = config
+        self._apply_access_logs()
         if self.proxy is None or self.tls is None or self._closed:
             return None
         spec = sidecar_spec(config, self.tls.material.leaf.service_uri)
@@ -507,6 +548,49 @@ class Sidecar:
     async def _default_of(self, consul: ConsulClient) -> tuple[bool, str]:
         me = await consul.agent.self()
         return default_allow(me.raw)
+
+    async def _fetch_proxy_defaults(
+        self, index: int, wait: float
+    ) -> Indexed[tuple[Mapping[str, Any], ...]]:
+        consul = self._consul
+        assert consul is not None, "the proxy-defaults watch runs inside run()"
+        return await consul.config_entries.list("proxy-defaults", index=index, wait=wait)
+
+    def _decode_proxy_defaults(
+        self, entries: tuple[Mapping[str, Any], ...], index: int
+    ) -> AccessLogSettings:
+        """The access-log settings the entry and agent.yaml give; an entry meshlet cannot use
+        is refused (counted as a rejected snapshot) and the settings in force stay."""
+        raw = next((e.get("AccessLogs") for e in entries if e.get("Name") == "global"), None)
+        if raw is not None and not isinstance(raw, Mapping):
+            raise AnswerRejected("proxy-defaults global: AccessLogs is not an object")
+        try:
+            settings = effective_settings(raw, self.config.telemetry.access_logs.overrides())
+        except ValueError as exc:
+            raise AnswerRejected(f"proxy-defaults global (index {index}): {exc}") from None
+        self._access_logs_raw = raw
+        return settings
+
+    async def _follow_access_logs(self) -> None:
+        latest = self.proxy_defaults_watch.latest
+        version = latest.version
+        self._apply_access_logs()
+        while True:
+            version, _ = await latest.changed(version)
+            self._apply_access_logs()
+
+    def _apply_access_logs(self) -> None:
+        """Consul's block with agent.yaml's overrides, as they are now (after a reload too)."""
+        try:
+            settings = effective_settings(
+                self._access_logs_raw, self.config.telemetry.access_logs.overrides()
+            )
+        except ValueError as exc:
+            log.error("access logs unchanged: %s", exc)
+            return
+        if settings != self.access_log.settings:
+            log.info("access logs: %s", "on" if settings.enabled else "off (denials only)")
+            self.access_log.settings = settings
 
     async def _fetch_intentions(self, index: int, wait: float) -> Indexed[IntentionsAnswer]:
         """The intentions watch's read: the entries, and the default decision (read again

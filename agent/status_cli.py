@@ -1,4 +1,12 @@
-"""`meshlet status`: the agent's /v1/status as tables, for people at a terminal."""
+"""`meshlet status`: the agent's /v1/status as tables, for people at a terminal.
+
+Exit codes (for scripts and probes):
+
+    0  ready and not degraded
+    1  the admin API could not be read (the agent is not running, or not at --admin-addr)
+    3  not ready (the reasons are printed)
+    4  ready but degraded (e.g. a destination's intentions cannot be enforced)
+"""
 
 from __future__ import annotations
 
@@ -59,6 +67,32 @@ def _refusals(status: Mapping[str, Any]) -> Mapping[str, Mapping[str, int]]:
     return refusals
 
 
+def _trouble(status: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Watch errors, rejected snapshots and refused handshakes: what an operator looks for
+    first when traffic fails (the worker group's totals when there are workers)."""
+    proxy = status.get("proxy") or {}
+    intentions = proxy.get("intentions") or {}
+    ups = status.get("upstreams") or []
+    errors = sum(int(u.get("failures") or 0) for u in ups) + int(intentions.get("failures") or 0)
+    rejected = sum(int(u.get("rejected") or 0) for u in ups) + int(
+        intentions.get("broken_total") or 0
+    )
+    stats = (status.get("workers") or {}).get("stats_total") or proxy.get("stats") or {}
+    reasons = stats.get("handshake_failures") or {}
+    limits = stats.get("connections_refused_limit") or {}
+    refused = int(stats.get("handshakes_failed") or 0)
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v)
+    over = sum(int(v) for v in limits.values())
+    return [
+        ("watch errors", str(errors)),
+        ("rejected snapshots", str(rejected)),
+        (
+            "refused handshakes",
+            f"{refused}" + (f" ({detail})" if detail else "") + f", over the cap {over}",
+        ),
+    ]
+
+
 def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) -> str:
     """The status as text: a summary table, then one row per upstream (pure, for tests)."""
     reg, side, consul = status["registration"], status["sidecar"], status["consul"]
@@ -96,6 +130,7 @@ def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) ->
         summary.append(("trust domain", leaf_state["trust_domain"]))
     if leaf_state.get("problem"):
         summary.append(("leaf problem", leaf_state["problem"]))
+    summary += _trouble(status)
     workers = status.get("workers") or {}
     for w in workers.get("processes", ()):
         if w["state"] == "running":
@@ -160,4 +195,6 @@ def _run_status(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
         sys.stdout.write(render(body, time.time(), endpoints=args.endpoints))
-    return 0 if body.get("ready") else 3
+    if not body.get("ready"):
+        return 3
+    return 4 if body.get("degraded") else 0

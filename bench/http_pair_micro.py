@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import random
 import sys
 import tempfile
@@ -24,12 +25,14 @@ from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from connect.access_log import AccessLog, AccessLogSettings
 from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Target, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
+from connect.observe import Telemetry
 from connect.seams import PeerCache
 from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
@@ -126,6 +129,17 @@ async def run(args: argparse.Namespace) -> None:
         rng=random.Random(1),
     )
     outbound = OutboundHTTP(upstream)
+    writer: asyncio.Task[None] | None = None
+    if args.metrics or args.access_log:
+        # What the agent attaches (connect.observe): both sidecars count every exchange.
+        telemetry = Telemetry("bench", spiffe("web"))
+        inbound.observer = telemetry.http(telemetry.inbound("http"))
+        outbound.observer = telemetry.http(telemetry.upstream("api", "http"))
+        if args.access_log:
+            # Every request logged by both sidecars, formatted and written (to /dev/null).
+            access = AccessLog(AccessLogSettings(enabled=True, type="file", path=os.devnull))
+            telemetry.access_log = access
+            writer = loop.create_task(access.run())
     await outbound.start()
 
     async def round_(total: int) -> tuple[float, float]:
@@ -153,11 +167,14 @@ async def run(args: argparse.Namespace) -> None:
         wall, cpu = await round_(args.requests)
         best_cpu = min(best_cpu, cpu / args.requests * 1e6)
         best_rps = max(best_rps, args.requests / wall)
+    observing = "metrics+access-log" if args.access_log else "metrics" if args.metrics else "off"
     print(
         f"requests={args.requests} connections={args.connections} rounds={args.rounds} "
-        f"loop={'uvloop' if args.uvloop else 'asyncio'}: "
+        f"loop={'uvloop' if args.uvloop else 'asyncio'} observing={observing}: "
         f"best CPU {best_cpu:.1f} us/request (whole process), best {best_rps:,.0f} req/s"
     )
+    if writer is not None:
+        writer.cancel()
     await outbound.close(grace=0)
     await inbound.close(grace=0)
     app.close()
@@ -170,6 +187,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument(
+        "--metrics", action="store_true", help="attach the metrics observers (connect.observe)"
+    )
+    parser.add_argument(
+        "--access-log", action="store_true", help="metrics and an access log of every request"
+    )
     args = parser.parse_args()
     if args.uvloop:
         import uvloop

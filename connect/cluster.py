@@ -179,6 +179,7 @@ class Cluster:
         "active",
         "connections",
         "ejected",
+        "ejections",
         "endpoints",
         "limited",
         "limits",
@@ -208,6 +209,8 @@ class Cluster:
         """Refusals by circuit-breaking limit name."""
         self.ejected: dict[str, float] = {}
         """Endpoint key -> the time its ejection ends."""
+        self.ejections = 0
+        """Ejections since start (for the metrics)."""
         self._failures: dict[tuple[int, str], int] = {}
         """(policy index, endpoint key) -> outcomes from its `on` in a row (while not zero)."""
         self._times: dict[tuple[int, str], int] = {}
@@ -359,3 +362,4 @@ class Cluster:
             duration = min(policy.eject_for * times, max(policy.max_eject_for, policy.eject_for))
         key = run_key[1]
         self.ejected[key] = max(self.ejected.get(key, 0.0), now + duration)
+        self.ejections += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -27,6 +28,8 @@ from connect.cluster import Cluster, Outcome
 from connect.dial import DialFailed, Upstream, dial_failover
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
+from connect.observe import ConnectionObserver
+from connect.seams import Peer
 from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.l4")
@@ -45,7 +48,20 @@ class RelayLimits:
 class _Relay:
     """The state both legs share: activity for the idle timer, and teardown."""
 
-    __slots__ = ("a", "active", "b", "closed", "idle_handle", "limits", "linked", "on_done")
+    __slots__ = (
+        "a",
+        "active",
+        "b",
+        "closed",
+        "flags",
+        "idle_handle",
+        "limits",
+        "linked",
+        "on_done",
+        "peer",
+        "start",
+        "upstream",
+    )
 
     def __init__(self, limits: RelayLimits, on_done: Callable[[_Relay], None]) -> None:
         self.a = _Leg(self)
@@ -58,6 +74,13 @@ class _Relay:
         self.linked = False
         self.on_done = on_done
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.start = 0.0
+        """Wall-clock time it was accepted, set only while the listener has an observer."""
+        self.flags = "-"
+        """Envoy's response flags for how it ended (connect.observe)."""
+        self.peer: Peer | None = None
+        self.upstream = ""
+        """host:port it was relayed to."""
 
     def start_idle_timer(self) -> None:
         self.idle_handle = asyncio.get_running_loop().call_later(
@@ -98,7 +121,7 @@ class _Relay:
 
 
 class _Leg(asyncio.Protocol):
-    __slots__ = ("eof", "is_tls", "other", "pending", "relay", "transport")
+    __slots__ = ("eof", "is_tls", "nbytes", "other", "pending", "relay", "transport")
 
     def __init__(self, relay: _Relay) -> None:
         self.relay = relay
@@ -107,6 +130,8 @@ class _Leg(asyncio.Protocol):
         self.eof = False
         self.is_tls = False
         self.pending: list[bytes] = []
+        self.nbytes = 0
+        """Bytes read on this leg (what the observer reports when the relay ends)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast("asyncio.Transport", transport)
@@ -119,6 +144,7 @@ class _Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.relay.active = True
+        self.nbytes += len(data)
         other = self.other.transport
         if other is None:
             # start_tls hands over decrypted bytes that arrived with the handshake before
@@ -211,8 +237,25 @@ class _Listener(ListeningSocket):
         self.relays: set[_Relay] = set()
         self._drained: asyncio.Event | None = None
 
+    observer: ConnectionObserver | None = None
+    """Told when a relay opens and closes (connect.observe)."""
+
     def _done(self, relay: _Relay) -> None:
         self.relays.discard(relay)
+        observer = self.observer
+        if relay.start and observer is not None:
+            start, relay.start = relay.start, 0.0
+            try:
+                observer.closed(
+                    relay.peer,
+                    received=relay.a.nbytes,
+                    sent=relay.b.nbytes,
+                    flags=relay.flags,
+                    start=start,
+                    upstream=relay.upstream,
+                )
+            except Exception:
+                log.exception("connection observer failed")
         if not self.relays and self._drained is not None:
             self._drained.set()
 
@@ -265,6 +308,9 @@ class OutboundL4(_Listener):
     def accepted(self, leg: _AcceptedLeg) -> None:
         self.relays.add(leg.relay)
         self.stats.connections += 1
+        if self.observer is not None:
+            leg.relay.start = time.time()
+            self.observer.opened(None)
         self._spawn(self._dial(leg.relay))
 
     async def _dial(self, relay: _Relay) -> None:
@@ -273,6 +319,7 @@ class OutboundL4(_Listener):
             over = primary.admit(new_connection=True)
             if over is not None:
                 log.warning("upstream %s: circuit breaker: %s", self.upstream.name, over)
+                relay.flags = "UO"
                 relay.abort()
                 return
         try:
@@ -280,6 +327,7 @@ class OutboundL4(_Listener):
         except DialFailed as err:
             self.stats.no_endpoint += 1
             log.warning("upstream %s: %s", self.upstream.name, err)
+            relay.flags = "UF"
             relay.abort()
             return
         if relay.closed:
@@ -290,6 +338,7 @@ class OutboundL4(_Listener):
             return
         upstream.cluster.connections += 1
         self.dialed[relay] = (upstream.cluster, target)
+        relay.upstream = f"{target.host}:{target.port}"
         _link(relay)
 
     def _done(self, relay: _Relay) -> None:
@@ -326,10 +375,16 @@ class InboundL4(_Listener):
 
     def accepted(self, leg: _AcceptedLeg) -> None:
         assert leg.transport is not None
-        if self.gate.admit(leg.transport) is None:
+        peer = self.gate.admit(leg.transport)
+        if peer is None:
             leg.relay.closed = True  # refused before the relay existed: nothing to finish
             return
         self.relays.add(leg.relay)
+        if self.observer is not None:
+            relay = leg.relay
+            relay.start, relay.peer = time.time(), peer
+            relay.upstream = f"{self.app_host}:{self.app_port}"
+            self.observer.opened(peer)
         self._spawn(self._dial(leg.relay))
 
     async def _dial(self, relay: _Relay) -> None:
@@ -342,6 +397,7 @@ class InboundL4(_Listener):
         except (OSError, TimeoutError) as err:
             self.stats.upstream_failures += 1
             log.warning("local app %s:%s: %s", self.app_host, self.app_port, err)
+            relay.flags = "UF"
             relay.abort()
             return
         _link(relay)

@@ -42,6 +42,7 @@ from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.latest import Latest
 from connect.listener import ConnectionLimits
+from connect.observe import Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
 from connect.stats import ProxyStats
@@ -290,8 +291,12 @@ class Sidecar(Generic[S]):
         claim_ports: bool = False,
         balancer: BalancerConfig | None = None,
         resume_tls: bool = True,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        """`reuse_port`: bind with SO_REUSEPORT (several processes serve the same ports).
+        """`telemetry`: every listener reports its exchanges and connections to it
+        (connect.observe); None: no observer, nothing measured.
+
+        `reuse_port`: bind with SO_REUSEPORT (several processes serve the same ports).
         `claim_ports`: first check that no other socket holds a port this process starts
         listening on (the group's first process), so a port taken by a stranger fails as it
         does without SO_REUSEPORT instead of being silently shared."""
@@ -311,6 +316,7 @@ class Sidecar(Generic[S]):
         self._claim_ports = claim_ports
         self._balancer = balancer if balancer is not None else BalancerConfig()
         self._resume_tls = resume_tls
+        self.telemetry = telemetry
         self._draining: dict[asyncio.Task[None], Running] = {}
         """Listeners removed or replaced, still serving their open connections."""
         self._lock = asyncio.Lock()
@@ -407,6 +413,8 @@ class Sidecar(Generic[S]):
                 local_uri=spec.local_uri,
                 path_normalization=spec.path_normalization,
             )
+            if self.telemetry is not None:
+                listener.observer = self.telemetry.http(self.telemetry.inbound("http"))
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.
             gate = InboundGate(
@@ -417,6 +425,8 @@ class Sidecar(Generic[S]):
                 current_ssl=tls.server,
             )
             listener = InboundL4(gate, spec.app_host, spec.app_port)
+            if self.telemetry is not None:
+                listener.observer = self.telemetry.tcp(self.telemetry.inbound("tcp"))
         return Running(spec, listener)
 
     def _build_upstream(self, spec: UpstreamSpec) -> Running:
@@ -440,6 +450,12 @@ class Sidecar(Generic[S]):
             if spec.protocol == "http"
             else OutboundL4(upstream, stats=self.stats)
         )
+        if self.telemetry is not None:
+            side = self.telemetry.upstream(spec.name, "http" if spec.protocol == "http" else "tcp")
+            if isinstance(listener, OutboundHTTP):
+                listener.observer = self.telemetry.http(side)
+            elif isinstance(listener, OutboundL4):
+                listener.observer = self.telemetry.tcp(side)
         return Running(spec, listener, upstream, endpoints)
 
     async def _follow(self, spec: UpstreamSpec, latest: Latest[S], endpoints: _Endpoints) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -51,6 +52,7 @@ from connect.http1_headers import (
     xfcc_element,
 )
 from connect.http_target import BadTarget, with_authority
+from connect.observe import ExchangeObserver, status_of
 from connect.routes import DEFAULT_RETRY
 from connect.seams import Peer
 
@@ -65,6 +67,10 @@ __all__ = ["Downstream"]
 class _HeaderLimit(Exception):
     pass
 
+
+_REFUSAL_FLAGS = {502: "UF", 503: "UH", 504: "UT"}
+"""Envoy's flag for an answer the proxy made because no upstream could take the request
+(the origin names overflow, UO, itself)."""
 
 _IDLE, _HEAD, _BUSY = 0, 1, 2
 """Only _HEAD matters to the header timeout; the others are for reading the code."""
@@ -179,9 +185,13 @@ class Downstream(asyncio.Protocol):
         self.listener.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
+        observer = self.listener.observer
         for ex in self.queue:
             if ex.route is not None or ex.try_deadline is not None:
                 self._stop_timers(ex)
+            if ex.start and observer is not None:
+                # Cut short: by the client (DC) unless the proxy gave up first (UC, UT).
+                self._observed(observer, ex, "DC" if ex.flags == "-" else ex.flags)
             conn = ex.conn
             if conn is not None:
                 ex.conn = None
@@ -306,12 +316,20 @@ class Downstream(asyncio.Protocol):
         self.state = _BUSY
         self.head_bytes = 0
         listener.stats.requests += 1
+        if listener.observer is not None:
+            ex.start = time.monotonic()
         authorize = listener.authorize
         if authorize is not None and self.peer is not None:
             verdict = authorize(self.peer, method, target, facts.host, headers)
+            if ex.start:
+                ex.verdict = verdict
             if not verdict.allowed:
                 ex.denied = True
                 listener.stats.requests_denied += 1
+        if ex.start:
+            observer = listener.observer
+            assert observer is not None
+            observer.request(ex, self.peer)
         self.parsing = ex
         self.queue.append(ex)
         if len(self.queue) == 1:
@@ -319,7 +337,11 @@ class Downstream(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
-        if ex is None or ex.denied:
+        if ex is None:
+            return
+        if ex.start:
+            ex.rx += len(body)
+        if ex.denied:
             return
         conn = ex.conn
         if conn is None or conn.transport is None:
@@ -356,7 +378,10 @@ class Downstream(asyncio.Protocol):
         if ex.denied:
             transport = self.transport
             assert transport is not None
-            transport.write(ex.on_denied().response)
+            answer = ex.on_denied().response
+            if ex.start:
+                ex.status = 403
+            transport.write(answer)
             if ex.body_done or not ex.keep_alive:
                 self._finish(ex)  # else once the body has been read (on_message_complete)
             return
@@ -417,6 +442,10 @@ class Downstream(asyncio.Protocol):
             return
         if (ex.has_body and not ex.body_done) or ex.upgrade:
             ex.keep_alive = False
+        if ex.start:
+            ex.status = status_of(response)
+            if ex.flags == "-":
+                ex.flags = _REFUSAL_FLAGS.get(ex.status, "-")
         transport.write(response)
         self._finish(ex)
 
@@ -443,6 +472,16 @@ class Downstream(asyncio.Protocol):
         key = conn.key if conn is not None else ""
         if ex.on_response_head(status, facts.retriable, self.listener.may_redo, key) is not FORWARD:
             return  # Retry: the answer is swallowed, the request goes again once it ends
+        if ex.start:
+            ex.status = status
+            if conn is not None:
+                t = conn.target
+                ex.upstream = f"{t.host}:{t.port}" if t is not None else conn.key
+            if ex.tries > 1 and status >= 500:
+                ex.flags = "URX"  # the retries were spent and it still failed
+            observer = self.listener.observer
+            if observer is not None:
+                observer.response(ex)
         framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:
@@ -471,13 +510,16 @@ class Downstream(asyncio.Protocol):
             self.transport.writelines(lines)
 
     def response_body(self, body: bytes) -> None:
-        if self.queue[0].redo:
+        ex = self.queue[0]
+        if ex.redo:
             return
+        if ex.start:
+            ex.tx += len(body)
         out = self.out
         if out is None:
             out = []
             self.out = out
-        if self.queue[0].resp_chunked:
+        if ex.resp_chunked:
             out += (b"%x\r\n" % len(body), body, CRLF)
         else:
             out.append(body)
@@ -534,10 +576,13 @@ class Downstream(asyncio.Protocol):
             self.response_done(conn, reusable=False)
             return
         if action is CLOSE:
+            ex.flags = "UC"
             if self.transport is not None:
                 self.transport.abort()
             return
         self._detach(ex, conn, ex.outcome)
+        if isinstance(action, Answer):
+            ex.flags = "UC"
         self._act(ex, action)
 
     def _detach(self, ex: Exchange, conn: UpConn, outcome: Outcome) -> None:
@@ -559,6 +604,8 @@ class Downstream(asyncio.Protocol):
             return
         conn = ex.conn
         action = ex.on_timeout(conn.key if conn is not None else None, try_only)
+        if ex.start and not isinstance(action, Retry):
+            ex.flags = "UT"
         if action is CLOSE:
             transport.abort()
             return
@@ -627,6 +674,16 @@ class Downstream(asyncio.Protocol):
             self.transport.write(rest)
         self._resume()
 
+    def _observed(self, observer: ExchangeObserver, ex: Exchange, flags: str) -> None:
+        start, ex.start = ex.start, 0.0  # told once
+        duration = time.monotonic() - start
+        try:
+            ex.flags = flags
+            observer.done(ex, self.peer, duration)
+        except Exception:
+            # Observing must never break the exchange it observes.
+            log.exception("exchange observer failed")
+
     def _upgrade_requested(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request (or a CONNECT). What follows is the new
         protocol only once the upstream has answered 101; until then it may as well be a
@@ -666,6 +723,10 @@ class Downstream(asyncio.Protocol):
     def _finish(self, ex: Exchange) -> None:
         if ex.route is not None or ex.try_deadline is not None:
             self._stop_timers(ex)
+        if ex.start:
+            observer = self.listener.observer
+            if observer is not None:
+                self._observed(observer, ex, ex.flags)
         if self.out:
             # Batched bytes of this response must precede a close or the next response.
             pending, self.out = self.out, []

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from connect.http1.upstream import UpConn
+    from connect.seams import Verdict
 
 __all__ = [
     "CLOSE",
@@ -139,6 +140,21 @@ class Exchange:
     try_deadline: asyncio.TimerHandle | None = None
     """The shell's timer for the route's per-try timeout, or for the back-off before a
     retry (RetryPolicy.delay), while it runs."""
+    start = 0.0
+    """time.monotonic() when its head arrived; set (non-zero) only while the listener has an
+    observer (connect.observe), which is then told about it when it is over."""
+    rx = 0
+    """Observed: request body bytes read from the client."""
+    tx = 0
+    """Observed: response body bytes sent back."""
+    status = 0
+    """Observed: the status of the answer the client got (0: none yet)."""
+    flags = "-"
+    """Observed: Envoy's response flags for how it went (connect.observe)."""
+    verdict: Verdict | None = None
+    """Observed: authorization's decision (inbound)."""
+    upstream = ""
+    """Observed: host:port (or endpoint key) of the upstream that answered."""
 
     def __init__(
         self,

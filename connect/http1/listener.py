@@ -20,6 +20,7 @@ from connect.http_target import TargetParser
 from connect.identity import IdentityError, parse_service
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
+from connect.observe import ExchangeObserver
 from connect.routes import RouteTable, default_table
 from connect.seams import RequestAuthorizer
 from connect.stats import ProxyStats
@@ -39,6 +40,8 @@ class HTTPListener(ListeningSocket):
     """Outbound without `routes`: the one table it ever has (read without a call)."""
     rng: random.Random = random.Random()
     """Outbound: for the routes' weighted splits."""
+    observer: ExchangeObserver | None = None
+    """Told about each exchange when it is over (connect.observe); None costs one test."""
 
     def __init__(
         self,

@@ -221,7 +221,10 @@ class MeshOrigin(Origin):
                 )
             except DialFailed as err:
                 reason = str(err)
+                ex.flags = "UF"  # Envoy's: endpoints were there, connecting to them failed
                 continue
+            if ex.flags == "UF":
+                ex.flags = "-"  # failed over: this one connected
             # Counted from here (a dial that failed its identity check never was).
             conn.cluster = up.cluster
             up.cluster.connections += 1
@@ -234,6 +237,7 @@ class MeshOrigin(Origin):
         if over is None:
             return False
         self.stats.no_endpoint += 1
+        ex.flags = "UO"
         down.refuse(ex, unavailable(f"circuit breaker: {over}", close=False))
         return True
 

@@ -96,7 +96,7 @@ def test_every_problem_is_reported_with_its_key_path() -> None:
         "admin.address": "must be a loopback address (127.0.0.1 or ::1), got 0.0.0.0",
         "extra": (
             "unknown key; expected one of: service, consul, sidecar, certs, admin, watch, "
-            "shutdown, log_level"
+            "shutdown, telemetry, log_level"
         ),
     }
 

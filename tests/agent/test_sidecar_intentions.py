@@ -238,6 +238,12 @@ async def test_an_entry_that_cannot_be_compiled_denies_everything_to_api_until_f
     assert "ready, degraded" in shown.stdout, shown.stderr
     assert "intentions for api cannot be enforced" in shown.stdout
     assert "Sentinel" in shown.stdout
+    # Degraded is its own exit code (agent/status_cli.py), and the table counts the refusal.
+    assert shown.returncode == 4, shown.stdout
+    rejected = next(line for line in shown.stdout.splitlines() if "rejected snapshots" in line)
+    assert rejected.split()[-1] == str(counted + 1)
+    assert "watch errors" in shown.stdout
+    assert "refused handshakes" in shown.stdout
 
     # Valid for Consul (it does not compile regexes on write) but not for meshlet.
     regex = {

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,29 @@ def test_a_worker_dies_with_its_parent(mesh: WorkersMesh) -> None:
 
 def listens_any(port: int) -> bool:
     return any(lp == port and st == _LISTEN for lp, _, st, _ in _tcp_sockets())
+
+
+def _scraped_requests(admin: str) -> float:
+    """istio_requests_total of the source reporter, summed over its series, from /metrics."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("istio_requests_total{") and 'reporter="source"' in line
+    )
+
+
+def test_one_scrape_counts_the_requests_of_every_process(mesh: WorkersMesh) -> None:
+    parent, worker = mesh.parent, mesh.worker
+    owners = [_through_upstream(mesh.web_upstream, f"/m{i}", (parent, worker)) for i in range(60)]
+    assert set(owners) == {parent, worker}, owners
+    # Workers report their counters at most once a second: wait for the total.
+    deadline = time.monotonic() + 30
+    while _scraped_requests(mesh.web_admin) < 60:
+        assert time.monotonic() < deadline, _scraped_requests(mesh.web_admin)
+        time.sleep(0.1)
+    assert _scraped_requests(mesh.web_admin) == 60
+    # The parent's own share is less than what one scrape returns.
+    own = status(mesh.web_admin)["proxy"]["stats"]["requests"]
+    assert own < 60

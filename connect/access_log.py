@@ -1,0 +1,394 @@
+"""Access logs: one line per HTTP request or relayed TCP connection, configured as Consul
+configures Envoy's (the proxy-defaults entry's `AccessLogs` block: Enabled, Type
+file/stdout/stderr, Path, JSONFormat/TextFormat, DisableListenerLogs).
+
+The proxy never waits for the log: `AccessLog.http`/`tcp` (connect.observe.AccessSink) put the
+finished exchange on a bounded queue (a full queue drops it and counts the drop), and a writer
+task formats what has queued up and writes it from a worker thread. A line is JSON by default:
+
+    {"start_time": "2026-12-06T09:00:00.123Z", "duration_ms": 3, "protocol": "HTTP/1.1",
+     "method": "GET", "authority": "api", "path": "/x", "response_code": 200,
+     "response_flags": "-", "bytes_received": 0, "bytes_sent": 2, "upstream_host": "api",
+     "upstream_cluster": "api", "reporter": "destination", "peer": "spiffe://.../svc/web",
+     "intention": "allow", "rule": "web => api (allow)", "request_id": "...",
+     "trace_id": "..."}
+
+`JSONFormat` (a JSON object whose string values are Envoy command operators) and `TextFormat`
+(a string of them) choose fields and names; the operators known here are listed in
+`OPERATORS` and `%REQ(name)%` reads a request header (`:method`, `:authority`, `:path` too).
+An unknown operator is refused when the settings are read, naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+from connect.http1_headers import REQUEST_ID
+from connect.observe import Side, verdict_rule
+
+if TYPE_CHECKING:
+    from connect.http1.exchange import Exchange
+    from connect.seams import Peer
+
+log = logging.getLogger("meshlet.access")
+
+__all__ = [
+    "OPERATORS",
+    "AccessLog",
+    "AccessLogSettings",
+    "effective_settings",
+    "parse_access_logs",
+]
+
+LogType = Literal["file", "stdout", "stderr"]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    enabled: bool = False
+    type: LogType = "stdout"
+    path: str = ""
+    json_format: str = ""
+    text_format: str = ""
+    disable_listener_logs: bool = False
+    """Consul's: no logs for connections rejected at the listener before any filter chain.
+    meshlet has no such connections (every accepted one is a request or a relay), so it
+    changes nothing; accepted so that a Consul entry that sets it is valid here."""
+
+
+_KEYS = {
+    "Enabled": "enabled",
+    "Type": "type",
+    "Path": "path",
+    "JSONFormat": "json_format",
+    "TextFormat": "text_format",
+    "DisableListenerLogs": "disable_listener_logs",
+}
+
+OPERATORS = {
+    "START_TIME": "start_time",
+    "DURATION": "duration_ms",
+    "PROTOCOL": "protocol",
+    "RESPONSE_CODE": "response_code",
+    "RESPONSE_FLAGS": "response_flags",
+    "BYTES_RECEIVED": "bytes_received",
+    "BYTES_SENT": "bytes_sent",
+    "UPSTREAM_HOST": "upstream_host",
+    "UPSTREAM_CLUSTER": "upstream_cluster",
+    "DOWNSTREAM_PEER_URI_SAN": "peer",
+}
+"""Envoy command operators this log knows -> the record field each one is."""
+_HEADER_FIELDS = {
+    ":method": "method",
+    ":authority": "authority",
+    ":path": "path",
+    "x-request-id": "request_id",
+}
+_OPERATOR = re.compile(r"%([A-Z_]+)(?:\(([^)]*)\))?%")
+
+
+def _fields_of(template: str) -> None:
+    for m in _OPERATOR.finditer(template):
+        name = m.group(1)
+        if name == "REQ":
+            if not m.group(2):
+                raise ValueError("%REQ()% needs a header name, e.g. %REQ(:PATH)%")
+        elif name not in OPERATORS:
+            raise ValueError(
+                f"unknown access-log operator %{name}%; known: "
+                + ", ".join(sorted([*OPERATORS, "REQ(header)"]))
+            )
+
+
+def parse_access_logs(raw: Mapping[str, Any]) -> AccessLogSettings:
+    """The `AccessLogs` block (Consul's field names, or the snake_case ones of agent.yaml).
+    Raises ValueError naming what is wrong."""
+    values: dict[str, Any] = {}
+    names = {**_KEYS, **{v: v for v in _KEYS.values()}}
+    for key, value in raw.items():
+        name = names.get(key)
+        if name is None:
+            raise ValueError(f"AccessLogs: unknown field {key!r}")
+        if name in ("enabled", "disable_listener_logs"):
+            if not isinstance(value, bool):
+                raise ValueError(f"AccessLogs.{key}: expected true or false, got {value!r}")
+        elif not isinstance(value, str):
+            raise ValueError(f"AccessLogs.{key}: expected a string, got {value!r}")
+        values[name] = value
+    kind = values.get("type") or "stdout"
+    if kind not in ("file", "stdout", "stderr"):
+        raise ValueError(f"AccessLogs.Type: expected file, stdout or stderr, got {kind!r}")
+    values["type"] = kind
+    if kind == "file" and not values.get("path"):
+        raise ValueError("AccessLogs.Path: required when Type is file")
+    if values.get("json_format") and values.get("text_format"):
+        raise ValueError("AccessLogs: JSONFormat and TextFormat cannot both be set")
+    if values.get("json_format"):
+        try:
+            shape = json.loads(values["json_format"])
+        except ValueError as exc:
+            raise ValueError(f"AccessLogs.JSONFormat: not JSON: {exc}") from None
+        if not isinstance(shape, dict) or not all(isinstance(v, str) for v in shape.values()):
+            raise ValueError("AccessLogs.JSONFormat: expected an object of string values")
+        for v in shape.values():
+            _fields_of(v)
+    if values.get("text_format"):
+        _fields_of(values["text_format"])
+    return AccessLogSettings(**values)
+
+
+def _iso(t: float) -> str:
+    ms = int(t * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{ms:03d}Z"
+
+
+def _head_fields(ex: Exchange) -> dict[str, str]:
+    """Method, target and the headers a record needs. The target and the request id are read
+    from the head as it was sent on (normalized; the id added when the client sent none);
+    the rest from the client's fields as parsed."""
+    head = ex.head
+    line_end = head.find(b"\r\n")
+    first = head[:line_end]
+    target = first[len(ex.method) + 1 : first.rfind(b" ")]
+    out = {"method": ex.method.decode("latin-1"), "path": target.decode("latin-1")}
+    for name, value in ex.headers:
+        out[":" + name.decode("latin-1").lower()] = value.decode("latin-1")
+    out["authority"] = out.get(":host", "")
+    at = head.find(b"\r\n" + REQUEST_ID + b":")
+    if at >= 0:
+        start = at + len(REQUEST_ID) + 3
+        out["request_id"] = head[start : head.find(b"\r\n", start)].strip().decode("latin-1")
+    parts = out.get(":traceparent", "").split("-")
+    if len(parts) == 4:
+        out["trace_id"] = parts[1]
+    return out
+
+
+def http_record(
+    side: Side, ex: Exchange, peer: Peer | None, duration: float, now: float
+) -> dict[str, Any]:
+    head = _head_fields(ex)
+    verdict = ex.verdict
+    return {
+        "start_time": _iso(now - duration),
+        "duration_ms": round(duration * 1000.0, 3),
+        "protocol": "HTTP/1.1",
+        "method": head.get("method", ""),
+        "authority": head.get("authority", ""),
+        "path": head.get("path", ""),
+        "response_code": ex.status,
+        "response_flags": ex.flags,
+        "bytes_received": ex.rx,
+        "bytes_sent": ex.tx,
+        "upstream_host": ex.upstream,
+        "upstream_cluster": ex.cluster or side.remote_service or side.local_service,
+        "reporter": side.reporter,
+        "peer": peer.uri if peer is not None else side.remote_principal,
+        "intention": ("deny" if ex.denied else "allow") if verdict is not None else "",
+        "rule": verdict_rule(verdict) if verdict is not None else "",
+        "request_id": head.get("request_id", ""),
+        "trace_id": head.get("trace_id", ""),
+        "_headers": head,
+    }
+
+
+def tcp_record(
+    side: Side,
+    peer: Peer | None,
+    *,
+    received: int,
+    sent: int,
+    flags: str,
+    start: float,
+    upstream: str,
+    now: float,
+) -> dict[str, Any]:
+    return {
+        "start_time": _iso(start),
+        "duration_ms": round((now - start) * 1000.0, 3),
+        "protocol": "TCP",
+        "response_flags": flags,
+        "bytes_received": received,
+        "bytes_sent": sent,
+        "upstream_host": upstream,
+        "upstream_cluster": side.remote_service or side.local_service,
+        "reporter": side.reporter,
+        "peer": peer.uri if peer is not None else side.remote_principal,
+        # An inbound connection was relayed, so its intention allowed it (refusals end at
+        # the handshake: meshlet_tls_handshake_failures_total{reason="denied"}).
+        "intention": "allow" if side.reporter == "destination" else "",
+    }
+
+
+def _render(template: str, record: Mapping[str, Any]) -> str:
+    headers: Mapping[str, str] = record.get("_headers") or {}
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) == "REQ":
+            name = (m.group(2) or "").lower()
+            field = _HEADER_FIELDS.get(name)
+            value = record.get(field) if field else headers.get(":" + name)
+        else:
+            value = record.get(OPERATORS[m.group(1)])
+        return "-" if value in (None, "") else str(value)
+
+    return _OPERATOR.sub(one, template)
+
+
+def format_record(settings: AccessLogSettings, record: dict[str, Any]) -> str:
+    if settings.text_format:
+        line = _render(settings.text_format, record)
+        return line if line.endswith("\n") else line + "\n"
+    if settings.json_format:
+        shape = json.loads(settings.json_format)
+        out = {k: _render(v, record) for k, v in shape.items()}
+        return json.dumps(out, separators=(",", ":")) + "\n"
+    record.pop("_headers", None)
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+class AccessLog:
+    """An `AccessSink`: queues records, a writer task writes them (`run`). `settings` can be
+    replaced at any time (a proxy-defaults change); `denials_only`: log nothing but denied
+    requests (what happens while access logs are off: a denial is always logged)."""
+
+    def __init__(
+        self,
+        settings: AccessLogSettings,
+        *,
+        limit: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.limit = limit
+        self.dropped = 0
+        """Records dropped because the queue was full (the writer fell behind)."""
+        self.written = 0
+        self._queue: deque[Any] = deque()
+        self._wake = asyncio.Event()
+        self._clock = clock
+        self._file: IO[str] | None = None
+        self._file_path = ""
+        self.batch_delay = 0.05
+        """How long the writer lets records gather before formatting and writing them."""
+
+    @property
+    def denials_only(self) -> bool:
+        return not self.settings.enabled
+
+    def _put(self, item: Any) -> None:
+        if len(self._queue) >= self.limit:
+            self.dropped += 1
+            return
+        self._queue.append(item)
+        self._wake.set()
+
+    def http(self, side: Side, ex: Exchange, peer: Peer | None, duration: float) -> None:
+        if self.denials_only and not ex.denied:
+            return
+        self._put(("http", side, ex, peer, duration, self._clock()))
+
+    def tcp(
+        self,
+        side: Side,
+        peer: Peer | None,
+        *,
+        received: int,
+        sent: int,
+        flags: str,
+        start: float,
+        upstream: str,
+    ) -> None:
+        if self.denials_only:
+            return
+        self._put(("tcp", side, peer, received, sent, flags, start, upstream, self._clock()))
+
+    def drain_pending(self) -> int:
+        """Records queued and not yet written."""
+        return len(self._queue)
+
+    def drain(self) -> str:
+        """Format every queued record (the writer's step; also for tests)."""
+        lines = []
+        while self._queue:
+            item = self._queue.popleft()
+            if item[0] == "http":
+                _, side, ex, peer, duration, now = item
+                record = http_record(side, ex, peer, duration, now)
+            else:
+                _, side, peer, received, sent, flags, start, upstream, now = item
+                record = tcp_record(
+                    side,
+                    peer,
+                    received=received,
+                    sent=sent,
+                    flags=flags,
+                    start=start,
+                    upstream=upstream,
+                    now=now,
+                )
+            lines.append(format_record(self.settings, record))
+        self.written += len(lines)
+        return "".join(lines)
+
+    def _target(self) -> IO[str]:
+        s = self.settings
+        if s.enabled and s.type == "file":
+            if self._file is None or self._file_path != s.path:
+                if self._file is not None:
+                    self._file.close()
+                self._file = open(s.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+                self._file_path = s.path
+            return self._file
+        return sys.stderr if (s.enabled and s.type == "stderr") or not s.enabled else sys.stdout
+
+    def _write(self, text: str) -> None:
+        target = self._target()
+        target.write(text)
+        target.flush()
+
+    async def run(self) -> None:
+        """Write what queues up, until cancelled (then once more: nothing queued is lost)."""
+        try:
+            while True:
+                await self._wake.wait()
+                # Gather a batch: one hand-off to the writer thread per batch, not per line
+                # (each hand-off costs the event loop a GIL switch).
+                await asyncio.sleep(self.batch_delay)
+                self._wake.clear()
+                text = self.drain()
+                if text:
+                    try:
+                        await asyncio.to_thread(self._write, text)
+                    except OSError as exc:
+                        log.warning("access log: cannot write: %s", exc)
+        finally:
+            text = self.drain()
+            if text:
+                with contextlib.suppress(OSError):
+                    self._write(text)
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def effective_settings(
+    consul: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> AccessLogSettings:
+    """The proxy-defaults entry's AccessLogs block (Consul's names; None: no entry) with the
+    agent.yaml overrides (snake_case names) on top. Raises ValueError naming what is wrong."""
+    merged: dict[str, Any] = {}
+    for key, value in (consul or {}).items():
+        merged[_KEYS.get(key, key)] = value
+    merged.update(overrides)
+    return parse_access_logs(merged)

@@ -1,0 +1,417 @@
+"""What the listeners tell an observer about each exchange, and the mesh metrics kept from it.
+
+The HTTP listeners call an `ExchangeObserver` at three points of each request: its routed
+head, the response head, and when it is over (the downstream protocol keeps the start time
+and the byte counts on the exchange only while an observer is set: a listener without one
+pays an attribute test per request). The L4
+listeners call a `ConnectionObserver` when a relayed connection opens and when it closes.
+
+`MeshMetrics` is the observer behind `/metrics`: per label tuple, plain int counters and
+fixed-bucket histograms kept as lists (`bisect` picks the bucket). The labels are Istio's
+standard ones, every one of them low-cardinality: the peer's and the destination's service
+and SPIFFE identity, status code, response flags, never a path or a request id. Nothing here
+imports prometheus_client: agent/metrics.py renders `MeshMetrics.export()` at scrape time, and
+a worker group adds the exports of its processes together (agent.supervisor.sum_counters)
+before rendering, so the shape is nested dicts of numbers keyed by strings.
+
+Response flags are Envoy's short codes (Envoy access-log docs, "%RESPONSE_FLAGS%"): UH no
+healthy upstream, UF upstream connection failure, UO upstream overflow (circuit breaking),
+URX retry limit exceeded, UT upstream request timeout, UC upstream connection termination,
+DC downstream connection termination, DPE downstream protocol error; `-` when none.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from connect.http1.exchange import Exchange
+    from connect.seams import Peer, Verdict
+
+__all__ = [
+    "BYTES_BUCKETS",
+    "DURATION_BUCKETS_MS",
+    "HTTP_LABELS",
+    "TCP_LABELS",
+    "AccessSink",
+    "ConnectionObserver",
+    "ExchangeObserver",
+    "HTTPSide",
+    "MeshMetrics",
+    "Side",
+    "TCPSide",
+    "Telemetry",
+    "status_of",
+    "verdict_rule",
+]
+
+DURATION_BUCKETS_MS = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
+"""Istio's default buckets for istio_request_duration_milliseconds."""
+BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
+"""Istio's buckets for istio_request_bytes / istio_response_bytes (exponential, 1 to 1e9)."""
+
+HTTP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_workload",
+    "destination_principal",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "grpc_response_status",
+    "connection_security_policy",
+)
+TCP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_workload",
+    "destination_principal",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+SEP = "\x1f"
+"""Joins label values into one export key (no label value holds it)."""
+
+
+def status_of(response: bytes) -> int:
+    """The status code of a whole HTTP/1.1 response the proxy wrote itself."""
+    try:
+        return int(response[9:12])
+    except ValueError:
+        return 0
+
+
+class ExchangeObserver(Protocol):
+    """Three calls per exchange: its head (routed: `ex.cluster` and `ex.route` are set,
+    `ex.head` is what goes upstream), the response head it gets (`ex.status`), and done."""
+
+    def request(self, ex: Exchange, peer: Peer | None) -> None: ...
+
+    def response(self, ex: Exchange) -> None: ...
+
+    def done(self, ex: Exchange, peer: Peer | None, duration: float) -> None:
+        """`ex` is over, `duration` seconds after its head arrived: answered with
+        `ex.status` (0: none could be sent), `ex.flags` (Envoy's short codes, "-" for none);
+        `ex.rx`/`ex.tx` hold the body bytes read from the client and sent back."""
+
+
+class ConnectionObserver(Protocol):
+    def opened(self, peer: Peer | None) -> None: ...
+
+    def closed(
+        self,
+        peer: Peer | None,
+        *,
+        received: int,
+        sent: int,
+        flags: str,
+        start: float,
+        upstream: str,
+    ) -> None:
+        """`received`: bytes from the downstream client; `sent`: bytes back to it; `start`:
+        wall-clock time it opened; `upstream` the host:port it was relayed to ("" none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """The fixed half of a listener's labels: who reports, and the identities known
+    without the peer (the local service's; the upstream's on the caller's side)."""
+
+    reporter: str
+    """`source` (an upstream listener, the caller's sidecar) or `destination` (inbound)."""
+    local_service: str
+    local_principal: str
+    remote_service: str = ""
+    """The upstream's service (source side); the peer's comes from its certificate."""
+    remote_principal: str = "unknown"
+    protocol: str = "http"
+    security: str = "mutual_tls"
+
+
+class _Series:
+    """One label tuple's HTTP counters and histograms."""
+
+    __slots__ = ("count", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.dur = [0] * (len(DURATION_BUCKETS_MS) + 1)
+        self.dur_sum = 0.0
+        self.req = [0] * (len(BYTES_BUCKETS) + 1)
+        self.req_sum = 0
+        self.resp = [0] * (len(BYTES_BUCKETS) + 1)
+        self.resp_sum = 0
+
+
+def _histogram(counts: list[int], total: float) -> dict[str, float]:
+    out: dict[str, float] = {str(i): n for i, n in enumerate(counts) if n}
+    out["sum"] = total
+    return out
+
+
+class MeshMetrics:
+    """Every listener's observations in one process. The `*_total` dicts are meshlet's own
+    counters (reason or name -> count); `_http` and `_tcp` are the Istio series."""
+
+    def __init__(self) -> None:
+        self._http: dict[tuple[str, ...], _Series] = {}
+        self._tcp: dict[tuple[str, ...], list[int]] = {}
+        """labels -> [opened, closed, received, sent]."""
+        self.denials: dict[str, int] = {}
+        """Intention denials by reason: `intention` (a deny intention or permission decided)
+        or `default` (no intention matched; the default policy denied)."""
+        self.retries: dict[str, int] = {}
+        """Retries made, by upstream cluster."""
+
+    def series(self, labels: tuple[str, ...]) -> _Series:
+        s = self._http.get(labels)
+        if s is None:
+            s = self._http[labels] = _Series()
+        return s
+
+    def tcp_series(self, labels: tuple[str, ...]) -> list[int]:
+        s = self._tcp.get(labels)
+        if s is None:
+            s = self._tcp[labels] = [0, 0, 0, 0]
+        return s
+
+    def export(self) -> dict[str, Any]:
+        """Nested dicts of numbers: what agent/metrics.py renders and workers add up."""
+        http: dict[str, Any] = {}
+        for labels, s in self._http.items():
+            http[SEP.join(labels)] = {
+                "count": s.count,
+                "duration_ms": _histogram(s.dur, s.dur_sum),
+                "request_bytes": _histogram(s.req, s.req_sum),
+                "response_bytes": _histogram(s.resp, s.resp_sum),
+            }
+        tcp = {
+            SEP.join(labels): {"opened": v[0], "closed": v[1], "received": v[2], "sent": v[3]}
+            for labels, v in self._tcp.items()
+        }
+        return {
+            "http": http,
+            "tcp": tcp,
+            "denials": dict(self.denials),
+            "retries": dict(self.retries),
+        }
+
+
+def _service_of(uri: str) -> str:
+    """The service name of a SPIFFE service URI (.../svc/NAME), else "unknown"."""
+    _, sep, name = uri.rpartition("/svc/")
+    return name if sep and name else "unknown"
+
+
+def _principal_of(local_principal: str, service: str) -> str:
+    """The SPIFFE URI `service` has in the local principal's trust domain, namespace and
+    datacenter (what a caller's sidecar expects of it); "unknown" without a local one."""
+    base, sep, _ = local_principal.rpartition("/svc/")
+    return f"{base}/svc/{service}" if sep else "unknown"
+
+
+class AccessSink(Protocol):
+    """Where access-log records go (connect.access_log.AccessLog): never blocks."""
+
+    def http(self, side: Side, ex: Exchange, peer: Peer | None, duration: float) -> None: ...
+
+    def tcp(
+        self,
+        side: Side,
+        peer: Peer | None,
+        *,
+        received: int,
+        sent: int,
+        flags: str,
+        start: float,
+        upstream: str,
+    ) -> None: ...
+
+
+class Telemetry:
+    """One process's observers: the metrics every listener feeds, and the access log while
+    one is configured (`access_log` can be set and cleared at any time: a proxy-defaults
+    change applies without touching the listeners)."""
+
+    def __init__(self, service: str, principal: str = "", metrics: MeshMetrics | None = None):
+        self.service = service
+        self.principal = principal or "unknown"
+        self.metrics = metrics if metrics is not None else MeshMetrics()
+        self.access_log: AccessSink | None = None
+
+    def inbound(self, protocol: str) -> Side:
+        return Side("destination", self.service, self.principal, protocol=protocol)
+
+    def upstream(self, name: str, protocol: str) -> Side:
+        return Side(
+            "source",
+            self.service,
+            self.principal,
+            remote_service=name,
+            remote_principal=_principal_of(self.principal, name),
+            protocol=protocol,
+        )
+
+    def http(self, side: Side) -> HTTPSide:
+        return HTTPSide(self, side)
+
+    def tcp(self, side: Side) -> TCPSide:
+        return TCPSide(self, side)
+
+
+class HTTPSide:
+    """The `ExchangeObserver` of one HTTP listener: metrics, then the access log if on."""
+
+    def __init__(self, telemetry: Telemetry, side: Side) -> None:
+        self.telemetry = telemetry
+        self.metrics = telemetry.metrics
+        self.side = side
+        self._inbound = side.reporter == "destination"
+        self._keys: dict[tuple[str, int, str], _Series] = {}
+        """(peer URI or cluster, status, flags) -> its series: one dict look-up per request
+        once the combination has been seen."""
+
+    def _labels(self, remote: str, status: int, flags: str) -> tuple[str, ...]:
+        s = self.side
+        if self._inbound:
+            src_wl, src_p = _service_of(remote), remote or "unknown"
+            dst, dst_p = s.local_service, s.local_principal
+        else:
+            src_wl, src_p = s.local_service, s.local_principal
+            dst = remote or s.remote_service
+            dst_p = _principal_of(s.local_principal, dst) if remote else s.remote_principal
+        return (
+            s.reporter,
+            src_wl,
+            src_p,
+            dst,
+            dst,
+            dst,
+            dst_p,
+            s.protocol,
+            str(status),
+            flags,
+            "-",
+            s.security,
+        )
+
+    def request(self, ex: Exchange, peer: Peer | None) -> None:
+        pass  # metrics are taken when it is done
+
+    def response(self, ex: Exchange) -> None:
+        pass
+
+    def done(self, ex: Exchange, peer: Peer | None, duration: float) -> None:
+        status, flags = ex.status, ex.flags
+        remote = (peer.uri if peer is not None else "") if self._inbound else ex.cluster
+        key = (remote, status, flags)
+        s = self._keys.get(key)
+        if s is None:
+            s = self._keys[key] = self.metrics.series(self._labels(remote, status, flags))
+        s.count += 1
+        ms = duration * 1000.0
+        s.dur[bisect_left(DURATION_BUCKETS_MS, ms)] += 1
+        s.dur_sum += ms
+        s.req[bisect_left(BYTES_BUCKETS, ex.rx)] += 1
+        s.req_sum += ex.rx
+        s.resp[bisect_left(BYTES_BUCKETS, ex.tx)] += 1
+        s.resp_sum += ex.tx
+        if ex.denied:
+            why = "intention" if getattr(ex.verdict, "intention", None) else "default"
+            self.metrics.denials[why] = self.metrics.denials.get(why, 0) + 1
+        if ex.tries > 1:
+            name = ex.cluster or self.side.remote_service
+            self.metrics.retries[name] = self.metrics.retries.get(name, 0) + ex.tries - 1
+        log = self.telemetry.access_log
+        if log is not None:
+            log.http(self.side, ex, peer, duration)
+
+
+class TCPSide:
+    """The `ConnectionObserver` of one L4 listener: metrics, then the access log if on."""
+
+    def __init__(self, telemetry: Telemetry, side: Side) -> None:
+        self.telemetry = telemetry
+        self.metrics = telemetry.metrics
+        self.side = side
+
+    def _series(self, peer: Peer | None, flags: str) -> list[int]:
+        s = self.side
+        if s.reporter == "destination":
+            remote = peer.uri if peer is not None else ""
+            src_wl, src_p = _service_of(remote), remote or "unknown"
+            dst, dst_p = s.local_service, s.local_principal
+        else:
+            src_wl, src_p = s.local_service, s.local_principal
+            dst, dst_p = s.remote_service, s.remote_principal
+        labels = (s.reporter, src_wl, src_p, dst, dst, dst, dst_p, "tcp", flags, s.security)
+        return self.metrics.tcp_series(labels)
+
+    def opened(self, peer: Peer | None) -> None:
+        self._series(peer, "-")[0] += 1
+
+    def closed(
+        self,
+        peer: Peer | None,
+        *,
+        received: int,
+        sent: int,
+        flags: str,
+        start: float,
+        upstream: str,
+    ) -> None:
+        # Opened is counted without flags (none are known yet); the close and the bytes on
+        # the series of the flags it ended with.
+        s = self._series(peer, flags)
+        s[1] += 1
+        s[2] += received
+        s[3] += sent
+        log = self.telemetry.access_log
+        if log is not None:
+            log.tcp(
+                self.side,
+                peer,
+                received=received,
+                sent=sent,
+                flags=flags,
+                start=start,
+                upstream=upstream,
+            )
+
+
+def verdict_rule(verdict: Verdict | None) -> str:
+    """The rule that decided, as the engine says it (intention and permission index)."""
+    intention = getattr(verdict, "intention", None)
+    if not intention:
+        return "default"
+    permission = getattr(verdict, "permission", None)
+    return str(intention) if permission is None else f"{intention} permission {permission}"

@@ -1,0 +1,165 @@
+"""Access logs through two `meshlet sidecar` processes, configured as Consul does: the
+proxy-defaults entry's AccessLogs block, read by the sidecars' watch and applied without a
+restart. Lines go to stdout (Type: stdout), which the test reads from the processes' logs.
+
+Before the entry enables them, a denied request is still logged (on stderr); after it, every
+request is one JSON line on each sidecar: allowed, denied (with the rule that decided) and a
+5xx from the app, with the request id and the traceparent's trace id. An entry meshlet cannot
+use is refused and the settings in force stay.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.profiled_mesh import profiled_mesh
+from tests.integration.test_agent_process import Proc
+from tests.integration.test_sidecar_mesh import DEADLINE, Mesh, _json, wait_line
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = profiled_mesh(tmp_path)
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()
+
+
+def _get(port: int, path: str, request_id: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(
+            "GET",
+            path,
+            headers={"x-request-id": request_id, "traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"},
+        )
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def _records(proc: Proc, request_id: str) -> list[dict[str, Any]]:
+    out = []
+    for line in list(proc.lines):
+        if line.startswith('{"start_time"') and f'"request_id":"{request_id}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def _record(proc: Proc, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        got = _records(proc, request_id)
+        if got:
+            assert len(got) == 1, got
+            return got[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no access-log line for {request_id}:\n{''.join(proc.lines[-30:])}"
+            )
+        time.sleep(0.05)
+
+
+def _put_defaults(consul: str, access_logs: dict[str, Any]) -> None:
+    entry = {"Kind": "proxy-defaults", "Name": "global", "AccessLogs": access_logs}
+    assert _json("PUT", f"http://{consul}/v1/config", entry) is True
+
+
+def test_access_logs_follow_proxy_defaults(mesh: Mesh) -> None:
+    intention = {
+        "Kind": "service-intentions",
+        "Name": "api",
+        "Sources": [
+            {
+                "Name": "web",
+                "Permissions": [
+                    {"Action": "deny", "HTTP": {"PathPrefix": "/deny"}},
+                    {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
+                ],
+            }
+        ],
+    }
+    assert _json("PUT", f"http://{mesh.consul}/v1/config", intention) is True
+    index = int(
+        _json("GET", f"http://{mesh.consul}/v1/config/service-intentions/api")["ModifyIndex"]
+    )
+    mesh.wait_intentions(index)
+    web, api = mesh.sidecars["web"], mesh.sidecars["api"]
+
+    # Off: only the denial is logged, by the sidecar that denied it.
+    assert _get(mesh.web_upstream, "/deny/early", "req-early-deny") == 403
+    early = _record(api, "req-early-deny")
+    assert early["response_code"] == 403
+    assert early["intention"] == "deny"
+    assert _get(mesh.web_upstream, "/ok", "req-early-ok") == 200
+    assert _records(api, "req-early-ok") == []
+    assert _records(web, "req-early-ok") == []
+
+    _put_defaults(mesh.consul, {"Enabled": True, "Type": "stdout"})
+    wait_line(web, "access logs: on")
+    wait_line(api, "access logs: on")
+
+    assert _get(mesh.web_upstream, "/ok?x=1", "req-ok") == 200
+    sent, got = _record(web, "req-ok"), _record(api, "req-ok")
+    assert sent["reporter"] == "source"
+    assert sent["method"] == "GET"
+    assert sent["path"] == "/ok?x=1"
+    assert sent["response_code"] == 200
+    assert sent["response_flags"] == "-"
+    assert sent["bytes_sent"] == 2  # "ok"
+    assert sent["upstream_cluster"] == "api"
+    assert sent["upstream_host"] == f"127.0.0.1:{mesh.api_public}"
+    assert sent["trace_id"] == TRACE
+    assert got["reporter"] == "destination"
+    assert got["peer"].endswith("/svc/web")
+    assert got["intention"] == "allow"
+    assert "permission 1" in got["rule"]  # the second permission (allow /) decided
+    assert got["upstream_host"] == f"127.0.0.1:{mesh.api_app.server_address[1]}"
+    assert got["trace_id"] == TRACE
+    assert got["duration_ms"] >= 0
+
+    assert _get(mesh.web_upstream, "/deny/x", "req-deny") == 403
+    denied = _record(api, "req-deny")
+    assert denied["response_code"] == 403
+    assert denied["intention"] == "deny"
+    assert "permission 0" in denied["rule"]
+    assert _record(web, "req-deny")["response_code"] == 403
+
+    assert _get(mesh.web_upstream, "/fail", "req-fail") == 500
+    assert _record(api, "req-fail")["response_code"] == 500
+    assert _record(web, "req-fail")["response_code"] == 500
+
+    # An entry meshlet cannot use: refused, counted, and the logs stay on.
+    _put_defaults(mesh.consul, {"Enabled": True, "Type": "syslog"})
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        with urllib.request.urlopen(f"http://{mesh.web_admin}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        if "meshlet_config_snapshots_rejected_total 1.0" in text:
+            break
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.05)
+    assert _get(mesh.web_upstream, "/ok", "req-after") == 200
+    assert _record(web, "req-after")["response_code"] == 200
+
+    # Disabled again without a restart: back to denials only.
+    _put_defaults(mesh.consul, {"Enabled": False})
+    wait_line(web, "access logs: off")
+    assert _get(mesh.web_upstream, "/ok", "req-off") == 200
+    assert _get(mesh.web_upstream, "/deny/late", "req-late-deny") == 403
+    assert _record(api, "req-late-deny")["intention"] == "deny"
+    assert _records(web, "req-off") == []
