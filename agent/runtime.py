@@ -575,7 +575,7 @@ class AgentRuntime:
             "proxy": self.sidecar.status() if self.sidecar is not None else None,
             "workers": self._workers_status(),
             # This process's asyncio tasks: a fault or soak that leaks them shows here.
-            "tasks": len(asyncio.all_tasks()),
+            "tasks": _task_count(),
         }
 
     def metrics_snapshot(self) -> Mapping[str, Any]:
@@ -664,3 +664,12 @@ async def run_agent(
     )
     runtime.install_signal_handlers()
     return await runtime.run()
+
+
+def _task_count() -> int | None:
+    """The running loop's tasks; None when the status is built outside it (a test, or a
+    report assembled after the loop stopped)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return None
