@@ -53,9 +53,11 @@ from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf
 from agent.readiness import Readiness
+from agent.routing import ChainWatch
 from agent.watches import BlockingWatch, WatchSettings, unindexed
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
+from connect.chain_routes import RoutingSnapshot
 from connect.heap_trim import HeapTrimmer
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
@@ -237,6 +239,8 @@ class Sidecar:
         self._datacenter: BlockingWatch[AgentSelf, str] | None = None
         self.proxy: DataPlane[EndpointSnapshot | None] | None = None
         """The listeners, once a leaf is held."""
+        self.chains: ChainWatch | None = None
+        """The upstreams' discovery chains and their targets' instances (agent/routing.py)."""
         self._closed = False
         self.heap = HeapTrimmer(lambda: self.proxy.listeners() if self.proxy is not None else [])
         """Gives the heap back to the OS once a burst of connections has drained."""
@@ -311,8 +315,14 @@ class Sidecar:
         return reasons
 
     def degradations(self) -> list[str]:
-        """What the proxy serves in a reduced way now: destinations it denies wholesale."""
+        """What the proxy serves in a reduced way now: destinations it denies wholesale, and
+        upstreams routed by an older chain because the newest was rejected."""
+        chains = self.chains.upstreams.values() if self.chains is not None else ()
         return [
+            f"upstream {up.name}: discovery chain rejected, previous routing kept: {up.error}"
+            for up in chains
+            if up.error
+        ] + [
             f"intentions for {dest} cannot be enforced (index {self.intentions_index}), "
             f"denying every request to it: {reason}"
             for dest, reason in sorted(self.intentions_broken.items())
@@ -358,6 +368,7 @@ class Sidecar:
                 "broken_total": self.intentions_broken_total,
             },
             "listeners": {name: serving is not None for name, serving in self._listeners()},
+            "routing": self.chains.status() if self.chains is not None else {},
             "upstreams": upstreams,
             "connections": {
                 r.spec.label: {
@@ -413,9 +424,26 @@ class Sidecar:
             def latest_of(spec: UpstreamSpec) -> Latest[EndpointSnapshot | None] | None:
                 return latest_for(upstream_key(spec))
 
+            chains = self.chains = ChainWatch(
+                consul,
+                self.config.service.name,
+                self._settings,
+                trust_domain=lambda: tls.trust_domain,
+                rng=self._rng,
+                clock=self._clock,
+            )
+            tg.create_task(chains.run(), name="discovery chains")
+
+            def routing_of(spec: UpstreamSpec) -> Latest[RoutingSnapshot | None] | None:
+                # An upstream whose section picks its own instances keeps doing so.
+                if spec.filter or spec.datacenter or spec.peer:
+                    return None
+                return chains.upstream(spec.name)
+
             self.proxy = DataPlane(
                 tls,
                 intentions_authorizers(self.intentions.get, local),
+                routing=routing_of,
                 endpoints=latest_of,
                 targets=targets_of,
                 stats=self.stats,

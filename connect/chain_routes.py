@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from connect.balancer import BalancerConfig, ConfigError, HashPolicy, Policy
+from connect.balancer import BalancerConfig, ConfigError, HashPolicy, Policy, Target
 from connect.cluster import DEFAULT_EJECTION, EjectionPolicy, Limits
 from connect.routes import (
     DEFAULT_RETRY,
@@ -62,6 +62,7 @@ __all__ = [
     "RETRY_ON",
     "ChainRejected",
     "ChainRouting",
+    "RoutingSnapshot",
     "TargetSettings",
     "chain_routing",
     "merge_upstream_config",
@@ -521,3 +522,14 @@ def _combine(first: HeaderEdits, then: HeaderEdits) -> HeaderEdits:
     return HeaderEdits(
         add=first.add + then.add, set=first.set + then.set, remove=first.remove | then.remove
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSnapshot:
+    """What one upstream listener applies at once: the routing and, per target id, the
+    endpoints of its instances (the agent's health watch of that target)."""
+
+    routing: ChainRouting
+    endpoints: Mapping[str, tuple[Target, ...]]
+    index: int = 0
+    """The config-entry index the routing was compiled at (for status)."""

@@ -137,6 +137,30 @@ class MeshOrigin(Origin):
                 links.append((up, pool))
             self.named[name] = tuple(links)
 
+    def set_clusters(self, clusters: Mapping[str, Sequence[Upstream]]) -> None:
+        """Swap the named clusters whole (a new routing snapshot). An upstream object kept
+        from before keeps its idle pool; the pools of those gone close their idle
+        connections (busy ones finish and are not pooled again)."""
+        by_id = {id(up): pool for chain in self.named.values() for up, pool in chain}
+        named: dict[str, tuple[tuple[Upstream, Pool], ...]] = {}
+        kept: dict[int, Pool] = {}
+        for name, chain in clusters.items():
+            if not chain:
+                raise ValueError(f"cluster {name!r}: no upstream")
+            links = []
+            for up in chain:
+                pool = kept.get(id(up)) or by_id.get(id(up))
+                if pool is None:
+                    pool = Pool(self.limits.high_water, self.limits.max_idle_per_endpoint)
+                kept[id(up)] = pool
+                links.append((up, pool))
+            named[name] = tuple(links)
+        for pool in {id(p): p for p in self.pools}.values():
+            if pool not in kept.values() and pool is not self.pool:
+                pool.close()
+        self.pools = [self.pool, *(p for p in kept.values() if p is not self.pool)]
+        self.named = named
+
     def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
         name = ex.cluster or self.upstream.name
         chain = self.named.get(name)
