@@ -179,6 +179,10 @@ class ChainWatch:
         self.targets: dict[WatchKey, tuple[UpstreamWatcher, asyncio.Task[None]]] = {}
         self.rejected_total = 0
         self._dirty = asyncio.Event()
+        self.compiled = asyncio.Event()
+        """Set once every registered upstream's chain was compiled (or rejected) once."""
+        self.on_protocol: Callable[[], None] | None = None
+        """Called when an upstream's chain protocol changed after its first compile."""
         self._tg: asyncio.TaskGroup | None = None
 
     def _fetcher(self, kind: str) -> Callable[[int, float], Any]:
@@ -243,6 +247,7 @@ class ChainWatch:
             self.targets.pop(key)[1].cancel()
         for up in self.upstreams.values():
             self._publish(up)
+        self.compiled.set()
 
     def _compile(self, up: _Upstream, entries: ChainEntries, index: int) -> None:
         try:
@@ -256,7 +261,11 @@ class ChainWatch:
         except (ChainRejected, ValueError) as exc:
             self._reject(up, str(exc), index)
             return
-        up.protocol = routing.protocol
+        if up.protocol != routing.protocol:
+            was, up.protocol = up.protocol, routing.protocol
+            if self.on_protocol is not None:
+                log.info("upstream %s: chain protocol %s -> %s", up.name, was or "-", up.protocol)
+                self.on_protocol()
         if default and up.routing is None:
             return  # Consul's default chain: the upstream's own watch serves it as before
         if routing.ignored != up.logged_ignored:

@@ -126,8 +126,12 @@ def upstream_key(spec: UpstreamSpec) -> WatchKey:
     return WatchKey(spec.name, spec.datacenter, spec.peer, spec.filter)
 
 
-def sidecar_spec(cfg: AgentConfig, local_uri: str) -> SidecarSpec:
-    """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID."""
+def sidecar_spec(
+    cfg: AgentConfig, local_uri: str, chain_protocol: Callable[[str], str] = lambda name: ""
+) -> SidecarSpec:
+    """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID. An upstream
+    without a `protocol` speaks its discovery chain's (`chain_protocol(name)`; tcp while
+    none is known)."""
     app_host = cfg.service.address or "127.0.0.1"
     bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
     return SidecarSpec(
@@ -143,7 +147,7 @@ def sidecar_spec(cfg: AgentConfig, local_uri: str) -> SidecarSpec:
         upstreams=tuple(
             UpstreamSpec(
                 up.name,
-                up.protocol,
+                up.protocol or chain_protocol(up.name) or "tcp",
                 up.local_bind_address,
                 up.local_bind_port,
                 up.datacenter,
@@ -432,6 +436,8 @@ class Sidecar:
                 rng=self._rng,
                 clock=self._clock,
             )
+            for up in self.config.sidecar.upstreams:
+                chains.upstream(up.name)
             tg.create_task(chains.run(), name="discovery chains")
 
             def routing_of(spec: UpstreamSpec) -> Latest[RoutingSnapshot | None] | None:
@@ -451,7 +457,14 @@ class Sidecar:
                 reuse_port=self._reuse_port,
                 claim_ports=self._claim_ports,
             )
-            await self.proxy.apply(sidecar_spec(self.config, tls.material.leaf.service_uri))
+            if any(not up.protocol for up in self.config.sidecar.upstreams):
+                # Upstreams that speak their chain's protocol: bounded wait for the chains.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(chains.compiled.wait(), _FIRST_ENDPOINTS_WAIT)
+            chains.on_protocol = self._protocol_changed
+            await self.proxy.apply(
+                sidecar_spec(self.config, tls.material.leaf.service_uri, chains.protocol)
+            )
             tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
             self.started.set()
@@ -463,9 +476,24 @@ class Sidecar:
         self.config = config
         if self.proxy is None or self.tls is None or self._closed:
             return None
-        spec = sidecar_spec(config, self.tls.material.leaf.service_uri)
+        protocol = self.chains.protocol if self.chains is not None else (lambda name: "")
+        if self.chains is not None:
+            for up in config.sidecar.upstreams:
+                self.chains.upstream(up.name)
+        spec = sidecar_spec(config, self.tls.material.leaf.service_uri, protocol)
         await self._first_endpoints(spec)
         return await self.proxy.apply(spec)
+
+    def _protocol_changed(self) -> None:
+        """A chain's protocol changed: an upstream that takes it gets its listener replaced."""
+        if any(not up.protocol for up in self.config.sidecar.upstreams):
+            asyncio.get_running_loop().create_task(self._reapply(), name="protocol change")
+
+    async def _reapply(self) -> None:
+        try:
+            await self.reconfigure(self.config)
+        except OSError as exc:
+            log.error("applying a chain's protocol change: %s", exc)
 
     async def _first_endpoints(self, spec: SidecarSpec) -> None:
         """Before binding a new upstream's port, wait (bounded) for its watch's first answer,

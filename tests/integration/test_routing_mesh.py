@@ -73,7 +73,8 @@ class CanaryMesh(Mesh):
             sidecar_port=self.web_public,
             admin=self.web_admin,
             protocol="http",
-            upstreams=(("api", self.web_upstream, "http"),),
+            # No protocol: the upstream takes its chain's (api's service-defaults say http).
+            upstreams=(("api", self.web_upstream, '""'),),
         )
         self._start_sidecar("web", ["sidecar", "-c", str(web_cfg)])
 
@@ -145,7 +146,8 @@ def test_canary_header_and_90_10_split_through_real_sidecars(canary_mesh: Canary
     mesh = canary_mesh
     put_intentions(mesh.consul, "api", "allow")
     _routes_apply(mesh.consul, "canary-virtualservice.yaml", "api-destinationrule.yaml")
-    wait_status(mesh.web_admin, _routed, "web's api routed by the canary chain")
+    st = wait_status(mesh.web_admin, _routed, "web's api routed by the canary chain")
+    assert st["proxy"]["upstreams"]["api"]["protocol"] == "http"
     # Both subsets have their instance (the target watches' first answers came in).
     seen: list[Counter[str]] = []
 
