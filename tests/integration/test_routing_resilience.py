@@ -318,3 +318,41 @@ def test_ring_hash_keeps_a_header_on_one_instance(apis: ThreeApis) -> None:
         assert len(users) > 1, users  # other values land elsewhere: it is a hash, not a pin
     finally:
         conn.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_chain_meshlet_cannot_apply_is_rejected_whole_and_the_last_one_kept(
+    apis: ThreeApis,
+) -> None:
+    index = apis.write(
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "Subsets": {"only-a": {"Filter": 'Service.ID == "api-a-sidecar-proxy"'}},
+            "DefaultSubset": "only-a",
+        }
+    )
+    apis.wait_routed(index)
+    assert {apis.request()[1] for _ in range(20)} == {"a"}
+    # Consul accepts it; meshlet's proxy cannot hash on a query parameter yet.
+    apis.write(
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "LoadBalancer": {
+                "Policy": "ring_hash",
+                "HashPolicies": [{"Field": "query_parameter", "FieldValue": "u"}],
+            },
+        }
+    )
+    st = wait_status(
+        apis.web_admin,
+        lambda s: s["proxy"]["routing"]["upstreams"]["api"]["rejected"] == 1,
+        "the chain rejected",
+    )
+    api = st["proxy"]["routing"]["upstreams"]["api"]
+    assert "query_parameter" in api["error"]
+    assert st["proxy"]["routing"]["rejected_total"] == 1
+    assert any("discovery chain rejected" in why for why in st["degraded_reasons"]), st
+    # The previous routing (the only-a subset) still holds, not half of the new chain.
+    assert {apis.request()[1] for _ in range(20)} == {"a"}
