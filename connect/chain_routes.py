@@ -28,7 +28,7 @@ What comes from where, as Consul's xDS generator (agent/xds/routes.go, clusters.
 
 Not applied (see docs/routing.md): `IdleTimeout` per route (the listener's idle limit holds),
 split-level header modifiers when a split has more than one leg with different edits (refused),
-`query_parameter` hash policies (refused), fault injection and mirroring Meta keys (ignored).
+`CookieConfig` (generated cookies), fault injection and mirroring Meta keys (ignored).
 """
 
 from __future__ import annotations
@@ -314,10 +314,6 @@ def _balancer(node: DiscoveryGraphNode) -> BalancerConfig:
             kwargs["maximum_ring_size"] = ring.maximum_ring_size
     hashes = []
     for hp in lb.hash_policies:
-        if hp.field == "query_parameter":
-            raise ChainRejected(
-                f"{where}: HashPolicies Field query_parameter is not supported by meshlet's proxy"
-            )
         hashes.append(
             HashPolicy(
                 field=hp.field,

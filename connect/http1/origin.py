@@ -9,8 +9,9 @@ import asyncio
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
-from connect.balancer import Policy, Target, request_hash
+from connect.balancer import HashPolicy, Policy, Target, request_hash
 from connect.cluster import Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1.exchange import Exchange
@@ -178,7 +179,7 @@ class MeshOrigin(Origin):
             h = None
             balancer = cluster.endpoints.balancer()  # (choose swaps the cursor if it is new)
             if balancer.uses_hash and balancer.config.hash_policies:
-                h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
+                h = _request_hash(balancer.config.hash_policies, ex, down)
             if avoid is None:
                 target = cluster.choose(now, up.rng, h, panic=i == last)
             else:
@@ -237,7 +238,7 @@ class MeshOrigin(Origin):
                 _, conn, _ = await dial_upstream(
                     up,
                     partial(_connection, pool),
-                    request_hash=h if j == 0 else _hash_of(up, ex),
+                    request_hash=h if j == 0 else _hash_of(up, ex, down),
                     avoid=avoid if j == 0 else (),
                     first=first if j == 0 else None,
                     on_failure=self._dial_failed,
@@ -274,11 +275,41 @@ class MeshOrigin(Origin):
         super().release(conn, reusable, outcome)
 
 
-def _hash_of(up: Upstream, ex: Exchange) -> int | None:
+def _hash_of(up: Upstream, ex: Exchange, down: Downstream) -> int | None:
     config = up.cluster.balancer().config
     if config.hash_policies and config.policy in _HASHED:
-        return request_hash(config.hash_policies, _HeaderLookup(ex.headers))
+        return _request_hash(config.hash_policies, ex, down)
     return None
+
+
+def _request_hash(policies: Sequence[HashPolicy], ex: Exchange, down: Downstream) -> int | None:
+    """The request's affinity hash: headers and cookies, the query parameters of the target
+    as forwarded, the client's address (the local app's, for an outbound listener)."""
+    source_ip = None
+    if any(hp.source_ip for hp in policies) and down.transport is not None:
+        peer = down.transport.get_extra_info("peername")
+        source_ip = peer[0] if isinstance(peer, tuple) else None
+    return request_hash(policies, _HeaderLookup(ex.headers), source_ip, _QueryLookup(ex.head))
+
+
+class _QueryLookup:
+    """The first value of a query parameter of the request line, decoded only when asked."""
+
+    __slots__ = ("head",)
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    def __call__(self, name: str) -> str | None:
+        line = self.head[: self.head.find(b"\r\n")]
+        target = line.split(b" ", 2)[1] if line.count(b" ") >= 2 else b""
+        _, _, query = target.partition(b"?")
+        wanted = name.encode()
+        for part in query.split(b"&"):
+            key, _, value = part.partition(b"=")
+            if unquote_to_bytes(key) == wanted:
+                return unquote_to_bytes(value).decode("latin-1")
+        return None
 
 
 _HASHED = frozenset({Policy.RING_HASH, Policy.MAGLEV})

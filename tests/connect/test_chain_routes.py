@@ -330,7 +330,11 @@ def test_load_balancer_policy_and_hash_policies() -> None:
             "LoadBalancer": {
                 "Policy": "ring_hash",
                 "RingHashConfig": {"MinimumRingSize": 2048},
-                "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}, {"SourceIP": True}],
+                "HashPolicies": [
+                    {"Field": "header", "FieldValue": "x-user"},
+                    {"Field": "query_parameter", "FieldValue": "u"},
+                    {"SourceIP": True},
+                ],
             },
         },
     )
@@ -338,22 +342,24 @@ def test_load_balancer_policy_and_hash_policies() -> None:
     assert b.policy is Policy.RING_HASH and b.minimum_ring_size == 2048
     assert [(h.field, h.field_value, h.source_ip) for h in b.hash_policies] == [
         ("header", "x-user", False),
+        ("query_parameter", "u", False),
         ("", "", True),
     ]
 
 
 def test_unsupported_fields_reject_the_chain_whole() -> None:
-    with pytest.raises(ChainRejected, match="query_parameter"):
+    with pytest.raises(ChainRejected, match="differ between legs"):
         _routing(
             "api",
             _http("api"),
+            SUBSETS,
             {
-                "Kind": "service-resolver",
+                "Kind": "service-splitter",
                 "Name": "api",
-                "LoadBalancer": {
-                    "Policy": "maglev",
-                    "HashPolicies": [{"Field": "query_parameter", "FieldValue": "u"}],
-                },
+                "Splits": [
+                    {"Weight": 50, "ServiceSubset": "v1", "RequestHeaders": {"Set": {"x": "1"}}},
+                    {"Weight": 50, "ServiceSubset": "v2"},
+                ],
             },
         )
     with pytest.raises(ChainRejected, match="per-try-timeout"):

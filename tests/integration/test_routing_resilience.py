@@ -8,7 +8,8 @@ that fail, stall, reset and answer 409 on purpose.
   stalls or resets; with every instance stalled the caller gets a 504;
 * circuit breaking from the caller's `UpstreamConfig.Limits`: overflow answered 503 at once;
 * passive health check: an instance answering 500 is ejected, and used again after its time;
-* ring hash on a header keeps one header value on one instance across 1,000 requests.
+* ring hash on a header keeps one header value on one instance across 1,000 requests, and
+  maglev on a query parameter does the same for its value.
 
 Waits poll the sidecars' status or the apps' counters against a deadline; nothing asserts on
 how long something took.
@@ -53,7 +54,9 @@ class _Behaving(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         server: Any = self.server
-        if self.path == "/health":  # Consul's check of the app: always healthy, not counted
+        if self.path.startswith(
+            "/health"
+        ):  # Consul's check of the app: always healthy, not counted
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -156,13 +159,16 @@ class ThreeApis(Mesh):
         return st
 
     def request(
-        self, headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None
+        self,
+        headers: dict[str, str] | None = None,
+        conn: http.client.HTTPConnection | None = None,
+        path: str = "/",
     ) -> tuple[int, str, str]:
         """(status, which app answered or "", the body or the proxy's x-meshlet-reason)."""
         own = conn is None
         c = conn or http.client.HTTPConnection("127.0.0.1", self.web_upstream, timeout=30)
         try:
-            c.request("GET", "/", headers=headers or {})
+            c.request("GET", path, headers=headers or {})
             resp = c.getresponse()
             body = resp.read().decode("latin-1")
             app = json.loads(body)["app"] if resp.status == 200 else ""
@@ -318,6 +324,26 @@ def test_ring_hash_keeps_a_header_on_one_instance(apis: ThreeApis) -> None:
         assert len(users) > 1, users  # other values land elsewhere: it is a hash, not a pin
     finally:
         conn.close()
+    # The same through a query parameter (maglev this time).
+    index = apis.write(
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "LoadBalancer": {
+                "Policy": "maglev",
+                "HashPolicies": [{"Field": "query_parameter", "FieldValue": "u"}],
+            },
+        }
+    )
+    apis.wait_routed(index)
+    conn = http.client.HTTPConnection("127.0.0.1", apis.web_upstream, timeout=30)
+    try:
+        got = Counter(apis.request(conn=conn, path="/?u=alice%20b")[:2] for _ in range(300))
+        assert len(got) == 1 and next(iter(got))[0] == 200, got
+        users = {apis.request(conn=conn, path=f"/?x=1&u=user-{i}")[1] for i in range(60)}
+        assert len(users) > 1, users
+    finally:
+        conn.close()
 
 
 @pytest.mark.timeout(240)
@@ -334,15 +360,15 @@ def test_a_chain_meshlet_cannot_apply_is_rejected_whole_and_the_last_one_kept(
     )
     apis.wait_routed(index)
     assert {apis.request()[1] for _ in range(20)} == {"a"}
-    # Consul accepts it; meshlet's proxy cannot hash on a query parameter yet.
+    # Consul accepts it; meshlet's proxy cannot give split legs different header edits yet.
     apis.write(
         {
-            "Kind": "service-resolver",
+            "Kind": "service-splitter",
             "Name": "api",
-            "LoadBalancer": {
-                "Policy": "ring_hash",
-                "HashPolicies": [{"Field": "query_parameter", "FieldValue": "u"}],
-            },
+            "Splits": [
+                {"Weight": 50, "ServiceSubset": "only-a", "RequestHeaders": {"Set": {"x": "1"}}},
+                {"Weight": 50, "ServiceSubset": "only-a"},
+            ],
         }
     )
     st = wait_status(
@@ -351,7 +377,7 @@ def test_a_chain_meshlet_cannot_apply_is_rejected_whole_and_the_last_one_kept(
         "the chain rejected",
     )
     api = st["proxy"]["routing"]["upstreams"]["api"]
-    assert "query_parameter" in api["error"]
+    assert "differ between legs" in api["error"]
     assert st["proxy"]["routing"]["rejected_total"] == 1
     assert any("discovery chain rejected" in why for why in st["degraded_reasons"]), st
     # The previous routing (the only-a subset) still holds, not half of the new chain.
