@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from agent.status_cli import render
 from tests.integration.test_agent_process import ENV, MESHLET, _free_port
 from tests.integration.test_sidecar_mesh import (
     Mesh,
@@ -380,5 +381,7 @@ def test_a_chain_meshlet_cannot_apply_is_rejected_whole_and_the_last_one_kept(
     assert "differ between legs" in api["error"]
     assert st["proxy"]["routing"]["rejected_total"] == 1
     assert any("discovery chain rejected" in why for why in st["degraded_reasons"]), st
+    table = render(st, time.time())
+    assert "discovery chain rejected" in table and "differ between legs" in table, table
     # The previous routing (the only-a subset) still holds, not half of the new chain.
     assert {apis.request()[1] for _ in range(20)} == {"a"}
