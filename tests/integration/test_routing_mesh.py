@@ -23,6 +23,7 @@ from tests.integration.test_agent_process import ENV, MESHLET, _free_port
 from tests.integration.test_sidecar_mesh import (
     Mesh,
     _json,
+    _tcp_exchange,
     put_intentions,
     start_app,
     wait_status,
@@ -169,3 +170,52 @@ def test_canary_header_and_90_10_split_through_real_sidecars(canary_mesh: Canary
     assert set(split) == {"api", "api-v2"}, split  # v1's app is the mesh's "api" app
     share_v1 = split["api"] / total
     assert abs(share_v1 - 0.90) <= 0.02, split
+
+
+@pytest.fixture
+def tcp_mesh(tmp_path: Path) -> Iterator[Mesh]:
+    mesh = Mesh(tmp_path, "tcp")
+    try:
+        mesh.start()
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def _resolver(filter_: str) -> dict[str, Any]:
+    return {
+        "Kind": "service-resolver",
+        "Name": "api",
+        "DefaultSubset": "picked",
+        "Subsets": {"picked": {"Filter": filter_}},
+        "Failover": {"*": {"Targets": [{"Service": "api-spare"}]}},
+    }
+
+
+def test_a_tcp_upstream_follows_its_chains_target_and_failover(tcp_mesh: Mesh) -> None:
+    mesh = tcp_mesh
+    put_intentions(mesh.consul, "api", "allow")
+    _json(
+        "PUT",
+        f"http://{mesh.consul}/v1/config",
+        _resolver('Service.Service == "api-sidecar-proxy"'),
+    )
+    st = wait_status(
+        mesh.web_admin,
+        lambda s: (
+            s["proxy"]["routing"]["upstreams"]["api"]["targets"]
+            == ["api-spare.default.default.dc1", "picked.api.default.default.dc1"]
+        ),
+        "web's tcp upstream routed by the resolver",
+    )
+    assert st["proxy"]["upstreams"]["api"]["protocol"] == "tcp"
+    reply = _tcp_exchange(mesh.web_upstream)
+    assert b'"app": "api"' in reply
+    # A subset that selects no instance, and a failover service without any: nothing to
+    # relay to, so the connection is closed (the chain decides, not the upstream's own watch).
+    _json("PUT", f"http://{mesh.consul}/v1/config", _resolver('Service.Service == "nope"'))
+
+    def closed(_: Any) -> bool:
+        return _tcp_exchange(mesh.web_upstream) == b""
+
+    wait_status(mesh.web_admin, closed, "the empty subset applied")
