@@ -129,6 +129,9 @@ class Exchange:
     resp_until_close = False
     tries = 1
     """Tries so far, this one included."""
+    tried: tuple[str, ...] = ()
+    """Endpoints of the tries that were retried: a retry goes to one not among them where
+    one exists, else to one other than the last."""
     outcome = Outcome.SUCCESS
     """How the current try went for its endpoint (connect.cluster), as far as known."""
     upgrade = b""
@@ -190,6 +193,8 @@ class Exchange:
 
     def _retry(self, avoid: str) -> Retry:
         self.tries += 1
+        if avoid not in self.tried:
+            self.tried = (*self.tried, avoid)
         return Retry(avoid)
 
     def on_denied(self) -> Answer:

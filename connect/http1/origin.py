@@ -180,11 +180,17 @@ class MeshOrigin(Origin):
             balancer = cluster.endpoints.balancer()  # (choose swaps the cursor if it is new)
             if balancer.uses_hash and balancer.config.hash_policies:
                 h = _request_hash(balancer.config.hash_policies, ex, down)
+            avoided: tuple[str, ...] = ()
             if avoid is None:
                 target = cluster.choose(now, up.rng, h, panic=i == last)
             else:
-                target = cluster.choose(now, up.rng, h, (avoid,), panic=i == last)
+                avoided = ex.tried or (avoid,)
+                target = cluster.choose(now, up.rng, h, avoided, panic=i == last)
+                if target is None and len(avoided) > 1:
+                    avoided = (avoid,)  # every other endpoint was tried: any but the last
+                    target = cluster.choose(now, up.rng, h, avoided, panic=i == last)
                 if target is None and i == last:
+                    avoided = ()
                     target = cluster.choose(now, up.rng, h)  # the only endpoint: a new connection
             if target is None:
                 continue
@@ -198,7 +204,6 @@ class MeshOrigin(Origin):
                     cluster.record(target, Outcome.CANCELLED, now)
                     self._overflow(down, ex, over)
                     return None
-            avoided = () if avoid is None else (avoid,)
             self._spawn(self._dial(down, ex, chain[i:], first=target, avoid=avoided, h=h))
             return None
         self.stats.no_endpoint += 1
