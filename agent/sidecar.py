@@ -30,8 +30,12 @@ With `sidecar.workers` > 1 the listeners bind with SO_REUSEPORT, the first proce
 that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
 
 Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
-(port, address, protocol, path normalization, workers) needs a restart, and says so;
-upstreams balance with least request (service-resolver `LoadBalancer` is not watched yet).
+(port, address, protocol, path normalization, workers) needs a restart, and says so.
+
+* routing: `agent.routing.ChainWatch` compiles each upstream's discovery chain from the watched
+  routing entries and hands the data plane one `RoutingSnapshot` per upstream (routes, a
+  cluster per chain target, their endpoints); an upstream without `protocol` speaks its
+  chain's. See docs/routing.md.
 """
 
 from __future__ import annotations

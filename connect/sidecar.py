@@ -19,6 +19,10 @@ Per protocol (the assembly agent/sidecar.py and bench/proxy_sidecar.py share):
 * upstream `http`: requests balanced over pooled mTLS connections (`OutboundHTTP`); anything
   else relayed per connection (`OutboundL4`). Each upstream's balancer is recompiled whenever
   the `Latest` its `endpoints` callback returns publishes (the agent's health watch).
+  An upstream that also has a `routing` Latest is driven by its discovery chain once that
+  publishes a `RoutingSnapshot` (connect.chain_routes): one `Upstream` per chain target, the
+  http listener's route table and named clusters, or the tcp listener's target and failover
+  chain, swapped whole per snapshot (`_Routed`).
 
 TLS is whatever follows the leaf (connect.tls.DynamicTLS, or fixed contexts in the
 benchmark); listeners keep one object, so a rotation never restarts them.
