@@ -218,6 +218,7 @@ class ServiceSection:
 
 
 SidecarProtocol = Literal["tcp", "http", "http2", "grpc"]
+UpstreamProtocol = Literal["", "tcp", "http", "http2", "grpc"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,12 +247,14 @@ class UpstreamSection:
             '`Service.Meta.version == "v2"`.'
         ),
     )
-    protocol: SidecarProtocol = field(
-        default="tcp",
+    protocol: UpstreamProtocol = field(
+        default="",
         metadata=_doc(
             "What the destination speaks (Consul's upstream `Config.protocol`): http balances "
             "each request over pooled mTLS connections; tcp, http2 and grpc are relayed per "
-            "connection."
+            "connection. Empty (the default): the discovery chain's protocol, i.e. the "
+            "destination's service-defaults or proxy-defaults `Protocol`, tcp when none, as "
+            "Consul does."
         ),
     )
 

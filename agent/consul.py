@@ -903,6 +903,34 @@ class ConfigEntriesAPI(_Group):
         return True if cas is None else _decode(resp, _bool)
 
 
+class DiscoveryChainAPI(_Group):
+    """`/v1/discovery-chain/:service`: the compiled chain as Consul's servers compile it."""
+
+    async def get(
+        self,
+        service: str,
+        *,
+        compile_dc: str = "",
+        index: int = 0,
+        wait: Wait | None = None,
+    ) -> Indexed[Mapping[str, Any]]:
+        """The `Chain` object of the answer (Consul's `CompiledDiscoveryChain` JSON); blocks
+        until the chain's inputs change. meshlet's sidecar compiles locally from the watched
+        entries instead (agent/routing.py); this read is for tools and for comparing both."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        if compile_dc:
+            params.append(("compile-dc", compile_dc))
+        return await self._indexed(
+            f"/v1/discovery-chain/{_segment(service)}",
+            lambda v: MappingProxyType(
+                dict(as_object(as_object(v, "answer").get("Chain"), "Chain"))
+            ),
+            params,
+            blocking,
+            index,
+        )
+
+
 class ConsulClient:
     """An async client for one Consul agent, owning one keep-alive HTTP session.
 
@@ -920,6 +948,7 @@ class ConsulClient:
         self.status = StatusAPI(self._http)
         self.connect = ConnectAPI(self._http)
         self.config_entries = ConfigEntriesAPI(self._http)
+        self.discovery_chain = DiscoveryChainAPI(self._http)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulClient:

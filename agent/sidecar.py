@@ -30,8 +30,12 @@ With `sidecar.workers` > 1 the listeners bind with SO_REUSEPORT, the first proce
 that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
 
 Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
-(port, address, protocol, path normalization, workers) needs a restart, and says so;
-upstreams balance with least request (service-resolver `LoadBalancer` is not watched yet).
+(port, address, protocol, path normalization, workers) needs a restart, and says so.
+
+* routing: `agent.routing.ChainWatch` compiles each upstream's discovery chain from the watched
+  routing entries and hands the data plane one `RoutingSnapshot` per upstream (routes, a
+  cluster per chain target, their endpoints); an upstream without `protocol` speaks its
+  chain's. See docs/routing.md.
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf
 from agent.metrics import process_counters
 from agent.readiness import Readiness
+from agent.routing import ChainWatch
 from agent.watches import AnswerRejected, BlockingWatch, WatchSettings, unindexed
 from connect.access_log import AccessLog, AccessLogSettings, effective_settings
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
+from connect.chain_routes import RoutingSnapshot
 from connect.heap_trim import HeapTrimmer
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
@@ -129,8 +135,12 @@ def upstream_key(spec: UpstreamSpec) -> WatchKey:
     return WatchKey(spec.name, spec.datacenter, spec.peer, spec.filter)
 
 
-def sidecar_spec(cfg: AgentConfig, local_uri: str) -> SidecarSpec:
-    """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID."""
+def sidecar_spec(
+    cfg: AgentConfig, local_uri: str, chain_protocol: Callable[[str], str] = lambda name: ""
+) -> SidecarSpec:
+    """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID. An upstream
+    without a `protocol` speaks its discovery chain's (`chain_protocol(name)`; tcp while
+    none is known)."""
     app_host = cfg.service.address or "127.0.0.1"
     bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
     return SidecarSpec(
@@ -146,7 +156,7 @@ def sidecar_spec(cfg: AgentConfig, local_uri: str) -> SidecarSpec:
         upstreams=tuple(
             UpstreamSpec(
                 up.name,
-                up.protocol,
+                up.protocol or chain_protocol(up.name) or "tcp",
                 up.local_bind_address,
                 up.local_bind_port,
                 up.datacenter,
@@ -261,6 +271,8 @@ class Sidecar:
         self._datacenter: BlockingWatch[AgentSelf, str] | None = None
         self.proxy: DataPlane[EndpointSnapshot | None] | None = None
         """The listeners, once a leaf is held."""
+        self.chains: ChainWatch | None = None
+        """The upstreams' discovery chains and their targets' instances (agent/routing.py)."""
         self._closed = False
         self.heap = HeapTrimmer(lambda: self.proxy.listeners() if self.proxy is not None else [])
         """Gives the heap back to the OS once a burst of connections has drained."""
@@ -335,8 +347,14 @@ class Sidecar:
         return reasons
 
     def degradations(self) -> list[str]:
-        """What the proxy serves in a reduced way now: destinations it denies wholesale."""
+        """What the proxy serves in a reduced way now: destinations it denies wholesale, and
+        upstreams routed by an older chain because the newest was rejected."""
+        chains = self.chains.upstreams.values() if self.chains is not None else ()
         return [
+            f"upstream {up.name}: discovery chain rejected, previous routing kept: {up.error}"
+            for up in chains
+            if up.error
+        ] + [
             f"intentions for {dest} cannot be enforced (index {self.intentions_index}), "
             f"denying every request to it: {reason}"
             for dest, reason in sorted(self.intentions_broken.items())
@@ -382,6 +400,7 @@ class Sidecar:
                 "broken_total": self.intentions_broken_total,
             },
             "listeners": {name: serving is not None for name, serving in self._listeners()},
+            "routing": self.chains.status() if self.chains is not None else {},
             "upstreams": upstreams,
             "connections": {
                 r.spec.label: {
@@ -452,9 +471,28 @@ class Sidecar:
             def latest_of(spec: UpstreamSpec) -> Latest[EndpointSnapshot | None] | None:
                 return latest_for(upstream_key(spec))
 
+            chains = self.chains = ChainWatch(
+                consul,
+                self.config.service.name,
+                self._settings,
+                trust_domain=lambda: tls.trust_domain,
+                rng=self._rng,
+                clock=self._clock,
+            )
+            for up in self.config.sidecar.upstreams:
+                chains.upstream(up.name)
+            tg.create_task(chains.run(), name="discovery chains")
+
+            def routing_of(spec: UpstreamSpec) -> Latest[RoutingSnapshot | None] | None:
+                # An upstream whose section picks its own instances keeps doing so.
+                if spec.filter or spec.datacenter or spec.peer:
+                    return None
+                return chains.upstream(spec.name)
+
             self.proxy = DataPlane(
                 tls,
                 intentions_authorizers(self.intentions.get, local),
+                routing=routing_of,
                 endpoints=latest_of,
                 targets=targets_of,
                 stats=self.stats,
@@ -463,7 +501,14 @@ class Sidecar:
                 claim_ports=self._claim_ports,
                 telemetry=self.telemetry,
             )
-            await self.proxy.apply(sidecar_spec(self.config, tls.material.leaf.service_uri))
+            if any(not up.protocol for up in self.config.sidecar.upstreams):
+                # Upstreams that speak their chain's protocol: bounded wait for the chains.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(chains.compiled.wait(), _FIRST_ENDPOINTS_WAIT)
+            chains.on_protocol = self._protocol_changed
+            await self.proxy.apply(
+                sidecar_spec(self.config, tls.material.leaf.service_uri, chains.protocol)
+            )
             tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
             self.started.set()
@@ -476,9 +521,24 @@ class Sidecar:
         self._apply_access_logs()
         if self.proxy is None or self.tls is None or self._closed:
             return None
-        spec = sidecar_spec(config, self.tls.material.leaf.service_uri)
+        protocol = self.chains.protocol if self.chains is not None else (lambda name: "")
+        if self.chains is not None:
+            for up in config.sidecar.upstreams:
+                self.chains.upstream(up.name)
+        spec = sidecar_spec(config, self.tls.material.leaf.service_uri, protocol)
         await self._first_endpoints(spec)
         return await self.proxy.apply(spec)
+
+    def _protocol_changed(self) -> None:
+        """A chain's protocol changed: an upstream that takes it gets its listener replaced."""
+        if any(not up.protocol for up in self.config.sidecar.upstreams):
+            asyncio.get_running_loop().create_task(self._reapply(), name="protocol change")
+
+    async def _reapply(self) -> None:
+        try:
+            await self.reconfigure(self.config)
+        except OSError as exc:
+            log.error("applying a chain's protocol change: %s", exc)
 
     async def _first_endpoints(self, spec: SidecarSpec) -> None:
         """Before binding a new upstream's port, wait (bounded) for its watch's first answer,

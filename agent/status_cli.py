@@ -169,6 +169,25 @@ def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) ->
     if refused:
         out.append("")
         out.append(_table(("UPSTREAM", "DIALS FAILED", "COUNT"), refused))
+    chains = (proxy.get("routing") or {}).get("upstreams") or {}
+    routed = [
+        (
+            name,
+            c["protocol"] or "-",
+            "chain" if c["routed"] else "own watch",
+            ", ".join(c["targets"]) or "-",
+            str(c["index"]),
+            f"{c['rejected']}: {c['error']}" if c["error"] else str(c["rejected"]),
+        )
+        for name, c in sorted(chains.items())
+    ]
+    if routed:
+        out.append("")
+        out.append(
+            _table(
+                ("UPSTREAM", "PROTOCOL", "ROUTED BY", "TARGETS", "CHAIN INDEX", "REJECTED"), routed
+            )
+        )
     if endpoints:
         for up in status["upstreams"]:
             out.append("")

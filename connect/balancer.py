@@ -61,10 +61,11 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class HashPolicy:
-    """Consul's `HashPolicies` entry: hash a header, a cookie or the source IP."""
+    """Consul's `HashPolicies` entry: hash a header, a cookie, a query parameter or the
+    source IP."""
 
     field: str = ""
-    """"header", "cookie" or "" (with `source_ip`)."""
+    """"header", "cookie", "query_parameter" or "" (with `source_ip`)."""
     field_value: str = ""
     source_ip: bool = False
     terminal: bool = False
@@ -91,9 +92,10 @@ class BalancerConfig:
             if hp.source_ip:
                 if hp.field:
                     raise ConfigError("HashPolicies: SourceIP cannot be combined with Field")
-            elif hp.field not in ("header", "cookie"):
+            elif hp.field not in ("header", "cookie", "query_parameter"):
                 raise ConfigError(
-                    f"HashPolicies.Field {hp.field!r}: allowed values are header, cookie"
+                    f"HashPolicies.Field {hp.field!r}: allowed values are header, cookie, "
+                    "query_parameter"
                 )
             elif not hp.field_value:
                 raise ConfigError("HashPolicies.FieldValue is required with Field")
@@ -350,11 +352,13 @@ def request_hash(
     policies: Sequence[HashPolicy],
     header: Callable[[str], str | None] | Mapping[str, str],
     source_ip: str | None = None,
+    query: Callable[[str], str | None] | None = None,
 ) -> int | None:
     """Combine the hash policies' values as Envoy does: each present value is folded in, a
     `terminal` policy that produced a value stops the walk; no value at all means None.
 
-    `header` looks up a lower-case header name (repeated headers joined with ",").
+    `header` looks up a lower-case header name (repeated headers joined with ",");
+    `query` the first value of a query parameter (percent-decoded).
     """
     get = header.get if isinstance(header, Mapping) else header
     combined: int | None = None
@@ -364,6 +368,8 @@ def request_hash(
             value = source_ip
         elif hp.field == "header":
             value = get(hp.field_value.lower())
+        elif hp.field == "query_parameter":
+            value = query(hp.field_value) if query is not None else None
         else:
             cookies = get("cookie")
             value = None if cookies is None else _cookie_value(cookies, hp.field_value)

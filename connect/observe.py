@@ -299,6 +299,10 @@ class HTTPSide:
         self._keys: dict[tuple[str, int, str], _Series] = {}
         """(peer URI or cluster, status, flags) -> its series: one dict look-up per request
         once the combination has been seen."""
+        self.services: dict[str, str] = {}
+        """Caller's side: a routed cluster's name (a discovery-chain target ID such as
+        `v1.api.default.default.dc1`) -> the Consul service it reaches, which is what
+        `destination_service*` carry. Set by whoever applies the routing."""
 
     def _labels(self, remote: str, status: int, flags: str) -> tuple[str, ...]:
         s = self.side
@@ -307,7 +311,7 @@ class HTTPSide:
             dst, dst_p = s.local_service, s.local_principal
         else:
             src_wl, src_p = s.local_service, s.local_principal
-            dst = remote or s.remote_service
+            dst = self.services.get(remote, remote) if remote else s.remote_service
             dst_p = _principal_of(s.local_principal, dst) if remote else s.remote_principal
         return (
             s.reporter,

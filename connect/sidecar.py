@@ -19,6 +19,10 @@ Per protocol (the assembly agent/sidecar.py and bench/proxy_sidecar.py share):
 * upstream `http`: requests balanced over pooled mTLS connections (`OutboundHTTP`); anything
   else relayed per connection (`OutboundL4`). Each upstream's balancer is recompiled whenever
   the `Latest` its `endpoints` callback returns publishes (the agent's health watch).
+  An upstream that also has a `routing` Latest is driven by its discovery chain once that
+  publishes a `RoutingSnapshot` (connect.chain_routes): one `Upstream` per chain target, the
+  http listener's route table and named clusters, or the tcp listener's target and failover
+  chain, swapped whole per snapshot (`_Routed`).
 
 TLS is whatever follows the leaf (connect.tls.DynamicTLS, or fixed contexts in the
 benchmark); listeners keep one object, so a rotation never restarts them.
@@ -33,16 +37,18 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
+from connect.chain_routes import RoutingSnapshot, TargetSettings
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.http1.origin import MeshOrigin
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.latest import Latest
 from connect.listener import ConnectionLimits
-from connect.observe import Telemetry
+from connect.observe import HTTPSide, Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
 from connect.stats import ProxyStats
@@ -237,6 +243,70 @@ class _Endpoints:
         self.current = compile_balancer(list(targets), self.config)
 
 
+class _Routed:
+    """An upstream listener driven by its discovery chain: one cluster (an `Upstream` over its
+    own endpoint set) per chain target, swapped in whole per `RoutingSnapshot`. A target whose
+    settings did not change keeps its Upstream, so its balancer state, ejections and pooled
+    connections carry over; its endpoints are replaced."""
+
+    def __init__(self, sidecar: Sidecar[Any], spec: UpstreamSpec, listener: _Listener) -> None:
+        self.sidecar = sidecar
+        self.spec = spec
+        self.listener = listener
+        self.targets: dict[str, tuple[TargetSettings, Upstream, _Endpoints]] = {}
+        self.snapshot: RoutingSnapshot | None = None
+
+    def apply(self, snap: RoutingSnapshot) -> None:
+        routing = snap.routing
+        tls = self.sidecar.tls
+        kept: dict[str, tuple[TargetSettings, Upstream, _Endpoints]] = {}
+        for tid, settings in routing.targets.items():
+            prior = self.targets.get(tid)
+            if prior is not None and prior[0] == settings:
+                kept[tid] = prior
+            else:
+                endpoints = _Endpoints(settings.balancer)
+                upstream = Upstream(
+                    f"{self.spec.name} ({tid})",
+                    endpoints=endpoints,
+                    client_ssl=tls.client,
+                    verify_peer=service_peers(lambda: tls.trust_domain),
+                    expected_service=settings.service,
+                    connect_timeout=settings.connect_timeout,
+                    rng=random.Random(self.sidecar._rng.random()),
+                    resume_tls=self.sidecar._resume_tls,
+                    limits=settings.limits,
+                    ejection=settings.ejection,
+                )
+                kept[tid] = (settings, upstream, endpoints)
+            kept[tid][2].apply(snap.endpoints.get(tid, ()))
+        named = {
+            name: tuple(kept[tid][1] for tid in order) for name, order in routing.clusters.items()
+        }
+        listener = self.listener
+        if isinstance(listener, OutboundHTTP):
+            origin = listener.origin
+            assert isinstance(origin, MeshOrigin)
+            origin.set_clusters(named)
+            listener.fixed_routes = routing.table  # read once per request head
+            observer = listener.observer
+            if isinstance(observer, HTTPSide):
+                # Metrics name the service a cluster reaches, not the chain's target ID.
+                observer.services = {
+                    name: kept[order[0]][0].service
+                    for name, order in routing.clusters.items()
+                    if order
+                }
+        elif isinstance(listener, OutboundL4):
+            chain = named[routing.start]
+            listener.upstream, listener.chain = chain[0], chain
+        self.targets = kept
+        self.snapshot = snap
+        log.info(
+            "%s: routing applied (index %d, %d targets)", self.spec.label, snap.index, len(kept)
+        )
+
+
 @dataclass(eq=False)
 class Running:
     """One listener as it runs now."""
@@ -246,6 +316,8 @@ class Running:
     upstream: Upstream | None = None
     endpoints: _Endpoints | None = None
     follower: asyncio.Task[None] | None = field(default=None, repr=False)
+    routed: _Routed | None = None
+    router: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def serving(self) -> bool:
@@ -292,6 +364,7 @@ class Sidecar(Generic[S]):
         balancer: BalancerConfig | None = None,
         resume_tls: bool = True,
         telemetry: Telemetry | None = None,
+        routing: Callable[[UpstreamSpec], Latest[RoutingSnapshot | None] | None] | None = None,
     ) -> None:
         """`telemetry`: every listener reports its exchanges and connections to it
         (connect.observe); None: no observer, nothing measured.
@@ -317,6 +390,8 @@ class Sidecar(Generic[S]):
         self._balancer = balancer if balancer is not None else BalancerConfig()
         self._resume_tls = resume_tls
         self.telemetry = telemetry
+        self._routing = routing
+        """An upstream's routing snapshots (None: routed by its one endpoint set only)."""
         self._draining: dict[asyncio.Task[None], Running] = {}
         """Listeners removed or replaced, still serving their open connections."""
         self._lock = asyncio.Lock()
@@ -366,6 +441,8 @@ class Sidecar(Generic[S]):
         this returns), let its connections finish for `grace` seconds in the background."""
         if running.follower is not None:
             running.follower.cancel()
+        if running.router is not None:
+            running.router.cancel()
         server = running.listener.server
         if server is not None:
             server.close()
@@ -395,6 +472,12 @@ class Sidecar(Generic[S]):
                 running.endpoints.apply(self._targets(latest.get()))
                 running.follower = asyncio.get_running_loop().create_task(
                     self._follow(spec, latest, running.endpoints), name=f"endpoints {spec.label}"
+                )
+            routing = self._routing(spec) if self._routing is not None else None
+            if routing is not None:
+                running.routed = _Routed(self, spec, running.listener)
+                running.router = asyncio.get_running_loop().create_task(
+                    self._follow_routing(routing, running.routed), name=f"routing {spec.label}"
                 )
         self.running[spec.bind] = running
         log.info("%s (%s) listening", spec.label, spec.protocol)
@@ -465,6 +548,15 @@ class Sidecar(Generic[S]):
             endpoints.apply(self._targets(value))
             log.debug("%s: balancer over %d endpoints", spec.label, len(endpoints.current.targets))
 
+    async def _follow_routing(
+        self, latest: Latest[RoutingSnapshot | None], routed: _Routed
+    ) -> None:
+        version, value = latest.version, latest.get()
+        while True:
+            if value is not None:
+                routed.apply(value)
+            version, value = await latest.changed(version)
+
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting everywhere; open exchanges get `grace` seconds, those of listeners
         still draining after a reload too (their longer drain is cut short)."""
@@ -473,6 +565,8 @@ class Sidecar(Generic[S]):
             for r in running:
                 if r.follower is not None:
                     r.follower.cancel()
+                if r.router is not None:
+                    r.router.cancel()
             draining = dict(self._draining)
             # Closing again with the shorter grace aborts what the first close still waits
             # for; that first close is then cancelled.

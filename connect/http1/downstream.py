@@ -309,6 +309,16 @@ class Downstream(asyncio.Protocol):
             ex.cluster = selection.cluster
             if action.retry is not DEFAULT_RETRY:
                 ex.retry = action.retry
+                bound = listener.limits.retry_body_bytes
+                # A body is kept for a retry only when a route asks for retries and it is
+                # small; a 100-continue body is not (the client waits for our word first).
+                if (
+                    (framing.chunked or 0 < (framing.length or 0) <= bound)
+                    and action.retry.num_retries
+                    and not facts.expect_continue
+                ):
+                    ex.kept = []
+                    ex.kept_room = bound
             if action.needs_shell:
                 ex.route = action
         ex.expect = facts.expect_continue
@@ -343,6 +353,8 @@ class Downstream(asyncio.Protocol):
             ex.rx += len(body)
         if ex.denied:
             return
+        if ex.kept is not None:
+            ex.keep(body)
         conn = ex.conn
         if conn is None or conn.transport is None:
             if ex.pending is None:
@@ -421,6 +433,14 @@ class Downstream(asyncio.Protocol):
                     parts.append(chunk)
             ex.pending = None
             if ex.body_done and ex.framing.chunked:
+                parts.append(LAST_CHUNK)
+            transport.writelines(parts)
+        elif ex.tries > 1 and ex.kept is not None:
+            # A retry: the kept body goes again (replayable said it was whole).
+            parts = [ex.head]
+            for chunk in ex.kept:
+                parts += (b"%x\r\n" % len(chunk), chunk, CRLF) if ex.framing.chunked else (chunk,)
+            if ex.framing.chunked:
                 parts.append(LAST_CHUNK)
             transport.writelines(parts)
         else:

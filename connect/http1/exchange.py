@@ -119,6 +119,10 @@ class Exchange:
     expect = False
     pending: list[bytes] | None = None
     """Body bytes read before an upstream connection was attached."""
+    kept: list[bytes] | None = None
+    """The body as sent so far, while it fits the replay bound (None: not kept)."""
+    kept_room = 0
+    """Bytes the kept body may still grow by."""
     redo = False
     """The upstream's answer is being swallowed: the request goes again once it ends."""
     resp_chunked = False
@@ -126,6 +130,9 @@ class Exchange:
     resp_until_close = False
     tries = 1
     """Tries so far, this one included."""
+    tried: tuple[str, ...] = ()
+    """Endpoints of the tries that were retried: a retry goes to one not among them where
+    one exists, else to one other than the last."""
     outcome = Outcome.SUCCESS
     """How the current try went for its endpoint (connect.cluster), as far as known."""
     upgrade = b""
@@ -179,16 +186,31 @@ class Exchange:
     @property
     def replayable(self) -> bool:
         """Can be sent again as it is, and the policy has a try left: nothing of it is lost
-        (no body), and an upgrade is never repeated."""
+        (no body, or a body read whole and kept within the bound), and an upgrade is never
+        repeated."""
         return (
             self.tries <= self.retry.num_retries
             and not self.upgrade
-            and not self.framing.chunked
-            and not self.framing.length
+            and (
+                not (self.framing.chunked or self.framing.length)
+                or (self.kept is not None and self.body_done)
+            )
         )
+
+    def keep(self, chunk: bytes) -> None:
+        """Keep a piece of the body being sent, or give up keeping past the bound."""
+        room = self.kept_room - len(chunk)
+        if room < 0:
+            self.kept = None
+            return
+        self.kept_room = room
+        assert self.kept is not None
+        self.kept.append(chunk)
 
     def _retry(self, avoid: str) -> Retry:
         self.tries += 1
+        if avoid not in self.tried:
+            self.tried = (*self.tried, avoid)
         return Retry(avoid)
 
     def on_denied(self) -> Answer:

@@ -17,3 +17,6 @@ class HTTPLimits:
     high_water: int = 256 * 1024
     max_idle_per_endpoint: int = 64
     connect_timeout: float = 5.0
+    retry_body_bytes: int = 64 * 1024
+    """A request body up to this size is kept while it is sent, so a route's retry policy can
+    send it again; a longer body (or one still arriving) makes the request not replayable."""

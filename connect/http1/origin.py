@@ -9,8 +9,9 @@ import asyncio
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
-from connect.balancer import Policy, Target, request_hash
+from connect.balancer import HashPolicy, Policy, Target, request_hash
 from connect.cluster import Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1.exchange import Exchange
@@ -137,6 +138,30 @@ class MeshOrigin(Origin):
                 links.append((up, pool))
             self.named[name] = tuple(links)
 
+    def set_clusters(self, clusters: Mapping[str, Sequence[Upstream]]) -> None:
+        """Swap the named clusters whole (a new routing snapshot). An upstream object kept
+        from before keeps its idle pool; the pools of those gone close their idle
+        connections (busy ones finish and are not pooled again)."""
+        by_id = {id(up): pool for chain in self.named.values() for up, pool in chain}
+        named: dict[str, tuple[tuple[Upstream, Pool], ...]] = {}
+        kept: dict[int, Pool] = {}
+        for name, chain in clusters.items():
+            if not chain:
+                raise ValueError(f"cluster {name!r}: no upstream")
+            links = []
+            for up in chain:
+                pool = kept.get(id(up)) or by_id.get(id(up))
+                if pool is None:
+                    pool = Pool(self.limits.high_water, self.limits.max_idle_per_endpoint)
+                kept[id(up)] = pool
+                links.append((up, pool))
+            named[name] = tuple(links)
+        for pool in {id(p): p for p in self.pools}.values():
+            if pool not in kept.values() and pool is not self.pool:
+                pool.close()
+        self.pools = [self.pool, *(p for p in kept.values() if p is not self.pool)]
+        self.named = named
+
     def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
         name = ex.cluster or self.upstream.name
         chain = self.named.get(name)
@@ -154,12 +179,18 @@ class MeshOrigin(Origin):
             h = None
             balancer = cluster.endpoints.balancer()  # (choose swaps the cursor if it is new)
             if balancer.uses_hash and balancer.config.hash_policies:
-                h = request_hash(balancer.config.hash_policies, _HeaderLookup(ex.headers))
+                h = _request_hash(balancer.config.hash_policies, ex, down)
+            avoided: tuple[str, ...] = ()
             if avoid is None:
                 target = cluster.choose(now, up.rng, h, panic=i == last)
             else:
-                target = cluster.choose(now, up.rng, h, (avoid,), panic=i == last)
+                avoided = ex.tried or (avoid,)
+                target = cluster.choose(now, up.rng, h, avoided, panic=i == last)
+                if target is None and len(avoided) > 1:
+                    avoided = (avoid,)  # every other endpoint was tried: any but the last
+                    target = cluster.choose(now, up.rng, h, avoided, panic=i == last)
                 if target is None and i == last:
+                    avoided = ()
                     target = cluster.choose(now, up.rng, h)  # the only endpoint: a new connection
             if target is None:
                 continue
@@ -173,7 +204,6 @@ class MeshOrigin(Origin):
                     cluster.record(target, Outcome.CANCELLED, now)
                     self._overflow(down, ex, over)
                     return None
-            avoided = () if avoid is None else (avoid,)
             self._spawn(self._dial(down, ex, chain[i:], first=target, avoid=avoided, h=h))
             return None
         self.stats.no_endpoint += 1
@@ -213,7 +243,7 @@ class MeshOrigin(Origin):
                 _, conn, _ = await dial_upstream(
                     up,
                     partial(_connection, pool),
-                    request_hash=h if j == 0 else _hash_of(up, ex),
+                    request_hash=h if j == 0 else _hash_of(up, ex, down),
                     avoid=avoid if j == 0 else (),
                     first=first if j == 0 else None,
                     on_failure=self._dial_failed,
@@ -254,11 +284,41 @@ class MeshOrigin(Origin):
         super().release(conn, reusable, outcome)
 
 
-def _hash_of(up: Upstream, ex: Exchange) -> int | None:
+def _hash_of(up: Upstream, ex: Exchange, down: Downstream) -> int | None:
     config = up.cluster.balancer().config
     if config.hash_policies and config.policy in _HASHED:
-        return request_hash(config.hash_policies, _HeaderLookup(ex.headers))
+        return _request_hash(config.hash_policies, ex, down)
     return None
+
+
+def _request_hash(policies: Sequence[HashPolicy], ex: Exchange, down: Downstream) -> int | None:
+    """The request's affinity hash: headers and cookies, the query parameters of the target
+    as forwarded, the client's address (the local app's, for an outbound listener)."""
+    source_ip = None
+    if any(hp.source_ip for hp in policies) and down.transport is not None:
+        peer = down.transport.get_extra_info("peername")
+        source_ip = peer[0] if isinstance(peer, tuple) else None
+    return request_hash(policies, _HeaderLookup(ex.headers), source_ip, _QueryLookup(ex.head))
+
+
+class _QueryLookup:
+    """The first value of a query parameter of the request line, decoded only when asked."""
+
+    __slots__ = ("head",)
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    def __call__(self, name: str) -> str | None:
+        line = self.head[: self.head.find(b"\r\n")]
+        target = line.split(b" ", 2)[1] if line.count(b" ") >= 2 else b""
+        _, _, query = target.partition(b"?")
+        wanted = name.encode()
+        for part in query.split(b"&"):
+            key, _, value = part.partition(b"=")
+            if unquote_to_bytes(key) == wanted:
+                return unquote_to_bytes(value).decode("latin-1")
+        return None
 
 
 _HASHED = frozenset({Policy.RING_HASH, Policy.MAGLEV})

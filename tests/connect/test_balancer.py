@@ -182,6 +182,10 @@ def test_request_hash_reads_headers_and_cookies() -> None:
     assert request_hash([header, cookie], {"x-user": "alice", "cookie": "sid=1"}) != both
     src = HashPolicy(source_ip=True)
     assert request_hash([src], {}, source_ip="10.0.0.1") == hash_key("10.0.0.1")
+    query = HashPolicy(field="query_parameter", field_value="u")
+    params = {"u": "bob"}
+    assert request_hash([query], {}, query=params.get) == hash_key("bob")
+    assert request_hash([query], {}) is None
 
 
 @pytest.mark.parametrize(
@@ -190,7 +194,10 @@ def test_request_hash_reads_headers_and_cookies() -> None:
         ({"choice_count": 1}, "ChoiceCount"),
         ({"minimum_ring_size": 0}, "MinimumRingSize"),
         ({"maglev_table_size": 100}, "prime"),
-        ({"hash_policies": (HashPolicy(field="query"),)}, "allowed values are header, cookie"),
+        (
+            {"hash_policies": (HashPolicy(field="query"),)},
+            "allowed values are header, cookie, query_parameter",
+        ),
         ({"hash_policies": (HashPolicy(field="header"),)}, "FieldValue"),
     ],
 )

@@ -177,3 +177,25 @@ def test_denied_request_is_a_403_that_closes_only_when_it_must() -> None:
     ex = exchange()
     ex.upgrade = b"websocket"
     assert ex.on_denied() == Answer(FORBIDDEN_CLOSE) and not ex.keep_alive
+
+
+def test_each_retry_remembers_every_endpoint_tried() -> None:
+    ex = exchange(retry=RetryPolicy(num_retries=3, on_gateway_error=True))
+    for key in ("a", "b", "a"):
+        assert isinstance(ex.on_response_head(503, b"", True, key), Retry)
+        assert isinstance(ex.on_response_end(key), Retry)
+    assert ex.tried == ("a", "b")  # the origin avoids all of them where another exists
+    assert ex.tries == 4
+
+
+def test_a_small_kept_body_is_replayable_only_when_whole_and_within_the_bound() -> None:
+    ex = exchange(method=b"POST", framing=BODY, retry=RetryPolicy(on_5xx=True))
+    assert not ex.replayable  # not kept
+    ex.kept, ex.kept_room = [], 5
+    ex.keep(b"hel")
+    assert not ex.replayable  # not read whole yet
+    ex.keep(b"lo")
+    ex.body_done = True
+    assert ex.replayable and ex.kept == [b"hel", b"lo"]
+    ex.keep(b"!")
+    assert ex.kept is None and not ex.replayable  # past the bound: given up

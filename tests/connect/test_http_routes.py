@@ -19,6 +19,7 @@ from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
 from connect.cluster import Limits, fixed_endpoints
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.http1.limits import HTTPLimits
 from connect.inbound import InboundGate
 from connect.routes import (
     HeaderEdits,
@@ -348,5 +349,45 @@ async def test_circuit_breaker_answers_overflow_503_at_once(ca: ProxyTestCA) -> 
                 w.close()
         finally:
             await outbound.close(grace=0)
+    finally:
+        await m.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_small_post_body_is_kept_and_sent_again_on_retry(
+    ca: ProxyTestCA, session: aiohttp.ClientSession, chunked: bool
+) -> None:
+    retry = RetryPolicy(num_retries=2, on_timeout=True)
+    table = RouteTable((), to("both", try_timeout=0.3, retry=retry))
+    m = await build(ca, table, stall_in=("s0",))
+    body = b"x" * 5000
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:2000]
+        yield body[2000:]
+
+    try:
+        for _ in range(2):  # round robin: one goes to the stalled instance first
+            data = chunks() if chunked else body
+            async with session.post(m.url + "/upload", data=data) as resp:
+                assert resp.status == 200
+                assert await resp.text() == "5000"  # the whole body reached v1's app
+    finally:
+        await m.close()
+
+
+async def test_a_body_over_the_replay_bound_is_not_retried(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    retry = RetryPolicy(num_retries=2, on_timeout=True)
+    table = RouteTable((), to("both", try_timeout=0.3, retry=retry))
+    m = await build(ca, table, stall_in=("s0",))
+    big = b"x" * (HTTPLimits().retry_body_bytes + 1)
+    try:
+        statuses = []
+        for _ in range(2):
+            async with session.post(m.url + "/upload", data=big) as resp:
+                statuses.append(resp.status)
+        assert sorted(statuses) == [200, 504]  # the stalled try is not sent again
     finally:
         await m.close()

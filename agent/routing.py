@@ -1,0 +1,352 @@
+"""The agent's half of traffic management: the routing config entries watched, each upstream's
+discovery chain compiled locally, and per chain target a health watch of its instances, handed
+to the proxy as one immutable `RoutingSnapshot` per upstream.
+
+    chains = ChainWatch(consul, "web", settings, connectivity)
+    latest = chains.upstream("api")            # Latest[RoutingSnapshot | None]
+    tg.create_task(chains.run())
+
+Why compile locally instead of watching `/v1/discovery-chain/<name>`: the compiler is the one
+devstack serves (traffic.chain, Consul's compile.go), five blocking watches (`/v1/config/<kind>`
+for service-router, -splitter, -resolver, service-defaults, proxy-defaults) serve every
+upstream, and the router's `Meta` (meshlet.io/route.<n>.* keys, which the compiled chain does
+not carry) is at hand. The calling service's `service-defaults` `UpstreamConfig` (override for
+the upstream merged over `Defaults`) gives `ConnectTimeoutMs` and `Protocol` as compile
+overrides, as Consul's proxycfg passes them, and the limits and passive health check.
+
+Each target is watched with `/v1/health/connect/<service>?passing&filter=<subset filter>` in its
+datacenter (meshlet's `UpstreamWatcher`). `OnlyPassing: false` still asks for passing
+instances only: meshlet never sends to an instance in `warning` (stricter than Consul).
+
+An upstream is routed by its chain once the entry watches have answered, unless meshlet's own
+config gives it a `filter`, `datacenter` or `peer` (then that section decides, as before). A
+chain that fails to decode, compile or convert is rejected whole: the previous snapshot stays
+(routing only: authorization never falls back), the reason is logged, counted and shown in
+`status()`. The snapshot is published only once every target has had its first answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.catalog import Snapshot, WatchKey
+from agent.connectivity import Connectivity
+from agent.consul import ConsulClient, Indexed
+from agent.watch import UpstreamWatcher
+from agent.watches import BlockingWatch, WatchSettings
+from connect.balancer import Target
+from connect.chain_routes import (
+    ChainRejected,
+    ChainRouting,
+    RoutingSnapshot,
+    chain_routing,
+    merge_upstream_config,
+)
+from connect.latest import Latest
+from traffic.chain import ChainEntries, CompileRequest, compile_chain
+from traffic.defaults import (
+    ProxyDefaults,
+    ServiceDefaults,
+    UpstreamConfig,
+    proxy_defaults_from_json,
+    service_defaults_from_json,
+)
+from traffic.entries import RoutingEntry, entry_from_json
+
+log = logging.getLogger("meshlet.agent.routing")
+
+KINDS = (
+    "service-router",
+    "service-splitter",
+    "service-resolver",
+    "service-defaults",
+    "proxy-defaults",
+)
+
+Bodies = tuple[Mapping[str, Any], ...]
+
+
+def targets_of(snapshot: Snapshot | None) -> tuple[Target, ...]:
+    if snapshot is None:
+        return ()
+    return tuple(
+        Target(key=f"{e.node}/{e.service_id}", host=e.address, port=e.port, weight=e.weight)
+        for e in snapshot.endpoints
+    )
+
+
+def decode_entries(bodies: Mapping[str, Bodies]) -> ChainEntries:
+    """The watched entries as the compiler's models; ValueError names an unreadable entry."""
+    models: list[RoutingEntry | ServiceDefaults | ProxyDefaults] = []
+    for kind, entries in bodies.items():
+        for body in entries:
+            try:
+                if kind == "service-defaults":
+                    models.append(service_defaults_from_json(body))
+                elif kind == "proxy-defaults":
+                    models.append(proxy_defaults_from_json(body))
+                else:
+                    models.append(entry_from_json(body))
+            except Exception as exc:
+                raise ValueError(f"{kind} {body.get('Name')!r}: {exc}") from exc
+    return ChainEntries.of(models)
+
+
+def upstream_config(entries: ChainEntries, caller: str, upstream: str) -> UpstreamConfig | None:
+    """The caller's `UpstreamConfig` for `upstream`: its override merged over `Defaults`."""
+    defaults = entries.services.get(caller)
+    uc = defaults.upstream_config if defaults is not None else None
+    if uc is None:
+        return None
+    override = next((o for o in uc.overrides if o.name == upstream and not o.peer), None)
+    return merge_upstream_config(uc.defaults, override)
+
+
+def compile_upstream(
+    entries: ChainEntries, caller: str, upstream: str, *, trust_domain: str, datacenter: str
+) -> tuple[ChainRouting, bool]:
+    """(the routing of `upstream` as `caller` calls it, whether the chain is Consul's default
+    one with no upstream config). Raises `ChainRejected` or ValueError."""
+    cfg = upstream_config(entries, caller, upstream)
+    chain = compile_chain(
+        CompileRequest(
+            upstream,
+            trust_domain,
+            datacenter=datacenter,
+            override_protocol=cfg.protocol if cfg is not None else "",
+            override_connect_timeout_ns=(cfg.connect_timeout_ms * 1_000_000) if cfg else 0,
+        ),
+        entries,
+    )
+    router = entries.routers.get(upstream)
+    routing = chain_routing(
+        chain, upstream_config=cfg, router_meta=router.meta if router is not None else None
+    )
+    return routing, chain.default and cfg is None
+
+
+class _Upstream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.latest: Latest[RoutingSnapshot | None] = Latest(None)
+        self.routing: ChainRouting | None = None
+        self.index = 0
+        self.protocol = ""
+        self.error = ""
+        self.rejected = 0
+        self.logged_ignored: tuple[str, ...] = ()
+
+
+class ChainWatch:
+    def __init__(
+        self,
+        consul: ConsulClient,
+        caller: str,
+        settings: Callable[[], WatchSettings],
+        connectivity: Connectivity | None = None,
+        *,
+        trust_domain: Callable[[], str] = lambda: "consul",
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._consul = consul
+        self.caller = caller
+        self._settings = settings
+        self._connectivity = connectivity if connectivity is not None else Connectivity(clock)
+        self._trust_domain = trust_domain
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self.datacenter = ""
+        self.entries: dict[str, BlockingWatch[Bodies, Bodies | None]] = {
+            kind: BlockingWatch(
+                f"config {kind}",
+                self._fetcher(kind),
+                lambda bodies, _: bodies,
+                None,
+                settings,
+                connectivity=self._connectivity,
+                rng=self._rng,
+                clock=clock,
+            )
+            for kind in KINDS
+        }
+        self.upstreams: dict[str, _Upstream] = {}
+        self.targets: dict[WatchKey, tuple[UpstreamWatcher, asyncio.Task[None]]] = {}
+        self.rejected_total = 0
+        self._dirty = asyncio.Event()
+        self.compiled = asyncio.Event()
+        """Set once every registered upstream's chain was compiled (or rejected) once."""
+        self.on_protocol: Callable[[], None] | None = None
+        """Called when an upstream's chain protocol changed after its first compile."""
+        self._tg: asyncio.TaskGroup | None = None
+
+    def _fetcher(self, kind: str) -> Callable[[int, float], Any]:
+        async def fetch(index: int, wait: float) -> Indexed[Bodies]:
+            return await self._consul.config_entries.list(kind, index=index, wait=wait)
+
+        return fetch
+
+    def upstream(self, name: str) -> Latest[RoutingSnapshot | None]:
+        """The routing snapshots of `name` (registered on first call; None until routed)."""
+        up = self.upstreams.get(name)
+        if up is None:
+            up = self.upstreams[name] = _Upstream(name)
+            self._dirty.set()
+        return up.latest
+
+    def protocol(self, name: str) -> str:
+        """The chain's protocol for `name` ("" until compiled)."""
+        up = self.upstreams.get(name)
+        return up.protocol if up is not None else ""
+
+    async def run(self) -> None:
+        me = await self._consul.agent.self()
+        self.datacenter = me.datacenter
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            for kind, watch in self.entries.items():
+                tg.create_task(watch.run(), name=f"watch config {kind}")
+                tg.create_task(self._poke(watch.latest), name=f"follow config {kind}")
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                self._recompute()
+
+    async def _poke(self, latest: Latest[Any]) -> None:
+        version = latest.version
+        while True:
+            version, _ = await latest.changed(version)
+            self._dirty.set()
+
+    def _recompute(self) -> None:
+        bodies = {kind: w.latest.get() for kind, w in self.entries.items()}
+        if any(b is None for b in bodies.values()):
+            return  # not every kind answered yet (or cannot be read): no routing yet
+        index = max(w.state.index for w in self.entries.values())
+        wanted: set[WatchKey] = set()
+        try:
+            entries = decode_entries({k: b for k, b in bodies.items() if b is not None})
+            decode_error = ""
+        except ValueError as exc:
+            entries, decode_error = ChainEntries(), str(exc)
+        for up in self.upstreams.values():
+            if decode_error:
+                self._reject(up, decode_error, index)
+            else:
+                self._compile(up, entries, index)
+            if up.routing is not None:
+                wanted.update(self._key(t) for t in up.routing.targets.values())
+        for key in wanted - set(self.targets):
+            self._start_target(key)
+        for key in set(self.targets) - wanted:
+            self.targets.pop(key)[1].cancel()
+        for up in self.upstreams.values():
+            self._publish(up)
+        self.compiled.set()
+
+    def _compile(self, up: _Upstream, entries: ChainEntries, index: int) -> None:
+        try:
+            routing, default = compile_upstream(
+                entries,
+                self.caller,
+                up.name,
+                trust_domain=self._trust_domain(),
+                datacenter=self.datacenter or "dc1",
+            )
+        except (ChainRejected, ValueError) as exc:
+            self._reject(up, str(exc), index)
+            return
+        if up.protocol != routing.protocol:
+            was, up.protocol = up.protocol, routing.protocol
+            if self.on_protocol is not None:
+                log.info("upstream %s: chain protocol %s -> %s", up.name, was or "-", up.protocol)
+                self.on_protocol()
+        if default and up.routing is None:
+            return  # Consul's default chain: the upstream's own watch serves it as before
+        if routing.ignored != up.logged_ignored:
+            for why in routing.ignored:
+                log.warning("upstream %s: not enforced: %s", up.name, why)
+            up.logged_ignored = routing.ignored
+        up.routing, up.index, up.error = routing, index, ""
+
+    def _reject(self, up: _Upstream, why: str, index: int) -> None:
+        if up.error != why:
+            log.error(
+                "upstream %s: discovery chain at index %d rejected whole, keeping the previous "
+                "routing: %s",
+                up.name,
+                index,
+                why,
+            )
+            up.rejected += 1
+            self.rejected_total += 1
+        up.error = why
+
+    def _key(self, t: Any) -> WatchKey:
+        dc = "" if t.datacenter in ("", self.datacenter) else t.datacenter
+        return WatchKey(t.service, dc, t.peer, t.filter)
+
+    def _start_target(self, key: WatchKey) -> None:
+        assert self._tg is not None
+        watcher = UpstreamWatcher(
+            self._consul,
+            key,
+            self._settings,
+            self._connectivity,
+            rng=self._rng,
+            clock=self._clock,
+        )
+        task = self._tg.create_task(self._target(watcher), name=f"watch target {key.label}")
+        self.targets[key] = (watcher, task)
+
+    async def _target(self, watcher: UpstreamWatcher) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(watcher.run())
+            tg.create_task(self._poke(watcher.latest))
+
+    def _publish(self, up: _Upstream) -> None:
+        routing = up.routing
+        if routing is None:
+            return
+        endpoints: dict[str, tuple[Target, ...]] = {}
+        for tid, t in routing.targets.items():
+            got = self.targets.get(self._key(t))
+            if got is None:
+                return
+            snap = got[0].latest.get()
+            if snap is None and not got[0].state.loaded and up.latest.get() is None:
+                return  # first snapshot waits for every target's first answer
+            endpoints[tid] = targets_of(snap)
+        current = up.latest.get()
+        new = RoutingSnapshot(routing, endpoints, up.index)
+        if current is None or current != new:
+            up.latest.publish(new)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "entries": {
+                kind: {
+                    "loaded": w.state.loaded,
+                    "index": w.state.index,
+                    "error": w.state.last_error,
+                }
+                for kind, w in self.entries.items()
+            },
+            "rejected_total": self.rejected_total,
+            "upstreams": {
+                name: {
+                    "routed": up.routing is not None,
+                    "protocol": up.protocol,
+                    "index": up.index,
+                    "targets": sorted(up.routing.targets) if up.routing else [],
+                    "rejected": up.rejected,
+                    "error": up.error,
+                }
+                for name, up in self.upstreams.items()
+            },
+        }

@@ -1,0 +1,129 @@
+"""agent/routing.py against the real devstack over HTTP: the locally compiled chain equals the
+one devstack serves at /v1/discovery-chain, the caller's UpstreamConfig reaches the clusters,
+and a chain that cannot be applied is rejected whole with the previous snapshot kept."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agent.consul import ConsulClient
+from agent.routing import ChainWatch, compile_upstream, decode_entries, upstream_config
+from agent.watches import WatchSettings
+from connect.chain_routes import RoutingSnapshot
+from connect.cluster import Limits
+from connect.latest import Latest
+from traffic.chain import CompileRequest, compile_chain
+
+SETTINGS = WatchSettings(wait=1.0, retry_initial=0.05, retry_max=0.2)
+KINDS = ("service-router", "service-splitter", "service-resolver", "service-defaults")
+
+
+async def _put(consul: ConsulClient, *entries: dict[str, Any]) -> None:
+    for entry in entries:
+        assert await consul.config_entries.put(entry)
+
+
+async def _bodies(consul: ConsulClient) -> dict[str, Any]:
+    out = {}
+    for kind in (*KINDS, "proxy-defaults"):
+        out[kind] = (await consul.config_entries.list(kind)).value
+    return out
+
+
+CANARY = (
+    {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
+    {
+        "Kind": "service-defaults",
+        "Name": "web",
+        "UpstreamConfig": {
+            "Defaults": {"ConnectTimeoutMs": 1500, "Limits": {"MaxConnections": 9}},
+            "Overrides": [{"Name": "api", "Limits": {"MaxPendingRequests": 4}}],
+        },
+    },
+    {
+        "Kind": "service-resolver",
+        "Name": "api",
+        "Subsets": {
+            "v1": {"Filter": 'Service.Meta.version == "v1"'},
+            "v2": {"Filter": 'Service.Meta.version == "v2"'},
+        },
+    },
+    {
+        "Kind": "service-splitter",
+        "Name": "api",
+        "Splits": [
+            {"Weight": 90, "ServiceSubset": "v1"},
+            {"Weight": 10, "ServiceSubset": "v2"},
+        ],
+    },
+)
+
+
+async def test_local_compile_equals_the_chain_devstack_serves(consul: ConsulClient) -> None:
+    await _put(consul, *CANARY)
+    entries = decode_entries(await _bodies(consul))
+    served = (await consul.discovery_chain.get("api")).value
+    roots = (await consul.connect.ca_roots()).value
+    local = compile_chain(CompileRequest("api", roots.trust_domain), entries).to_json()
+    assert dict(served) == local
+    routing, default = compile_upstream(
+        entries, "web", "api", trust_domain=roots.trust_domain, datacenter="dc1"
+    )
+    assert not default and routing.protocol == "http"
+    v1 = routing.targets["v1.api.default.default.dc1"]
+    # Override merged over Defaults; ConnectTimeoutMs from Defaults as a compile override.
+    assert v1.limits == Limits(max_connections=9, max_pending_requests=4)
+    assert v1.connect_timeout == 1.5
+    cfg = upstream_config(entries, "web", "api")
+    assert cfg is not None and cfg.connect_timeout_ms == 1500
+
+
+async def _next(latest: Latest[RoutingSnapshot | None], version: int) -> RoutingSnapshot:
+    _, value = await asyncio.wait_for(latest.changed(version), 10)
+    assert value is not None
+    return value
+
+
+async def test_chain_watch_publishes_and_rejects_whole(consul: ConsulClient) -> None:
+    await _put(consul, *CANARY)
+    chains = ChainWatch(consul, "web", lambda: SETTINGS)
+    latest = chains.upstream("api")
+    task = asyncio.create_task(chains.run())
+    try:
+        first = await _next(latest, 0)
+        assert {d.cluster for d in first.routing.table.default.destinations} == {
+            "v1.api.default.default.dc1",
+            "v2.api.default.default.dc1",
+        }
+        assert set(first.endpoints) == {"v1.api.default.default.dc1", "v2.api.default.default.dc1"}
+        assert chains.protocol("api") == "http"
+        version = latest.version
+        # Consul accepts legs with different header edits; meshlet's proxy cannot apply them.
+        await _put(
+            consul,
+            {
+                "Kind": "service-splitter",
+                "Name": "api",
+                "Splits": [
+                    {"Weight": 50, "ServiceSubset": "v1", "RequestHeaders": {"Set": {"x": "1"}}},
+                    {"Weight": 50, "ServiceSubset": "v2"},
+                ],
+            },
+        )
+        for _ in range(200):
+            if chains.upstreams["api"].error:
+                break
+            await asyncio.sleep(0.02)
+        state = chains.status()["upstreams"]["api"]
+        assert "differ between legs" in state["error"] and state["rejected"] == 1
+        assert chains.rejected_total == 1
+        assert latest.version == version and latest.get() is first  # the old one stands
+        # A good chain again replaces it.
+        await _put(consul, CANARY[3])
+        again = await _next(latest, version)
+        assert again.routing.table == first.routing.table
+        assert chains.status()["upstreams"]["api"]["error"] == ""
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
