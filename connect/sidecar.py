@@ -319,6 +319,15 @@ class Sidecar(Generic[S]):
         """Every listener holding connections: running, or draining after a reload."""
         return [r.listener for r in [*self.running.values(), *self._draining.values()]]
 
+    def recheck_connections(self) -> int:
+        """The connection decision's inputs changed (new intentions): decide the open
+        connections of the L4 inbound listeners again and close those now denied; returns
+        how many. HTTP inbound needs nothing: it decides each request on the current
+        snapshot, so a keep-alive connection's next request already sees the change."""
+        return sum(
+            listener.recheck() for listener in self.listeners() if isinstance(listener, InboundL4)
+        )
+
     def listener(self, spec: ListenerSpec) -> Running | None:
         """The running listener for `spec` (None when it is not running as that spec)."""
         got = self.running.get(spec.bind)

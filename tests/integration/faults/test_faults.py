@@ -504,12 +504,6 @@ def test_an_intention_change_applies_to_the_next_l4_connection(calm: FaultMesh) 
         _echo_intention(mesh, "allow")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="revoking an allow does not close established L4 connections: InboundL4 "
-    "authorizes once, at the handshake (connect/l4.py, agent/sidecar.py's intentions watch "
-    "never re-checks open relays)",
-)
 def test_revoking_an_allow_closes_open_l4_connections(calm: FaultMesh) -> None:
     mesh = calm
     streams = [_stream(mesh.web_echo) for _ in range(3)]
