@@ -169,12 +169,6 @@ def test_control_plane_killed_traffic_flows_on_the_last_snapshot(mesh: FaultMesh
 
 
 @full_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/watch.py publishes the restarted control plane's first (empty) health answer: "
-    "web drops every api endpoint and answers 503 'no healthy upstream' until api's sidecars "
-    "have registered again (70 to 210 GETs of 200/s failed in five runs, outages of 8 s and 30 s)",
-)
 def test_control_plane_restarted_empty_fails_no_request(mesh: FaultMesh) -> None:
     at_restart: dict[str, int] = {}
     run = under_load(mesh, "control plane restarted empty (ideal)", _kill_consul(mesh, at_restart))
