@@ -38,6 +38,7 @@ from typing import Generic, Protocol, TypeVar
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
 from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.http1.origin import MeshOrigin
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.latest import Latest
@@ -228,12 +229,17 @@ class _Endpoints:
     def __init__(self, config: BalancerConfig) -> None:
         self.config = config
         self.current: Balancer = compile_balancer([], config)
+        self.on_apply: Callable[[], object] | None = None
+        """Told after each new set (an HTTP listener closes pooled connections to the
+        endpoints that left)."""
 
     def balancer(self) -> Balancer:
         return self.current
 
     def apply(self, targets: Sequence[Target]) -> None:
         self.current = compile_balancer(list(targets), self.config)
+        if self.on_apply is not None:
+            self.on_apply()
 
 
 @dataclass(eq=False)
@@ -449,6 +455,8 @@ class Sidecar(Generic[S]):
             if spec.protocol == "http"
             else OutboundL4(upstream, stats=self.stats)
         )
+        if isinstance(listener, OutboundHTTP) and isinstance(listener.origin, MeshOrigin):
+            endpoints.on_apply = listener.origin.endpoints_changed
         return Running(spec, listener, upstream, endpoints)
 
     async def _follow(self, spec: UpstreamSpec, latest: Latest[S], endpoints: _Endpoints) -> None:

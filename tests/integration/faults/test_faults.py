@@ -300,14 +300,6 @@ def _inbound_open(admin: str) -> int:
     return sum(c["open"] for c in status(admin)["proxy"]["connections"].values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connect/http1.py's _Pool keeps idle connections per endpoint key and nothing "
-    "evicts the keys of endpoints that left the catalog: each instance that goes away keeps "
-    "up to max_idle_per_endpoint mTLS connections open in web (and at the peer) until the "
-    "peer's 300 s keep-alive timeout; the soak with a new ID per churn cycle grew web's and "
-    "api-1's fds by 33 a minute",
-)
 def test_pooled_connections_to_an_endpoint_that_left_are_closed(calm: FaultMesh) -> None:
     """Instances that come and go with new IDs (pods, allocations) all served by api-1's
     sidecar: once each has left, web's pooled connections to it should be closed."""
