@@ -267,12 +267,6 @@ def test_a_get_sent_to_a_hung_instance_is_answered_by_another(mesh: FaultMesh) -
 
 
 @full_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="connect/http1.py (OutboundHTTP) does not notice a client closing its connection "
-    "while its request waits for the upstream's answer: the client connection, the pooled "
-    "mTLS connection and api's connection to its app stay until the 300 s idle timeout",
-)
 def test_a_client_giving_up_on_a_held_get_releases_its_connections(mesh: FaultMesh) -> None:
     for app in mesh.apps.values():
         app.mode("hang")
