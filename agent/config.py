@@ -391,6 +391,15 @@ class WatchSection:
             duration=True,
         ),
     )
+    reset_hold: float = field(
+        default=60.0,
+        metadata=_doc(
+            "After the control plane restarts empty (its index goes backwards), how long an "
+            "upstream keeps its last endpoints when Consul answers that it has none, waiting "
+            "for its instances to register again. 0 applies the empty answer at once.",
+            duration=True,
+        ),
+    )
     anti_entropy_interval: float = field(
         default=30.0,
         metadata=_doc(
@@ -781,6 +790,8 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("watch.wait", "expected a duration from 1s to 10m")
     if w.retry_initial <= 0 or w.retry_max < w.retry_initial:
         fail("watch.retry_max", "expected retry_initial > 0 and retry_max >= retry_initial")
+    if not 0 <= w.reset_hold <= 3600:
+        fail("watch.reset_hold", "expected a duration from 0s to 1h")
     if w.anti_entropy_interval <= 0:
         fail("watch.anti_entropy_interval", "expected a positive duration")
     for problem in public_listener_problems(cfg):

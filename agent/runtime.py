@@ -49,7 +49,14 @@ from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
-from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
+from agent.watch import (
+    HOLDING,
+    ApplyTimes,
+    Latest,
+    UpstreamWatcher,
+    WatchSettings,
+    watch_key,
+)
 
 log = logging.getLogger("meshlet.agent")
 
@@ -310,7 +317,12 @@ class AgentRuntime:
 
     def _watch_settings(self) -> WatchSettings:
         w = self.config.get().watch
-        return WatchSettings(wait=w.wait, retry_initial=w.retry_initial, retry_max=w.retry_max)
+        return WatchSettings(
+            wait=w.wait,
+            retry_initial=w.retry_initial,
+            retry_max=w.retry_max,
+            reset_hold=w.reset_hold,
+        )
 
     async def _until_ready(self) -> None:
         registrar = self._registrar
@@ -472,6 +484,8 @@ class AgentRuntime:
         for key, watch in self._watches.items():
             if watch.watcher.state.stale_since is not None:
                 reasons.append(f"{key.label} stale: {watch.watcher.state.last_error}")
+            if watch.watcher.holding:
+                reasons.append(f"{key.label}: {HOLDING}")
         if self._registrar is not None and self._registrar.state.phase == "failing":
             reasons.append(f"registration failing: {self._registrar.state.last_error}")
         if self.sidecar is not None:
@@ -517,6 +531,7 @@ class AgentRuntime:
                     "index": snap.index if snap else None,
                     "updated_at": _iso_age(snap.updated_at if snap else None),
                     "stale_since": _iso_age(st.stale_since),
+                    "holding": HOLDING if watch.watcher.holding else "",
                     "failures": st.failures,
                     "rejected": st.rejected,
                     "last_error": st.last_error,

@@ -509,9 +509,18 @@ class Sidecar:
             await self.proxy.apply(
                 sidecar_spec(self.config, tls.material.leaf.service_uri, chains.protocol)
             )
+            tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
             tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
             self.started.set()
+
+    async def _recheck_on_intentions(self, proxy: DataPlane[EndpointSnapshot | None]) -> None:
+        """Each new intentions snapshot: open L4 connections now denied are closed (an HTTP
+        request is decided on the snapshot current when it arrives)."""
+        version = self.intentions.version
+        while True:
+            version, _ = await self.intentions.changed(version)
+            proxy.recheck_connections()
 
     async def reconfigure(self, config: AgentConfig) -> Plan | None:
         """A reload: the listeners follow `config` (what `live_changes` lets change). None

@@ -144,6 +144,8 @@ def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) ->
     for up in status["upstreams"]:
         where = up["datacenter"] or (f"peer:{up['peer']}" if up["peer"] else "local")
         health = "ok" if up["stale_since"] is None else f"stale {_age(up['stale_since'], now)}"
+        if up.get("holding"):
+            health = up["holding"]
         rows.append(
             (
                 up["name"],

@@ -113,8 +113,37 @@ async def health_connect_decoded(
     )
 
 
+HOLDING = "holding last endpoints after a control-plane reset"
+
+
+def hold_after_reset(
+    current: Snapshot | None,
+    answer: Snapshot,
+    reset_at: float | None,
+    now: float,
+    grace: float,
+) -> bool:
+    """Whether to keep `current` published instead of `answer`.
+
+    Only after a control-plane reset (`reset_at`: when Consul's index was seen going
+    backwards, None otherwise): a restarted, empty Consul answers "no instances" until they
+    register again, though they are serving. An answer that would empty an upstream that had
+    endpoints is then held until a non-empty answer arrives or `grace` seconds have passed
+    since the reset. Without a reset nothing is held: a real deregistration takes effect."""
+    return (
+        reset_at is not None
+        and current is not None
+        and bool(current.endpoints)
+        and not answer.endpoints
+        and now - reset_at < grace
+    )
+
+
 class UpstreamWatcher:
-    """The `BlockingWatch` of one upstream's healthy instances."""
+    """The `BlockingWatch` of one upstream's healthy instances.
+
+    After a control-plane reset, an answer that would empty the upstream is held for up to
+    `WatchSettings.reset_hold` (`hold_after_reset`); `holding` says so meanwhile."""
 
     def __init__(
         self,
@@ -134,6 +163,11 @@ class UpstreamWatcher:
         self._memo: Memo = {}
         """Endpoints of the last accepted answer by entry fingerprint."""
         self._started = 0.0
+        self._settings = settings
+        self._reset_at: float | None = None
+        """When Consul's index was last seen going backwards, until an answer is published."""
+        self._held: Snapshot | None = None
+        """The empty answer held back after a reset (`hold_after_reset`)."""
         self.watch: BlockingWatch[Decoded, Snapshot | None] = BlockingWatch(
             f"upstream {key.label}",
             self._fetch,
@@ -155,7 +189,33 @@ class UpstreamWatcher:
         """Watch until cancelled. Never raises for Consul's failures: it waits and retries."""
         await self.watch.run()
 
+    @property
+    def holding(self) -> bool:
+        """An empty answer after a control-plane reset is held: the last endpoints serve."""
+        return self._held is not None
+
+    def _release_held(self, now: float) -> float:
+        """Seconds the held answer may still be held; publishes it once the grace is over."""
+        held = self._held
+        if held is None or self._reset_at is None:
+            return float("inf")
+        remaining = self._settings().reset_hold - (now - self._reset_at)
+        if remaining <= 0:
+            log.warning(
+                "upstream %s: no instance registered again within %gs of the control-plane "
+                "reset: applying the empty answer",
+                self.key.label, self._settings().reset_hold,
+            )  # fmt: skip
+            self._held = None
+            self._reset_at = None
+            self.watch.latest.publish(held)
+        return remaining
+
     async def _fetch(self, index: int, wait: float) -> Indexed[Decoded]:
+        # While an answer is held, block no longer than its grace, then publish it.
+        remaining = self._release_held(self._clock())
+        if remaining > 0:
+            wait = min(wait, max(1.0, remaining))
         # A non-blocking read (first, or after any error or reset) validates every entry.
         memo = self._memo if index else {}
 
@@ -173,6 +233,15 @@ class UpstreamWatcher:
             # at once, validating every entry.
             self._memo = {}
             return await self._fetch(0, wait)
+        st = self.watch.state
+        if st.loaded and got.index < st.index and self._reset_at is None:
+            # Consul's state was replaced (restarted empty, restored): until its instances
+            # register again its answers may say "none" about instances still serving.
+            self._reset_at = self._clock()
+            log.warning(
+                "upstream %s: Consul's index went backwards (%d -> %d): control-plane reset",
+                self.key.label, st.index, got.index,
+            )  # fmt: skip
         return got
 
     def _snapshot(self, decoded: Decoded, index: int) -> Snapshot | None:
@@ -182,6 +251,20 @@ class UpstreamWatcher:
 
     def _changed(self, current: Snapshot | None, snapshot: Snapshot | None) -> bool:
         assert snapshot is not None
+        grace = self._settings().reset_hold
+        if hold_after_reset(current, snapshot, self._reset_at, self._clock(), grace):
+            if self._held is None:
+                log.warning(
+                    "upstream %s: %s: the restarted control plane has no instance yet; "
+                    "kept for up to %gs or until one registers",
+                    self.key.label, HOLDING, grace,
+                )  # fmt: skip
+            self._held = snapshot
+            return False
+        if self._held is not None:
+            log.info("upstream %s: instances registered again: hold ended", self.key.label)
+        self._held = None
+        self._reset_at = None
         changes = diff(current, snapshot)
         if not changes and current is not None:
             return False
@@ -198,6 +281,7 @@ class UpstreamWatcher:
 
 
 __all__ = [
+    "HOLDING",
     "ApplyTimes",
     "Latest",
     "UpstreamWatcher",
@@ -205,5 +289,6 @@ __all__ = [
     "WatchState",
     "backoff_delay",
     "health_connect_decoded",
+    "hold_after_reset",
     "watch_key",
 ]

@@ -139,7 +139,12 @@ class WorkerRuntime:
 
     def _watch_settings(self) -> WatchSettings:
         w = self.config.get().watch
-        return WatchSettings(wait=w.wait, retry_initial=w.retry_initial, retry_max=w.retry_max)
+        return WatchSettings(
+            wait=w.wait,
+            retry_initial=w.retry_initial,
+            retry_max=w.retry_max,
+            reset_hold=w.reset_hold,
+        )
 
     def _latest(self, key: WatchKey) -> Latest[Snapshot | None] | None:
         watcher = self.watchers.get(key)

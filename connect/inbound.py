@@ -11,15 +11,15 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from connect.seams import ConnectionAuthorizer, Peer, PeerCache
 from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.inbound")
 
-__all__ = ["InboundGate", "handshake_failure"]
+__all__ = ["InboundGate", "Revocable", "handshake_failure"]
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) that mean "not signed by a root we trust".
 _UNKNOWN_CA = frozenset(
@@ -66,6 +66,12 @@ def handshake_failure(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
         return "closed", "closed by the peer during the handshake"
     return "other", f"{type(exc).__name__}: {exc}"
+
+
+class Revocable(Protocol):
+    """An open connection that can be cut (connect.l4's relay)."""
+
+    def abort(self) -> None: ...
 
 
 def _host_port(peername: Any) -> tuple[str, str]:
@@ -178,3 +184,30 @@ class InboundGate:
                 return None
         self.stats.connections += 1
         return peer
+
+    def revoke(self, open_connections: Mapping[Any, Peer]) -> int:
+        """Decide each open connection's peer again with the current authorizer and abort the
+        connections now denied (the intentions changed since their handshake); counted in
+        `connections_revoked`, logged once per peer and reason. Returns how many."""
+        if self.authorize is None or not open_connections:
+            return 0
+        verdicts: dict[Peer, Any] = {}
+        denied: list[tuple[Revocable, Peer]] = []
+        for conn, peer in open_connections.items():
+            verdict = verdicts.get(peer)
+            if verdict is None:
+                verdict = verdicts[peer] = self.authorize(peer)
+            if not verdict.allowed:
+                denied.append((conn, peer))
+        counts: dict[Peer, int] = {}
+        for conn, peer in denied:
+            counts[peer] = counts.get(peer, 0) + 1
+            conn.abort()  # its listener forgets it (the mapping changes under us: listed first)
+        self.stats.connections_revoked += len(denied)
+        for peer, n in counts.items():
+            reason = verdicts[peer].reason
+            log.warning(
+                "inbound: closed %d open connection(s) from %s: now denied: %s",
+                n, peer.uri, reason,
+            )  # fmt: skip
+        return len(denied)

@@ -356,7 +356,8 @@ class OutboundL4(_Listener):
 
 
 class InboundL4(_Listener):
-    """mTLS from a mesh peer, authorized once per connection, relayed to the local app."""
+    """mTLS from a mesh peer, authorized per connection at the handshake and again, for the
+    connections still open, whenever the decision's inputs change (`recheck`)."""
 
     def __init__(
         self,
@@ -369,6 +370,8 @@ class InboundL4(_Listener):
         self.gate = gate
         self.app_host = app_host
         self.app_port = app_port
+        self.peers: dict[_Relay, Peer] = {}
+        """Who is on the other end of each open relay: what `recheck` decides on again."""
 
     def _tls(self) -> TLSTerminator:
         return self.gate
@@ -385,7 +388,18 @@ class InboundL4(_Listener):
             relay.start, relay.peer = time.time(), peer
             relay.upstream = f"{self.app_host}:{self.app_port}"
             self.observer.opened(peer)
+        self.peers[leg.relay] = peer
         self._spawn(self._dial(leg.relay))
+
+    def _done(self, relay: _Relay) -> None:
+        self.peers.pop(relay, None)
+        super()._done(relay)
+
+    def recheck(self) -> int:
+        """Decide every open connection again (the intentions changed) and abort those now
+        denied; returns how many. One decision per distinct peer, so the cost is the number
+        of open connections, and nothing is paid per byte."""
+        return self.gate.revoke(self.peers)
 
     async def _dial(self, relay: _Relay) -> None:
         loop = asyncio.get_running_loop()

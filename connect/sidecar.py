@@ -235,12 +235,17 @@ class _Endpoints:
     def __init__(self, config: BalancerConfig) -> None:
         self.config = config
         self.current: Balancer = compile_balancer([], config)
+        self.on_apply: Callable[[], object] | None = None
+        """Told after each new set (an HTTP listener closes pooled connections to the
+        endpoints that left)."""
 
     def balancer(self) -> Balancer:
         return self.current
 
     def apply(self, targets: Sequence[Target]) -> None:
         self.current = compile_balancer(list(targets), self.config)
+        if self.on_apply is not None:
+            self.on_apply()
 
 
 class _Routed:
@@ -288,6 +293,7 @@ class _Routed:
             origin = listener.origin
             assert isinstance(origin, MeshOrigin)
             origin.set_clusters(named)
+            origin.endpoints_changed()  # idle connections to endpoints that left are closed
             listener.fixed_routes = routing.table  # read once per request head
             observer = listener.observer
             if isinstance(observer, HTTPSide):
@@ -399,6 +405,15 @@ class Sidecar(Generic[S]):
     def listeners(self) -> list[_Listener]:
         """Every listener holding connections: running, or draining after a reload."""
         return [r.listener for r in [*self.running.values(), *self._draining.values()]]
+
+    def recheck_connections(self) -> int:
+        """The connection decision's inputs changed (new intentions): decide the open
+        connections of the L4 inbound listeners again and close those now denied; returns
+        how many. HTTP inbound needs nothing: it decides each request on the current
+        snapshot, so a keep-alive connection's next request already sees the change."""
+        return sum(
+            listener.recheck() for listener in self.listeners() if isinstance(listener, InboundL4)
+        )
 
     def listener(self, spec: ListenerSpec) -> Running | None:
         """The running listener for `spec` (None when it is not running as that spec)."""
@@ -539,6 +554,8 @@ class Sidecar(Generic[S]):
                 listener.observer = self.telemetry.http(side)
             elif isinstance(listener, OutboundL4):
                 listener.observer = self.telemetry.tcp(side)
+        if isinstance(listener, OutboundHTTP) and isinstance(listener.origin, MeshOrigin):
+            endpoints.on_apply = listener.origin.endpoints_changed
         return Running(spec, listener, upstream, endpoints)
 
     async def _follow(self, spec: UpstreamSpec, latest: Latest[S], endpoints: _Endpoints) -> None:

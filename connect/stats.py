@@ -48,6 +48,8 @@ class ProxyStats:
     """Refused at accept, by the cap that was reached."""
     peers_refused: int = 0
     connections_denied: int = 0
+    connections_revoked: int = 0
+    """Open L4 connections closed because the intentions changed to deny their source."""
     connections: int = 0
     requests: int = 0
     requests_denied: int = 0

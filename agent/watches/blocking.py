@@ -76,6 +76,9 @@ class WatchSettings:
     wait: float = 300.0
     retry_initial: float = 0.2
     retry_max: float = 5.0
+    reset_hold: float = 60.0
+    """After a control-plane reset, how long an upstream watch holds an answer that would
+    empty it (agent.watch.hold_after_reset)."""
 
 
 @dataclass(frozen=True, slots=True)

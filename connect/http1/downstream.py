@@ -176,9 +176,16 @@ class Downstream(asyncio.Protocol):
                 self._fail(HEADERS_TOO_LARGE)
 
     def eof_received(self) -> bool:
-        # A client that half-closes after its request still gets the answer.
         self.eof = True
-        return bool(self.queue) and not self.listener.is_tls
+        if not self.queue or self.listener.is_tls:
+            return False  # nothing owed (TLS: asyncio closes the transport itself)
+        # TCP cannot tell a half-close from a client that closed and left. One that asked for
+        # a persistent connection has no reason to half-close it: it has given up (as Envoy's
+        # HTTP/1 codec treats a downstream FIN), so the transport closes and connection_lost
+        # closes the upstream connection its request holds (the next hop then lets its app
+        # connection go too). One that asked for `Connection: close` (or spoke HTTP/1.0) may
+        # half-close after its request: it still gets the answer.
+        return not self.queue[0].keep_alive
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

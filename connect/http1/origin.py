@@ -162,6 +162,18 @@ class MeshOrigin(Origin):
         self.pools = [self.pool, *(p for p in kept.values() if p is not self.pool)]
         self.named = named
 
+    def endpoints_changed(self) -> int:
+        """Some cluster's endpoint set changed: each pool keeps idle connections only to
+        endpoints of its cluster's current set; returns how many were closed."""
+        closed = 0
+        seen: set[int] = set()
+        for chain in self.named.values():
+            for up, pool in chain:
+                if id(pool) not in seen:
+                    seen.add(id(pool))
+                    closed += pool.retain([t.key for t in up.endpoints.balancer().targets])
+        return closed
+
     def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
         name = ex.cluster or self.upstream.name
         chain = self.named.get(name)

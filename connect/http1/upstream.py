@@ -5,6 +5,7 @@ per endpoint key between exchanges."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -155,6 +156,8 @@ class Pool:
         self.high_water = high_water
         self.max_idle = max_idle
         self.idle: dict[str, list[UpConn]] = {}
+        self.keys: frozenset[str] | None = None
+        """The endpoint keys of the last endpoint set (`retain`); None: not followed."""
 
     def take(self, key: str) -> UpConn | None:
         conns = self.idle.get(key)
@@ -169,11 +172,26 @@ class Pool:
         transport = conn.transport
         if transport is None or transport.is_closing():
             return
+        if self.keys is not None and conn.key not in self.keys:
+            transport.close()  # its endpoint left while it was in use
+            return
         conns = self.idle.setdefault(conn.key, [])
         if len(conns) >= self.max_idle:
             transport.close()
             return
         conns.append(conn)
+
+    def retain(self, keys: Collection[str]) -> int:
+        """A new endpoint set: close the idle connections to endpoints no longer in it (as
+        Envoy drains a removed host's pool), and do not pool them later; returns how many."""
+        self.keys = frozenset(keys)
+        closed = 0
+        for key in [k for k in self.idle if k not in self.keys]:
+            for conn in self.idle.pop(key):
+                if conn.transport is not None:
+                    conn.transport.close()
+                    closed += 1
+        return closed
 
     def forget(self, conn: UpConn) -> None:
         conns = self.idle.get(conn.key)

@@ -41,6 +41,10 @@ class App:
     peak_buffered: int = 0
     probe: Callable[[], int] = lambda: 0
     name: str = "app"
+    held: int = 0
+    """GETs of /held received: answered only once their connection has gone."""
+    released: int = 0
+    """GETs of /held whose connection went away."""
 
 
 async def start_app(name: str = "app") -> App:
@@ -74,6 +78,17 @@ async def start_app(name: str = "app") -> App:
         await resp.write_eof()
         return resp
 
+    async def held(request: web.Request) -> web.Response:
+        a = app_state["a"]
+        a.held += 1
+        deadline = asyncio.get_running_loop().time() + 10
+        while request.transport is not None and not request.transport.is_closing():
+            if asyncio.get_running_loop().time() > deadline:
+                return web.Response(text="never released")
+            await asyncio.sleep(0.01)
+        a.released += 1
+        return web.Response(text="too late")
+
     async def empty(request: web.Request) -> web.Response:
         return web.Response(status=204)
 
@@ -94,6 +109,7 @@ async def start_app(name: str = "app") -> App:
     webapp.router.add_post("/upload", upload)
     webapp.router.add_get("/download", download)
     webapp.router.add_get("/empty", empty)
+    webapp.router.add_get("/held", held)
     webapp.router.add_get("/ws", ws)
     runner = web.AppRunner(webapp, access_log=None)
     await runner.setup()
@@ -625,3 +641,36 @@ async def test_an_app_that_drops_requests_unanswered_fails_over_idempotent_ones_
         if dropper is not None:
             dropper.close()
         await m.close()
+
+
+async def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_client_giving_up_on_a_waiting_request_releases_every_connection(
+    mesh: Mesh,
+) -> None:
+    """A keep-alive client closes while its GET waits for the app: the mesh lets the upstream
+    mTLS connection and api's connection to its app go (the app sees its client leave)."""
+    _, writer = await raw(mesh.outbound.port, b"GET /held HTTP/1.1\r\nHost: api\r\n\r\n")
+    app = mesh.apps[0]
+    await _until(lambda: app.held == 1, "the GET reached the app")
+    writer.close()
+    await _until(lambda: app.released == 1, "api's connection to its app released")
+    await _until(lambda: not mesh.outbound.connections, "web's client connection released")
+    await _until(lambda: not mesh.inbounds[0].connections, "the mTLS connection released")
+    assert mesh.outbound.origin.pool.idle.get("n0/api-sidecar", []) == []
+
+
+async def test_a_client_that_half_closes_after_a_connection_close_request_gets_its_answer(
+    mesh: Mesh,
+) -> None:
+    request = b"GET /hello HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+    reader, writer = await raw(mesh.outbound.port, request)
+    writer.write_eof()
+    status, _, body = await asyncio.wait_for(read_response(reader), 10)
+    assert status.startswith(b"HTTP/1.1 200") and body == b"hello from api-0"
+    writer.close()

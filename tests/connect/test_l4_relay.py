@@ -472,3 +472,30 @@ async def test_max_connections_refuses_the_connection_over_the_limit(ca: ProxyTe
     finally:
         await outbound.close(grace=0)
         await close_all(p, servers)
+
+
+async def test_revoking_the_allow_closes_open_connections_on_recheck(ca: ProxyTestCA) -> None:
+    allowed = [True]
+    p, servers = await build_pair(ca, allow=lambda peer: allowed[0])
+    try:
+        conns = [await p.connect() for _ in range(3)]
+        for reader, writer in conns:
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+        assert p.inbound.recheck() == 0  # still allowed: nothing closed
+        for reader, writer in conns:
+            writer.write(b"pong")
+            assert await reader.readexactly(4) == b"pong"
+        decided = len(p.decisions)
+        allowed[0] = False
+        assert p.inbound.recheck() == 3
+        # One decision per distinct peer, not per connection.
+        assert len(p.decisions) == decided + 1
+        for reader, writer in conns:
+            assert await reader.read() == b""  # closed through both sidecars
+            writer.close()
+        assert p.inbound.stats.connections_revoked == 3
+        assert p.inbound.peers == {} and p.inbound.relays == set()
+        assert p.inbound.recheck() == 0
+    finally:
+        await close_all(p, servers)

@@ -17,10 +17,13 @@ from agent.consul import ConsulClient, Indexed
 from agent.watches import BlockingWatch, WatchSettings
 from connect.authz import allow_all
 from connect.balancer import Target
+from connect.http1 import OutboundHTTP
+from connect.http1.origin import MeshOrigin
 from connect.latest import Latest
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec, plan
 from tests.connect.devstack_tls import dev_mesh
 from tests.connect.proxy_test_servers import AppStats, start_app
+from tests.connect.recording_app import start_recording_app
 
 DEADLINE = 10.0
 
@@ -254,3 +257,63 @@ async def test_listeners_follow_consul_without_a_reload() -> None:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_pooled_connections_to_an_endpoint_that_left_are_closed() -> None:
+    """Two endpoint keys served by one api sidecar (instances that come and go with new
+    IDs): once one leaves the endpoint set, web's idle pooled connections to it are closed
+    (api's sidecar sees them go), and those to the other stay."""
+    async with dev_mesh() as dm:
+        app = await start_recording_app()
+        api = Sidecar[tuple[Target, ...]](
+            await dm.tls("api"), allow_all(), endpoints=lambda up: None, targets=lambda t: t
+        )
+        api_port = _free_port()
+        uri = "spiffe://x/ns/default/dc/dc1/svc/api"
+        await api.apply(
+            SidecarSpec(InboundSpec("http", "127.0.0.1", api_port, "127.0.0.1", app.port, uri))
+        )
+        stays, leaves = (
+            Target("n1/api-1", "127.0.0.1", api_port),
+            Target("n1/api-2", "127.0.0.1", api_port),
+        )
+        endpoints: Latest[tuple[Target, ...]] = Latest((stays, leaves))
+        web = Sidecar[tuple[Target, ...]](
+            await dm.tls("web"), allow_all(), endpoints=lambda up: endpoints, targets=lambda t: t
+        )
+        port = _free_port()
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            await web.apply(
+                SidecarSpec(upstreams=(UpstreamSpec("api", "http", "127.0.0.1", port),))
+            )
+            listener = web.listeners()[0]
+            assert isinstance(listener, OutboundHTTP) and isinstance(listener.origin, MeshOrigin)
+            pool = listener.origin.pool
+            # Round robin over the two keys: both end up with an idle connection.
+            for _ in range(20):
+                if all(pool.idle.get(t.key) for t in (stays, leaves)):
+                    break
+                for _ in range(2):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writers.append(writer)
+                    writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), DEADLINE)
+                    assert head.startswith(b"HTTP/1.1 200")
+            assert all(pool.idle.get(t.key) for t in (stays, leaves)), pool.idle
+            inbound = api.listeners()[0]
+            before = inbound.open_connections
+            gone = len(pool.idle[leaves.key])
+
+            endpoints.publish((stays,))
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            while inbound.open_connections > before - gone:
+                assert asyncio.get_running_loop().time() < deadline, inbound.open_connections
+                await asyncio.sleep(0.02)
+            assert leaves.key not in pool.idle and pool.idle[stays.key]
+        finally:
+            for writer in writers:
+                writer.close()
+            await web.close(grace=0)
+            await api.close(grace=0)
+            await app.close()

@@ -169,12 +169,6 @@ def test_control_plane_killed_traffic_flows_on_the_last_snapshot(mesh: FaultMesh
 
 
 @full_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/watch.py publishes the restarted control plane's first (empty) health answer: "
-    "web drops every api endpoint and answers 503 'no healthy upstream' until api's sidecars "
-    "have registered again (70 to 210 GETs of 200/s failed in five runs, outages of 8 s and 30 s)",
-)
 def test_control_plane_restarted_empty_fails_no_request(mesh: FaultMesh) -> None:
     at_restart: dict[str, int] = {}
     run = under_load(mesh, "control plane restarted empty (ideal)", _kill_consul(mesh, at_restart))
@@ -273,12 +267,6 @@ def test_a_get_sent_to_a_hung_instance_is_answered_by_another(mesh: FaultMesh) -
 
 
 @full_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="connect/http1.py (OutboundHTTP) does not notice a client closing its connection "
-    "while its request waits for the upstream's answer: the client connection, the pooled "
-    "mTLS connection and api's connection to its app stay until the 300 s idle timeout",
-)
 def test_a_client_giving_up_on_a_held_get_releases_its_connections(mesh: FaultMesh) -> None:
     for app in mesh.apps.values():
         app.mode("hang")
@@ -306,14 +294,6 @@ def _inbound_open(admin: str) -> int:
     return sum(c["open"] for c in status(admin)["proxy"]["connections"].values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connect/http1.py's _Pool keeps idle connections per endpoint key and nothing "
-    "evicts the keys of endpoints that left the catalog: each instance that goes away keeps "
-    "up to max_idle_per_endpoint mTLS connections open in web (and at the peer) until the "
-    "peer's 300 s keep-alive timeout; the soak with a new ID per churn cycle grew web's and "
-    "api-1's fds by 33 a minute",
-)
 def test_pooled_connections_to_an_endpoint_that_left_are_closed(calm: FaultMesh) -> None:
     """Instances that come and go with new IDs (pods, allocations) all served by api-1's
     sidecar: once each has left, web's pooled connections to it should be closed."""
@@ -504,12 +484,6 @@ def test_an_intention_change_applies_to_the_next_l4_connection(calm: FaultMesh) 
         _echo_intention(mesh, "allow")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="revoking an allow does not close established L4 connections: InboundL4 "
-    "authorizes once, at the handshake (connect/l4.py, agent/sidecar.py's intentions watch "
-    "never re-checks open relays)",
-)
 def test_revoking_an_allow_closes_open_l4_connections(calm: FaultMesh) -> None:
     mesh = calm
     streams = [_stream(mesh.web_echo) for _ in range(3)]
