@@ -12,7 +12,7 @@ the first match decides; if none matches, the default policy decides, never a lo
 intention. Matchers behave as Envoy's do for what Consul emits (a missing header matches nothing
 except `Present` + `Invert`; path matchers see the path without the query).
 
-Fail closed per destination: an entry that cannot be compiled exactly (JWT, a regex Python
+Fail closed per destination: an entry that cannot be compiled exactly (JWT, a regex RE2
 cannot compile, or one the caller could not decode, passed as a `BrokenEntry`) becomes a
 "broken" policy for its destination that denies everything that reaches it, with the reason;
 the other destinations' entries are enforced as usual. Never the previous state of that entry:
@@ -24,7 +24,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
+
+import re2
 
 from intentions.entries import (
     DEFAULT,
@@ -226,11 +228,25 @@ def _compile_header(h: HeaderMatch) -> _Check:
     return header
 
 
-def _compile_regex(pattern: str) -> re.Pattern[str]:
+class _Regex(Protocol):
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+# Envoy matches `safe_regex` with RE2, and so does the engine: the same syntax (what RE2
+# refuses, Envoy refuses), and time linear in the input. Python's `re` backtracks: a pattern
+# such as `(\w+\s?)*` against a 64-character header would hold the event loop for ever.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised, with the pattern; no stray stderr line
+
+
+def _compile_regex(pattern: str) -> _Regex:
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise UnsupportedEntry(f"invalid regular expression {pattern!r}: {exc}") from None
+        compiled: _Regex = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else exc
+        text = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+        raise UnsupportedEntry(f"invalid regular expression {pattern!r}: {text}") from None
+    return compiled
 
 
 def _compile_permission(perm: Permission, where: str) -> tuple[_Check, bool]:
