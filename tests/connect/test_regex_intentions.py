@@ -2,7 +2,8 @@
 Envoy matches them, with RE2: in time linear in the input, whatever the pattern. Python's `re`
 backtracks: `(\\w+\\s?)*` against 64 letters and a `!` takes longer than the age of the universe,
 and the sidecar's event loop is stuck in it, so one request from any mesh peer that may
-connect stops every connection the sidecar serves. Found by the fuzz targets (tests/fuzz).
+connect stops every connection the sidecar serves. Found while writing
+the fuzz targets (tests/fuzz), by reading what they reach.
 
 The attack over real sockets: web's mesh leaf straight to api's InboundHTTP, whose intentions
 deny a header by regex and allow paths by regex; a recording app behind it."""

@@ -1,7 +1,7 @@
 """`?filter=... matches "<regexp>"` is evaluated with RE2, as Go's regexp evaluates it: time
 linear in the filtered values whatever the pattern. With Python's `re`, `^(a+)+$` against a
 service whose meta holds 64 letters and a `!` held devstack's event loop for ever (every client of
-the control plane stalled), and any client may send a filter. Found by the fuzz targets
+the control plane stalled), and any client may send a filter. Found while writing the fuzz targets
 (tests/fuzz)."""
 
 from __future__ import annotations

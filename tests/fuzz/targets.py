@@ -1,0 +1,301 @@
+"""Fuzz targets over the parsers that take input from outside: one function per target, bytes
+in, and an exception out only when a property is broken.
+
+Each target decodes its bytes the way the input really arrives (YAML or filter text as UTF-8,
+Consul bodies and answers as JSON), calls the public entry point, and lets through only the
+error types that entry point documents; anything else (a KeyError, a RecursionError, a
+TypeError) propagates and is a finding. Where there is an encoder, the decoded value must
+survive a round trip. The same functions run under atheris (tests/fuzz/run.py, `make fuzz`)
+and over the seed corpus in CI (tests/fuzz/test_fuzz_corpus.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+from agent.catalog import SnapshotRejected, WatchKey, build_snapshot, decode_answer
+from agent.config import ConfigError, parse, to_raw
+from agent.consul_json import ShapeError
+from agent.consul_results import (
+    AgentSelf,
+    AgentService,
+    CatalogNode,
+    CatalogService,
+    HealthCheck,
+    KVPair,
+    LocalServiceHealth,
+    Member,
+    ServiceEntry,
+)
+from devstack.filter import FilterError, check_syntax, compile_filter
+from devstack.filter_schemas import HEALTH_ENTRY
+from intentions.entries import entry_to_json, load_entry, read_entry
+from intentions.errors import EntryError, PolicyError
+from intentions.policy import load_policies
+from intentions.translate import ServiceRef, TranslateOptions, translate
+from traffic.chain import ChainEntries, CompileRequest, compile_chain
+from traffic.entries import entry_from_json
+from traffic.entries import load_entry as load_routing_entry
+from traffic.errors import TrafficError
+
+Target = Callable[[bytes], None]
+
+TRUST_DOMAIN = "11111111-2222-3333-4444-555555555555.consul"
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _json(data: bytes) -> Any:
+    """The JSON value the bytes hold, or a sentinel when they hold none (a body Consul's own
+    decoder refuses before ours is reached)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
+
+
+def _yaml(data: bytes) -> Any:
+    try:
+        return yaml.safe_load(_text(data))
+    except (yaml.YAMLError, RecursionError):
+        return _NOT_JSON
+
+
+def _named(err: Exception) -> None:
+    """An error must say what was wrong: never an empty message."""
+    assert str(err).strip(), f"{type(err).__name__} with an empty message"
+
+
+# ---- (2) AuthorizationPolicy parser and translator -------------------------------------------
+
+
+_INVENTORY = (
+    ServiceRef("api", "default"),
+    ServiceRef("web", "default"),
+    ServiceRef("db", "prod", protocol="tcp"),
+    ServiceRef("ratings", "prod", labels=(("app", "ratings"), ("version", "v1"))),
+)
+
+
+def policy(data: bytes) -> None:
+    """YAML text -> load_policies -> translate: PolicyError or a translation, deterministic."""
+    try:
+        policies = load_policies(_text(data), origin="fuzz.yaml")
+    except PolicyError as err:
+        _named(err)
+        assert err.problems, "PolicyError without problems"
+        return
+    services = _INVENTORY
+    for options in (TranslateOptions(), TranslateOptions(single_namespace="default")):
+        try:
+            first = translate(policies, services, options)
+        except PolicyError as err:
+            _named(err)
+            continue
+        again = translate(policies, services, options)
+        assert first == again, "translation is not deterministic"
+        for entry in first.entries:
+            # What the translator emits is what Consul would accept, and reads back the same.
+            body = entry_to_json(entry, for_write=True)
+            assert load_entry(body) == load_entry(entry_to_json(load_entry(body), for_write=True))
+
+
+# ---- (3) config-entry decoders and validators ------------------------------------------------
+
+
+def intentions_entry(data: bytes) -> None:
+    """A `service-intentions` body -> load_entry / read_entry: EntryError or an entry that
+    round-trips through its JSON."""
+    body = _json(data)
+    if body is _NOT_JSON:
+        return
+    for load in (load_entry, read_entry):
+        try:
+            entry = load(body)
+        except EntryError as err:
+            _named(err)
+            continue
+        assert read_entry(entry_to_json(entry)) == entry, "entry_to_json does not round-trip"
+
+
+def _filter_check(expression: str) -> str | None:
+    try:
+        compile_filter(expression, HEALTH_ENTRY)
+    except FilterError as err:
+        return str(err)
+    return None
+
+
+def traffic_entry(data: bytes) -> None:
+    """A routing entry body -> traffic.entries.load_entry: TrafficError or an entry that
+    round-trips through to_json."""
+    body = _json(data)
+    if not isinstance(body, dict):
+        return
+    try:
+        entry = load_routing_entry(body, check_filter=_filter_check)
+    except TrafficError as err:
+        _named(err)
+        return
+    assert entry_from_json(entry.to_json()) == entry, "to_json does not round-trip"
+
+
+def traffic_chain(data: bytes) -> None:
+    """A JSON list of routing entries -> every chain they touch compiles or is a GraphError."""
+    bodies = _json(data)
+    if not isinstance(bodies, list):
+        return
+    entries = []
+    for body in bodies:
+        if not isinstance(body, dict):
+            continue
+        try:
+            entries.append(load_routing_entry(body))
+        except TrafficError:
+            continue
+    chains = ChainEntries.of(entries)
+    names = {e.name for e in entries} | {"web"}
+    for name in sorted(names):
+        try:
+            compile_chain(CompileRequest(name, TRUST_DOMAIN), chains)
+        except TrafficError as err:
+            _named(err)
+
+
+# ---- (4) filter expressions ------------------------------------------------------------------
+
+_HEALTH_ENTRY_SAMPLE: Mapping[str, Any] = {
+    "Node": {
+        "ID": "",
+        "Node": "n1",
+        "Address": "127.0.0.1",
+        "Datacenter": "dc1",
+        "TaggedAddresses": {"lan": "127.0.0.1"},
+        "Meta": {"rack": "a"},
+    },
+    "Service": {
+        "ID": "api-1",
+        "Service": "api",
+        "Tags": ["v1", "canary"],
+        "Meta": {"version": "1"},
+        "Port": 8080,
+        "Address": "10.0.0.1",
+        "Weights": {"Passing": 1, "Warning": 1},
+        "Kind": "",
+    },
+    "Checks": [{"CheckID": "serfHealth", "Status": "passing", "ServiceTags": []}],
+}
+
+
+def filter_expression(data: bytes) -> None:
+    """Text -> check_syntax / compile_filter against the health entry schema -> matches."""
+    text = _text(data)
+    try:
+        check_syntax(text)
+    except FilterError as err:
+        _named(err)
+    try:
+        compiled = compile_filter(text, HEALTH_ENTRY)
+    except FilterError as err:
+        _named(err)
+        return
+    assert compiled.matches(_HEALTH_ENTRY_SAMPLE) in (True, False)
+    assert compiled.matches({}) in (True, False)
+
+
+# ---- (5) the agent's config loader -----------------------------------------------------------
+
+_ENV = {"CONSUL_HTTP_TOKEN": "fuzz-token"}
+
+
+def agent_config(data: bytes) -> None:
+    """YAML -> agent.config.parse: ConfigError or a config with parse(to_raw(cfg)) == cfg."""
+    raw = _yaml(data)
+    if raw is _NOT_JSON:
+        return
+    try:
+        cfg = parse(raw, _ENV, source="fuzz.yaml")
+    except ConfigError as err:
+        _named(err)
+        assert err.problems, "ConfigError without problems"
+        for problem in err.problems:
+            assert problem.message.strip(), f"a problem at {problem.path!r} says nothing"
+        return
+    assert parse(to_raw(cfg), _ENV, source="fuzz.yaml") == cfg, "to_raw does not round-trip"
+
+
+# ---- (6) Consul answer decoders --------------------------------------------------------------
+
+_DECODERS: tuple[Callable[[object], object], ...] = (
+    HealthCheck.from_json,
+    AgentService.from_json,
+    CatalogNode.from_json,
+    CatalogService.from_json,
+    ServiceEntry.from_json,
+    KVPair.from_json,
+    Member.from_json,
+    AgentSelf.from_json,
+    LocalServiceHealth.from_json,
+)
+
+
+def consul_results(data: bytes) -> None:
+    """The first byte picks a decoder, the rest is the JSON answer: ShapeError or a value."""
+    if not data:
+        return
+    decode = _DECODERS[data[0] % len(_DECODERS)]
+    value = _json(data[1:])
+    if value is _NOT_JSON:
+        return
+    try:
+        decode(value)
+    except ShapeError as err:
+        _named(err)
+
+
+def catalog(data: bytes) -> None:
+    """A `/v1/health/connect/api?passing` answer -> decode_answer: ShapeError or
+    SnapshotRejected or endpoints; decoding again with the memo it left gives the same
+    endpoints as decoding without one (a memo never changes an answer's meaning)."""
+    raw = _json(data)
+    if raw is _NOT_JSON:
+        return
+    key = WatchKey("api")
+    try:
+        first = decode_answer(key, raw, {})
+    except (ShapeError, SnapshotRejected) as err:
+        _named(err)
+        return
+    again = decode_answer(key, raw, first.memo)
+    assert again.endpoints == first.endpoints, "the memo changed the decoded endpoints"
+    assert again.reused == len(first.memo)
+    entries = [ServiceEntry.from_json(item) for item in raw]
+    try:
+        snapshot = build_snapshot(key, entries, 1, 0.0)
+    except SnapshotRejected as err:
+        _named(err)
+        return
+    assert sorted(snapshot.endpoints, key=lambda e: (e.node, e.service_id)) == list(
+        snapshot.endpoints
+    )
+
+
+TARGETS: dict[str, Target] = {
+    "policy": policy,
+    "intentions_entry": intentions_entry,
+    "traffic_entry": traffic_entry,
+    "traffic_chain": traffic_chain,
+    "filter_expression": filter_expression,
+    "agent_config": agent_config,
+    "consul_results": consul_results,
+    "catalog": catalog,
+}
