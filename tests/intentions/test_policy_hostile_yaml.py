@@ -1,0 +1,41 @@
+"""YAML that is valid but hostile to the policy loader is a PolicyError naming the problem,
+never a Python exception escaping `meshlet intentions translate/apply/check`. Found by the
+atheris `policy` target (tests/fuzz): a complex mapping key (`? {source: ...}`) raised
+TypeError (unhashable type: 'dict') in the duplicate-key check; a document nested thousands of
+levels deep raised RecursionError."""
+
+from __future__ import annotations
+
+import pytest
+
+from intentions.errors import PolicyError
+from intentions.policy import load_policies
+
+HEAD = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: foo}
+spec:
+  rules:
+  - from:
+"""
+
+
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [
+        ("    ? source: {principals: [cluster.local/ns/foo/sa/sleep]}\n    : x\n", "line 7"),
+        ("    ? [a, b]\n    : x\n", "line 7"),
+    ],
+)
+def test_a_mapping_or_list_as_a_key_is_refused_with_its_line(key: str, where: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        load_policies(HEAD + key, origin="p.yaml")
+    assert str(info.value).startswith("p.yaml: not valid YAML: found unhashable key"), info.value
+    assert where in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "{a: " * 5000 + "1" + "}" * 5000])
+def test_nesting_too_deep_for_the_parser_is_refused(text: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        load_policies(text, origin="p.yaml")
+    assert str(info.value) == "p.yaml: not valid YAML: nested too deeply"
