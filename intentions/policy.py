@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import reprlib
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -169,7 +170,8 @@ class _Collector:
             else:
                 self.add(
                     f"{path}[{i}]",
-                    f"must be a string, got {type(item).__name__} {item!r} (quote it in YAML)",
+                    f"must be a string, got {type(item).__name__} {_shown(item)} "
+                    "(quote it in YAML)",
                 )
         return tuple(out)
 
@@ -354,6 +356,17 @@ def _parse_rule(c: _Collector, raw: object, path: str) -> Rule:
     )
 
 
+# A value quoted back in an error is cut short: YAML aliases let a few hundred bytes stand for
+# a list of billions of items (`&a [*b, *b, ...]`), and its full repr would be gigabytes.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def _shown(value: object) -> str:
+    return _SHORT.repr(value)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: PyYAML keeps the last one silently, and a
     repeated `paths:` or `principals:` would then change a rule without a word."""
@@ -421,7 +434,7 @@ def load_policies(
             continue
         if doc.get("kind") != "AuthorizationPolicy":
             problems.append(
-                Problem(where, "kind", f"{doc.get('kind')!r} is not an AuthorizationPolicy")
+                Problem(where, "kind", f"{_shown(doc.get('kind'))} is not an AuthorizationPolicy")
             )
             continue
         try:

@@ -39,3 +39,27 @@ def test_nesting_too_deep_for_the_parser_is_refused(text: str) -> None:
     with pytest.raises(PolicyError) as info:
         load_policies(text, origin="p.yaml")
     assert str(info.value) == "p.yaml: not valid YAML: nested too deeply"
+
+
+def alias_bomb(levels: int) -> tuple[str, str]:
+    """YAML lines defining `&a<levels-1>`, a list of 9**levels items in a few hundred bytes
+    (aliases are references: cheap to load, huge to print), and the alias that names it."""
+    lines = ["  x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines), f"*a{levels - 1}"
+
+
+@pytest.mark.parametrize("where", ["kind", "paths"])
+def test_an_alias_bomb_is_quoted_short_in_the_error(where: str) -> None:
+    """On the original code the message for 6 levels was 3.8 MB (9 levels: gigabytes)."""
+    lines, bomb = alias_bomb(6)
+    text = f"lol:\n{lines}\n" + (
+        f"kind: {bomb}\n"
+        if where == "kind"
+        else HEAD.replace("  - from:\n", f"  - to: [{{operation: {{paths: {bomb}}}}}]\n")
+    )
+    with pytest.raises(PolicyError) as info:
+        load_policies(text, origin="p.yaml")
+    message = str(info.value)
+    assert len(message) < 5000, len(message)
+    assert ("kind: [[" if where == "kind" else "paths[0]: must be a string, got list [[") in message
