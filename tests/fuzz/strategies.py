@@ -41,8 +41,13 @@ def seeds(target: str) -> list[Any]:
             data = data[1:]
         try:
             out.append(json.loads(data))
+            continue
         except ValueError:
+            pass
+        try:
             out.extend(d for d in yaml.safe_load_all(data) if d is not None)
+        except yaml.YAMLError:
+            continue  # a crash input kept as a seed for atheris: not a base to bend
     return out
 
 

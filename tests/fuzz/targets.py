@@ -12,13 +12,14 @@ and over the seed corpus in CI (tests/fuzz/test_fuzz_corpus.py).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.catalog import SnapshotRejected, WatchKey, build_snapshot, decode_answer
-from agent.config import ConfigError, parse, to_raw
+from agent.config import ConfigError, load, parse, to_raw
 from agent.consul_json import ShapeError
 from agent.consul_results import (
     AgentSelf,
@@ -63,16 +64,23 @@ def _json(data: bytes) -> Any:
 _NOT_JSON = object()
 
 
-def _yaml(data: bytes) -> Any:
-    try:
-        return yaml.safe_load(_text(data))
-    except (yaml.YAMLError, RecursionError):
-        return _NOT_JSON
+_named_input = b""
 
 
 def _named(err: Exception) -> None:
-    """An error must say what was wrong: never an empty message."""
-    assert str(err).strip(), f"{type(err).__name__} with an empty message"
+    """An error must say what was wrong: never an empty message, and never one out of all
+    proportion to the input (a YAML alias bomb quoted in full is gigabytes)."""
+    text = str(err)
+    assert text.strip(), f"{type(err).__name__} with an empty message"
+    assert len(text) <= 64 * len(_named_input) + 4096, (
+        f"{type(err).__name__} of {len(text)} characters for {len(_named_input)} bytes of input"
+    )
+
+
+def _input(data: bytes) -> bytes:
+    global _named_input  # noqa: PLW0603 - one input at a time; read by _named
+    _named_input = data
+    return data
 
 
 # ---- (2) AuthorizationPolicy parser and translator -------------------------------------------
@@ -118,9 +126,9 @@ def intentions_entry(data: bytes) -> None:
     body = _json(data)
     if body is _NOT_JSON:
         return
-    for load in (load_entry, read_entry):
+    for decode in (load_entry, read_entry):
         try:
-            entry = load(body)
+            entry = decode(body)
         except EntryError as err:
             _named(err)
             continue
@@ -217,20 +225,22 @@ def filter_expression(data: bytes) -> None:
 _ENV = {"CONSUL_HTTP_TOKEN": "fuzz-token"}
 
 
+_CONFIG_FILE = Path(tempfile.gettempdir()) / f"meshlet-fuzz-{os.getpid()}.yaml"
+
+
 def agent_config(data: bytes) -> None:
-    """YAML -> agent.config.parse: ConfigError or a config with parse(to_raw(cfg)) == cfg."""
-    raw = _yaml(data)
-    if raw is _NOT_JSON:
-        return
+    """A settings file -> agent.config.load: ConfigError or a config with
+    parse(to_raw(cfg)) == cfg."""
+    _CONFIG_FILE.write_bytes(data)
     try:
-        cfg = parse(raw, _ENV, source="fuzz.yaml")
+        cfg = load(_CONFIG_FILE, _ENV)
     except ConfigError as err:
         _named(err)
         assert err.problems, "ConfigError without problems"
         for problem in err.problems:
             assert problem.message.strip(), f"a problem at {problem.path!r} says nothing"
         return
-    assert parse(to_raw(cfg), _ENV, source="fuzz.yaml") == cfg, "to_raw does not round-trip"
+    assert parse(to_raw(cfg), _ENV, source=str(_CONFIG_FILE)) == cfg, "to_raw does not round-trip"
 
 
 # ---- (6) Consul answer decoders --------------------------------------------------------------
@@ -289,13 +299,21 @@ def catalog(data: bytes) -> None:
     )
 
 
+def _checked(target: Target) -> Target:
+    def run(data: bytes) -> None:
+        target(_input(data))
+
+    run.__doc__ = target.__doc__
+    return run
+
+
 TARGETS: dict[str, Target] = {
-    "policy": policy,
-    "intentions_entry": intentions_entry,
-    "traffic_entry": traffic_entry,
-    "traffic_chain": traffic_chain,
-    "filter_expression": filter_expression,
-    "agent_config": agent_config,
-    "consul_results": consul_results,
-    "catalog": catalog,
+    "policy": _checked(policy),
+    "intentions_entry": _checked(intentions_entry),
+    "traffic_entry": _checked(traffic_entry),
+    "traffic_chain": _checked(traffic_chain),
+    "filter_expression": _checked(filter_expression),
+    "agent_config": _checked(agent_config),
+    "consul_results": _checked(consul_results),
+    "catalog": _checked(catalog),
 }
