@@ -18,6 +18,8 @@ from pathlib import Path
 
 import atheris
 
+from tests.fuzz.mutator import FORMATS, StructuredMutator
+
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 WORK = HERE / ".work"
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20_000)
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--replay", type=Path, help="run one input (a crash file) and exit")
+    parser.add_argument(
+        "--bytes-only", action="store_true", help="libFuzzer's byte mutations only (no JSON/YAML)"
+    )
     args = parser.parse_args()
     target = _load(args.target)
     if args.replay is not None:
@@ -74,7 +79,17 @@ def main() -> None:
         str(work),
         str(seeds),
     ]
-    atheris.Setup(libfuzzer, target)
+    setup: dict[str, object] = {}
+    if args.target in FORMATS and not args.bytes_only:
+        fmt, prefix = FORMATS[args.target]
+        # atheris.Mutate is looked up per call: Fuzz() replaces the module's stub.
+        setup["custom_mutator"] = StructuredMutator(
+            args.target,
+            fmt,
+            prefix,
+            lambda data, size: atheris.Mutate(data, size),  # noqa: PLW0108
+        )
+    atheris.Setup(libfuzzer, target, **setup)
     atheris.Fuzz()
 
 

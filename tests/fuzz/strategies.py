@@ -51,18 +51,18 @@ def seeds(target: str) -> list[Any]:
     return out
 
 
-def _paths(value: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def paths_in(value: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     found = [here]
     if isinstance(value, dict):
         for k, v in value.items():
-            found += _paths(v, (*here, k))
+            found += paths_in(v, (*here, k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            found += _paths(v, (*here, i))
+            found += paths_in(v, (*here, i))
     return found
 
 
-def _replace(value: Any, path: tuple[Any, ...], new: Any, how: str) -> Any:
+def replaced(value: Any, path: tuple[Any, ...], new: Any, how: str) -> Any:
     if not path:
         return new
     head, rest = path[0], path[1:]
@@ -73,7 +73,7 @@ def _replace(value: Any, path: tuple[Any, ...], new: Any, how: str) -> Any:
         elif not rest and how == "rename":
             out[f"{head}x" if isinstance(head, str) else head] = out.pop(head)
         else:
-            out[head] = _replace(value[head], rest, new, how)
+            out[head] = replaced(value[head], rest, new, how)
         return out
     out_list = list(value)
     if not rest and how == "delete":
@@ -81,7 +81,7 @@ def _replace(value: Any, path: tuple[Any, ...], new: Any, how: str) -> Any:
     elif not rest and how == "duplicate":
         out_list.insert(head, out_list[head])
     else:
-        out_list[head] = _replace(value[head], rest, new, how)
+        out_list[head] = replaced(value[head], rest, new, how)
     return out_list
 
 
@@ -92,25 +92,25 @@ def mutated(draw: st.DrawFn, bases: list[Any]) -> Any:
     a list item repeated."""
     value = draw(st.sampled_from(bases))
     for _ in range(draw(st.integers(1, 3))):
-        paths = _paths(value)
+        paths = paths_in(value)
         path = draw(st.sampled_from(paths))
         how = draw(st.sampled_from(["replace", "transplant", "delete", "rename", "duplicate"]))
         if how in ("delete", "rename", "duplicate") and not path:
             how = "replace"
-        if how == "duplicate" and not isinstance(_at(value, path[:-1]), list):
+        if how == "duplicate" and not isinstance(value_at(value, path[:-1]), list):
             how = "rename"
-        if how == "rename" and not isinstance(_at(value, path[:-1]), dict):
+        if how == "rename" and not isinstance(value_at(value, path[:-1]), dict):
             how = "replace"
         if how == "transplant":
             donor_base = draw(st.sampled_from(bases))
-            new = _at(donor_base, draw(st.sampled_from(_paths(donor_base))))
+            new = value_at(donor_base, draw(st.sampled_from(paths_in(donor_base))))
         else:
             new = draw(hostile)
-        value = _replace(value, path, new, how)
+        value = replaced(value, path, new, how)
     return value
 
 
-def _at(value: Any, path: tuple[Any, ...]) -> Any:
+def value_at(value: Any, path: tuple[Any, ...]) -> Any:
     for step in path:
         value = value[step]
     return value
@@ -197,6 +197,7 @@ _TARGETS = [
     b"/public/\xff",
     b"/p%00",
 ]
+_PLAIN_TARGETS = [b"/public", b"/private/x", b"/x", b"/public/a?b=c", b"/private"]
 _VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b"http/1.1", b""]
 _HEADERS = [
     b"Host: api",
@@ -242,21 +243,45 @@ _BODIES = [
 ]
 
 
+_BENIGN = [
+    b"Accept: */*",
+    b"User-Agent: fuzz",
+    b"X-Request-Id: abc",
+    b"Connection: keep-alive",
+]
+
+
+def _rarely(draw: st.DrawFn, odds: int = 4) -> bool:
+    """True about once in `odds` draws; shrinks to False (the well-formed choice)."""
+    return draw(st.sampled_from([False] * (odds - 1) + [True]))
+
+
 @st.composite
 def request(draw: st.DrawFn) -> bytes:
-    eol = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r"]))
-    line = b" ".join(
-        [
-            draw(st.sampled_from(_METHODS)),
-            draw(st.sampled_from(_TARGETS)),
-            draw(st.sampled_from(_VERSIONS)),
-        ]
-    )
-    headers = draw(st.lists(st.sampled_from(_HEADERS), max_size=4))
-    if draw(st.booleans()):
-        headers.insert(0, b"Host: api")
-    head = eol.join([line, *headers]) + eol + eol
-    return head + draw(st.sampled_from(_BODIES))
+    """Mostly a well-formed request (so that many reach the app and the decision matters),
+    with one or more odd pieces now and then: the shapes smuggling and bypasses are made of."""
+    eol = draw(st.sampled_from([b"\n", b"\r"])) if _rarely(draw, 12) else b"\r\n"
+    method = draw(st.sampled_from(_METHODS)) if _rarely(draw) else b"GET"
+    target = draw(st.sampled_from(_TARGETS if _rarely(draw, 2) else _PLAIN_TARGETS))
+    version = draw(st.sampled_from(_VERSIONS)) if _rarely(draw, 6) else b"HTTP/1.1"
+    headers = [] if _rarely(draw, 8) else [b"Host: api"]
+    headers += draw(st.lists(st.sampled_from(_BENIGN), max_size=2))
+    if _rarely(draw, 3):
+        headers += draw(st.lists(st.sampled_from(_HEADERS), min_size=1, max_size=3))
+    headers = draw(st.permutations(headers))
+    body = b""
+    if method in (b"POST", b"PUT") and not _rarely(draw, 3):
+        payload = draw(st.sampled_from([b"hello", b"x" * 100, b"GET /private HTTP/1.1\r\n\r\n"]))
+        if _rarely(draw, 2):
+            headers.append(b"Transfer-Encoding: chunked")
+            body = b"%x\r\n" % len(payload) + payload + b"\r\n0\r\n\r\n"
+        else:
+            headers.append(b"Content-Length: %d" % len(payload))
+            body = payload
+    if _rarely(draw, 6):
+        body += draw(st.sampled_from(_BODIES))
+    head = eol.join([b" ".join([method, target, version]), *headers]) + eol + eol
+    return head + body
 
 
 @st.composite
@@ -264,7 +289,7 @@ def request_streams(draw: st.DrawFn) -> tuple[str, list[bytes]]:
     """(way in, the writes): one to four requests back to back, sometimes with a byte
     changed, cut into one to three writes."""
     stream = b"".join(draw(st.lists(request(), min_size=1, max_size=4)))
-    if stream and draw(st.integers(0, 4)) == 0:
+    if stream and _rarely(draw, 6):
         at = draw(st.integers(0, len(stream) - 1))
         stream = stream[:at] + bytes([draw(st.integers(0, 255))]) + stream[at + 1 :]
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=2)))

@@ -29,6 +29,9 @@ from tests.fuzz.strategies import (
 )
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+# `make fuzz` runs thousands of examples per property: more than the suite's 60 s per test.
+pytestmark = pytest.mark.timeout(max(60, EXAMPLES // 2))
+
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -92,7 +95,7 @@ def proxy() -> Iterator[HTTPProxyHarness]:
     h.close()
 
 
-@settings(FUZZ, max_examples=max(10, EXAMPLES // 2))
+@settings(FUZZ, max_examples=EXAMPLES)
 @given(request_streams())
 def test_http_request_path(proxy: HTTPProxyHarness, stream: tuple[str, list[bytes]]) -> None:
     via, chunks = stream
