@@ -47,3 +47,16 @@ async def test_an_answer_nested_too_deeply_is_a_bad_response(
         with pytest.raises(ConsulBadResponse) as info:
             await client.agent.self()
     assert str(info.value) == "GET /v1/agent/self: response is nested too deeply to decode"
+
+
+async def test_a_kv_value_that_is_not_ascii_base64_is_a_bad_response(
+    hostile: tuple[str, list[bytes]],
+) -> None:
+    """Found by atheris on the consul_results target: base64 of a non-ASCII string raises a
+    bare ValueError (not binascii.Error), which escaped the decoder's ShapeError contract."""
+    address, bodies = hostile
+    bodies.append('[{"Key": "k", "Value": "µȨOº"}]'.encode())
+    async with ConsulClient(ConsulConfig(address=address, timeout=5.0)) as client:
+        with pytest.raises(ConsulBadResponse) as info:
+            await client.kv.get("k")
+    assert str(info.value).startswith("GET /v1/kv/k: unexpected response shape: Value: not base64")
