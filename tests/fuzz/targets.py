@@ -18,9 +18,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.catalog import SnapshotRejected, WatchKey, build_snapshot, decode_answer
+from agent.catalog import (
+    SnapshotRejected,
+    WatchKey,
+    build_snapshot,
+    decode_answer,
+    fingerprint,
+    snapshot_of,
+)
 from agent.config import ConfigError, load, parse, to_raw
-from agent.consul_json import ShapeError
+from agent.consul_json import ShapeError, as_list
 from agent.consul_results import (
     AgentSelf,
     AgentService,
@@ -273,31 +280,32 @@ def consul_results(data: bytes) -> None:
 
 
 def catalog(data: bytes) -> None:
-    """A `/v1/health/connect/api?passing` answer -> decode_answer: ShapeError or
-    SnapshotRejected or endpoints; decoding again with the memo it left gives the same
-    endpoints as decoding without one (a memo never changes an answer's meaning)."""
+    """A `/v1/health/connect/api?passing` answer -> decode_answer then snapshot_of, as the
+    watch does: ShapeError or SnapshotRejected or a snapshot, the same one as build_snapshot
+    makes from the fully decoded entries; decoding again with the memo the answer left gives
+    the same snapshot (a memo never changes an answer's meaning)."""
     raw = _json(data)
     if raw is _NOT_JSON:
         return
     key = WatchKey("api")
     try:
         first = decode_answer(key, raw, {})
+        snapshot = snapshot_of(key, list(first.endpoints), 1, 0.0)
     except (ShapeError, SnapshotRejected) as err:
         _named(err)
-        return
+        # The full decode refuses it too (an instance listed twice differs only in content).
+        try:
+            items = as_list(raw, "response")
+            build_snapshot(key, [ServiceEntry.from_json(item) for item in items], 1, 0.0)
+        except (ShapeError, SnapshotRejected):
+            return
+        raise AssertionError("decode_answer refused an answer build_snapshot accepts") from err
+    assert build_snapshot(key, [ServiceEntry.from_json(i) for i in raw], 1, 0.0) == snapshot
     again = decode_answer(key, raw, first.memo)
-    assert again.endpoints == first.endpoints, "the memo changed the decoded endpoints"
-    # An instance listed twice has one fingerprint: reused counts entries, the memo keys.
-    assert len(first.memo) <= again.reused <= len(raw)
-    entries = [ServiceEntry.from_json(item) for item in raw]
-    try:
-        snapshot = build_snapshot(key, entries, 1, 0.0)
-    except SnapshotRejected as err:
-        _named(err)
-        return
-    assert sorted(snapshot.endpoints, key=lambda e: (e.node, e.service_id)) == list(
-        snapshot.endpoints
-    )
+    assert snapshot_of(key, list(again.endpoints), 1, 0.0) == snapshot, "the memo changed it"
+    # Entries without Consul's indexes have no fingerprint: decoded in full every time.
+    with_indexes = sum(fingerprint(item) is not None for item in raw)
+    assert again.reused == with_indexes, "an unchanged entry was decoded again"
 
 
 def _checked(target: Target) -> Target:
