@@ -423,7 +423,13 @@ def load_policies(
     for i, doc in enumerate(docs):
         where = f"{origin}#{i}" if len(docs) > 1 else origin
         if isinstance(doc, Mapping) and doc.get("kind") == "List":
-            for j, item in enumerate(doc.get("items") or []):
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                problems.append(
+                    Problem(where, "items", "must be a list of AuthorizationPolicy objects")
+                )
+                continue
+            for j, item in enumerate(items):
                 flat.append((f"{where} items[{j}]", item))
         else:
             flat.append((where, doc))

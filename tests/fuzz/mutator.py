@@ -92,8 +92,11 @@ class StructuredMutator:
             value = self._decode(body)
         except (ValueError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
             return self.fallback(data, max_size)
-        for _ in range(rng.randint(1, 3)):
-            value = self._bend(value, rng)
+        try:
+            for _ in range(rng.randint(1, 3)):
+                value = self._bend(value, rng)
+        except RecursionError:  # a document nested deeper than the walk can go
+            return self.fallback(data, max_size)
         if self.prefix and rng.randrange(10) == 0:
             head = bytes([rng.randrange(256)])
         try:

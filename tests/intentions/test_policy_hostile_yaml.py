@@ -63,3 +63,13 @@ def test_an_alias_bomb_is_quoted_short_in_the_error(where: str) -> None:
     message = str(info.value)
     assert len(message) < 5000, len(message)
     assert ("kind: [[" if where == "kind" else "paths[0]: must be a string, got list [[") in message
+
+
+@pytest.mark.parametrize("items", ["58427", "abc", "{a: 1}"])
+def test_a_list_whose_items_are_not_a_list_is_refused(items: str) -> None:
+    """Found by atheris (policy target): `kind: List` with `items: 58427` raised TypeError
+    ('int' object is not iterable); a string or a mapping was walked character by character or
+    key by key."""
+    with pytest.raises(PolicyError) as info:
+        load_policies(f"apiVersion: v1\nkind: List\nitems: {items}\n", origin="p.yaml")
+    assert str(info.value) == "p.yaml: items: must be a list of AuthorizationPolicy objects"
