@@ -489,7 +489,7 @@ def compile_snapshot(
     """Compile normalized, validated entries (see `entries.load_entry`) into a Snapshot.
 
     Never raises for an entry's content: an entry meshlet cannot enforce exactly (JWT,
-    sameness groups, regexes Python cannot compile), and every `broken` one the caller could
+    sameness groups, regexes RE2 cannot compile), and every `broken` one the caller could
     not decode, makes its destination deny everything (see `Snapshot.broken`). A `broken`
     entry wins over a decoded entry for the same destination.
     """

@@ -41,7 +41,8 @@ from agent.consul_results import (
 )
 from devstack.filter import FilterError, check_syntax, compile_filter
 from devstack.filter_schemas import HEALTH_ENTRY
-from intentions.entries import entry_to_json, load_entry, read_entry
+from intentions.engine import Identity, compile_snapshot, http_request
+from intentions.entries import DEFAULT, entry_to_json, load_entry, read_entry
 from intentions.errors import EntryError, PolicyError
 from intentions.policy import load_policies
 from intentions.translate import ServiceRef, TranslateOptions, translate
@@ -127,9 +128,22 @@ def policy(data: bytes) -> None:
 # ---- (3) config-entry decoders and validators ------------------------------------------------
 
 
+# Requests the engine decides for every entry that loads: long values of the characters a
+# pattern is likely to repeat (a backtracking matcher takes for ever on them; libFuzzer's
+# -timeout reports it), a lone surrogate, an empty path.
+_LONG = "a" * 64 + "!"
+_REQUESTS = [
+    http_request("GET", "/" + _LONG, "api", {"x-user": [_LONG], "x-a": ["1"]}, normalize=False),
+    http_request("POST", "/admin/x?y=1", "API", {"x-user": ["a b", "\udcff"]}, normalize=False),
+    http_request("GET", "/", "", {}, normalize=False),
+]
+_SOURCES = [Identity("web"), Identity("db", namespace="prod"), Identity("x", peer="other")]
+
+
 def intentions_entry(data: bytes) -> None:
     """A `service-intentions` body -> load_entry / read_entry: EntryError or an entry that
-    round-trips through its JSON."""
+    round-trips through its JSON, and that the engine compiles and decides with (or marks
+    broken, which denies): never an exception."""
     body = _json(data)
     if body is _NOT_JSON:
         return
@@ -140,6 +154,14 @@ def intentions_entry(data: bytes) -> None:
             _named(err)
             continue
         assert read_entry(entry_to_json(entry)) == entry, "entry_to_json does not round-trip"
+        snapshot = compile_snapshot([entry], default_allow=True)
+        policy = snapshot.for_destination(
+            entry.name, entry.namespace or DEFAULT, entry.partition or DEFAULT
+        )
+        for source in _SOURCES:
+            policy.decide_connection(source)
+            for request in _REQUESTS:
+                policy.decide_request(source, request)
 
 
 def _filter_check(expression: str) -> str | None:
