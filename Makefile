@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions traffic connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat bench fuzz clean
+.PHONY: install test lint typecheck pytest demo dev compat bench faults soak fuzz clean
 
 install: $(STAMP)
 
@@ -46,6 +46,14 @@ bench: $(STAMP)
 # py-consul's own test suite against `meshlet dev` (see compat/README.md).
 compat: $(STAMP)
 	$(BIN)/python compat/run.py
+
+# Issue 14: the fault suite's long form (30 s control-plane outage, 20 leaf rotations, ...)
+# and the 10-minute soak; `make test` runs the short forms. Figures are printed (-s).
+faults: $(STAMP)
+	MESHLET_FAULTS=full $(BIN)/pytest -s -p no:cacheprovider tests/integration/faults/test_faults.py
+
+soak: $(STAMP)
+	MESHLET_SOAK_SECONDS=600 $(BIN)/pytest -s -p no:cacheprovider tests/integration/faults/test_soak.py
 
 # Coverage-guided fuzzing (atheris) of every target for a fixed number of runs from the corpus
 # in tests/fuzz/corpus, then the Hypothesis properties with more examples than CI's pass

@@ -61,8 +61,8 @@ class ConsulSection:
     address: str = field(
         default="127.0.0.1:8500",
         metadata=_doc(
-            "The local Consul agent: host:port, http://host:port, https://host:port or "
-            "unix:///path/to/consul.sock.",
+            "The local Consul agent: `host:port`, `http://host:port`, `https://host:port` or "
+            "`unix:///path/to/consul.sock`.",
             env="CONSUL_HTTP_ADDR",
         ),
     )
@@ -85,7 +85,7 @@ class ConsulSection:
     ssl: bool = field(
         default=False,
         metadata=_doc(
-            "Speak HTTPS even when `address` has no https:// scheme.", env="CONSUL_HTTP_SSL"
+            "Speak HTTPS even when `address` has no `https://` scheme.", env="CONSUL_HTTP_SSL"
         ),
     )
     ssl_verify: bool = field(
@@ -334,7 +334,7 @@ VaultAuth = Literal["token", "approle"]
 @dataclass(frozen=True, slots=True)
 class VaultSection:
     address: str = field(
-        default="", metadata=_doc("Vault's URL, e.g. https://vault:8200.", required=True)
+        default="", metadata=_doc("Vault's URL, e.g. `https://vault:8200`.", required=True)
     )
     role: str = field(
         default="", metadata=_doc("PKI role that issues this service's leaf.", required=True)

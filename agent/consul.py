@@ -862,7 +862,21 @@ class ConfigEntriesAPI(_Group):
             index,
         )
 
-    async def get(self, kind: str, name: str) -> Mapping[str, Any] | None:
+    async def get(
+        self, kind: str, name: str, *, index: int = 0, wait: Wait | None = None
+    ) -> Indexed[Mapping[str, Any]]:
+        """One entry (`/v1/config/:kind/:name`); blocks until it changes. A missing entry
+        is `ConsulNotFound`."""
+        params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
+        return await self._indexed(
+            f"/v1/config/{_segment(kind)}/{_segment(name)}",
+            lambda v: MappingProxyType(dict(as_object(v, "entry"))),
+            params,
+            blocking,
+            index,
+        )
+
+    async def find(self, kind: str, name: str) -> Mapping[str, Any] | None:
         """One entry, or None when Consul has none of that kind and name (404)."""
         resp = await self._http.request("GET", f"/v1/config/{_segment(kind)}/{_segment(name)}")
         if resp.status == 404:

@@ -7,6 +7,7 @@ Endpoint code above this layer never sees aiohttp: it gets a `Response` or a `Co
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from agent.consul_errors import (
 )
 
 Params = Sequence[tuple[str, str]]
+
+log = logging.getLogger("meshlet.consul")
 
 # Close idle pooled connections before a server or a load balancer in between is likely to,
 # so a reused connection is rarely a dead one (requests are never silently re-sent).
@@ -163,6 +166,8 @@ class ConsulHTTP:
         self._base = config.base_url
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Paths whose answer Consul's ACLs have filtered, each warned about once.
+        self._filtered: set[str] = set()
 
     def _open(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -238,6 +243,8 @@ class ConsulHTTP:
                 server_hostname=self._server_hostname,
             ) as resp:
                 data = await resp.read()
+                if resp.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true":
+                    self._warn_filtered(method, path)
                 return Response(method, path, resp.status, resp.headers, data)
         except TimeoutError as exc:
             raise ConsulUnavailable(
@@ -261,6 +268,22 @@ class ConsulHTTP:
             raise ConsulBadResponse(f"{where}: not an HTTP answer: {exc.message}") from exc
         except aiohttp.ClientError as exc:
             raise ConsulUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+    def _warn_filtered(self, method: str, path: str) -> None:
+        # A filtered read is not an error to Consul (no 403), so without this line a missing
+        # service:read or node:read would look like an upstream without instances.
+        # A local agent listing hides the other services on the node, which a least-privilege
+        # token is meant not to see: nothing to warn about.
+        if path in self._filtered or path in ("/v1/agent/services", "/v1/agent/checks"):
+            return
+        self._filtered.add(path)
+        log.warning(
+            "Consul's ACLs hid part of the answer to %s %s: the token lacks read permission on "
+            "some of it (service:read on the service or its sidecar proxies, node:read on "
+            "their nodes, key:read on keys); see docs/acl.md",
+            method,
+            path,
+        )
 
     async def send_json(
         self, method: str, path: str, payload: Any, *, params: Params = ()

@@ -198,7 +198,7 @@ async def _apply_async(
             for kind, _ns, name in sorted(
                 {(s.kind, s.namespace, s.name) for s in translation.scopes}
             ):
-                found = await consul.config_entries.get(kind, name)
+                found = await consul.config_entries.find(kind, name)
                 if found is not None:
                     current[(kind, "default", name)] = found
             facts = await _facts(consul, translation)
@@ -240,10 +240,10 @@ async def _facts(consul: Any, translation: Translation) -> Facts:
     if kinds & {ROUTER, SPLITTER}:
         for entry in (await consul.config_entries.list(SERVICE_DEFAULTS)).value:
             protocols[str(entry["Name"])] = str(entry.get("Protocol") or "")
-        proxy = await consul.config_entries.get(PROXY_DEFAULTS, "global")
+        proxy = await consul.config_entries.find(PROXY_DEFAULTS, "global")
         mesh_protocol = str(((proxy or {}).get("Config") or {}).get("protocol") or "")
     permissive: bool | None = None
     if any(e.get("MutualTLSMode") == "permissive" for e in translation.entries):
-        mesh = await consul.config_entries.get("mesh", "mesh")
+        mesh = await consul.config_entries.find("mesh", "mesh")
         permissive = bool((mesh or {}).get("AllowEnablingPermissiveMutualTLS"))
     return Facts(protocols, mesh_protocol.lower(), permissive)

@@ -9,8 +9,11 @@ error: the agent keeps trying, is not ready, and /ready says why.
 
 SIGHUP re-reads the file. A file that does not parse changes nothing (the error is logged and
 shown in /v1/status); a good one is applied in place: watchers of unchanged upstreams keep
-their snapshots, new ones start, removed ones stop, the registration is repaired if it moved.
-Settings that need new sockets (consul, admin) are reported as needing a restart.
+their snapshots, new ones start, removed ones stop, the registration is repaired if it moved,
+and the sidecar's upstream listeners follow (added, removed, or replaced when their protocol
+or destination changed; the others and their connections are untouched), in the workers too.
+Settings that need new sockets (consul, admin, the inbound listener) or a new identity
+(certs, service) are reported as needing a restart.
 
 With `meshlet sidecar --workers N` (N > 1) the proxy's listeners bind with SO_REUSEPORT and,
 once they are up, a `Supervisor` keeps N-1 worker processes (agent/worker.py) serving the same
@@ -39,10 +42,10 @@ from agent.bind_check import bind_error, bind_exit_code, bind_refused, sidecar_b
 from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
-from agent.consul import ConsulClient
+from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
-from agent.sidecar import Sidecar
+from agent.sidecar import Sidecar, live_changes, needs_restart
 from agent.supervisor import Supervisor, sum_counters
 from agent.systemd import Notifier
 from agent.watch import ApplyTimes, Latest, UpstreamWatcher, WatchSettings, watch_key
@@ -247,8 +250,8 @@ class AgentRuntime:
         log.info("starting %d worker processes", len(self.supervisor.workers))
         await self.supervisor.run()
 
-    def _upstream_latest(self, up: UpstreamSection) -> Latest[Snapshot | None] | None:
-        watch = self._watches.get(watch_key(up))
+    def _upstream_latest(self, key: WatchKey) -> Latest[Snapshot | None] | None:
+        watch = self._watches.get(key)
         return watch.watcher.latest if watch is not None else None
 
     async def _drain(self, registrar: Registrar) -> None:
@@ -302,12 +305,33 @@ class AgentRuntime:
                 return
             await pending[0].watcher.latest.changed(0)
 
+    async def _explain_empty_upstreams(self) -> None:
+        """Say so when an upstream is empty because the token may not read it.
+
+        Consul answers a Connect health query without service:read on the destination with no
+        instances and no sign of filtering, which looks like a service nobody runs. The agent
+        health endpoint refuses the same token with 403 and the missing permission, so ask it
+        once for each upstream that starts empty."""
+        consul = self._require_consul()
+        for watch in list(self._watches.values()):
+            key = watch.watcher.key
+            snapshot = watch.watcher.latest.get()
+            if snapshot is None or snapshot.endpoints or key.peer or key.datacenter:
+                continue
+            try:
+                await consul.agent.service_health_by_name(key.name)
+            except ConsulPermissionDenied as err:
+                log.error("upstream %s: the token may not read it: %s", key.label, err.message)
+            except ConsulError:
+                continue  # not found, or Consul busy: nothing to explain
+
     async def _systemd(self) -> None:
         await self._until_ready()
         self.ready.set()
         summary = self._summary()
         log.info("ready: %s", summary)
         self._notifier.ready(summary)
+        await self._explain_empty_upstreams()
         interval = self._notifier.watchdog_interval
         last = summary
         while True:
@@ -326,46 +350,58 @@ class AgentRuntime:
             await self._reload.wait()
             self._reload.clear()
             self._notifier.reloading()
-            self._apply_reload(tg)
+            if self._apply_reload(tg):
+                await self._apply_listeners()
             self._notifier.ready(self._summary())
 
-    def _apply_reload(self, tg: asyncio.TaskGroup) -> None:
+    async def _apply_listeners(self) -> None:
+        """After a reload: the sidecar's listeners follow the new configuration, here first
+        (so a port this process claims is claimed before any worker binds it), then in every
+        worker."""
+        new = self.config.get()
+        if self.sidecar is not None:
+            try:
+                await self.sidecar.reconfigure(new)
+            except OSError as exc:
+                self._last_reload_error = f"listener not started: {exc}"
+                log.error("reload: a listener could not be started: %s", exc)
+        if self.supervisor is not None:
+            self.supervisor.reconfigure(new)
+
+    def _apply_reload(self, tg: asyncio.TaskGroup) -> bool:
+        """Read the file again and apply what changes in place; False when nothing was."""
         if self._path is None:
             log.warning("SIGHUP ignored: the agent was not started from a file")
-            return
+            return False
         old = self.config.get()
         try:
             new = with_workers(load(self._path, self._env), self._workers)
         except ConfigError as exc:
             self._last_reload_error = str(exc)
             log.error("reload failed, keeping the running configuration:\n%s", exc)
-            return
-        needs_restart = [
+            return False
+        restart = [
             what
             for what, changed in (
                 ("consul", new.consul != old.consul or new.consul_client != old.consul_client),
                 ("admin", new.admin != old.admin),
                 (
-                    "sidecar proxy (sidecar, certs, service)",
-                    self.sidecar is not None
-                    and (new.sidecar, new.certs, new.service)
-                    != (old.sidecar, old.certs, old.service),
+                    "sidecar proxy (certs, service, sidecar other than upstreams)",
+                    self.sidecar is not None and needs_restart(old, new),
                 ),
             )
             if changed
         ]
-        if needs_restart:
+        if restart:
             log.warning(
                 "reload: %s changed; that takes effect after a restart (kept the running values)",
-                ", ".join(needs_restart),
+                ", ".join(restart),
             )
             new = dataclasses.replace(
                 new, consul=old.consul, consul_client=old.consul_client, admin=old.admin
             )
             if self.sidecar is not None:
-                new = dataclasses.replace(
-                    new, sidecar=old.sidecar, certs=old.certs, service=old.service
-                )
+                new = live_changes(old, new)
         if len(new.sidecar.upstreams) + 16 > old.consul_client.max_connections:
             log.warning(
                 "reload: %d upstreams need more than the %d Consul connections sized at start; "
@@ -374,8 +410,6 @@ class AgentRuntime:
                 old.consul_client.max_connections,
             )
         self.config.publish(new)
-        if self.supervisor is not None:
-            self.supervisor.reconfigure(new)
         self._reloads += 1
         self._loaded_at = self._clock()
         self._last_reload_error = ""
@@ -391,6 +425,7 @@ class AgentRuntime:
         if (new.service, new.sidecar) != (old.service, old.sidecar) and self._registrar:
             self._registrar.poke()
         log.info("reloaded %s", self._path)
+        return True
 
     # ---- what /ready and /v1/status say ------------------------------------------------------
 
@@ -520,6 +555,8 @@ class AgentRuntime:
             "upstreams": upstreams,
             "proxy": self.sidecar.status() if self.sidecar is not None else None,
             "workers": self._workers_status(),
+            # This process's asyncio tasks: a fault or soak that leaks them shows here.
+            "tasks": len(asyncio.all_tasks()),
         }
 
     def _workers_status(self) -> Mapping[str, Any] | None:

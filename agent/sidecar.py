@@ -13,9 +13,14 @@ What runs (as tasks of the agent's one TaskGroup):
   request and connection to its destination (never the entry's previous state), counts it and
   reports it as degraded. The default decision follows Consul's `DefaultIntentionPolicy`,
   else the ACL default policy when ACLs are on, else allow.
-* listeners: the public inbound listener on `sidecar.port` (L4 for tcp/http2/grpc services,
-  HTTP/1.1 for http) in front of the local app, and one 127.0.0.1 listener per upstream whose
-  balancer is recompiled from the agent's `UpstreamWatcher` snapshots.
+* listeners: a `connect.sidecar.Sidecar` applying the `SidecarSpec` built from the config
+  (`sidecar_spec`): the public inbound listener on `sidecar.port` in front of the local app,
+  and one 127.0.0.1 listener per upstream whose balancer follows the agent's `UpstreamWatcher`
+  snapshots. A reload (`reconfigure`) applies the new spec: upstreams added, removed or
+  changed (protocol, port, destination) take effect without a restart, and listeners whose
+  spec did not change, and their connections, are not touched.
+
+The intentions watch and the datacenter read run on `agent.watches.BlockingWatch`.
 
 Fail closed: no listener is opened before a leaf is held and the first intentions answer is
 compiled (until then the snapshot denies everything); the readiness the registrar reports to
@@ -24,44 +29,41 @@ Consul passes only while every listener is serving and the leaf is unexpired.
 With `sidecar.workers` > 1 the listeners bind with SO_REUSEPORT, the first process after checking
 that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
 
-Known limits: the listeners are fixed at start (a reload that changes `sidecar` or `certs`
-needs a restart, and says so); upstreams balance with least request (service-resolver
-`LoadBalancer` is not watched yet).
+Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
+(port, address, protocol, path normalization, workers) needs a restart, and says so;
+upstreams balance with least request (service-resolver `LoadBalancer` is not watched yet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from agent.catalog import Snapshot as EndpointSnapshot
-from agent.config import AgentConfig, UpstreamSection
-from agent.consul import ConsulClient
+from agent.catalog import WatchKey
+from agent.config import AgentConfig
+from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
-from agent.consul_errors import ConsulError, ConsulUnavailable
+from agent.consul_results import AgentSelf
 from agent.readiness import Readiness
-from agent.watch import Latest, WatchSettings, backoff_delay
-from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
+from agent.watches import BlockingWatch, WatchSettings, unindexed
+from connect.authz import intentions_authorizers
+from connect.balancer import Target
 from connect.heap_trim import HeapTrimmer
-from connect.http1 import InboundHTTP, OutboundHTTP
-from connect.inbound import InboundGate
-from connect.l4 import InboundL4, OutboundL4
+from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
-from connect.peers import service_peers
-from connect.proxy import (
-    ProxyStats,
-    Upstream,
-    intentions_authorizers,
-)
+from connect.sidecar import InboundSpec, Plan, SidecarSpec, UpstreamSpec, bind_address
+from connect.sidecar import Sidecar as DataPlane
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from intentions.engine import Identity, compile_snapshot
 from intentions.engine import Snapshot as IntentionsSnapshot
@@ -71,37 +73,15 @@ log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
 
-
-class _Listener(Protocol):
-    server: asyncio.Server | None
-
-    async def start(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        reuse_port: bool = False,
-        limits: ConnectionLimits | None = None,
-    ) -> None: ...
-
-    @property
-    def open_connections(self) -> int: ...
-
-    @property
-    def pending_handshakes(self) -> int: ...
-
-    @property
-    def peak_connections(self) -> int: ...
-
-    @property
-    def accepted_connections(self) -> int: ...
-
-    def reset_peak(self) -> None: ...
-
-    async def close(self, grace: float = 5.0) -> None: ...
+_FIRST_ENDPOINTS_WAIT = 10.0
+"""Seconds a reload waits for a new upstream's first endpoints before opening its port."""
 
 
-UpstreamLatest = Callable[[UpstreamSection], Latest[EndpointSnapshot | None] | None]
+UpstreamLatest = Callable[[WatchKey], Latest[EndpointSnapshot | None] | None]
 """The agent's current endpoint snapshots of one upstream (None: not watched)."""
+
+IntentionsAnswer = tuple[tuple[bool, str], tuple[Mapping[str, Any], ...]]
+"""(the default decision and why, the stored service-intentions entries) at one index."""
 
 
 def default_allow(agent_self: Mapping[str, Any]) -> tuple[bool, str]:
@@ -139,46 +119,67 @@ def targets_of(snapshot: EndpointSnapshot | None) -> list[Target]:
     ]
 
 
-async def claim_port(host: str, port: int) -> None:
-    """Raise `OSError` (EADDRINUSE) when some socket already holds `host:port`: a plain bind
-    (SO_REUSEADDR as asyncio sets it, no SO_REUSEPORT) fails against any listener, shared or
-    not. The probe is closed at once; the listener then binds with SO_REUSEPORT."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+def upstream_key(spec: UpstreamSpec) -> WatchKey:
+    """What the agent watches for an upstream listener (agent.watch.watch_key of its section)."""
+    return WatchKey(spec.name, spec.datacenter, spec.peer, spec.filter)
+
+
+def sidecar_spec(cfg: AgentConfig, local_uri: str) -> SidecarSpec:
+    """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID."""
+    app_host = cfg.service.address or "127.0.0.1"
+    bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
+    return SidecarSpec(
+        inbound=InboundSpec(
+            cfg.sidecar.protocol,
+            bind,
+            cfg.sidecar.port,
+            app_host,
+            cfg.service.port,
+            local_uri,
+            cfg.sidecar.path_normalization,
+        ),
+        upstreams=tuple(
+            UpstreamSpec(
+                up.name,
+                up.protocol,
+                up.local_bind_address,
+                up.local_bind_port,
+                up.datacenter,
+                up.peer,
+                up.filter,
+            )
+            for up in cfg.sidecar.upstreams
+        ),
+        drain_grace=cfg.shutdown.drain_period,
+        limits=ConnectionLimits(
+            max_connections=cfg.sidecar.max_connections,
+            max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
+        ),
     )
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"{host}:{port} is already in use ({exc.strerror})"
-                ) from None
 
 
-class _Endpoints:
-    """An upstream's `EndpointSource`: the balancer compiled from the newest snapshot."""
+def live_changes(old: AgentConfig, new: AgentConfig) -> AgentConfig:
+    """`new` with what a running sidecar cannot change in place (certs, service, the inbound
+    side of `sidecar`) put back to `old`'s values; upstreams and everything else from `new`."""
+    return dataclasses.replace(
+        new,
+        certs=old.certs,
+        service=old.service,
+        sidecar=dataclasses.replace(old.sidecar, upstreams=new.sidecar.upstreams),
+    )
 
-    def __init__(self, config: BalancerConfig) -> None:
-        self.config = config
-        self.current: Balancer = compile_balancer([], config)
-        self.index: int | None = None
 
-    def balancer(self) -> Balancer:
-        return self.current
-
-    def apply(self, snapshot: EndpointSnapshot | None) -> None:
-        self.current = compile_balancer(targets_of(snapshot), self.config)
-        self.index = snapshot.index if snapshot is not None else None
+def needs_restart(old: AgentConfig, new: AgentConfig) -> bool:
+    """Whether `new` changes anything a running sidecar keeps until a restart."""
+    return live_changes(old, new) != new
 
 
 def _settle_garbage_collector() -> None:
     """Once serving: what start-up built (modules, config, first snapshots) leaves the cyclic
     collector's generations, and young collections become rarer. Requests allocate many
     short-lived containers that reference counting frees; without this, a full collection
-    walks every long-lived object and stalls the event loop (perf.md §5.3; the proxy
-    benchmark's sidecars run with the same settings)."""
+    walks every long-lived object and stalls the event loop (the proxy benchmark's
+    sidecars run with the same settings)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
@@ -214,25 +215,41 @@ class Sidecar:
         self.rotator: LeafRotator | None = None
         self.tls: DynamicTLS | None = None
         self.leaf_error = ""
-        self.intentions: Latest[IntentionsSnapshot] = Latest(
-            compile_snapshot([], default_allow=False, default_reason=_NOT_LOADED)
+        self._consul: ConsulClient | None = None
+        self._default: tuple[bool, str] | None = None
+        self._latest_for: UpstreamLatest = lambda key: None
+        self.intentions_watch: BlockingWatch[IntentionsAnswer, IntentionsSnapshot] = BlockingWatch(
+            "intentions",
+            self._fetch_intentions,
+            self._compile_answer,
+            compile_snapshot([], default_allow=False, default_reason=_NOT_LOADED),
+            settings,
+            rng=self._rng,
+            clock=clock,
         )
+        self.intentions: Latest[IntentionsSnapshot] = self.intentions_watch.latest
         self.intentions_index = 0
         self.intentions_loaded = False
-        self.intentions_error = ""
-        self.intentions_failures = 0
         self.intentions_broken: dict[str, str] = {}
         """Destination -> why its entry could not be compiled (every request to it is denied)."""
         self.intentions_broken_total = 0
         """Entries refused since start (a destination counts again when its reason changes)."""
-        self.inbound: _Listener | None = None
-        self.outbound: dict[str, tuple[_Listener, _Endpoints]] = {}
-        self.upstreams: dict[str, Upstream] = {}
+        self._datacenter: BlockingWatch[AgentSelf, str] | None = None
+        self.proxy: DataPlane[EndpointSnapshot | None] | None = None
+        """The listeners, once a leaf is held."""
         self._closed = False
-        self.heap = HeapTrimmer(lambda: [lst for _, lst in self._listeners() if lst is not None])
+        self.heap = HeapTrimmer(lambda: self.proxy.listeners() if self.proxy is not None else [])
         """Gives the heap back to the OS once a burst of connections has drained."""
         self.started = asyncio.Event()
         """Set once every listener is up."""
+
+    @property
+    def intentions_error(self) -> str:
+        return self.intentions_watch.state.last_error
+
+    @property
+    def intentions_failures(self) -> int:
+        return self.intentions_watch.state.failures
 
     # ---- LeafStatus / SidecarReadiness ------------------------------------------------------
 
@@ -244,15 +261,27 @@ class Sidecar:
         if self.leaf_expiry() is not None:
             # A leaf that does not chain to the current roots is refused by every peer.
             return self.rotator.problem() if self.rotator is not None else ""
-        why = f": {self.leaf_error}" if self.leaf_error else ""
+        error = self.leaf_error
+        dc = self._datacenter
+        if not error and dc is not None and not dc.state.loaded and dc.state.last_error:
+            error = f"cannot read the datacenter from Consul: {dc.state.last_error}"
+        why = f": {error}" if error else ""
         return f"no leaf certificate yet from the {self.config.certs.source!r} source{why}"
 
-    def _listeners(self) -> list[tuple[str, _Listener | None]]:
+    def _listeners(self) -> list[tuple[str, bool | None]]:
+        """Each listener the config asks for, and whether it serves (None: not running as
+        asked, e.g. before the leaf, or its port could not be bound)."""
         cfg = self.config
-        out: list[tuple[str, _Listener | None]] = [(f"inbound :{cfg.sidecar.port}", self.inbound)]
-        for up in cfg.sidecar.upstreams:
-            got = self.outbound.get(up.name)
-            out.append((f"upstream {up.name} {up.bind}", got[0] if got else None))
+        running = self.proxy.running if self.proxy is not None else {}
+        host = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
+        wanted = [(f"inbound :{cfg.sidecar.port}", bind_address(host, cfg.sidecar.port))]
+        wanted += [(f"upstream {up.name} {up.bind}", up.bind) for up in cfg.sidecar.upstreams]
+        out: list[tuple[str, bool | None]] = []
+        for label, address in wanted:
+            got = running.get(address)
+            out.append(
+                (label, got.serving if got is not None and got.spec.label == label else None)
+            )
         return out
 
     async def check(self) -> Readiness:
@@ -267,10 +296,10 @@ class Sidecar:
         if not self.intentions_loaded:
             err = f": {self.intentions_error}" if self.intentions_error else ""
             reasons.append(f"{_NOT_LOADED}{err}")
-        for name, listener in self._listeners():
-            if listener is None or listener.server is None:
+        for name, serving in self._listeners():
+            if serving is None:
                 reasons.append(f"listener {name}: not started")
-            elif not listener.server.is_serving():
+            elif not serving:
                 reasons.append(f"listener {name}: not serving")
         expiry = self.leaf_expiry()
         if expiry is None:
@@ -291,6 +320,19 @@ class Sidecar:
 
     def status(self) -> dict[str, Any]:
         material = self.rotator.current if self.rotator is not None else None
+        st = self.intentions_watch.state
+        upstreams: dict[str, Any] = {}
+        if self.proxy is not None:
+            for running in self.proxy.running.values():
+                if isinstance(running.spec, UpstreamSpec) and running.endpoints is not None:
+                    latest = self._latest_for(upstream_key(running.spec))
+                    snapshot = latest.get() if latest is not None else None
+                    upstreams[running.spec.name] = {
+                        "index": snapshot.index if snapshot is not None else None,
+                        "endpoints": len(running.endpoints.current.targets),
+                        "protocol": running.spec.protocol,
+                        "bind": running.spec.bind,
+                    }
         return {
             "leaf": {
                 "source": self.config.certs.source,
@@ -309,23 +351,20 @@ class Sidecar:
                 "loaded": self.intentions_loaded,
                 "index": self.intentions_index,
                 "version": self.intentions.version,
-                "failures": self.intentions_failures,
-                "last_error": self.intentions_error,
+                "failures": st.failures,
+                "last_error": st.last_error,
+                "last_success": st.last_success,
                 "broken": dict(self.intentions_broken),
                 "broken_total": self.intentions_broken_total,
             },
-            "listeners": {
-                name: (listener is not None and listener.server is not None)
-                for name, listener in self._listeners()
-            },
-            "upstreams": {
-                name: {"index": ep.index, "endpoints": len(ep.current.targets)}
-                for name, (_, ep) in self.outbound.items()
-            },
+            "listeners": {name: serving is not None for name, serving in self._listeners()},
+            "upstreams": upstreams,
             "connections": {
-                name: {"open": lst.open_connections, "handshaking": lst.pending_handshakes}
-                for name, lst in self._listeners()
-                if lst is not None
+                r.spec.label: {
+                    "open": r.listener.open_connections,
+                    "handshaking": r.listener.pending_handshakes,
+                }
+                for r in (self.proxy.running.values() if self.proxy is not None else ())
             },
             "heap_trims": self.heap.trims,
             "stats": self.counters(),
@@ -334,10 +373,11 @@ class Sidecar:
     def counters(self) -> dict[str, Any]:
         """The proxy's counters (`ProxyStats`) and the failed dials per upstream and kind
         (connect.dial_failures): what a worker reports and a worker group adds up."""
+        upstreams = self.proxy.upstreams if self.proxy is not None else {}
         return {
             **dataclasses.asdict(self.stats),
             "upstream_refusals": {
-                name: upstream.refusal_counts() for name, upstream in self.upstreams.items()
+                name: upstream.refusal_counts() for name, upstream in upstreams.items()
             },
         }
 
@@ -351,11 +391,13 @@ class Sidecar:
     ) -> None:
         """Run until cancelled: leaf rotation, the intentions watch, then the listeners
         (after `before_listen()` too, when given: a worker waits for its endpoints)."""
+        self._consul = consul
+        self._latest_for = latest_for
         leaf_source = await self._leaf_source(consul)
         self.rotator = LeafRotator(leaf_source, consul_roots_source(consul))
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._rotate(), name="leaf rotation")
-            tg.create_task(self._watch_intentions(consul), name="intentions watch")
+            tg.create_task(self.intentions_watch.run(), name="intentions watch")
             material = await self.rotator.ready()
             self.tls = DynamicTLS(material)
             log.info("leaf %s held (generation %d)", material.leaf.service_uri, material.generation)
@@ -365,10 +407,50 @@ class Sidecar:
                 await before_listen()
             if self._closed:
                 return
-            await self._start_listeners(tg, self.tls, latest_for)
+            local = Identity(self.config.service.name)
+            tls = self.tls
+
+            def latest_of(spec: UpstreamSpec) -> Latest[EndpointSnapshot | None] | None:
+                return latest_for(upstream_key(spec))
+
+            self.proxy = DataPlane(
+                tls,
+                intentions_authorizers(self.intentions.get, local),
+                endpoints=latest_of,
+                targets=targets_of,
+                stats=self.stats,
+                rng=self._rng,
+                reuse_port=self._reuse_port,
+                claim_ports=self._claim_ports,
+            )
+            await self.proxy.apply(sidecar_spec(self.config, tls.material.leaf.service_uri))
             tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
             self.started.set()
+
+    async def reconfigure(self, config: AgentConfig) -> Plan | None:
+        """A reload: the listeners follow `config` (what `live_changes` lets change). None
+        before the listeners are up: they then start from this config. Raises `OSError` for
+        a listener that cannot bind (the others are applied)."""
+        self.config = config
+        if self.proxy is None or self.tls is None or self._closed:
+            return None
+        spec = sidecar_spec(config, self.tls.material.leaf.service_uri)
+        await self._first_endpoints(spec)
+        return await self.proxy.apply(spec)
+
+    async def _first_endpoints(self, spec: SidecarSpec) -> None:
+        """Before binding a new upstream's port, wait (bounded) for its watch's first answer,
+        as a worker does at start: a connection accepted before that could only be refused
+        with 503. Past the bound the port opens anyway and readiness says what is missing."""
+        waits = []
+        for up in spec.upstreams:
+            latest = self._latest_for(upstream_key(up))
+            if latest is not None and latest.get() is None:
+                waits.append(latest.changed(0))
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), _FIRST_ENDPOINTS_WAIT)
 
     async def _rotate(self) -> None:
         assert self.rotator is not None
@@ -395,18 +477,16 @@ class Sidecar:
         vconf = vault_config_from_env(
             env, addr=vault.address or None, mount=vault.mount, role=vault.role
         )
-        delay_failures = 0
-        while True:
-            try:
-                datacenter = (await consul.agent.self()).datacenter
-                break
-            except ConsulError as exc:
-                delay_failures += 1
-                self.leaf_error = f"cannot read the datacenter from Consul: {exc}"
-                s = self._settings()
-                await asyncio.sleep(
-                    backoff_delay(delay_failures, self._rng, s.retry_initial, s.retry_max)
-                )
+        self._datacenter = BlockingWatch(
+            "datacenter",
+            unindexed(consul.agent.self),
+            lambda me, _: me.datacenter,
+            "",
+            self._settings,
+            rng=self._rng,
+            clock=self._clock,
+        )
+        datacenter = await self._datacenter.first()
         return VaultLeafSource(vconf, cfg.service.name, datacenter)
 
     async def _follow_leaf(self, tls: DynamicTLS) -> None:
@@ -424,45 +504,26 @@ class Sidecar:
             self.leaf_error = ""
             log.info("leaf rotated (generation %d)", material.generation)
 
-    async def _default(self, consul: ConsulClient) -> tuple[bool, str]:
+    async def _default_of(self, consul: ConsulClient) -> tuple[bool, str]:
         me = await consul.agent.self()
         return default_allow(me.raw)
 
-    async def _watch_intentions(self, consul: ConsulClient) -> None:
-        """Blocking watch of service-intentions; the backoff pattern of agent/watch.py."""
-        index = 0
-        default: tuple[bool, str] | None = None
-        while True:
-            settings = self._settings()
-            try:
-                if default is None or index == 0:
-                    default = await self._default(consul)
-                got = await consul.config_entries.list(
-                    "service-intentions", index=index, wait=settings.wait
-                )
-            except ConsulError as exc:
-                self.intentions_failures += 1
-                self.intentions_error = str(exc)
-                if not isinstance(exc, ConsulUnavailable):
-                    log.error("intentions watch: %s", exc)
-                # A restarted Consul may be at a lower index: start over with a plain read.
-                index = 0
-                await asyncio.sleep(
-                    backoff_delay(
-                        self.intentions_failures,
-                        self._rng,
-                        settings.retry_initial,
-                        settings.retry_max,
-                    )
-                )
-                continue
-            if self.intentions_failures:
-                log.info("intentions watch recovered after %d failures", self.intentions_failures)
-                self.intentions_failures = 0
-            self.intentions_error = ""
-            if not self.intentions_loaded or got.index != self.intentions_index or got.reset:
-                self._apply_intentions(self._relevant(got.value), got.index, default)
-            index = got.next_index
+    async def _fetch_intentions(self, index: int, wait: float) -> Indexed[IntentionsAnswer]:
+        """The intentions watch's read: the entries, and the default decision (read again
+        whenever the watch starts over)."""
+        consul = self._consul
+        assert consul is not None, "the intentions watch runs inside run()"
+        if self._default is None or index == 0:
+            self._default = await self._default_of(consul)
+        got = await consul.config_entries.list("service-intentions", index=index, wait=wait)
+        answer: IntentionsAnswer = (self._default, got.value)
+        return Indexed(answer, got.index, got.next_index, got.known_leader, got.last_contact)
+
+    def _compile_answer(self, answer: IntentionsAnswer, index: int) -> IntentionsSnapshot:
+        # Never rejects: an entry that cannot be compiled denies its destination (below), so
+        # the watch never falls back to a previous snapshot for authorization.
+        default, bodies = answer
+        return self._compile_intentions(self._relevant(bodies), index, default)
 
     def _relevant(self, bodies: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
         """The entries that can decide for the local service: its own and the wildcard one
@@ -474,6 +535,12 @@ class Sidecar:
     def _apply_intentions(
         self, bodies: tuple[Mapping[str, Any], ...], index: int, default: tuple[bool, str]
     ) -> None:
+        """Compile and publish at once (what the watch does with each new answer)."""
+        self.intentions.publish(self._compile_intentions(bodies, index, default))
+
+    def _compile_intentions(
+        self, bodies: tuple[Mapping[str, Any], ...], index: int, default: tuple[bool, str]
+    ) -> IntentionsSnapshot:
         snapshot = compile_intentions(bodies, default_allow=default[0], default_reason=default[1])
         broken = {b.display: b.reason for b in snapshot.broken.values()}
         for dest, reason in broken.items():
@@ -491,101 +558,21 @@ class Sidecar:
         self.intentions_broken = broken
         self.intentions_index = index
         self.intentions_loaded = True
-        self.intentions.publish(snapshot)
         log.info("intentions applied (index %d, %d entries)", index, len(bodies))
-
-    async def _start_listeners(
-        self, tg: asyncio.TaskGroup, tls: DynamicTLS, latest_for: UpstreamLatest
-    ) -> None:
-        cfg = self.config
-        local = Identity(cfg.service.name)
-        conn_authz, request_authz = intentions_authorizers(self.intentions.get, local)
-        app_host = cfg.service.address or "127.0.0.1"
-        bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
-        peers = service_peers(lambda: tls.trust_domain)
-        if self._claim_ports:
-            for host, port in [(bind, cfg.sidecar.port)] + [
-                (up.local_bind_address, up.local_bind_port) for up in cfg.sidecar.upstreams
-            ]:
-                await claim_port(host, port)
-        limits = ConnectionLimits(
-            max_connections=cfg.sidecar.max_connections,
-            max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
-        )
-        listener: _Listener
-        if cfg.sidecar.protocol == "http":
-            gate = InboundGate(tls.listener_context(), peers, self.stats, current_ssl=tls.server)
-            listener = InboundHTTP(
-                gate,
-                app_host,
-                cfg.service.port,
-                authorize=request_authz,
-                local_uri=tls.material.leaf.service_uri,
-                path_normalization=cfg.sidecar.path_normalization,
-            )
-        else:
-            # tcp, and http2/grpc carried at L4: one decision per connection.
-            gate = InboundGate(
-                tls.listener_context(),
-                peers,
-                self.stats,
-                authorize=conn_authz,
-                current_ssl=tls.server,
-            )
-            listener = InboundL4(gate, app_host, cfg.service.port)
-        await listener.start(bind, cfg.sidecar.port, reuse_port=self._reuse_port, limits=limits)
-        self.inbound = listener
-        log.info(
-            "inbound %s listener on %s:%d -> %s:%d",
-            cfg.sidecar.protocol,
-            bind,
-            cfg.sidecar.port,
-            app_host,
-            cfg.service.port,
-        )
-        for up in cfg.sidecar.upstreams:
-            endpoints = _Endpoints(BalancerConfig())
-            upstream = Upstream(
-                up.name,
-                endpoints=endpoints,
-                client_ssl=tls.client,
-                verify_peer=service_peers(lambda: tls.trust_domain),
-                expected_service=up.name,
-                rng=random.Random(self._rng.random()),
-            )
-            self.upstreams[up.name] = upstream
-            out: _Listener = (
-                OutboundHTTP(upstream, stats=self.stats)
-                if up.protocol == "http"
-                else OutboundL4(upstream, stats=self.stats)
-            )
-            latest = latest_for(up)
-            if latest is not None:
-                endpoints.apply(latest.get())
-                tg.create_task(self._follow_endpoints(up.name, latest, endpoints))
-            bind_port = up.local_bind_port
-            await out.start(
-                up.local_bind_address, bind_port, reuse_port=self._reuse_port, limits=limits
-            )
-            self.outbound[up.name] = (out, endpoints)
-            log.info("upstream %s (%s) listening on %s", up.name, up.protocol, up.bind)
-
-    async def _follow_endpoints(
-        self, name: str, latest: Latest[EndpointSnapshot | None], endpoints: _Endpoints
-    ) -> None:
-        version = latest.version
-        while True:
-            version, snapshot = await latest.changed(version)
-            endpoints.apply(snapshot)
-            log.debug(
-                "upstream %s: balancer over %d endpoints", name, len(endpoints.current.targets)
-            )
+        return snapshot
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting and let open exchanges finish for `grace` seconds."""
         self._closed = True
-        listeners = [lst for _, lst in self._listeners() if lst is not None]
-        await asyncio.gather(*(lst.close(grace) for lst in listeners))
+        if self.proxy is not None:
+            await self.proxy.close(grace)
 
 
-__all__ = ["Sidecar", "compile_intentions", "default_allow"]
+__all__ = [
+    "Sidecar",
+    "compile_intentions",
+    "default_allow",
+    "live_changes",
+    "needs_restart",
+    "sidecar_spec",
+]

@@ -46,10 +46,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.catalog import Snapshot, WatchKey
-from agent.config import AgentConfig, ConfigError, UpstreamSection, parse
+from agent.config import AgentConfig, ConfigError, parse
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
-from agent.sidecar import Sidecar
+from agent.sidecar import Sidecar, needs_restart
 from agent.watch import Latest, UpstreamWatcher, WatchSettings, watch_key
 
 log = logging.getLogger("meshlet.agent.worker")
@@ -118,6 +118,7 @@ class WorkerRuntime:
         )
         self.connectivity = Connectivity(clock)
         self.watchers: dict[WatchKey, UpstreamWatcher] = {}
+        self._watch_tasks: dict[WatchKey, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._now = asyncio.Event()
         self._exit_code = 0
@@ -140,8 +141,8 @@ class WorkerRuntime:
         w = self.config.get().watch
         return WatchSettings(wait=w.wait, retry_initial=w.retry_initial, retry_max=w.retry_max)
 
-    def _latest(self, up: UpstreamSection) -> Latest[Snapshot | None] | None:
-        watcher = self.watchers.get(watch_key(up))
+    def _latest(self, key: WatchKey) -> Latest[Snapshot | None] | None:
+        watcher = self.watchers.get(key)
         return watcher.latest if watcher is not None else None
 
     async def _first_snapshots(self) -> None:
@@ -160,34 +161,55 @@ class WorkerRuntime:
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
         cfg = self.config.get()
         async with ConsulClient(cfg.consul_client) as consul, asyncio.TaskGroup() as tg:
-            tasks = []
-            for up in cfg.sidecar.upstreams:
-                key = watch_key(up)
-                if key in self.watchers:
-                    continue
-                watcher = UpstreamWatcher(
-                    consul,
-                    key,
-                    self._watch_settings,
-                    self.connectivity,
-                    rng=self._rng,
-                    clock=self._clock,
-                )
-                self.watchers[key] = watcher
-                tasks.append(tg.create_task(watcher.run(), name=f"watch {key.label}"))
-            tasks += [
+            self._follow_watches(tg, consul, cfg)
+            tasks = [
                 tg.create_task(self._run_sidecar(consul), name="sidecar"),
                 tg.create_task(self._control(reader), name="control"),
                 tg.create_task(self._report(writer), name="report"),
+                tg.create_task(self._follow_config(tg, consul), name="reloads"),
             ]
             await self._stop.wait()
             await self._drain()
             await self.sidecar.close(grace=1.0)
             for task in tasks:
                 task.cancel()
+            for task in self._watch_tasks.values():
+                task.cancel()
         writer.close()
         log.info("worker stopped")
         return self._exit_code
+
+    def _follow_watches(
+        self, tg: asyncio.TaskGroup, consul: ConsulClient, cfg: AgentConfig
+    ) -> None:
+        """One watcher per upstream of `cfg`: new ones started, removed ones stopped."""
+        wanted = {watch_key(up) for up in cfg.sidecar.upstreams}
+        for key in [k for k in self.watchers if k not in wanted]:
+            del self.watchers[key]
+            self._watch_tasks.pop(key).cancel()
+        for key in wanted - self.watchers.keys():
+            watcher = UpstreamWatcher(
+                consul,
+                key,
+                self._watch_settings,
+                self.connectivity,
+                rng=self._rng,
+                clock=self._clock,
+            )
+            self.watchers[key] = watcher
+            self._watch_tasks[key] = tg.create_task(watcher.run(), name=f"watch {key.label}")
+
+    async def _follow_config(self, tg: asyncio.TaskGroup, consul: ConsulClient) -> None:
+        """Each configuration the parent sends (already accepted by `_reconfigure`): the
+        watches, then the listeners, follow it as the parent's did."""
+        version = self.config.version
+        while True:
+            version, cfg = await self.config.changed(version)
+            self._follow_watches(tg, consul, cfg)
+            try:
+                await self.sidecar.reconfigure(cfg)
+            except OSError as exc:
+                log.error("reload: a listener could not be started: %s", exc)
 
     async def _drain(self) -> None:
         if self._now.is_set() or not self.sidecar.started.is_set():
@@ -224,17 +246,21 @@ class WorkerRuntime:
         self.request_stop(now=True)
 
     def _reconfigure(self, raw: Any) -> None:
-        """A reload in the parent: what can change in place (watch timings, drain period,
-        log level). The listeners, leaf source and upstreams are fixed at start in the parent
-        too, which keeps its running values for them and so sends them unchanged."""
+        """A reload in the parent: what can change in place (upstreams and their listeners,
+        watch timings, drain period, log level); `_follow_config` applies it. The leaf
+        source, the service and the inbound listener are fixed at start in the parent too,
+        which keeps its running values for them and so sends them unchanged."""
         try:
             new = parse(raw, self._env, source="the parent's configuration")
         except ConfigError as exc:
             log.error("reload from the parent not applied: %s", exc)
             return
         old = self.config.get()
-        if (new.sidecar, new.certs, new.service) != (old.sidecar, old.certs, old.service):
-            log.warning("reload: sidecar, certs or service changed; kept the running values")
+        if needs_restart(old, new):
+            # The parent keeps its running values for these, so it never sends such a change.
+            log.warning(
+                "reload: certs, service or the inbound listener changed; kept the running values"
+            )
             return
         self.config.publish(new)
         logging.getLogger("meshlet").setLevel(new.log_level.upper())

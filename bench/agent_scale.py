@@ -13,7 +13,7 @@
    for a 10-instance and a 10,000-instance answer shaped as Consul renders it: json.loads
    alone (the floor), the full decode of every entry, and the agent's incremental path.
 
-Goals from issue 4: under 1 ms per applied update, under 100 MB RSS. Figures are printed,
+Targets: under 1 ms per applied update, under 100 MB RSS. Figures are printed,
 not asserted. Every wait has a deadline; everything listens on 127.0.0.1.
 """
 

@@ -1,4 +1,4 @@
-"""Decision cost of the intentions engine with 10,000 intentions (issue 6: < 2 us/decision).
+"""Decision cost of the intentions engine with 10,000 intentions (target: under 2 us each).
 
     .venv/bin/python bench/intentions_engine.py
 

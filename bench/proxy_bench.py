@@ -1,4 +1,4 @@
-"""The sidecar-pair benchmark (issue 5 "Done when", perf.md §4): meshlet vs haproxy, one run.
+"""The sidecar-pair benchmark: meshlet vs haproxy, one run (topology: bench/README.md).
 
     .venv/bin/python bench/proxy_bench.py [--quick] [--out bench/results]
 

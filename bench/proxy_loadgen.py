@@ -1,4 +1,4 @@
-"""Constant-rate (open-loop) HTTP/1.1 load generator, perf.md §4.3.
+"""Constant-rate (open-loop) HTTP/1.1 load generator: request k is due at k/rate.
 
     proxy_loadgen.py --port P --rate 2000 --conns 16 --duration 8 --warmup 2
 

@@ -6,7 +6,7 @@
 `in` terminates mesh mTLS, authorizes with the intentions engine (one allow intention, so the
 decision path is the real one) and forwards to the app; `out` takes plaintext and dials
 `--target` with mTLS, checking the server is `--service`. Runs on uvloop with the GC frozen
-after start, as perf.md §5 recommends. Prints "ready" once listening.
+after start, as `meshlet sidecar` does. Prints "ready" once listening.
 """
 
 from __future__ import annotations
@@ -14,27 +14,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import random
 import signal
 import ssl
+from dataclasses import dataclass
 
 import uvloop
 
-from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
-from connect.http1 import InboundHTTP, OutboundHTTP
-from connect.inbound import InboundGate
-from connect.l4 import InboundL4, OutboundL4
-from connect.peers import service_peers
-from connect.proxy import (
-    ProxyStats,
-    Upstream,
-    fixed_endpoints,
-    intentions_authorizers,
-)
+from connect.authz import allow_all, intentions_authorizers
+from connect.balancer import BalancerConfig, Policy, Target
+from connect.latest import Latest
 from connect.resumption import ResumingClientContext
+from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
 from connect.tls import SESSION_TICKETS
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
+
+
+@dataclass(frozen=True, slots=True)
+class FixedTLS:
+    """The sidecar's `SidecarTLS` from files: no rotation in a benchmark run."""
+
+    server_context: ssl.SSLContext
+    client_context: ssl.SSLContext
+    trust_domain: str
+
+    def listener_context(self) -> ssl.SSLContext:
+        return self.server_context
+
+    def server(self) -> ssl.SSLContext:
+        return self.server_context
+
+    def client(self) -> ssl.SSLContext:
+        return self.client_context
 
 
 def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -58,8 +69,10 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 async def main(args: argparse.Namespace) -> None:
     server_ctx, client_ctx = contexts(args)
     host, port = args.target.rsplit(":", 1)
-    stats = ProxyStats()
-    listener: InboundHTTP | OutboundHTTP | InboundL4 | OutboundL4
+    tls = FixedTLS(server_ctx, client_ctx, args.trust_domain)
+    kind = "http" if args.kind == "http" else "tcp"
+    # The same assembly as `meshlet sidecar` (connect/sidecar.py), with one fixed endpoint.
+    peer: Latest[tuple[Target, ...]] = Latest((Target("bench/peer", host, int(port)),))
     if args.side == "in":
         entry = load_entry(
             {
@@ -69,38 +82,23 @@ async def main(args: argparse.Namespace) -> None:
             }
         )
         snapshot = compile_snapshot([entry], default_allow=False)
-        connection, request = intentions_authorizers(lambda: snapshot, Identity(args.service))
-        if args.kind == "http":
-            gate = InboundGate(server_ctx, service_peers(lambda: args.trust_domain), stats)
-            listener = InboundHTTP(
-                gate,
-                host,
-                int(port),
-                authorize=request,
-                local_uri=f"spiffe://{args.trust_domain}/ns/default/dc/dc1/svc/{args.service}",
-            )
-        else:
-            gate = InboundGate(
-                server_ctx, service_peers(lambda: args.trust_domain), stats, authorize=connection
-            )
-            listener = InboundL4(gate, host, int(port))
-    else:
-        upstream = Upstream(
-            name=args.service,
-            endpoints=fixed_endpoints(
-                compile_balancer(
-                    [Target("bench/peer", host, int(port))],
-                    BalancerConfig(policy=Policy.LEAST_REQUEST),
-                )
-            ),
-            client_ssl=lambda: client_ctx,
-            verify_peer=service_peers(lambda: args.trust_domain),
-            expected_service=args.service,
-            rng=random.Random(),
-            resume_tls=not args.no_resume,
+        authorizers = intentions_authorizers(lambda: snapshot, Identity(args.service))
+        uri = f"spiffe://{args.trust_domain}/ns/default/dc/dc1/svc/{args.service}"
+        spec = SidecarSpec(
+            inbound=InboundSpec(kind, "127.0.0.1", args.listen, host, int(port), uri)
         )
-        listener = OutboundHTTP(upstream) if args.kind == "http" else OutboundL4(upstream)
-    await listener.start("127.0.0.1", args.listen)
+    else:
+        authorizers = allow_all()  # outbound listeners authorize nothing
+        spec = SidecarSpec(upstreams=(UpstreamSpec(args.service, kind, "127.0.0.1", args.listen),))
+    sidecar = Sidecar(
+        tls,
+        authorizers,
+        endpoints=lambda up: peer,
+        targets=lambda targets: targets,
+        balancer=BalancerConfig(policy=Policy.LEAST_REQUEST),
+        resume_tls=not args.no_resume,
+    )
+    await sidecar.apply(spec)
     gc.collect()
     gc.freeze()  # as agent/sidecar.py does once serving
     gc.set_threshold(10_000, 10, 10)
@@ -110,7 +108,7 @@ async def main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await listener.close(grace=0)
+    await sidecar.close(grace=0)
 
 
 if __name__ == "__main__":

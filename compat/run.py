@@ -2,7 +2,8 @@
 
 Downloads the py-consul sdist from PyPI into .compat/ (reused on later runs), extracts it
 afresh, puts compat/conftest.py in place of its root conftest.py and runs the agent, catalog,
-health, kv and status test files with this interpreter's pytest, serially. Prints
+health, kv, status, connect, config, discovery-chain, acl, txn, session and asyncio
+(tests/test_aio.py) test files with this interpreter's pytest, serially. Prints
 `N passed, N failed` (errors count as failed) and exits non-zero if anything failed.
 
 Usage: .venv/bin/python compat/run.py [extra pytest arguments, e.g. -k test_kv -x]
@@ -50,6 +51,11 @@ TEST_FILES = [
     "tests/api/test_connect.py",
     "tests/api/test_config.py",
     "tests/api/test_discovery_chain.py",
+    "tests/api/test_acl.py",
+    "tests/api/test_txn.py",
+    "tests/api/test_session.py",
+    # The asyncio client (consul.aio): KV, /v1/txn, agent services and sessions.
+    "tests/test_aio.py",
 ]
 
 # The conftest starts every server on 127.0.0.1:8500 (the suite hard-codes that port).

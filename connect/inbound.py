@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from connect.proxy import ConnectionAuthorizer, Peer, PeerCache, ProxyStats
+from connect.seams import ConnectionAuthorizer, Peer, PeerCache
+from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.inbound")
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from connect.balancer import Target
+from connect.cluster import Cluster, Outcome
+from connect.dial import DialFailed, Upstream, dial_failover
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
-from connect.proxy import DialFailed, ProxyStats, Upstream, dial_upstream
+from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.l4")
 
@@ -240,13 +243,24 @@ class _Listener(ListeningSocket):
 
 
 class OutboundL4(_Listener):
-    """Plaintext from the local app, carried over mTLS to an upstream's sidecar."""
+    """Plaintext from the local app, carried over mTLS to an upstream's sidecar; to the
+    `failover` upstreams, in order, when `upstream` has no endpoint left to try
+    (connect.dial.dial_failover)."""
 
     def __init__(
-        self, upstream: Upstream, limits: RelayLimits | None = None, stats: ProxyStats | None = None
+        self,
+        upstream: Upstream,
+        limits: RelayLimits | None = None,
+        stats: ProxyStats | None = None,
+        *,
+        failover: Sequence[Upstream] = (),
     ) -> None:
         super().__init__(limits or RelayLimits(), stats)
         self.upstream = upstream
+        self.chain = (upstream, *failover)
+        self.dialed: dict[_Relay, tuple[Cluster, Target]] = {}
+        """The endpoint each relay went to: in flight in its cluster until the relay ends
+        (so least_request sees connections)."""
 
     def accepted(self, leg: _AcceptedLeg) -> None:
         self.relays.add(leg.relay)
@@ -254,14 +268,42 @@ class OutboundL4(_Listener):
         self._spawn(self._dial(leg.relay))
 
     async def _dial(self, relay: _Relay) -> None:
+        primary = self.upstream.cluster
+        if primary.limited:
+            over = primary.admit(new_connection=True)
+            if over is not None:
+                log.warning("upstream %s: circuit breaker: %s", self.upstream.name, over)
+                relay.abort()
+                return
         try:
-            await dial_upstream(self.upstream, lambda: relay.b)
+            _, _, upstream, target = await dial_failover(self.chain, lambda target: relay.b)
         except DialFailed as err:
             self.stats.no_endpoint += 1
             log.warning("upstream %s: %s", self.upstream.name, err)
             relay.abort()
             return
+        if relay.closed:
+            # The client went away during the dial (its relay has ended): drop what we got.
+            upstream.cluster.record(target, Outcome.CANCELLED, asyncio.get_running_loop().time())
+            if relay.b.transport is not None:
+                relay.b.transport.abort()
+            return
+        upstream.cluster.connections += 1
+        self.dialed[relay] = (upstream.cluster, target)
         _link(relay)
+
+    def _done(self, relay: _Relay) -> None:
+        dialed = self.dialed.pop(relay, None)
+        if dialed is not None:
+            self._ended(dialed)
+        super()._done(relay)
+
+    @staticmethod
+    def _ended(dialed: tuple[Cluster, Target]) -> None:
+        # How a relayed connection ends says nothing about the endpoint's health.
+        cluster, target = dialed
+        cluster.connections -= 1
+        cluster.record(target, Outcome.SUCCESS, asyncio.get_running_loop().time())
 
 
 class InboundL4(_Listener):

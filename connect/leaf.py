@@ -131,7 +131,7 @@ class Leaf:
 
     @classmethod
     def from_consul(cls, obj: Mapping[str, Any]) -> Leaf:
-        """`/v1/agent/connect/ca/leaf/:service`'s JSON (consul-api.md §6.3)."""
+        """`/v1/agent/connect/ca/leaf/:service`'s JSON."""
         leaf = cls.from_pem(
             _str(obj, "CertPEM"),
             _str(obj, "PrivateKeyPEM"),
@@ -161,7 +161,7 @@ class TrustBundle:
 
     @classmethod
     def from_consul(cls, obj: Mapping[str, Any], index: int = 0) -> TrustBundle:
-        """`/v1/agent/connect/ca/roots`'s JSON (consul-api.md §6.1)."""
+        """`/v1/agent/connect/ca/roots`'s JSON."""
         roots = obj.get("Roots")
         if not isinstance(roots, list) or not roots:
             raise MalformedAnswer("Roots: expected a non-empty list")

@@ -32,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from connect.latest import Latest, backoff
 from connect.leaf import (
     Leaf,
     LeafError,
@@ -75,10 +76,9 @@ class LeafRotator:
         self._draw = draw
         self._leaf: Leaf | None = None
         self._bundle: TrustBundle | None = None
-        self._material: Material | None = None
-        self._generation = 0
+        self._material: Latest[Material | None] = Latest(None)
+        """Published whole; its version is the material's generation."""
         self._renew_at = 0.0
-        self._published = asyncio.Condition()
         self._roots_moved = asyncio.Event()
         self._reread_roots = asyncio.Event()
         self._have_bundle = asyncio.Event()
@@ -95,7 +95,7 @@ class LeafRotator:
 
     @property
     def current(self) -> Material | None:
-        return self._material
+        return self._material.get()
 
     def health(self) -> Health:
         if self._leaf is None:
@@ -122,21 +122,16 @@ class LeafRotator:
         return await self.changed(0)
 
     async def changed(self, generation: int) -> Material:
-        """The first material newer than `generation`."""
-        async with self._published:
-            await self._published.wait_for(
-                lambda: self._material is not None and self._material.generation > generation
-            )
-            assert self._material is not None
-            return self._material
+        """The newest material once one newer than `generation` is published."""
+        _, material = await self._material.changed(generation)
+        assert material is not None  # only materials are published
+        return material
 
     async def _publish(self) -> None:
         if self._leaf is None or self._bundle is None:
             return
-        self._generation += 1
-        self._material = Material(self._leaf, self._bundle, self._generation)
-        async with self._published:
-            self._published.notify_all()
+        generation = self._material.version + 1
+        self._material.publish(Material(self._leaf, self._bundle, generation))
 
     # ---- loops -----------------------------------------------------------------------------
 
@@ -156,9 +151,12 @@ class LeafRotator:
                 )
             except LeafError as err:
                 failures += 1
-                delay = min(self._policy.backoff_cap, self._policy.backoff_base * 2**failures)
+                # The policy's base doubles from the first failure (base * 2 at once).
+                delay = backoff(
+                    failures + 1, self._policy.backoff_base, self._policy.backoff_cap, self._draw()
+                )
                 log.warning("roots: %s; retrying in %.1fs", err, delay)
-                await asyncio.sleep(delay * (0.5 + 0.5 * self._draw()))
+                await asyncio.sleep(delay)
                 index = 0
                 continue
             if got is None:

@@ -1,4 +1,4 @@
-"""Leaves straight from Vault's PKI engine, through hvac (traffic-nomad-vault.md §4).
+"""Leaves straight from Vault's PKI engine, through hvac.
 
 The key pair is made here and only a CSR goes to `<mount>/sign/<role>`, so the private key
 never leaves the host. The SPIFFE ID uses the trust domain of Consul's CA (from the bundle the

@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from connect.proxy import ProxyStats
+from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.listener")
 

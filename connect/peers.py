@@ -11,7 +11,7 @@ import datetime
 from collections.abc import Callable
 
 from connect.identity import PeerRefused, ServiceIdentity, peer_identity
-from connect.proxy import Peer, PeerCache, PeerRejected
+from connect.seams import Peer, PeerCache, PeerRejected
 from intentions.engine import Identity
 
 

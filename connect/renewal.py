@@ -1,6 +1,6 @@
 """When to renew a leaf certificate, pure: every function takes `now` and a random draw.
 
-Consul's schedule (consul:agent/leafcert, traffic-nomad-vault.md §4.5): the first attempt falls
+Consul's schedule (consul:agent/leafcert): the first attempt falls
 uniformly in 60-90 % of the certificate's lifetime, which spreads a fleet's renewals. After a
 failure, retry with capped exponential backoff and jitter, but never wait so long that the
 current leaf could expire between two attempts. The current leaf is never given up while it is

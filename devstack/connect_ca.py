@@ -1,6 +1,6 @@
 """The Connect CA: roots, the CA configuration, root rotation and the agent's leaf cache.
 
-Consul's CA manager and the agent's leaf-certificate cache in one object (consul-api.md §6):
+Consul's CA manager and the agent's leaf-certificate cache in one object:
 
 - roots: exactly one active; a rotation makes a new root, cross-signs it with the old one (the
   cross-signed certificate becomes the new root's intermediate and follows every new leaf) and

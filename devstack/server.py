@@ -25,6 +25,7 @@ from devstack.acl import Authorizer
 from devstack.checks import UNSUPPORTED, CheckRunner
 from devstack.config import CONSUL_VERSION, DevConfig
 from devstack.endpoints import (
+    acl,
     agent,
     catalog,
     config,
@@ -35,6 +36,7 @@ from devstack.endpoints import (
     kv,
     session,
     status,
+    txn,
 )
 from devstack.httpapi import HTTPError, Router, make_handler
 from devstack.identity_plane import IdentityPlane
@@ -52,6 +54,7 @@ MIN_DEREGISTER_AFTER = 60.0
 def build_router() -> Router:
     router = Router()
     for family in (
+        acl,
         agent,
         catalog,
         config,
@@ -62,6 +65,7 @@ def build_router() -> Router:
         session,
         status,
         connect_ca,
+        txn,
     ):
         family.routes(router)
     return router
@@ -71,7 +75,9 @@ class DevServer:
     def __init__(self, config: DevConfig | None = None) -> None:
         self.config = config or DevConfig()
         self.store = Store()
-        self.acl = Authorizer(self.config.acl_initial_management_token, self.config.default_policy)
+        self.acl = Authorizer(
+            self.config.acl_initial_management_token, self.config.default_policy, self.store
+        )
         self.node_id = str(uuid.uuid4())
         self.agent_tokens: dict[str, str] = {}
         self.checks = CheckRunner(self)

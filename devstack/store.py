@@ -426,3 +426,23 @@ class Store:
                 entry.session = ""
                 entry.modify_index = self.index + 1
         return self._commit(["sessions", "kvs"])
+
+    # ---- ACLs and transactions ------------------------------------------------------------
+
+    def commit_acl(self) -> int:
+        """An ACL write: the index the written policy or token carries."""
+        return self._commit(["acl"])
+
+    def kv_apply(self, changes: dict[str, KVEntry | None]) -> int:
+        """Apply a transaction's KV writes (None deletes) at one new index, all at once."""
+        if not changes:
+            return self.index
+        idx = self.index + 1
+        for key, entry in changes.items():
+            if entry is None:
+                if self.kv.pop(key, None) is not None:
+                    self.tombstones[key] = idx
+            else:
+                self.kv[key] = entry
+                self.tombstones.pop(key, None)
+        return self._commit(["kvs", "tombstones"])

@@ -1,7 +1,7 @@
 """A Vault PKI secrets engine mount, in memory: issuers, roles, issue and sign.
 
 The subset of https://developer.hashicorp.com/vault/api-docs/secret/pki that meshlet and
-Consul's Vault CA provider use (traffic-nomad-vault.md §4). Operations return the `data` of
+Consul's Vault CA provider use. Operations return the `data` of
 Vault's answer or raise `VaultError` with Vault's status and message; the HTTP envelope is
 `vault_server.py`'s business.
 """

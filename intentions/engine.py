@@ -6,7 +6,7 @@ and `*/*` destination entries (the precedence bands), compiles every permission'
 (regexes included) and precomputes every Decision. A decision is then a few dict lookups plus
 the matchers of one intention; no parsing, no sorting, no allocation of reasons.
 
-Semantics are Consul's documented ones (consul-api.md §7.5, authz.md §2.3): the highest-precedence
+Semantics are Consul's documented ones: the highest-precedence
 intention whose source matches decides; an L7 intention's permissions are tried in order and
 the first match decides; if none matches, the default policy decides, never a lower-precedence
 intention. Matchers behave as Envoy's do for what Consul emits (a missing header matches nothing

@@ -4,7 +4,7 @@ Istio combines policies by action (any DENY wins, then any ALLOW, then deny if a
 exists, else allow); Consul picks the single most specific intention and never falls through.
 The two only agree if every destination gets one self-contained entry in which each source class
 carries the whole decision as an ordered list: DENY rules, then ALLOW rules, then an explicit
-catch-all (authz.md §3.1). The source classes are the identities the rules name: exact
+catch-all. The source classes are the identities the rules name: exact
 (namespace, service account) pairs, whole namespaces, and everybody else; every Istio source
 predicate is constant over a class, so it can be evaluated once per class at translation time.
 

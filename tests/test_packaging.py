@@ -45,6 +45,9 @@ def test_wheel_holds_the_packages_typed_and_the_script(wheel: Path) -> None:
     # `meshlet install systemd` renders these: the wheel, not the checkout, must carry them.
     for unit in ("meshlet-sidecar@.service", "meshlet-agent.service", "app-after-sidecar.conf"):
         assert f"agent/units/{unit}" in names
+    # `meshlet demo` applies these.
+    assert "agent/demo/examples/canary-virtualservice.yaml" in names
+    assert "agent/demo/examples/payment-authorizationpolicy.yaml" in names
     assert not any(n.startswith(("tests/", "compat/")) for n in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -215,6 +215,10 @@ async def members(call: Call) -> Reply:
     if wan and segment and segment != "_all":
         raise bad_request("Cannot provide a segment with wan=true")
     items = [member(call.server, wan=wan)]
+    # Consul's filterMembers: node:read on each member.
+    readable = [m for m in items if call.identity.allowed("node:read", m["Name"])]
+    call.results_filtered = len(readable) < len(items)
+    items = readable
     f = call.filter(AGENT_MEMBER)
     if f is not None:
         items = [m for m in items if f.matches(m)]
@@ -286,6 +290,8 @@ async def set_token(call: Call) -> Reply:
     if call.tail not in TOKEN_TYPES:
         raise not_found(f'Token "{call.tail}" is unknown')
     call.server.agent_tokens[call.tail] = body.get("Token", "")
+    if call.tail == "default":
+        call.server.acl.default_token = body.get("Token", "")
     return Reply()
 
 
@@ -365,6 +371,8 @@ async def register_service(call: Call) -> Reply:
         except InvalidRegistration as err:
             raise bad_request(str(err)) from None
         sidecar = (side_data, side_checks)
+        # Consul vets the sidecar as its own registration (vetServiceRegisterWithAuthorizer).
+        call.identity.require("service:write", side_data["Service"])
     _require_script_checks(server, checks + (sidecar[1] if sidecar else []))
     replace = call.bool_param(
         "replace-existing-checks", "Invalid value for replace-existing-checks"
@@ -475,7 +483,18 @@ async def node_maintenance(call: Call) -> Reply:
 
 
 async def checks(call: Call) -> Reply:
-    out = {c.check_id: render.check(c) for c in call.server.local_checks()}
+    # Consul's filterChecksWithAuthorizer: service:read for a service's check, else node:read.
+    local = call.server.local_checks()
+    visible = [
+        c
+        for c in local
+        if call.identity.allowed(
+            "service:read" if c.service_id else "node:read",
+            c.service_name if c.service_id else c.node,
+        )
+    ]
+    call.results_filtered = len(visible) < len(local)
+    out = {c.check_id: render.check(c) for c in visible}
     f = call.filter(AGENT_CHECK)
     if f is not None:
         out = {k: v for k, v in out.items() if f.matches(v)}

@@ -73,12 +73,22 @@ class InstanceQuery:
         watch = f"{'connect' if self.connect else 'service'}/{self.name}"
         index = store.key_index(watch, "services")
         # No peerings exist on a dev agent: any peer name selects nothing.
-        if self.peer or not call.identity.allowed("service:read", self.name):
+        # A Connect query without service:read on the destination answers empty, without
+        # saying it was filtered (consul catalog_endpoint.go / health_endpoint.go ServiceNodes).
+        if self.peer or (self.connect and not call.identity.allowed("service:read", self.name)):
             return index, []
         selected = []
         for s in sorted(store.instances(watch), key=lambda s: (s.node, s.id)):
             n = store.nodes.get(s.node)
             if n is not None and node_matches(n, self.node_meta) and tags_match(s, self.tags):
+                # CheckServiceNode.CanRead: node:read on the node and service:read on the
+                # instance's own name (the proxy's, for a Connect query).
+                if not (
+                    call.identity.allowed("node:read", n.name)
+                    and call.identity.allowed("service:read", s.name)
+                ):
+                    call.results_filtered = True
+                    continue
                 selected.append((n, s))
         return index, selected
 

@@ -1,6 +1,6 @@
 """/v1/connect/ca/* and /v1/agent/connect/*: roots, CA configuration, leaves, authorize.
 
-Contract: consul-api.md §6. Roots and leaves block on `?index=`; a leaf query parked on its
+As Consul's HTTP API documents them. Roots and leaves block on `?index=`; a leaf query parked on its
 current ModifyIndex returns when that leaf reaches its soft expiry or the active root changes.
 """
 

@@ -15,7 +15,7 @@ def routes(router: Router) -> None:
     router.add("/v1/kv/", rpc=True, get=get, put=put, delete=delete)
 
 
-def _entry(e: KVEntry) -> dict[str, Any]:
+def render_entry(e: KVEntry) -> dict[str, Any]:
     out: dict[str, Any] = {
         "LockIndex": e.lock_index,
         "Key": e.key,
@@ -38,6 +38,12 @@ def _uint(call: Call, name: str) -> int | None:
     return int(raw)
 
 
+def _readable(call: Call, entries: list[KVEntry]) -> list[KVEntry]:
+    shown = [e for e in entries if call.identity.allowed("key:read", e.key)]
+    call.results_filtered = call.results_filtered or len(shown) < len(entries)
+    return shown
+
+
 async def get(call: Call) -> Reply:
     key = call.tail
     store = call.store
@@ -46,14 +52,17 @@ async def get(call: Call) -> Reply:
     recurse = call.flag("recurse")
     if not key and not recurse:
         raise bad_request("Missing key name")
-    call.identity.require("key:read" if not recurse else "key:list", key)
+    # Consul checks key:list only with acl.enable_key_list_policy (off by default); a
+    # recursive read is filtered by key:read instead (kvs_endpoint.go List, FilterDirEnt).
+    if not recurse:
+        call.identity.require("key:read", key)
 
     def compute() -> tuple[int, list[KVEntry]]:
         if recurse:
             found = sorted(
                 (e for k, e in store.kv.items() if k.startswith(key)), key=lambda e: e.key
             )
-            return store.kv_prefix_index(key), found
+            return store.kv_prefix_index(key), _readable(call, found)
         entry = store.kv.get(key)
         if entry is None:
             return store.table_index("kvs", "tombstones"), []
@@ -64,12 +73,11 @@ async def get(call: Call) -> Reply:
         return Reply(status=404, index=index)
     if call.flag("raw") and not recurse:
         return Reply(raw=entries[0].value, index=index, content_type="application/octet-stream")
-    return call.reply([_entry(e) for e in entries], index=index)
+    return call.reply([render_entry(e) for e in entries], index=index)
 
 
 async def _keys(call: Call, prefix: str) -> Reply:
     sep = call.query.get("separator", "")
-    call.identity.require("key:list", prefix)
     store = call.store
 
     def compute() -> tuple[int, list[str]]:
@@ -79,7 +87,9 @@ async def _keys(call: Call, prefix: str) -> Reply:
                 continue
             cut = k.find(sep, len(prefix)) if sep else -1
             keys.add(k[: cut + len(sep)] if cut >= 0 else k)
-        return store.kv_prefix_index(prefix), sorted(keys)
+        readable = [k for k in sorted(keys) if call.identity.allowed("key:read", k)]
+        call.results_filtered = call.results_filtered or len(readable) < len(keys)
+        return store.kv_prefix_index(prefix), readable
 
     index, keys = await call.blocking(compute)
     if not keys:

@@ -68,6 +68,7 @@ async def create(call: Call) -> Reply:
         modify_index=0,
     )
     index = call.store.session_create(session)
+    call.identity.require("session:write", session.node)
     call.server.session_ttl_started(session)
     return call.reply({"ID": session.id}, index=index)
 
@@ -84,14 +85,22 @@ async def renew(call: Call) -> Reply:
     session = call.store.sessions.get(call.tail)
     if session is None:
         raise not_found(f"Session id '{call.tail}' not found")
+    call.identity.require("session:write", session.node)
     call.server.session_ttl_started(session)
     return call.reply([render(session)], index=call.store.table_index("sessions"))
+
+
+def _readable(call: Call, sessions: list[Session]) -> list[dict[str, Any]]:
+    """Consul's filterSessions: session:read on the session's node."""
+    shown = [render(s) for s in sessions if call.identity.allowed("session:read", s.node)]
+    call.results_filtered = call.results_filtered or len(shown) < len(sessions)
+    return shown
 
 
 async def info(call: Call) -> Reply:
     def compute() -> tuple[int, list[dict[str, Any]]]:
         s = call.store.sessions.get(call.tail)
-        return call.store.table_index("sessions"), [render(s)] if s else []
+        return call.store.table_index("sessions"), _readable(call, [s] if s else [])
 
     index, out = await call.blocking(compute)
     return call.reply(out, index=index)
@@ -99,8 +108,8 @@ async def info(call: Call) -> Reply:
 
 async def by_node(call: Call) -> Reply:
     def compute() -> tuple[int, list[dict[str, Any]]]:
-        found = [render(s) for s in call.store.sessions.values() if s.node == call.tail]
-        return call.store.table_index("sessions"), found
+        found = [s for s in call.store.sessions.values() if s.node == call.tail]
+        return call.store.table_index("sessions"), _readable(call, found)
 
     index, out = await call.blocking(compute)
     return call.reply(out, index=index)
@@ -108,7 +117,9 @@ async def by_node(call: Call) -> Reply:
 
 async def listing(call: Call) -> Reply:
     def compute() -> tuple[int, list[dict[str, Any]]]:
-        return call.store.table_index("sessions"), [render(s) for s in call.store.sessions.values()]
+        return call.store.table_index("sessions"), _readable(
+            call, list(call.store.sessions.values())
+        )
 
     index, out = await call.blocking(compute)
     return call.reply(out, index=index)

@@ -585,17 +585,17 @@ async def test_kv_round_trip_cas_flags_recurse_keys(consul: ConsulClient) -> Non
 
 
 async def test_config_entry_get_put_delete_with_cas(consul: ConsulClient) -> None:
-    assert await consul.config_entries.get("service-defaults", "api") is None
+    assert await consul.config_entries.find("service-defaults", "api") is None
     body = {"Kind": "service-defaults", "Name": "api", "Protocol": "http"}
     assert await consul.config_entries.put(body, cas=0) is True
     assert await consul.config_entries.put(body, cas=0) is False
-    held = await consul.config_entries.get("service-defaults", "api")
+    held = await consul.config_entries.find("service-defaults", "api")
     assert held is not None and held["Protocol"] == "http"
     index = int(held["ModifyIndex"])
     assert await consul.config_entries.delete("service-defaults", "api", cas=index + 1000) is False
-    assert await consul.config_entries.get("service-defaults", "api") is not None
+    assert await consul.config_entries.find("service-defaults", "api") is not None
     assert await consul.config_entries.delete("service-defaults", "api", cas=index) is True
-    assert await consul.config_entries.get("service-defaults", "api") is None
+    assert await consul.config_entries.find("service-defaults", "api") is None
     assert await consul.config_entries.delete("service-defaults", "absent") is True
 
 

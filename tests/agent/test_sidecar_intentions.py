@@ -33,11 +33,12 @@ from agent.runtime import AgentRuntime
 from agent.sidecar import Sidecar
 from agent.status_cli import render
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import OutboundHTTP
 from connect.l4 import OutboundL4
 from connect.leaf import Material
 from connect.peers import service_peers
-from connect.proxy import Upstream, fixed_endpoints
 from connect.tls import DynamicTLS
 from devstack.config_entries import Entry
 from devstack.server import DevServer

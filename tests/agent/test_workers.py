@@ -21,7 +21,6 @@ import pytest
 from agent.cli import main
 from agent.config import ConfigError, parse, to_raw, with_workers
 from agent.runtime import AgentRuntime
-from agent.sidecar import claim_port
 from agent.supervisor import (
     RestartPolicy,
     Supervisor,
@@ -30,6 +29,7 @@ from agent.supervisor import (
     sum_counters,
 )
 from agent.worker import PARENT_ONLY_ENV, decode, encode
+from connect.sidecar import claim_port
 
 
 def _raw(**sidecar: Any) -> dict[str, Any]:

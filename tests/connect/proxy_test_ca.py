@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from connect.proxy import Peer, PeerRejected
+from connect.seams import Peer, PeerRejected
 from devstack.issuer import cert_pem, generate_key, key_pem, new_root
 from intentions.engine import identity_from_consul_uri
 

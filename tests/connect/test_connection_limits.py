@@ -19,10 +19,13 @@ from collections.abc import Callable
 import pytest
 
 from connect.balancer import BalancerConfig, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.heap_trim import HeapTrimmer
 from connect.http1 import OutboundHTTP
 from connect.listener import ConnectionLimits
-from connect.proxy import PeerCache, ProxyStats, Upstream, fixed_endpoints
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from tests.connect.devstack_tls import LOOPS, run
 from tests.connect.proxy_test_ca import CAPeerVerifier
 from tests.connect.test_handshake_failures import Site, inbound_site

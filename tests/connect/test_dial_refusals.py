@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
-from connect.proxy import PeerCache, ProxyStats, Upstream, fixed_endpoints
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from tests.connect.proxy_test_ca import CAPeerVerifier, Leaf, ProxyTestCA, spiffe
 from tests.connect.proxy_test_servers import AppStats, start_app
 

@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
+from connect.authz import allow_all
 from connect.http1 import InboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4
 from connect.listener import ListeningSocket
-from connect.proxy import PeerCache, ProxyStats, allow_all
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from devstack.issuer import new_root
 from devstack.server import DevServer

@@ -27,11 +27,15 @@ import httptools
 import pytest
 import uvloop
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import HTTPLimits, InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import OutboundL4
-from connect.proxy import PeerCache, ProxyStats, Upstream, fixed_endpoints, intentions_authorizers
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from intentions.engine import Identity
 from tests.connect.proxy_test_ca import Leaf, ProxyTestCA, spiffe
 from tests.connect.test_http_proxy import INTENTIONS, read_response

@@ -16,16 +16,14 @@ from typing import Any
 
 import pytest
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
-from connect.proxy import (
-    PeerCache,
-    ProxyStats,
-    Upstream,
-    fixed_endpoints,
-    intentions_authorizers,
-)
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from intentions.engine import Identity, Snapshot, compile_snapshot
 from intentions.entries import load_entry
 from intentions.path_normalization import MODES, PathNormalization

@@ -17,10 +17,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import HTTPLimits, InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
-from connect.proxy import PeerCache, ProxyStats, Upstream, fixed_endpoints, intentions_authorizers
+from connect.seams import PeerCache
+from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
@@ -480,7 +484,7 @@ async def test_refused_endpoint_fails_over(ca: ProxyTestCA, session: aiohttp.Cli
         for _ in range(10):
             async with session.get(m.url + "/hello", headers={"Connection": "close"}) as resp:
                 assert resp.status == 200
-        assert "n9/api-sidecar" in m.outbound.origin.upstream._ejected  # type: ignore[attr-defined]
+        assert "n9/api-sidecar" in m.outbound.origin.upstream.cluster.ejected  # type: ignore[attr-defined]
     finally:
         await m.close()
 
@@ -500,6 +504,9 @@ async def test_killed_instance_fails_no_idempotent_request(
                 ok += 1
         assert ok == 200
         assert m.apps[1].seen  # the survivor took over
+        # Every request chosen was recorded: nothing is left counted in flight.
+        cluster = m.outbound.origin.upstream.cluster  # type: ignore[attr-defined]
+        assert [cluster.inflight(f"n{i}/api-sidecar") for i in range(2)] == [0, 0]
     finally:
         await m.close()
 
@@ -518,7 +525,7 @@ async def test_instance_whose_app_is_down_fails_over_even_for_post(
                 assert resp.status == 200, await resp.text()
                 assert "x-meshlet-retriable" not in resp.headers
         upstream = m.outbound.origin.upstream  # type: ignore[attr-defined]
-        assert "n0/api-sidecar" in upstream._ejected
+        assert "n0/api-sidecar" in upstream.cluster.ejected
         assert len(m.apps[1].seen) == 20
     finally:
         m.apps.pop(0)
@@ -601,9 +608,9 @@ async def test_an_app_that_drops_requests_unanswered_fails_over_idempotent_ones_
             assert body == b"hello from api-1"
             writer.close()
         upstream = m.outbound.origin.upstream  # type: ignore[attr-defined]
-        assert "n0/api-sidecar" in upstream._ejected
+        assert "n0/api-sidecar" in upstream.cluster.ejected
         assert len(seen) == 2  # the GET that reached instance 0, and its one retry there
-        upstream._ejected.clear()
+        upstream.cluster.ejected.clear()
         seen.clear()
         statuses = []
         for _ in range(2):

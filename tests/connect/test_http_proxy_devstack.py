@@ -16,18 +16,16 @@ import pytest
 from agent.consul import ConsulClient
 from agent.consul_config import ConsulConfig
 from agent.consul_connect import consul_leaf_source, consul_roots_source
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import Material
 from connect.peers import service_peers
-from connect.proxy import (
-    ProxyStats,
-    Upstream,
-    fixed_endpoints,
-    intentions_authorizers,
-)
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from devstack.server import DevServer
 from intentions.engine import Identity

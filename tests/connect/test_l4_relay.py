@@ -4,10 +4,12 @@ mTLS -> inbound sidecar -> app, with refusals, failover, half-close and bounded 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +17,14 @@ from typing import cast
 
 import pytest
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target, compile_balancer
+from connect.cluster import Limits, fixed_endpoints
+from connect.dial import Upstream
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4, RelayLimits
-from connect.proxy import (
-    Peer,
-    PeerCache,
-    ProxyStats,
-    Upstream,
-    Verdict,
-    fixed_endpoints,
-    intentions_authorizers,
-)
+from connect.seams import Peer, PeerCache, Verdict
+from connect.stats import ProxyStats
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
@@ -237,7 +235,7 @@ async def test_refused_endpoint_fails_over_and_is_marked(ca: ProxyTestCA) -> Non
             assert await reader.readexactly(1) == b"x"
             writer.close()
         assert p.app.accepted == 6
-        assert "n0/api-sidecar" in p.outbound.upstream._ejected
+        assert "n0/api-sidecar" in p.outbound.upstream.cluster.ejected
     finally:
         await close_all(p, servers)
 
@@ -387,3 +385,90 @@ async def test_l4_intentions_from_the_engine_allow_and_deny(ca: ProxyTestCA) -> 
             writer.close()
         finally:
             await close_all(p, servers)
+
+
+async def test_a_relayed_connection_is_in_flight_in_the_cluster_until_it_ends(
+    ca: ProxyTestCA,
+) -> None:
+    p, servers = await build_pair(ca, policy=Policy.LEAST_REQUEST)
+    try:
+        cluster = p.outbound.upstream.cluster
+        reader, writer = await p.connect()
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        assert cluster.inflight("n1/api-sidecar") == 1
+        # (a client's half-close is held at the TLS leg: a reset ends the relay at once)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        for _ in range(200):
+            if cluster.inflight("n1/api-sidecar") == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert cluster.inflight("n1/api-sidecar") == 0
+    finally:
+        await close_all(p, servers)
+
+
+async def test_failover_upstream_takes_over_when_the_primary_has_no_endpoint_left(
+    ca: ProxyTestCA,
+) -> None:
+    p, servers = await build_pair(ca)
+    dead = Upstream(
+        name="api-primary",
+        endpoints=fixed_endpoints(
+            compile_balancer([Target("n0/dead", "127.0.0.1", free_port())], BalancerConfig())
+        ),
+        client_ssl=p.outbound.upstream.client_ssl,
+        verify_peer=p.outbound.upstream.verify_peer,
+        expected_service="api",
+    )
+    outbound = OutboundL4(dead, failover=[p.outbound.upstream])
+    await outbound.start()
+    try:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port)
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            assert p.outbound.upstream.cluster.inflight("n1/api-sidecar") >= 1
+            writer.close()
+            await writer.wait_closed()
+        assert p.app.accepted == 3
+        # The primary's endpoint failed once, then it was ejected: no dial to it after that.
+        assert "n0/dead" in dead.cluster.ejected
+        assert sum(dead.refusal_counts().values()) == 1
+    finally:
+        await outbound.close(grace=0)
+        await close_all(p, servers)
+
+
+async def test_max_connections_refuses_the_connection_over_the_limit(ca: ProxyTestCA) -> None:
+    p, servers = await build_pair(ca)
+    up = p.outbound.upstream
+    limited = Upstream(
+        name="api",
+        endpoints=up.endpoints,
+        client_ssl=up.client_ssl,
+        verify_peer=up.verify_peer,
+        expected_service="api",
+        limits=Limits(max_connections=1),
+    )
+    outbound = OutboundL4(limited)
+    await outbound.start()
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", outbound.port)
+        w1.write(b"x")
+        assert await r1.readexactly(1) == b"x"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", outbound.port)
+        w2.write(b"y")
+        with contextlib.suppress(ConnectionResetError):  # aborted: closed or reset
+            assert await r2.read() == b""  # without a byte relayed
+        assert limited.cluster.overflows == {"max_connections": 1}
+        assert p.app.accepted == 1
+        w1.write(b"z")  # the first one still works
+        assert await r1.readexactly(1) == b"z"
+        for w in (w1, w2):
+            w.close()
+    finally:
+        await outbound.close(grace=0)
+        await close_all(p, servers)

@@ -17,20 +17,14 @@ from dataclasses import dataclass, replace
 import pytest
 
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import DialFailed, Upstream, dial_target
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.leaf import Material
-from connect.proxy import (
-    DialFailed,
-    Peer,
-    PeerCache,
-    ProxyStats,
-    Upstream,
-    Verdict,
-    dial_target,
-    fixed_endpoints,
-)
 from connect.resumption import ResumingClientContext, SessionCache, offering, sessions_of
+from connect.seams import Peer, PeerCache, Verdict
+from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
 from devstack.server import DevServer
 from tests.connect.devstack_tls import LOOPS, dev_mesh, run

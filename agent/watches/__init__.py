@@ -1,0 +1,12 @@
+"""Control-plane watches: one generic blocking watch (`BlockingWatch`) that every follower of
+Consul's state runs on (upstream health, intentions, config entries, the datacenter read)."""
+
+from agent.watches.blocking import (
+    AnswerRejected,
+    BlockingWatch,
+    WatchSettings,
+    WatchState,
+    unindexed,
+)
+
+__all__ = ["AnswerRejected", "BlockingWatch", "WatchSettings", "WatchState", "unindexed"]

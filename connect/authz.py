@@ -1,0 +1,77 @@
+"""Authorizers over the intentions engine (and the allow-all pair for benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from connect.seams import ConnectionAuthorizer, Peer, RequestAuthorizer, Verdict
+from intentions.engine import Identity, Snapshot, http_request
+from intentions.errors import BadRequest
+
+__all__ = ["allow_all", "intentions_authorizers"]
+
+
+def intentions_authorizers(
+    snapshot: Callable[[], Snapshot], destination: Identity
+) -> tuple[ConnectionAuthorizer, RequestAuthorizer]:
+    """Authorizers over the engine's current snapshot for one local destination service.
+
+    A request builds the engine's `HTTPRequest` only when the deciding intention has L7
+    permissions; otherwise the connection-level decision answers. The target comes normalized
+    by the listener, so it is matched as it is: normalizing again could only make the decision
+    differ from what the app receives.
+    """
+
+    def connection(peer: Peer) -> Verdict:
+        return snapshot().decide_connection(destination, peer.identity)
+
+    def request(
+        peer: Peer,
+        method: bytes,
+        path: bytes,
+        host: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+    ) -> Verdict:
+        policy = snapshot().for_destination(
+            destination.name, destination.namespace, destination.partition
+        )
+        intention = policy.intention_for(peer.identity)
+        if intention is None:
+            return policy.default
+        if intention.permissions is None:
+            return intention.connection
+        merged: dict[str, list[str]] = {}
+        for name, value in headers:
+            merged.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        try:
+            req = http_request(
+                method.decode("latin-1"),
+                path.decode("latin-1"),
+                host.decode("latin-1"),
+                merged,
+                normalize=False,
+            )
+        except BadRequest as err:
+            return _Refused(f"bad request: {err}")
+        return policy.decide_request(peer.identity, req)
+
+    return connection, request
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    reason: str
+    allowed: bool = False
+
+
+def allow_all() -> tuple[ConnectionAuthorizer, RequestAuthorizer]:
+    """Authorizers that allow everything (benchmarks of the bare data path, tests)."""
+    verdict = _Allowed()
+    return (lambda peer: verdict), (lambda peer, m, p, h, hs: verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Allowed:
+    reason: str = "allowed"
+    allowed: bool = True

@@ -1,0 +1,180 @@
+"""The HTTP listeners: `OutboundHTTP` (plain HTTP from the local app to one upstream
+service over pooled mTLS) and `InboundHTTP` (mTLS from mesh peers, authorized per request,
+to the local app). The inbound side removes every X-Forwarded-Client-Cert and x-meshlet-*
+field a caller sent and writes its own X-Forwarded-Client-Cert (Envoy's SANITIZE_SET),
+whatever listener the caller used; the outbound side removes any X-Forwarded-Client-Cert
+the app sent."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+from connect.dial import Upstream
+from connect.http1.downstream import Downstream
+from connect.http1.limits import HTTPLimits
+from connect.http1.origin import AppOrigin, MeshOrigin, Origin
+from connect.http1_headers import MESHLET_PREFIX, XFCC, HeadRewriter
+from connect.http_target import TargetParser
+from connect.identity import IdentityError, parse_service
+from connect.inbound import InboundGate
+from connect.listener import ListeningSocket, TLSTerminator
+from connect.routes import RouteTable, default_table
+from connect.seams import RequestAuthorizer
+from connect.stats import ProxyStats
+from intentions.path_normalization import PathNormalization
+
+__all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]
+
+
+class HTTPListener(ListeningSocket):
+    targets: TargetParser | None = None
+    """Inbound: parses and normalizes each request target; outbound forwards it as sent."""
+    default_host = b""
+    """Outbound: the Host given to an HTTP/1.0 request that has none (the upstream's name)."""
+    routes: Callable[[], RouteTable] | None = None
+    """Outbound: the current route table (connect.routes), consulted once per request head."""
+    fixed_routes: RouteTable | None = None
+    """Outbound without `routes`: the one table it ever has (read without a call)."""
+    rng: random.Random = random.Random()
+    """Outbound: for the routes' weighted splits."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        limits: HTTPLimits,
+        stats: ProxyStats,
+        *,
+        authorize: RequestAuthorizer | None,
+        by_uri: str,
+        drop: frozenset[bytes],
+        drop_prefixes: tuple[bytes, ...] = (),
+        is_tls: bool,
+    ) -> None:
+        super().__init__()
+        self.origin = origin
+        self.limits = limits
+        self.stats = stats
+        self.authorize = authorize
+        self.by_uri = by_uri
+        self.drop = drop
+        self.is_tls = is_tls
+        self.connections: set[Downstream] = set()
+        self.gate: InboundGate | None = None
+        self.request_heads = HeadRewriter(drop, drop_prefixes=drop_prefixes)
+        self.response_heads = HeadRewriter()
+        self.may_redo = not is_tls
+        """Outbound only: an inbound sidecar's app answers are never a peer's refusal."""
+
+    def _live(self) -> int:
+        return len(self.connections)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; idle keep-alive connections close now, busy ones get `grace`."""
+        await self._stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            busy = [c for c in self.connections if c.queue or c.tunnel is not None]
+            for conn in list(self.connections):
+                if conn not in busy and conn.transport is not None:
+                    conn.transport.close()
+            if not busy or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await self.origin.close()
+        await self._closed()
+
+
+class OutboundHTTP(HTTPListener):
+    """Plain HTTP from the local app to an upstream service over pooled mTLS.
+
+    `routes` returns the current route table (an immutable connect.routes.RouteTable, e.g.
+    `Latest[RouteTable].get`); each request head is routed by the table current when it
+    arrives. Its clusters are named: `upstream` is the cluster named `upstream.name` (with
+    `failover` after it, in order), `clusters` adds others by name, each an upstream or a
+    failover chain of them. Without `routes`, one route to `upstream`
+    (`default_table`), which is what this listener has always done.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        limits: HTTPLimits | None = None,
+        stats: ProxyStats | None = None,
+        *,
+        routes: Callable[[], RouteTable] | None = None,
+        clusters: Mapping[str, Upstream | Sequence[Upstream]] | None = None,
+        failover: Sequence[Upstream] = (),
+    ) -> None:
+        limits = limits or HTTPLimits()
+        stats = stats or ProxyStats()
+        own: Upstream | Sequence[Upstream] = (upstream, *failover) if failover else upstream
+        named = {upstream.name: own, **(clusters or {})}
+        super().__init__(
+            MeshOrigin(upstream, limits, stats, named),
+            limits,
+            stats,
+            authorize=None,
+            by_uri="",
+            # The app cannot forge client-certificate details for the next hop.
+            drop=frozenset({XFCC}),
+            is_tls=False,
+        )
+        self.default_host = upstream.name.encode()
+        if routes is None:
+            self.fixed_routes = default_table(upstream.name)
+        self.routes = routes
+        self.rng = upstream.rng
+
+    def _protocol(self) -> asyncio.Protocol:
+        return Downstream(self, None)
+
+
+class InboundHTTP(HTTPListener):
+    """mTLS from mesh peers, authorized per request, to the local app over pooled TCP."""
+
+    def __init__(
+        self,
+        gate: InboundGate,
+        app_host: str,
+        app_port: int,
+        *,
+        authorize: RequestAuthorizer,
+        local_uri: str,
+        limits: HTTPLimits | None = None,
+        path_normalization: PathNormalization = "base",
+    ) -> None:
+        limits = limits or HTTPLimits()
+        super().__init__(
+            AppOrigin(app_host, app_port, limits),
+            limits,
+            gate.stats,
+            authorize=authorize,
+            by_uri=local_uri,
+            # What a caller says about its certificate or speaks as a sidecar is not believed,
+            # whichever listener it came through (a tcp upstream relays bytes as they are, and
+            # any mesh leaf can connect here directly): the app sees this sidecar's word only.
+            drop=frozenset({XFCC}),
+            drop_prefixes=(MESHLET_PREFIX,),
+            is_tls=True,
+        )
+        self.gate = gate
+        self.inbound_gate = gate
+        self.targets = TargetParser(path_normalization)
+        # An HTTP/1.0 caller may omit Host; the app gets HTTP/1.1, which must carry one: the
+        # name this sidecar serves is the host the caller reached.
+        try:
+            self.default_host = parse_service(local_uri).service.encode()
+        except IdentityError:
+            self.default_host = b""  # no service name to give: forwarded without Host
+
+    def _protocol(self) -> asyncio.Protocol:
+        return Downstream(self, None)
+
+    def _tls(self) -> TLSTerminator:
+        return self.inbound_gate

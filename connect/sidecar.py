@@ -1,0 +1,466 @@
+"""The data plane of one sidecar, assembled from a whole spec and changed by diffing specs.
+
+    sidecar = Sidecar(tls, authorizers, endpoints=latest_of, targets=targets_of)
+    await sidecar.apply(SidecarSpec(inbound=InboundSpec(...), upstreams=(UpstreamSpec(...),)))
+    await sidecar.apply(new_spec)     # a reload: only what changed is touched
+    await sidecar.close(grace)
+
+A spec is a value: what to listen on and what to speak there. `plan(old, new)` (pure) says
+which listeners start, which stop and which are replaced, keyed by the address they bind, so
+a listener whose spec did not change is never touched and its connections never notice a
+reload. A removed listener stops accepting at once and its connections get `drain_grace`
+seconds to finish; a replaced one (another protocol or destination on the same port) is
+closed to new connections first, the new one bound in its place, and the old one drained in
+the background, as a removed one is.
+
+Per protocol (the assembly agent/sidecar.py and bench/proxy_sidecar.py share):
+* inbound `http`: TLS terminated by an `InboundGate`, each request authorized (`InboundHTTP`);
+  `tcp` (and http2/grpc, carried at L4): one decision per connection (`InboundL4`).
+* upstream `http`: requests balanced over pooled mTLS connections (`OutboundHTTP`); anything
+  else relayed per connection (`OutboundL4`). Each upstream's balancer is recompiled whenever
+  the `Latest` its `endpoints` callback returns publishes (the agent's health watch).
+
+TLS is whatever follows the leaf (connect.tls.DynamicTLS, or fixed contexts in the
+benchmark); listeners keep one object, so a rotation never restarts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
+from connect.dial import Upstream
+from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.inbound import InboundGate
+from connect.l4 import InboundL4, OutboundL4
+from connect.latest import Latest
+from connect.listener import ConnectionLimits
+from connect.peers import service_peers
+from connect.seams import ConnectionAuthorizer, RequestAuthorizer
+from connect.stats import ProxyStats
+from intentions.path_normalization import PathNormalization
+
+log = logging.getLogger("meshlet.connect.sidecar")
+
+__all__ = [
+    "InboundSpec",
+    "Plan",
+    "Running",
+    "Sidecar",
+    "SidecarSpec",
+    "SidecarTLS",
+    "UpstreamSpec",
+    "bind_address",
+    "claim_port",
+    "plan",
+]
+
+S = TypeVar("S")
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSpec:
+    """The public mTLS listener in front of the local app."""
+
+    protocol: str
+    """What the app speaks: http (authorized per request), else relayed per connection."""
+    host: str
+    port: int
+    app_host: str
+    app_port: int
+    local_uri: str
+    """This sidecar's SPIFFE ID (who the app is told it was reached as)."""
+    path_normalization: PathNormalization = "base"
+
+    @property
+    def bind(self) -> str:
+        return bind_address(self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        return f"inbound :{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One plaintext listener on loopback for the local app, carried over mTLS to `name`."""
+
+    name: str
+    protocol: str
+    """http: per-request balancing over pooled connections; else relayed per connection."""
+    host: str
+    port: int
+    datacenter: str = ""
+    peer: str = ""
+    filter: str = ""
+    """Which instances (the agent's watch key): another value means other endpoints."""
+
+    @property
+    def bind(self) -> str:
+        return bind_address(self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        return f"upstream {self.name} {self.bind}"
+
+
+ListenerSpec = InboundSpec | UpstreamSpec
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarSpec:
+    inbound: InboundSpec | None = None
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    drain_grace: float = 5.0
+    """Seconds a removed or replaced listener's connections get to finish."""
+    limits: ConnectionLimits | None = None
+    """Caps on each listener's connections (connect.listener), taken by listeners as they
+    start: a running listener keeps the caps it started with."""
+
+    def listeners(self) -> dict[str, ListenerSpec]:
+        """Every listener by the address it binds (unique: the config checks it)."""
+        out: dict[str, ListenerSpec] = {}
+        if self.inbound is not None:
+            out[self.inbound.bind] = self.inbound
+        for up in self.upstreams:
+            out[up.bind] = up
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What `apply` changes to go from one spec to the next."""
+
+    start: tuple[ListenerSpec, ...] = ()
+    stop: tuple[ListenerSpec, ...] = ()
+    replace: tuple[tuple[ListenerSpec, ListenerSpec], ...] = ()
+    """(old, new) on the same address."""
+    keep: tuple[ListenerSpec, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.start or self.stop or self.replace)
+
+    def describe(self) -> str:
+        parts = [f"start {s.label}" for s in self.start]
+        parts += [f"stop {s.label}" for s in self.stop]
+        parts += [
+            f"replace {o.label} ({o.protocol}) with {n.label} ({n.protocol})"
+            for o, n in self.replace
+        ]
+        return "; ".join(parts) or "no listener changes"
+
+
+def plan(old: SidecarSpec, new: SidecarSpec) -> Plan:
+    """The listener changes from `old` to `new`, in the order of `new` (inbound first)."""
+    before, after = old.listeners(), new.listeners()
+    return Plan(
+        start=tuple(s for bind, s in after.items() if bind not in before),
+        stop=tuple(s for bind, s in before.items() if bind not in after),
+        replace=tuple(
+            (before[bind], s) for bind, s in after.items() if bind in before and before[bind] != s
+        ),
+        keep=tuple(s for bind, s in after.items() if before.get(bind) == s),
+    )
+
+
+class SidecarTLS(Protocol):
+    """What the listeners need of the current leaf and roots (connect.tls.DynamicTLS is one)."""
+
+    @property
+    def trust_domain(self) -> str: ...
+
+    def listener_context(self) -> ssl.SSLContext:
+        """One context for an inbound listener's life (it follows rotation inside)."""
+        ...
+
+    def server(self) -> ssl.SSLContext:
+        """The current generation's server context (new ticket keys per generation)."""
+        ...
+
+    def client(self) -> ssl.SSLContext:
+        """The current client context for dialing upstreams."""
+        ...
+
+
+class _Listener(Protocol):
+    server: asyncio.Server | None
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reuse_port: bool = False,
+        limits: ConnectionLimits | None = None,
+    ) -> None: ...
+
+    @property
+    def open_connections(self) -> int: ...
+
+    @property
+    def pending_handshakes(self) -> int: ...
+
+    @property
+    def peak_connections(self) -> int: ...
+
+    @property
+    def accepted_connections(self) -> int: ...
+
+    def reset_peak(self) -> None: ...
+
+    async def close(self, grace: float = 5.0) -> None: ...
+
+
+class _Endpoints:
+    """An upstream's `EndpointSource`: the balancer compiled from the newest endpoint set."""
+
+    def __init__(self, config: BalancerConfig) -> None:
+        self.config = config
+        self.current: Balancer = compile_balancer([], config)
+
+    def balancer(self) -> Balancer:
+        return self.current
+
+    def apply(self, targets: Sequence[Target]) -> None:
+        self.current = compile_balancer(list(targets), self.config)
+
+
+@dataclass(eq=False)
+class Running:
+    """One listener as it runs now."""
+
+    spec: ListenerSpec
+    listener: _Listener
+    upstream: Upstream | None = None
+    endpoints: _Endpoints | None = None
+    follower: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def serving(self) -> bool:
+        server = self.listener.server
+        return server is not None and server.is_serving()
+
+
+async def claim_port(host: str, port: int) -> None:
+    """Raise `OSError` (EADDRINUSE) when some socket already holds `host:port`: a plain bind
+    (SO_REUSEADDR as asyncio sets it, no SO_REUSEPORT) fails against any listener, shared or
+    not. The probe is closed at once; the listener then binds with SO_REUSEPORT."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"{host}:{port} is already in use ({exc.strerror})"
+                ) from None
+
+
+class Sidecar(Generic[S]):
+    """The listeners of one sidecar, following a `SidecarSpec`.
+
+    `endpoints(spec)` gives the `Latest` endpoint set an upstream follows (None: none known,
+    no endpoints); `targets(value)` turns one of its values into dial targets.
+    """
+
+    def __init__(
+        self,
+        tls: SidecarTLS,
+        authorizers: tuple[ConnectionAuthorizer, RequestAuthorizer],
+        *,
+        endpoints: Callable[[UpstreamSpec], Latest[S] | None],
+        targets: Callable[[S], Sequence[Target]],
+        stats: ProxyStats | None = None,
+        rng: random.Random | None = None,
+        reuse_port: bool = False,
+        claim_ports: bool = False,
+        balancer: BalancerConfig | None = None,
+        resume_tls: bool = True,
+    ) -> None:
+        """`reuse_port`: bind with SO_REUSEPORT (several processes serve the same ports).
+        `claim_ports`: first check that no other socket holds a port this process starts
+        listening on (the group's first process), so a port taken by a stranger fails as it
+        does without SO_REUSEPORT instead of being silently shared."""
+        self.tls = tls
+        self.stats = stats if stats is not None else ProxyStats()
+        self.spec = SidecarSpec()
+        """What was last applied (a listener that failed to bind is missing from `running`)."""
+        self.running: dict[str, Running] = {}
+        """By bind address."""
+        self.upstreams: dict[str, Upstream] = {}
+        """By upstream name, for their dial counters (kept after removal: counters only grow)."""
+        self._connection_authz, self._request_authz = authorizers
+        self._endpoints = endpoints
+        self._targets = targets
+        self._rng = rng if rng is not None else random.Random()
+        self._reuse_port = reuse_port
+        self._claim_ports = claim_ports
+        self._balancer = balancer if balancer is not None else BalancerConfig()
+        self._resume_tls = resume_tls
+        self._draining: dict[asyncio.Task[None], Running] = {}
+        """Listeners removed or replaced, still serving their open connections."""
+        self._lock = asyncio.Lock()
+
+    def listeners(self) -> list[_Listener]:
+        """Every listener holding connections: running, or draining after a reload."""
+        return [r.listener for r in [*self.running.values(), *self._draining.values()]]
+
+    def listener(self, spec: ListenerSpec) -> Running | None:
+        """The running listener for `spec` (None when it is not running as that spec)."""
+        got = self.running.get(spec.bind)
+        return got if got is not None and got.spec == spec else None
+
+    async def apply(self, spec: SidecarSpec) -> Plan:
+        """Make the listeners match `spec`. Every change that can be made is made; a listener
+        that cannot bind raises `OSError` after the others are applied (it is then not
+        running, and `listener()` says so)."""
+        async with self._lock:
+            old = SidecarSpec(
+                self.spec.inbound
+                if self.spec.inbound and self.spec.inbound.bind in self.running
+                else None,
+                tuple(u for u in self.spec.upstreams if u.bind in self.running),
+                self.spec.drain_grace,
+            )
+            changes = plan(old, spec)
+            self.spec = spec
+            for gone in changes.stop:
+                self._retire(self.running.pop(gone.bind), spec.drain_grace)
+            for before, _ in changes.replace:
+                self._retire(self.running.pop(before.bind), spec.drain_grace)
+            failed: list[OSError] = []
+            for new in [*changes.start, *(n for _, n in changes.replace)]:
+                try:
+                    await self._start(new, claim=self._claim_ports and new in changes.start)
+                except OSError as exc:
+                    log.error("%s: cannot listen: %s", new.label, exc)
+                    failed.append(exc)
+            if not changes.empty:
+                log.info("listeners: %s", changes.describe())
+            if failed:
+                raise failed[0]
+            return changes
+
+    def _retire(self, running: Running, grace: float) -> None:
+        """Stop accepting now (synchronously: the port is free for a replacement as soon as
+        this returns), let its connections finish for `grace` seconds in the background."""
+        if running.follower is not None:
+            running.follower.cancel()
+        server = running.listener.server
+        if server is not None:
+            server.close()
+        task = asyncio.get_running_loop().create_task(
+            self._drain(running, grace), name=f"drain {running.spec.label}"
+        )
+        self._draining[task] = running
+        task.add_done_callback(lambda t: self._draining.pop(t, None))
+
+    async def _drain(self, running: Running, grace: float) -> None:
+        try:
+            await running.listener.close(grace)
+        except Exception:
+            log.exception("%s: closing failed", running.spec.label)
+        log.info("%s: closed (drained for up to %gs)", running.spec.label, grace)
+
+    async def _start(self, spec: ListenerSpec, *, claim: bool) -> None:
+        if claim:
+            await claim_port(spec.host, spec.port)
+        running = self._build(spec) if isinstance(spec, InboundSpec) else self._build_upstream(spec)
+        await running.listener.start(
+            spec.host, spec.port, reuse_port=self._reuse_port, limits=self.spec.limits
+        )
+        if isinstance(spec, UpstreamSpec):
+            latest = self._endpoints(spec)
+            if latest is not None and running.endpoints is not None:
+                running.endpoints.apply(self._targets(latest.get()))
+                running.follower = asyncio.get_running_loop().create_task(
+                    self._follow(spec, latest, running.endpoints), name=f"endpoints {spec.label}"
+                )
+        self.running[spec.bind] = running
+        log.info("%s (%s) listening", spec.label, spec.protocol)
+
+    def _build(self, spec: InboundSpec) -> Running:
+        tls = self.tls
+        peers = service_peers(lambda: tls.trust_domain)
+        listener: _Listener
+        if spec.protocol == "http":
+            gate = InboundGate(tls.listener_context(), peers, self.stats, current_ssl=tls.server)
+            listener = InboundHTTP(
+                gate,
+                spec.app_host,
+                spec.app_port,
+                authorize=self._request_authz,
+                local_uri=spec.local_uri,
+                path_normalization=spec.path_normalization,
+            )
+        else:
+            # tcp, and http2/grpc carried at L4: one decision per connection.
+            gate = InboundGate(
+                tls.listener_context(),
+                peers,
+                self.stats,
+                authorize=self._connection_authz,
+                current_ssl=tls.server,
+            )
+            listener = InboundL4(gate, spec.app_host, spec.app_port)
+        return Running(spec, listener)
+
+    def _build_upstream(self, spec: UpstreamSpec) -> Running:
+        tls = self.tls
+        endpoints = _Endpoints(self._balancer)
+        upstream = Upstream(
+            spec.name,
+            endpoints=endpoints,
+            client_ssl=tls.client,
+            verify_peer=service_peers(lambda: tls.trust_domain),
+            expected_service=spec.name,
+            rng=random.Random(self._rng.random()),
+            resume_tls=self._resume_tls,
+        )
+        prior = self.upstreams.get(spec.name)
+        if prior is not None:
+            upstream.refusals = prior.refusals  # counters of the name go on across a reload
+        self.upstreams[spec.name] = upstream
+        listener: _Listener = (
+            OutboundHTTP(upstream, stats=self.stats)
+            if spec.protocol == "http"
+            else OutboundL4(upstream, stats=self.stats)
+        )
+        return Running(spec, listener, upstream, endpoints)
+
+    async def _follow(self, spec: UpstreamSpec, latest: Latest[S], endpoints: _Endpoints) -> None:
+        version = latest.version
+        while True:
+            version, value = await latest.changed(version)
+            endpoints.apply(self._targets(value))
+            log.debug("%s: balancer over %d endpoints", spec.label, len(endpoints.current.targets))
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting everywhere; open exchanges get `grace` seconds, those of listeners
+        still draining after a reload too (their longer drain is cut short)."""
+        async with self._lock:
+            running, self.running = list(self.running.values()), {}
+            for r in running:
+                if r.follower is not None:
+                    r.follower.cancel()
+            draining = dict(self._draining)
+            # Closing again with the shorter grace aborts what the first close still waits
+            # for; that first close is then cancelled.
+            await asyncio.gather(*(r.listener.close(grace) for r in [*running, *draining.values()]))
+            for task in draining:
+                task.cancel()
+            await asyncio.gather(*draining, return_exceptions=True)

@@ -1,0 +1,56 @@
+"""The proxy's counters: plain ints, so the hot path pays one add."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["HandshakeFailures", "LimitRefusals", "ProxyStats"]
+
+
+@dataclass(slots=True)
+class HandshakeFailures:
+    """Failed inbound TLS handshakes by reason (connect.inbound.handshake_failure)."""
+
+    no_certificate: int = 0
+    """The client sent no certificate."""
+    unknown_ca: int = 0
+    """Its certificate does not chain to the mesh roots (another CA or trust domain)."""
+    expired: int = 0
+    plaintext: int = 0
+    """Not TLS at all (HTTP, or other bytes) on the TLS port."""
+    timeout: int = 0
+    """The handshake did not finish within the listener's handshake timeout."""
+    closed: int = 0
+    """The peer closed or reset before the handshake finished (TCP health checks, scanners,
+    or a client that refused our certificate)."""
+    other: int = 0
+
+
+@dataclass(slots=True)
+class LimitRefusals:
+    """Connections reset at accept because a listener was full (connect.listener)."""
+
+    max_connections: int = 0
+    """The listener held `max_connections` open connections."""
+    max_pending_handshakes: int = 0
+    """The listener held `max_pending_handshakes` connections not yet through TLS."""
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    """Counters the admin endpoint exposes; plain ints so the hot path pays one add.
+    `dataclasses.asdict` gives the JSON shape (handshake failures as a nested object)."""
+
+    handshakes_failed: int = 0
+    """All failed inbound handshakes; `handshake_failures` splits them by reason."""
+    handshake_failures: HandshakeFailures = field(default_factory=HandshakeFailures)
+    connections_refused_limit: LimitRefusals = field(default_factory=LimitRefusals)
+    """Refused at accept, by the cap that was reached."""
+    peers_refused: int = 0
+    connections_denied: int = 0
+    connections: int = 0
+    requests: int = 0
+    requests_denied: int = 0
+    bad_requests: int = 0
+    upstream_failures: int = 0
+    no_endpoint: int = 0
