@@ -6,7 +6,7 @@ intentions engine decides it with no host at all: an L7 intention that denies by
 receives exactly the Host that was to be denied. Found by the HTTP fuzz target
 (tests/fuzz/http_proxy.py: its decision and the app's request disagreed on the host).
 
-The fix belongs in connect/http1.py (being reshaped on dp-reshape): authorize with the host
+The fix belongs in connect/http1/downstream.py (dp-reshape): authorize with the host
 that will be forwarded (`facts.host or listener.default_host`). Until then this test is an
 expected failure; when it passes, strict xfail makes the suite say so, and the tolerance in
 tests/fuzz/http_proxy.py (`tolerate_default_host`) should go."""
@@ -40,8 +40,8 @@ def _deny_host_api() -> Snapshot:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="connect/http1.py authorizes an HTTP/1.0 request without Host with host b'' but "
-    "forwards it with the sidecar's default Host (fix on dp-reshape)",
+    reason="connect/http1/downstream.py authorizes an HTTP/1.0 request without Host with "
+    "host b'' but forwards it with the sidecar's default Host (fix on dp-reshape)",
 )
 async def test_http10_without_host_is_decided_on_the_host_it_is_forwarded_with(
     tmp_path: Path,

@@ -29,18 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from connect.authz import intentions_authorizers
 from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import fixed_endpoints
+from connect.dial import Upstream
 from connect.http1 import InboundHTTP, OutboundHTTP
 from connect.inbound import InboundGate
-from connect.proxy import (
-    Peer,
-    PeerCache,
-    ProxyStats,
-    Upstream,
-    Verdict,
-    fixed_endpoints,
-    intentions_authorizers,
-)
+from connect.seams import Peer, PeerCache, Verdict
+from connect.stats import ProxyStats
 from intentions.engine import Identity, Snapshot, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import Leaf, ProxyTestCA, spiffe
