@@ -7,7 +7,7 @@ Real objects only: api's `InboundHTTP` on 127.0.0.1 with mTLS from a test CA
 llhttp on a raw socket and records every request head (tests/connect/test_http_attacks.py).
 The caller is web: straight to the inbound port with its mesh leaf, or through its own
 `OutboundHTTP` upstream listener. Only the documented constructors and `start`/`port`/`close`
-of the two listeners are used, so the target survives connect/http1.py being reshaped.
+of the two listeners are used (plus the seams the connect tests use to build them).
 
 Each exchange checks, after the listeners have closed (so the app has read all it ever will):
 * nothing raised inside the event loop, and closing finished (no hang, no stuck task);
