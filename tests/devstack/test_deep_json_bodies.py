@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from devstack.config import DevConfig
 from tests.conftest import Http
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -45,3 +46,39 @@ async def test_a_deep_value_where_a_string_belongs_is_named(http: Http) -> None:
     status, text, _ = await http.put("/v1/config", data=body)
     assert status == 400, text
     assert "Meta[k]" in text and "RecursionError" not in text, text
+
+
+async def test_a_txn_body_nested_too_deeply_is_a_bad_request(http: Http) -> None:
+    status, body, _ = await http.put("/v1/txn", data=DEEP)
+    assert (status, body) == (400, "Failed to parse body: exceeded max depth")
+
+
+ROOT = "3b2c7e6a-0d55-4f0f-9f6e-7a2e8f0c1d11"
+
+
+@pytest.mark.parametrize(
+    "dev_config", [DevConfig(acl_initial_management_token=ROOT, default_policy="deny")]
+)
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (DEEP, 400, "Policy decoding failed: exceeded max depth"),
+        (
+            json.dumps({"Name": "deep", "Rules": '{"a":' * 5000 + "1" + "}" * 5000}).encode(),
+            500,
+            "Failed to parse ACL rules: nested too deeply",
+        ),
+        (
+            json.dumps({"Name": "deep", "Rules": 'key_prefix "" { ' * 3000 + "}" * 3000}).encode(),
+            500,
+            "Failed to parse ACL rules: nested too deeply",
+        ),
+    ],
+)
+async def test_acl_policies_nested_too_deeply_are_refused(
+    http: Http, body: bytes, status: int, error: str
+) -> None:
+    """ACL rules in JSON or HCL nested thousands deep: the rules parser recursed to a
+    RecursionError (500 'devstack internal error') before."""
+    got, text, _ = await http.put("/v1/acl/policy", data=body, headers={"X-Consul-Token": ROOT})
+    assert (got, text) == (status, error)
