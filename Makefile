@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions traffic connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat bench faults soak clean
+.PHONY: install test lint typecheck pytest demo dev compat bench faults soak fuzz clean
 
 install: $(STAMP)
 
@@ -58,6 +58,26 @@ faults: $(STAMP)
 
 soak: $(STAMP)
 	MESHLET_SOAK_SECONDS=600 $(BIN)/pytest -s -p no:cacheprovider tests/integration/faults/test_soak.py
+
+# Coverage-guided fuzzing (atheris) of every target for a fixed number of runs from the corpus
+# in tests/fuzz/corpus, then the Hypothesis properties with more examples than CI's pass
+# (tests/fuzz/README.md). A crash stops it and is left in tests/fuzz/.work/<target>/.
+FUZZ_RUNS      ?= 20000
+FUZZ_HTTP_RUNS ?= 2000
+FUZZ_EXAMPLES  ?= 1000
+FUZZ_TARGETS   := policy intentions_entry traffic_entry traffic_chain filter_expression \
+                  agent_config consul_results catalog
+FUZZ_STAMP     := $(VENV)/.fuzz-installed
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,fuzz]'
+	touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)
+	set -e; for t in $(FUZZ_TARGETS); do \
+	    $(BIN)/python -m tests.fuzz.run $$t --runs $(FUZZ_RUNS); done
+	$(BIN)/python -m tests.fuzz.run http_proxy --runs $(FUZZ_HTTP_RUNS)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 clean:
 	rm -rf $(VENV) .compat .pytest_cache .mypy_cache .ruff_cache *.egg-info

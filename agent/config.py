@@ -19,6 +19,7 @@ import dataclasses
 import ipaddress
 import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -545,6 +546,17 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+# A value quoted back in an error is cut short: YAML aliases let a few hundred bytes stand for
+# a list of billions of items (`&a [*b, *b, ...]`), and its full repr would be gigabytes.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def _shown(value: object) -> str:
+    return _SHORT.repr(value)
+
+
 def _type_name(value: object) -> str:
     if value is None:
         return "null"
@@ -581,7 +593,7 @@ class _Parser:
         if origin is Literal:
             choices = typing.get_args(tp)
             if raw not in choices:
-                self.fail(path, f"expected one of {', '.join(choices)}, got {raw!r}")
+                self.fail(path, f"expected one of {', '.join(choices)}, got {_shown(raw)}")
                 return choices[0]
             return raw
         if origin is tuple:
@@ -609,12 +621,12 @@ class _Parser:
             return self.duration(raw, path)
         if tp is bool:
             if not isinstance(raw, bool):
-                self.fail(path, f"expected true or false, got {raw!r}")
+                self.fail(path, f"expected true or false, got {_shown(raw)}")
                 return False
             return raw
         if tp is int:
             if not isinstance(raw, int) or isinstance(raw, bool):
-                self.fail(path, f"expected an integer, got {raw!r}")
+                self.fail(path, f"expected an integer, got {_shown(raw)}")
                 return 0
             if meta.get("port") and not 0 <= raw <= 65535:
                 self.fail(path, f"expected a port number from 1 to 65535, got {raw}")
@@ -626,7 +638,7 @@ class _Parser:
             return raw
         if tp is Path:
             if not isinstance(raw, str) or not raw:
-                self.fail(path, f"expected a file path, got {raw!r}")
+                self.fail(path, f"expected a file path, got {_shown(raw)}")
                 return Path()
             return Path(raw)
         raise TypeError(f"config model field {path} has unsupported type {tp!r}")
@@ -638,13 +650,15 @@ class _Parser:
             try:
                 seconds = parse_duration(raw)
             except ValueError:
-                self.fail(path, f'expected a duration such as "10s", "500ms" or "1m", got {raw!r}')
+                self.fail(
+                    path, f'expected a duration such as "10s", "500ms" or "1m", got {_shown(raw)}'
+                )
                 return 0.0
         else:
             self.fail(path, f'expected a duration such as "10s", got {_type_name(raw)}')
             return 0.0
         if not math.isfinite(seconds) or seconds < 0:
-            self.fail(path, f"expected a non-negative duration, got {raw!r}")
+            self.fail(path, f"expected a non-negative duration, got {_shown(raw)}")
             return 0.0
         return seconds
 
@@ -972,6 +986,9 @@ def read_raw(path: Path) -> Any:
         raise ConfigError(str(path), [Problem("", f"cannot read: {exc}")]) from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        # PyYAML recurses once per level: thousands of `[` exhaust Python's stack.
+        raise ConfigError(str(path), [Problem("", "not valid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

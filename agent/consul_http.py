@@ -71,6 +71,8 @@ class Response:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError):
             raise self.bad(f"response is not JSON: {self.body[:80]!r}") from None
+        except RecursionError:  # Python's decoder stops near 1,000 levels
+            raise self.bad("response is nested too deeply to decode") from None
 
     def raise_for_status(self, ok: Collection[int] = (200,)) -> None:
         """Map a non-`ok` status onto the error tree, keeping Consul's plain-text message."""

@@ -7,7 +7,6 @@ Every `from_json` raises `ShapeError` on a value of the wrong shape.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -316,7 +315,7 @@ class KVPair:
         elif isinstance(encoded, str):
             try:
                 data = base64.b64decode(encoded, validate=True)
-            except binascii.Error as exc:
+            except ValueError as exc:  # binascii.Error, or a bare ValueError for non-ASCII
                 raise ShapeError(f"Value: not base64: {exc}") from None
         else:
             raise ShapeError(f"Value: expected a base64 string, got {type(encoded).__name__}")

@@ -125,7 +125,11 @@ def parse_rules(text: str) -> Rules:
     """Compile a policy's Rules text; RulesError names the offending rule."""
     if not text.strip():
         return Rules()
-    tree = _parse_json(text) if text.lstrip().startswith("{") else _Parser(text).document()
+    try:
+        tree = _parse_json(text) if text.lstrip().startswith("{") else _Parser(text).document()
+    except RecursionError:
+        # Both parsers recurse once per level: thousands of `{` exhaust Python's stack.
+        raise RulesError("Failed to parse ACL rules: nested too deeply") from None
     return _compile(tree)
 
 

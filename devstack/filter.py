@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
+import re2
+
 __all__ = [
     "BOOL",
     "FLOAT64",
@@ -780,12 +782,39 @@ class _GoRegexpTranslator:
         return ord(self.src[self.i - 1])
 
 
-def _compile_go_regexp(pattern: str) -> re.Pattern[str]:
+_RE2_OPTIONS: Final = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@dataclass(frozen=True)
+class _GoRegexp:
+    """A validated pattern, matched with RE2 as Go matches it: in time linear in the input.
+    (Python's `re` backtracks: `^(a+)+$` against a 40-letter service name would hold the
+    devstack's loop for ever, and any client may send `?filter=`.)"""
+
+    compiled: Any
+
+    def search(self, text: str) -> bool:
+        try:
+            return self.compiled.search(text) is not None
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON allows "\ud800"): Go decodes it as U+FFFD.
+            fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.compiled.search(fixed) is not None
+
+
+def _compile_go_regexp(pattern: str) -> _GoRegexp:
+    # The translator checks the syntax as Go does and words errors as Go does; a pattern it
+    # accepts is then compiled by RE2, whose syntax Go's regexp shares.
     translated = _GoRegexpTranslator(pattern).translate()
     try:
-        return re.compile(translated)
+        re.compile(translated)
     except re.error as err:  # RE2 accepts something Python does not; say so in Go's format
         raise _RegexpError(err.msg, pattern) from None
+    try:
+        return _GoRegexp(re2.compile(pattern, _RE2_OPTIONS))
+    except re2.error:
+        raise _UnsupportedRegexp(f"{pattern!r} (RE2 refuses it)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1291,12 +1320,12 @@ def _leaf(schema: Schema, op: _Op, operand: object) -> _Predicate:
                 return isinstance(held, str) and operand in held
 
         else:
-            assert isinstance(operand, re.Pattern)
-            pattern: re.Pattern[str] = operand
+            assert isinstance(operand, _GoRegexp)
+            pattern = operand
 
             def test(v: object) -> bool:
                 held = _scalar(kind, v)
-                return isinstance(held, str) and pattern.search(held) is not None
+                return isinstance(held, str) and pattern.search(held)
 
     elif isinstance(schema, MapOf):
         if positive is _Op.IN:

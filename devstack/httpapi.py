@@ -128,7 +128,7 @@ class Call:
             return {}
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise bad_request(f"Request decode failed: {_go_json_error(err)}") from None
         try:
             result: dict[str, Any] = decode(data, spec)
@@ -185,6 +185,9 @@ class Call:
 
 
 def _go_json_error(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        # Go's decoder stops at 10,000 levels, Python's near 1,000: Go's words either way.
+        return "exceeded max depth"
     if isinstance(err, json.JSONDecodeError):
         if err.msg.startswith("Expecting value") and err.pos >= len(err.doc):
             return "unexpected EOF"

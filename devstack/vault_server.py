@@ -240,7 +240,7 @@ class VaultServer:
             if raw.strip():
                 try:
                     decoded = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):
                     raise user_error("failed to parse JSON input: invalid character") from None
                 if not isinstance(decoded, dict):
                     raise user_error("failed to parse JSON input: not an object")

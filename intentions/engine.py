@@ -12,7 +12,7 @@ the first match decides; if none matches, the default policy decides, never a lo
 intention. Matchers behave as Envoy's do for what Consul emits (a missing header matches nothing
 except `Present` + `Invert`; path matchers see the path without the query).
 
-Fail closed per destination: an entry that cannot be compiled exactly (JWT, a regex Python
+Fail closed per destination: an entry that cannot be compiled exactly (JWT, a regex RE2
 cannot compile, or one the caller could not decode, passed as a `BrokenEntry`) becomes a
 "broken" policy for its destination that denies everything that reaches it, with the reason;
 the other destinations' entries are enforced as usual. Never the previous state of that entry:
@@ -24,7 +24,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import re2
+from re2 import _re2
 
 from intentions.entries import (
     DEFAULT,
@@ -188,7 +191,7 @@ def _compile_header(h: HeaderMatch) -> _Check:
     value_test: Callable[[str], bool]
     if h.regex:
         pattern = _compile_regex(h.regex)
-        value_test = lambda v: pattern.fullmatch(v) is not None  # noqa: E731
+        value_test = pattern.fullmatch
     elif h.ignore_case:
         if h.exact:
             want = h.exact.lower()
@@ -226,11 +229,42 @@ def _compile_header(h: HeaderMatch) -> _Check:
     return header
 
 
-def _compile_regex(pattern: str) -> re.Pattern[str]:
+# Envoy matches `safe_regex` with RE2, and so does the engine: the same syntax (what RE2
+# refuses, Envoy refuses), and time linear in the input. Python's `re` backtracks: a pattern
+# such as `(\w+\s?)*` against a 64-character header would hold the event loop for ever.
+# The pybind layer (`re2._re2`) is called directly: the `re2.compile` wrapper builds a match
+# object per call, ten times the cost of the match itself on a decision's hot path.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised, with the pattern; no stray stderr line
+_FULL = _re2.RE2.Anchor.ANCHOR_BOTH
+_NO_MATCH = (-1, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Regex:
+    program: Any  # re2._re2.RE2 (untyped)
+
+    def fullmatch(self, text: str) -> bool:
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (argv's surrogateescape, JSON's "\udcff") has no UTF-8 form;
+            # read it as U+FFFD, as Go and Envoy read invalid text.
+            data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+        spans = self.program.Match(_FULL, data, 0, len(data))
+        return bool(spans[0] != _NO_MATCH)
+
+
+def _compile_regex(pattern: str) -> _Regex:
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise UnsupportedEntry(f"invalid regular expression {pattern!r}: {exc}") from None
+        program = _re2.RE2(pattern.encode("utf-8"), _RE2_OPTIONS)
+    except UnicodeEncodeError:
+        raise UnsupportedEntry(f"invalid regular expression {pattern!r}: not UTF-8") from None
+    if not program.ok():
+        why = program.error()
+        text = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+        raise UnsupportedEntry(f"invalid regular expression {pattern!r}: {text}")
+    return _Regex(program)
 
 
 def _compile_permission(perm: Permission, where: str) -> tuple[_Check, bool]:
@@ -248,7 +282,7 @@ def _compile_permission(perm: Permission, where: str) -> tuple[_Check, bool]:
         checks.append(lambda r: r.url_path.startswith(prefix))
     elif http.path_regex:
         pattern = _compile_regex(http.path_regex)
-        checks.append(lambda r: pattern.fullmatch(r.url_path) is not None)
+        checks.append(lambda r: pattern.fullmatch(r.url_path))
     if http.methods:
         methods = frozenset(http.methods)
         checks.append(lambda r: r.method in methods)
@@ -455,7 +489,7 @@ def compile_snapshot(
     """Compile normalized, validated entries (see `entries.load_entry`) into a Snapshot.
 
     Never raises for an entry's content: an entry meshlet cannot enforce exactly (JWT,
-    sameness groups, regexes Python cannot compile), and every `broken` one the caller could
+    sameness groups, regexes RE2 cannot compile), and every `broken` one the caller could
     not decode, makes its destination deny everything (see `Snapshot.broken`). A `broken`
     entry wins over a decoded entry for the same destination.
     """

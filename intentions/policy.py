@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import reprlib
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -169,7 +170,8 @@ class _Collector:
             else:
                 self.add(
                     f"{path}[{i}]",
-                    f"must be a string, got {type(item).__name__} {item!r} (quote it in YAML)",
+                    f"must be a string, got {type(item).__name__} {_shown(item)} "
+                    "(quote it in YAML)",
                 )
         return tuple(out)
 
@@ -354,6 +356,17 @@ def _parse_rule(c: _Collector, raw: object, path: str) -> Rule:
     )
 
 
+# A value quoted back in an error is cut short: YAML aliases let a few hundred bytes stand for
+# a list of billions of items (`&a [*b, *b, ...]`), and its full repr would be gigabytes.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def _shown(value: object) -> str:
+    return _SHORT.repr(value)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: PyYAML keeps the last one silently, and a
     repeated `paths:` or `principals:` would then change a rule without a word."""
@@ -363,6 +376,14 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            # `? {a: 1}` or `? [a]`: valid YAML, no dict key; SafeLoader's own wording.
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                "found unhashable key",
+                key_node.start_mark,
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping",
@@ -390,6 +411,9 @@ def load_policies(
     problems: list[Problem] = []
     try:
         docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+    except RecursionError:
+        # PyYAML recurses once per level: thousands of `[` exhaust Python's stack.
+        raise PolicyError([Problem(origin, "", "not valid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -399,7 +423,13 @@ def load_policies(
     for i, doc in enumerate(docs):
         where = f"{origin}#{i}" if len(docs) > 1 else origin
         if isinstance(doc, Mapping) and doc.get("kind") == "List":
-            for j, item in enumerate(doc.get("items") or []):
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                problems.append(
+                    Problem(where, "items", "must be a list of AuthorizationPolicy objects")
+                )
+                continue
+            for j, item in enumerate(items):
                 flat.append((f"{where} items[{j}]", item))
         else:
             flat.append((where, doc))
@@ -410,7 +440,7 @@ def load_policies(
             continue
         if doc.get("kind") != "AuthorizationPolicy":
             problems.append(
-                Problem(where, "kind", f"{doc.get('kind')!r} is not an AuthorizationPolicy")
+                Problem(where, "kind", f"{_shown(doc.get('kind'))} is not an AuthorizationPolicy")
             )
             continue
         try:

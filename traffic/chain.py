@@ -773,11 +773,18 @@ class _Compiler:
         todo: list[str] = [self.start_node]
         visited: set[str] = set()
         visit_chain: list[str] = []
+        # Nodes whose every path was walked without a loop: walking them again (Consul does)
+        # finds nothing new, and splitters sharing next nodes have exponentially many paths.
+        done: set[str] = set()
         while todo:
             current = todo.pop()
             if current == "_popvisit":
                 if visit_chain:
-                    visited.discard(visit_chain.pop())
+                    finished = visit_chain.pop()
+                    visited.discard(finished)
+                    done.add(finished)
+                continue
+            if current in done:
                 continue
             visit_chain.append(current)
             if current in visited:
@@ -814,6 +821,14 @@ class _Compiler:
                                 inner.next_node,
                             )
                         )
+                if len(fixed) > _MAX_LEGS:
+                    # Consul's flattening keeps every path as a leg: splitters sharing next
+                    # splitters make 2**depth of them. Past 10,000 some weigh under 0.01 %.
+                    raise GraphError(
+                        f"discovery chain {go_quote(self.req.service)} splits into more than "
+                        f"{_MAX_LEGS} legs once nested splitters are flattened "
+                        "(a leg's weight is at least 0.01 %)"
+                    )
                 if changed:
                     node.splits = fixed
                     changed_any = True
@@ -895,6 +910,8 @@ class _Compiler:
 
 
 _PREFIX_SLASH = HTTPMatch(path_prefix="/")
+_MAX_LEGS = 10_000
+"""Legs of one flattened splitter: as many as there are 0.01 % units of weight."""
 
 
 def compile_chain(req: CompileRequest, entries: ChainEntries) -> CompiledDiscoveryChain:

@@ -100,15 +100,22 @@ def _go_kind(value: object) -> str:
     return _go_type(value)
 
 
-def _go_value(value: object) -> str:
+_GO_VALUE_DEPTH = 32
+"""How deep `_go_value` renders (Go's %v has no limit, but Python's stack has: a value nested
+900 levels, which json.loads accepts, would otherwise end in RecursionError)."""
+
+
+def _go_value(value: object, depth: int = 0) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
         return str(int(value))
+    if isinstance(value, list | dict) and depth >= _GO_VALUE_DEPTH:
+        return "..."
     if isinstance(value, list):
-        return "[" + " ".join(_go_value(v) for v in value) + "]"
+        return "[" + " ".join(_go_value(v, depth + 1) for v in value) + "]"
     if isinstance(value, dict):
-        inner = " ".join(f"{k}:{_go_value(v)}" for k, v in sorted(value.items()))
+        inner = " ".join(f"{k}:{_go_value(v, depth + 1)}" for k, v in sorted(value.items()))
         return f"map[{inner}]"
     return str(value)
 

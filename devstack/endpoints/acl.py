@@ -96,6 +96,8 @@ async def _decode(call: Call, spec: schema.Struct, what: str) -> dict[str, Any]:
         result: dict[str, Any] = schema.decode(json.loads(raw), spec)
     except (UnicodeDecodeError, json.JSONDecodeError, schema.DecodeError) as err:
         raise bad_request(f"{what} decoding failed: {err}") from None
+    except RecursionError:  # Go's decoder: past 10,000 levels; Python's: near 1,000
+        raise bad_request(f"{what} decoding failed: exceeded max depth") from None
     return result
 
 

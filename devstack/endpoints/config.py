@@ -71,6 +71,8 @@ async def put(call: Call) -> Reply:
         body = json.loads(raw, parse_constant=_no_constant) if raw.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise bad_request(f"Request decoding failed: {err}") from None
+    except RecursionError:  # Go's decoder: past 10,000 levels; Python's: near 1,000
+        raise bad_request("Request decoding failed: exceeded max depth") from None
     except _NotJSON as err:
         raise bad_request(f"Request decoding failed: {err}") from None
     try:

@@ -45,6 +45,8 @@ async def _overrides(call: Call) -> dict[str, Any]:
         raw = json.loads(text, parse_constant=float) if text.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise bad_request(f"Request decoding failed: {err}") from None
+    except RecursionError:  # Go's decoder: past 10,000 levels; Python's: near 1,000
+        raise bad_request("Request decoding failed: exceeded max depth") from None
     if raw is None:
         raise bad_request("Request decoding failed: EOF")
     if not isinstance(raw, dict):

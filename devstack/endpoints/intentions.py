@@ -273,6 +273,8 @@ async def _legacy_body(call: Call) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, schema.DecodeError) as err:
         # The legacy endpoint reports decode failures as server errors.
         raise RPCError(f"Failed to decode request body: {err}") from None
+    except RecursionError:  # Go's decoder: past 10,000 levels; Python's: near 1,000
+        raise RPCError("Failed to decode request body: exceeded max depth") from None
     for key, text in (
         ("DestinationPartition", "Cannot specify a destination partition with this endpoint"),
         ("SourcePartition", "Cannot specify a source partition with this endpoint"),

@@ -89,6 +89,8 @@ def decode_ops(raw_body: bytes) -> list[KVOp]:
         data = json.loads(raw_body) if raw_body.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise bad_request(f"Failed to parse body: {err}") from None
+    except RecursionError:  # Go's decoder: past 10,000 levels; Python's: near 1,000
+        raise bad_request("Failed to parse body: exceeded max depth") from None
     if data is None:
         data = []
     if not isinstance(data, list):
