@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent.catalog import WatchKey, build_snapshot, decode_answer, diff, snapshot_of
+from agent.catalog import EMPTY_MEMO, WatchKey, build_snapshot, decode_answer, diff, snapshot_of
 from agent.consul import ConsulClient
 from agent.consul_config import ConsulConfig
 from agent.consul_results import ServiceEntry
@@ -162,13 +162,13 @@ def in_process_apply(n: int, rounds: int) -> dict[str, tuple[float, float]]:
     - "json": `json.loads` of the body alone, the floor of Consul's blocking HTTP API;
     - "full": json + `ServiceEntry.from_json` of every entry + `build_snapshot` + diff + publish
       (what the agent did before the incremental path);
-    - "agent": json + `decode_answer` with the previous answer's memo + `snapshot_of` + diff +
-      publish (what `UpstreamWatcher` does now).
+    - "agent": `decode_answer` of the body's bytes (msgspec, lean typed entries) with the
+      previous answer's memo + `snapshot_of` + diff + publish (what `UpstreamWatcher` does).
     """
     raw = [consul_entry(i) for i in range(n)]
     key = WatchKey("big")
     latest: Latest[Any] = Latest(None)
-    first = decode_answer(key, raw, {})
+    first = decode_answer(key, json.dumps(raw).encode(), EMPTY_MEMO)
     old_full = old_agent = snapshot_of(key, first.endpoints, 1, 0.0)
     memo = first.memo
     times: dict[str, list[float]] = {"json": [], "full": [], "agent": []}
@@ -191,7 +191,7 @@ def in_process_apply(n: int, rounds: int) -> dict[str, tuple[float, float]]:
         old_full = full
 
         started = time.perf_counter()
-        decoded = decode_answer(key, json.loads(body), memo)
+        decoded = decode_answer(key, body, memo)
         snap = snapshot_of(key, decoded.endpoints, r + 2, 0.0)
         if diff(old_agent, snap):
             latest.publish(snap)
