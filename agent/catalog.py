@@ -149,7 +149,7 @@ def _validated(
         node=_shared(node),
         service_id=_own(service_id),
         address=_shared(address),
-        port=_own_int(port),
+        port=_PORTS.setdefault(port, _own_int(port)),
         weight=_own_int(weight),
     )
 
@@ -204,6 +204,11 @@ def _own(text: str) -> str:
     14 MB copied).
     """
     return (text + " ")[:-1]
+
+
+_PORTS: dict[int, int] = {}
+"""One copy of each dialable port in use (at most 65,535 entries): ports repeat across
+instances, and an int above 256 is an object of its own."""
 
 
 def _own_int(value: int) -> int:
@@ -265,9 +270,10 @@ def _one(shared: dict[Any, Any], value: _T) -> _T:
     return found
 
 
-def _kept(entry: HealthEntry, shared: dict[Any, Any]) -> HealthEntry:
-    """An entry equal to `entry`, made of copies (see `_own`) and of parts (node, weights,
-    proxy, checks) shared with equal parts of the other entries kept in this pass."""
+def _kept(entry: HealthEntry, endpoint: Endpoint, shared: dict[Any, Any]) -> HealthEntry:
+    """An entry equal to `entry`, made of the values its `endpoint` already holds, of copies
+    (see `_own`), and of parts (node, weights, proxy, checks) shared with equal parts of the
+    other entries kept in this pass."""
     node, svc = entry.node, entry.service
     weights, proxy, connect, checks = svc.weights, svc.proxy, svc.connect, entry.checks
     if weights is not None:
@@ -294,11 +300,11 @@ def _kept(entry: HealthEntry, shared: dict[Any, Any]) -> HealthEntry:
     return HealthEntry(
         node=_one(shared, NodeFields(name=_shared(node.name), address=_shared(node.address))),
         service=ServiceFields(
-            id=_own(svc.id),
+            id=endpoint.service_id,  # equal: the endpoint was made of this entry
             service=_shared(svc.service),
             kind=None if svc.kind is None else _shared(svc.kind),
             address=None if svc.address is None else _shared(svc.address),
-            port=None if svc.port is None else _own_int(svc.port),
+            port=endpoint.port,  # equal: a null or missing port is never a valid endpoint
             weights=weights,
             proxy=proxy,
             connect=connect,
@@ -351,8 +357,8 @@ def decode_answer(key: WatchKey, body: bytes, memo: Memo) -> Decoded:
         if hit is not None:
             kept[i], endpoints[i] = hit
             continue
-        endpoints[i] = endpoint_of_entry(key, entry)
-        kept[i] = _kept(entry, shared)
+        endpoint = endpoints[i] = endpoint_of_entry(key, entry)
+        kept[i] = _kept(entry, endpoint, shared)
         validated += 1
     return Decoded(endpoints, Memo(tuple(kept), tuple(endpoints)), len(entries) - validated)
 
