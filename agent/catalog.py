@@ -227,14 +227,15 @@ _sort_key = attrgetter("node", "service_id")
 def snapshot_of(key: WatchKey, endpoints: list[Endpoint], index: int, now: float) -> Snapshot:
     """The snapshot of already validated endpoints (sorted here, in place), or
     `SnapshotRejected` if one instance is listed twice."""
-    endpoints.sort(key=_sort_key)
+    # One pass over the keys (in C) when the answer is already in order without repeats, as
+    # Consul lists instances; otherwise sort, and a repeat is then next to its twin.
     keys = list(map(_sort_key, endpoints))
-    if len(set(keys)) != len(keys):
-        seen: set[tuple[str, str]] = set()
-        for node, service_id in keys:
-            if (node, service_id) in seen:
-                raise SnapshotRejected(f"{node}/{service_id}: listed twice")
-            seen.add((node, service_id))
+    if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        endpoints.sort(key=_sort_key)
+        keys = list(map(_sort_key, endpoints))
+        twins = itertools.compress(keys, map(operator.eq, keys, itertools.islice(keys, 1, None)))
+        for node, service_id in twins:
+            raise SnapshotRejected(f"{node}/{service_id}: listed twice")
     return Snapshot(key=key, endpoints=tuple(endpoints), index=index, updated_at=now)
 
 
@@ -397,6 +398,20 @@ def diff(old: Snapshot | None, new: Snapshot) -> Diff:
         return Diff(added=new.endpoints)
     if old.endpoints == new.endpoints:
         return Diff()
+    before_eps, after_eps = old.endpoints, new.endpoints
+    if len(before_eps) == len(after_eps):
+        # The usual update: instances changed in place (both tuples are sorted by key, so
+        # an instance that stayed is at the same position). Only positions holding another
+        # object are looked at.
+        moved = list(
+            itertools.compress(range(len(after_eps)), map(operator.is_not, before_eps, after_eps))
+        )
+        if all(before_eps[i].key == after_eps[i].key for i in moved):
+            return Diff(
+                changed=tuple(
+                    (before_eps[i], after_eps[i]) for i in moved if before_eps[i] != after_eps[i]
+                )
+            )
     old_ids = dict(zip(map(id, old.endpoints), old.endpoints, strict=True))
     new_ids = dict(zip(map(id, new.endpoints), new.endpoints, strict=True))
     before = {e.key: e for e in map(old_ids.__getitem__, old_ids.keys() - new_ids.keys())}
