@@ -22,6 +22,7 @@ from agent.catalog import WatchKey
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient
 from agent.consul_config import DEFAULT_MAX_RESPONSE_BYTES, ConsulConfig
+from agent.consul_errors import ConsulConfigError
 from agent.watch import UpstreamWatcher, WatchSettings
 
 KEY = WatchKey("api")
@@ -186,3 +187,8 @@ async def test_a_declared_huge_answer_is_refused_before_its_body() -> None:
 
     watcher = await watch_through(huge)
     assert_kept_last_good(watcher, f"answer of {8 << 30} bytes is larger than")
+
+
+def test_the_answer_limit_must_be_positive() -> None:
+    with pytest.raises(ConsulConfigError, match="max_response_bytes must be at least 1, got 0"):
+        ConsulConfig(max_response_bytes=0)
