@@ -9,30 +9,37 @@ rejected as a whole: half of a list of endpoints is worse than the last good lis
 Two ways to build a snapshot from the same answer, with the same result:
 
 - `build_snapshot(key, entries, ...)`: from decoded `ServiceEntry`s, every one validated.
-- `decode_answer(key, raw, memo)` + `snapshot_of(...)`: from Consul's parsed JSON, as the
-  watcher does it. An entry whose `fingerprint` (node and service ID, the node's and the
-  service's `ModifyIndex`, each check's ID, status and `ModifyIndex`) is the same as in the
-  previous accepted answer is the same data (Consul bumps an object's `ModifyIndex` on every
-  write to it), so its already validated `Endpoint` is reused; every other entry is decoded
-  and validated in full with `ServiceEntry.from_json` and `endpoint_of`. Entries without
-  those indexes are always decoded in full. The memo is the caller's to keep or drop.
+- `decode_answer(key, body, memo)` + `snapshot_of(...)`: from the answer's bytes, as the
+  watcher does it. The body is decoded into lean `health_entries.HealthEntry`s (only the
+  fields an endpoint needs; a shape error anywhere rejects the answer). An entry equal to one
+  of the previous accepted answer (compared by value, first at the same position, then by
+  hash) is the same data, so its already validated `Endpoint` is reused; every other entry is
+  validated in full. The memo is the caller's to keep or drop.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
+import operator
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import attrgetter
-from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
-from agent.consul_json import as_list
 from agent.consul_results import HealthStatus, ServiceEntry
-
-_EMPTY_META: Mapping[str, str] = MappingProxyType({})
+from agent.health_entries import (
+    CheckFields,
+    ConnectFields,
+    HealthEntry,
+    NodeFields,
+    ProxyFields,
+    ServiceFields,
+    WeightsFields,
+    decode_entries,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +62,17 @@ class WatchKey:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One dialable instance of an upstream: its sidecar proxy, or a Connect-native instance."""
+    """One dialable instance of an upstream: its sidecar proxy, or a Connect-native instance.
+
+    Only what the proxy dials and balances with (and status shows): a snapshot of a large
+    upstream holds thousands of these. Tags, meta and the datacenter of an instance are not
+    kept; subsets are selected by Consul (`WatchKey.filter`), not here."""
 
     node: str
     service_id: str
     address: str
     port: int
-    datacenter: str = ""
     weight: int = 1
-    tags: tuple[str, ...] = ()
-    meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -107,52 +115,100 @@ def _address_ok(address: str) -> bool:
     return True
 
 
-def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
-    """The endpoint an entry of `/v1/health/connect/<key.name>?passing` stands for."""
-    where = f"{entry.node}/{entry.service_id}"
-    if entry.kind == "connect-proxy":
-        dest = entry.proxy.destination_service_name if entry.proxy is not None else ""
-        if dest != key.name:
-            raise SnapshotRejected(f"{where}: a proxy for {dest!r}, not for {key.name!r}")
-    elif not (entry.connect_native and entry.service_name == key.name):
+def _validated(
+    key: WatchKey,
+    *,
+    node: str,
+    service_id: str,
+    kind: str,
+    destination: str,
+    native: bool,
+    service_name: str,
+    status: HealthStatus,
+    address: str,
+    port: int,
+    weight: int,
+) -> Endpoint:
+    where = f"{node}/{service_id}"
+    if kind == "connect-proxy":
+        if destination != key.name:
+            raise SnapshotRejected(f"{where}: a proxy for {destination!r}, not for {key.name!r}")
+    elif not (native and service_name == key.name):
         raise SnapshotRejected(
             f"{where}: neither a connect-proxy for {key.name!r} nor a Connect-native instance"
         )
-    if entry.status is not HealthStatus.PASSING:
-        raise SnapshotRejected(f"{where}: {entry.status.value} in an answer to ?passing")
-    if not 1 <= entry.port <= 65535:
-        raise SnapshotRejected(f"{where}: port {entry.port} is not dialable")
-    if not _address_ok(entry.address):
-        raise SnapshotRejected(f"{where}: address {entry.address!r} is not dialable")
-    # Node names, addresses, the datacenter and tags repeat across instances and upstreams:
-    # one copy of each. Every kept value is a copy (`_own`), never an object of the parsed
-    # answer (see `_own`).
+    if status is not HealthStatus.PASSING:
+        raise SnapshotRejected(f"{where}: {status.value} in an answer to ?passing")
+    if not 1 <= port <= 65535:
+        raise SnapshotRejected(f"{where}: port {port} is not dialable")
+    if not _address_ok(address):
+        raise SnapshotRejected(f"{where}: address {address!r} is not dialable")
+    # Node names and addresses repeat across instances and upstreams: one copy of each. Every
+    # kept value is a copy (`_own`), never an object of the decoded answer (see `_own`).
     return Endpoint(
-        node=_shared(entry.node),
-        service_id=_own(entry.service_id),
-        address=_shared(entry.address),
-        port=_own_int(entry.port),
-        datacenter=_shared(entry.datacenter),
-        weight=_own_int(entry.weights.passing),
-        tags=tuple(map(_shared, entry.tags)) if entry.tags else (),
-        meta=(
-            MappingProxyType({_shared(k): _own(v) for k, v in entry.meta.items()})
-            if entry.meta
-            else _EMPTY_META
-        ),
+        node=_shared(node),
+        service_id=_own(service_id),
+        address=_shared(address),
+        port=_PORTS.setdefault(port, _own_int(port)),
+        weight=_own_int(weight),
+    )
+
+
+def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
+    """The endpoint an entry of `/v1/health/connect/<key.name>?passing` stands for."""
+    return _validated(
+        key,
+        node=entry.node,
+        service_id=entry.service_id,
+        kind=entry.kind,
+        destination=entry.proxy.destination_service_name if entry.proxy is not None else "",
+        native=entry.connect_native,
+        service_name=entry.service_name,
+        status=entry.status,
+        address=entry.address,
+        port=entry.port,
+        weight=entry.weights.passing,
+    )
+
+
+def endpoint_of_entry(key: WatchKey, entry: HealthEntry) -> Endpoint:
+    """`endpoint_of` for a lean entry, with `ServiceEntry.from_json`'s defaults for nulls."""
+    node, svc = entry.node, entry.service
+    kind = svc.kind or ""
+    proxy = svc.proxy if kind else None  # only proxies and gateways own a Proxy (as from_json)
+    weights = svc.weights
+    passing = weights.passing if weights is not None else None
+    return _validated(
+        key,
+        node=node.name,
+        service_id=svc.id,
+        kind=kind,
+        destination=(proxy.destination_service_name or "") if proxy is not None else "",
+        native=bool(svc.connect is not None and svc.connect.native),
+        service_name=svc.service,
+        status=entry.aggregate(),
+        address=svc.address or node.address,
+        port=svc.port or 0,
+        weight=1 if passing is None else passing,
     )
 
 
 def _own(text: str) -> str:
-    """A copy of `text` that is not an object of the parsed JSON answer.
+    """A copy of `text` that is not an object of the decoded answer.
 
-    `json.loads` of a 10,000-instance answer spreads ~30 MB of small objects over every
-    memory arena; keeping even one string or int of it per memory pool pins the whole arena
-    after the answer is freed, so the process keeps the answer's peak as RSS. Values kept in
-    snapshots and the memo are therefore copies, allocated apart from the answer (measured:
-    40 MB of RSS growth for 1,001 answers with 20,000 entries kept as parsed, 14 MB copied).
+    Decoding a 10,000-instance answer spreads its objects over many memory pools; keeping
+    even one string or int of it per pool pins the pool (and its arena) after the rest of the
+    answer is freed, so the process keeps the answer's peak as RSS. Values kept in snapshots
+    and the memo are therefore copies, allocated apart from the answer (measured with
+    `json.loads`: 40 MB of RSS growth for 1,001 answers with 20,000 entries kept as parsed,
+    14 MB copied).
     """
     return (text + " ")[:-1]
+
+
+_PORTS: dict[int, int] = {}
+"""One copy of each dialable port in use (at most 65,535 entries): ports repeat across
+instances, and an int above 256 is an object of its own."""
 
 
 def _own_int(value: int) -> int:
@@ -161,7 +217,7 @@ def _own_int(value: int) -> int:
 
 
 def _shared(text: str) -> str:
-    """The one interned copy of a value that repeats (node, address, datacenter, tag)."""
+    """The one interned copy of a value that repeats (node, address, service name, kind)."""
     return sys.intern(_own(text))
 
 
@@ -171,14 +227,15 @@ _sort_key = attrgetter("node", "service_id")
 def snapshot_of(key: WatchKey, endpoints: list[Endpoint], index: int, now: float) -> Snapshot:
     """The snapshot of already validated endpoints (sorted here, in place), or
     `SnapshotRejected` if one instance is listed twice."""
-    endpoints.sort(key=_sort_key)
+    # One pass over the keys (in C) when the answer is already in order without repeats, as
+    # Consul lists instances; otherwise sort, and a repeat is then next to its twin.
     keys = list(map(_sort_key, endpoints))
-    if len(set(keys)) != len(keys):
-        seen: set[tuple[str, str]] = set()
-        for node, service_id in keys:
-            if (node, service_id) in seen:
-                raise SnapshotRejected(f"{node}/{service_id}: listed twice")
-            seen.add((node, service_id))
+    if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        endpoints.sort(key=_sort_key)
+        keys = list(map(_sort_key, endpoints))
+        twins = itertools.compress(keys, map(operator.eq, keys, itertools.islice(keys, 1, None)))
+        for node, service_id in twins:
+            raise SnapshotRejected(f"{node}/{service_id}: listed twice")
     return Snapshot(key=key, endpoints=tuple(endpoints), index=index, updated_at=now)
 
 
@@ -189,66 +246,71 @@ def build_snapshot(
     return snapshot_of(key, [endpoint_of(key, e) for e in entries], index, now)
 
 
-Fingerprint = tuple[str, str, int, int, tuple[tuple[str, str, int], ...]]
-"""(Node.Node, Service.ID, Node.ModifyIndex, Service.ModifyIndex,
-((CheckID, Status, ModifyIndex), ...)) of one raw health entry."""
+@dataclass(frozen=True, slots=True)
+class Memo:
+    """The last accepted answer's entries, in the answer's order, and their endpoints.
 
-Memo = Mapping[Fingerprint, tuple[Fingerprint, Endpoint]]
-"""Endpoints of the last accepted answer by fingerprint (the value keeps the first key object,
-so a reused entry does not retain a fresh copy of its strings)."""
+    The entries are copies made of shared and copied values (`_kept`), not the decoded
+    answer's objects, so a memo holds one small struct per instance plus what repeats once."""
+
+    entries: tuple[HealthEntry, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+
+    def by_entry(self) -> dict[HealthEntry, tuple[HealthEntry, Endpoint]]:
+        return {e: (e, ep) for e, ep in zip(self.entries, self.endpoints, strict=True)}
 
 
-def _modify_index(obj: Mapping[str, Any]) -> int | None:
-    value = obj.get("ModifyIndex")
-    # `type is int`: True and 1.0 compare equal to 1 but are not indexes.
-    return value if type(value) is int and value > 0 else None
+EMPTY_MEMO = Memo()
 
 
-def fingerprint(raw: object) -> Fingerprint | None:
-    """What identifies one version of a raw `/v1/health/connect` entry, or None when the entry
-    does not carry Consul's indexes (or is not shaped like an entry at all): then it must be
-    decoded in full."""
-    if type(raw) is not dict:
-        return None
-    node, svc, checks = raw.get("Node"), raw.get("Service"), raw.get("Checks")
-    if type(node) is not dict or type(svc) is not dict:
-        return None
-    name, service_id = node.get("Node"), svc.get("ID")
-    node_index, service_index = _modify_index(node), _modify_index(svc)
-    if (
-        type(name) is not str
-        or type(service_id) is not str
-        or node_index is None
-        or service_index is None
-    ):
-        return None
-    parts: list[tuple[str, str, int]] = []
+_T = TypeVar("_T")
+
+
+def _one(shared: dict[Any, Any], value: _T) -> _T:
+    found: _T = shared.setdefault(value, value)
+    return found
+
+
+def _kept(entry: HealthEntry, endpoint: Endpoint, shared: dict[Any, Any]) -> HealthEntry:
+    """An entry equal to `entry`, made of the values its `endpoint` already holds, of copies
+    (see `_own`), and of parts (node, weights, proxy, checks) shared with equal parts of the
+    other entries kept in this pass."""
+    node, svc = entry.node, entry.service
+    weights, proxy, connect, checks = svc.weights, svc.proxy, svc.connect, entry.checks
+    if weights is not None:
+        passing = weights.passing
+        weights = _one(
+            shared, WeightsFields(passing=None if passing is None else _own_int(passing))
+        )
+    if proxy is not None:
+        dest = proxy.destination_service_name
+        proxy = _one(
+            shared,
+            ProxyFields(destination_service_name=None if dest is None else _shared(dest)),
+        )
+    if connect is not None:
+        connect = _one(shared, ConnectFields(native=connect.native))
     if checks is not None:
-        if type(checks) is not list:
-            return None
-        for check in checks:
-            if type(check) is not dict:
-                return None
-            check_id, status, check_index = (
-                check.get("CheckID"),
-                check.get("Status"),
-                _modify_index(check),
-            )
-            if type(check_id) is not str or type(status) is not str or check_index is None:
-                return None
-            parts.append((check_id, status, check_index))
-    return (name, service_id, node_index, service_index, tuple(parts))
-
-
-def _kept(fp: Fingerprint, endpoint: Endpoint) -> Fingerprint:
-    """`fp` made of the endpoint's own strings and of copies (see `_own`), for the memo."""
-    _, _, node_index, service_index, checks = fp
-    return (
-        endpoint.node,
-        endpoint.service_id,
-        _own_int(node_index),
-        _own_int(service_index),
-        tuple((_shared(c), _shared(s), _own_int(i)) for c, s, i in checks),
+        checks = _one(
+            shared,
+            tuple(
+                _one(shared, CheckFields(check_id=_shared(c.check_id), status=c.status))
+                for c in checks
+            ),
+        )
+    return HealthEntry(
+        node=_one(shared, NodeFields(name=_shared(node.name), address=_shared(node.address))),
+        service=ServiceFields(
+            id=endpoint.service_id,  # equal: the endpoint was made of this entry
+            service=_shared(svc.service),
+            kind=None if svc.kind is None else _shared(svc.kind),
+            address=None if svc.address is None else _shared(svc.address),
+            port=endpoint.port,  # equal: a null or missing port is never a valid endpoint
+            weights=weights,
+            proxy=proxy,
+            connect=connect,
+        ),
+        checks=checks,
     )
 
 
@@ -257,48 +319,49 @@ class Decoded:
     """One answer's endpoints, validated but not yet a snapshot, and the memo it leaves."""
 
     endpoints: list[Endpoint]
+    """In the answer's order (`snapshot_of` sorts them)."""
     memo: Memo
     reused: int
-    """How many entries were unchanged since the previous answer (not decoded again)."""
+    """How many entries were unchanged since the previous answer (not validated again)."""
 
 
-def decode_answer(key: WatchKey, raw: object, memo: Memo) -> Decoded:
-    """The endpoints of a parsed `/v1/health/connect/<key.name>?passing` answer.
+def decode_answer(key: WatchKey, body: bytes, memo: Memo) -> Decoded:
+    """The endpoints of a `/v1/health/connect/<key.name>?passing` answer's body.
 
-    Raises `ShapeError` if any entry is not shaped as Consul documents (checked for every
-    entry before any content check, as when the whole answer is decoded first), then
-    `SnapshotRejected` if any entry is unusable. Entries whose fingerprint is in `memo` reuse
-    its endpoint; the rest go through `ServiceEntry.from_json` and `endpoint_of`.
+    Raises `ShapeError` if any entry is not shaped as Consul documents (the whole body is
+    decoded before any content check), then `SnapshotRejected` if any entry is unusable.
+    Entries equal to one in `memo` reuse its endpoint; the rest are validated in full.
     """
-    items = as_list(raw, "response")
-    endpoints: list[Endpoint] = []
-    kept: dict[Fingerprint, tuple[Fingerprint, Endpoint]] = {}
-    decoded = 0
-    rejected: SnapshotRejected | None = None
-    for item in items:
-        fp = fingerprint(item)
-        hit = memo.get(fp) if fp is not None else None
+    entries = decode_entries(body)
+    old = memo.entries
+    # Most answers repeat the previous one with a few entries changed in place: compare by
+    # position first (`map` runs in C), then look the others up by value.
+    same = list(map(operator.eq, entries, old))
+    if len(entries) == len(old) and all(same):
+        return Decoded(list(memo.endpoints), memo, len(entries))
+    kept = list(old[: len(entries)])
+    endpoints = list(memo.endpoints[: len(entries)])
+    changed = itertools.chain(
+        itertools.compress(range(len(same)), map(operator.not_, same)),
+        range(len(same), len(entries)),
+    )
+    kept.extend(entries[len(kept) :])
+    endpoints.extend([None] * (len(entries) - len(endpoints)))  # type: ignore[list-item]
+    known: dict[HealthEntry, tuple[HealthEntry, Endpoint]] | None = None
+    shared: dict[object, object] = {}
+    validated = 0
+    for i in changed:
+        entry = entries[i]
+        if known is None:
+            known = memo.by_entry()
+        hit = known.get(entry)
         if hit is not None:
-            kept[hit[0]] = hit
-            endpoints.append(hit[1])
+            kept[i], endpoints[i] = hit
             continue
-        # Each typed entry is garbage as soon as its endpoint exists: the peak stays one entry.
-        entry = ServiceEntry.from_json(item)
-        decoded += 1
-        if rejected is not None:
-            continue  # the answer is lost already; only a shape error could still win
-        try:
-            endpoint = endpoint_of(key, entry)
-        except SnapshotRejected as exc:
-            rejected = exc
-            continue
-        if fp is not None:
-            own = _kept(fp, endpoint)
-            kept[own] = (own, endpoint)
-        endpoints.append(endpoint)
-    if rejected is not None:
-        raise rejected
-    return Decoded(endpoints=endpoints, memo=kept, reused=len(items) - decoded)
+        endpoint = endpoints[i] = endpoint_of_entry(key, entry)
+        kept[i] = _kept(entry, endpoint, shared)
+        validated += 1
+    return Decoded(endpoints, Memo(tuple(kept), tuple(endpoints)), len(entries) - validated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +398,20 @@ def diff(old: Snapshot | None, new: Snapshot) -> Diff:
         return Diff(added=new.endpoints)
     if old.endpoints == new.endpoints:
         return Diff()
+    before_eps, after_eps = old.endpoints, new.endpoints
+    if len(before_eps) == len(after_eps):
+        # The usual update: instances changed in place (both tuples are sorted by key, so
+        # an instance that stayed is at the same position). Only positions holding another
+        # object are looked at.
+        moved = list(
+            itertools.compress(range(len(after_eps)), map(operator.is_not, before_eps, after_eps))
+        )
+        if all(before_eps[i].key == after_eps[i].key for i in moved):
+            return Diff(
+                changed=tuple(
+                    (before_eps[i], after_eps[i]) for i in moved if before_eps[i] != after_eps[i]
+                )
+            )
     old_ids = dict(zip(map(id, old.endpoints), old.endpoints, strict=True))
     new_ids = dict(zip(map(id, new.endpoints), new.endpoints, strict=True))
     before = {e.key: e for e in map(old_ids.__getitem__, old_ids.keys() - new_ids.keys())}

@@ -122,6 +122,16 @@ def _decode(resp: Response, decoder: Callable[[Any], T]) -> T:
         raise resp.bad(f"unexpected response shape: {exc}") from None
 
 
+def _decode_body(resp: Response, decoder: Callable[[bytes], T]) -> T:
+    """`_decode` for a decoder that parses the body itself (typed, skipping unused fields)."""
+    if not resp.body:
+        raise resp.bad(f"empty body with status {resp.status}, expected JSON")
+    try:
+        return decoder(resp.body)
+    except ShapeError as exc:
+        raise resp.bad(f"unexpected response shape: {exc}") from None
+
+
 def _tuple_of(item: Callable[[Any], T]) -> Callable[[Any], tuple[T, ...]]:
     return lambda value: tuple(item(v) for v in as_list(value, "response"))
 
@@ -204,6 +214,7 @@ class _Group:
         index: int,
         *,
         missing: Callable[[], T] | None = None,
+        body_decoder: Callable[[bytes], T] | None = None,
     ) -> Indexed[T]:
         resp = await self._http.request("GET", path, params=params, blocking_wait=blocking_wait)
         if missing is not None and resp.status == 404:
@@ -211,7 +222,10 @@ class _Group:
             value = missing()
         else:
             resp.raise_for_status()
-            value = _decode(resp, decoder)
+            if body_decoder is not None:
+                value = _decode_body(resp, body_decoder)
+            else:
+                value = _decode(resp, decoder)
         meta = resp.query_meta(index)
         return Indexed(value, meta.index, meta.next_index, meta.known_leader, meta.last_contact)
 
@@ -576,7 +590,7 @@ class HealthAPI(_Group):
     async def connect_decoded(
         self,
         name: str,
-        decode: Callable[[Any], T],
+        decode: Callable[[bytes], T],
         *,
         passing: bool = False,
         filter: str = "",
@@ -585,16 +599,17 @@ class HealthAPI(_Group):
         wait: Wait | None = None,
         peer: str = "",
     ) -> Indexed[T]:
-        """`connect`, with the parsed answer handed to `decode` instead of being turned into
-        `ServiceEntry`s: for callers that skip entries they have already validated (the
-        agent's incremental watch). A `ShapeError` from `decode` is a `ConsulBadResponse`."""
+        """`connect`, with the answer's body handed to `decode` instead of being turned into
+        `ServiceEntry`s: for callers that decode only what they keep and skip entries they
+        have already validated (the agent's incremental watch, agent/health_entries.py). A
+        `ShapeError` from `decode` is a `ConsulBadResponse`."""
         params, blocking = _read_params(
             dc=dc, index=index, wait=wait, stale=False, filter=filter, peer=peer
         )
         if passing:
             params.append(("passing", "1"))
         path = f"/v1/health/connect/{_segment(name)}"
-        return await self._indexed(path, decode, params, blocking, index)
+        return await self._indexed(path, decode, params, blocking, index, body_decoder=decode)
 
     async def _checks(
         self,

@@ -18,6 +18,9 @@ from agent.consul_errors import ConsulConfigError
 DEFAULT_ADDRESS = "127.0.0.1:8500"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 100
+# Consul renders ~1 KB per instance of /v1/health/connect: 64 MiB is some 60,000 instances of
+# one service. Nothing bounds Consul's answers otherwise, and the whole body is held in memory.
+DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
 
 # Go's strconv.ParseBool, which the consul CLI uses for its boolean variables.
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -60,11 +63,17 @@ class ConsulConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     """Pooled connections to Consul. Every parked blocking query holds one, so a process that
     watches N services needs more than N (and Consul's `http_max_conns_per_client` above it)."""
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    """The largest answer body read; a larger one is refused (`ConsulBadResponse`) unread."""
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ConsulConfigError(
                 f"max_connections must be at least 1, got {self.max_connections}"
+            )
+        if self.max_response_bytes < 1:
+            raise ConsulConfigError(
+                f"max_response_bytes must be at least 1, got {self.max_response_bytes}"
             )
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConsulConfigError(

@@ -242,7 +242,7 @@ class ConsulHTTP:
                 allow_redirects=False,
                 server_hostname=self._server_hostname,
             ) as resp:
-                data = await resp.read()
+                data = await self._body(resp, where)
                 if resp.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true":
                     self._warn_filtered(method, path)
                 return Response(method, path, resp.status, resp.headers, data)
@@ -268,6 +268,29 @@ class ConsulHTTP:
             raise ConsulBadResponse(f"{where}: not an HTTP answer: {exc.message}") from exc
         except aiohttp.ClientError as exc:
             raise ConsulUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+    async def _body(self, resp: aiohttp.ClientResponse, where: str) -> bytes:
+        """The whole body, or `ConsulBadResponse` as soon as it is known to exceed the limit
+        (from Content-Length, or while reading a chunked one): a huge answer is never held."""
+        limit = self.config.max_response_bytes
+        declared = resp.content_length
+        if declared is not None and declared > limit:
+            resp.close()
+            raise ConsulBadResponse(
+                f"{where}: answer of {declared} bytes is larger than the {limit}-byte limit "
+                "(max_response_bytes)"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                resp.close()  # not `release`: the rest of the body is never read
+                raise ConsulBadResponse(
+                    f"{where}: answer larger than the {limit}-byte limit (max_response_bytes)"
+                )
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _warn_filtered(self, method: str, path: str) -> None:
         # A filtered read is not an error to Consul (no 403), so without this line a missing

@@ -6,10 +6,11 @@
 
 Each watcher asks `/v1/health/connect/<name>?passing` (with `dc`, `peer`, `filter`), builds a
 `catalog.Snapshot` from the answer and swaps it in. Consul answers a blocking query with the
-whole list, so the watcher keeps the previous answer's endpoints by fingerprint
-(`catalog.decode_answer`): only new or changed entries are decoded and validated again. The
-memo is used only while the watch's index moves forward; the first answer, every answer after
-an error, and an answer whose index went backwards are validated entry by entry.
+whole list, so the body is decoded straight into lean typed entries (agent/health_entries.py,
+only the fields an endpoint needs) and the watcher keeps the previous answer's endpoints by
+entry (`catalog.decode_answer`): only new or changed entries are validated again. The memo is
+used only while the watch's index moves forward; the first answer, every answer after an
+error, and an answer whose index went backwards are validated entry by entry.
 
 The loop itself (index handling, backoff, last good snapshot on errors, `WatchState`) is the
 generic `agent.watches.BlockingWatch`; this module says what an upstream reads and how its
@@ -27,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from agent.catalog import (
+    EMPTY_MEMO,
     Decoded,
     Memo,
     Snapshot,
@@ -91,11 +93,11 @@ class ApplyTimes:
 async def health_connect_decoded(
     consul: ConsulClient,
     key: WatchKey,
-    decode: Callable[[object], Decoded],
+    decode: Callable[[bytes], Decoded],
     index: int,
     wait: float,
 ) -> Indexed[Decoded]:
-    """`consul.health.connect(key.name, passing=True, ...)`, with the parsed answer handed to
+    """`consul.health.connect(key.name, passing=True, ...)`, with the answer's body handed to
     `decode` instead of being turned into `ServiceEntry`s first.
 
     The client's `health.connect` decodes every entry in full; `connect_decoded` takes the
@@ -160,8 +162,8 @@ class UpstreamWatcher:
         self._consul = consul
         self._clock = clock
         self._apply_times = apply_times
-        self._memo: Memo = {}
-        """Endpoints of the last accepted answer by entry fingerprint."""
+        self._memo: Memo = EMPTY_MEMO
+        """The last accepted answer's entries and their endpoints."""
         self._started = 0.0
         self._settings = settings
         self._reset_at: float | None = None
@@ -217,21 +219,21 @@ class UpstreamWatcher:
         if remaining > 0:
             wait = min(wait, max(1.0, remaining))
         # A non-blocking read (first, or after any error or reset) validates every entry.
-        memo = self._memo if index else {}
+        memo = self._memo if index else EMPTY_MEMO
 
-        def decode(value: object) -> Decoded:
+        def decode(body: bytes) -> Decoded:
             self._started = time.perf_counter()
-            return decode_answer(self.key, value, memo)
+            return decode_answer(self.key, body, memo)
 
         try:
             got = await health_connect_decoded(self._consul, self.key, decode, index, wait)
         except SnapshotRejected as exc:
             raise AnswerRejected(str(exc)) from exc
-        if got.reset and memo:
+        if got.reset and memo.entries:
             # Consul's state was replaced (restore, another cluster): its ModifyIndexes may
             # repeat with other data, so nothing decoded with the memo is trusted. Read again
             # at once, validating every entry.
-            self._memo = {}
+            self._memo = EMPTY_MEMO
             return await self._fetch(0, wait)
         st = self.watch.state
         if st.loaded and got.index < st.index and self._reset_at is None:
@@ -269,7 +271,7 @@ class UpstreamWatcher:
         if not changes and current is not None:
             return False
         if self._apply_times is not None:
-            # Decode of the parsed answer + snapshot + diff (not HTTP, not JSON).
+            # Decode of the body (JSON included) + snapshot + diff (not the HTTP read).
             self._apply_times.add(time.perf_counter() - self._started)
         what = (
             f"first snapshot, {len(snapshot.endpoints)} endpoints"

@@ -1,9 +1,10 @@
 """The watcher's incremental path gives exactly what a full decode gives.
 
-`decode_answer` with the previous answer's memo reuses the endpoints of entries whose
-fingerprint did not move; these tests drive random sequences of Consul-like changes (every
-write bumps the written object's ModifyIndex, as Consul does) and compare each answer's result,
-accepted or rejected, with `ServiceEntry.from_json` + `build_snapshot` of the whole answer.
+`decode_answer` decodes the answer's bytes into lean typed entries and reuses the endpoints of
+entries equal to the previous answer's; these tests drive random sequences of Consul-like
+changes (every write bumps the written object's ModifyIndex, as Consul does) and compare each
+answer's result, accepted or rejected, with `json.loads` + `ServiceEntry.from_json` +
+`build_snapshot` of the whole answer (an independent decoder).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.catalog import (
+    EMPTY_MEMO,
     Diff,
     Endpoint,
     Memo,
@@ -181,10 +183,14 @@ def incremental(
     raw: list[dict[str, Any]], index: int, memo: Memo
 ) -> tuple[Snapshot | type[Exception], Memo]:
     try:
-        decoded = decode_answer(KEY, raw, memo)
+        decoded = decode_answer(KEY, _body(raw), memo)
         return snapshot_of(KEY, decoded.endpoints, index, 0.0), decoded.memo
     except (ShapeError, SnapshotRejected) as exc:
         return type(exc), memo
+
+
+def _body(raw: object) -> bytes:
+    return json.dumps(raw).encode()
 
 
 def reference_diff(old: Snapshot, new: Snapshot) -> Diff:
@@ -202,7 +208,7 @@ def reference_diff(old: Snapshot, new: Snapshot) -> Diff:
 @given(st.lists(change, min_size=1, max_size=40))
 def test_incremental_path_equals_full_rebuild(changes: list[tuple[Any, ...]]) -> None:
     cluster = Cluster()
-    memo: Memo = {}
+    memo: Memo = EMPTY_MEMO
     last_full: Snapshot | None = None
     last_inc: Snapshot | None = None
     for op in changes:
@@ -233,38 +239,40 @@ def _entry(sid: str, port: object, *, index: int | None = 7) -> dict[str, Any]:
 
 
 def test_unchanged_entries_reuse_their_endpoint_object() -> None:
-    first = decode_answer(KEY, [_entry("a", 21000), _entry("b", 21000)], {})
+    first = decode_answer(KEY, _body([_entry("a", 21000), _entry("b", 21000)]), EMPTY_MEMO)
     assert first.reused == 0
     moved = _entry("b", 21001, index=8)
-    second = decode_answer(KEY, [_entry("a", 21000), moved], first.memo)
+    second = decode_answer(KEY, _body([_entry("a", 21000), moved]), first.memo)
     assert second.reused == 1
     assert second.endpoints[0] is first.endpoints[0]
     assert second.endpoints[1].port == 21001
     # The memo holds only the last answer's entries: b's old version is gone.
-    assert len(second.memo) == 2
+    assert len(second.memo.entries) == 2
+    # Moved in the answer (another instance listed first): still found by value.
+    third = decode_answer(KEY, _body([_entry("c", 21000), _entry("a", 21000), moved]), second.memo)
+    assert third.reused == 2
+    assert third.endpoints[1] is first.endpoints[0]
 
 
-def test_entries_without_indexes_are_always_decoded_in_full() -> None:
-    first = decode_answer(KEY, [_entry("a", 21000, index=None)], {})
-    assert first.memo == {}
-    try:
-        decode_answer(KEY, [_entry("a", "21000", index=None)], first.memo)
-    except ShapeError as exc:
-        assert "Port" in str(exc)
-    else:
-        raise AssertionError("a malformed entry without indexes was accepted")
+def test_entries_are_compared_by_value_not_by_index() -> None:
+    # Without ModifyIndexes an unchanged entry is still reused; a changed one never is, even
+    # when Consul's indexes claim nothing moved.
+    first = decode_answer(KEY, _body([_entry("a", 21000, index=None)]), EMPTY_MEMO)
+    again = decode_answer(KEY, _body([_entry("a", 21000, index=None)]), first.memo)
+    assert again.reused == 1 and again.endpoints[0] is first.endpoints[0]
+    moved = decode_answer(KEY, _body([_entry("a", 21001, index=7)]), first.memo)
+    assert moved.reused == 0 and moved.endpoints[0].port == 21001
 
 
-def test_bool_or_float_indexes_are_not_indexes() -> None:
-    first = decode_answer(KEY, [_entry("a", 21000, index=1)], {})
-    for index in (True, 1.0):
-        bad = _entry("a", "21000", index=None)
-        bad["Service"]["ModifyIndex"] = bad["Node"]["ModifyIndex"] = index
+def test_a_malformed_entry_is_rejected_whatever_the_memo_holds() -> None:
+    first = decode_answer(KEY, _body([_entry("a", 21000, index=1)]), EMPTY_MEMO)
+    for port in ("21000", True, 21000.0):
         try:
-            decode_answer(KEY, [bad], first.memo)
-        except ShapeError:
+            decode_answer(KEY, _body([_entry("a", port, index=1)]), first.memo)
+        except ShapeError as exc:
+            assert "$[0].Service.Port" in str(exc), exc
             continue
-        raise AssertionError(f"ModifyIndex {index!r} matched the memo")
+        raise AssertionError(f"Port {port!r} was accepted")
 
 
 class ScriptedConsul:
