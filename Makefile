@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions traffic connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat bench clean
+.PHONY: install test lint typecheck pytest demo dev compat bench bench-smoke bench-tools clean
 
 install: $(STAMP)
 
@@ -37,11 +37,26 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/meshlet dev
 
-# The agent at scale: 1,000 upstreams x 10 instances plus one of 10,000; figures printed.
-# Then the sidecar pair against haproxy (needs haproxy, nginx, wrk; see bench/README.md).
-bench: $(STAMP)
-	$(BIN)/python bench/agent_scale.py
-	$(BIN)/python bench/proxy_bench.py
+# The project's one benchmark (bench/README.md): meshlet vs haproxy pairs, open-loop latency,
+# handshakes, bulk, upload, control plane. Under 5 minutes on 2 cores; writes
+# bench/results/latest.json and prints the markdown table.
+bench: $(STAMP) bench-tools
+	$(BIN)/python bench/run.py
+
+# The same in seconds, for CI: asserts only that every variant produced figures.
+bench-smoke: $(STAMP) bench-tools
+	$(BIN)/python bench/run.py --smoke --out bench/results/smoke
+
+# haproxy, nginx and wrk from apt when any is missing (Debian puts two of them in /usr/sbin).
+bench-tools:
+	@missing=""; for t in haproxy nginx wrk; do \
+	    command -v $$t >/dev/null || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    echo "bench: installing$$missing with apt-get"; \
+	    $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	fi
 
 # py-consul's own test suite against `meshlet dev` (see compat/README.md).
 compat: $(STAMP)
