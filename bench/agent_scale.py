@@ -300,7 +300,7 @@ async def main_async(args: argparse.Namespace, figures: dict[str, float] | None 
                     f"p99 {summary['p99_ms']:.3f} ms; RSS {rss_mb(agent.pid):.1f} MB"
                 )
         for n in (args.instances, args.big):
-            got = in_process_apply(n, 200 if n <= 1000 else 30)
+            got = in_process_apply(n, 200 if n <= 1000 else args.big_rounds)
             for what, label in (
                 ("json", "json.loads alone (floor)"),
                 ("full", "full decode + validation of every entry"),
@@ -350,6 +350,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--big-updates", type=int, default=20)
+    parser.add_argument(
+        "--big-rounds", type=int, default=30, help="in-process updates of the big answer"
+    )
     return parser
 
 
