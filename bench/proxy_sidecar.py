@@ -16,6 +16,7 @@ import asyncio
 import gc
 import signal
 import ssl
+import time
 from dataclasses import dataclass
 
 import uvloop
@@ -76,6 +77,35 @@ def telemetry_switch() -> dict[str, object] | None:
     return None
 
 
+async def _watch_loop_lag(threshold: float = 0.02) -> None:
+    """Prints each time this process's loop ran a 5 ms timer `threshold` late or more: a
+    blocked loop (GC, an import, a long callback) or a process the scheduler left waiting."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        due = loop.time() + 0.005
+        await asyncio.sleep(0.005)
+        late = loop.time() - due
+        if late >= threshold:
+            cpu = time.process_time()
+            print(f"lag {late * 1e3:.1f} ms at {due - started:.3f} s (cpu {cpu:.3f} s)", flush=True)
+
+
+def _log_slow_gc(threshold: float = 0.005) -> None:
+    """Prints each collection that took `threshold` or more."""
+    began: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            took = time.perf_counter() - began.pop()
+            if took >= threshold:
+                print(f"gc gen{info['generation']} {took * 1e3:.1f} ms", flush=True)
+
+    gc.callbacks.append(on_gc)
+
+
 async def main(args: argparse.Namespace) -> None:
     server_ctx, client_ctx = contexts(args)
     host, port = args.target.rsplit(":", 1)
@@ -117,11 +147,18 @@ async def main(args: argparse.Namespace) -> None:
     gc.freeze()  # as agent/sidecar.py does once serving
     gc.set_threshold(10_000, 10, 10)
     print("ready", flush=True)
+    if args.diagnose:
+        _log_slow_gc()
+        lag: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(_watch_loop_lag())
+    else:
+        lag = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if lag is not None:
+        lag.cancel()
     await sidecar.close(grace=0)
 
 
@@ -140,6 +177,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--telemetry", action="store_true", help="metrics and access logs on (telemetry_switch)"
+    )
+    parser.add_argument(
+        "--diagnose", action="store_true", help="print loop lags over 20 ms and slow GCs"
     )
     parser.add_argument("--trust-domain", default="11111111-2222-3333-4444-555555555555.consul")
     uvloop.run(main(parser.parse_args()))
