@@ -93,6 +93,13 @@ SMOKE = Plan(
 )
 
 
+def best_bulk(mode: str, port: int, path: str, size: int) -> dict[str, float]:
+    """The faster of two transfers: one slow spell of the shared box must not be the figure."""
+    runs = [bulk(mode, port, path, size) for _ in range(2)]
+    best = max(runs, key=lambda r: r["gbit_s"])
+    return {**best, "runs_gbit_s": [r["gbit_s"] for r in runs]}  # type: ignore[dict-item]
+
+
 def bulk(mode: str, port: int, path: str, size: int) -> dict[str, float]:
     argv = [
         "taskset", "-c", pb.LOAD_CPU, pb.PY, str(HERE / "bulk_client.py"), mode,
@@ -249,10 +256,10 @@ def data_plane(plan: Plan, out: Path, base: int) -> tuple[dict[str, dict[str, ob
             # 4. Bulk download through the L4 pairs; 5. upload through the HTTP pairs.
             for name in ("direct", "meshlet-l4", "haproxy-tcp"):
                 port = next(v.port for v in variants if v.name == name)
-                results[name]["bulk"] = bulk("download", port, "/bulk", plan.bulk_bytes)
+                results[name]["bulk"] = best_bulk("download", port, "/bulk", plan.bulk_bytes)
             for name in ("direct", "meshlet-http", "haproxy-http"):
                 port = next(v.port for v in variants if v.name == name)
-                results[name]["upload"] = bulk("upload", port, "/upload", plan.upload_bytes)
+                results[name]["upload"] = best_bulk("upload", port, "/upload", plan.upload_bytes)
             phase("bulk and upload", t0)
             for v in variants:
                 results[v.name]["hwm_end_mb"] = [mb(pb.rss_kb(p.pid)[1]) for p in v.sidecars]
