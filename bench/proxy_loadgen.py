@@ -154,6 +154,8 @@ async def run(
         "p999_ms": percentile(lat, 0.999) * 1e3,
         "max_ms": (lat[-1] if lat else float("nan")) * 1e3,
         "over_20ms": len(slow),
+        # The stalls' "at" is from this instant (unix time): to match sidecars' lag logs.
+        "start_unix": time.time() - (time.perf_counter() - start),
         # The first stalls: due time in s from the start, latency ms, connections involved.
         "stalls": _stalls(slow, start),
     }

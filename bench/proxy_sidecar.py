@@ -92,8 +92,8 @@ async def _watch_loop_lag(threshold: float = 0.02) -> None:
         if late >= threshold:
             used = time.process_time() - cpu
             print(
-                f"lag {late * 1e3:.1f} ms at {due - started:.3f} s, cpu meanwhile "
-                f"{used * 1e3:.1f} ms",
+                f"lag {late * 1e3:.1f} ms at {due - started:.3f} s (unix {time.time():.3f}), "
+                f"cpu meanwhile {used * 1e3:.1f} ms",
                 flush=True,
             )
 

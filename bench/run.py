@@ -125,7 +125,9 @@ def mb(kb: int) -> float:
     return kb / 1024
 
 
-def data_plane(plan: Plan, out: Path, base: int) -> tuple[dict[str, dict[str, object]], dict]:
+def data_plane(
+    plan: Plan, out: Path, base: int, diagnose: bool = False
+) -> tuple[dict[str, dict[str, object]], dict]:
     ports = {
         "direct": base,
         "mh_out": base + 1, "mh_in": base + 11, "ml_out": base + 2, "ml_in": base + 12,
@@ -158,6 +160,8 @@ def data_plane(plan: Plan, out: Path, base: int) -> tuple[dict[str, dict[str, ob
             variants = [pb.Variant("direct", ports["direct"])]
 
             def ours(kind: str, *extra: str):  # type: ignore[no-untyped-def]
+                if diagnose:
+                    extra = (*extra, "--diagnose")
                 return lambda side, listen, target: [
                     *pb.meshlet(kind, side, listen, target, d),
                     *extra,
@@ -312,6 +316,11 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes; shape check")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--base-port", type=int, default=24000)
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="meshlet sidecars log loop lags and slow GCs to <out>/logs (issue 15 item 5)",
+    )
     args = ap.parse_args()
     os.environ["PATH"] += ":/usr/sbin"
     for tool in ("nginx", "haproxy", "wrk", "taskset"):
@@ -331,7 +340,7 @@ def main() -> int:
     plan = SMOKE if args.smoke else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    variants, telemetry = data_plane(plan, args.out, args.base_port)
+    variants, telemetry = data_plane(plan, args.out, args.base_port, args.diagnose)
     data_plane_s = time.monotonic() - started
     control = control_plane(plan)
     raw = {
