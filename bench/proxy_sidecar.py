@@ -108,7 +108,11 @@ def _log_slow_gc(threshold: float = 0.005) -> None:
         elif began:
             took = time.perf_counter() - began.pop()
             if took >= threshold:
-                print(f"gc gen{info['generation']} {took * 1e3:.1f} ms", flush=True)
+                print(
+                    f"gc gen{info['generation']} {took * 1e3:.1f} ms (unix {time.time():.3f}), "
+                    f"collected {info['collected']}, tracked {len(gc.get_objects())}",
+                    flush=True,
+                )
 
     gc.callbacks.append(on_gc)
 
