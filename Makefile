@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions traffic connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat bench faults soak fuzz clean
+.PHONY: install test lint typecheck pytest demo dev compat bench bench-smoke bench-tools faults soak fuzz clean
 
 install: $(STAMP)
 
@@ -37,15 +37,30 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/meshlet dev
 
-# The agent at scale: 1,000 upstreams x 10 instances plus one of 10,000; figures printed.
-# Then the sidecar pair against haproxy (needs haproxy, nginx, wrk; see bench/README.md),
-# then what metrics and access logs cost per request (http_pair_micro.py, in one process).
-bench: $(STAMP)
-	$(BIN)/python bench/agent_scale.py
-	$(BIN)/python bench/proxy_bench.py
+# The project's one benchmark (bench/README.md): meshlet vs haproxy pairs, open-loop latency,
+# handshakes, bulk, upload, control plane. Under 5 minutes on 2 cores; writes
+# bench/results/latest.json and prints the markdown table.
+# Then what metrics and access logs cost per request (http_pair_micro.py, in one process).
+bench: $(STAMP) bench-tools
+	$(BIN)/python bench/run.py
 	$(BIN)/python bench/http_pair_micro.py --requests 10000
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --metrics
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --access-log
+
+# The same in seconds, for CI: asserts only that every variant produced figures.
+bench-smoke: $(STAMP) bench-tools
+	$(BIN)/python bench/run.py --smoke --out bench/results/smoke
+
+# haproxy, nginx and wrk from apt when any is missing (Debian puts two of them in /usr/sbin).
+bench-tools:
+	@missing=""; for t in haproxy nginx wrk; do \
+	    command -v $$t >/dev/null || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    echo "bench: installing$$missing with apt-get"; \
+	    $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	fi
 
 # py-consul's own test suite against `meshlet dev` (see compat/README.md).
 compat: $(STAMP)

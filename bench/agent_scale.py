@@ -230,7 +230,9 @@ def in_process_apply(n: int, rounds: int) -> dict[str, tuple[float, float, float
     return out
 
 
-async def main_async(args: argparse.Namespace) -> int:
+async def main_async(args: argparse.Namespace, figures: dict[str, float] | None = None) -> int:
+    """Runs the benchmark and prints its figures; also stores them in `figures` if given."""
+    fig: dict[str, float] = {} if figures is None else figures
     deadline = time.monotonic() + DEADLINE
     port, admin_port = free_port(), free_port()
     consul_addr = f"127.0.0.1:{port}"
@@ -282,6 +284,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     return False
 
             wait_until(ready, "the agent to be ready", deadline)
+            fig["ready_s"] = time.monotonic() - started
+            fig["rss_mb_ready"] = rss_mb(agent.pid)
+            fig["upstreams"] = len(ups)
             print(
                 f"agent ready with {len(ups)} upstreams ({len(regs)} endpoints) "
                 f"in {time.monotonic() - started:.1f}s; RSS {rss_mb(proc.pid):.1f} MB"
@@ -310,6 +315,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 mine = sorted(summary["recent_ms"][-count:])
                 p50 = statistics.median(mine)
                 p99 = mine[int(0.99 * (len(mine) - 1))]
+                which = "big" if targets == ["big"] else "small"
+                fig[f"apply_{which}_p50_ms"], fig[f"apply_{which}_p99_ms"] = p50, p99
+                fig["rss_mb_after_updates"] = rss_mb(agent.pid)
                 print(
                     f"{count} updates to {label}: agent apply (decode of the body + "
                     f"snapshot + diff + publish) p50 {p50:.3f} ms, p99 {p99:.3f} ms over the "
@@ -317,13 +325,14 @@ async def main_async(args: argparse.Namespace) -> int:
                     f"p99 {summary['p99_ms']:.3f} ms; RSS {rss_mb(proc.pid):.1f} MB"
                 )
         for n in (args.instances, args.big):
-            got = in_process_apply(n, 200 if n <= 1000 else 30)
+            got = in_process_apply(n, 200 if n <= 1000 else args.big_rounds)
             for what, label in (
                 ("json", "json.loads alone (floor)"),
                 ("full", "json.loads + full decode + validation of every entry"),
                 ("agent", "agent path (msgspec, unchanged entries reused)"),
             ):
                 p50, p99, cpu50 = got[what]
+                fig[f"in_process_{n}_{what}_p50_ms"] = p50
                 print(
                     f"in-process, one update of a {n}-instance answer incl. JSON decode, "
                     f"{label}: p50 {p50:.3f} ms, p99 {p99:.3f} ms (CPU p50 {cpu50:.3f} ms)"
@@ -341,14 +350,39 @@ async def main_async(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> int:
+def measure(**overrides: int) -> dict[str, float]:
+    """Runs the benchmark with the defaults (or `overrides`) and returns its figures.
+
+    Keys: ready_s, rss_mb_ready, rss_mb_after_updates, upstreams, apply_{small,big}_{p50,p99}_ms
+    (the agent's own apply times), in_process_{n}_{json,full,agent}_p50_ms (one update of an
+    n-instance answer, JSON decode included). `make bench` (bench/run.py) calls this.
+    """
+    args = _parser().parse_args([])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    figures: dict[str, float] = {}
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main_async(args, figures))
+    return figures
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--upstreams", type=int, default=1000)
     parser.add_argument("--instances", type=int, default=10)
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--big-updates", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--big-rounds", type=int, default=30, help="in-process updates of the big answer"
+    )
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -24,11 +24,16 @@ from typing import cast
 import uvloop
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: api\r\n\r\n"
+SLOW = 0.020
+"""Latencies above this are also listed with their due time (when the stalls happen)."""
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, samples: list[float], measure_from: float) -> None:
+    def __init__(
+        self, samples: list[float], measure_from: float, slow: list[tuple[float, float, int]]
+    ) -> None:
         self.samples = samples
+        self.slow = slow
         self.measure_from = measure_from
         self.waiting: deque[float] = deque()
         self.busy = False
@@ -77,6 +82,8 @@ class _Conn(asyncio.Protocol):
             now = time.perf_counter()
             if due >= self.measure_from:
                 self.samples.append(now - due)
+                if now - due > SLOW:
+                    self.slow.append((due, now - due, id(self)))
             self.completed += 1
             self.busy = False
             if self.waiting:
@@ -102,12 +109,13 @@ async def run(
 ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     samples: list[float] = []
+    slow: list[tuple[float, float, int]] = []
     start = time.perf_counter() + 0.2
     measure_from = start + warmup
     pool: list[_Conn] = []
     for _ in range(conns):
         _, proto = await loop.create_connection(
-            lambda: _Conn(samples, measure_from), "127.0.0.1", port
+            lambda: _Conn(samples, measure_from, slow), "127.0.0.1", port
         )
         pool.append(proto)
     gc.disable()
@@ -145,7 +153,34 @@ async def run(
         "p99_ms": percentile(lat, 0.99) * 1e3,
         "p999_ms": percentile(lat, 0.999) * 1e3,
         "max_ms": (lat[-1] if lat else float("nan")) * 1e3,
+        "over_20ms": len(slow),
+        # The stalls' "at" is from this instant (unix time): to match sidecars' lag logs.
+        "start_unix": time.time() - (time.perf_counter() - start),
+        # The first stalls: due time in s from the start, latency ms, connections involved.
+        "stalls": _stalls(slow, start),
     }
+
+
+def _stalls(slow: list[tuple[float, float, int]], start: float) -> list[list[float]]:
+    """Slow samples grouped into episodes (due times under 50 ms apart): [at s, worst ms,
+    requests, connections], the first ten."""
+    episodes: list[list[float]] = []
+    conns: list[set[int]] = []
+    last = -1.0
+    for due, latency, conn in sorted(slow):
+        if episodes and due - last < 0.05:
+            ep = episodes[-1]
+            ep[1] = max(ep[1], latency * 1e3)
+            ep[2] += 1
+            conns[-1].add(conn)
+            ep[3] = len(conns[-1])
+        elif len(episodes) < 10:
+            episodes.append([round(due - start, 3), latency * 1e3, 1, 1])
+            conns.append({conn})
+        else:
+            break
+        last = due
+    return episodes
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import asyncio
 import gc
 import signal
 import ssl
+import time
 from dataclasses import dataclass
 
 import uvloop
@@ -66,11 +67,64 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
+def telemetry_switch() -> dict[str, object] | None:
+    """Keyword arguments of `Sidecar` that turn metrics and access logs on, or None.
+
+    None while connect has no such switch (the metrics/access-log work of issue 12 adds it):
+    `make bench` then reports that row as "not available". Once connect exposes it, return
+    the arguments here and the row is measured (a second HTTP pair with them on).
+    """
+    return None
+
+
+async def _watch_loop_lag(threshold: float = 0.02) -> None:
+    """Prints each time this process's loop ran a 5 ms timer `threshold` late or more, with
+    the CPU the process used meanwhile: about the lag itself means the loop was busy (GC, an
+    import, a long callback, a burst of handshakes); near zero means the scheduler ran
+    something else."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        due = loop.time() + 0.005
+        cpu = time.process_time()
+        await asyncio.sleep(0.005)
+        late = loop.time() - due
+        if late >= threshold:
+            used = time.process_time() - cpu
+            print(
+                f"lag {late * 1e3:.1f} ms at {due - started:.3f} s (unix {time.time():.3f}), "
+                f"cpu meanwhile {used * 1e3:.1f} ms",
+                flush=True,
+            )
+
+
+def _log_slow_gc(threshold: float = 0.005) -> None:
+    """Prints each collection that took `threshold` or more."""
+    began: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            took = time.perf_counter() - began.pop()
+            if took >= threshold:
+                print(
+                    f"gc gen{info['generation']} {took * 1e3:.1f} ms (unix {time.time():.3f}), "
+                    f"collected {info['collected']}, tracked {len(gc.get_objects())}",
+                    flush=True,
+                )
+
+    gc.callbacks.append(on_gc)
+
+
 async def main(args: argparse.Namespace) -> None:
     server_ctx, client_ctx = contexts(args)
     host, port = args.target.rsplit(":", 1)
     tls = FixedTLS(server_ctx, client_ctx, args.trust_domain)
     kind = "http" if args.kind == "http" else "tcp"
+    telemetry = telemetry_switch() if args.telemetry else None
+    if args.telemetry and telemetry is None:
+        raise SystemExit("--telemetry: connect exposes no metrics/access-log switch yet")
     # The same assembly as `meshlet sidecar` (connect/sidecar.py), with one fixed endpoint.
     peer: Latest[tuple[Target, ...]] = Latest((Target("bench/peer", host, int(port)),))
     if args.side == "in":
@@ -97,17 +151,25 @@ async def main(args: argparse.Namespace) -> None:
         targets=lambda targets: targets,
         balancer=BalancerConfig(policy=Policy.LEAST_REQUEST),
         resume_tls=not args.no_resume,
+        **(telemetry or {}),
     )
     await sidecar.apply(spec)
     gc.collect()
     gc.freeze()  # as agent/sidecar.py does once serving
     gc.set_threshold(10_000, 10, 10)
     print("ready", flush=True)
+    if args.diagnose:
+        _log_slow_gc()
+        lag: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(_watch_loop_lag())
+    else:
+        lag = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if lag is not None:
+        lag.cancel()
     await sidecar.close(grace=0)
 
 
@@ -123,6 +185,12 @@ if __name__ == "__main__":
     parser.add_argument("--service", default="api")
     parser.add_argument(
         "--no-resume", action="store_true", help="full TLS handshakes on every dial (out side)"
+    )
+    parser.add_argument(
+        "--telemetry", action="store_true", help="metrics and access logs on (telemetry_switch)"
+    )
+    parser.add_argument(
+        "--diagnose", action="store_true", help="print loop lags over 20 ms and slow GCs"
     )
     parser.add_argument("--trust-domain", default="11111111-2222-3333-4444-555555555555.consul")
     uvloop.run(main(parser.parse_args()))
