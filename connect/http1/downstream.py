@@ -337,7 +337,11 @@ class Downstream(asyncio.Protocol):
             ex.start = time.monotonic()
         authorize = listener.authorize
         if authorize is not None and self.peer is not None:
-            verdict = authorize(self.peer, method, target, facts.host, headers)
+            # Decided on the Host the app will see: an HTTP/1.0 request without one is
+            # forwarded with the listener's default, so that is the authority decided on.
+            verdict = authorize(
+                self.peer, method, target, facts.host or listener.default_host, headers
+            )
             if ex.start:
                 ex.verdict = verdict
             if not verdict.allowed:

@@ -1,21 +1,14 @@
 """The Host the app receives is the Host the request was authorized for, also when the
 sidecar supplies it. An HTTP/1.0 request without Host, from a mesh leaf straight to the inbound
-port, is forwarded as HTTP/1.1 with `Host: api` (the service the sidecar serves), but the
-intentions engine decides it with no host at all: an L7 intention that denies by host (Istio
-`to.operation.hosts`, translated to an `:authority` header match) lets it through, and the app
-receives exactly the Host that was to be denied. Found by the HTTP fuzz target
-(tests/fuzz/http_proxy.py: its decision and the app's request disagreed on the host).
-
-The fix belongs in connect/http1/downstream.py (dp-reshape): authorize with the host
-that will be forwarded (`facts.host or listener.default_host`). Until then this test is an
-expected failure; when it passes, strict xfail makes the suite say so, and the tolerance in
-tests/fuzz/http_proxy.py (`tolerate_default_host`) should go."""
+port, is forwarded as HTTP/1.1 with `Host: api` (the service the sidecar serves); it used to be
+decided with no host at all, so an L7 intention that denies by host (Istio
+`to.operation.hosts`, translated to an `:authority` header match) let it through and the app
+received exactly the Host that was to be denied. Found by the HTTP fuzz target
+(tests/fuzz/http_proxy.py: its decision and the app's request disagreed on the host)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 from intentions.engine import Snapshot, compile_snapshot
 from intentions.entries import load_entry
@@ -38,11 +31,6 @@ def _deny_host_api() -> Snapshot:
     return compile_snapshot([entry], default_allow=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connect/http1/downstream.py authorizes an HTTP/1.0 request without Host with "
-    "host b'' but forwards it with the sidecar's default Host (fix on dp-reshape)",
-)
 async def test_http10_without_host_is_decided_on_the_host_it_is_forwarded_with(
     tmp_path: Path,
 ) -> None:

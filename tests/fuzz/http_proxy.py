@@ -79,7 +79,6 @@ def _policy() -> Snapshot:
 POLICY = _policy()
 
 
-DEFAULT_HOST = b"api"
 """The Host the inbound gives an HTTP/1.0 request that has none: the service it serves."""
 
 
@@ -114,16 +113,12 @@ class Outcome:
     received: list[Received]
     errors: list[str] = field(default_factory=list)
 
-    def problems(self, xfcc: bytes, *, tolerate_default_host: bool = True) -> list[str]:
+    def problems(self, xfcc: bytes) -> list[str]:
         found = list(self.errors)
         allowed = Counter((d.method, d.target, d.host) for d in self.decisions if d.allowed)
         got: Counter[tuple[bytes, bytes, bytes]] = Counter()
         for r in self.received:
             host = r.hosts[0] if len(r.hosts) == 1 else b"<%d Host fields>" % len(r.hosts)
-            if tolerate_default_host and host == DEFAULT_HOST and not allowed[(*r.key, host)]:
-                # Known, reported by test_http_known_gaps.py (xfail strict): an HTTP/1.0
-                # request without Host is decided with no host and forwarded with Host: api.
-                host = b""
             got[(*r.key, host)] += 1
         for key, count in got.items():
             if count > allowed[key]:
