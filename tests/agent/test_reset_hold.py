@@ -102,10 +102,12 @@ async def test_a_deregistration_without_a_reset_takes_effect_at_once() -> None:
 
 
 async def test_the_empty_answer_is_applied_once_the_grace_has_passed() -> None:
-    # 100 s pass once the third answer (nothing new at the held index) has been served.
+    # The reset is seen on the second answer, which the watch reads again at once (a reset
+    # invalidates its memo: every entry validated afresh); 100 s pass once the fourth answer
+    # (nothing new at the held index) has been served.
     snap, holding, _ = await _watch(
-        [(50, GOOD), (3, []), (3, [])],
-        clock=lambda fake: 1000.0 + (100.0 if fake.served >= 3 else 0.0),
+        [(50, GOOD), (3, []), (3, []), (3, [])],
+        clock=lambda fake: 1000.0 + (100.0 if fake.served >= 4 else 0.0),
     )
     assert snap is not None and snap.endpoints == ()
     assert not holding
