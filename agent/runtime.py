@@ -619,8 +619,13 @@ class AgentRuntime:
             watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
             pd = side.proxy_defaults_watch.state
             watches["proxy-defaults"] = {"failures": pd.failures, "last_success": pd.last_success}
+            reg = side.registration_watch.state
+            watches["sidecar-registration"] = {
+                "failures": reg.failures,
+                "last_success": reg.last_success,
+            }
             snapshot["snapshots_rejected"] = (
-                rejected + st.rejected + pd.rejected + side.intentions_broken_total
+                rejected + st.rejected + pd.rejected + reg.rejected + side.intentions_broken_total
             )
             snapshot["leaf_expires_at"] = side.leaf_expiry()
             material = side.rotator.current if side.rotator is not None else None

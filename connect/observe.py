@@ -22,6 +22,7 @@ DC downstream connection termination, DPE downstream protocol error; `-` when no
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from connect.http1.exchange import Exchange
     from connect.seams import Peer, Verdict
+    from connect.tracing import Tracing
+    from connect.tracing_settings import TracingSettings
 
 __all__ = [
     "BYTES_BUCKETS",
@@ -98,6 +101,8 @@ TCP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+_log = logging.getLogger("meshlet.observe")
+
 SEP = "\x1f"
 """Joins label values into one export key (no label value holds it)."""
 
@@ -258,15 +263,46 @@ class AccessSink(Protocol):
 
 
 class Telemetry:
-    """One process's observers: the metrics every listener feeds, and the access log while
-    one is configured (`access_log` can be set and cleared at any time: a proxy-defaults
-    change applies without touching the listeners)."""
+    """One process's observers: the metrics every listener feeds, and the access log and the
+    tracer while they are configured (`access_log` and `set_tracing` can change at any time:
+    a proxy-defaults change applies without touching the listeners)."""
 
     def __init__(self, service: str, principal: str = "", metrics: MeshMetrics | None = None):
         self.service = service
         self.principal = principal or "unknown"
         self.metrics = metrics if metrics is not None else MeshMetrics()
         self.access_log: AccessSink | None = None
+        self.tracing: Tracing | None = None
+        """While tracing is on (connect.tracing); None: the SDK is not even imported."""
+        self._tracing_counters: dict[str, int] = {}
+        """Of tracers turned off since (counters only grow)."""
+
+    def set_tracing(self, settings: TracingSettings | None) -> None:
+        """Trace with `settings` from the next request on (None or no endpoint: stop)."""
+        tracing = self.tracing
+        if settings is None or not settings.enabled:
+            if tracing is not None:
+                self.tracing = None
+                for k, v in tracing.counters().items():
+                    self._tracing_counters[k] = self._tracing_counters.get(k, 0) + v
+                tracing.close()
+            return
+        if tracing is None:
+            # The SDK and the OTLP exporter load here, the first time tracing is on.
+            from connect.tracing import Tracing
+
+            self.tracing = Tracing(self.service, settings)
+        elif tracing.settings != settings:
+            tracing.update(settings)
+
+    def tracing_counters(self) -> dict[str, int]:
+        """Spans exported, failed, dropped (queue full) since start; queued now."""
+        out = dict(self._tracing_counters)
+        out["queued"] = 0
+        if self.tracing is not None:
+            for k, v in self.tracing.counters().items():
+                out[k] = out.get(k, 0) + v if k != "queued" else v
+        return out
 
     def inbound(self, protocol: str) -> Side:
         return Side("destination", self.service, self.principal, protocol=protocol)
@@ -329,7 +365,15 @@ class HTTPSide:
         )
 
     def request(self, ex: Exchange, peer: Peer | None) -> None:
-        pass  # metrics are taken when it is done
+        # Metrics are taken when it is done; tracing (when on) decides and rewrites the head.
+        tracing = self.telemetry.tracing
+        if tracing is not None:
+            try:
+                tracing.request(self.side, ex, peer)
+            except Exception:
+                # Tracing must never break the exchange it traces (the head goes on as is).
+                ex.span = None
+                _log.exception("tracing a request failed")
 
     def response(self, ex: Exchange) -> None:
         pass
@@ -355,6 +399,11 @@ class HTTPSide:
         if ex.tries > 1:
             name = ex.cluster or self.side.remote_service
             self.metrics.retries[name] = self.metrics.retries.get(name, 0) + ex.tries - 1
+        span = ex.span
+        if span is not None:
+            ex.span = None
+            dest = self.services.get(ex.cluster, ex.cluster) if ex.cluster else ""
+            span.finish(self.side, ex, peer, duration, dest or self.side.remote_service)
         log = self.telemetry.access_log
         if log is not None:
             log.http(self.side, ex, peer, duration)

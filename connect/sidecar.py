@@ -52,6 +52,7 @@ from connect.observe import HTTPSide, Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
 from connect.stats import ProxyStats
+from connect.tracing_settings import TracingSettings
 from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.connect.sidecar")
@@ -134,6 +135,9 @@ class SidecarSpec:
     limits: ConnectionLimits | None = None
     """Caps on each listener's connections (connect.listener), taken by listeners as they
     start: a running listener keeps the caps it started with."""
+    tracing: TracingSettings | None = None
+    """The telemetry's tracing (connect.tracing_settings; None: off), applied to every
+    listener at once and without touching them."""
 
     def listeners(self) -> dict[str, ListenerSpec]:
         """Every listener by the address it binds (unique: the config checks it)."""
@@ -434,6 +438,8 @@ class Sidecar(Generic[S]):
             )
             changes = plan(old, spec)
             self.spec = spec
+            if self.telemetry is not None:
+                self.telemetry.set_tracing(spec.tracing)
             for gone in changes.stop:
                 self._retire(self.running.pop(gone.bind), spec.drain_grace)
             for before, _ in changes.replace:

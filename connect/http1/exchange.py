@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from connect.http1.upstream import UpConn
     from connect.seams import Verdict
+    from connect.tracing import OpenSpan
 
 __all__ = [
     "CLOSE",
@@ -162,6 +163,8 @@ class Exchange:
     """Observed: authorization's decision (inbound)."""
     upstream = ""
     """Observed: host:port (or endpoint key) of the upstream that answered."""
+    span: OpenSpan | None = None
+    """Its trace span while one is open (sampled, tracing on: connect.tracing)."""
 
     def __init__(
         self,
