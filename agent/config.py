@@ -439,7 +439,11 @@ class AccessLogsSection:
     )
     text_format: str = field(default="", metadata=_doc("A line of Envoy operators."))
     disable_listener_logs: bool | None = field(
-        default=None, metadata=_doc("Accepted as Consul's; meshlet has no listener rejections.")
+        default=None,
+        metadata=_doc(
+            "No log lines for connections the inbound listener refuses before they carry "
+            "anything (failed TLS handshakes, refused peers)."
+        ),
     )
 
     def overrides(self) -> dict[str, Any]:

@@ -756,7 +756,11 @@ class Sidecar:
             log.error("access logs unchanged: %s", exc)
             return
         if settings != self.access_log.settings:
-            log.info("access logs: %s", "on" if settings.enabled else "off (denials only)")
+            log.info(
+                "access logs: %s%s",
+                "on" if settings.enabled else "off (denials only)",
+                ", listener logs off" if settings.disable_listener_logs else "",
+            )
             self.access_log.settings = settings
 
     async def _fetch_intentions(self, index: int, wait: float) -> Indexed[IntentionsAnswer]:

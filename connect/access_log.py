@@ -61,9 +61,11 @@ class AccessLogSettings:
     json_format: str = ""
     text_format: str = ""
     disable_listener_logs: bool = False
-    """Consul's: no logs for connections rejected at the listener before any filter chain.
-    meshlet has no such connections (every accepted one is a request or a relay), so it
-    changes nothing; accepted so that a Consul entry that sets it is valid here."""
+    """Consul's: no logs for connections the listener rejects before any filter chain (in
+    Envoy: no matching filter chain, a failed TLS handshake). meshlet's inbound gate refuses
+    such connections itself (connect.inbound: failed handshakes, a peer that is not a service
+    of the trust domain, a connection intention's deny) and logs each one as a listener log
+    (`"listener": true`, the reason in `listener_refusal`) unless this is set."""
 
 
 _KEYS = {
@@ -86,6 +88,7 @@ OPERATORS = {
     "UPSTREAM_HOST": "upstream_host",
     "UPSTREAM_CLUSTER": "upstream_cluster",
     "DOWNSTREAM_PEER_URI_SAN": "peer",
+    "DOWNSTREAM_REMOTE_ADDRESS": "downstream_remote_address",
 }
 """Envoy command operators this log knows -> the record field each one is."""
 _HEADER_FIELDS = {
@@ -230,6 +233,24 @@ def tcp_record(
     }
 
 
+def listener_record(side: Side, address: str, reason: str, now: float) -> dict[str, Any]:
+    """A connection refused before it carried anything: no bytes, no upstream."""
+    return {
+        "start_time": _iso(now),
+        "duration_ms": 0,
+        "protocol": "TCP",
+        "response_flags": "-",
+        "bytes_received": 0,
+        "bytes_sent": 0,
+        "upstream_host": "",
+        "upstream_cluster": side.local_service,
+        "reporter": side.reporter,
+        "downstream_remote_address": address,
+        "listener": True,
+        "listener_refusal": reason,
+    }
+
+
 def _render(template: str, record: Mapping[str, Any]) -> str:
     headers: Mapping[str, str] = record.get("_headers") or {}
 
@@ -313,6 +334,12 @@ class AccessLog:
             return
         self._put(("tcp", side, peer, received, sent, flags, start, upstream, self._clock()))
 
+    def listener(self, side: Side, address: str, reason: str) -> None:
+        s = self.settings
+        if not s.enabled or s.disable_listener_logs:
+            return
+        self._put(("listener", side, address, reason, self._clock()))
+
     def drain_pending(self) -> int:
         """Records queued and not yet written."""
         return len(self._queue)
@@ -325,6 +352,9 @@ class AccessLog:
             if item[0] == "http":
                 _, side, ex, peer, duration, now = item
                 record = http_record(side, ex, peer, duration, now)
+            elif item[0] == "listener":
+                _, side, address, reason, now = item
+                record = listener_record(side, address, reason, now)
             else:
                 _, side, peer, received, sent, flags, start, upstream, now = item
                 record = tcp_record(

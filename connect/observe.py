@@ -247,6 +247,10 @@ def _principal_of(local_principal: str, service: str) -> str:
 class AccessSink(Protocol):
     """Where access-log records go (connect.access_log.AccessLog): never blocks."""
 
+    def listener(self, side: Side, address: str, reason: str) -> None:
+        """A connection the listener refused before it carried anything (Consul's listener
+        logs: a failed TLS handshake, a peer that is not a service of the trust domain)."""
+
     def http(self, side: Side, ex: Exchange, peer: Peer | None, duration: float) -> None: ...
 
     def tcp(
@@ -306,6 +310,12 @@ class Telemetry:
 
     def inbound(self, protocol: str) -> Side:
         return Side("destination", self.service, self.principal, protocol=protocol)
+
+    def listener_refused(self, address: str, reason: str) -> None:
+        """An inbound listener refused a connection (connect.inbound.InboundGate.on_refused)."""
+        log = self.access_log
+        if log is not None:
+            log.listener(self.inbound("tcp"), address, reason)
 
     def upstream(self, name: str, protocol: str) -> Side:
         return Side(

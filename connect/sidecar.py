@@ -519,6 +519,7 @@ class Sidecar(Generic[S]):
             )
             if self.telemetry is not None:
                 listener.observer = self.telemetry.http(self.telemetry.inbound("http"))
+                gate.on_refused = self.telemetry.listener_refused
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.
             gate = InboundGate(
@@ -531,6 +532,7 @@ class Sidecar(Generic[S]):
             listener = InboundL4(gate, spec.app_host, spec.app_port)
             if self.telemetry is not None:
                 listener.observer = self.telemetry.tcp(self.telemetry.inbound("tcp"))
+                gate.on_refused = self.telemetry.listener_refused
         return Running(spec, listener)
 
     def _build_upstream(self, spec: UpstreamSpec) -> Running:

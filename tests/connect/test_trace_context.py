@@ -163,5 +163,5 @@ def test_settings_merge_and_refusals() -> None:
     ):
         with pytest.raises(ValueError, match=field):
             effective_tracing(block)
-    with pytest.raises(ValueError, match="service proxy Config.tracing.sampling_percent"):
+    with pytest.raises(ValueError, match=r"service proxy Config\.tracing\.sampling_percent"):
         effective_tracing(mesh, {"sampling_percent": 200})
