@@ -342,15 +342,15 @@ class HTTPSide:
         self.metrics = telemetry.metrics
         self.side = side
         self._inbound = side.reporter == "destination"
-        self._keys: dict[tuple[str, int, str], _Series] = {}
-        """(peer URI or cluster, status, flags) -> its series: one dict look-up per request
+        self._keys: dict[tuple[str, int, str, str], _Series] = {}
+        """(peer URI or cluster, status, flags, grpc status) -> its series: one dict look-up per request
         once the combination has been seen."""
         self.services: dict[str, str] = {}
         """Caller's side: a routed cluster's name (a discovery-chain target ID such as
         `v1.api.default.default.dc1`) -> the Consul service it reaches, which is what
         `destination_service*` carry. Set by whoever applies the routing."""
 
-    def _labels(self, remote: str, status: int, flags: str) -> tuple[str, ...]:
+    def _labels(self, remote: str, status: int, flags: str, grpc: str) -> tuple[str, ...]:
         s = self.side
         if self._inbound:
             src_wl, src_p = _service_of(remote), remote or "unknown"
@@ -370,7 +370,7 @@ class HTTPSide:
             s.protocol,
             str(status),
             flags,
-            "-",
+            grpc,
             s.security,
         )
 
@@ -386,15 +386,18 @@ class HTTPSide:
                 _log.exception("tracing a request failed")
 
     def response(self, ex: Exchange) -> None:
-        pass
+        headers = ex.response_headers
+        if headers is not None:
+            ex.grpc_status = grpc_status_of(headers)
 
     def done(self, ex: Exchange, peer: Peer | None, duration: float) -> None:
         status, flags = ex.status, ex.flags
         remote = (peer.uri if peer is not None else "") if self._inbound else ex.cluster
-        key = (remote, status, flags)
+        grpc = ex.grpc_status
+        key = (remote, status, flags, grpc)
         s = self._keys.get(key)
         if s is None:
-            s = self._keys[key] = self.metrics.series(self._labels(remote, status, flags))
+            s = self._keys[key] = self.metrics.series(self._labels(remote, status, flags, grpc))
         s.count += 1
         ms = duration * 1000.0
         s.dur[bisect_left(DURATION_BUCKETS_MS, ms)] += 1
@@ -469,6 +472,28 @@ class TCPSide:
                 start=start,
                 upstream=upstream,
             )
+
+
+_GRPC_STATUSES = {str(n): str(n) for n in range(17)}
+"""gRPC's status codes (0 OK to 16 UNAUTHENTICATED): the label takes nothing else, so its
+cardinality stays bounded whatever an upstream writes."""
+
+
+def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The grpc-status of a gRPC response head (content-type application/grpc...), "-" for
+    anything else. Over HTTP/1 only a trailers-only answer (an error, or a proxy's) carries it
+    in its head; a status sent as a trailer after a body is not read (see
+    docs/observability.md)."""
+    grpc = False
+    status = b""
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == b"content-type":
+            grpc = value[:16].lower() == b"application/grpc"
+        elif len(name) == 11 and name.lower() == b"grpc-status":
+            status = value.strip()
+    if not grpc or not status:
+        return "-"
+    return _GRPC_STATUSES.get(status.decode("latin-1"), "other")
 
 
 def verdict_rule(verdict: Verdict | None) -> str:
