@@ -343,8 +343,8 @@ class HTTPSide:
         self.side = side
         self._inbound = side.reporter == "destination"
         self._keys: dict[tuple[str, int, str, str], _Series] = {}
-        """(peer URI or cluster, status, flags, grpc status) -> its series: one dict look-up per request
-        once the combination has been seen."""
+        """(peer URI or cluster, status, flags, grpc status) -> its series: one dict look-up
+        per request once the combination has been seen."""
         self.services: dict[str, str] = {}
         """Caller's side: a routed cluster's name (a discovery-chain target ID such as
         `v1.api.default.default.dc1`) -> the Consul service it reaches, which is what
