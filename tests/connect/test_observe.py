@@ -134,11 +134,14 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting() -> None:
     assert log.written == 2
 
 
-async def _grpc_app() -> tuple[asyncio.Server, int]:
+async def _grpc_app() -> tuple[asyncio.Server, int, list[asyncio.StreamWriter]]:
     """An app answering every request as a gRPC server's trailers-only error does over
     HTTP/1.1: status 200, content-type application/grpc, grpc-status in the head."""
 
+    writers: list[asyncio.StreamWriter] = []
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -153,7 +156,7 @@ async def _grpc_app() -> tuple[asyncio.Server, int]:
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    return server, server.sockets[0].getsockname()[1], writers
 
 
 async def test_grpc_status_label_comes_from_the_response_head(ca: ProxyTestCA) -> None:
@@ -163,7 +166,7 @@ async def test_grpc_status_label_comes_from_the_response_head(ca: ProxyTestCA) -
     from connect.stats import ProxyStats
     from tests.connect.test_http_proxy import INTENTIONS, Identity
 
-    app, port = await _grpc_app()
+    app, port, app_conns = await _grpc_app()
     _, authorize = intentions_authorizers(lambda: INTENTIONS, Identity("api"))
     gate = InboundGate(ca.server_context(ca.leaf("api")), PeerCache(ca.verifier()), ProxyStats())
     inbound = InboundHTTP(gate, "127.0.0.1", port, authorize=authorize, local_uri=spiffe("api"))
@@ -196,6 +199,8 @@ async def test_grpc_status_label_comes_from_the_response_head(ca: ProxyTestCA) -
         await outbound.close(grace=0)
         await inbound.close(grace=0)
         app.close()
+        for conn in app_conns:
+            conn.close()
         await app.wait_closed()
     for telemetry in (web, api):
         counts = {}

@@ -295,3 +295,41 @@ def test_the_sdk_is_not_loaded_while_tracing_is_off() -> None:
         "t.set_tracing(None)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.fixture
+def override_mesh(tmp_path: Path) -> Iterator[Mesh]:
+    """Both sidecars' agent.yaml give their own tracing: registered as the sidecars'
+    Proxy.Config.tracing, and read back from Consul by the sidecars."""
+    m = Mesh(tmp_path, "http")
+    m.certs = "telemetry: {tracing: {sampling_percent: 100, propagation: [w3c]}}\n"
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_service_s_own_tracing_overrides_proxy_defaults(
+    override_mesh: Mesh, receiver: OTLPReceiver
+) -> None:
+    mesh = override_mesh
+    web = mesh.sidecars["web"]
+    registered = _json("GET", f"http://{mesh.consul}/v1/catalog/service/web-sidecar-proxy")
+    assert registered[0]["ServiceProxy"]["Config"]["tracing"] == {
+        "sampling_percent": 100.0,
+        "propagation": ["w3c"],
+    }
+    # The mesh-wide entry says 0 %; web's own 100 % wins, the endpoint comes from the mesh.
+    _put_tracing(mesh.consul, {"otlp_endpoint": receiver.endpoint, "sampling_percent": 0})
+    wait_line(web, "tracing: on, 100% of new traces")
+    wait_line(web, "(propagation w3c)")
+    client = Client(mesh.web_upstream)
+    try:
+        clients, servers = _traced_share(client, receiver, 50, "own")
+        assert (clients, servers) == (50, 50)
+        st = status(mesh.web_admin)["proxy"]["tracing"]
+        assert st["sampling_percent"] == 100.0 and st["propagation"] == ["w3c"]
+    finally:
+        client.close()
