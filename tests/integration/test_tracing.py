@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.status_cli import render
 from tests.integration.otlp_receiver import OTLPReceiver, Span
 from tests.integration.test_sidecar_mesh import DEADLINE, Mesh, _json, status, wait_line
 
@@ -254,6 +255,8 @@ def test_spans_through_two_sidecars_follow_proxy_defaults(
             time.sleep(0.05)
         assert "sampling_percent" in st["last_error"]
         assert st["sampling_percent"] == 10.0 and st["on"]
+        table = render(status(mesh.web_admin), time.time())
+        assert "tracing" in table and "sampling_percent" in table and "10% to http" in table
         assert "meshlet_config_snapshots_rejected_total" in _metrics(mesh.web_admin)
 
         # Changed again without a restart: no new trace is sampled (the marker, sampled=1
