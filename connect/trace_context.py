@@ -18,8 +18,9 @@ specification in openzipkin/b3-propagation (single header `b3: {TraceId}-{SpanId
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from connect.tracing_settings import B3, W3C
 
@@ -54,9 +55,8 @@ _TRACESTATE_MAX = 512
 _TRACESTATE_MEMBERS = 32
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """What a request's headers say of its trace."""
+class Incoming(NamedTuple):
+    """What a request's headers say of its trace (a tuple: made per request, cheaply)."""
 
     trace_id: int = 0
     """0: no parent (a new trace starts here)."""
@@ -92,23 +92,24 @@ def _tracestate(values: Sequence[bytes]) -> str:
     return b",".join(members).decode("ascii")
 
 
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(.*)", re.S)
+
+
 def parse_traceparent(value: bytes, tracestate: Sequence[bytes] = ()) -> Incoming | None:
     """W3C traceparent `version-traceid-parentid-flags`; None when it is not valid."""
-    value = value.strip()
-    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+    m = _TRACEPARENT.fullmatch(value.strip())
+    if m is None:
         return None
-    version = value[:2]
-    if not _HEX.issuperset(version) or version == b"ff":
+    version, trace, span, flags, rest = m.groups()
+    if version == b"ff" or (rest and (version == b"00" or rest[:1] != b"-")):
+        # ff is invalid; 00 has exactly four fields; a later version may append fields,
+        # always after a dash.
         return None
-    if version == b"00" and len(value) != 55:
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
         return None
-    if len(value) > 55 and value[55:56] != b"-":
-        return None  # a later version may append fields, always after a dash
-    trace_id, span_id = _hex(value[3:35], 32), _hex(value[36:52], 16)
-    flags = value[53:55]
-    if not trace_id or not span_id or not _HEX.issuperset(flags):
-        return None
-    return Incoming(trace_id, span_id, bool(int(flags, 16) & 1), _tracestate(tracestate))
+    state = _tracestate(tracestate) if tracestate else ""
+    return Incoming(trace_id, span_id, bool(int(flags, 16) & 1), state)
 
 
 def _b3_id(value: bytes, *, trace: bool) -> int:
@@ -171,11 +172,17 @@ def parse_b3_multi(fields: dict[bytes, bytes]) -> Incoming | None:
     return Incoming(trace_id, span_id, sampled)
 
 
-def extract(headers: Sequence[tuple[bytes, bytes]], propagation: Sequence[str]) -> Incoming:
+def extract(
+    headers: Sequence[tuple[bytes, bytes]],
+    propagation: Sequence[str],
+    names: frozenset[bytes] | None = None,
+) -> Incoming:
     """The parent context the request's headers carry (`NONE` when none is valid). A
-    decision without IDs (B3 `0`/`1`) is kept as a decision for a new trace."""
+    decision without IDs (B3 `0`/`1`) is kept as a decision for a new trace. `names`:
+    `strip_names(propagation)`, when the caller keeps it."""
     wanted: dict[bytes, list[bytes]] = {}
-    names = strip_names(propagation)
+    if names is None:
+        names = strip_names(propagation)
     for name, value in headers:
         lower = name.lower()
         if lower in names:

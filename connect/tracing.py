@@ -235,7 +235,7 @@ class Tracing:
     def request(self, side: Side, ex: Exchange, peer: Peer | None) -> None:
         """The exchange's head: decide, maybe start a span, rewrite the head sent on."""
         settings = self.settings
-        incoming = extract(ex.headers, settings.propagation)
+        incoming = extract(ex.headers, settings.propagation, self._names)
         sampled = decide(incoming, settings.sampling_percent, self.rng)
         rng = self.rng
         if sampled:
