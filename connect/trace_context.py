@@ -176,10 +176,12 @@ def extract(
     headers: Sequence[tuple[bytes, bytes]],
     propagation: Sequence[str],
     names: frozenset[bytes] | None = None,
+    seen: list[bytes] | None = None,
 ) -> Incoming:
     """The parent context the request's headers carry (`NONE` when none is valid). A
     decision without IDs (B3 `0`/`1`) is kept as a decision for a new trace. `names`:
-    `strip_names(propagation)`, when the caller keeps it."""
+    `strip_names(propagation)`, when the caller keeps it; `seen` gets the names (as sent) of
+    the propagators' fields the request has, for `strip_head`."""
     wanted: dict[bytes, list[bytes]] = {}
     if names is None:
         names = strip_names(propagation)
@@ -187,6 +189,8 @@ def extract(
         lower = name.lower()
         if lower in names:
             wanted.setdefault(lower, []).append(value)
+            if seen is not None and name not in seen:
+                seen.append(name)
     if not wanted:
         return NONE
     decision: Incoming | None = None
@@ -254,11 +258,15 @@ def strip_names(propagation: Sequence[str]) -> frozenset[bytes]:
     return out
 
 
-def strip_head(head: bytes, names: frozenset[bytes], lines: bytes) -> bytes:
-    """`head` (a serialized request head) without the fields named `names`, with `lines`
-    added after the request line."""
-    first, _, rest = head.partition(b"\r\n")
-    kept = [
-        line for line in rest.split(b"\r\n") if line.partition(b":")[0].strip().lower() not in names
-    ]
-    return first + b"\r\n" + lines + b"\r\n".join(kept)
+def strip_head(head: bytes, names: Sequence[bytes], lines: bytes) -> bytes:
+    """`head` (a serialized request head, fields as `Name: value`) without the fields whose
+    name is one of `names` (as sent: `extract`'s `seen`), with `lines` added after the
+    request line. Most requests carry none: then nothing is searched."""
+    for name in names:
+        marker = b"\r\n" + name + b":"
+        at = head.find(marker)
+        while at >= 0:
+            head = head[:at] + head[head.find(b"\r\n", at + 2) :]
+            at = head.find(marker, at)
+    cut = head.find(b"\r\n") + 2
+    return head[:cut] + lines + head[cut:]

@@ -235,7 +235,8 @@ class Tracing:
     def request(self, side: Side, ex: Exchange, peer: Peer | None) -> None:
         """The exchange's head: decide, maybe start a span, rewrite the head sent on."""
         settings = self.settings
-        incoming = extract(ex.headers, settings.propagation, self._names)
+        seen: list[bytes] = []
+        incoming = extract(ex.headers, settings.propagation, self._names, seen)
         sampled = decide(incoming, settings.sampling_percent, self.rng)
         rng = self.rng
         if sampled:
@@ -276,7 +277,7 @@ class Tracing:
             parent_span_id=incoming.span_id,
             tracestate=incoming.tracestate,
         )
-        ex.head = strip_head(ex.head, self._names, lines)
+        ex.head = strip_head(ex.head, seen, lines)
 
 
 def _request_attributes(side: Side, ex: Exchange) -> dict[str, Any]:

@@ -136,10 +136,20 @@ def test_inject_and_strip() -> None:
         b"GET /x HTTP/1.1\r\nhost: api\r\nTraceParent: junk\r\nX-B3-Sampled: 1\r\n"
         b"x-request-id: r1\r\n\r\n"
     )
-    out = strip_head(head, strip_names(BOTH), b"traceparent: new\r\n")
+    headers = [(b"host", b"api"), (b"TraceParent", b"junk"), (b"X-B3-Sampled", b"1")]
+    seen: list[bytes] = []
+    extract(headers, BOTH, strip_names(BOTH), seen)
+    assert seen == [b"TraceParent", b"X-B3-Sampled"]
+    out = strip_head(head, seen, b"traceparent: new\r\n")
     assert out == b"GET /x HTTP/1.1\r\ntraceparent: new\r\nhost: api\r\nx-request-id: r1\r\n\r\n"
     # Only the configured propagators' fields are replaced.
-    assert b"X-B3-Sampled" in strip_head(head, strip_names(("w3c",)), b"")
+    seen = []
+    extract(headers, ("w3c",), None, seen)
+    assert seen == [b"TraceParent"]
+    assert b"X-B3-Sampled" in strip_head(head, seen, b"")
+    # Repeated fields all go.
+    twice = b"GET / HTTP/1.1\r\nb3: 1\r\nhost: a\r\nb3: 0\r\n\r\n"
+    assert strip_head(twice, [b"b3"], b"") == b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
 
 
 def test_settings_merge_and_refusals() -> None:
