@@ -171,7 +171,11 @@ def _head_fields(ex: Exchange) -> dict[str, str]:
     if at >= 0:
         start = at + len(REQUEST_ID) + 3
         out["request_id"] = head[start : head.find(b"\r\n", start)].strip().decode("latin-1")
-    parts = out.get(":traceparent", "").split("-")
+    # The traceparent sent on: the sidecar's own when tracing is on (it starts the trace when
+    # the client brought none), else the client's as it came.
+    at = head.find(b"\r\ntraceparent:")
+    sent = head[at + 14 : head.find(b"\r\n", at + 14)] if at >= 0 else b""
+    parts = (sent.strip().decode("latin-1") or out.get(":traceparent", "")).split("-")
     if len(parts) == 4:
         out["trace_id"] = parts[1]
     return out

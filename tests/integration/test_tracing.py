@@ -8,6 +8,7 @@ propagate is checked where it lands.
 from __future__ import annotations
 
 import http.client
+import json
 import subprocess
 import sys
 import threading
@@ -95,7 +96,12 @@ class Client:
 
 
 def _put_tracing(consul: str, tracing: dict[str, Any]) -> None:
-    entry = {"Kind": "proxy-defaults", "Name": "global", "Config": {"tracing": tracing}}
+    entry = {
+        "Kind": "proxy-defaults",
+        "Name": "global",
+        "Config": {"tracing": tracing},
+        "AccessLogs": {"Enabled": True, "Type": "stdout"},
+    }
     assert _json("PUT", f"http://{consul}/v1/config", entry) is True
 
 
@@ -181,6 +187,10 @@ def test_spans_through_two_sidecars_follow_proxy_defaults(
         assert got["x-b3-spanid"] == s.span_id
         assert got["x-b3-sampled"] == "1"
         assert got["x-request-id"] == "req-one"  # kept end to end
+        # The access logs name the trace web started (the app sent no traceparent).
+        for proc in (web, api):
+            line = wait_line(proc, '"request_id":"req-one"')
+            assert json.loads(line)["trace_id"] == c.trace_id
 
         # A 5xx is an error on both spans.
         assert client.get("/fail", "req-fail") == 500
