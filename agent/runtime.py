@@ -111,6 +111,7 @@ class AgentRuntime:
                 clock=clock,
                 reuse_port=shared,
                 claim_ports=shared,
+                proxy_id=external.proxy_id if external is not None else "",
             )
             if sidecar
             else None

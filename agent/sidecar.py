@@ -222,12 +222,16 @@ class Sidecar:
         clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
         claim_ports: bool = False,
+        proxy_id: str = "",
     ) -> None:
-        """`reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
+        """`proxy_id`: the sidecar's registration whose Proxy.Config.tracing applies (default:
+        the one meshlet registers, `<service id>-sidecar-proxy`; Nomad names its own).
+        `reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
         group binds the same ports). `claim_ports`: first check that no other socket holds
         them (the group's first process), so a port already taken fails at start as it does
         without SO_REUSEPORT instead of being silently shared with a stranger."""
         self.config = config
+        self._proxy_id = proxy_id
         self._reuse_port = reuse_port
         self._claim_ports = claim_ports
         self._env = dict(env)
@@ -575,9 +579,10 @@ class Sidecar:
         if self.chains is not None:
             for up in config.sidecar.upstreams:
                 self.chains.upstream(up.name)
-        spec = sidecar_spec(config, self.tls.material.leaf.service_uri, protocol, self.tracing)
+        spec = sidecar_spec(config, self.tls.material.leaf.service_uri, protocol)
         await self._first_endpoints(spec)
-        return await self.proxy.apply(spec)
+        # The tracing in force now: it may have changed while the endpoints were awaited.
+        return await self.proxy.apply(dataclasses.replace(spec, tracing=self.tracing))
 
     def _protocol_changed(self) -> None:
         """A chain's protocol changed: an upstream that takes it gets its listener replaced."""
@@ -706,7 +711,7 @@ class Sidecar:
     def _decode_registration(self, instances: tuple[CatalogService, ...], index: int) -> None:
         """This sidecar's own registration's Proxy.Config.tracing (absent: the mesh's);
         a block meshlet cannot use is refused and the settings in force stay."""
-        me = sidecar_id(self.config.service.service_id)
+        me = self._proxy_id or sidecar_id(self.config.service.service_id)
         proxy = next((i.proxy for i in instances if i.service_id == me), None)
         tracing = proxy.config.get("tracing") if proxy is not None else None
         try:
