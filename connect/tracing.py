@@ -266,7 +266,9 @@ class Tracing:
             ex.span = open_span
             ctx = span.get_span_context()
             trace_id, span_id = ctx.trace_id, ctx.span_id
-        else:
+        if not sampled or not trace_id:
+            # Unsampled (or the SDK disabled by OTEL_SDK_DISABLED, which makes no span): the
+            # context still travels on, with IDs of our own.
             trace_id = incoming.trace_id or rng.getrandbits(128) or 1
             span_id = rng.getrandbits(64) or 1
         lines = inject(
