@@ -302,6 +302,31 @@ def test_an_entry_is_named_by_its_position_when_only_it_changed() -> None:
         raise AssertionError(f"{bad!r} was accepted")
 
 
+def test_a_large_answer_reports_a_shape_error_before_any_content_error() -> None:
+    # Past a few changed entries, shapes are checked in a pass of their own: the answer's
+    # result must still be what checking every shape first gives.
+    entries = [_entry(f"s{i:03d}", 21000) for i in range(200)]
+    good = decode_answer(KEY, _body(entries), EMPTY_MEMO)
+    expected = full(entries, 1)
+    assert snapshot_of(KEY, good.endpoints, 1, 0.0, in_order=good.in_order) == expected
+    foreign = copy.deepcopy(entries)
+    foreign[10]["Service"]["Proxy"]["DestinationServiceName"] = "db"
+    try:
+        decode_answer(KEY, _body(foreign), EMPTY_MEMO)
+    except SnapshotRejected as exc:
+        assert "n1/s010" in str(exc), exc
+    else:
+        raise AssertionError("a proxy for db was accepted")
+    foreign[180]["Service"]["Port"] = "21000"
+    for memo in (EMPTY_MEMO, good.memo):
+        try:
+            decode_answer(KEY, _body(foreign), memo)
+        except ShapeError as exc:
+            assert "$[180].Service.Port" in str(exc), exc
+        else:
+            raise AssertionError("a string port was accepted")
+
+
 def test_fingerprints_are_the_bytes_when_pythonhashseed_fixes_the_hash_key() -> None:
     # A known hash key would let whoever registers an instance make its entry collide with
     # another's: the memo then compares bytes.
