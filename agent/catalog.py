@@ -266,8 +266,12 @@ def hash_key_is_secret(environ: Mapping[str, str], *, ignore_environment: bool) 
     return ignore_environment or environ.get("PYTHONHASHSEED", "") in ("", "random")
 
 
-_HASH_IS_SECRET = hash_key_is_secret(
-    os.environ, ignore_environment=bool(sys.flags.ignore_environment)
+# SipHash with a 64-bit result is CPython's default; a build with another string hash (FNV)
+# gets byte fingerprints too.
+_HASH_IS_SECRET = (
+    hash_key_is_secret(os.environ, ignore_environment=bool(sys.flags.ignore_environment))
+    and sys.hash_info.algorithm.startswith("siphash")
+    and sys.hash_info.hash_bits >= 64
 )
 
 Fingerprint = int | bytes
