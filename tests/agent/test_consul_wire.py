@@ -10,7 +10,7 @@ import pytest
 
 from agent.consul import ConsulClient
 from agent.consul_config import ConsulConfig
-from agent.consul_errors import ConsulConfigError
+from agent.consul_errors import ConsulBadResponse, ConsulConfigError
 from devstack.server import DevServer
 from tests.agent.conftest import SocketServer, read_request_head, relay_to
 
@@ -101,3 +101,34 @@ async def test_parked_blocking_queries_hold_one_connection_each_and_reuse_them(
         for _ in range(5):
             await consul.status.leader()
         assert relay.connections <= 21
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        # Two framings at once: which one ends the body is what request smuggling plays on.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+            b"X-Consul-Index: 3\r\n\r\n0\r\n\r\n",
+            "not an HTTP answer",
+        ),
+        # Two indexes: the watch cannot know which state the answer is.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Consul-Index: 3\r\n"
+            b"X-Consul-Index: 9\r\n\r\n[]",
+            "X-Consul-Index '3, 9' is not",
+        ),
+    ],
+)
+async def test_an_ambiguous_answer_is_a_bad_response(reply: bytes, error: str) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(reply)
+        await writer.drain()
+
+    async with (
+        SocketServer(answer) as server,
+        ConsulClient(ConsulConfig(address=server.address, timeout=5.0)) as consul,
+    ):
+        with pytest.raises(ConsulBadResponse, match=error):
+            await consul.health.service("web")
