@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from devstack.acl import ACLNotFound, Identity, PermissionDenied
+from devstack.bexpr import Filter, FilterError, Schema, compile_filter
 from devstack.decode import DecodeError, Spec, decode
 from devstack.durations import DurationError, parse_duration
-from devstack.filter import Filter, FilterError, Schema, compile_filter
 
 if TYPE_CHECKING:
     from devstack.server import DevServer

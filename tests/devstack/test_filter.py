@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devstack.filter import (
+from devstack.bexpr import (
     BOOL,
     FLOAT64,
     INT,
