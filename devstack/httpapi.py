@@ -208,6 +208,10 @@ class Router:
         else:
             self._exact[path] = route
 
+    def routes(self) -> list[Route]:
+        """Every route served, exact ones first (tests check each has its ACL check)."""
+        return [*self._exact.values(), *self._prefix]
+
     def match(self, path: str) -> Route | None:
         route = self._exact.get(path)
         if route is not None:
