@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from devstack.bexpr import FilterError, check_syntax
 from devstack.decode import (
     ACCESS_LOGS,
     ANY,
@@ -34,7 +35,6 @@ from devstack.decode import (
     Spec,
     Struct,
 )
-from devstack.filter import FilterError, check_syntax
 from intentions.entries import (
     KIND as INTENTIONS_KIND,
 )
