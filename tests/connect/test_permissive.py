@@ -45,10 +45,11 @@ ALLOW_WEB = {"Name": "web", "Action": "allow"}
 DENY_WEB = {"Name": "web", "Action": "deny"}
 
 
-def intentions(*sources: Mapping[str, Any]) -> Snapshot:
-    """api's entry with `sources`; no other intention, default deny (ACLs default deny)."""
+def intentions(*sources: Mapping[str, Any], default_allow: bool = False) -> Snapshot:
+    """api's entry with `sources`; no other intention; the default deny (ACLs default deny)
+    unless `default_allow`."""
     entry = load_entry({"Kind": "service-intentions", "Name": "api", "Sources": list(sources)})
-    return compile_snapshot([entry], default_allow=False)
+    return compile_snapshot([entry], default_allow=default_allow)
 
 
 @dataclass
@@ -81,13 +82,14 @@ async def site(
     permissive: bool = True,
     handshake_timeout: float = 10.0,
     limits: HTTPLimits | None = None,
+    default_allow: bool = False,
 ) -> AsyncIterator[Site]:
     """devstack; api's inbound listener (http or l4) in front of a recording app, with
     MutualTLSMode `permissive` or strict; web's leaf for the mTLS caller."""
     async with dev_mesh() as mesh:
         api = await mesh.tls("api")
         web = await mesh.tls("web")
-        holder = [intentions(*sources)]
+        holder = [intentions(*sources, default_allow=default_allow)]
         connection, request = intentions_authorizers(lambda: holder[0], Identity("api"))
         gate = InboundGate(
             api.listener_context(),
@@ -195,6 +197,28 @@ async def test_permissive_plaintext_with_only_a_named_source_allowed_is_denied()
         # The named source itself is allowed over mTLS.
         assert status(await exchange(s.port, get(b"/ok"), s.web_context())) == 200
         assert [r.target for r in s.http_app.received] == [b"/ok"]
+
+
+async def test_plaintext_is_denied_where_only_the_default_policy_would_allow_it() -> None:
+    # Default allow (Consul without ACLs): a mesh identity no intention names is allowed,
+    # plaintext is not; nor when a `*` L7 intention has no permission for the request.
+    wildcard_l7 = {
+        "Name": "*",
+        "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/public"}}],
+    }
+    async with site("http", ALLOW_WEB, default_allow=True) as s:
+        assert status(await exchange(s.port, get(b"/anon"))) == 403
+        assert s.http_app is not None and s.http_app.received == []
+    async with site("http", wildcard_l7, default_allow=True) as s:
+        assert status(await exchange(s.port, get(b"/other"))) == 403
+        assert status(await exchange(s.port, get(b"/public"))) == 200
+        # web falls to the default for a request no permission matches: allowed.
+        assert status(await exchange(s.port, get(b"/other"), s.web_context())) == 200
+        assert s.http_app is not None
+        assert [r.target for r in s.http_app.received] == [b"/public", b"/other"]
+    async with site("l4", ALLOW_WEB, default_allow=True) as s:
+        assert await exchange(s.port, b"hello") == b""
+        assert s.tcp_app is not None and s.tcp_app.accepted == 0
 
 
 async def test_plaintext_forging_xfcc_meshlet_headers_and_a_spiffe_host_gets_nothing_more() -> None:
