@@ -15,19 +15,23 @@ import contextlib
 import dataclasses
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from connect.access_log import http_record, tcp_record
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.http1 import HTTPLimits, InboundHTTP
+from connect.http1.exchange import Exchange
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4
-from connect.observe import Telemetry
+from connect.observe import Side, Telemetry
 from connect.peers import service_peers
+from connect.seams import Peer
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, plan
 from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
@@ -279,8 +283,23 @@ async def test_a_silent_connection_is_closed_at_the_handshake_timeout_in_permiss
         assert s.http_app is not None and s.http_app.received == []
 
 
-async def test_plaintext_is_labelled_in_metrics_and_stats() -> None:
+class _Records:
+    """An AccessSink keeping the records the access log would write (connect.access_log)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def http(self, side: Side, ex: Exchange, peer: Peer | None, duration: float) -> None:
+        self.records.append(http_record(side, ex, peer, duration, time.time()))
+
+    def tcp(self, side: Side, peer: Peer | None, **kw: Any) -> None:
+        self.records.append(tcp_record(side, peer, now=time.time(), **kw))
+
+
+async def test_plaintext_is_labelled_in_metrics_stats_and_the_access_log() -> None:
     async with site("http", ALLOW_ANY) as s:
+        records = _Records()
+        s.telemetry.access_log = records
         assert status(await exchange(s.port, get())) == 200
         assert status(await exchange(s.port, get(), s.web_context())) == 200
         series = s.telemetry.metrics.export()["http"]
@@ -288,6 +307,10 @@ async def test_plaintext_is_labelled_in_metrics_and_stats() -> None:
         assert len(plain) == 1 and "unknown" in plain[0]
         assert len([k for k in series if k.endswith("mutual_tls")]) == 1
         assert s.stats.plaintext_connections == 1
+        assert [r["peer"] for r in records.records] == [
+            "plaintext",
+            s.web.material.leaf.service_uri,
+        ]
 
 
 # ---- L4 --------------------------------------------------------------------------------------
