@@ -249,6 +249,11 @@ def test_permissive_is_refused_unless_the_mesh_entry_allows_it(
     # No mesh entry (404): refused before anything is written, naming the flag.
     assert "AllowEnablingPermissiveMutualTLS" in done.stderr
     assert _entry(base, "service-defaults", "api") is None
+    # Once the mesh entry allows it, the same input is written.
+    _call(base, "PUT", "/v1/config", {"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": True})
+    done = _meshlet("apply", "-f", _pa(tmp_path, "api", "PERMISSIVE"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (_entry(base, "service-defaults", "api") or {})["MutualTLSMode"] == "permissive"
 
 
 def test_services_limits_apply_to_the_named_service(
