@@ -174,6 +174,14 @@ def _head_fields(ex: Exchange) -> dict[str, str]:
     return out
 
 
+def _peer(side: Side, peer: Peer | None) -> str:
+    """The caller's SPIFFE URI inbound (`plaintext` for a caller without TLS, MutualTLSMode
+    permissive); the upstream's outbound."""
+    if peer is None:
+        return side.remote_principal
+    return "plaintext" if peer.plaintext else peer.uri
+
+
 def http_record(
     side: Side, ex: Exchange, peer: Peer | None, duration: float, now: float
 ) -> dict[str, Any]:
@@ -193,7 +201,7 @@ def http_record(
         "upstream_host": ex.upstream,
         "upstream_cluster": ex.cluster or side.remote_service or side.local_service,
         "reporter": side.reporter,
-        "peer": peer.uri if peer is not None else side.remote_principal,
+        "peer": _peer(side, peer),
         "intention": ("deny" if ex.denied else "allow") if verdict is not None else "",
         "rule": verdict_rule(verdict) if verdict is not None else "",
         "request_id": head.get("request_id", ""),
@@ -223,7 +231,7 @@ def tcp_record(
         "upstream_host": upstream,
         "upstream_cluster": side.remote_service or side.local_service,
         "reporter": side.reporter,
-        "peer": peer.uri if peer is not None else side.remote_principal,
+        "peer": _peer(side, peer),
         # An inbound connection was relayed, so its intention allowed it (refusals end at
         # the handshake: meshlet_tls_handshake_failures_total{reason="denied"}).
         "intention": "allow" if side.reporter == "destination" else "",

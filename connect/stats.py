@@ -51,6 +51,8 @@ class ProxyStats:
     connections_revoked: int = 0
     """Open L4 connections closed because the intentions changed to deny their source."""
     connections: int = 0
+    plaintext_connections: int = 0
+    """Of `connections`, those admitted as plaintext (MutualTLSMode permissive)."""
     requests: int = 0
     requests_denied: int = 0
     bad_requests: int = 0

@@ -139,7 +139,8 @@ class Downstream(asyncio.Protocol):
             self.peer = gate.admit(transport)
             if self.peer is None:
                 return  # refused and aborted before a byte was read
-            if self.listener.by_uri:
+            if self.listener.by_uri and not self.peer.plaintext:
+                # A plaintext caller has no certificate to vouch for: no element at all.
                 element = xfcc_element(self.listener.by_uri, self.peer.cert_sha256, self.peer.uri)
                 self.xfcc = XFCC + b": " + element + CRLF
         self.transport = transport
