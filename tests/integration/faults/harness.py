@@ -141,13 +141,20 @@ class FaultApp:
 
 class _Echo(socketserver.BaseRequestHandler):
     """Echoes; closes after echoing a message that ends in BYE (a protocol-level quit, as
-    Redis's QUIT or SMTP's: the server closes first)."""
+    Redis's QUIT or SMTP's: the server closes first). A connection whose client closed first
+    (its EOF reached the server) is recorded by the first bytes it sent."""
+
+    server: EchoServer
 
     def handle(self) -> None:
+        first = b""
         while data := self.request.recv(65536):
+            first = first or data
             self.request.sendall(data)
             if data.endswith(BYE):
                 return
+        with self.server.lock:
+            self.server.closed_by_client.append(first)
 
 
 BYE = b"BYE\n"
@@ -159,6 +166,8 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Echo)
+        self.lock = threading.Lock()
+        self.closed_by_client: list[bytes] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -542,8 +551,8 @@ class TcpStreams:
                         self._exchange(s, f"stream {k} message {n}".encode().ljust(64, b"."))
                         with self.lock:
                             self.figures.exchanges += 1
-                    # The server closes first (a client-first close is held by the relay
-                    # until the idle timeout: see test_l4_client_close_is_released).
+                    # The server closes first, as a protocol-level quit does (a client-first
+                    # close: test_l4_client_close_is_released).
                     self._exchange(s, b"".ljust(60, b".") + BYE)
                     if s.recv(1) != b"":
                         raise ConnectionError("open after BYE")
@@ -632,8 +641,7 @@ def settled(mesh: FaultMesh, baseline: Census, timeout: float = 30) -> Census:
             for name, n in now.fds.items()
             if name in baseline.fds and n > baseline.fds[name] + allowed.get(name, FD_SLACK)
         }
-        # Connections web held at the baseline (an L4 relay a client closed first is held:
-        # test_l4_client_close_is_released) are not the load's.
+        # Connections web held at the baseline are not the load's.
         held = baseline.gauges.get("web", {})
         web_open = {k: v for k, v in now.gauges.get("web", {}).items() if v > held.get(k, 0)}
         # No task per connection or request outlives it; the watches and timers are fixed.

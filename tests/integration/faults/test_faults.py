@@ -511,23 +511,27 @@ def test_streams_survive_on_their_own(calm: FaultMesh) -> None:
     assert isinstance(TcpStreams, type)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client-first close of an L4 connection cannot cross the TLS leg (asyncio's TLS "
-    "transport has no write_eof), so connect/l4.py holds the relay, both sidecars' sockets and "
-    "the server's connection until the server closes or the 300 s idle timeout",
-)
 def test_l4_client_close_is_released(calm: FaultMesh) -> None:
     """A client that closes its end (FIN, nothing more to say) of a connection whose server
-    waits for it to finish: the relays and the server's connection should go."""
+    waits for it to finish: the server gets the EOF, and both sidecars release the relays.
+    (Before: the EOF could not cross the TLS leg, and connect/l4.py held the relays, both
+    sidecars' sockets and the server's connection until the 300 s idle timeout.)"""
     mesh = calm
-    s = _stream(mesh.web_echo)
+    s = socket.create_connection(("127.0.0.1", mesh.web_echo), timeout=10)
+    hello = b"a client that closes first"
+    s.sendall(hello)
+    assert s.recv(len(hello), socket.MSG_WAITALL) == hello
     s.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         web_open = status(mesh.admins["web"])["proxy"]["connections"]
         echo_open = status(mesh.admins["echo"])["proxy"]["connections"]
-        if not any(c["open"] for c in [*web_open.values(), *echo_open.values()]):
+        with mesh.echo.lock:
+            reached = hello in mesh.echo.closed_by_client
+        if reached and not any(c["open"] for c in [*web_open.values(), *echo_open.values()]):
             return
         time.sleep(0.2)
-    raise AssertionError(f"still open 5 s after the client closed: {web_open} {echo_open}")
+    raise AssertionError(
+        f"10 s after the client closed: its EOF reached the server: {reached}; "
+        f"still open: {web_open} {echo_open}"
+    )
