@@ -244,6 +244,12 @@ def _meshlet(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "Access-log lines dropped because the writer fell behind (the proxy never waits).",
         value=_num(access.get("dropped")),
     )
+    yield CounterMetricFamily(
+        "meshlet_access_log_write_failed",
+        "Access-log lines lost because writing them failed (disk full, ...); the proxy never "
+        "waits, and writing resumes once a write succeeds.",
+        value=_num(access.get("write_failed")),
+    )
     process: Mapping[str, Any] = counters.get("process") or {}
     yield GaugeMetricFamily(
         "meshlet_process_resident_memory_bytes",

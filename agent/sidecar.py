@@ -432,7 +432,11 @@ class Sidecar:
                 for name, up in upstreams.items()
             },
             "process": process_counters(),
-            "access_log": {"dropped": self.access_log.dropped, "written": self.access_log.written},
+            "access_log": {
+                "dropped": self.access_log.dropped,
+                "written": self.access_log.written,
+                "write_failed": self.access_log.write_failed,
+            },
         }
 
     # ---- the tasks ---------------------------------------------------------------------------

@@ -186,10 +186,13 @@ class FaultMesh:
         *,
         dev_args: tuple[str, ...] = (),
         web_args: tuple[str, ...] = (),
+        web_yaml: str = "",
         drain: str = "0s",
     ) -> None:
+        """`web_yaml`: top-level sections added to web's agent.yaml (e.g. `telemetry`)."""
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
+        self.web_yaml = web_yaml
         self.dev_args = dev_args
         self.drain = drain
         self.procs: list[Proc] = []
@@ -263,6 +266,8 @@ class FaultMesh:
                 # A hung app fails its check within a second, not Consul's default 10 s.
                 .replace("interval: 1s}", "interval: 1s, timeout: 1s}")
             )
+            if sid == "web":
+                text += self.web_yaml
             if protocol == "tcp":  # the echo server speaks no HTTP: a TCP check
                 text = text.replace(
                     f"http: 'http://127.0.0.1:{app_port}/health'", f"tcp: '127.0.0.1:{app_port}'"
@@ -585,6 +590,15 @@ class TcpStreams:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metric(admin: str, name: str) -> float:
+    """One unlabelled sample of the sidecar's /metrics."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in {admin}'s /metrics")
 
 
 def connection_gauges(admin: str) -> dict[str, int]:

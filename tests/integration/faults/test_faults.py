@@ -10,7 +10,7 @@ retried (GETs the client sent again because a keep-alive connection closed befor
 of an answer: RFC 9112 9.3.1), pending, p99.
 
 Short form by default (`make test`); MESHLET_FAULTS=full (`make faults`) makes each fault
-longer. Not covered: disk full for the access log (meshlet writes no access log yet).
+longer.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.connect.small_filesystem import fill, free, small_filesystem
 from tests.integration.faults.harness import (
     CONNS,
     FULL,
@@ -34,6 +35,7 @@ from tests.integration.faults.harness import (
     HttpLoad,
     TcpStreams,
     make_mesh,
+    metric,
     seconds,
     under_load,
 )
@@ -371,6 +373,45 @@ def test_config_reload(calm: FaultMesh) -> None:
 
     run = under_load(mesh, "config reload", reload)
     _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
+
+
+def test_access_log_disk_full(tmp_path: Path) -> None:
+    """web writes an access line per request to a file on a small tmpfs, which fills up
+    under the load and is then given space back: no GET fails or waits on the log, the lost
+    lines are counted (meshlet_access_log_write_failed_total), the failure and the recovery
+    are each logged once, and lines reach the file again after."""
+    with small_filesystem(tmp_path / "fs", 2048) as fs:
+        path = fs / "web-access.log"
+        logs = f"telemetry:\n  access_logs: {{enabled: true, type: file, path: '{path}'}}\n"
+        mesh = make_mesh(tmp_path, web_yaml=logs)
+        web, admin = mesh.sidecars["web"], mesh.admins["web"]
+        try:
+
+            def disk_full(load: HttpLoad) -> str:
+                assert path.stat().st_size > 0
+                fill(fs)
+                wait_line(web, "access log: cannot write to")
+                load.wait_ok(int(seconds(400, 4000)))  # a few seconds full, under the load
+                lost = metric(admin, "meshlet_access_log_write_failed_total")
+                assert lost > 0
+                free(fs)
+                wait_line(web, "access log: writing to")
+                size = path.stat().st_size
+                load.wait_ok(200)
+                deadline = time.monotonic() + 30
+                while path.stat().st_size <= size:  # the writer's next batch
+                    assert time.monotonic() < deadline, "no line written after space came back"
+                    time.sleep(0.05)
+                return f"{lost:.0f} access-log lines lost while the disk was full"
+
+            run = under_load(mesh, "access log disk full", disk_full)
+        finally:
+            mesh.stop()
+    _assert_clean(run.http.failed, run.http.retried, run.streams.failed)
+    logged = "".join(web.lines)
+    assert logged.count("access log: cannot write to") == 1, logged[-3000:]
+    assert logged.count("access log: writing to") == 1, logged[-3000:]
+    assert "No space left on device" in logged
 
 
 @full_only
