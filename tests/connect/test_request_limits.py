@@ -8,11 +8,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from connect.http1 import HTTPLimits
+from connect.balancer import BalancerConfig, Target, compile_balancer
+from connect.cluster import Limits, fixed_endpoints
+from connect.dial import Upstream
+from connect.http1 import HTTPLimits, OutboundHTTP
+from connect.routes import RetryPolicy, RouteTable
+from connect.seams import PeerCache
 from tests.connect.proxy_test_ca import ProxyTestCA
 from tests.connect.test_http_proxy import build_mesh, raw, read_response
+from tests.connect.test_http_routes import build, to
 
 MAX_HEADERS = 10
 MAX_HEAD = 1000
@@ -118,4 +125,125 @@ async def test_a_head_at_the_limit_that_arrives_in_pieces_is_served(ca: ProxyTes
         assert status.split(b" ")[1] == b"200"
         writer.close()
     finally:
+        await m.close()
+
+
+RETRY_BUFFER = HTTPLimits().retry_body_bytes
+
+
+@pytest.mark.parametrize(
+    ("size", "statuses", "overflows"),
+    [(RETRY_BUFFER, [200, 200], 0), (RETRY_BUFFER + 1, [200, 504], 2)],
+)
+async def test_a_body_that_fits_the_retry_buffer_is_retried_one_byte_more_is_not(
+    ca: ProxyTestCA, size: int, statuses: list[int], overflows: int
+) -> None:
+    """Round robin over a stalled instance and a good one, with a per-try timeout and
+    retries: a body exactly the buffer's size is kept and sent again to the good instance;
+    one byte more is sent unkept, so its stalled try is answered 504; each such request (of
+    a route with retries) is counted."""
+    retry = RetryPolicy(num_retries=2, on_timeout=True)
+    m = await build(ca, RouteTable((), to("both", try_timeout=0.3, retry=retry)), stall_in=("s0",))
+    try:
+        got = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):  # one of the two goes to the stalled instance first
+                async with session.post(m.url + "/upload", data=b"x" * size) as resp:
+                    got.append(resp.status)
+                    if resp.status == 200:
+                        assert await resp.text() == str(size)  # the whole body reached v1
+        assert sorted(got) == statuses
+        assert m.outbound.stats.retry_buffer_overflows == overflows
+        async with (
+            aiohttp.ClientSession() as session,  # the listener is unharmed
+            session.post(m.url + "/upload", data=b"x") as resp,  # (retried if it stalls)
+        ):
+            assert resp.status == 200
+    finally:
+        await m.close()
+
+
+class _HeldDoor:
+    """A TCP hop in front of a sidecar that holds every connection it accepts until
+    `release()`, then relays it: dials through it wait (pending) for as long as the test
+    says, and then complete for real."""
+
+    def __init__(self, to_port: int) -> None:
+        self.to_port = to_port
+        self.released = asyncio.Event()
+        self.held = 0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.held += 1
+        await self.released.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.to_port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_pending_requests_at_the_cap_wait_one_more_is_503_counted(ca: ProxyTestCA) -> None:
+    """max_pending_requests 2: two requests wait for their dials (held at the door), the
+    third is answered 503 at once and counted; once the dials go through, the two waiting
+    ones are answered, and so is the next."""
+    m = await build_mesh(ca)
+    door = _HeldDoor(m.inbounds[0].port)
+    port = await door.start()
+    client_ctx = ca.client_context(ca.leaf("web"))
+    upstream = Upstream(
+        name="api",
+        endpoints=fixed_endpoints(
+            compile_balancer([Target("n0/api-sidecar", "127.0.0.1", port)], BalancerConfig())
+        ),
+        client_ssl=lambda: client_ctx,
+        verify_peer=PeerCache(ca.verifier()),
+        expected_service="api",
+        connect_timeout=30,
+        limits=Limits(max_pending_requests=2),
+    )
+    outbound = OutboundHTTP(upstream)
+    await outbound.start()
+    try:
+        waiting = [await raw(outbound.port, _with_headers(2)) for _ in range(2)]
+        for _ in range(1000):  # bounded: until both dials are held at the door
+            if door.held == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert door.held == 2
+        status, _ = await _status(outbound.port, _with_headers(2))
+        assert status == b"503"
+        assert upstream.cluster.overflows == {"max_pending_requests": 1}
+        assert door.held == 2  # refused without a dial
+        door.release()
+        for reader, writer in waiting:
+            head, _, _ = await asyncio.wait_for(read_response(reader), 10)
+            assert head.split(b" ")[1] == b"200"
+            writer.close()
+        assert (await _status(outbound.port, _with_headers(2)))[0] == b"200"
+        assert upstream.cluster.overflows == {"max_pending_requests": 1}
+    finally:
+        await outbound.close(grace=0)
+        await door.close()
         await m.close()
