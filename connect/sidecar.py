@@ -298,6 +298,11 @@ class _Routed:
                     limits=self.sidecar.spec.cluster_limits(settings.limits),
                     ejection=settings.ejection,
                 )
+                base = self.sidecar.upstreams.get(self.spec.name)
+                if base is not None:
+                    # Refusals are counted by upstream name (meshlet_circuit_breaker_overflows),
+                    # whichever of its chain's clusters made them.
+                    upstream.cluster.overflows = base.cluster.overflows
                 kept[tid] = (settings, upstream, endpoints)
             kept[tid][2].apply(snap.endpoints.get(tid, ()))
         named = {
