@@ -394,6 +394,8 @@ def test_access_log_disk_full(tmp_path: Path) -> None:
                 load.wait_ok(int(seconds(400, 4000)))  # a few seconds full, under the load
                 lost = metric(admin, "meshlet_access_log_write_failed_total")
                 assert lost > 0
+                # The queue never backed up: the writer failed fast, the proxy never waited.
+                assert metric(admin, "meshlet_access_log_dropped_total") == 0
                 free(fs)
                 wait_line(web, "access log: writing to")
                 size = path.stat().st_size
