@@ -72,6 +72,7 @@ from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
 from connect.heap_trim import HeapTrimmer
+from connect.http1 import HTTPLimits
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
@@ -188,6 +189,12 @@ def sidecar_spec(
             max_connections=cfg.sidecar.max_connections,
             max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
         ),
+        http_limits=HTTPLimits(
+            max_header_bytes=cfg.sidecar.max_header_bytes,
+            max_headers=cfg.sidecar.max_headers,
+            retry_body_bytes=cfg.sidecar.retry_buffer_bytes,
+        ),
+        max_pending_requests=cfg.sidecar.max_pending_requests,
     )
 
 
@@ -472,7 +479,11 @@ class Sidecar:
                 for name, up in upstreams.items()
             },
             "process": process_counters(),
-            "access_log": {"dropped": self.access_log.dropped, "written": self.access_log.written},
+            "access_log": {
+                "dropped": self.access_log.dropped,
+                "written": self.access_log.written,
+                "write_failed": self.access_log.write_failed,
+            },
         }
 
     # ---- the tasks ---------------------------------------------------------------------------

@@ -197,15 +197,16 @@ class Exchange:
             )
         )
 
-    def keep(self, chunk: bytes) -> None:
-        """Keep a piece of the body being sent, or give up keeping past the bound."""
+    def keep(self, chunk: bytes) -> bool:
+        """Keep a piece of the body being sent, or give up keeping past the bound (False)."""
         room = self.kept_room - len(chunk)
         if room < 0:
             self.kept = None
-            return
+            return False
         self.kept_room = room
         assert self.kept is not None
         self.kept.append(chunk)
+        return True
 
     def _retry(self, avoid: str) -> Retry:
         self.tries += 1

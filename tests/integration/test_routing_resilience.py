@@ -260,6 +260,15 @@ def test_circuit_breaker_opens_on_overflow(apis: ThreeApis) -> None:
     assert refused and all("circuit breaker" in b for b in refused), results
     st = wait_status(apis.web_admin, lambda s: True, "status")
     assert st["proxy"]["routing"]["rejected_total"] == 0
+    # Counted under the upstream's name, though the chain's cluster refused them.
+    conn = http.client.HTTPConnection(*apis.web_admin.split(":"), timeout=30)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    conn.close()
+    line = 'meshlet_circuit_breaker_overflows_total{limit="max_concurrent_requests",upstream="api"}'
+    assert f"{line} {float(len(refused))}" in metrics, [
+        m for m in metrics.splitlines() if "overflows" in m
+    ]
 
 
 @pytest.mark.timeout(240)
