@@ -26,9 +26,14 @@ What comes from where, as Consul's xDS generator (agent/xds/routes.go, clusters.
   calling service's `UpstreamConfig` (`Limits` -> circuit breaking, `PassiveHealthCheck` ->
   `EjectionPolicy.passive_health_check`).
 
-Not applied (see docs/routing.md): `IdleTimeout` per route (the listener's idle limit holds),
-split-level header modifiers when a split has more than one leg with different edits (refused),
-`CookieConfig` (generated cookies), fault injection and mirroring Meta keys (ignored).
+* a splitter leg's `RequestHeaders` / `ResponseHeaders`: that leg's own (`WeightedCluster`),
+  applied before the route's (Envoy's weighted-cluster edits).
+* `IdleTimeout`: the route's stream idle timeout. The router's other `meshlet.io/route.<n>.*`
+  keys (`route_extensions`): fault injection (`Fault`) and mirroring (`Mirror`, its cluster
+  the start of the mirror's own chain, compiled by the agent: `mirrors`). An unknown or
+  malformed key rejects the chain.
+* `HashPolicies[].CookieConfig`: a cookie policy with `TTL` or `Session` generates its cookie
+  (connect.balancer.HashPolicy.cookie_ttl).
 """
 
 from __future__ import annotations
