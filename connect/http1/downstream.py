@@ -334,8 +334,11 @@ class Downstream(asyncio.Protocol):
             if action.needs_shell:
                 ex.route = action
                 ex.resp_edits = selection.response_headers
+                if action.fault is not None:
+                    # Decided now, so that an aborted request is never mirrored.
+                    ex.fault_delay, ex.fault_abort = action.fault.decide(listener.rng)
                 mirror = action.mirror
-                if mirror is not None and mirror.decide(listener.rng):
+                if mirror is not None and not ex.fault_abort and mirror.decide(listener.rng):
                     ex.mirror = mirror.cluster
                     bound = listener.limits.retry_body_bytes
                     # The copy carries a body only if it is kept whole (within the bound).
@@ -431,21 +434,19 @@ class Downstream(asyncio.Protocol):
             return
         route = ex.route
         if route is not None:
-            if route.fault is not None and not ex.faulted:
+            if ex.fault_delay and not ex.faulted:
+                # Before anything else, as Envoy's fault filter runs before its router.
                 ex.faulted = True
-                delay, abort = route.fault.decide(self.listener.rng)
-                if delay:
-                    # Before anything else, as Envoy's fault filter runs before its router.
-                    if ex.start:
-                        ex.flags = "DI"
-                    self._hold_reading()
-                    ex.try_deadline = asyncio.get_running_loop().call_later(
-                        delay, self._delayed, ex, abort
-                    )
-                    return
-                if abort:
-                    self._abort(ex, abort)
-                    return
+                if ex.start:
+                    ex.flags = "DI"
+                self._hold_reading()
+                ex.try_deadline = asyncio.get_running_loop().call_later(
+                    ex.fault_delay, self._delayed, ex
+                )
+                return
+            if ex.fault_abort:
+                self._abort(ex, ex.fault_abort)
+                return
             if route.idle_timeout is not None and ex.idle is None:
                 ex.idle = asyncio.get_running_loop().call_later(
                     route.idle_timeout / _IDLE_LOOKS, self._idle_look, ex, 0
@@ -472,19 +473,15 @@ class Downstream(asyncio.Protocol):
             self.read_paused = True
             self.transport.pause_reading()
 
-    def _delayed(self, ex: Exchange, abort: int) -> None:
-        """The route's fault delay is over: abort, or go on as any request."""
+    def _delayed(self, ex: Exchange) -> None:
+        """The route's fault delay is over: on as any request (or its abort)."""
         ex.try_deadline = None
         if self.transport is None or not self.queue or self.queue[0] is not ex:
             return
-        if abort:
-            self._abort(ex, abort)
-        else:
-            self._start(ex)
+        self._start(ex)
 
     def _abort(self, ex: Exchange, status: int) -> None:
-        """The route's fault aborts the request: answered without forwarding (nor mirroring)."""
-        ex.mirror = ""
+        """The route's fault aborts the request: answered without forwarding."""
         if ex.start:
             ex.flags = "FI"
         self.refuse(ex, fault_abort(status))

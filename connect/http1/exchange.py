@@ -151,8 +151,12 @@ class Exchange:
     """The cluster a copy of this request goes to once it is read whole (empty: none)."""
     set_cookies: tuple[bytes, ...] = ()
     """Set-Cookie values the response gets: affinity cookies the balancer generated."""
+    fault_delay = 0.0
+    fault_abort = 0
+    """The route's fault, decided with the head (`Fault.decide`): seconds to hold the
+    request, and the status to answer instead of forwarding it (0: none)."""
     faulted = False
-    """The route's fault was decided (a delay is over, or none applied)."""
+    """The route's fault delay is over (or there was none)."""
     stirred = False
     """A byte moved either way since the route's idle timer last looked."""
     idle: asyncio.TimerHandle | None = None

@@ -442,3 +442,21 @@ async def test_a_pending_request_dials_when_the_busy_connection_closes(ca: Proxy
         w2.close()
     finally:
         await m.close()
+
+
+async def test_an_aborted_request_is_not_mirrored_even_after_its_delay(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    route = _route(
+        "/m", mirror="api/v2", fault_abort_status="503", fault_delay="100ms"
+    )  # delay, then abort: both at 100 %
+    m = await mesh(ca, routing_of(_http("api"), SUBSETS, route), TWO)
+    try:
+        async with session.get(m.url + "/m/x") as resp:
+            assert resp.status == 503 and await resp.text() == "fault filter abort"
+        mirrors = m.origin.mirrors
+        # A copy is counted when it is started (at the request's end): none was.
+        assert (mirrors.inflight, mirrors.sent, mirrors.skipped, mirrors.failed) == (0, 0, 0, 0)
+        assert m.apps["v1"].seen == [] and m.apps["v2"].seen == []
+    finally:
+        await m.close()
