@@ -239,6 +239,7 @@ def chain_routing(
         if not routes:
             raise ChainRejected(f"router {start.name!r} has no routes")
         default = routes.pop().action
+        _no_stray_keys(meta, len(start.routes), f"router {start.name!r}")
     else:
         default = _action(
             chain, chain.start_node, dest=None, meta=meta, n=-1, where="start node", mirrors={}
@@ -569,6 +570,16 @@ def route_extensions(meta: Mapping[str, str], n: int, where: str) -> RouteExtens
         mirror=mirror,
         mirror_percent=_percent(meta, n, MIRROR_PERCENT, where) if mirror else 100.0,
     )
+
+
+def _no_stray_keys(meta: Mapping[str, str], routes: int, where: str) -> None:
+    """A meshlet.io route key for a route the router does not have would be ignored
+    silently (the routes were reordered or removed by hand): refused instead."""
+    for key in meta:
+        if key.startswith(META_ROUTE):
+            n = key[len(META_ROUTE) :].partition(".")[0]
+            if not (n.isdigit() and int(n) < routes):
+                raise ChainRejected(f"{where}: Meta {key} names no route of the router")
 
 
 def mirror_services(meta: Mapping[str, str]) -> frozenset[str]:

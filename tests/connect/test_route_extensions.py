@@ -137,6 +137,15 @@ def test_malformed_extension_keys_reject_the_chain(meta: dict[str, str], words: 
         _faulted({f"meshlet.io/route.0.{k}": v for k, v in meta.items()})
 
 
+def test_a_key_for_a_route_the_router_lacks_rejects_the_chain() -> None:
+    # Route 1 is the compiler's catch-all; route 2 does not exist.
+    assert _faulted({"meshlet.io/route.1.fault.abort-status": "503"}).fault is None
+    with pytest.raises(ChainRejected, match=r"route\.2\.fault\.abort-status names no route"):
+        _faulted({"meshlet.io/route.2.fault.abort-status": "503"})
+    with pytest.raises(ChainRejected, match="names no route"):
+        _faulted({"meshlet.io/route.x.mirror": "api"})
+
+
 def test_fault_decisions_by_percentage() -> None:
     rng = random.Random(7)
     both = Fault(abort_status=418, abort_percent=10, delay=0.5, delay_percent=30)
