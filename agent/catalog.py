@@ -51,13 +51,16 @@ class WatchKey:
     peer: str = ""
     filter: str = ""
     """A Consul filter expression over the health entries: how routing selects a subset."""
+    warning: bool = False
+    """Instances in `warning` are used too (a resolver subset's `OnlyPassing: false`, as
+    Consul's Envoy config has it): asked without `?passing`, critical ones left out here."""
 
     @property
     def label(self) -> str:
         where = f"@{self.datacenter}" if self.datacenter else ""
         where += f"@peer:{self.peer}" if self.peer else ""
         subset = f" [{self.filter}]" if self.filter else ""
-        return f"{self.name}{where}{subset}"
+        return f"{self.name}{where}{subset}{' +warning' if self.warning else ''}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +141,11 @@ def _validated(
             f"{where}: neither a connect-proxy for {key.name!r} nor a Connect-native instance"
         )
     if status is not HealthStatus.PASSING:
-        raise SnapshotRejected(f"{where}: {status.value} in an answer to ?passing")
+        if key.warning:
+            if status is not HealthStatus.WARNING:
+                return UNHEALTHY  # critical or in maintenance: never used
+        else:
+            raise SnapshotRejected(f"{where}: {status.value} in an answer to ?passing")
     if not 1 <= port <= 65535:
         raise SnapshotRejected(f"{where}: port {port} is not dialable")
     if not _address_ok(address):
@@ -152,6 +159,11 @@ def _validated(
         port=_PORTS.setdefault(port, _own_int(port)),
         weight=_own_int(weight),
     )
+
+
+UNHEALTHY = Endpoint(node="", service_id="", address="", port=0, weight=0)
+"""What a critical instance of an answer without `?passing` (`WatchKey.warning`) stands for:
+left out of the snapshot."""
 
 
 def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
@@ -227,6 +239,8 @@ _sort_key = attrgetter("node", "service_id")
 def snapshot_of(key: WatchKey, endpoints: list[Endpoint], index: int, now: float) -> Snapshot:
     """The snapshot of already validated endpoints (sorted here, in place), or
     `SnapshotRejected` if one instance is listed twice."""
+    if key.warning:
+        endpoints = [e for e in endpoints if e is not UNHEALTHY]
     # One pass over the keys (in C) when the answer is already in order without repeats, as
     # Consul lists instances; otherwise sort, and a repeat is then next to its twin.
     keys = list(map(_sort_key, endpoints))
