@@ -50,13 +50,16 @@ class WatchKey:
     peer: str = ""
     filter: str = ""
     """A Consul filter expression over the health entries: how routing selects a subset."""
+    warning: bool = False
+    """Instances in `warning` are used too (a resolver subset's `OnlyPassing: false`, as
+    Consul's Envoy config has it): asked without `?passing`, critical ones left out here."""
 
     @property
     def label(self) -> str:
         where = f"@{self.datacenter}" if self.datacenter else ""
         where += f"@peer:{self.peer}" if self.peer else ""
         subset = f" [{self.filter}]" if self.filter else ""
-        return f"{self.name}{where}{subset}"
+        return f"{self.name}{where}{subset}{' +warning' if self.warning else ''}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +140,11 @@ def _validated(
             f"{where}: neither a connect-proxy for {key.name!r} nor a Connect-native instance"
         )
     if status is not HealthStatus.PASSING:
-        raise SnapshotRejected(f"{where}: {status.value} in an answer to ?passing")
+        if key.warning:
+            if status is not HealthStatus.WARNING:
+                return UNHEALTHY  # critical or in maintenance: never used
+        else:
+            raise SnapshotRejected(f"{where}: {status.value} in an answer to ?passing")
     if not 1 <= port <= 65535:
         raise SnapshotRejected(f"{where}: port {port} is not dialable")
     if not _address_ok(address):
@@ -151,6 +158,11 @@ def _validated(
         port=_PORTS.setdefault(port, _own_int(port)),
         weight=_own_int(weight),
     )
+
+
+UNHEALTHY = Endpoint(node="", service_id="", address="", port=0, weight=0)
+"""What a critical instance of an answer without `?passing` (`WatchKey.warning`) stands for:
+left out of the snapshot."""
 
 
 def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
@@ -240,6 +252,9 @@ def snapshot_of(
     """The snapshot of already validated endpoints, or `SnapshotRejected` if one instance is
     listed twice. `in_order`: the caller knows they are sorted by key without repeats
     (`Decoded.in_order`), so they are not looked at again."""
+    if key.warning:
+        # Leaving out instances keeps the others in order.
+        endpoints = [e for e in endpoints if e is not UNHEALTHY]
     # Consul lists instances in order, so sorting is rarely needed; after a sort a repeat is
     # next to its twin.
     if in_order or _strictly_ordered(endpoints):

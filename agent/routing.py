@@ -14,9 +14,10 @@ not carry) is at hand. The calling service's `service-defaults` `UpstreamConfig`
 the upstream merged over `Defaults`) gives `ConnectTimeoutMs` and `Protocol` as compile
 overrides, as Consul's proxycfg passes them, and the limits and passive health check.
 
-Each target is watched with `/v1/health/connect/<service>?passing&filter=<subset filter>` in its
-datacenter (meshlet's `UpstreamWatcher`). `OnlyPassing: false` still asks for passing
-instances only: meshlet never sends to an instance in `warning` (stricter than Consul).
+Each target is watched with `/v1/health/connect/<service>?filter=<subset filter>` in its
+datacenter (meshlet's `UpstreamWatcher`), with `&passing` only for a subset with `OnlyPassing:
+true`: as Consul has it, `OnlyPassing: false` (the default) uses instances in `warning` too,
+and never critical ones (left out of the answer here).
 
 An upstream is routed by its chain once the entry watches have answered, unless meshlet's own
 config gives it a `filter`, `datacenter` or `peer` (then that section decides, as before). A
@@ -28,6 +29,7 @@ chain that fails to decode, compile or convert is rejected whole: the previous s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -46,9 +48,10 @@ from connect.chain_routes import (
     RoutingSnapshot,
     chain_routing,
     merge_upstream_config,
+    mirror_services,
 )
 from connect.latest import Latest
-from traffic.chain import ChainEntries, CompileRequest, compile_chain
+from traffic.chain import ChainEntries, CompiledDiscoveryChain, CompileRequest, compile_chain
 from traffic.defaults import (
     ProxyDefaults,
     ServiceDefaults,
@@ -57,6 +60,7 @@ from traffic.defaults import (
     service_defaults_from_json,
 )
 from traffic.entries import RoutingEntry, entry_from_json
+from traffic.errors import GraphError
 
 log = logging.getLogger("meshlet.agent.routing")
 
@@ -124,10 +128,41 @@ def compile_upstream(
         entries,
     )
     router = entries.routers.get(upstream)
-    routing = chain_routing(
-        chain, upstream_config=cfg, router_meta=router.meta if router is not None else None
-    )
+    meta = router.meta if router is not None else None
+    mirrors = {
+        m: mirror_chain(entries, m, trust_domain=trust_domain, datacenter=datacenter)
+        for m in mirror_services(meta or {})
+    }
+    routing = chain_routing(chain, upstream_config=cfg, router_meta=meta, mirrors=mirrors)
     return routing, chain.default and cfg is None
+
+
+def mirror_chain(
+    entries: ChainEntries, mirror: str, *, trust_domain: str, datacenter: str
+) -> CompiledDiscoveryChain:
+    """The chain a route's mirror (`service` or `service/subset`) sends its copies down: the
+    service's resolver (its subset as the default subset), not its router or splitter (a
+    mirror names instances, as Istio's mirror destination does)."""
+    service, _, subset = mirror.partition("/")
+    resolvers = dict(entries.resolvers)
+    resolver = resolvers.get(service)
+    if subset:
+        if resolver is None or subset not in resolver.subsets:
+            raise ChainRejected(f"mirror {mirror!r}: service {service!r} has no subset {subset!r}")
+        resolvers[service] = dataclasses.replace(resolver, default_subset=subset)
+    only = dataclasses.replace(
+        entries,
+        routers={k: v for k, v in entries.routers.items() if k != service},
+        splitters={k: v for k, v in entries.splitters.items() if k != service},
+        resolvers=resolvers,
+    )
+    try:
+        return compile_chain(
+            CompileRequest(service, trust_domain, datacenter=datacenter, override_protocol="http"),
+            only,
+        )
+    except GraphError as exc:
+        raise ChainRejected(f"mirror {mirror!r}: {exc}") from None
 
 
 class _Upstream:
@@ -321,7 +356,8 @@ class ChainWatch:
 
     def _key(self, t: Any) -> WatchKey:
         dc = "" if t.datacenter in ("", self.datacenter) else t.datacenter
-        return WatchKey(t.service, dc, t.peer, t.filter)
+        # OnlyPassing false (the default): passing and warning instances, as Consul has it.
+        return WatchKey(t.service, dc, t.peer, t.filter, warning=not t.only_passing)
 
     def _start_target(self, key: WatchKey) -> None:
         assert self._tg is not None

@@ -619,6 +619,8 @@ class AgentRuntime:
             watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
             pd = side.proxy_defaults_watch.state
             watches["proxy-defaults"] = {"failures": pd.failures, "last_success": pd.last_success}
+            sd = side.service_defaults_watch.state
+            watches["service-defaults"] = {"failures": sd.failures, "last_success": sd.last_success}
             snapshot["snapshots_rejected"] = (
                 rejected + st.rejected + pd.rejected + side.intentions_broken_total
             )

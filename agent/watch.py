@@ -97,7 +97,8 @@ async def health_connect_decoded(
     index: int,
     wait: float,
 ) -> Indexed[Decoded]:
-    """`consul.health.connect(key.name, passing=True, ...)`, with the answer's body handed to
+    """`consul.health.connect(key.name, passing=True, ...)` (without `passing` for a key that
+    takes `warning` instances too), with the answer's body handed to
     `decode` instead of being turned into `ServiceEntry`s first.
 
     The client's `health.connect` decodes every entry in full; `connect_decoded` takes the
@@ -106,7 +107,7 @@ async def health_connect_decoded(
     return await consul.health.connect_decoded(
         key.name,
         decode,
-        passing=True,
+        passing=not key.warning,
         filter=key.filter,
         dc=key.datacenter,
         index=index,

@@ -327,6 +327,29 @@ def test_a_large_answer_reports_a_shape_error_before_any_content_error() -> None
             raise AssertionError("a string port was accepted")
 
 
+def test_a_key_taking_warning_instances_leaves_critical_ones_out_incrementally_too() -> None:
+    key = WatchKey("api", warning=True)
+
+    def answer(port_b: int) -> list[dict[str, Any]]:
+        out = []
+        for sid, status, port in (("a", "passing", 21000), ("b", "critical", port_b)):
+            entry = _entry(sid, port)
+            entry["Checks"] = [{"CheckID": "ready", "Status": status}]
+            out.append(entry)
+        warned = _entry("c", 21000)
+        warned["Checks"] = [{"CheckID": "ready", "Status": "warning"}]
+        return [*out, warned]
+
+    memo: Memo = EMPTY_MEMO
+    for port_b in (21000, 21001, 21001):
+        raw = answer(port_b)
+        decoded = decode_answer(key, _body(raw), memo)
+        got = snapshot_of(key, decoded.endpoints, 1, 0.0, in_order=decoded.in_order)
+        want = build_snapshot(key, [ServiceEntry.from_json(e) for e in raw], 1, 0.0)
+        assert got == want and [e.service_id for e in got.endpoints] == ["a", "c"]
+        memo = decoded.memo
+
+
 def test_fingerprints_are_the_bytes_when_pythonhashseed_fixes_the_hash_key() -> None:
     # A known hash key would let whoever registers an instance make its entry collide with
     # another's: the memo then compares bytes.
