@@ -132,3 +132,26 @@ async def test_an_ambiguous_answer_is_a_bad_response(reply: bytes, error: str) -
     ):
         with pytest.raises(ConsulBadResponse, match=error):
             await consul.health.service("web")
+
+
+async def test_no_more_connections_than_max_connections_the_rest_wait(dev: DevServer) -> None:
+    async with (
+        SocketServer(relay_to(dev.http_addr)) as relay,
+        ConsulClient(ConsulConfig(address=relay.address, timeout=5.0, max_connections=2)) as c,
+    ):
+        first = await c.health.service("web")
+        parked = [
+            asyncio.create_task(c.health.service("web", index=first.index, wait="30s"))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.5)
+        assert relay.connections == 2 and not any(p.done() for p in parked)
+        # Through another client: this one's two connections are both parked.
+        async with ConsulClient(ConsulConfig(address=dev.http_addr)) as other:
+            await other.catalog.register(
+                {"Node": "n1", "Address": "10.0.0.1", "Service": {"Service": "web", "Port": 80}}
+            )
+        # Two wake on the change; the third then gets a connection and answers at once.
+        woken = await asyncio.wait_for(asyncio.gather(*parked), 20)
+        assert all(len(w.value) == 1 for w in woken)
+        assert relay.connections == 2
