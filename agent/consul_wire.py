@@ -137,10 +137,7 @@ class Connection(asyncio.Protocol):
             self._fail(WireError(NOT_HTTP, str(exc) or type(exc).__name__))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.reusable = False
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.reusable = False  # an idle one leaves the pool when its idle timer fires
         done = self._done
         if done is None or done.done():
             return
@@ -281,7 +278,10 @@ class Pool:
             conn = self._idle.pop()  # the most recently used is the least likely closed
             if conn.reusable:
                 return conn
-            self._open.discard(conn)
+            self._open.discard(conn)  # closed by the peer while idle
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
         return None
 
     def _park(self, conn: Connection) -> None:

@@ -155,3 +155,20 @@ async def test_no_more_connections_than_max_connections_the_rest_wait(dev: DevSe
         woken = await asyncio.wait_for(asyncio.gather(*parked), 20)
         assert all(len(w.value) == 1 for w in woken)
         assert relay.connections == 2
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
+    async def once_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(_answer(b'"leader-A"'))  # keep-alive: nothing says it will close
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+    async with (
+        SocketServer(once_then_hang_up) as server,
+        ConsulClient(ConsulConfig(address=server.address, timeout=5.0)) as consul,
+    ):
+        assert await consul.status.leader() == "leader-A"
+        await asyncio.sleep(0.5)  # the server has closed the idle connection
+        assert await consul.status.leader() == "leader-A"
+        assert server.connections == 2
