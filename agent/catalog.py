@@ -295,7 +295,8 @@ Fingerprint = int | bytes
 def fingerprints(raws: Sequence[Raw], *, hashed: bool = _HASH_IS_SECRET) -> tuple[Fingerprint, ...]:
     """What identifies each entry's bytes in a memo: their hash (SipHash, keyed with this
     process's random secret: a collision of two different entries is a 2^-64 accident nobody
-    can arrange), or, when PYTHONHASHSEED fixes that key, the bytes themselves."""
+    can arrange), or, when PYTHONHASHSEED fixes that key, the bytes themselves (exact too, but
+    the memo then holds a copy of every entry's bytes: ~1 KB per instance)."""
     if hashed:
         return tuple(map(hash, map(bytes, raws)))
     return tuple(map(bytes, raws))
