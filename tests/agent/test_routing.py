@@ -128,6 +128,54 @@ async def test_chain_watch_publishes_and_rejects_whole(consul: ConsulClient) -> 
         await asyncio.gather(task, return_exceptions=True)
 
 
+def _proxy(service: str, i: int, version: str) -> dict[str, Any]:
+    return {
+        "Node": f"node-{i}",
+        "Address": f"10.0.0.{i}",
+        "Service": {
+            "ID": f"{service}-{i}-sidecar-proxy",
+            "Service": f"{service}-sidecar-proxy",
+            "Kind": "connect-proxy",
+            "Port": 21000,
+            "Meta": {"version": version},
+            "Proxy": {"DestinationServiceName": service},
+        },
+    }
+
+
+async def test_a_target_whose_instances_change_republishes_only_its_upstreams(
+    consul: ConsulClient,
+) -> None:
+    db = {"Kind": "service-resolver", "Name": "db", "ConnectTimeout": "3s"}
+    await _put(consul, *CANARY, db)
+    await consul.catalog.register(_proxy("api", 1, "v1"))
+    await consul.catalog.register(_proxy("db", 2, "v1"))
+    chains = ChainWatch(consul, "web", lambda: SETTINGS)
+    api, other = chains.upstream("api"), chains.upstream("db")
+    task = asyncio.create_task(chains.run())
+    try:
+        await _next(api, 0)
+        for _ in range(500):  # both upstreams routed, api's v1 instance in (bounded wait)
+            snap = api.get()
+            if other.get() is not None and snap and snap.endpoints["v1.api.default.default.dc1"]:
+                break
+            await asyncio.sleep(0.02)
+        first, db_first, db_version = api.get(), other.get(), other.version
+        assert first is not None and db_first is not None
+        await consul.catalog.register(_proxy("api", 3, "v2"))
+        again = await _next(api, api.version)
+        v1, v2 = "v1.api.default.default.dc1", "v2.api.default.default.dc1"
+        assert [t.host for t in again.endpoints[v2]] == ["10.0.0.3"]
+        # The chain was not compiled again, the unchanged target kept its very endpoints, and
+        # the upstream that does not route to the changed target was not republished.
+        assert again.routing is first.routing
+        assert again.endpoints[v1] is first.endpoints[v1]
+        assert other.version == db_version and other.get() is db_first
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _instance(i: int, version: str) -> ServiceRegistration:
     return ServiceRegistration(
         name="api-sidecar-proxy",
