@@ -131,6 +131,14 @@ class ConsulSection:
             "(default 200) must be above it.",
         ),
     )
+    max_response_bytes: int = field(
+        default=64 << 20,
+        metadata=_doc(
+            "Largest Consul answer read: a larger one (declared or streamed) is refused "
+            "unread, the last good snapshot stays, and the watch asks again; counted in "
+            "`meshlet_consul_watch_errors`.",
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +334,38 @@ class SidecarSection:
             "Connections the inbound listener holds before their TLS handshake has finished "
             "(unauthenticated), per process; beyond it a new connection is reset at accept, "
             "before any TLS work. They count towards `max_connections` too.",
+        ),
+    )
+    max_headers: int = field(
+        default=100,
+        metadata=_doc(
+            "HTTP listeners: headers one request may carry (Envoy's default); beyond it the "
+            "request is answered 431 and its connection closed, counted in "
+            "`requests_refused_limit`.",
+        ),
+    )
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata=_doc(
+            "HTTP listeners: size of one request's head, its target plus each header's name "
+            "and value and 4 bytes; beyond it 431 and a close, counted in "
+            "`requests_refused_limit`.",
+        ),
+    )
+    retry_buffer_bytes: int = field(
+        default=64 * 1024,
+        metadata=_doc(
+            "HTTP: a request body up to this size is kept while it is sent, so a route's "
+            "retry policy can send it again; a longer one is forwarded unkept, and is not "
+            "retried (counted in `retry_buffer_overflows`). 0 keeps no body.",
+        ),
+    )
+    max_pending_requests: int = field(
+        default=1024,
+        metadata=_doc(
+            "HTTP requests per upstream waiting for a connection to be dialed (Envoy's "
+            "default), when Consul's upstream `Limits.MaxPendingRequests` sets none; beyond "
+            "it 503 at once, counted in `meshlet_circuit_breaker_overflows_total`.",
         ),
     )
     upstreams: tuple[UpstreamSection, ...] = field(
@@ -780,7 +820,12 @@ def consul_client_config(
     base = config_from_env(merged, timeout=section.timeout)
     # Each upstream parks a blocking query; registration and checks need a few more.
     connections = section.max_connections or max(100, upstreams + 16)
-    return dataclasses.replace(base, max_connections=connections)
+    return dataclasses.replace(
+        base,
+        max_connections=connections,
+        # A value the cross checks refuse must not fail here first, without its key.
+        max_response_bytes=max(1, section.max_response_bytes),
+    )
 
 
 def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
@@ -806,10 +851,19 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("sidecar.workers", workers_problem(side.workers))
     if side.max_connections < 1:
         fail("sidecar.max_connections", f"expected a positive integer, got {side.max_connections}")
-    if side.max_pending_handshakes < 1:
+    positive = ("max_pending_handshakes", "max_headers", "max_header_bytes", "max_pending_requests")
+    for key in positive:
+        if getattr(side, key) < 1:
+            fail(f"sidecar.{key}", f"expected a positive integer, got {getattr(side, key)}")
+    if side.retry_buffer_bytes < 0:
         fail(
-            "sidecar.max_pending_handshakes",
-            f"expected a positive integer, got {side.max_pending_handshakes}",
+            "sidecar.retry_buffer_bytes",
+            f"expected 0 or a positive integer, got {side.retry_buffer_bytes}",
+        )
+    if cfg.consul.max_response_bytes < 1:
+        fail(
+            "consul.max_response_bytes",
+            f"expected a positive integer, got {cfg.consul.max_response_bytes}",
         )
     binds: dict[str, str] = {}
     targets: dict[tuple[str, str, str, str], str] = {}

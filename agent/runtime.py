@@ -620,6 +620,8 @@ class AgentRuntime:
             watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
             pd = side.proxy_defaults_watch.state
             watches["proxy-defaults"] = {"failures": pd.failures, "last_success": pd.last_success}
+            sd = side.service_defaults_watch.state
+            watches["service-defaults"] = {"failures": sd.failures, "last_success": sd.last_success}
             reg = side.registration_watch.state
             watches["sidecar-registration"] = {
                 "failures": reg.failures,

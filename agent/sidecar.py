@@ -32,6 +32,12 @@ that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
 Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
 (port, address, protocol, path normalization, workers) needs a restart, and says so.
 
+* MutualTLSMode: blocking watches of the service-defaults and proxy-defaults entries resolve
+  the local service's mode (agent/mutual_tls.py); a change is applied to the running inbound
+  listener in place (`InboundSpec.mutual_tls_mode`): permissive also admits plaintext, with no
+  identity; back to strict, open plaintext connections are closed. Strict until Consul says
+  otherwise, and for any value meshlet does not know.
+
 * routing: `agent.routing.ChainWatch` compiles each upstream's discovery chain from the watched
   routing entries and hands the data plane one `RoutingSnapshot` per upstream (routes, a
   cluster per chain target, their endpoints); an upstream without `protocol` speaks its
@@ -57,6 +63,7 @@ from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf, CatalogService
 from agent.metrics import process_counters
+from agent.mutual_tls import ResolvedMode, entry_mode, resolve
 from agent.readiness import Readiness
 from agent.registration import sidecar_id
 from agent.routing import ChainWatch
@@ -66,12 +73,20 @@ from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
 from connect.heap_trim import HeapTrimmer
+from connect.http1 import HTTPLimits
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
 from connect.observe import Telemetry
-from connect.sidecar import InboundSpec, Plan, SidecarSpec, UpstreamSpec, bind_address
+from connect.sidecar import (
+    InboundSpec,
+    MutualTLSMode,
+    Plan,
+    SidecarSpec,
+    UpstreamSpec,
+    bind_address,
+)
 from connect.sidecar import Sidecar as DataPlane
 from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
@@ -141,11 +156,13 @@ def sidecar_spec(
     cfg: AgentConfig,
     local_uri: str,
     chain_protocol: Callable[[str], str] = lambda name: "",
+    mutual_tls_mode: MutualTLSMode = "strict",
     tracing: TracingSettings | None = None,
 ) -> SidecarSpec:
     """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID. An upstream
     without a `protocol` speaks its discovery chain's (`chain_protocol(name)`; tcp while
-    none is known). `tracing`: what Consul's entries say (Sidecar.tracing)."""
+    none is known). `mutual_tls_mode`: the service's, as Consul's entries resolve it.
+    `tracing`: what Consul's entries say (Sidecar.tracing)."""
     app_host = cfg.service.address or "127.0.0.1"
     bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
     return SidecarSpec(
@@ -157,6 +174,7 @@ def sidecar_spec(
             cfg.service.port,
             local_uri,
             cfg.sidecar.path_normalization,
+            mutual_tls_mode,
         ),
         upstreams=tuple(
             UpstreamSpec(
@@ -176,6 +194,12 @@ def sidecar_spec(
             max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
         ),
         tracing=tracing,
+        http_limits=HTTPLimits(
+            max_header_bytes=cfg.sidecar.max_header_bytes,
+            max_headers=cfg.sidecar.max_headers,
+            retry_body_bytes=cfg.sidecar.retry_buffer_bytes,
+        ),
+        max_pending_requests=cfg.sidecar.max_pending_requests,
     )
 
 
@@ -252,6 +276,22 @@ class Sidecar:
             self._fetch_proxy_defaults,
             self._decode_proxy_defaults,
             AccessLogSettings(),
+            settings,
+            rng=self._rng,
+            clock=clock,
+        )
+        self._service_mode: object = ""
+        self._proxy_mode: object = ""
+        self.mutual_tls = ResolvedMode("strict", "default")
+        """The local service's MutualTLSMode as the entries resolve it now (strict until
+        Consul says otherwise)."""
+        self._mode_task: asyncio.Task[None] | None = None
+        self.service_defaults_watch: BlockingWatch[tuple[Mapping[str, Any], ...], object]
+        self.service_defaults_watch = BlockingWatch(
+            "service-defaults",
+            self._fetch_service_defaults,
+            self._decode_service_defaults,
+            "",
             settings,
             rng=self._rng,
             clock=clock,
@@ -376,7 +416,7 @@ class Sidecar:
         """What the proxy serves in a reduced way now: destinations it denies wholesale, and
         upstreams routed by an older chain because the newest was rejected."""
         chains = self.chains.upstreams.values() if self.chains is not None else ()
-        return [
+        found = [
             f"upstream {up.name}: discovery chain rejected, previous routing kept: {up.error}"
             for up in chains
             if up.error
@@ -385,6 +425,7 @@ class Sidecar:
             f"denying every request to it: {reason}"
             for dest, reason in sorted(self.intentions_broken.items())
         ]
+        return [self.mutual_tls.problem, *found] if self.mutual_tls.problem else found
 
     def status(self) -> dict[str, Any]:
         material = self.rotator.current if self.rotator is not None else None
@@ -426,6 +467,11 @@ class Sidecar:
                 "broken_total": self.intentions_broken_total,
             },
             "listeners": {name: serving is not None for name, serving in self._listeners()},
+            "mutual_tls": {
+                "mode": self.mutual_tls.mode,
+                "source": self.mutual_tls.source,
+                "problem": self.mutual_tls.problem,
+            },
             "routing": self.chains.status() if self.chains is not None else {},
             "upstreams": upstreams,
             "connections": {
@@ -459,7 +505,11 @@ class Sidecar:
                 for name, up in upstreams.items()
             },
             "process": process_counters(),
-            "access_log": {"dropped": self.access_log.dropped, "written": self.access_log.written},
+            "access_log": {
+                "dropped": self.access_log.dropped,
+                "written": self.access_log.written,
+                "write_failed": self.access_log.write_failed,
+            },
             "tracing": self.telemetry.tracing_counters(),
         }
 
@@ -494,6 +544,7 @@ class Sidecar:
             tg.create_task(self._rotate(), name="leaf rotation")
             tg.create_task(self.intentions_watch.run(), name="intentions watch")
             tg.create_task(self.proxy_defaults_watch.run(), name="proxy-defaults watch")
+            tg.create_task(self.service_defaults_watch.run(), name="service-defaults watch")
             tg.create_task(self._follow_access_logs(), name="access log settings")
             tg.create_task(self.registration_watch.run(), name="sidecar registration watch")
             tg.create_task(self._follow_registration(), name="tracing settings")
@@ -551,7 +602,11 @@ class Sidecar:
             chains.on_protocol = self._protocol_changed
             await self.proxy.apply(
                 sidecar_spec(
-                    self.config, tls.material.leaf.service_uri, chains.protocol, self.tracing
+                    self.config,
+                    tls.material.leaf.service_uri,
+                    chains.protocol,
+                    self.mutual_tls.mode,
+                    tracing=self.tracing,
                 )
             )
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
@@ -579,7 +634,9 @@ class Sidecar:
         if self.chains is not None:
             for up in config.sidecar.upstreams:
                 self.chains.upstream(up.name)
-        spec = sidecar_spec(config, self.tls.material.leaf.service_uri, protocol)
+        spec = sidecar_spec(
+            config, self.tls.material.leaf.service_uri, protocol, self.mutual_tls.mode
+        )
         await self._first_endpoints(spec)
         # The tracing in force now: it may have changed while the endpoints were awaited.
         return await self.proxy.apply(dataclasses.replace(spec, tracing=self.tracing))
@@ -675,7 +732,10 @@ class Sidecar:
         self, entries: tuple[Mapping[str, Any], ...], index: int
     ) -> AccessLogSettings:
         """The access-log settings the entry and agent.yaml give; an entry meshlet cannot use
-        is refused (counted as a rejected snapshot) and the settings in force stay."""
+        is refused (counted as a rejected snapshot) and the settings in force stay. Its
+        MutualTLSMode is taken first, whatever the access logs say."""
+        self._proxy_mode = entry_mode(entries, "global")
+        self._mode_inputs_changed()
         entry = next((e for e in entries if e.get("Name") == "global"), None)
         raw = entry.get("AccessLogs") if entry is not None else None
         if raw is not None and not isinstance(raw, Mapping):
@@ -690,6 +750,37 @@ class Sidecar:
         self._access_logs_raw = raw
         self._mesh_tracing = tracing
         return settings
+
+    async def _fetch_service_defaults(
+        self, index: int, wait: float
+    ) -> Indexed[tuple[Mapping[str, Any], ...]]:
+        consul = self._consul
+        assert consul is not None, "the service-defaults watch runs inside run()"
+        return await consul.config_entries.list("service-defaults", index=index, wait=wait)
+
+    def _decode_service_defaults(
+        self, entries: tuple[Mapping[str, Any], ...], index: int
+    ) -> object:
+        """The local service's MutualTLSMode as its entry sets it ("" without one)."""
+        self._service_mode = entry_mode(entries, self.config.service.name)
+        self._mode_inputs_changed()
+        return self._service_mode
+
+    def _mode_inputs_changed(self) -> None:
+        """Resolve the mode again; a new one is applied to the running listeners (in place)."""
+        resolved = resolve(self.config.service.name, self._service_mode, self._proxy_mode)
+        if resolved == self.mutual_tls:
+            return
+        if resolved.problem:
+            log.error("%s", resolved.problem)
+        else:
+            log.info("MutualTLSMode %s (from %s)", resolved.mode, resolved.source)
+        changed = resolved.mode != self.mutual_tls.mode
+        self.mutual_tls = resolved
+        if changed and self.proxy is not None and not self._closed:
+            self._mode_task = asyncio.get_running_loop().create_task(
+                self._reapply(), name="MutualTLSMode change"
+            )
 
     async def _follow_access_logs(self) -> None:
         latest = self.proxy_defaults_watch.latest

@@ -352,6 +352,8 @@ class HTTPSide:
 
     def _labels(self, remote: str, status: int, flags: str, grpc: str) -> tuple[str, ...]:
         s = self.side
+        # Inbound, only a plaintext caller has no URI (MutualTLSMode permissive).
+        security = "none" if self._inbound and not remote else s.security
         if self._inbound:
             src_wl, src_p = _service_of(remote), remote or "unknown"
             dst, dst_p = s.local_service, s.local_principal
@@ -371,7 +373,7 @@ class HTTPSide:
             str(status),
             flags,
             grpc,
-            s.security,
+            security,
         )
 
     def request(self, ex: Exchange, peer: Peer | None) -> None:
@@ -439,7 +441,8 @@ class TCPSide:
         else:
             src_wl, src_p = s.local_service, s.local_principal
             dst, dst_p = s.remote_service, s.remote_principal
-        labels = (s.reporter, src_wl, src_p, dst, dst, dst, dst_p, "tcp", flags, s.security)
+        security = "none" if peer is not None and peer.plaintext else s.security
+        labels = (s.reporter, src_wl, src_p, dst, dst, dst, dst_p, "tcp", flags, security)
         return self.metrics.tcp_series(labels)
 
     def opened(self, peer: Peer | None) -> None:

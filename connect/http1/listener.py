@@ -1,9 +1,10 @@
 """The HTTP listeners: `OutboundHTTP` (plain HTTP from the local app to one upstream
-service over pooled mTLS) and `InboundHTTP` (mTLS from mesh peers, authorized per request,
-to the local app). The inbound side removes every X-Forwarded-Client-Cert and x-meshlet-*
-field a caller sent and writes its own X-Forwarded-Client-Cert (Envoy's SANITIZE_SET),
-whatever listener the caller used; the outbound side removes any X-Forwarded-Client-Cert
-the app sent."""
+service over pooled mTLS) and `InboundHTTP` (mTLS from mesh peers, and plaintext in
+MutualTLSMode permissive, authorized per request, to the local app). The inbound side removes
+every X-Forwarded-Client-Cert and x-meshlet-* field a caller sent and writes its own
+X-Forwarded-Client-Cert (Envoy's SANITIZE_SET; none for a plaintext caller, which has no
+certificate), whatever listener the caller used; the outbound side removes any
+X-Forwarded-Client-Cert the app sent."""
 
 from __future__ import annotations
 
@@ -181,3 +182,14 @@ class InboundHTTP(HTTPListener):
 
     def _tls(self) -> TLSTerminator:
         return self.inbound_gate
+
+    def recheck(self) -> int:
+        """Close the open connections that may no longer stay open: plaintext ones once the
+        mode is strict again (each request is authorized on its own, so intentions need no
+        recheck here). Returns how many."""
+        open_now = {
+            conn.transport: conn.peer
+            for conn in self.connections
+            if conn.peer is not None and conn.peer.plaintext and conn.transport is not None
+        }
+        return self.inbound_gate.revoke(open_now)

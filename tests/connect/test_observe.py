@@ -44,7 +44,7 @@ async def test_a_relayed_connection_is_counted_and_logged_on_both_sides(
         writer.close()
         await writer.wait_closed()
     finally:
-        # An EOF cannot cross the TLS leg (connect/l4.py): the relays end with the listeners.
+        # The relays end on the client's EOF or, at the latest, with the listeners.
         await close_all(p, servers)
     (web_line,) = web_log.drain().splitlines()
     (api_line,) = api_log.drain().splitlines()
