@@ -34,6 +34,7 @@ from agent.consul_blocking import parse_duration
 from agent.consul_config import ConsulConfig, config_from_env
 from agent.consul_errors import ConsulConfigError
 from connect.access_log import parse_access_logs
+from connect.tracing_settings import parse_tracing
 from intentions.path_normalization import PathNormalization
 
 # ---- field metadata ----------------------------------------------------------------------------
@@ -479,7 +480,11 @@ class AccessLogsSection:
     )
     text_format: str = field(default="", metadata=_doc("A line of Envoy operators."))
     disable_listener_logs: bool | None = field(
-        default=None, metadata=_doc("Accepted as Consul's; meshlet has no listener rejections.")
+        default=None,
+        metadata=_doc(
+            "No log lines for connections the inbound listener refuses before they carry "
+            "anything (failed TLS handshakes, refused peers)."
+        ),
     )
 
     def overrides(self) -> dict[str, Any]:
@@ -503,6 +508,41 @@ class AccessLogsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSection:
+    """This service's tracing, over the proxy-defaults entry's `Config.tracing` key by key.
+    Registered as the sidecar's `Proxy.Config.tracing`, where the sidecar reads it back from
+    Consul (as it reads one Nomad or an operator registered), so it follows a reload."""
+
+    otlp_endpoint: str = field(
+        default="",
+        metadata=_doc("OTLP/HTTP traces endpoint (a URL, usually ending in /v1/traces)."),
+    )
+    sampling_percent: float | None = field(
+        default=None, metadata=_doc("Share of the traces this sidecar starts, 0-100.")
+    )
+    propagation: tuple[str, ...] = field(
+        default=(), metadata=_doc("Trace-context headers read and written: w3c, b3.")
+    )
+
+    def block(self) -> dict[str, Any]:
+        """The keys set here, as a `tracing` block."""
+        out: dict[str, Any] = {}
+        if self.otlp_endpoint:
+            out["otlp_endpoint"] = self.otlp_endpoint
+        if self.sampling_percent is not None:
+            out["sampling_percent"] = self.sampling_percent
+        if self.propagation:
+            out["propagation"] = list(self.propagation)
+        return out
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        try:
+            parse_tracing(self.block(), "tracing")
+        except ValueError as exc:
+            yield "", str(exc)
+
+
+@dataclass(frozen=True, slots=True)
 class TelemetrySection:
     metrics_address: str = field(
         default="",
@@ -514,6 +554,9 @@ class TelemetrySection:
     )
     access_logs: AccessLogsSection = field(
         default_factory=AccessLogsSection, metadata=_doc("Access-log overrides.")
+    )
+    tracing: TracingSection = field(
+        default_factory=TracingSection, metadata=_doc("This service's tracing overrides.")
     )
 
 
@@ -676,6 +719,11 @@ class _Parser:
                 self.fail(path, f"expected a string, got {_type_name(raw)}")
                 return ""
             return raw
+        if tp is float:
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                self.fail(path, f"expected a number, got {_shown(raw)}")
+                return 0.0
+            return float(raw)
         if tp is Path:
             if not isinstance(raw, str) or not raw:
                 self.fail(path, f"expected a file path, got {_shown(raw)}")
@@ -1112,7 +1160,9 @@ def _render_type(tp: Any, meta: Mapping[str, Any]) -> str:
         return "duration"
     if meta.get("port"):
         return "port"
-    return {str: "string", int: "integer", bool: "boolean", Path: "path"}.get(tp, str(tp))
+    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}.get(
+        tp, str(tp)
+    )
 
 
 def _render_default(f: dataclasses.Field[Any], meta: Mapping[str, Any]) -> str:

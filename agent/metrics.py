@@ -263,6 +263,22 @@ def _meshlet(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "waits, and writing resumes once a write succeeds.",
         value=_num(access.get("write_failed")),
     )
+    tracing: Mapping[str, Any] = counters.get("tracing") or {}
+    yield CounterMetricFamily(
+        "meshlet_tracing_spans_dropped",
+        "Spans dropped because the export queue was full (the proxy never waits).",
+        value=_num(tracing.get("dropped")),
+    )
+    yield CounterMetricFamily(
+        "meshlet_tracing_spans_exported",
+        "Spans the OTLP collector accepted.",
+        value=_num(tracing.get("exported")),
+    )
+    yield CounterMetricFamily(
+        "meshlet_tracing_spans_export_failed",
+        "Spans whose export failed (collector unreachable or refusing).",
+        value=_num(tracing.get("failed")),
+    )
     process: Mapping[str, Any] = counters.get("process") or {}
     yield GaugeMetricFamily(
         "meshlet_process_resident_memory_bytes",

@@ -65,9 +65,11 @@ class AccessLogSettings:
     json_format: str = ""
     text_format: str = ""
     disable_listener_logs: bool = False
-    """Consul's: no logs for connections rejected at the listener before any filter chain.
-    meshlet has no such connections (every accepted one is a request or a relay), so it
-    changes nothing; accepted so that a Consul entry that sets it is valid here."""
+    """Consul's: no logs for connections the listener rejects before any filter chain (in
+    Envoy: no matching filter chain, a failed TLS handshake). meshlet's inbound gate refuses
+    such connections itself (connect.inbound: failed handshakes, a peer that is not a service
+    of the trust domain, a connection intention's deny) and logs each one as a listener log
+    (`"listener": true`, the reason in `listener_refusal`) unless this is set."""
 
 
 _KEYS = {
@@ -90,6 +92,7 @@ OPERATORS = {
     "UPSTREAM_HOST": "upstream_host",
     "UPSTREAM_CLUSTER": "upstream_cluster",
     "DOWNSTREAM_PEER_URI_SAN": "peer",
+    "DOWNSTREAM_REMOTE_ADDRESS": "downstream_remote_address",
 }
 """Envoy command operators this log knows -> the record field each one is."""
 _HEADER_FIELDS = {
@@ -172,7 +175,11 @@ def _head_fields(ex: Exchange) -> dict[str, str]:
     if at >= 0:
         start = at + len(REQUEST_ID) + 3
         out["request_id"] = head[start : head.find(b"\r\n", start)].strip().decode("latin-1")
-    parts = out.get(":traceparent", "").split("-")
+    # The traceparent sent on: the sidecar's own when tracing is on (it starts the trace when
+    # the client brought none), else the client's as it came.
+    at = head.find(b"\r\ntraceparent:")
+    sent = head[at + 14 : head.find(b"\r\n", at + 14)] if at >= 0 else b""
+    parts = (sent.strip().decode("latin-1") or out.get(":traceparent", "")).split("-")
     if len(parts) == 4:
         out["trace_id"] = parts[1]
     return out
@@ -239,6 +246,24 @@ def tcp_record(
         # An inbound connection was relayed, so its intention allowed it (refusals end at
         # the handshake: meshlet_tls_handshake_failures_total{reason="denied"}).
         "intention": "allow" if side.reporter == "destination" else "",
+    }
+
+
+def listener_record(side: Side, address: str, reason: str, now: float) -> dict[str, Any]:
+    """A connection refused before it carried anything: no bytes, no upstream."""
+    return {
+        "start_time": _iso(now),
+        "duration_ms": 0,
+        "protocol": "TCP",
+        "response_flags": "-",
+        "bytes_received": 0,
+        "bytes_sent": 0,
+        "upstream_host": "",
+        "upstream_cluster": side.local_service,
+        "reporter": side.reporter,
+        "downstream_remote_address": address,
+        "listener": True,
+        "listener_refusal": reason,
     }
 
 
@@ -333,6 +358,12 @@ class AccessLog:
             return
         self._put(("tcp", side, peer, received, sent, flags, start, upstream, self._clock()))
 
+    def listener(self, side: Side, address: str, reason: str) -> None:
+        s = self.settings
+        if not s.enabled or s.disable_listener_logs:
+            return
+        self._put(("listener", side, address, reason, self._clock()))
+
     def drain_pending(self) -> int:
         """Records queued and not yet written."""
         return len(self._queue)
@@ -345,6 +376,9 @@ class AccessLog:
             if item[0] == "http":
                 _, side, ex, peer, duration, now = item
                 record = http_record(side, ex, peer, duration, now)
+            elif item[0] == "listener":
+                _, side, address, reason, now = item
+                record = listener_record(side, address, reason, now)
             else:
                 _, side, peer, received, sent, flags, start, upstream, now = item
                 record = tcp_record(

@@ -59,6 +59,7 @@ from connect.observe import HTTPSide, Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
 from connect.stats import ProxyStats
+from connect.tracing_settings import TracingSettings
 from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.connect.sidecar")
@@ -153,6 +154,9 @@ class SidecarSpec:
     limits: ConnectionLimits | None = None
     """Caps on each listener's connections (connect.listener), taken by listeners as they
     start: a running listener keeps the caps it started with."""
+    tracing: TracingSettings | None = None
+    """The telemetry's tracing (connect.tracing_settings; None: off), applied to every
+    listener at once and without touching them."""
     http_limits: HTTPLimits | None = None
     """The HTTP listeners' request limits (header count and size, retry buffer), taken as
     `limits` is."""
@@ -490,6 +494,8 @@ class Sidecar(Generic[S]):
             )
             changes = plan(old, spec)
             self.spec = spec
+            if self.telemetry is not None:
+                self.telemetry.set_tracing(spec.tracing)
             for gone in changes.stop:
                 self._retire(self.running.pop(gone.bind), spec.drain_grace)
             for before, _ in changes.replace:
@@ -587,6 +593,7 @@ class Sidecar(Generic[S]):
             )
             if self.telemetry is not None:
                 listener.observer = self.telemetry.http(self.telemetry.inbound("http"))
+                gate.on_refused = self.telemetry.listener_refused
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.
             gate = InboundGate(
@@ -600,6 +607,7 @@ class Sidecar(Generic[S]):
             listener = InboundL4(gate, spec.app_host, spec.app_port)
             if self.telemetry is not None:
                 listener.observer = self.telemetry.tcp(self.telemetry.inbound("tcp"))
+                gate.on_refused = self.telemetry.listener_refused
         return Running(spec, listener)
 
     def _build_upstream(self, spec: UpstreamSpec) -> Running:

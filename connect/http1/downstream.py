@@ -616,7 +616,9 @@ class Downstream(asyncio.Protocol):
                 ex.flags = "URX"  # the retries were spent and it still failed
             observer = self.listener.observer
             if observer is not None:
+                ex.response_headers = headers
                 observer.response(ex)
+                ex.response_headers = None
         framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:

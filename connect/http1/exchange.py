@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from connect.http1.upstream import UpConn
     from connect.seams import Verdict
+    from connect.tracing import OpenSpan
 
 __all__ = [
     "CLOSE",
@@ -181,6 +182,13 @@ class Exchange:
     """Observed: authorization's decision (inbound)."""
     upstream = ""
     """Observed: host:port (or endpoint key) of the upstream that answered."""
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    """Observed: the response head's fields as the upstream sent them (for the observer's
+    `response` call; set only while observed)."""
+    grpc_status = "-"
+    """Observed: a gRPC answer's grpc-status, when its head carries one (connect.observe)."""
+    span: OpenSpan | None = None
+    """Its trace span while one is open (sampled, tracing on: connect.tracing)."""
 
     def __init__(
         self,
