@@ -8,8 +8,10 @@ What translates: a mesh-wide Telemetry (in the root namespace, no selector) with
 `spec.tracing` item naming one provider, `randomSamplingPercentage` and
 `disableSpanReporting`. The provider's address lives in Istio's MeshConfig
 (`extensionProviders`), not in the resource, so `--provider NAME=URL` gives its OTLP/HTTP
-endpoint. Anything else (metrics, access logging, custom tags, match modes, a selector) is
-refused naming the field: nothing is printed or written unless all of it translates.
+endpoint; without it the entry names OpenTelemetry's default endpoint (a collector on each
+node, `http://localhost:4318/v1/traces`) and a warning says so. Anything else (metrics,
+access logging, custom tags, match modes, a selector) is refused naming the field: nothing
+is printed or written unless all of it translates.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ __all__ = ["add_parser", "translate_telemetry"]
 EXIT_PROBLEMS = 2
 PROXY_DEFAULTS = "proxy-defaults"
 _TRACING_FIELDS = frozenset({"providers", "randomSamplingPercentage", "disableSpanReporting"})
+OTLP_DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
+"""OTEL_EXPORTER_OTLP_TRACES_ENDPOINT's default in the OpenTelemetry specification."""
 
 
 class TelemetryRefused(Exception):
@@ -44,9 +48,11 @@ def translate_telemetry(
     docs: list[tuple[str, Any]],
     providers: Mapping[str, str],
     root_namespace: str = "istio-system",
+    warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     """(source, parsed YAML document) pairs -> the proxy-defaults entry. Raises
-    `TelemetryRefused` listing every field that cannot be translated."""
+    `TelemetryRefused` listing every field that cannot be translated; what was assumed is
+    appended to `warnings`."""
     problems: list[str] = []
     tracing: dict[str, Any] | None = None
     for source, doc in docs:
@@ -92,12 +98,17 @@ def translate_telemetry(
             provider = str(named[0].get("name", ""))
             for key in sorted(set(named[0]) - {"name"}):
                 problems.append(f"{where}: spec.tracing[0].providers[0].{key}: not supported")
-            if provider not in providers:
-                problems.append(
-                    f"{where}: spec.tracing[0].providers[0].name {provider!r}: its address is "
-                    f"in Istio's MeshConfig, not here: pass --provider {provider}=URL (the "
-                    "collector's OTLP/HTTP traces endpoint)"
-                )
+            if not provider:
+                problems.append(f"{where}: spec.tracing[0].providers[0].name: missing")
+            elif provider not in providers:
+                block["otlp_endpoint"] = OTLP_DEFAULT_ENDPOINT
+                if warnings is not None:
+                    warnings.append(
+                        f"{where}: provider {provider!r}: its address is in Istio's MeshConfig, "
+                        f"not in this resource; using OpenTelemetry's default "
+                        f"{OTLP_DEFAULT_ENDPOINT} (a collector on each node). Pass --provider "
+                        f"{provider}=URL for another."
+                    )
             else:
                 block["otlp_endpoint"] = providers[provider]
         if "randomSamplingPercentage" in item:
@@ -179,7 +190,11 @@ def _entry(args: argparse.Namespace) -> dict[str, Any]:
             problems.append(f"{name}: not YAML: {err}")
     if problems:
         raise TelemetryRefused(problems)
-    return translate_telemetry(docs, providers, args.root_namespace)
+    warnings: list[str] = []
+    entry = translate_telemetry(docs, providers, args.root_namespace, warnings)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return entry
 
 
 def _translate(args: argparse.Namespace) -> int:

@@ -43,11 +43,20 @@ def test_translate_prints_the_proxy_defaults_entry() -> None:
     assert "sampling_percent = 10.0" in hcl.stdout or "sampling_percent = 10" in hcl.stdout
 
 
-def test_untranslatable_input_exits_2_naming_the_field(tmp_path: Path) -> None:
+def test_the_example_alone_names_the_otlp_default_endpoint_and_says_so() -> None:
+    """The issue's own command: Istio keeps the provider's address in MeshConfig, so without
+    --provider the entry names OpenTelemetry's default endpoint, with a warning."""
     done = _meshlet("translate", "-f", EXAMPLE)
-    assert done.returncode == 2
-    assert done.stdout == ""
-    assert "providers[0].name 'jaeger'" in done.stderr and "--provider jaeger=URL" in done.stderr
+    assert done.returncode == 0, done.stderr
+    tracing = json.loads(done.stdout)["Config"]["tracing"]
+    assert tracing == {
+        "otlp_endpoint": "http://localhost:4318/v1/traces",
+        "sampling_percent": 10.0,
+    }
+    assert "provider 'jaeger'" in done.stderr and "--provider jaeger=URL" in done.stderr
+
+
+def test_untranslatable_input_exits_2_naming_the_field(tmp_path: Path) -> None:
 
     odd = tmp_path / "odd.yaml"
     odd.write_text(
