@@ -130,6 +130,7 @@ def _validated(
     address: str,
     port: int,
     weight: int,
+    warning_weight: int,
 ) -> Endpoint:
     where = f"{node}/{service_id}"
     if kind == "connect-proxy":
@@ -143,6 +144,11 @@ def _validated(
         if key.warning:
             if status is not HealthStatus.WARNING:
                 return UNHEALTHY  # critical or in maintenance: never used
+            # An instance in warning weighs Weights.Warning, and one weighing nothing is left
+            # out, as Consul's calculateEndpointHealthAndWeight does for Envoy.
+            weight = warning_weight
+            if weight < 1:
+                return UNHEALTHY
         else:
             raise SnapshotRejected(f"{where}: {status.value} in an answer to ?passing")
     if not 1 <= port <= 65535:
@@ -179,6 +185,7 @@ def endpoint_of(key: WatchKey, entry: ServiceEntry) -> Endpoint:
         address=entry.address,
         port=entry.port,
         weight=entry.weights.passing,
+        warning_weight=entry.weights.warning,
     )
 
 
@@ -189,6 +196,7 @@ def endpoint_of_entry(key: WatchKey, entry: HealthEntry) -> Endpoint:
     proxy = svc.proxy if kind else None  # only proxies and gateways own a Proxy (as from_json)
     weights = svc.weights
     passing = weights.passing if weights is not None else None
+    warning = weights.warning if weights is not None else None
     return _validated(
         key,
         node=node.name,
@@ -201,6 +209,7 @@ def endpoint_of_entry(key: WatchKey, entry: HealthEntry) -> Endpoint:
         address=svc.address or node.address,
         port=svc.port or 0,
         weight=1 if passing is None else passing,
+        warning_weight=1 if warning is None else warning,
     )
 
 

@@ -36,6 +36,7 @@ class NodeFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
 
 class WeightsFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     passing: int | None = msgspec.field(name="Passing", default=None)
+    warning: int | None = msgspec.field(name="Warning", default=None)
 
 
 class ProxyFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
