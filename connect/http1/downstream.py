@@ -48,6 +48,7 @@ from connect.http1_headers import (
     REQUEST_ID,
     REQUEST_TIMEOUT,
     XFCC,
+    ForwardedFields,
     new_request_id,
     xfcc_element,
 )
@@ -298,6 +299,7 @@ class Downstream(asyncio.Protocol):
                 lines += (b"host", COLON, listener.default_host, CRLF)
         if not facts.has_request_id:
             lines += (REQUEST_ID, COLON, new_request_id(), CRLF)
+        fields_end = len(lines)
         if self.xfcc:
             lines.append(self.xfcc)
         framing = facts.framing
@@ -340,8 +342,10 @@ class Downstream(asyncio.Protocol):
         if authorize is not None and self.peer is not None:
             # Decided on the Host the app will see: an HTTP/1.0 request without one is
             # forwarded with the listener's default, so that is the authority decided on.
+            # Decided on the fields the app will receive (see ForwardedFields).
+            fields = ForwardedFields(lines, 4, fields_end)
             verdict = authorize(
-                self.peer, method, target, facts.host or listener.default_host, headers
+                self.peer, method, target, facts.host or listener.default_host, fields
             )
             if ex.start:
                 ex.verdict = verdict
