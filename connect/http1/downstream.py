@@ -179,8 +179,12 @@ class Downstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.queue or self.listener.is_tls:
-            return False  # nothing owed (TLS: asyncio closes the transport itself)
+        peer = self.peer
+        tls = self.listener.is_tls and not (peer is not None and peer.plaintext)
+        if not self.queue or tls:
+            # Nothing owed, or TLS: asyncio closes the transport itself. A plaintext caller
+            # (MutualTLSMode permissive) on an inbound listener is plain TCP, as outbound.
+            return False
         # TCP cannot tell a half-close from a client that closed and left. One that asked for
         # a persistent connection has no reason to half-close it: it has given up (as Envoy's
         # HTTP/1 codec treats a downstream FIN), so the transport closes and connection_lost

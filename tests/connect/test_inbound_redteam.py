@@ -29,6 +29,8 @@ from connect.stats import ProxyStats
 from intentions.engine import Identity
 from tests.connect.devstack_tls import dev_mesh
 from tests.connect.test_permissive import (
+    ALLOW_ANY,
+    ALLOW_WEB,
     WAIT,
     exchange,
     get,
@@ -181,12 +183,15 @@ async def tls_client(
             incoming.write(chunk)
         tls.write(data)
         writer.write(outgoing.read())
-        with contextlib.suppress(TimeoutError):
-            while chunk := await asyncio.wait_for(reader.read(65536), WAIT):
-                incoming.write(chunk)
-                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                    while plain := tls.read(65536):
-                        got += plain
+        closed = False
+        while not closed and (chunk := await asyncio.wait_for(reader.read(65536), WAIT)):
+            incoming.write(chunk)
+            try:
+                while plain := tls.read(65536):
+                    got += plain
+                closed = True  # b"": the server's close_notify, the answer is complete
+            except ssl.SSLWantReadError:
+                pass
     except (ssl.SSLError, ConnectionError):
         pass
     finally:
@@ -268,3 +273,175 @@ async def test_a_forged_xfcc_cannot_satisfy_a_header_permission_on_it() -> None:
         # web over mTLS: the sidecar's XFCC names web, so the permission allows it.
         assert status(await tls_client(listener.port, web, get(b"/mtls"))) == 200
         assert xfcc_lines(app.received) == [xfcc.encode()]
+
+
+# ---- 2. one caller's identity never rides on another's request -----------------------------
+
+
+async def test_an_app_connection_reused_across_callers_carries_only_each_callers_identity() -> None:
+    """Pins: the pooled app connection goes from web (mTLS) to a plaintext caller to web
+    again; each request carries its own caller's XFCC (none for plaintext), never the
+    previous one's."""
+    async with raw_site(ALLOW_ANY, ALLOW_WEB) as (listener, app, web, xfcc):
+        assert status(await tls_client(listener.port, web, get(b"/m1"))) == 200
+        assert status(await exchange(listener.port, get(b"/p1"))) == 200
+        assert status(await tls_client(listener.port, web, get(b"/m2"))) == 200
+        assert len(app.connections) == 1  # one app connection served all three
+        heads = bytes(app.connections[0]).split(b"\r\n\r\n")[:3]
+        assert [h.split(b" ")[1] for h in heads] == [b"/m1", b"/p1", b"/m2"]
+        assert [xfcc_lines(h) for h in heads] == [[xfcc.encode()], [], [xfcc.encode()]]
+
+
+# ---- 3. forged XFCC in every shape the parser might let through ----------------------------
+
+_FORGED_SHAPES = {
+    "obs-fold": b"X-Other: a\r\n X-Forwarded-Client-Cert: Evil-Value",
+    "space-before-colon": b"X-Forwarded-Client-Cert : Evil-Value",
+    "tab-in-name": b"X-Forwarded-Client-Cert\t: Evil-Value",
+    "bare-lf": b"X-Other: a\nX-Forwarded-Client-Cert: Evil-Value",
+    "bare-cr": b"X-Other: a\rX-Forwarded-Client-Cert: Evil-Value",
+    "nul-in-value": b"X-Other: a\x00\r\nX-Forwarded-Client-Cert: Evil-Value",
+    "trailing-space-value": b"X-Forwarded-Client-Cert: Evil-Value   ",
+    "empty-then-another": b"X-Forwarded-Client-Cert:\r\nx-forwarded-client-cert: Evil-Value",
+    "underscore": b"X_Forwarded_Client_Cert: Evil-Value",
+}
+
+
+async def test_forged_xfcc_in_any_shape_is_refused_or_replaced() -> None:
+    """Pins (mTLS and plaintext): whatever shape a forged XFCC takes, the request is either
+    a 400 the app never sees or reaches it with exactly the sidecar's XFCC (none for
+    plaintext). `X_Forwarded_Client_Cert` is a different field name for HTTP/1 and is passed
+    on (an app or framework that folds `_` into `-`, as CGI does, must not trust it)."""
+    async with raw_site(ALLOW_ANY, ALLOW_WEB) as (listener, app, web, xfcc):
+        for shape, line in _FORGED_SHAPES.items():
+            for mtls in (True, False):
+                before = len(app.received)
+                data = get(b"/" + shape.encode(), [line])
+                if mtls:
+                    answer = await tls_client(listener.port, web, data)
+                else:
+                    answer = await exchange(listener.port, data)
+                got = app.received[before:]
+                assert status(answer) in (200, 400), (shape, answer)
+                if status(answer) == 400:
+                    assert got == b"", shape
+                    continue
+                want = [xfcc.encode()] if mtls else []
+                assert xfcc_lines(got) == want, (shape, mtls, got)
+                if shape != "underscore":
+                    assert b"evil-value" not in got.lower(), (shape, mtls, got)
+
+
+async def test_trailers_of_a_chunked_body_never_reach_the_app() -> None:
+    """Pins: llhttp parses trailer fields; the sidecar writes its own last chunk, so a forged
+    XFCC or x-meshlet-* field in a trailer reaches the app in no form."""
+    async with raw_site(ALLOW_ANY, ALLOW_WEB, marker=b"0\r\n\r\n") as (listener, app, web, xfcc):
+        body = (
+            b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n"
+            b"Trailer: X-Forwarded-Client-Cert\r\nConnection: close\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Forwarded-Client-Cert: By=forged;URI=spiffe://x/svc/admin\r\n"
+            b"X-Meshlet-Retriable: any\r\n\r\n"
+        )
+        assert status(await tls_client(listener.port, web, body)) == 200
+        assert status(await exchange(listener.port, body)) == 200
+        got = app.received
+        assert got.count(b"hello") == 2
+        assert b"forged" not in got and b"meshlet" not in got.lower()
+        assert xfcc_lines(got) == [xfcc.encode()]
+
+
+# ---- 4. plaintext (permissive): pipelining, HTTP/2, CONNECT, half-close ---------------------
+
+_PUBLIC_ONLY = {
+    "Name": "*",
+    "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/public"}}],
+}
+
+
+async def test_plaintext_pipelined_and_other_protocol_requests_are_each_decided() -> None:
+    """Pins: plaintext pipelined requests are each decided (a denied one's body, itself a
+    request, is discarded), and an HTTP/2 preface, CONNECT and an h2c upgrade to a denied
+    path never reach the app."""
+    async with raw_site(_PUBLIC_ONLY) as (listener, app, _, _):
+        smuggled = b"GET /private/smuggled HTTP/1.1\r\nHost: api\r\n\r\n"
+        pipelined = (
+            b"GET /public/1 HTTP/1.1\r\nHost: api\r\n\r\n"
+            b"POST /private HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n"
+            % len(smuggled)
+            + smuggled
+            + b"GET /public/2 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        answer = await exchange(listener.port, pipelined)
+        assert [status(b"HTTP/1.1 " + a) for a in answer.split(b"HTTP/1.1 ")[1:]] == [
+            200,
+            403,
+            200,
+        ], answer
+        assert [h.split(b" ")[1] for h in app.received.split(b"\r\n\r\n")[:-1]] == [
+            b"/public/1",
+            b"/public/2",
+        ]
+        before = app.received
+        for attack in (
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+            b"CONNECT api:80 HTTP/1.1\r\nHost: api:80\r\n\r\nGET /public HTTP/1.1\r\n\r\n",
+            b"GET /private HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ):
+            answer = await exchange(listener.port, attack)
+            assert status(answer) in (400, 403), (attack, answer)
+        assert app.received == before
+
+
+async def test_a_plaintext_client_that_half_closes_after_connection_close_gets_its_answer() -> None:
+    """Hole (availability, permissive): the inbound HTTP listener treated every connection as
+    TLS on EOF, so a plaintext client that sent `Connection: close` and shut its side (as
+    HTTP/1.0 clients and `nc -N` do) had its transport closed and its request cancelled:
+    no answer. mTLS callers cannot half-close at all (asyncio's TLS transport)."""
+    async with raw_site(ALLOW_ANY) as (listener, app, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            writer.write(get(b"/half"))
+            writer.write_eof()
+            answer = b""
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(65536), WAIT):
+                    answer += chunk
+        finally:
+            writer.close()
+        assert status(answer) == 200, (answer, app.received)
+        assert b"GET /half " in app.received
+
+
+# ---- 5. the TLS side of the first-byte rule --------------------------------------------------
+
+
+async def test_a_client_hello_in_one_byte_segments_is_mtls_in_permissive_mode() -> None:
+    """Pins: the first segment of a ClientHello may be its 0x16 alone; the rest arrives a
+    byte at a time. The connection is mTLS (web's XFCC), not plaintext."""
+    async with raw_site(ALLOW_WEB) as (listener, app, web, xfcc):
+        answer = await tls_client(listener.port, web, get(b"/pieces"), piece=1)
+        assert status(answer) == 200, answer
+        assert xfcc_lines(app.received) == [xfcc.encode()]
+        assert listener.stats.plaintext_connections == 0
+
+
+async def test_bytes_arriving_with_the_handshake_of_a_refused_peer_are_never_parsed() -> None:
+    """Hole (fail-closed): a request that arrives in the same read as the client's last
+    handshake flight is held until the handshake ends, then handed to the new connection.
+    For a peer the gate refuses (here: its trust domain is not ours), the handover came
+    after the refusal: the request was parsed with no peer (so not authorized), counted, and
+    made the sidecar dial the app; nothing was written only because the transport was gone."""
+    async with raw_site(ALLOW_ANY, ALLOW_WEB, trust_domain="elsewhere.consul") as (
+        listener,
+        app,
+        web,
+        _,
+    ):
+        for _ in range(3):
+            assert await tls_client(listener.port, web, get(b"/refused")) == b""
+        await asyncio.sleep(0.2)  # a dial the replayed request set off would land by now
+        assert listener.stats.peers_refused == 3
+        assert app.connections == []
+        assert listener.stats.requests == 0
