@@ -444,7 +444,8 @@ class Sidecar(Generic[S]):
         """The connection decision's inputs changed (new intentions, or MutualTLSMode back to
         strict): decide the open connections of the inbound listeners again and close those
         now denied; returns how many. HTTP inbound decides each request on the current
-        snapshot, so only its plaintext connections can be closed here (strict again)."""
+        snapshot, so only its plaintext connections (strict again) and its tunnels (an upgrade
+        whose request is now denied) can be closed here."""
         return sum(
             listener.recheck()
             for listener in self.listeners()

@@ -99,6 +99,7 @@ class Downstream(asyncio.Protocol):
         "too_large",
         "transport",
         "tunnel",
+        "upgraded",
         "url",
         "watched",
         "xfcc",
@@ -131,6 +132,9 @@ class Downstream(asyncio.Protocol):
         for the upstream only if it answers 101 (see _upgrade_requested)."""
         self.xfcc = b""
         """This connection's X-Forwarded-Client-Cert line (inbound), built once."""
+        self.upgraded: tuple[bytes, bytes, bytes, ForwardedFields] | None = None
+        """Inbound: what the last upgrade request was authorized on (method, target, host,
+        fields), so that its tunnel can be decided again (InboundHTTP.recheck)."""
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -348,9 +352,10 @@ class Downstream(asyncio.Protocol):
             # forwarded with the listener's default, so that is the authority decided on.
             # Decided on the fields the app will receive (see ForwardedFields).
             fields = ForwardedFields(lines, 4, fields_end)
-            verdict = authorize(
-                self.peer, method, target, facts.host or listener.default_host, fields
-            )
+            host = facts.host or listener.default_host
+            verdict = authorize(self.peer, method, target, host, fields)
+            if upgrade:
+                self.upgraded = (method, target, host, fields)
             if ex.start:
                 ex.verdict = verdict
             if not verdict.allowed:

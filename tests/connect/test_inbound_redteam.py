@@ -26,7 +26,7 @@ from connect.http1 import InboundHTTP
 from connect.inbound import InboundGate
 from connect.peers import service_peers
 from connect.stats import ProxyStats
-from intentions.engine import Identity
+from intentions.engine import Identity, Snapshot
 from tests.connect.devstack_tls import dev_mesh
 from tests.connect.test_permissive import (
     ALLOW_ANY,
@@ -39,6 +39,7 @@ from tests.connect.test_permissive import (
 )
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 
 
 # ---- an app that records raw bytes per connection ------------------------------------------
@@ -52,6 +53,8 @@ class RawApp:
     server: asyncio.Server
     port: int
     marker: bytes
+    switch: bool = False
+    """Answer the first request `101` and take every later byte as the new protocol's."""
     connections: list[bytearray] = field(default_factory=list)
 
     @property
@@ -77,17 +80,22 @@ class _RawConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         assert self.transport is not None
+        if self.app.switch:
+            if not self.answered and b"\r\n\r\n" in self.buf:
+                self.answered = 1
+                self.transport.write(SWITCHED)
+            return
         while self.buf.count(self.app.marker) > self.answered:
             self.answered += 1
             self.transport.write(OK)
 
 
-async def start_raw_app(marker: bytes = b"\r\n\r\n") -> RawApp:
+async def start_raw_app(marker: bytes = b"\r\n\r\n", switch: bool = False) -> RawApp:
     holder: list[RawApp] = []
     server = await asyncio.get_running_loop().create_server(
         lambda: _RawConn(holder[0]), "127.0.0.1", 0
     )
-    app = RawApp(server, server.sockets[0].getsockname()[1], marker)
+    app = RawApp(server, server.sockets[0].getsockname()[1], marker, switch)
     holder.append(app)
     return app
 
@@ -98,14 +106,17 @@ async def raw_site(
     marker: bytes = b"\r\n\r\n",
     trust_domain: str | None = None,
     permissive: bool = True,
+    snapshot: list[Snapshot] | None = None,
+    switch: bool = False,
 ) -> AsyncIterator[tuple[InboundHTTP, RawApp, ssl.SSLContext, str]]:
     """api's inbound HTTP listener in front of a RawApp; yields (listener, app, web's client
     context, the XFCC value web's requests must carry). `trust_domain` overrides the one peers
-    are checked against (every mesh peer is then refused)."""
+    are checked against (every mesh peer is then refused). `snapshot`: the caller's holder of
+    the intentions (replace its item to change them); `switch`: the app answers 101."""
     async with dev_mesh() as mesh:
         api = await mesh.tls("api")
         web = await mesh.tls("web")
-        holder = [intentions(*sources)]
+        holder = snapshot if snapshot is not None else [intentions(*sources)]
         _, request = intentions_authorizers(lambda: holder[0], Identity("api"))
         domain = trust_domain
         gate = InboundGate(
@@ -115,7 +126,7 @@ async def raw_site(
             current_ssl=api.server,
         )
         gate.permissive = permissive
-        app = await start_raw_app(marker)
+        app = await start_raw_app(marker, switch)
         listener = InboundHTTP(
             gate,
             "127.0.0.1",
@@ -445,3 +456,45 @@ async def test_bytes_arriving_with_the_handshake_of_a_refused_peer_are_never_par
         assert listener.stats.peers_refused == 3
         assert app.connections == []
         assert listener.stats.requests == 0
+
+
+# ---- 6. a tunnel outlives no revocation ------------------------------------------------------
+
+
+async def test_a_websocket_tunnel_is_closed_once_the_intentions_deny_its_request() -> None:
+    """Hole: an upgrade the app accepted became a byte tunnel that no later decision reached:
+    after web's intention turned to deny (the sidecar rechecks open connections on every new
+    snapshot, as it closes tcp ones), web's tunnel stayed open and the app kept receiving its
+    bytes. A tunnel is one request that goes on: it is decided again like a tcp connection."""
+    holder = [intentions(ALLOW_WEB)]
+    async with raw_site(snapshot=holder, switch=True) as (listener, app, web, _):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", listener.port, ssl=web, server_hostname=""
+        )
+        try:
+            writer.write(
+                b"GET /chat HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert status(head) == 101, head
+            writer.write(b"frame-while-allowed")
+            await writer.drain()
+            for _ in range(200):
+                if b"frame-while-allowed" in app.received:
+                    break
+                await asyncio.sleep(0.01)
+            assert b"frame-while-allowed" in app.received
+
+            holder[0] = intentions({"Name": "web", "Action": "deny"})
+            assert listener.recheck() == 1
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                writer.write(b"frame-after-deny")
+                await writer.drain()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            assert b"frame-after-deny" not in app.received
+            assert listener.stats.connections_revoked == 1
+        finally:
+            writer.close()
