@@ -484,6 +484,15 @@ class Sidecar(Generic[S]):
                     failed.append(exc)
             for inbound in changes.modes:
                 self._set_mode(self.running[inbound.bind], inbound)
+            if spec.inbound is None or not spec.inbound.permissive:
+                # The mode is the service's: a listener still draining (replaced or removed)
+                # follows it too, so strict closes its plaintext connections now, not after
+                # drain_grace.
+                for draining in self._draining.values():
+                    old_spec = draining.spec
+                    if isinstance(old_spec, InboundSpec) and old_spec.permissive:
+                        strict = dataclasses.replace(old_spec, mutual_tls_mode="strict")
+                        self._set_mode(draining, strict)
             if not changes.empty:
                 log.info("listeners: %s", changes.describe())
             if failed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import socket
 import ssl
@@ -22,12 +23,15 @@ from typing import Any, cast
 import pytest
 
 from connect.authz import intentions_authorizers
+from connect.balancer import Target
 from connect.http1 import InboundHTTP
 from connect.inbound import InboundGate
 from connect.peers import service_peers
+from connect.sidecar import InboundSpec, Sidecar, SidecarSpec
 from connect.stats import ProxyStats
 from intentions.engine import Identity, Snapshot
 from tests.connect.devstack_tls import dev_mesh
+from tests.connect.proxy_test_servers import start_app
 from tests.connect.test_permissive import (
     ALLOW_ANY,
     ALLOW_WEB,
@@ -498,3 +502,58 @@ async def test_a_websocket_tunnel_is_closed_once_the_intentions_deny_its_request
             assert listener.stats.connections_revoked == 1
         finally:
             writer.close()
+
+
+# ---- 7. strict again, while the listener is replaced -----------------------------------------
+
+
+async def test_plaintext_on_a_replaced_listener_ends_when_the_mode_turns_strict() -> None:
+    """Hole: a reload that turns MutualTLSMode strict and changes the inbound otherwise too
+    (here the app port) replaces the listener; the old one drained its connections for
+    `drain_grace` in the mode it had, so an open plaintext connection kept reaching the app
+    after strict was applied (its bytes were relayed). Every inbound listener still holding
+    connections follows the service's mode now."""
+    async with dev_mesh() as mesh:
+        server, app_port, app = await start_app()
+        api_tls = await mesh.tls("api")
+        snapshot = intentions(ALLOW_ANY)
+        api = Sidecar[tuple[Target, ...]](
+            api_tls,
+            intentions_authorizers(lambda: snapshot, Identity("api")),
+            endpoints=lambda up: None,
+            targets=lambda t: t,
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        permissive = InboundSpec(
+            "tcp",
+            "127.0.0.1",
+            port,
+            "127.0.0.1",
+            app_port,
+            api_tls.material.leaf.service_uri,
+            mutual_tls_mode="permissive",
+        )
+        writer: asyncio.StreamWriter | None = None
+        try:
+            await api.apply(SidecarSpec(permissive, drain_grace=30.0))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"before")
+            assert await asyncio.wait_for(reader.readexactly(6), WAIT) == b"before"
+
+            # Strict, and another app address: the listener is replaced, not changed in place.
+            moved = dataclasses.replace(permissive, mutual_tls_mode="strict", app_host="127.0.0.2")
+            changes = await api.apply(SidecarSpec(moved, drain_grace=30.0))
+            assert changes.replace == ((permissive, moved),)
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"after")
+                await writer.drain()
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            assert b"after" not in app.received
+        finally:
+            if writer is not None:
+                writer.close()
+            await api.close(grace=0)
+            server.close()
