@@ -557,3 +557,35 @@ async def test_plaintext_on_a_replaced_listener_ends_when_the_mode_turns_strict(
                 writer.close()
             await api.close(grace=0)
             server.close()
+
+
+async def test_a_plaintext_request_cut_by_strict_leaves_no_app_connection_half_used() -> None:
+    """Pins: a plaintext POST whose head and part of its body reached the app when the mode
+    turns strict is cut, and its app connection is closed, not pooled: the next caller's
+    request starts on a fresh connection instead of completing the cut body (where the app
+    would read it under the plaintext request, or parse what follows as a request of its
+    own)."""
+    # The app answers only requests carrying an XFCC: the plaintext POST stays in flight.
+    marker = b"x-forwarded-client-cert"
+    async with raw_site(ALLOW_ANY, ALLOW_WEB, marker=marker) as (listener, app, web, xfcc):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            writer.write(
+                b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 100\r\n\r\n0123456789"
+            )
+            for _ in range(500):
+                if b"0123456789" in app.received:
+                    break
+                await asyncio.sleep(0.01)
+            assert b"0123456789" in app.received
+            gate = listener.inbound_gate
+            gate.permissive = False
+            assert listener.recheck() == 1
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        finally:
+            writer.close()
+        assert status(await tls_client(listener.port, web, get(b"/next"))) == 200
+        assert len(app.connections) == 2
+        assert bytes(app.connections[1]).startswith(b"GET /next HTTP/1.1\r\n")
+        assert xfcc_lines(bytes(app.connections[1])) == [xfcc.encode()]
