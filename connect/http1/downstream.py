@@ -7,7 +7,9 @@ as they are parsed, never gathered into whole bodies; each side's `pause_writing
 reading on the other.
 
 Pipelined requests are answered in order: a request that begins while another is in flight
-pauses reading and waits (with at most the rest of one read buffered).
+pauses reading and waits (with at most the rest of one read buffered). llhttp parses that rest
+whole, so at most `max_pipelined` requests are taken ahead of their answers; beyond that the
+connection closes after the last one taken.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "active",
         "eof",
+        "full",
         "head_bytes",
         "head_size",
         "headers",
@@ -127,6 +130,9 @@ class Downstream(asyncio.Protocol):
         self.read_paused = False
         self.tunnel: UpConn | None = None
         self.eof = False
+        self.full = False
+        """Set once `max_pipelined` requests wait for answers and more began: the parser is
+        given up, nothing more is read, and the last request taken closes the connection."""
         self.held: bytes | None = None
         """Set once llhttp stops at an upgrade request: what the client sent after its head,
         for the upstream only if it answers 101 (see _upgrade_requested)."""
@@ -165,12 +171,17 @@ class Downstream(asyncio.Protocol):
         if self.held is not None:
             self._hold(data)
             return
+        if self.full:
+            return  # bytes a paused transport had read already: requests not taken
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0] :])
             return
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as err:
+            if isinstance(err.__context__, _PipelineFull):  # httptools chains it so
+                self._pipeline_full()
+                return
             self._fail(HEADERS_TOO_LARGE if self.too_large else BAD_REQUEST)
             return
         except httptools.HttpParserError:
@@ -247,6 +258,9 @@ class Downstream(asyncio.Protocol):
             # Pipelining: hold the next request until this one is answered.
             self.read_paused = True
             self.transport.pause_reading()
+        if len(self.queue) >= self.listener.limits.max_pipelined:
+            self.full = True
+            raise _PipelineFull
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -808,9 +822,19 @@ class Downstream(asyncio.Protocol):
         if self.eof and not self.queue and self.transport is not None:
             self.transport.close()
 
+    def _pipeline_full(self) -> None:
+        """More requests began than `max_pipelined` ahead of their answers: those taken are
+        answered, the last one with `connection: close`; what followed is dropped unread."""
+        if self.queue:
+            self.queue[-1].keep_alive = False
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
     def _resume(self) -> None:
         # Never while bytes after an upgrade request are held: only a 101 resumes those.
-        if self.read_paused and self.transport is not None and self.held is None:
+        # Nor once the pipeline was full: the parser was given up.
+        if self.read_paused and self.transport is not None and self.held is None and not self.full:
             self.read_paused = False
             self.transport.resume_reading()
 
@@ -856,4 +880,8 @@ class Downstream(asyncio.Protocol):
 
 
 class _BadHead(Exception):
+    pass
+
+
+class _PipelineFull(Exception):
     pass

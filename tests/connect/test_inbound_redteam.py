@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,7 +30,7 @@ from connect.peers import service_peers
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec
 from connect.stats import ProxyStats
 from intentions.engine import Identity, Snapshot
-from tests.connect.devstack_tls import dev_mesh
+from tests.connect.devstack_tls import dev_mesh, run
 from tests.connect.proxy_test_servers import start_app
 from tests.connect.test_permissive import (
     ALLOW_ANY,
@@ -589,3 +589,41 @@ async def test_a_plaintext_request_cut_by_strict_leaves_no_app_connection_half_u
         assert len(app.connections) == 2
         assert bytes(app.connections[1]).startswith(b"GET /next HTTP/1.1\r\n")
         assert xfcc_lines(bytes(app.connections[1])) == [xfcc.encode()]
+
+
+# ---- 8. pipelining as a memory amplifier -----------------------------------------------------
+
+
+async def test_pipelined_requests_ahead_of_their_answers_are_bounded() -> None:
+    """Hole (resource exhaustion, no certificate needed in permissive mode): a read full of
+    tiny pipelined requests was parsed whole while the first waited on the app, each one
+    authorized and queued with its rewritten head: 62 KB of requests held 2,300 exchanges
+    (about 1.1 MB of heap, 18 times the bytes sent) per connection. At most
+    `max_pipelined` are now taken ahead of their answers; the connection closes after the
+    last one taken (RFC 9112 §9.3.2: a client retries unanswered pipelined requests)."""
+    async with raw_site(ALLOW_ANY) as (listener, app, _, _):
+        limit = listener.limits.max_pipelined
+        n = 2300
+        answer = await exchange(listener.port, b"GET /p HTTP/1.1\r\nHost: api\r\n\r\n" * n)
+        answered = answer.count(b"HTTP/1.1 200 OK\r\n")
+        assert listener.stats.requests <= limit + 1
+        assert 1 <= answered <= limit + 1, answered
+        assert answer.count(b"connection: close\r\n") == 1
+        assert app.received.count(b"GET /p HTTP/1.1\r\n") == answered
+
+
+# ---- again on uvloop, the loop the sidecar runs on (its transports are its own) --------------
+
+ON_UVLOOP = [
+    test_bytes_arriving_with_the_handshake_of_a_refused_peer_are_never_parsed,
+    test_a_plaintext_client_that_half_closes_after_connection_close_gets_its_answer,
+    test_a_client_hello_in_one_byte_segments_is_mtls_in_permissive_mode,
+    test_a_websocket_tunnel_is_closed_once_the_intentions_deny_its_request,
+    test_pipelined_requests_ahead_of_their_answers_are_bounded,
+    test_forged_xfcc_in_any_shape_is_refused_or_replaced,
+]
+
+
+@pytest.mark.parametrize("scenario", ON_UVLOOP, ids=lambda f: f.__name__[5:45])
+def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    run("uvloop", scenario)
