@@ -186,14 +186,16 @@ class HeadRewriter:
             elif role == _RETRIABLE:
                 retriable = value
         if connection and not connection <= _PLAIN_TOKENS:
-            # Connection names other fields (rare): they are hop-by-hop too; drop them.
+            # Connection names other fields (rare): they are hop-by-hop too; drop them. Not
+            # the ones the proxy itself acts on (Host, Expect, X-Request-Id): those are
+            # end-to-end, and what was decided and promised on them must reach the app.
             named = connection - _PLAIN_TOKENS
             del out[start:]
             for name, value in headers:
                 role = cache.get(name)
                 if role is None:
                     role = self._role(name)
-                if role in _FORWARDED_ROLES and name.lower() not in named:
+                if role in _FORWARDED_ROLES and (role != _FORWARD or name.lower() not in named):
                     out += (name, _COLON, value, _CRLF)
         if chunked:
             framing = CHUNKED_BODY

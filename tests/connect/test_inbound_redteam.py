@@ -627,3 +627,22 @@ ON_UVLOOP = [
 @pytest.mark.parametrize("scenario", ON_UVLOOP, ids=lambda f: f.__name__[5:45])
 def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     run("uvloop", scenario)
+
+
+# ---- 9. Connection naming the fields the sidecar itself relies on -----------------------------
+
+
+async def test_connection_cannot_remove_host_or_the_request_id() -> None:
+    """Hole: `Connection: host` removed the Host field from what was forwarded after the
+    sidecar had decided on it, so the app got an HTTP/1.1 request with no Host at all (and
+    `Connection: x-request-id` one without the X-Request-Id the docs promise). RFC 9110
+    §7.6.1 has Connection name hop-by-hop options; Host is end-to-end, so is the request id
+    the sidecar vouches for: both stay."""
+    async with raw_site(ALLOW_WEB) as (listener, app, web, _):
+        head = get(b"/c", [b"X-Request-Id: abc", b"Connection: host, x-request-id, keep-alive"])
+        assert status(await tls_client(listener.port, web, head)) == 200
+        got = app.received
+        hosts = [line for line in got.split(b"\r\n") if line.lower().startswith(b"host:")]
+        ids = [line for line in got.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+        assert hosts == [b"Host: api"], got
+        assert ids == [b"X-Request-Id: abc"], got
