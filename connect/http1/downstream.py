@@ -75,6 +75,9 @@ _REFUSAL_FLAGS = {502: "UF", 503: "UH", 504: "UT"}
 """Envoy's flag for an answer the proxy made because no upstream could take the request
 (the origin names overflow, UO, itself)."""
 
+_H2C = b"h2c"
+"""The Upgrade token of cleartext HTTP/2 (RFC 7540 §3.2), which the sidecar never tunnels."""
+
 _IDLE, _HEAD, _BUSY = 0, 1, 2
 """Only _HEAD matters to the header timeout; the others are for reading the code."""
 
@@ -332,10 +335,18 @@ class Downstream(asyncio.Protocol):
         upgrade = facts.upgrade if parser.should_upgrade() else b""
         if upgrade and (framing.chunked or framing.length):
             raise _BadHead  # llhttp takes the body for the new protocol's (see _hold): refused
+        dropped = bool(upgrade) and listener.authorize is not None and _H2C in upgrade.lower()
+        if dropped:
+            # Inbound: after a 101 the tunnel would carry HTTP/2 requests no authorization sees.
+            # Envoy drops an h2c upgrade and answers the request as HTTP/1.1 (envoy#7981); so
+            # do we. Kept only as a declined upgrade would be (_upgrade_requested).
+            upgrade = b""
         if upgrade:
             lines.append(UPGRADE_LINE + upgrade + CRLF)
         lines.append(CRLF)
-        ex = Exchange(method, b"".join(lines), headers, framing, keep_alive and not upgrade)
+        ex = Exchange(
+            method, b"".join(lines), headers, framing, keep_alive and not (upgrade or dropped)
+        )
         if selection is not None:
             action = selection.action
             ex.cluster = selection.cluster
@@ -760,9 +771,11 @@ class Downstream(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        if not ex.upgrade or ex.denied:
+        if ex.denied or (not ex.upgrade and ex.method == b"CONNECT"):
             ex.keep_alive = False  # a denied upgrade or a CONNECT: the answer ends it all
             return
+        # An upgrade, or an h2c one the app was not asked for (on_headers_complete): the
+        # latter is answered as HTTP/1.1, and what follows parsed after that answer.
         # The client's own choice, for when the upstream declines (parser still knows it).
         ex.declined_keeps = self.parser.should_keep_alive()
         self._hold(rest)

@@ -43,7 +43,7 @@ from tests.connect.test_permissive import (
 )
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n"
 
 
 # ---- an app that records raw bytes per connection ------------------------------------------
@@ -58,7 +58,8 @@ class RawApp:
     port: int
     marker: bytes
     switch: bool = False
-    """Answer the first request `101` and take every later byte as the new protocol's."""
+    """Answer `101` to a first request that asks for an upgrade, and take every later byte
+    as the new protocol's."""
     connections: list[bytearray] = field(default_factory=list)
 
     @property
@@ -84,10 +85,12 @@ class _RawConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         assert self.transport is not None
-        if self.app.switch:
-            if not self.answered and b"\r\n\r\n" in self.buf:
-                self.answered = 1
+        if self.app.switch and not self.answered and b"\r\n\r\n" in self.buf:
+            head = bytes(self.buf).split(b"\r\n\r\n", 1)[0].lower()
+            if b"\r\nupgrade: " in head:
+                self.answered = -1  # switched: the rest is the new protocol's
                 self.transport.write(SWITCHED)
+        if self.answered < 0:
             return
         while self.buf.count(self.app.marker) > self.answered:
             self.answered += 1
@@ -646,3 +649,35 @@ async def test_connection_cannot_remove_host_or_the_request_id() -> None:
         ids = [line for line in got.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
         assert hosts == [b"Host: api"], got
         assert ids == [b"X-Request-Id: abc"], got
+
+
+# ---- 10. h2c: HTTP/2 requests inside a tunnel ------------------------------------------------
+
+
+async def test_an_h2c_upgrade_cannot_open_a_tunnel_for_unauthorized_http2_requests() -> None:
+    """Hole: an h2c upgrade on an allowed path was forwarded like a WebSocket one, and an app
+    that speaks h2c answered 101: from then on the client's HTTP/2 requests (any path) went
+    through the tunnel, none of them authorized. Envoy drops `Upgrade: h2c` and answers the
+    request as HTTP/1.1 (envoyproxy/envoy#7981); so does the sidecar now, and what the client
+    sends next is parsed and authorized as HTTP/1.1 (the preface is a 400)."""
+    async with raw_site(_PUBLIC_ONLY, switch=True) as (listener, app, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            writer.write(
+                b"GET /public HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            with contextlib.suppress(ConnectionError):
+                # What an h2c client sends after the 101: the preface, then a request (its
+                # HPACK-literal path spelled out here so the app's bytes can be searched).
+                writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"HEADERS :path /private/x")
+                await writer.drain()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(), WAIT)
+        finally:
+            writer.close()
+        assert b"/private" not in app.received
+        assert status(head) == 200, head
+        assert b"upgrade:" not in app.received.lower()
+        assert listener.stats.requests == 1
