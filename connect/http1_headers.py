@@ -138,6 +138,12 @@ class HeadRewriter:
         role = self._roles.get(lower, _FORWARD)
         if role == _FORWARD and lower.startswith(self._prefixes):
             role = _DROP
+        if role == _FORWARD and b"_" in lower:
+            # CGI-style servers (WSGI...) read `X_Forwarded_Client_Cert` as the field with
+            # dashes: an underscored spelling of a field the proxy owns never goes on.
+            twin = lower.replace(b"_", b"-")
+            if self._roles.get(twin, _FORWARD) != _FORWARD or twin.startswith(self._prefixes):
+                role = _DROP
         if len(self._cache) < self._cache_size:
             self._cache[name] = role
         return role
