@@ -619,23 +619,6 @@ async def test_pipelined_requests_ahead_of_their_answers_are_bounded() -> None:
         assert app.received.count(b"GET /p HTTP/1.1\r\n") == answered
 
 
-# ---- again on uvloop, the loop the sidecar runs on (its transports are its own) --------------
-
-ON_UVLOOP = [
-    test_bytes_arriving_with_the_handshake_of_a_refused_peer_are_never_parsed,
-    test_a_plaintext_client_that_half_closes_after_connection_close_gets_its_answer,
-    test_a_client_hello_in_one_byte_segments_is_mtls_in_permissive_mode,
-    test_a_websocket_tunnel_is_closed_once_the_intentions_deny_its_request,
-    test_pipelined_requests_ahead_of_their_answers_are_bounded,
-    test_forged_xfcc_in_any_shape_is_refused_or_replaced,
-]
-
-
-@pytest.mark.parametrize("scenario", ON_UVLOOP, ids=lambda f: f.__name__[5:45])
-def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    run("uvloop", scenario)
-
-
 # ---- 9. Connection naming the fields the sidecar itself relies on -----------------------------
 
 
@@ -685,3 +668,22 @@ async def test_an_h2c_upgrade_cannot_open_a_tunnel_for_unauthorized_http2_reques
         assert status(head) == 200, head
         assert b"upgrade:" not in app.received.lower()
         assert listener.stats.requests == 1
+
+
+# ---- again on uvloop, the loop the sidecar runs on (its transports are its own) --------------
+
+ON_UVLOOP = [
+    test_bytes_arriving_with_the_handshake_of_a_refused_peer_are_never_parsed,
+    test_a_plaintext_client_that_half_closes_after_connection_close_gets_its_answer,
+    test_a_client_hello_in_one_byte_segments_is_mtls_in_permissive_mode,
+    test_a_websocket_tunnel_is_closed_once_the_intentions_deny_its_request,
+    test_pipelined_requests_ahead_of_their_answers_are_bounded,
+    test_forged_xfcc_in_any_shape_is_refused_or_replaced,
+    test_an_h2c_upgrade_cannot_open_a_tunnel_for_unauthorized_http2_requests,
+    test_a_forged_xfcc_cannot_satisfy_a_header_permission_on_it,
+]
+
+
+@pytest.mark.parametrize("scenario", ON_UVLOOP, ids=lambda f: f.__name__[5:45])
+def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    run("uvloop", scenario)
