@@ -372,13 +372,16 @@ class Downstream(asyncio.Protocol):
         if listener.observer is not None:
             ex.start = time.monotonic()
         authorize = listener.authorize
-        if authorize is not None and self.peer is not None:
+        if authorize is not None:
+            peer = self.peer
+            if peer is None:
+                raise _BadHead  # not admitted (refused): nothing is decided for nobody
             # Decided on the Host the app will see: an HTTP/1.0 request without one is
             # forwarded with the listener's default, so that is the authority decided on.
             # Decided on the fields the app will receive (see ForwardedFields).
             fields = ForwardedFields(lines, 4, fields_end)
             host = facts.host or listener.default_host
-            verdict = authorize(self.peer, method, target, host, fields)
+            verdict = authorize(peer, method, target, host, fields)
             if upgrade:
                 self.upgraded = (method, target, host, fields)
             if ex.start:
