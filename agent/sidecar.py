@@ -61,10 +61,11 @@ from agent.catalog import WatchKey
 from agent.config import AgentConfig
 from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
-from agent.consul_results import AgentSelf
+from agent.consul_results import AgentSelf, CatalogService
 from agent.metrics import process_counters
 from agent.mutual_tls import ResolvedMode, entry_mode, resolve
 from agent.readiness import Readiness
+from agent.registration import sidecar_id
 from agent.routing import ChainWatch
 from agent.watches import AnswerRejected, BlockingWatch, WatchSettings, unindexed
 from connect.access_log import AccessLog, AccessLogSettings, effective_settings
@@ -72,6 +73,7 @@ from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
 from connect.heap_trim import HeapTrimmer
+from connect.http1 import HTTPLimits
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
@@ -88,6 +90,7 @@ from connect.sidecar import (
 from connect.sidecar import Sidecar as DataPlane
 from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
+from connect.tracing_settings import TracingSettings, effective_tracing
 from intentions.engine import Identity, compile_snapshot
 from intentions.engine import Snapshot as IntentionsSnapshot
 from intentions.stored import compile_stored, destination_of
@@ -95,7 +98,7 @@ from intentions.stored import compile_stored, destination_of
 log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
-METRICS_ONLY = frozenset({"mesh", "clusters", "process", "access_log"})
+METRICS_ONLY = frozenset({"mesh", "clusters", "process", "access_log", "tracing"})
 """Counters a worker reports for /metrics that /v1/status does not show (they are big)."""
 
 _FIRST_ENDPOINTS_WAIT = 10.0
@@ -154,10 +157,12 @@ def sidecar_spec(
     local_uri: str,
     chain_protocol: Callable[[str], str] = lambda name: "",
     mutual_tls_mode: MutualTLSMode = "strict",
+    tracing: TracingSettings | None = None,
 ) -> SidecarSpec:
     """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID. An upstream
     without a `protocol` speaks its discovery chain's (`chain_protocol(name)`; tcp while
-    none is known). `mutual_tls_mode`: the service's, as Consul's entries resolve it."""
+    none is known). `mutual_tls_mode`: the service's, as Consul's entries resolve it.
+    `tracing`: what Consul's entries say (Sidecar.tracing)."""
     app_host = cfg.service.address or "127.0.0.1"
     bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
     return SidecarSpec(
@@ -188,6 +193,13 @@ def sidecar_spec(
             max_connections=cfg.sidecar.max_connections,
             max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
         ),
+        tracing=tracing,
+        http_limits=HTTPLimits(
+            max_header_bytes=cfg.sidecar.max_header_bytes,
+            max_headers=cfg.sidecar.max_headers,
+            retry_body_bytes=cfg.sidecar.retry_buffer_bytes,
+        ),
+        max_pending_requests=cfg.sidecar.max_pending_requests,
     )
 
 
@@ -234,12 +246,16 @@ class Sidecar:
         clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
         claim_ports: bool = False,
+        proxy_id: str = "",
     ) -> None:
-        """`reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
+        """`proxy_id`: the sidecar's registration whose Proxy.Config.tracing applies (default:
+        the one meshlet registers, `<service id>-sidecar-proxy`; Nomad names its own).
+        `reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
         group binds the same ports). `claim_ports`: first check that no other socket holds
         them (the group's first process), so a port already taken fails at start as it does
         without SO_REUSEPORT instead of being silently shared with a stranger."""
         self.config = config
+        self._proxy_id = proxy_id
         self._reuse_port = reuse_port
         self._claim_ports = claim_ports
         self._env = dict(env)
@@ -276,6 +292,22 @@ class Sidecar:
             self._fetch_service_defaults,
             self._decode_service_defaults,
             "",
+            settings,
+            rng=self._rng,
+            clock=clock,
+        )
+        self._mesh_tracing: Mapping[str, Any] | None = None
+        """The proxy-defaults entry's Config.tracing, as last accepted."""
+        self._service_tracing: Mapping[str, Any] | None = None
+        """The sidecar registration's Proxy.Config.tracing, as last accepted."""
+        self.tracing: TracingSettings | None = None
+        """In force (None: off): the two blocks merged, the service's keys winning."""
+        self.registration_watch: BlockingWatch[tuple[CatalogService, ...], None]
+        self.registration_watch = BlockingWatch(
+            "sidecar registration",
+            self._fetch_registration,
+            self._decode_registration,
+            None,
             settings,
             rng=self._rng,
             clock=clock,
@@ -450,6 +482,7 @@ class Sidecar:
                 for r in (self.proxy.running.values() if self.proxy is not None else ())
             },
             "heap_trims": self.heap.trims,
+            "tracing": self._tracing_status(),
             "stats": {k: v for k, v in self.counters().items() if k not in METRICS_ONLY},
         }
 
@@ -472,7 +505,25 @@ class Sidecar:
                 for name, up in upstreams.items()
             },
             "process": process_counters(),
-            "access_log": {"dropped": self.access_log.dropped, "written": self.access_log.written},
+            "access_log": {
+                "dropped": self.access_log.dropped,
+                "written": self.access_log.written,
+                "write_failed": self.access_log.write_failed,
+            },
+            "tracing": self.telemetry.tracing_counters(),
+        }
+
+    def _tracing_status(self) -> dict[str, Any]:
+        t = self.tracing
+        pd, reg = self.proxy_defaults_watch.state, self.registration_watch.state
+        return {
+            "on": t is not None,
+            "otlp_endpoint": t.otlp_endpoint if t is not None else "",
+            "sampling_percent": t.sampling_percent if t is not None else 0.0,
+            "propagation": list(t.propagation) if t is not None else [],
+            "rejected": pd.rejected + reg.rejected,
+            "last_error": reg.last_error or pd.last_error,
+            "spans": self.telemetry.tracing_counters(),
         }
 
     # ---- the tasks ---------------------------------------------------------------------------
@@ -495,6 +546,8 @@ class Sidecar:
             tg.create_task(self.proxy_defaults_watch.run(), name="proxy-defaults watch")
             tg.create_task(self.service_defaults_watch.run(), name="service-defaults watch")
             tg.create_task(self._follow_access_logs(), name="access log settings")
+            tg.create_task(self.registration_watch.run(), name="sidecar registration watch")
+            tg.create_task(self._follow_registration(), name="tracing settings")
             tg.create_task(self.access_log.run(), name="access log writer")
             material = await self.rotator.ready()
             self.tls = DynamicTLS(material)
@@ -553,6 +606,7 @@ class Sidecar:
                     tls.material.leaf.service_uri,
                     chains.protocol,
                     self.mutual_tls.mode,
+                    tracing=self.tracing,
                 )
             )
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
@@ -584,7 +638,8 @@ class Sidecar:
             config, self.tls.material.leaf.service_uri, protocol, self.mutual_tls.mode
         )
         await self._first_endpoints(spec)
-        return await self.proxy.apply(spec)
+        # The tracing in force now: it may have changed while the endpoints were awaited.
+        return await self.proxy.apply(dataclasses.replace(spec, tracing=self.tracing))
 
     def _protocol_changed(self) -> None:
         """A chain's protocol changed: an upstream that takes it gets its listener replaced."""
@@ -681,14 +736,19 @@ class Sidecar:
         MutualTLSMode is taken first, whatever the access logs say."""
         self._proxy_mode = entry_mode(entries, "global")
         self._mode_inputs_changed()
-        raw = next((e.get("AccessLogs") for e in entries if e.get("Name") == "global"), None)
+        entry = next((e for e in entries if e.get("Name") == "global"), None)
+        raw = entry.get("AccessLogs") if entry is not None else None
         if raw is not None and not isinstance(raw, Mapping):
             raise AnswerRejected("proxy-defaults global: AccessLogs is not an object")
+        config = entry.get("Config") if entry is not None else None
+        tracing = config.get("tracing") if isinstance(config, Mapping) else None
         try:
             settings = effective_settings(raw, self.config.telemetry.access_logs.overrides())
+            effective_tracing(tracing, self._service_tracing)
         except ValueError as exc:
             raise AnswerRejected(f"proxy-defaults global (index {index}): {exc}") from None
         self._access_logs_raw = raw
+        self._mesh_tracing = tracing
         return settings
 
     async def _fetch_service_defaults(
@@ -729,6 +789,58 @@ class Sidecar:
         while True:
             version, _ = await latest.changed(version)
             self._apply_access_logs()
+            await self._apply_tracing()
+
+    async def _fetch_registration(
+        self, index: int, wait: float
+    ) -> Indexed[tuple[CatalogService, ...]]:
+        consul = self._consul
+        assert consul is not None, "the registration watch runs inside run()"
+        name = self.config.service.name + "-sidecar-proxy"
+        return await consul.catalog.service(name, index=index, wait=wait)
+
+    def _decode_registration(self, instances: tuple[CatalogService, ...], index: int) -> None:
+        """This sidecar's own registration's Proxy.Config.tracing (absent: the mesh's);
+        a block meshlet cannot use is refused and the settings in force stay."""
+        me = self._proxy_id or sidecar_id(self.config.service.service_id)
+        proxy = next((i.proxy for i in instances if i.service_id == me), None)
+        tracing = proxy.config.get("tracing") if proxy is not None else None
+        try:
+            effective_tracing(self._mesh_tracing, tracing)
+        except ValueError as exc:
+            raise AnswerRejected(f"sidecar registration {me} (index {index}): {exc}") from None
+        self._service_tracing = tracing
+
+    async def _follow_registration(self) -> None:
+        latest = self.registration_watch.latest
+        version = latest.version
+        while True:
+            version, _ = await latest.changed(version)
+            await self._apply_tracing()
+
+    async def _apply_tracing(self) -> None:
+        """The merged tracing settings into the data plane's spec, when they changed."""
+        try:
+            settings = effective_tracing(self._mesh_tracing, self._service_tracing)
+        except ValueError as exc:  # each block alone was checked, this is belt and braces
+            log.error("tracing unchanged: %s", exc)
+            return
+        tracing = settings if settings.enabled else None
+        if tracing == self.tracing:
+            return
+        self.tracing = tracing
+        if tracing is None:
+            log.info("tracing: off")
+        else:
+            log.info(
+                "tracing: on, %g%% of new traces to %s (propagation %s)",
+                tracing.sampling_percent,
+                tracing.otlp_endpoint,
+                ", ".join(tracing.propagation),
+            )
+        proxy = self.proxy
+        if proxy is not None and not self._closed:
+            await proxy.apply(dataclasses.replace(proxy.spec, tracing=tracing))
 
     def _apply_access_logs(self) -> None:
         """Consul's block with agent.yaml's overrides, as they are now (after a reload too)."""
@@ -740,7 +852,11 @@ class Sidecar:
             log.error("access logs unchanged: %s", exc)
             return
         if settings != self.access_log.settings:
-            log.info("access logs: %s", "on" if settings.enabled else "off (denials only)")
+            log.info(
+                "access logs: %s%s",
+                "on" if settings.enabled else "off (denials only)",
+                ", listener logs off" if settings.disable_listener_logs else "",
+            )
             self.access_log.settings = settings
 
     async def _fetch_intentions(self, index: int, wait: float) -> Indexed[IntentionsAnswer]:

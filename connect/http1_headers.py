@@ -12,6 +12,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import overload
 
 Headers = list[tuple[bytes, bytes]]
@@ -363,6 +364,24 @@ BAD_REQUEST = local_response(400, b"Bad Request", close=True)
 HEADERS_TOO_LARGE = local_response(431, b"Request Header Fields Too Large", close=True)
 REQUEST_TIMEOUT = local_response(408, b"Request Timeout", close=True)
 GATEWAY_TIMEOUT = local_response(504, b"upstream request timeout", close=True)
+STREAM_TIMEOUT = local_response(408, b"stream timeout", close=True)
+"""A route's idle timeout before the response head (Envoy's words)."""
+
+
+def fault_abort(status: int) -> bytes:
+    """A route's injected abort (Envoy's fault filter's answer)."""
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b"Unknown"
+    body = b"fault filter abort"
+    return (
+        status_line(status, reason)
+        + b"content-type: text/plain\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def unavailable(reason: str, *, close: bool) -> bytes:

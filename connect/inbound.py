@@ -122,6 +122,9 @@ class InboundGate:
         self._logged: set[tuple[str, str]] = set()
         self._log_limit = log_limit
         self._not_after: dict[bytes, float] = {}
+        self.on_refused: Callable[[str, str], None] | None = None
+        """Told of every connection refused here, before any byte of it reached the app
+        (peer address, why): the access log's listener logs (connect.observe.Telemetry)."""
 
     def server_context(self) -> ssl.SSLContext:
         return self.current_ssl() if self.current_ssl is not None else self.server_ssl
@@ -148,6 +151,8 @@ class InboundGate:
             host, "handshake:" + kind, "inbound TLS handshake from %s refused (%s): %s",
             where, kind, detail,
         )  # fmt: skip
+        if self.on_refused is not None:
+            self.on_refused(where, f"TLS handshake failed ({kind}): {detail}")
 
     def _expired(self, ssl_object: ssl.SSLObject) -> bool:
         der = ssl_object.getpeercert(True) or b""
@@ -162,9 +167,11 @@ class InboundGate:
         return not_after <= time.time()
 
     def _refuse(self, transport: asyncio.BaseTransport, reason: str) -> None:
-        host, _ = _host_port(transport.get_extra_info("peername"))
+        host, where = _host_port(transport.get_extra_info("peername"))
         self._log_once(host, reason, "inbound connection from %s refused: %s", host, reason)
         transport.abort()  # type: ignore[attr-defined]
+        if self.on_refused is not None:
+            self.on_refused(where, reason)
 
     def admit(self, transport: asyncio.BaseTransport) -> Peer | None:
         """Identify and authorize a connection whose handshake just succeeded; None if

@@ -42,13 +42,14 @@ import random
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
 from connect.chain_routes import RoutingSnapshot, TargetSettings
+from connect.cluster import NO_LIMITS, Limits
 from connect.dial import Upstream
-from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.http1 import HTTPLimits, InboundHTTP, OutboundHTTP
 from connect.http1.origin import MeshOrigin
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
@@ -58,6 +59,7 @@ from connect.observe import HTTPSide, Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
 from connect.stats import ProxyStats
+from connect.tracing_settings import TracingSettings
 from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.connect.sidecar")
@@ -152,6 +154,23 @@ class SidecarSpec:
     limits: ConnectionLimits | None = None
     """Caps on each listener's connections (connect.listener), taken by listeners as they
     start: a running listener keeps the caps it started with."""
+    tracing: TracingSettings | None = None
+    """The telemetry's tracing (connect.tracing_settings; None: off), applied to every
+    listener at once and without touching them."""
+    http_limits: HTTPLimits | None = None
+    """The HTTP listeners' request limits (header count and size, retry buffer), taken as
+    `limits` is."""
+    max_pending_requests: int = 0
+    """Each upstream's HTTP requests waiting for a dial when Consul's Limits set none (0: no
+    limit)."""
+
+    def cluster_limits(self, limits: Limits) -> Limits:
+        """Consul's circuit-breaking `limits` for one upstream cluster, with this sidecar's
+        pending-request cap where they leave it unset (0, as Consul's unset means Envoy's
+        default)."""
+        if limits.max_pending_requests or not self.max_pending_requests:
+            return limits
+        return replace(limits, max_pending_requests=self.max_pending_requests)
 
     def listeners(self) -> dict[str, ListenerSpec]:
         """Every listener by the address it binds (unique: the config checks it)."""
@@ -314,9 +333,14 @@ class _Routed:
                     connect_timeout=settings.connect_timeout,
                     rng=random.Random(self.sidecar._rng.random()),
                     resume_tls=self.sidecar._resume_tls,
-                    limits=settings.limits,
+                    limits=self.sidecar.spec.cluster_limits(settings.limits),
                     ejection=settings.ejection,
                 )
+                base = self.sidecar.upstreams.get(self.spec.name)
+                if base is not None:
+                    # Refusals are counted by upstream name (meshlet_circuit_breaker_overflows),
+                    # whichever of its chain's clusters made them.
+                    upstream.cluster.overflows = base.cluster.overflows
                 kept[tid] = (settings, upstream, endpoints)
             kept[tid][2].apply(snap.endpoints.get(tid, ()))
         named = {
@@ -471,6 +495,8 @@ class Sidecar(Generic[S]):
             )
             changes = plan(old, spec)
             self.spec = spec
+            if self.telemetry is not None:
+                self.telemetry.set_tracing(spec.tracing)
             for gone in changes.stop:
                 self._retire(self.running.pop(gone.bind), spec.drain_grace)
             for before, _ in changes.replace:
@@ -573,9 +599,11 @@ class Sidecar(Generic[S]):
                 authorize=self._request_authz,
                 local_uri=spec.local_uri,
                 path_normalization=spec.path_normalization,
+                limits=self.spec.http_limits,
             )
             if self.telemetry is not None:
                 listener.observer = self.telemetry.http(self.telemetry.inbound("http"))
+                gate.on_refused = self.telemetry.listener_refused
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.
             gate = InboundGate(
@@ -589,6 +617,7 @@ class Sidecar(Generic[S]):
             listener = InboundL4(gate, spec.app_host, spec.app_port)
             if self.telemetry is not None:
                 listener.observer = self.telemetry.tcp(self.telemetry.inbound("tcp"))
+                gate.on_refused = self.telemetry.listener_refused
         return Running(spec, listener)
 
     def _build_upstream(self, spec: UpstreamSpec) -> Running:
@@ -602,13 +631,14 @@ class Sidecar(Generic[S]):
             expected_service=spec.name,
             rng=random.Random(self._rng.random()),
             resume_tls=self._resume_tls,
+            limits=self.spec.cluster_limits(NO_LIMITS),
         )
         prior = self.upstreams.get(spec.name)
         if prior is not None:
             upstream.refusals = prior.refusals  # counters of the name go on across a reload
         self.upstreams[spec.name] = upstream
         listener: _Listener = (
-            OutboundHTTP(upstream, stats=self.stats)
+            OutboundHTTP(upstream, self.spec.http_limits, stats=self.stats)
             if spec.protocol == "http"
             else OutboundL4(upstream, stats=self.stats)
         )

@@ -51,6 +51,7 @@ from connect.http1_headers import (
     REQUEST_TIMEOUT,
     XFCC,
     ForwardedFields,
+    fault_abort,
     new_request_id,
     xfcc_element,
 )
@@ -77,6 +78,10 @@ _REFUSAL_FLAGS = {502: "UF", 503: "UH", 504: "UT"}
 
 _H2C = b"h2c"
 """The Upgrade token of cleartext HTTP/2 (RFC 7540 §3.2), which the sidecar never tunnels."""
+
+_IDLE_LOOKS = 4
+"""A route's idle timeout is watched this many times per period (it fires 1 to 1.25 times
+the timeout after the last byte moved; no clock read per byte)."""
 
 _IDLE, _HEAD, _BUSY = 0, 1, 2
 """Only _HEAD matters to the header timeout; the others are for reading the code."""
@@ -120,7 +125,8 @@ class Downstream(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
         self.head_size = 0
-        self.too_large = False
+        self.too_large = ""
+        """The limit a head being parsed went past (its callback error is then a 431)."""
         self.out: list[bytes] | None = None
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
@@ -185,15 +191,22 @@ class Downstream(asyncio.Protocol):
             if isinstance(err.__context__, _PipelineFull):  # httptools chains it so
                 self._pipeline_full()
                 return
-            self._fail(HEADERS_TOO_LARGE if self.too_large else BAD_REQUEST)
+            if self.too_large:
+                self._too_large(self.too_large)
+            else:
+                self._fail(BAD_REQUEST)
             return
         except httptools.HttpParserError:
             self._fail(BAD_REQUEST)
             return
         if self.state == _HEAD:
+            # A head still arriving, by its raw bytes: bounds one whose pieces trigger no
+            # callback (a long name). Twice the counted limit: the raw bytes also hold the
+            # request line, `: `, CRLFs and whitespace, which `head_size` (what the limit
+            # means, checked per header) does not count.
             self.head_bytes += len(data)
-            if self.head_bytes > self.listener.limits.max_header_bytes:
-                self._fail(HEADERS_TOO_LARGE)
+            if self.head_bytes > 2 * self.listener.limits.max_header_bytes:
+                self._too_large("max_header_bytes")
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -274,8 +287,11 @@ class Downstream(asyncio.Protocol):
         headers.append((name, value))
         self.head_size += len(name) + len(value) + 4
         limits = self.listener.limits
-        if len(headers) > limits.max_headers or self.head_size > limits.max_header_bytes:
-            self.too_large = True  # the callback error is then a 431, not a 400
+        if len(headers) > limits.max_headers:
+            self.too_large = "max_headers"
+            raise _HeaderLimit
+        if self.head_size > limits.max_header_bytes:
+            self.too_large = "max_header_bytes"
             raise _HeaderLimit
 
     def on_headers_complete(self) -> None:
@@ -309,7 +325,7 @@ class Downstream(asyncio.Protocol):
                 selection = table.select(method, path, query, headers, listener.rng)
                 if selection.path is not None:
                     target = selection.path + sep + query
-                edits = selection.action.request_headers
+                edits = selection.request_headers
                 if edits:
                     headers = edits.apply(headers)
         lines = [method, SP, target, HTTP11]
@@ -355,15 +371,30 @@ class Downstream(asyncio.Protocol):
                 bound = listener.limits.retry_body_bytes
                 # A body is kept for a retry only when a route asks for retries and it is
                 # small; a 100-continue body is not (the client waits for our word first).
-                if (
-                    (framing.chunked or 0 < (framing.length or 0) <= bound)
-                    and action.retry.num_retries
-                    and not facts.expect_continue
-                ):
-                    ex.kept = []
-                    ex.kept_room = bound
+                if action.retry.num_retries and not facts.expect_continue:
+                    if framing.chunked or 0 < (framing.length or 0) <= bound:
+                        ex.kept = []
+                        ex.kept_room = bound
+                    elif framing.length:
+                        listener.stats.retry_buffer_overflows += 1
             if action.needs_shell:
                 ex.route = action
+                ex.resp_edits = selection.response_headers
+                if action.fault is not None:
+                    # Decided now, so that an aborted request is never mirrored.
+                    ex.fault_delay, ex.fault_abort = action.fault.decide(listener.rng)
+                mirror = action.mirror
+                if mirror is not None and not ex.fault_abort and mirror.decide(listener.rng):
+                    ex.mirror = mirror.cluster
+                    bound = listener.limits.retry_body_bytes
+                    # The copy carries a body only if it is kept whole (within the bound).
+                    if (
+                        ex.kept is None
+                        and (framing.chunked or 0 < (framing.length or 0) <= bound)
+                        and not facts.expect_continue
+                    ):
+                        ex.kept = []
+                        ex.kept_room = bound
         ex.expect = facts.expect_continue
         ex.upgrade = upgrade
         self.state = _BUSY
@@ -404,10 +435,11 @@ class Downstream(asyncio.Protocol):
             return
         if ex.start:
             ex.rx += len(body)
+        ex.stirred = True
         if ex.denied:
             return
-        if ex.kept is not None:
-            ex.keep(body)
+        if ex.kept is not None and not ex.keep(body):
+            self.listener.stats.retry_buffer_overflows += 1
         conn = ex.conn
         if conn is None or conn.transport is None:
             if ex.pending is None:
@@ -431,6 +463,8 @@ class Downstream(asyncio.Protocol):
         conn = ex.conn
         if conn is not None and conn.transport is not None and ex.framing.chunked:
             conn.transport.write(LAST_CHUNK)
+        if ex.mirror:
+            self.listener.origin.mirror(ex)
         if ex.denied and self.queue and ex is self.queue[0]:
             # (a denied upgrade is answered and closed already, the queue then empty)
             self._finish(ex)
@@ -451,10 +485,28 @@ class Downstream(asyncio.Protocol):
                 self._finish(ex)  # else once the body has been read (on_message_complete)
             return
         route = ex.route
-        if route is not None and route.request_timeout is not None and ex.deadline is None:
-            ex.deadline = asyncio.get_running_loop().call_later(
-                route.request_timeout, self._timed_out, ex, False
-            )
+        if route is not None:
+            if ex.fault_delay and not ex.faulted:
+                # Before anything else, as Envoy's fault filter runs before its router.
+                ex.faulted = True
+                if ex.start:
+                    ex.flags = "DI"
+                self._hold_reading()
+                ex.try_deadline = asyncio.get_running_loop().call_later(
+                    ex.fault_delay, self._delayed, ex
+                )
+                return
+            if ex.fault_abort:
+                self._abort(ex, ex.fault_abort)
+                return
+            if route.idle_timeout is not None and ex.idle is None:
+                ex.idle = asyncio.get_running_loop().call_later(
+                    route.idle_timeout / _IDLE_LOOKS, self._idle_look, ex, 0
+                )
+            if route.request_timeout is not None and ex.deadline is None:
+                ex.deadline = asyncio.get_running_loop().call_later(
+                    route.request_timeout, self._timed_out, ex, False
+                )
         conn = self.listener.origin.acquire(self, ex, None)
         if conn is not None:
             self.attach(ex, conn)
@@ -467,6 +519,54 @@ class Downstream(asyncio.Protocol):
         ):
             self.read_paused = True
             self.transport.pause_reading()
+
+    def _hold_reading(self) -> None:
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _delayed(self, ex: Exchange) -> None:
+        """The route's fault delay is over: on as any request (or its abort)."""
+        ex.try_deadline = None
+        if self.transport is None or not self.queue or self.queue[0] is not ex:
+            return
+        self._start(ex)
+
+    def _abort(self, ex: Exchange, status: int) -> None:
+        """The route's fault aborts the request: answered without forwarding."""
+        if ex.start:
+            ex.flags = "FI"
+        self.refuse(ex, fault_abort(status))
+
+    def _idle_look(self, ex: Exchange, silent: int) -> None:
+        """The route's idle timer, looking `_IDLE_LOOKS` times per idle timeout: the stream
+        times out after that many looks in a row saw nothing move either way."""
+        ex.idle = None
+        transport = self.transport
+        if transport is None or not self.queue or self.queue[0] is not ex:
+            return
+        route = ex.route
+        assert route is not None and route.idle_timeout is not None
+        silent = 0 if ex.stirred else silent + 1
+        ex.stirred = False
+        if silent < _IDLE_LOOKS:
+            ex.idle = asyncio.get_running_loop().call_later(
+                route.idle_timeout / _IDLE_LOOKS, self._idle_look, ex, silent
+            )
+            return
+        action = ex.on_idle()
+        if ex.start:
+            ex.flags = "SI"  # Envoy's: stream idle timeout
+        conn = ex.conn
+        if conn is not None:
+            if conn.transport is not None:
+                conn.transport.abort()
+            self._detach(ex, conn, Outcome.TIMEOUT)
+        if action is CLOSE:
+            transport.abort()
+            return
+        ex.keep_alive = False
+        self._act(ex, action)
 
     def attach(self, ex: Exchange, conn: UpConn) -> None:
         """Send the request head and what is buffered of its body; then stream the rest."""
@@ -537,8 +637,11 @@ class Downstream(asyncio.Protocol):
             if ex.try_deadline is not None:
                 ex.try_deadline.cancel()  # a try ends with its answer's head
                 ex.try_deadline = None
-            if route.response_headers:
-                headers = route.response_headers.apply(headers)
+            ex.stirred = True
+            if ex.resp_edits:
+                headers = ex.resp_edits.apply(headers)
+        if ex.set_cookies:
+            headers = headers + [(b"set-cookie", c) for c in ex.set_cookies]
         lines = [status_line(status)]
         facts = self.listener.response_heads.rewrite(headers, lines)
         conn = ex.conn
@@ -554,7 +657,9 @@ class Downstream(asyncio.Protocol):
                 ex.flags = "URX"  # the retries were spent and it still failed
             observer = self.listener.observer
             if observer is not None:
+                ex.response_headers = headers
                 observer.response(ex)
+                ex.response_headers = None
         framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:
@@ -584,6 +689,7 @@ class Downstream(asyncio.Protocol):
 
     def response_body(self, body: bytes) -> None:
         ex = self.queue[0]
+        ex.stirred = True
         if ex.redo:
             return
         if ex.start:
@@ -704,6 +810,9 @@ class Downstream(asyncio.Protocol):
         if ex.deadline is not None:
             ex.deadline.cancel()
             ex.deadline = None
+        if ex.idle is not None:
+            ex.idle.cancel()
+            ex.idle = None
         if ex.try_deadline is not None:
             ex.try_deadline.cancel()
             ex.try_deadline = None
@@ -853,6 +962,11 @@ class Downstream(asyncio.Protocol):
         if self.read_paused and self.transport is not None and self.held is None and not self.full:
             self.read_paused = False
             self.transport.resume_reading()
+
+    def _too_large(self, limit: str) -> None:
+        refused = self.listener.stats.requests_refused_limit
+        setattr(refused, limit, getattr(refused, limit) + 1)
+        self._fail(HEADERS_TOO_LARGE)
 
     def _fail(self, response: bytes) -> None:
         self.listener.stats.bad_requests += 1
