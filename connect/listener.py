@@ -220,8 +220,11 @@ class _TLSAccept(asyncio.Protocol):
         tls.set_protocol(app)
         app.connection_made(tls)
         if self.pending:
-            for chunk in self.pending:
-                app.data_received(chunk)
+            # Not to a connection its protocol refused (aborted) in `connection_made`: that
+            # protocol has no peer, and what it parsed would be decided for nobody.
+            if not tls.is_closing():
+                for chunk in self.pending:
+                    app.data_received(chunk)
             self.pending.clear()
         if self.eof:
             app.eof_received()

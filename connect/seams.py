@@ -70,9 +70,11 @@ class Verdict(Protocol):
 
 ConnectionAuthorizer = Callable[[Peer], Verdict]
 RequestAuthorizer = Callable[[Peer, bytes, bytes, bytes, Sequence[tuple[bytes, bytes]]], Verdict]
-"""(peer, method, request target, host, headers as parsed) -> verdict. Bytes as the parser
+"""(peer, method, request target, host, header fields) -> verdict. Bytes as the parser
 hands them over: an authorizer that needs only the peer decodes nothing. The target is the
-origin-form one the listener already normalized (connect.http_target) and will forward."""
+origin-form one the listener already normalized (connect.http_target) and will forward; the
+fields are those the app will receive (connect.http1_headers.ForwardedFields), not what the
+caller sent."""
 
 
 class PeerCache:

@@ -468,7 +468,8 @@ class Sidecar(Generic[S]):
         """The connection decision's inputs changed (new intentions, or MutualTLSMode back to
         strict): decide the open connections of the inbound listeners again and close those
         now denied; returns how many. HTTP inbound decides each request on the current
-        snapshot, so only its plaintext connections can be closed here (strict again)."""
+        snapshot, so only its plaintext connections (strict again) and its tunnels (an upgrade
+        whose request is now denied) can be closed here."""
         return sum(
             listener.recheck()
             for listener in self.listeners()
@@ -509,6 +510,15 @@ class Sidecar(Generic[S]):
                     failed.append(exc)
             for inbound in changes.modes:
                 self._set_mode(self.running[inbound.bind], inbound)
+            if spec.inbound is None or not spec.inbound.permissive:
+                # The mode is the service's: a listener still draining (replaced or removed)
+                # follows it too, so strict closes its plaintext connections now, not after
+                # drain_grace.
+                for draining in self._draining.values():
+                    old_spec = draining.spec
+                    if isinstance(old_spec, InboundSpec) and old_spec.permissive:
+                        strict = dataclasses.replace(old_spec, mutual_tls_mode="strict")
+                        self._set_mode(draining, strict)
             if not changes.empty:
                 log.info("listeners: %s", changes.describe())
             if failed:

@@ -7,7 +7,9 @@ as they are parsed, never gathered into whole bodies; each side's `pause_writing
 reading on the other.
 
 Pipelined requests are answered in order: a request that begins while another is in flight
-pauses reading and waits (with at most the rest of one read buffered).
+pauses reading and waits (with at most the rest of one read buffered). llhttp parses that rest
+whole, so at most `max_pipelined` requests are taken ahead of their answers; beyond that the
+connection closes after the last one taken.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from connect.http1_headers import (
     REQUEST_ID,
     REQUEST_TIMEOUT,
     XFCC,
+    ForwardedFields,
     fault_abort,
     new_request_id,
     xfcc_element,
@@ -73,6 +76,9 @@ _REFUSAL_FLAGS = {502: "UF", 503: "UH", 504: "UT"}
 """Envoy's flag for an answer the proxy made because no upstream could take the request
 (the origin names overflow, UO, itself)."""
 
+_H2C = b"h2c"
+"""The Upgrade token of cleartext HTTP/2 (RFC 7540 §3.2), which the sidecar never tunnels."""
+
 _IDLE_LOOKS = 4
 """A route's idle timeout is watched this many times per period (it fires 1 to 1.25 times
 the timeout after the last byte moved; no clock read per byte)."""
@@ -85,6 +91,7 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "active",
         "eof",
+        "full",
         "head_bytes",
         "head_size",
         "headers",
@@ -103,6 +110,7 @@ class Downstream(asyncio.Protocol):
         "too_large",
         "transport",
         "tunnel",
+        "upgraded",
         "url",
         "watched",
         "xfcc",
@@ -131,11 +139,17 @@ class Downstream(asyncio.Protocol):
         self.read_paused = False
         self.tunnel: UpConn | None = None
         self.eof = False
+        self.full = False
+        """Set once `max_pipelined` requests wait for answers and more began: the parser is
+        given up, nothing more is read, and the last request taken closes the connection."""
         self.held: bytes | None = None
         """Set once llhttp stops at an upgrade request: what the client sent after its head,
         for the upstream only if it answers 101 (see _upgrade_requested)."""
         self.xfcc = b""
         """This connection's X-Forwarded-Client-Cert line (inbound), built once."""
+        self.upgraded: tuple[bytes, bytes, bytes, ForwardedFields] | None = None
+        """Inbound: what the last upgrade request was authorized on (method, target, host,
+        fields), so that its tunnel can be decided again (InboundHTTP.recheck)."""
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -166,12 +180,17 @@ class Downstream(asyncio.Protocol):
         if self.held is not None:
             self._hold(data)
             return
+        if self.full:
+            return  # bytes a paused transport had read already: requests not taken
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0] :])
             return
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as err:
+            if isinstance(err.__context__, _PipelineFull):  # httptools chains it so
+                self._pipeline_full()
+                return
             if self.too_large:
                 self._too_large(self.too_large)
             else:
@@ -191,8 +210,12 @@ class Downstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.queue or self.listener.is_tls:
-            return False  # nothing owed (TLS: asyncio closes the transport itself)
+        peer = self.peer
+        tls = self.listener.is_tls and not (peer is not None and peer.plaintext)
+        if not self.queue or tls:
+            # Nothing owed, or TLS: asyncio closes the transport itself. A plaintext caller
+            # (MutualTLSMode permissive) on an inbound listener is plain TCP, as outbound.
+            return False
         # TCP cannot tell a half-close from a client that closed and left. One that asked for
         # a persistent connection has no reason to half-close it: it has given up (as Envoy's
         # HTTP/1 codec treats a downstream FIN), so the transport closes and connection_lost
@@ -251,6 +274,9 @@ class Downstream(asyncio.Protocol):
             # Pipelining: hold the next request until this one is answered.
             self.read_paused = True
             self.transport.pause_reading()
+        if len(self.queue) >= self.listener.limits.max_pipelined:
+            self.full = True
+            raise _PipelineFull
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -314,6 +340,7 @@ class Downstream(asyncio.Protocol):
                 lines += (b"host", COLON, listener.default_host, CRLF)
         if not facts.has_request_id:
             lines += (REQUEST_ID, COLON, new_request_id(), CRLF)
+        fields_end = len(lines)
         if self.xfcc:
             lines.append(self.xfcc)
         framing = facts.framing
@@ -324,10 +351,18 @@ class Downstream(asyncio.Protocol):
         upgrade = facts.upgrade if parser.should_upgrade() else b""
         if upgrade and (framing.chunked or framing.length):
             raise _BadHead  # llhttp takes the body for the new protocol's (see _hold): refused
+        dropped = bool(upgrade) and listener.authorize is not None and _H2C in upgrade.lower()
+        if dropped:
+            # Inbound: after a 101 the tunnel would carry HTTP/2 requests no authorization sees.
+            # Envoy drops an h2c upgrade and answers the request as HTTP/1.1 (envoy#7981); so
+            # do we. Kept only as a declined upgrade would be (_upgrade_requested).
+            upgrade = b""
         if upgrade:
             lines.append(UPGRADE_LINE + upgrade + CRLF)
         lines.append(CRLF)
-        ex = Exchange(method, b"".join(lines), headers, framing, keep_alive and not upgrade)
+        ex = Exchange(
+            method, b"".join(lines), headers, framing, keep_alive and not (upgrade or dropped)
+        )
         if selection is not None:
             action = selection.action
             ex.cluster = selection.cluster
@@ -368,12 +403,18 @@ class Downstream(asyncio.Protocol):
         if listener.observer is not None:
             ex.start = time.monotonic()
         authorize = listener.authorize
-        if authorize is not None and self.peer is not None:
+        if authorize is not None:
+            peer = self.peer
+            if peer is None:
+                raise _BadHead  # not admitted (refused): nothing is decided for nobody
             # Decided on the Host the app will see: an HTTP/1.0 request without one is
             # forwarded with the listener's default, so that is the authority decided on.
-            verdict = authorize(
-                self.peer, method, target, facts.host or listener.default_host, headers
-            )
+            # Decided on the fields the app will receive (see ForwardedFields).
+            fields = ForwardedFields(lines, 4, fields_end)
+            host = facts.host or listener.default_host
+            verdict = authorize(peer, method, target, host, fields)
+            if upgrade:
+                self.upgraded = (method, target, host, fields)
             if ex.start:
                 ex.verdict = verdict
             if not verdict.allowed:
@@ -842,9 +883,11 @@ class Downstream(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        if not ex.upgrade or ex.denied:
+        if ex.denied or (not ex.upgrade and ex.method == b"CONNECT"):
             ex.keep_alive = False  # a denied upgrade or a CONNECT: the answer ends it all
             return
+        # An upgrade, or an h2c one the app was not asked for (on_headers_complete): the
+        # latter is answered as HTTP/1.1, and what follows parsed after that answer.
         # The client's own choice, for when the upstream declines (parser still knows it).
         ex.declined_keeps = self.parser.should_keep_alive()
         self._hold(rest)
@@ -904,9 +947,19 @@ class Downstream(asyncio.Protocol):
         if self.eof and not self.queue and self.transport is not None:
             self.transport.close()
 
+    def _pipeline_full(self) -> None:
+        """More requests began than `max_pipelined` ahead of their answers: those taken are
+        answered, the last one with `connection: close`; what followed is dropped unread."""
+        if self.queue:
+            self.queue[-1].keep_alive = False
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
     def _resume(self) -> None:
         # Never while bytes after an upgrade request are held: only a 101 resumes those.
-        if self.read_paused and self.transport is not None and self.held is None:
+        # Nor once the pipeline was full: the parser was given up.
+        if self.read_paused and self.transport is not None and self.held is None and not self.full:
             self.read_paused = False
             self.transport.resume_reading()
 
@@ -957,4 +1010,8 @@ class Downstream(asyncio.Protocol):
 
 
 class _BadHead(Exception):
+    pass
+
+
+class _PipelineFull(Exception):
     pass

@@ -244,8 +244,9 @@ class Exchange:
     def on_denied(self) -> Answer:
         """Authorization refused the request: the 403 to answer. The connection closes when
         the client may be holding its body for a 100 we will not send, or after an upgrade
-        request (what follows it is not HTTP/1.1 we could read)."""
-        if (self.expect and self.has_body) or self.upgrade:
+        request (what follows it is not HTTP/1.1 we could read), and says so whenever the
+        connection will not be kept."""
+        if (self.expect and self.has_body) or self.upgrade or not self.keep_alive:
             self.keep_alive = False
             return Answer(FORBIDDEN_CLOSE)
         return Answer(FORBIDDEN)

@@ -9,6 +9,7 @@ X-Forwarded-Client-Cert the app sent."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 
@@ -28,6 +29,8 @@ from connect.stats import ProxyStats
 from intentions.path_normalization import PathNormalization
 
 __all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]
+
+log = logging.getLogger("meshlet.proxy.http")
 
 
 class HTTPListener(ListeningSocket):
@@ -185,11 +188,33 @@ class InboundHTTP(HTTPListener):
 
     def recheck(self) -> int:
         """Close the open connections that may no longer stay open: plaintext ones once the
-        mode is strict again (each request is authorized on its own, so intentions need no
-        recheck here). Returns how many."""
+        mode is strict again, and tunnels whose upgrade request the intentions now deny (a
+        request is authorized when it arrives, but a tunnel is one request that goes on
+        carrying bytes, like a tcp connection, so it is decided again as tcp ones are).
+        Returns how many."""
         open_now = {
             conn.transport: conn.peer
             for conn in self.connections
             if conn.peer is not None and conn.peer.plaintext and conn.transport is not None
         }
-        return self.inbound_gate.revoke(open_now)
+        closed = self.inbound_gate.revoke(open_now)
+        authorize = self.authorize
+        if authorize is None:
+            return closed
+        denied: dict[tuple[str, str], int] = {}
+        for conn in list(self.connections):
+            transport, peer, upgraded = conn.transport, conn.peer, conn.upgraded
+            if conn.tunnel is None or transport is None or transport.is_closing():
+                continue
+            if peer is None or upgraded is None:
+                continue
+            verdict = authorize(peer, *upgraded)
+            if not verdict.allowed:
+                transport.abort()
+                key = (peer.uri or "plaintext", verdict.reason)
+                denied[key] = denied.get(key, 0) + 1
+        for (who, reason), n in denied.items():
+            self.stats.connections_revoked += n
+            closed += n
+            log.warning("inbound: closed %d tunnel(s) from %s: now denied: %s", n, who, reason)
+        return closed
