@@ -515,3 +515,27 @@ async def test_watcher_on_devstack_matches_a_full_read_after_every_change(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await consul.agent.register_service(_proxy(99))
+
+
+def test_an_instance_in_warning_weighs_its_warning_weight_and_zero_leaves_it_out() -> None:
+    """Consul's calculateEndpointHealthAndWeight: Weights.Warning for an instance in warning,
+    and a weight under 1 makes it unhealthy. Both decoders (the lean incremental one and
+    ServiceEntry.from_json) agree."""
+    key = WatchKey("api", warning=True)
+    raw = []
+    for sid, status, weights in (
+        ("a", "passing", {"Passing": 5, "Warning": 2}),
+        ("b", "warning", {"Passing": 5, "Warning": 2}),
+        ("c", "warning", {"Passing": 5, "Warning": 0}),
+        ("d", "warning", None),
+    ):
+        entry = _entry(sid, 21000)
+        entry["Checks"] = [{"CheckID": "ready", "Status": status}]
+        if weights is not None:
+            entry["Service"]["Weights"] = weights
+        raw.append(entry)
+    decoded = decode_answer(key, _body(raw), EMPTY_MEMO)
+    got = snapshot_of(key, decoded.endpoints, 1, 0.0, in_order=decoded.in_order)
+    want = build_snapshot(key, [ServiceEntry.from_json(e) for e in raw], 1, 0.0)
+    assert got == want
+    assert [(e.service_id, e.weight) for e in got.endpoints] == [("a", 5), ("b", 2), ("d", 1)]
