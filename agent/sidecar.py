@@ -247,7 +247,7 @@ class Sidecar:
             clock=clock,
         )
         self.rotator: LeafRotator | None = None
-        self.tls: DynamicTLS | None = None
+        self.tls: DynamicTLS[Material] | None = None
         self.leaf_error = ""
         self._consul: ConsulClient | None = None
         self._default: tuple[bool, str] | None = None
@@ -599,7 +599,7 @@ class Sidecar:
         datacenter = await self._datacenter.first()
         return VaultLeafSource(vconf, cfg.service.name, datacenter)
 
-    async def _follow_leaf(self, tls: DynamicTLS) -> None:
+    async def _follow_leaf(self, tls: DynamicTLS[Material]) -> None:
         assert self.rotator is not None
         while True:
             material: Material = await self.rotator.changed(tls.material.generation)

@@ -21,12 +21,46 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
-from connect.leaf import Material
 from connect.resumption import ResumingClientContext
 
 log = logging.getLogger("meshlet.connect.tls")
+
+
+class _LeafPEM(Protocol):
+    @property
+    def cert_pem(self) -> str: ...
+
+    @property
+    def key_pem(self) -> str: ...
+
+
+class _RootsPEM(Protocol):
+    @property
+    def pem(self) -> str: ...
+
+    @property
+    def trust_domain(self) -> str: ...
+
+
+class Material(Protocol):
+    """What one generation of contexts is built from: connect.leaf.Material in the agent, the
+    pushed leaf in a data-plane process (which never loads the X.509 library that parses
+    the former)."""
+
+    @property
+    def leaf(self) -> _LeafPEM: ...
+
+    @property
+    def bundle(self) -> _RootsPEM: ...
+
+    @property
+    def generation(self) -> int: ...
+
+
+M = TypeVar("M", bound=Material)
 
 
 def _load_leaf(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
@@ -79,22 +113,22 @@ def client_context(material: Material) -> ssl.SSLContext:
 
 
 @dataclass(frozen=True)
-class Contexts:
-    material: Material
+class Contexts(Generic[M]):
+    material: M
     server: ssl.SSLContext
     client: ssl.SSLContext
 
 
-class DynamicTLS:
-    def __init__(self, material: Material) -> None:
+class DynamicTLS(Generic[M]):
+    def __init__(self, material: M) -> None:
         self._current = self._build(material)
         self._listener: ssl.SSLContext | None = None
 
     @staticmethod
-    def _build(material: Material) -> Contexts:
+    def _build(material: M) -> Contexts[M]:
         return Contexts(material, server_context(material), client_context(material))
 
-    def update(self, material: Material) -> None:
+    def update(self, material: M) -> None:
         """Build the new generation's contexts first, then swap: a bad leaf leaves the old
         contexts in place (the exception reaches the caller)."""
         if material.generation <= self._current.material.generation:
@@ -102,7 +136,7 @@ class DynamicTLS:
         self._current = self._build(material)
 
     @property
-    def material(self) -> Material:
+    def material(self) -> M:
         return self._current.material
 
     @property
@@ -169,7 +203,7 @@ class HandshakeRefused(Exception):
 
 
 async def accept_tls(
-    writer: asyncio.StreamWriter, tls: DynamicTLS, *, timeout: float = 10.0
+    writer: asyncio.StreamWriter, tls: DynamicTLS[M], *, timeout: float = 10.0
 ) -> Identity:
     """Upgrade an accepted TCP connection with the current server context and return the
     peer's identity. Refusals are logged with their reason and raised (the caller closes)."""
