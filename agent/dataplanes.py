@@ -63,6 +63,15 @@ PARENT_ONLY_ENV = (
 )
 
 
+DATAPLANE_ENV = {
+    # libuv's thread pool only resolves the listeners' addresses at start: one thread, not
+    # four, each with its own malloc arena (together ~3 MB of a data plane's RSS).
+    "UV_THREADPOOL_SIZE": "1",
+    "MALLOC_ARENA_MAX": "2",
+}
+"""Defaults for a data plane's environment (the agent's own values win)."""
+
+
 class ControlDirError(OSError):
     """The control directory is not ours alone; str() says what is wrong."""
 
@@ -184,7 +193,7 @@ class DataPlanes:
         self.directory = directory
         self.socket_path = directory / SOCKET_NAME
         self.planes = {i: _Plane(i) for i in range(1, count + 1)}
-        self._env = {k: v for k, v in env.items() if k not in PARENT_ONLY_ENV}
+        self._env = {**DATAPLANE_ENV, **{k: v for k, v in env.items() if k not in PARENT_ONLY_ENV}}
         self._policy = policy if policy is not None else RestartPolicy()
         self._clock = clock
         self._server: asyncio.Server | None = None

@@ -18,7 +18,6 @@ import datetime
 import logging
 import os
 import ssl
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -64,7 +63,26 @@ M = TypeVar("M", bound=Material)
 
 
 def _load_leaf(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    # ssl only loads keys from files: use a private directory, 0600 files, gone at once.
+    # ssl only loads keys from paths. On Linux: anonymous memory files (memfd) named by
+    # their /proc/self/fd path, so the key never touches a filesystem; elsewhere (or without
+    # /proc) a private directory with 0600 files, gone at once.
+    if hasattr(os, "memfd_create"):
+        fds: list[int] = []
+        try:
+            for text in (cert_pem, key_pem):
+                fds.append(os.memfd_create("meshlet-leaf", os.MFD_CLOEXEC))
+                data = memoryview(text.encode())
+                while data:
+                    data = data[os.write(fds[-1], data) :]
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+            return
+        except FileNotFoundError:
+            pass  # no /proc mounted: the files below
+        finally:
+            for fd in fds:
+                os.close(fd)
+    import tempfile  # (and the shutil it loads): only where memfd cannot serve
+
     with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as tmp:
         cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
         for path, text in ((cert_path, cert_pem), (key_path, key_pem)):
