@@ -112,6 +112,8 @@ class DataPlane:
         self.routing: dict[str, Latest[RoutingSnapshot | None]] = {}
         self.heap = HeapTrimmer(lambda: self.proxy.listeners() if self.proxy is not None else [])
         self.attached = False
+        self.detached = asyncio.Event()
+        """Set while an agent that was attached is gone."""
         self.lost_since: float | None = None
         self.losses = 0
         self.refused = 0
@@ -349,6 +351,7 @@ class DataPlane:
                 continue
             failures = 0
             self._writer, self.attached = writer, True
+            self.detached.clear()
             if self.lost_since is not None:
                 log.warning("agent back after %.1fs without it", self._clock() - self.lost_since)
             self.lost_since = None
@@ -364,6 +367,7 @@ class DataPlane:
                 return
             self.losses += 1
             self.lost_since = self._clock()
+            self.detached.set()
             log.warning(
                 "agent lost: serving the last snapshot (%s) until it comes back or the leaf "
                 "expires",
