@@ -77,11 +77,13 @@ class ControlDirError(OSError):
 
 
 def control_dir(cfg: AgentConfig, env: Mapping[str, str]) -> Path:
-    """Where this instance's control socket and data-plane status files live: systemd's
-    RuntimeDirectory when set, else a directory per instance (service ID and public port:
-    two instances cannot share both) under $XDG_RUNTIME_DIR or /tmp/meshlet-UID."""
+    """Where this instance's control socket and data-plane status files live: `dataplanes/`
+    in systemd's RuntimeDirectory when set, else a directory per instance (service ID and
+    public port: two instances cannot share both) under $XDG_RUNTIME_DIR or
+    /tmp/meshlet-UID."""
     if env.get("RUNTIME_DIRECTORY"):
-        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+        # A directory of our own inside it: systemd creates RuntimeDirectory 0755.
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0], "dataplanes")
     base = (
         Path(env["XDG_RUNTIME_DIR"], "meshlet")
         if env.get("XDG_RUNTIME_DIR")

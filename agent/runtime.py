@@ -15,9 +15,11 @@ or destination changed; the others and their connections are untouched), in the 
 Settings that need new sockets (consul, admin, the inbound listener) or a new identity
 (certs, service) are reported as needing a restart.
 
-With `meshlet sidecar --workers N` (N > 1) the proxy's listeners bind with SO_REUSEPORT and,
-once they are up, a `Supervisor` keeps N-1 worker processes (agent/worker.py) serving the same
-ports; they drain, reload and stop with this process and show in /v1/status under `workers`.
+With `meshlet sidecar --workers N` (N > 1) this process runs no listener: `DataPlanes`
+(agent/dataplanes.py) keeps N data-plane processes serving the same ports with SO_REUSEPORT,
+fed by `_feed` with a whole snapshot whenever its inputs change; they drain and stop with
+this process, survive its crash (adopted when it starts again) and show in /v1/status under
+`workers`.
 
 SIGTERM (or SIGINT) drains: STOPPING=1, deregister first, keep serving for
 `shutdown.drain_period` while Consul's watchers of this service drop it, then stop. A second

@@ -128,9 +128,12 @@ def test_status_lists_the_workers_before_they_start() -> None:
     runtime = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=3)
     workers = runtime.status(None)["workers"]
     assert workers["count"] == 3
+    # Three data-plane processes: the agent itself runs no listener with --workers > 1.
+    assert workers["mode"] == "data planes"
     assert [(w["index"], w["state"], w["pid"]) for w in workers["processes"]] == [
         (1, "pending", None),
         (2, "pending", None),
+        (3, "pending", None),
     ]
     one = AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)
     assert one["workers"] == {
@@ -330,7 +333,7 @@ def test_meshlet_status_shows_each_worker() -> None:
 
     runtime = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=3)
     st = runtime.status(None)
-    one, two = st["workers"]["processes"]
+    one, two, _ = st["workers"]["processes"]
     one.update(state="running", pid=101, ready=True)
     two.update(state="restarting", pid=102, restarts=2, last_exit="killed by SIGKILL")
     text = render(st, time.time())
