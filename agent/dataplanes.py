@@ -191,13 +191,17 @@ class DataPlanes:
         *,
         policy: RestartPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        command: Callable[[int, Path], list[str]] = dataplane_command,
     ) -> None:
+        """`command(index, control_socket)`: the argv of data plane `index` (a test gives
+        a stand-in)."""
         self.directory = directory
         self.socket_path = directory / SOCKET_NAME
         self.planes = {i: _Plane(i) for i in range(1, count + 1)}
         self._env = {**DATAPLANE_ENV, **{k: v for k, v in env.items() if k not in PARENT_ONLY_ENV}}
         self._policy = policy if policy is not None else RestartPolicy()
         self._clock = clock
+        self._command = command
         self._server: asyncio.Server | None = None
         self._latest: bytes | None = None
         self._stop_phase = ""
@@ -339,7 +343,7 @@ class DataPlanes:
         if proc is None:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *dataplane_command(w.index, self.socket_path),
+                    *self._command(w.index, self.socket_path),
                     stdin=asyncio.subprocess.DEVNULL,
                     env=self._env,
                 )

@@ -50,7 +50,7 @@ from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
-from agent.supervisor import Supervisor, WorkerState, sum_counters
+from agent.supervisor import WorkerState, sum_counters
 from agent.systemd import Notifier
 from agent.watch import (
     HOLDING,
@@ -118,8 +118,6 @@ class AgentRuntime:
         )
         """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches).
         With --workers N > 1 it only holds what feeds the data planes."""
-        self.supervisor: Supervisor | None = None
-        """Unused since the data planes: kept for what still imports it."""
         self.dataplanes: DataPlanes | None = (
             DataPlanes(config.sidecar.workers, control_dir(config, self._env), self._env)
             if lean
@@ -251,19 +249,14 @@ class AgentRuntime:
                         self._start_watch(tg, up)
                     if self.sidecar is not None:
                         tasks.append(tg.create_task(self._run_sidecar(consul), name="sidecar"))
-                    if self.supervisor is not None:
-                        tasks.append(tg.create_task(self._supervise(), name="workers"))
                     if self.dataplanes is not None:
                         tasks.append(tg.create_task(self._run_dataplanes(), name="data planes"))
                         tasks.append(tg.create_task(self._feed(), name="snapshot feed"))
                     await self._stop.wait()
-                    if self.supervisor is not None:
-                        self.supervisor.begin_stop()  # the workers drain alongside
                     if self.dataplanes is not None:
-                        self.dataplanes.begin_stop()
+                        self.dataplanes.begin_stop()  # the data planes drain alongside
                     await self._drain(registrar)
                     await asyncio.gather(
-                        *([self.supervisor.stop()] if self.supervisor is not None else []),
                         *([self.dataplanes.stop()] if self.dataplanes is not None else []),
                         *([self.sidecar.close(grace=1.0)] if self.sidecar is not None else []),
                     )
@@ -297,13 +290,6 @@ class AgentRuntime:
                 self._exit_code = 1
             self.request_stop()
             self._force.set()
-
-    async def _supervise(self) -> None:
-        assert self.sidecar is not None and self.supervisor is not None
-        # Only once the parent holds its ports (checked free of strangers) do others share them.
-        await self.sidecar.started.wait()
-        log.info("starting %d worker processes", len(self.supervisor.workers))
-        await self.supervisor.run()
 
     async def _run_dataplanes(self) -> None:
         assert self.sidecar is not None and self.dataplanes is not None
@@ -372,8 +358,6 @@ class AgentRuntime:
         return reasons
 
     def _processes(self) -> list[WorkerState]:
-        if self.supervisor is not None:
-            return self.supervisor.workers
         return self.dataplanes.workers if self.dataplanes is not None else []
 
     def _upstream_latest(self, key: WatchKey) -> Latest[Snapshot | None] | None:
@@ -486,9 +470,8 @@ class AgentRuntime:
             self._notifier.ready(self._summary())
 
     async def _apply_listeners(self) -> None:
-        """After a reload: the sidecar's listeners follow the new configuration, here first
-        (so a port this process claims is claimed before any worker binds it), then in every
-        worker."""
+        """After a reload: the sidecar's listeners follow the new configuration (with data
+        planes, the feed pushes the snapshot built from it, probing new ports first)."""
         new = self.config.get()
         if self.sidecar is not None:
             try:
@@ -496,8 +479,6 @@ class AgentRuntime:
             except OSError as exc:
                 self._last_reload_error = f"listener not started: {exc}"
                 log.error("reload: a listener could not be started: %s", exc)
-        if self.supervisor is not None:
-            self.supervisor.reconfigure(new)
 
     def _apply_reload(self, tg: asyncio.TaskGroup) -> bool:
         """Read the file again and apply what changes in place; False when nothing was."""
@@ -590,12 +571,6 @@ class AgentRuntime:
             reasons.append(f"registration failing: {self._registrar.state.last_error}")
         if self.sidecar is not None:
             reasons.extend(self.sidecar.degradations())
-        if (
-            self.supervisor is not None
-            and self.sidecar is not None
-            and self.sidecar.started.is_set()
-        ):
-            reasons.extend(self.supervisor.problems())
         if (
             self.dataplanes is not None
             and self.sidecar is not None
@@ -746,10 +721,9 @@ class AgentRuntime:
         total = sum_counters([own, *(w.stats for w in self._processes())])
         # /metrics shows the rest (they are big).
         total = {k: v for k, v in total.items() if k not in METRICS_ONLY}
-        group = self.supervisor or self.dataplanes
-        if group is None:
+        if self.dataplanes is None:
             return {"count": 1, "processes": [], "stats_total": total}
-        status = dict(group.status())
+        status = dict(self.dataplanes.status())
         status["stats_total"] = total
         return status
 
