@@ -180,6 +180,8 @@ class _Plane:
         self.applied = 0
         self.refused = ""
         self.adopted = False
+        self.losses = 0
+        """How many times it lost an agent (its own count, from its hello)."""
 
 
 class DataPlanes:
@@ -248,6 +250,7 @@ class DataPlanes:
             st["adopted"] = plane.adopted
             st["applied"] = plane.applied
             st["refused"] = plane.refused
+            st["agent_losses"] = plane.losses
             processes.append(st)
         return {"count": len(self.planes), "mode": "data planes", "processes": processes}
 
@@ -353,7 +356,8 @@ class DataPlanes:
             plane.proc, plane.adopted = proc, False
             log.info("data plane %d started (pid %d)", w.index, proc.pid)
         w.state, w.pid, w.started_at, w.restart_at = "running", proc.pid, self._clock(), None
-        w.ready, w.problems = False, ("starting",)
+        if not plane.attached.is_set():  # an adopted one may have dialled back already
+            w.ready, w.problems = False, ("starting",)
         exited = asyncio.ensure_future(proc.wait())
         try:
             if plane.adopted and not plane.attached.is_set():
@@ -409,6 +413,7 @@ class DataPlanes:
             plane.writer = writer
             plane.attached.set()
             plane.applied = int(hello.get("applied") or 0)
+            plane.losses = int(hello.get("losses") or 0)
             log.info("data plane %d (pid %s) attached", plane.state.index, pid)
             if self._latest is not None:
                 writer.write(self._latest)

@@ -243,6 +243,8 @@ class DataPlane:
                 if not plan.empty:
                     log.info("snapshot %d: %s", snap.version, plan.describe())
             self._send(applied=snap.version)
+            problems = self.problems()  # said again: an agent may have just attached
+            self._send(ready=not problems, problems=problems)
             if first:
                 _settle_garbage_collector()
                 log.info("serving snapshot %d", snap.version)
@@ -356,7 +358,14 @@ class DataPlane:
                 log.warning("agent back after %.1fs without it", self._clock() - self.lost_since)
             self.lost_since = None
             applied = self.snapshot.version if self.snapshot is not None else 0
-            self._send(hello={"index": self.index, "pid": os.getpid(), "applied": applied})
+            self._send(
+                hello={
+                    "index": self.index,
+                    "pid": os.getpid(),
+                    "applied": applied,
+                    "losses": self.losses,
+                }
+            )
             self._write_status()
             try:
                 await self._follow(reader)

@@ -6,7 +6,8 @@ One unix stream socket per data plane, JSON lines, every message an object with 
                                                      whole (`Snapshot`); applied whole or refused
                           {"v":1,"stop":"drain"}      keep serving for the drain period, then stop
                           {"v":1,"stop":"now"}
-    data plane -> agent   {"v":1,"hello":{"index":K,"pid":P,"applied":N}}   on every (re)connect
+    data plane -> agent   {"v":1,"hello":{"index":K,"pid":P,"applied":N,"losses":L}}
+                                                     on every (re)connect
                           {"v":1,"applied":N} / {"v":1,"refused":{"version":N,"error":"..."}}
                           {"v":1,"ready":bool,"problems":[...]}
                           {"v":1,"stats":{...}}       its proxy counters, as a worker's were

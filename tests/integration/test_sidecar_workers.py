@@ -294,6 +294,7 @@ def test_data_planes_serve_through_an_agent_restart(mesh: WorkersMesh) -> None:
         "the restarted agent's data planes adopted and serving",
     )
     assert sorted(int(p["pid"]) for p in st["workers"]["processes"]) == sorted(planes)
+    assert [p["agent_losses"] for p in st["workers"]["processes"]] == [1, 1]
     assert dataplane_pids(mesh.control) == sorted(planes)
     wait_until(
         lambda: all(_dataplane_status(mesh, i)["agent"] == "attached" for i in (1, 2)),
