@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,13 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.supervisor import RestartPolicy, WorkerState, describe_exit
 from connect.dataplane.process import status_path
-from connect.dataplane.snapshot import MAX_LINE, Snapshot, decode_message, encode_message
+from connect.dataplane.snapshot import (
+    MAX_LINE,
+    Snapshot,
+    decode_message,
+    encode_message,
+    endpoints_key,
+)
 
 log = logging.getLogger("meshlet.agent.dataplanes")
 
@@ -105,6 +112,33 @@ def private_dir(path: Path) -> None:
             raise ControlDirError(f"{d} belongs to uid {st.st_uid}, not {os.getuid()}")
         if d == path and st.st_mode & 0o077:
             raise ControlDirError(f"{d} is open to others (mode {st.st_mode & 0o777:o})")
+
+
+def hold_unanswered(
+    snapshot: Snapshot,
+    serving: set[str],
+    held_since: Mapping[str, float],
+    now: float,
+    wait: float,
+) -> tuple[Snapshot, dict[str, float]]:
+    """`snapshot` without the upstream listeners the data planes do not serve yet (not in
+    `serving`) whose watch has not answered, each for at most `wait` seconds from when it was
+    first held (`held_since`, returned updated): a connection accepted before the first
+    answer could only be refused with 503. Past `wait` the port opens anyway and readiness
+    says what is missing (as the in-process proxy does on a reload). Pure."""
+    answered = {endpoints_key(e) for e in snapshot.endpoints if e.targets is not None}
+    held: dict[str, float] = {}
+    keep = []
+    for up in snapshot.spec.upstreams:
+        since = held_since.get(up.bind, now)
+        if up.bind in serving or endpoints_key(up) in answered or now - since >= wait:
+            keep.append(up)
+        else:
+            held[up.bind] = since
+    if not held:
+        return snapshot, held
+    spec = dataclasses.replace(snapshot.spec, upstreams=tuple(keep))
+    return dataclasses.replace(snapshot, spec=spec), held
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -463,6 +497,7 @@ __all__ = [
     "DataPlanes",
     "control_dir",
     "dataplane_command",
+    "hold_unanswered",
     "private_dir",
     "survivor",
 ]

@@ -45,7 +45,7 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
-from agent.dataplanes import DataPlanes, control_dir
+from agent.dataplanes import DataPlanes, control_dir, hold_unanswered
 from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
@@ -69,6 +69,8 @@ log = logging.getLogger("meshlet.agent")
 _STATUS_EVERY = 5.0
 # How often the data planes' feed looks for a change to push.
 _FEED_EVERY = 0.1
+# Seconds a new upstream's port waits for its first endpoints before the data planes open it.
+_FIRST_ENDPOINTS_WAIT = 10.0
 
 
 @dataclasses.dataclass
@@ -130,6 +132,7 @@ class AgentRuntime:
         self._snapshot_version = 0
         self._published_binds: set[str] | None = None
         self._refused_binds: dict[str, str] = {}
+        self._adopted = 0
         if not sidecar and config.sidecar.workers > 1:
             log.warning("sidecar.workers is ignored by meshlet agent (it runs no proxy)")
         self._readiness: SidecarReadiness | None = readiness or self.sidecar
@@ -183,7 +186,7 @@ class AgentRuntime:
         adopted = 0
         if self.dataplanes is not None:
             try:
-                adopted = await self.dataplanes.open()
+                adopted = self._adopted = await self.dataplanes.open()
             except OSError as exc:
                 log.error("cannot open the data planes' control socket: %s", exc)
                 await self.admin.close()
@@ -305,11 +308,22 @@ class AgentRuntime:
         assert sidecar is not None and planes is not None
         await sidecar.started.wait()
         last: tuple[object, ...] | None = None
+        held: dict[str, float] = {}
         while True:
             inputs = sidecar.dataplane_inputs()
-            if inputs != last:
+            now = self._clock()
+            due = any(now - since >= _FIRST_ENDPOINTS_WAIT for since in held.values())
+            if inputs != last or due:
                 snapshot = sidecar.dataplane_snapshot(self._snapshot_version + 1)
                 if snapshot is not None:
+                    serving = self._published_binds
+                    if serving is None and self._adopted:
+                        # Adopted data planes serve the previous agent's listeners: a
+                        # listener left out of their first snapshot would be closed.
+                        serving = set(snapshot.spec.listeners())
+                    snapshot, held = hold_unanswered(
+                        snapshot, serving or set(), held, now, _FIRST_ENDPOINTS_WAIT
+                    )
                     snapshot = await self._claimed(snapshot)
                     self._snapshot_version = snapshot.version
                     planes.publish(snapshot)

@@ -1,5 +1,6 @@
-"""agent.dataplanes: the control directory is the instance's alone, and a surviving data
-plane is recognised only by a live process running that very command."""
+"""agent.dataplanes: the control directory is the instance's alone, a surviving data plane
+is recognised only by a live process running that very command, and a new upstream's port
+waits (bounded) for its first endpoints."""
 
 from __future__ import annotations
 
@@ -10,8 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplanes import ControlDirError, dataplane_command, private_dir, survivor
+from agent.dataplanes import (
+    ControlDirError,
+    dataplane_command,
+    hold_unanswered,
+    private_dir,
+    survivor,
+)
 from connect.dataplane.process import status_path
+from connect.dataplane.snapshot import (
+    IntentionsSource,
+    PushedLeaf,
+    PushedMaterial,
+    PushedRoots,
+    Snapshot,
+    UpstreamEndpoints,
+)
+from connect.sidecar import SidecarSpec, UpstreamSpec
 
 
 def test_the_control_directory_is_created_private(tmp_path: Path) -> None:
@@ -56,3 +72,34 @@ def test_a_survivor_is_a_live_process_running_the_data_plane_command(tmp_path: P
         proc.kill()
         proc.wait()
     assert survivor(sock, 1) is None  # its file is left, but the process is gone
+
+
+def _snapshot(*ups: tuple[str, int, bool]) -> Snapshot:
+    return Snapshot(
+        version=1,
+        service="web",
+        spec=SidecarSpec(
+            upstreams=tuple(UpstreamSpec(name, "tcp", "127.0.0.1", port) for name, port, _ in ups)
+        ),
+        material=PushedMaterial(PushedLeaf("c", "k"), PushedRoots("r", "td")),
+        intentions=IntentionsSource(True, "test", ()),
+        endpoints=tuple(
+            UpstreamEndpoints(name, targets=() if answered else None) for name, _, answered in ups
+        ),
+    )
+
+
+def test_a_new_upstream_waits_for_its_first_answer_for_a_bounded_time() -> None:
+    snap = _snapshot(("api", 9001, True), ("db", 9002, False), ("old", 9003, False))
+    serving = {"127.0.0.1:9003"}  # already served: never taken away
+    got, held = hold_unanswered(snap, serving, {}, now=100.0, wait=10.0)
+    assert [u.name for u in got.spec.upstreams] == ["api", "old"]
+    assert held == {"127.0.0.1:9002": 100.0}
+    got, held = hold_unanswered(snap, serving, held, now=105.0, wait=10.0)
+    assert [u.name for u in got.spec.upstreams] == ["api", "old"]
+    assert held == {"127.0.0.1:9002": 100.0}  # held since the first time
+    got, held = hold_unanswered(snap, serving, held, now=110.0, wait=10.0)
+    assert [u.name for u in got.spec.upstreams] == ["api", "db", "old"]  # opened anyway
+    assert held == {}
+    answered = _snapshot(("db", 9002, True))
+    assert hold_unanswered(answered, set(), {}, now=0.0, wait=10.0) == (answered, {})
