@@ -267,6 +267,16 @@ class DataPlanes:
                 plane.proc, plane.adopted = _Adopted(pid), True
                 found += 1
                 log.info("data plane %d (pid %d) still serving: adopting it", index, pid)
+        for path in self.directory.glob("dataplane-*.json"):
+            index_text = path.stem.removeprefix("dataplane-")
+            if not index_text.isdigit() or int(index_text) in self.planes:
+                continue
+            pid = survivor(self.socket_path, int(index_text))
+            if pid is not None:
+                # Left by an agent that ran more of them (--workers lowered): drained.
+                log.info("data plane %s (pid %d) is one too many now: stopping it", index_text, pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         return found
 
     async def close(self) -> None:
@@ -436,8 +446,8 @@ class DataPlanes:
             if not isinstance(hello, dict):
                 log.error("control socket: no hello, closing")
                 return
-            plane = self.planes.get(hello.get("index"))  # type: ignore[arg-type]
-            pid = hello.get("pid")
+            index, pid = hello.get("index"), hello.get("pid")
+            plane = self.planes.get(index) if isinstance(index, int) else None
             if plane is None or plane.proc is None or plane.proc.pid != pid:
                 log.error("control socket: unknown data plane %s (pid %s), closing", hello, pid)
                 plane = None

@@ -310,25 +310,43 @@ class AgentRuntime:
         last: tuple[object, ...] | None = None
         held: dict[str, float] = {}
         while True:
-            inputs = sidecar.dataplane_inputs()
-            now = self._clock()
-            due = any(now - since >= _FIRST_ENDPOINTS_WAIT for since in held.values())
-            if inputs != last or due:
-                snapshot = sidecar.dataplane_snapshot(self._snapshot_version + 1)
-                if snapshot is not None:
-                    serving = self._published_binds
-                    if serving is None and self._adopted:
-                        # Adopted data planes serve the previous agent's listeners: a
-                        # listener left out of their first snapshot would be closed.
-                        serving = set(snapshot.spec.listeners())
-                    snapshot, held = hold_unanswered(
-                        snapshot, serving or set(), held, now, _FIRST_ENDPOINTS_WAIT
-                    )
-                    snapshot = await self._claimed(snapshot)
-                    self._snapshot_version = snapshot.version
-                    planes.publish(snapshot)
-                    last = inputs
+            try:
+                last, held = await self._push(last, held)
+            except Exception:
+                # A bug building a snapshot must not stop registration and the watches: the
+                # data planes keep the last one, and the next change tries again.
+                log.exception("snapshot for the data planes not built")
+                with contextlib.suppress(Exception):
+                    last = sidecar.dataplane_inputs()  # tried again at the next change
             await asyncio.sleep(_FEED_EVERY)
+
+    async def _push(
+        self, last: tuple[object, ...] | None, held: dict[str, float]
+    ) -> tuple[tuple[object, ...] | None, dict[str, float]]:
+        """One look at the inputs: a new snapshot published when they changed (or a held
+        upstream's wait is over); the inputs it was built from, and what is still held."""
+        sidecar, planes = self.sidecar, self.dataplanes
+        assert sidecar is not None and planes is not None
+        inputs = sidecar.dataplane_inputs()
+        now = self._clock()
+        due = any(now - since >= _FIRST_ENDPOINTS_WAIT for since in held.values())
+        if inputs == last and not due:
+            return last, held
+        snapshot = sidecar.dataplane_snapshot(self._snapshot_version + 1)
+        if snapshot is None:
+            return last, held
+        serving = self._published_binds
+        if serving is None and self._adopted:
+            # Adopted data planes serve the previous agent's listeners: a listener left out
+            # of their first snapshot would be closed.
+            serving = set(snapshot.spec.listeners())
+        snapshot, held = hold_unanswered(
+            snapshot, serving or set(), held, now, _FIRST_ENDPOINTS_WAIT
+        )
+        snapshot = await self._claimed(snapshot)
+        self._snapshot_version = snapshot.version
+        planes.publish(snapshot)
+        return inputs, held
 
     async def _claimed(self, snapshot: DataPlaneSnapshot) -> DataPlaneSnapshot:
         """`snapshot` without the listeners whose port another socket holds: a port the

@@ -4,8 +4,11 @@ waits (bounded) for its first endpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 
 from agent.dataplanes import (
     ControlDirError,
+    DataPlanes,
     dataplane_command,
     hold_unanswered,
     private_dir,
@@ -103,3 +107,35 @@ def test_a_new_upstream_waits_for_its_first_answer_for_a_bounded_time() -> None:
     assert held == {}
     answered = _snapshot(("db", 9002, True))
     assert hold_unanswered(answered, set(), {}, now=0.0, wait=10.0) == (answered, {})
+
+
+async def test_a_survivor_beyond_the_new_count_is_stopped_and_the_others_adopted() -> None:
+    """An agent started again with fewer data planes (--workers lowered) adopts the ones it
+    still wants and stops the others (SIGTERM: they drain and exit)."""
+    directory = Path(tempfile.mkdtemp(prefix="dpa-"))  # a unix socket path must stay short
+    private_dir(directory)
+    sock = directory / "dataplane.sock"
+    procs = {
+        i: await asyncio.create_subprocess_exec(
+            *dataplane_command(i, sock), stdin=asyncio.subprocess.DEVNULL
+        )
+        for i in (1, 3)
+    }
+    try:
+        deadline = time.monotonic() + 30  # only catches a hang
+        while not all(status_path(sock, i).exists() for i in procs):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        planes = DataPlanes(2, directory, {})
+        assert await planes.open() == 1
+        assert planes.status()["processes"][0]["adopted"] is True
+        assert planes.status()["processes"][1]["adopted"] is False
+        assert await asyncio.wait_for(procs[3].wait(), 30) == 0  # drained, exited
+        assert procs[1].returncode is None  # adopted: still running
+        await planes.close()
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
