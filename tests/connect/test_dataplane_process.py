@@ -129,3 +129,20 @@ async def test_refused_snapshots_agent_loss_and_leaf_expiry(short_dir: Path) -> 
     finally:
         run.cancel()
         server.close()
+
+
+def test_the_command_line_is_the_agents_or_refused() -> None:
+    from connect.dataplane.process import parse_args
+
+    assert parse_args(["--index", "2", "--control-socket", "/run/x/dp.sock"]) == (
+        2,
+        Path("/run/x/dp.sock"),
+    )
+    for bad, why in (
+        (["--index", "0", "--control-socket", "/s"], "positive integer"),
+        (["--index", "x", "--control-socket", "/s"], "positive integer"),
+        (["--control-socket", "/s", "--index", "1"], "expected --index K"),
+        (["--index", "1"], "expected --index K"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_args(bad)
