@@ -66,6 +66,9 @@ log = logging.getLogger("meshlet.connect.dataplane")
 Endpoints = tuple[Target, ...] | None
 EXIT_LEAF_EXPIRED = 3
 """Exit status when the leaf expired with no agent to bring a new one."""
+EXIT_NEVER_FED = 4
+"""Exit status when no agent came to give a first snapshot."""
+NEVER_FED_WAIT = 60.0
 
 
 def status_path(control_socket: Path, index: int) -> Path:
@@ -98,6 +101,7 @@ class DataPlane:
         self.status_file = status_path(control_socket, index)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        self._born = clock()
         self.snapshot: Snapshot | None = None
         self.tls: DynamicTLS[PushedMaterial] | None = None
         self.proxy: Sidecar[Endpoints] | None = None
@@ -424,10 +428,19 @@ class DataPlane:
             await asyncio.sleep(1.0)
 
     async def _guard_leaf(self) -> None:
-        """Fail closed: no agent and an expired leaf -> stop serving and exit."""
+        """Fail closed: no agent and an expired leaf -> stop serving and exit. And a data
+        plane that never got a snapshot (it serves nothing) gives up on an agent that does
+        not come within NEVER_FED_WAIT seconds, rather than linger for ever."""
         while True:
             await asyncio.sleep(1.0)
             snap = self.snapshot
+            if snap is None and not self.attached and not self.losses:
+                if self._clock() - self._born >= NEVER_FED_WAIT:
+                    log.error("no agent in %gs and nothing to serve: exiting", NEVER_FED_WAIT)
+                    self._exit_code = EXIT_NEVER_FED
+                    self.request_stop(now=True)
+                    return
+                continue
             if snap is None or self.attached:
                 continue
             if snap.material.leaf.not_after <= self._clock():

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from connect.dataplane.process import EXIT_LEAF_EXPIRED, DataPlane, status_path
+from connect.dataplane.process import (
+    EXIT_LEAF_EXPIRED,
+    EXIT_NEVER_FED,
+    NEVER_FED_WAIT,
+    DataPlane,
+    status_path,
+)
 from connect.dataplane.snapshot import (
     IntentionsSource,
     PushedLeaf,
@@ -146,3 +152,16 @@ def test_the_command_line_is_the_agents_or_refused() -> None:
     ):
         with pytest.raises(ValueError, match=why):
             parse_args(bad)
+
+
+async def test_a_data_plane_no_agent_ever_feeds_gives_up(short_dir: Path) -> None:
+    now = [1_000.0]
+    dp = DataPlane(1, short_dir / "nobody.sock", clock=lambda: now[0])
+    run = asyncio.create_task(dp.run())
+    try:
+        await asyncio.sleep(0)
+        now[0] += NEVER_FED_WAIT
+        assert await asyncio.wait_for(run, 30) == EXIT_NEVER_FED
+        assert not status_path(short_dir / "nobody.sock", 1).exists()  # nothing to adopt
+    finally:
+        run.cancel()
