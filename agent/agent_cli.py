@@ -26,7 +26,7 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="print every configuration key as Markdown (docs/configuration.md) and exit",
     )
-    p.set_defaults(run=_run_agent, sidecar=False, workers=None, worker_index=None)
+    p.set_defaults(run=_run_agent, sidecar=False, workers=None)
 
     s = sub.add_parser(
         "sidecar",
@@ -85,10 +85,6 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=60.0,
         help="how long to wait for Nomad's registration of the proxy (default %(default)s)",
     )
-    # A worker process of --workers N, started by the first process (agent/supervisor.py).
-    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(run=_run_agent, sidecar=True, print_config_reference=False)
     p.set_defaults(nomad=False)
 
@@ -100,8 +96,6 @@ def _run_agent(args: argparse.Namespace) -> int:
         sys.stdout.write(reference_markdown())
         return 0
     command = "meshlet sidecar" if args.sidecar else "meshlet agent"
-    if args.worker_index is not None:
-        return _run_worker(args)
     if args.nomad:
         return _run_nomad(args)
     stray = [flag for flag, value in _nomad_flags(args) if value]
@@ -134,16 +128,6 @@ def _run_agent(args: argparse.Namespace) -> int:
     from agent.runtime import run_agent
 
     return _run(run_agent(args.config, env, config, sidecar=args.sidecar, workers=args.workers))
-
-
-def _run_worker(args: argparse.Namespace) -> int:
-    if args.control_fd is None or args.parent_pid is None:
-        print("meshlet sidecar: --worker-index is for the supervisor only", file=sys.stderr)
-        return 2
-    from agent.cli import _run
-    from agent.worker import run_worker
-
-    return _run(run_worker(args.worker_index, args.control_fd, args.parent_pid, dict(os.environ)))
 
 
 def _nomad_flags(args: argparse.Namespace) -> list[tuple[str, object]]:

@@ -15,9 +15,11 @@ or destination changed; the others and their connections are untouched), in the 
 Settings that need new sockets (consul, admin, the inbound listener) or a new identity
 (certs, service) are reported as needing a restart.
 
-With `meshlet sidecar --workers N` (N > 1) the proxy's listeners bind with SO_REUSEPORT and,
-once they are up, a `Supervisor` keeps N-1 worker processes (agent/worker.py) serving the same
-ports; they drain, reload and stop with this process and show in /v1/status under `workers`.
+With `meshlet sidecar --workers N` (N > 1) this process runs no listener: `DataPlanes`
+(agent/dataplanes.py) keeps N data-plane processes serving the same ports with SO_REUSEPORT,
+fed by `_feed` with a whole snapshot whenever its inputs change; they drain and stop with
+this process, survive its crash (adopted when it starts again) and show in /v1/status under
+`workers`.
 
 SIGTERM (or SIGINT) drains: STOPPING=1, deregister first, keep serving for
 `shutdown.drain_period` while Consul's watchers of this service drop it, then stop. A second
@@ -43,11 +45,12 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
+from agent.dataplanes import DataPlanes, control_dir, hold_unanswered
 from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
 from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
-from agent.supervisor import Supervisor, sum_counters
+from agent.supervisor import WorkerState, sum_counters
 from agent.systemd import Notifier
 from agent.watch import (
     HOLDING,
@@ -57,11 +60,17 @@ from agent.watch import (
     WatchSettings,
     watch_key,
 )
+from connect.dataplane.snapshot import Snapshot as DataPlaneSnapshot
+from connect.sidecar import claim_port
 
 log = logging.getLogger("meshlet.agent")
 
 # How often STATUS= is refreshed for `systemctl status` when no watchdog asks for more.
 _STATUS_EVERY = 5.0
+# How often the data planes' feed looks for a change to push.
+_FEED_EVERY = 0.1
+# Seconds a new upstream's port waits for its first endpoints before the data planes open it.
+_FIRST_ENDPOINTS_WAIT = 10.0
 
 
 @dataclasses.dataclass
@@ -101,7 +110,7 @@ class AgentRuntime:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._notifier = notifier if notifier is not None else Notifier(None)
-        shared = sidecar and config.sidecar.workers > 1
+        lean = sidecar and config.sidecar.workers > 1
         self.sidecar: Sidecar | None = (
             Sidecar(
                 config,
@@ -109,18 +118,27 @@ class AgentRuntime:
                 self._watch_settings,
                 rng=self._rng,
                 clock=clock,
-                reuse_port=shared,
-                claim_ports=shared,
+                listen=not lean,
                 proxy_id=external.proxy_id if external is not None else "",
             )
             if sidecar
             else None
         )
-        """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches)."""
-        self.supervisor: Supervisor | None = (
-            Supervisor(config.sidecar.workers, self.config.get, self._env) if shared else None
+        """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches).
+        With --workers N > 1 it only holds what feeds the data planes."""
+        self.dataplanes: DataPlanes | None = (
+            DataPlanes(config.sidecar.workers, control_dir(config, self._env), self._env)
+            if lean
+            else None
         )
-        """The other processes of `meshlet sidecar --workers N` (N > 1)."""
+        """The N data-plane processes of `meshlet sidecar --workers N` (N > 1): they run the
+        listeners, this process feeds them snapshots (agent/dataplanes.py)."""
+        if self.sidecar is not None and self.dataplanes is not None:
+            self.sidecar.listener_problems = self._dataplane_problems
+        self._snapshot_version = 0
+        self._published_binds: set[str] | None = None
+        self._refused_binds: dict[str, str] = {}
+        self._adopted = 0
         if not sidecar and config.sidecar.workers > 1:
             log.warning("sidecar.workers is ignored by meshlet agent (it runs no proxy)")
         self._readiness: SidecarReadiness | None = readiness or self.sidecar
@@ -171,10 +189,19 @@ class AgentRuntime:
         except OSError as exc:
             log.error("cannot listen on admin.address %s: %s", cfg.admin.address, exc.strerror)
             return bind_exit_code(exc.errno)
-        if self.sidecar is not None:
+        adopted = 0
+        if self.dataplanes is not None:
+            try:
+                adopted = self._adopted = await self.dataplanes.open()
+            except OSError as exc:
+                log.error("cannot open the data planes' control socket: %s", exc)
+                await self.admin.close()
+                return 1
+        if self.sidecar is not None and not adopted:
             # Before registering anything: a port held by someone else is a one-line error and
             # an exit that a supervisor can tell from a crash (docs/operations.md), not a
-            # traceback once the leaf and intentions are in.
+            # traceback once the leaf and intentions are in. (Data planes a killed agent left
+            # serving hold them: adopted, they are ours.)
             refused = await bind_refused(sidecar_binds(cfg))
             if refused is not None:
                 log.error("%s", refused)
@@ -231,14 +258,15 @@ class AgentRuntime:
                         self._start_watch(tg, up)
                     if self.sidecar is not None:
                         tasks.append(tg.create_task(self._run_sidecar(consul), name="sidecar"))
-                    if self.supervisor is not None:
-                        tasks.append(tg.create_task(self._supervise(), name="workers"))
+                    if self.dataplanes is not None:
+                        tasks.append(tg.create_task(self._run_dataplanes(), name="data planes"))
+                        tasks.append(tg.create_task(self._feed(), name="snapshot feed"))
                     await self._stop.wait()
-                    if self.supervisor is not None:
-                        self.supervisor.begin_stop()  # the workers drain alongside
+                    if self.dataplanes is not None:
+                        self.dataplanes.begin_stop()  # the data planes drain alongside
                     await self._drain(registrar)
                     await asyncio.gather(
-                        *([self.supervisor.stop()] if self.supervisor is not None else []),
+                        *([self.dataplanes.stop()] if self.dataplanes is not None else []),
                         *([self.sidecar.close(grace=1.0)] if self.sidecar is not None else []),
                     )
                     for task in tasks:
@@ -248,6 +276,8 @@ class AgentRuntime:
         finally:
             if metrics is not None:
                 await metrics.close()
+            if self.dataplanes is not None:
+                await self.dataplanes.close()
             await self.admin.close()
         log.info("meshlet agent stopped")
         return self._exit_code
@@ -270,12 +300,103 @@ class AgentRuntime:
             self.request_stop()
             self._force.set()
 
-    async def _supervise(self) -> None:
-        assert self.sidecar is not None and self.supervisor is not None
-        # Only once the parent holds its ports (checked free of strangers) do others share them.
+    async def _run_dataplanes(self) -> None:
+        assert self.sidecar is not None and self.dataplanes is not None
         await self.sidecar.started.wait()
-        log.info("starting %d worker processes", len(self.supervisor.workers))
-        await self.supervisor.run()
+        log.info("starting %d data-plane processes", len(self.dataplanes.planes))
+        await self.dataplanes.run()
+
+    async def _feed(self) -> None:
+        """Push a whole snapshot to the data planes whenever what it is built from changes
+        (polled: comparing versions costs next to nothing; a change reaches them within
+        _FEED_EVERY seconds)."""
+        sidecar, planes = self.sidecar, self.dataplanes
+        assert sidecar is not None and planes is not None
+        await sidecar.started.wait()
+        last: tuple[object, ...] | None = None
+        held: dict[str, float] = {}
+        while True:
+            try:
+                last, held = await self._push(last, held)
+            except Exception:
+                # A bug building a snapshot must not stop registration and the watches: the
+                # data planes keep the last one, and the next change tries again.
+                log.exception("snapshot for the data planes not built")
+                with contextlib.suppress(Exception):
+                    last = sidecar.dataplane_inputs()  # tried again at the next change
+            await asyncio.sleep(_FEED_EVERY)
+
+    async def _push(
+        self, last: tuple[object, ...] | None, held: dict[str, float]
+    ) -> tuple[tuple[object, ...] | None, dict[str, float]]:
+        """One look at the inputs: a new snapshot published when they changed (or a held
+        upstream's wait is over); the inputs it was built from, and what is still held."""
+        sidecar, planes = self.sidecar, self.dataplanes
+        assert sidecar is not None and planes is not None
+        inputs = sidecar.dataplane_inputs()
+        now = self._clock()
+        due = any(now - since >= _FIRST_ENDPOINTS_WAIT for since in held.values())
+        if inputs == last and not due:
+            return last, held
+        snapshot = sidecar.dataplane_snapshot(self._snapshot_version + 1)
+        if snapshot is None:
+            return last, held
+        serving = self._published_binds
+        if serving is None and self._adopted:
+            # Adopted data planes serve the previous agent's listeners: a listener left out
+            # of their first snapshot would be closed.
+            serving = set(snapshot.spec.listeners())
+        snapshot, held = hold_unanswered(
+            snapshot, serving or set(), held, now, _FIRST_ENDPOINTS_WAIT
+        )
+        snapshot = await self._claimed(snapshot)
+        self._snapshot_version = snapshot.version
+        planes.publish(snapshot)
+        return inputs, held
+
+    async def _claimed(self, snapshot: DataPlaneSnapshot) -> DataPlaneSnapshot:
+        """`snapshot` without the listeners whose port another socket holds: a port the
+        data planes did not hold before is probed here first, as the in-process proxy does
+        (SO_REUSEPORT would otherwise share it with whoever holds it)."""
+        binds = set(snapshot.spec.listeners())
+        if self._published_binds is None:
+            self._published_binds = binds  # checked at start (or held by adopted planes)
+            return snapshot
+        for bind in binds - self._published_binds:
+            listener = snapshot.spec.listeners()[bind]
+            try:
+                await claim_port(listener.host, listener.port)
+                self._refused_binds.pop(bind, None)
+            except OSError as exc:
+                log.error("%s not started: %s", listener.label, exc)
+                self._refused_binds[bind] = f"listener {listener.label}: not started: {exc}"
+                self._last_reload_error = f"listener not started: {exc}"
+        for bind in list(self._refused_binds):
+            if bind not in binds:
+                del self._refused_binds[bind]
+        self._published_binds = binds - self._refused_binds.keys()
+        if not self._refused_binds:
+            return snapshot
+        spec = dataclasses.replace(
+            snapshot.spec,
+            upstreams=tuple(
+                u for u in snapshot.spec.upstreams if u.bind not in self._refused_binds
+            ),
+        )
+        return dataclasses.replace(snapshot, spec=spec)
+
+    def _dataplane_problems(self) -> list[str]:
+        planes = self.dataplanes
+        if planes is None:
+            return []
+        reasons = list(self._refused_binds.values())
+        if not planes.serving():
+            why = "; ".join(planes.problems()) or "none started yet"
+            reasons.append(f"no data plane serving: {why}")
+        return reasons
+
+    def _processes(self) -> list[WorkerState]:
+        return self.dataplanes.workers if self.dataplanes is not None else []
 
     def _upstream_latest(self, key: WatchKey) -> Latest[Snapshot | None] | None:
         watch = self._watches.get(key)
@@ -387,9 +508,8 @@ class AgentRuntime:
             self._notifier.ready(self._summary())
 
     async def _apply_listeners(self) -> None:
-        """After a reload: the sidecar's listeners follow the new configuration, here first
-        (so a port this process claims is claimed before any worker binds it), then in every
-        worker."""
+        """After a reload: the sidecar's listeners follow the new configuration (with data
+        planes, the feed pushes the snapshot built from it, probing new ports first)."""
         new = self.config.get()
         if self.sidecar is not None:
             try:
@@ -397,8 +517,6 @@ class AgentRuntime:
             except OSError as exc:
                 self._last_reload_error = f"listener not started: {exc}"
                 log.error("reload: a listener could not be started: %s", exc)
-        if self.supervisor is not None:
-            self.supervisor.reconfigure(new)
 
     def _apply_reload(self, tg: asyncio.TaskGroup) -> bool:
         """Read the file again and apply what changes in place; False when nothing was."""
@@ -492,11 +610,11 @@ class AgentRuntime:
         if self.sidecar is not None:
             reasons.extend(self.sidecar.degradations())
         if (
-            self.supervisor is not None
+            self.dataplanes is not None
             and self.sidecar is not None
             and self.sidecar.started.is_set()
         ):
-            reasons.extend(self.supervisor.problems())
+            reasons.extend(self.dataplanes.problems())
         return tuple(reasons)
 
     def _summary(self) -> str:
@@ -634,8 +752,7 @@ class AgentRuntime:
             material = side.rotator.current if side.rotator is not None else None
             snapshot["roots_generation"] = material.generation if material is not None else 0
             own = side.counters()
-            workers = self.supervisor.workers if self.supervisor is not None else []
-            counters = sum_counters([own, *(w.stats for w in workers)])
+            counters = sum_counters([own, *(w.stats for w in self._processes())])
             snapshot["counters"] = counters
             snapshot["mesh"] = counters.get("mesh", {})
         return snapshot
@@ -646,15 +763,12 @@ class AgentRuntime:
         if self.sidecar is None:
             return None
         own = self.sidecar.counters()
-        if self.supervisor is None:
-            total = own
-        else:
-            total = sum_counters([own, *(w.stats for w in self.supervisor.workers)])
+        total = sum_counters([own, *(w.stats for w in self._processes())])
         # /metrics shows the rest (they are big).
         total = {k: v for k, v in total.items() if k not in METRICS_ONLY}
-        if self.supervisor is None:
+        if self.dataplanes is None:
             return {"count": 1, "processes": [], "stats_total": total}
-        status = dict(self.supervisor.status())
+        status = dict(self.dataplanes.status())
         status["stats_total"] = total
         return status
 

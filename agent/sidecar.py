@@ -26,8 +26,8 @@ Fail closed: no listener is opened before a leaf is held and the first intention
 compiled (until then the snapshot denies everything); the readiness the registrar reports to
 Consul passes only while every listener is serving and the leaf is unexpired.
 
-With `sidecar.workers` > 1 the listeners bind with SO_REUSEPORT, the first process after checking
-that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
+With `sidecar.workers` > 1 this process runs no listener (`listen=False`): the data-plane
+processes do, fed with `dataplane_snapshot()` (agent/dataplanes.py, connect/dataplane/).
 
 Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
 (port, address, protocol, path normalization, workers) needs a restart, and says so.
@@ -67,11 +67,20 @@ from agent.mutual_tls import ResolvedMode, entry_mode, resolve
 from agent.readiness import Readiness
 from agent.registration import sidecar_id
 from agent.routing import ChainWatch
+from agent.watch import watch_key
 from agent.watches import AnswerRejected, BlockingWatch, WatchSettings, unindexed
 from connect.access_log import AccessLog, AccessLogSettings, effective_settings
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
+from connect.dataplane.snapshot import (
+    IntentionsSource,
+    PushedLeaf,
+    PushedMaterial,
+    PushedRoots,
+    UpstreamEndpoints,
+)
+from connect.dataplane.snapshot import Snapshot as DataPlaneSnapshot
 from connect.heap_trim import HeapTrimmer
 from connect.http1 import HTTPLimits
 from connect.latest import Latest
@@ -247,6 +256,7 @@ class Sidecar:
         reuse_port: bool = False,
         claim_ports: bool = False,
         proxy_id: str = "",
+        listen: bool = True,
     ) -> None:
         """`proxy_id`: the sidecar's registration whose Proxy.Config.tracing applies (default:
         the one meshlet registers, `<service id>-sidecar-proxy`; Nomad names its own).
@@ -258,6 +268,18 @@ class Sidecar:
         self._proxy_id = proxy_id
         self._reuse_port = reuse_port
         self._claim_ports = claim_ports
+        self.listen = listen
+        """False: the listeners run in data-plane processes (agent/dataplanes.py) fed with
+        `dataplane_snapshot()`; this process only holds what feeds them."""
+        self.listener_problems: Callable[[], list[str]] = lambda: []
+        """With `listen` False: why the data planes do not serve (agent/runtime.py)."""
+        self.intentions_source: tuple[tuple[bool, str], tuple[Mapping[str, Any], ...], int] = (
+            (False, _NOT_LOADED),
+            (),
+            0,
+        )
+        """(default decision, the entries that concern this service, index): what a data
+        plane compiles its intentions from."""
         self._env = dict(env)
         self._settings = settings
         self._rng = rng if rng is not None else random.Random()
@@ -313,7 +335,7 @@ class Sidecar:
             clock=clock,
         )
         self.rotator: LeafRotator | None = None
-        self.tls: DynamicTLS | None = None
+        self.tls: DynamicTLS[Material] | None = None
         self.leaf_error = ""
         self._consul: ConsulClient | None = None
         self._default: tuple[bool, str] | None = None
@@ -398,7 +420,9 @@ class Sidecar:
         if not self.intentions_loaded:
             err = f": {self.intentions_error}" if self.intentions_error else ""
             reasons.append(f"{_NOT_LOADED}{err}")
-        for name, serving in self._listeners():
+        if not self.listen:
+            reasons += self.listener_problems()
+        for name, serving in self._listeners() if self.listen else ():
             if serving is None:
                 reasons.append(f"listener {name}: not started")
             elif not serving:
@@ -431,6 +455,19 @@ class Sidecar:
         material = self.rotator.current if self.rotator is not None else None
         st = self.intentions_watch.state
         upstreams: dict[str, Any] = {}
+        if not self.listen:
+            # The data planes balance over what this process pushed them: the same counts.
+            for up in self.config.sidecar.upstreams:
+                latest = self._latest_for(watch_key(up))
+                snapshot = latest.get() if latest is not None else None
+                upstreams[up.name] = {
+                    "index": snapshot.index if snapshot is not None else None,
+                    "endpoints": len(snapshot.endpoints) if snapshot is not None else 0,
+                    "protocol": up.protocol
+                    or (self.chains.protocol(up.name) if self.chains else "")
+                    or "tcp",
+                    "bind": up.bind,
+                }
         if self.proxy is not None:
             for running in self.proxy.running.values():
                 if isinstance(running.spec, UpstreamSpec) and running.endpoints is not None:
@@ -576,6 +613,13 @@ class Sidecar:
             for up in self.config.sidecar.upstreams:
                 chains.upstream(up.name)
             tg.create_task(chains.run(), name="discovery chains")
+            if not self.listen:
+                if any(not up.protocol for up in self.config.sidecar.upstreams):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(chains.compiled.wait(), _FIRST_ENDPOINTS_WAIT)
+                _settle_garbage_collector()
+                self.started.set()
+                return
 
             def routing_of(spec: UpstreamSpec) -> Latest[RoutingSnapshot | None] | None:
                 # An upstream whose section picks its own instances keeps doing so.
@@ -614,6 +658,81 @@ class Sidecar:
             _settle_garbage_collector()
             self.started.set()
 
+    def dataplane_inputs(self) -> tuple[object, ...]:
+        """Changes whenever `dataplane_snapshot()` would: cheap to poll (versions and
+        identities, nothing encoded)."""
+        chains = self.chains
+        return (
+            self.rotator.current if self.rotator is not None else None,
+            self.config,
+            self.intentions_source,
+            self.access_log.settings,
+            self.mutual_tls.mode,
+            self.tracing,
+            tuple(
+                (up.name, latest.version if latest is not None else -1)
+                for up in self.config.sidecar.upstreams
+                for latest in [self._latest_for(watch_key(up))]
+            ),
+            tuple((name, up.latest.version) for name, up in chains.upstreams.items())
+            if chains is not None
+            else (),
+        )
+
+    def dataplane_snapshot(self, version: int) -> DataPlaneSnapshot | None:
+        """Everything a data-plane process serves with, whole; None until a leaf is held and
+        the first intentions answer compiled (a data plane never serves before that)."""
+        material = self.rotator.current if self.rotator is not None else None
+        if material is None or not self.intentions_loaded or not self.started.is_set():
+            return None
+        protocol = self.chains.protocol if self.chains is not None else (lambda name: "")
+        spec = dataclasses.replace(
+            sidecar_spec(self.config, material.leaf.service_uri, protocol, self.mutual_tls.mode),
+            tracing=self.tracing,
+        )
+        endpoints = []
+        for up in spec.upstreams:
+            latest = self._latest_for(upstream_key(up))
+            snap = latest.get() if latest is not None else None
+            endpoints.append(
+                UpstreamEndpoints(
+                    up.name,
+                    up.datacenter,
+                    up.peer,
+                    up.filter,
+                    tuple(targets_of(snap)) if snap is not None else None,
+                    snap.index if snap is not None else 0,
+                )
+            )
+        routing = {}
+        if self.chains is not None:
+            for up in spec.upstreams:
+                if up.filter or up.datacenter or up.peer:
+                    continue
+                chain = self.chains.upstream(up.name).get()
+                if chain is not None:
+                    routing[up.name] = chain
+        default, entries, index = self.intentions_source
+        return DataPlaneSnapshot(
+            version=version,
+            service=self.config.service.name,
+            spec=spec,
+            material=PushedMaterial(
+                PushedLeaf(
+                    material.leaf.cert_pem,
+                    material.leaf.key_pem,
+                    material.leaf.service_uri,
+                    material.leaf.validity.not_after,
+                ),
+                PushedRoots(material.bundle.pem, material.bundle.trust_domain),
+            ),
+            intentions=IntentionsSource(default[0], default[1], entries, index),
+            endpoints=tuple(endpoints),
+            routing=routing,
+            access_log=self.access_log.settings,
+            log_level=self.config.log_level,
+        )
+
     async def _recheck_on_intentions(self, proxy: DataPlane[EndpointSnapshot | None]) -> None:
         """Each new intentions snapshot: open L4 connections now denied are closed (an HTTP
         request is decided on the snapshot current when it arrives)."""
@@ -628,12 +747,12 @@ class Sidecar:
         a listener that cannot bind (the others are applied)."""
         self.config = config
         self._apply_access_logs()
-        if self.proxy is None or self.tls is None or self._closed:
-            return None
-        protocol = self.chains.protocol if self.chains is not None else (lambda name: "")
         if self.chains is not None:
             for up in config.sidecar.upstreams:
                 self.chains.upstream(up.name)
+        if self.proxy is None or self.tls is None or self._closed:
+            return None
+        protocol = self.chains.protocol if self.chains is not None else (lambda name: "")
         spec = sidecar_spec(
             config, self.tls.material.leaf.service_uri, protocol, self.mutual_tls.mode
         )
@@ -702,7 +821,7 @@ class Sidecar:
         datacenter = await self._datacenter.first()
         return VaultLeafSource(vconf, cfg.service.name, datacenter)
 
-    async def _follow_leaf(self, tls: DynamicTLS) -> None:
+    async def _follow_leaf(self, tls: DynamicTLS[Material]) -> None:
         assert self.rotator is not None
         while True:
             material: Material = await self.rotator.changed(tls.material.generation)
@@ -874,7 +993,9 @@ class Sidecar:
         # Never rejects: an entry that cannot be compiled denies its destination (below), so
         # the watch never falls back to a previous snapshot for authorization.
         default, bodies = answer
-        return self._compile_intentions(self._relevant(bodies), index, default)
+        relevant = self._relevant(bodies)
+        self.intentions_source = (default, relevant, index)
+        return self._compile_intentions(relevant, index, default)
 
     def _relevant(self, bodies: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
         """The entries that can decide for the local service: its own and the wildcard one

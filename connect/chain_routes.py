@@ -42,6 +42,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from connect.balancer import BalancerConfig, ConfigError, HashPolicy, Policy, Target
 from connect.cluster import DEFAULT_EJECTION, EjectionPolicy, Limits
@@ -60,10 +61,13 @@ from connect.routes import (
     RouteTable,
     WeightedCluster,
 )
-from traffic.chain import CompiledDiscoveryChain, DiscoveryGraphNode
-from traffic.defaults import PassiveHealthCheck, UpstreamConfig, UpstreamLimits
-from traffic.durations import parse_duration
-from traffic.entries import HeaderModifiers, HTTPMatch, LoadBalancer, RouteDestination
+
+if TYPE_CHECKING:
+    # The compiler's inputs: a data-plane process only receives its outputs (the types
+    # below) and never loads the traffic package (~2.5 MB of its RSS).
+    from traffic.chain import CompiledDiscoveryChain, DiscoveryGraphNode
+    from traffic.defaults import PassiveHealthCheck, UpstreamConfig, UpstreamLimits
+    from traffic.entries import HeaderModifiers, HTTPMatch, LoadBalancer, RouteDestination
 
 __all__ = [
     "RETRY_ON",
@@ -167,6 +171,8 @@ def merge_upstream_config(
     them, else `Defaults`' (Consul merges UpstreamConfig field by field)."""
     if defaults is None or override is None:
         return override if override is not None else defaults
+    from traffic.defaults import UpstreamConfig
+
     return UpstreamConfig(
         name=override.name,
         peer=override.peer,
@@ -184,6 +190,8 @@ def merge_upstream_config(
 def _merge_limits(a: UpstreamLimits | None, b: UpstreamLimits | None) -> UpstreamLimits | None:
     if a is None or b is None:
         return b if b is not None else a
+    from traffic.defaults import UpstreamLimits
+
     return UpstreamLimits(
         max_connections=b.max_connections if b.max_connections is not None else a.max_connections,
         max_pending_requests=(
@@ -505,6 +513,8 @@ def _seconds(meta: Mapping[str, str], n: int, feature: str, where: str) -> float
     text = meta.get(_key(n, feature))
     if text is None:
         return None
+    from traffic.durations import parse_duration
+
     try:
         ns = parse_duration(text)
     except ValueError as exc:

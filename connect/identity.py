@@ -17,11 +17,15 @@ import datetime
 import enum
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from connect.peer_der import leaf_facts
+
+if TYPE_CHECKING:
+    # Loaded by the functions that take an x509 object (the agent's leaf checks), never by
+    # the peer decision: the data-plane process runs without cryptography.
+    from cryptography import x509
 
 SCHEME = "spiffe://"
 DEFAULT_NAMESPACE = "default"
@@ -162,6 +166,8 @@ class PeerRefused(Exception):
 
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509
+
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
@@ -170,6 +176,8 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 
 def is_ca(cert: x509.Certificate) -> bool:
+    from cryptography import x509
+
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
@@ -178,6 +186,9 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def is_self_signed(cert: x509.Certificate) -> bool:
     """Issuer equals subject and the certificate's own key verifies its signature."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
     if cert.issuer != cert.subject:
         return False
     key = cert.public_key()
@@ -201,13 +212,24 @@ def peer_identity(der: bytes, *, trust_domain: str, now: datetime.datetime) -> I
 
     Chain verification is the TLS library's job (it has the roots); this repeats the time checks
     because a caller may hold a certificate past the handshake, and adds what TLS does not know:
-    a mesh leaf is not a CA, is not self-signed, and names exactly one SPIFFE ID in our domain.
+    a mesh leaf is not a CA, is not self-issued, and names exactly one SPIFFE ID in our domain.
+    Read with connect.peer_der, not an X.509 library: the data-plane process decides here too.
+    A self-issued certificate (issuer equals subject) is refused without checking its
+    signature: after OpenSSL's chain verification only a root presented as a leaf is one.
     """
     try:
-        cert = x509.load_der_x509_certificate(der)
+        facts = leaf_facts(der)
     except ValueError:
         raise PeerRefused(Refusal.UNPARSABLE) from None
-    return certificate_identity(cert, trust_domain=trust_domain, now=now)
+    if now >= facts.not_after:
+        raise PeerRefused(Refusal.EXPIRED, f"not after {facts.not_after.isoformat()}")
+    if now < facts.not_before:
+        raise PeerRefused(Refusal.NOT_YET_VALID, f"not before {facts.not_before.isoformat()}")
+    if facts.is_ca:
+        raise PeerRefused(Refusal.CA)
+    if facts.self_issued:
+        raise PeerRefused(Refusal.SELF_SIGNED)
+    return _spiffe_identity(list(facts.uris), trust_domain)
 
 
 def certificate_identity(
@@ -223,7 +245,10 @@ def certificate_identity(
         raise PeerRefused(Refusal.CA)
     if is_self_signed(cert):
         raise PeerRefused(Refusal.SELF_SIGNED)
-    uris = uri_sans(cert)
+    return _spiffe_identity(uri_sans(cert), trust_domain)
+
+
+def _spiffe_identity(uris: list[str], trust_domain: str) -> Identity:
     if not uris:
         raise PeerRefused(Refusal.NO_SPIFFE_SAN)
     if len(uris) > 1:

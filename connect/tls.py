@@ -18,19 +18,71 @@ import datetime
 import logging
 import os
 import ssl
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
-from connect.leaf import Material
 from connect.resumption import ResumingClientContext
 
 log = logging.getLogger("meshlet.connect.tls")
 
 
+class _LeafPEM(Protocol):
+    @property
+    def cert_pem(self) -> str: ...
+
+    @property
+    def key_pem(self) -> str: ...
+
+
+class _RootsPEM(Protocol):
+    @property
+    def pem(self) -> str: ...
+
+    @property
+    def trust_domain(self) -> str: ...
+
+
+class Material(Protocol):
+    """What one generation of contexts is built from: connect.leaf.Material in the agent, the
+    pushed leaf in a data-plane process (which never loads the X.509 library that parses
+    the former)."""
+
+    @property
+    def leaf(self) -> _LeafPEM: ...
+
+    @property
+    def bundle(self) -> _RootsPEM: ...
+
+    @property
+    def generation(self) -> int: ...
+
+
+M = TypeVar("M", bound=Material)
+
+
 def _load_leaf(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    # ssl only loads keys from files: use a private directory, 0600 files, gone at once.
+    # ssl only loads keys from paths. On Linux: anonymous memory files (memfd) named by
+    # their /proc/self/fd path, so the key never touches a filesystem; elsewhere (or without
+    # /proc) a private directory with 0600 files, gone at once.
+    if hasattr(os, "memfd_create"):
+        fds: list[int] = []
+        try:
+            for text in (cert_pem, key_pem):
+                fds.append(os.memfd_create("meshlet-leaf", os.MFD_CLOEXEC))
+                data = memoryview(text.encode())
+                while data:
+                    data = data[os.write(fds[-1], data) :]
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+            return
+        except FileNotFoundError:
+            pass  # no /proc mounted: the files below
+        finally:
+            for fd in fds:
+                os.close(fd)
+    import tempfile  # (and the shutil it loads): only where memfd cannot serve
+
     with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as tmp:
         cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
         for path, text in ((cert_path, cert_pem), (key_path, key_pem)):
@@ -79,22 +131,22 @@ def client_context(material: Material) -> ssl.SSLContext:
 
 
 @dataclass(frozen=True)
-class Contexts:
-    material: Material
+class Contexts(Generic[M]):
+    material: M
     server: ssl.SSLContext
     client: ssl.SSLContext
 
 
-class DynamicTLS:
-    def __init__(self, material: Material) -> None:
+class DynamicTLS(Generic[M]):
+    def __init__(self, material: M) -> None:
         self._current = self._build(material)
         self._listener: ssl.SSLContext | None = None
 
     @staticmethod
-    def _build(material: Material) -> Contexts:
+    def _build(material: M) -> Contexts[M]:
         return Contexts(material, server_context(material), client_context(material))
 
-    def update(self, material: Material) -> None:
+    def update(self, material: M) -> None:
         """Build the new generation's contexts first, then swap: a bad leaf leaves the old
         contexts in place (the exception reaches the caller)."""
         if material.generation <= self._current.material.generation:
@@ -102,7 +154,7 @@ class DynamicTLS:
         self._current = self._build(material)
 
     @property
-    def material(self) -> Material:
+    def material(self) -> M:
         return self._current.material
 
     @property
@@ -169,7 +221,7 @@ class HandshakeRefused(Exception):
 
 
 async def accept_tls(
-    writer: asyncio.StreamWriter, tls: DynamicTLS, *, timeout: float = 10.0
+    writer: asyncio.StreamWriter, tls: DynamicTLS[M], *, timeout: float = 10.0
 ) -> Identity:
     """Upgrade an accepted TCP connection with the current server context and return the
     peer's identity. Refusals are logged with their reason and raised (the caller closes)."""

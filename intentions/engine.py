@@ -21,14 +21,12 @@ intentions are not silently stale.
 
 from __future__ import annotations
 
+import functools
 import gc
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
-
-import re2
-from re2 import _re2
 
 from intentions.entries import (
     DEFAULT,
@@ -238,15 +236,25 @@ def _compile_header(h: HeaderMatch) -> _Check:
 # such as `(\w+\s?)*` against a 64-character header would hold the event loop for ever.
 # The pybind layer (`re2._re2`) is called directly: the `re2.compile` wrapper builds a match
 # object per call, ten times the cost of the match itself on a decision's hot path.
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # the error is raised, with the pattern; no stray stderr line
-_FULL = _re2.RE2.Anchor.ANCHOR_BOTH
 _NO_MATCH = (-1, -1)
+
+
+@functools.cache
+def _re2() -> tuple[Any, Any, Any]:
+    """(re2._re2, the options, the full-match anchor), loaded at the first regex: RE2 and
+    its C++ runtime are about 5 MB of a data-plane process, and most snapshots have none."""
+    import re2
+    from re2 import _re2
+
+    options = re2.Options()
+    options.log_errors = False  # the error is raised, with the pattern; no stray stderr line
+    return _re2, options, _re2.RE2.Anchor.ANCHOR_BOTH
 
 
 @dataclass(frozen=True, slots=True)
 class _Regex:
     program: Any  # re2._re2.RE2 (untyped)
+    anchor: Any
 
     def fullmatch(self, text: str) -> bool:
         try:
@@ -255,20 +263,21 @@ class _Regex:
             # A lone surrogate (argv's surrogateescape, JSON's "\udcff") has no UTF-8 form;
             # read it as U+FFFD, as Go and Envoy read invalid text.
             data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
-        spans = self.program.Match(_FULL, data, 0, len(data))
+        spans = self.program.Match(self.anchor, data, 0, len(data))
         return bool(spans[0] != _NO_MATCH)
 
 
 def _compile_regex(pattern: str) -> _Regex:
+    api, options, anchor = _re2()
     try:
-        program = _re2.RE2(pattern.encode("utf-8"), _RE2_OPTIONS)
+        program = api.RE2(pattern.encode("utf-8"), options)
     except UnicodeEncodeError:
         raise UnsupportedEntry(f"invalid regular expression {pattern!r}: not UTF-8") from None
     if not program.ok():
         why = program.error()
         text = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
         raise UnsupportedEntry(f"invalid regular expression {pattern!r}: {text}")
-    return _Regex(program)
+    return _Regex(program, anchor)
 
 
 def _compile_permission(perm: Permission, where: str) -> tuple[_Check, bool]:

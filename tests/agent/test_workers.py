@@ -1,11 +1,11 @@
 """`meshlet sidecar --workers N`: the configuration rules, the restart decisions (pure), the
-control channel's messages, the port claim, and the supervisor over real (tiny) processes."""
+control channel's messages, the port claim, and the agent's `DataPlanes` over real (tiny)
+stand-in data-plane processes on its real control socket."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import signal
@@ -20,16 +20,20 @@ import pytest
 
 from agent.cli import main
 from agent.config import ConfigError, parse, to_raw, with_workers
+from agent.dataplanes import PARENT_ONLY_ENV, DataPlanes
 from agent.runtime import AgentRuntime
-from agent.supervisor import (
-    RestartPolicy,
-    Supervisor,
-    WorkerState,
-    describe_exit,
-    sum_counters,
+from agent.supervisor import RestartPolicy, WorkerState, describe_exit, sum_counters
+from connect.dataplane.process import DataPlane
+from connect.dataplane.snapshot import (
+    IntentionsSource,
+    PushedLeaf,
+    PushedMaterial,
+    PushedRoots,
+    Snapshot,
+    decode_message,
+    encode_message,
 )
-from agent.worker import PARENT_ONLY_ENV, decode, encode
-from connect.sidecar import claim_port
+from connect.sidecar import SidecarSpec, claim_port
 
 
 def _raw(**sidecar: Any) -> dict[str, Any]:
@@ -128,9 +132,12 @@ def test_status_lists_the_workers_before_they_start() -> None:
     runtime = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=3)
     workers = runtime.status(None)["workers"]
     assert workers["count"] == 3
+    # Three data-plane processes: the agent itself runs no listener with --workers > 1.
+    assert workers["mode"] == "data planes"
     assert [(w["index"], w["state"], w["pid"]) for w in workers["processes"]] == [
         (1, "pending", None),
         (2, "pending", None),
+        (3, "pending", None),
     ]
     one = AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)
     assert one["workers"] == {
@@ -176,13 +183,12 @@ def test_a_worker_down_or_not_serving_is_a_problem_to_show() -> None:
 
 
 def test_control_messages() -> None:
-    line = encode({"ready": True, "problems": []})
+    line = encode_message(ready=True, problems=[])
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert decode(line) == {"ready": True, "problems": []}
-    with pytest.raises(ValueError):
-        decode(b"[1, 2]\n")
-    with pytest.raises(ValueError):
-        decode(b"{nope\n")
+    assert decode_message(line) == {"v": 1, "ready": True, "problems": []}
+    for bad in (b"[1, 2]\n", b"{nope\n", b'{"v": 2, "ready": true}\n', b'{"ready": true}\n'):
+        with pytest.raises(ValueError):
+            decode_message(bad)
 
 
 # ---- the port claim ---------------------------------------------------------------------------
@@ -202,34 +208,39 @@ async def test_a_port_held_by_a_stranger_is_not_shared() -> None:
     await claim_port("127.0.0.1", port)  # free again
 
 
-# ---- the supervisor over real processes ----------------------------------------------------------
+# ---- the data planes over real processes ------------------------------------------------------
 
-# A stand-in worker: speaks the control channel, then behaves as `mode` says.
+# A stand-in data plane: dials the agent's socket, says hello, then behaves as `mode` says.
 _FAKE = r"""
-import json, signal, socket, sys
-fd, mode, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-channel = socket.socket(fileno=fd).makefile("rwb")
-first = json.loads(channel.readline())
-assert first["config"]["service"]["name"] == "web", first
+import json, os, signal, socket, sys
+path, index, mode, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(path)
+channel = sock.makefile("rwb")
+def send(**message):
+    channel.write(json.dumps({"v": 1, **message}).encode() + b"\n")
+    channel.flush()
+send(hello={"index": index, "pid": os.getpid(), "applied": 0})
 open(marker, "a").write("started\n")
 if mode == "crash":
     sys.exit(3)
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-channel.write(b'{"ready": true, "problems": []}\n')
-channel.write(b'{"stats": {"requests": 5, "handshake_failures": {"plaintext": 1}}}\n')
-channel.flush()
+send(ready=True, problems=[])
+send(stats={"requests": 5, "handshake_failures": {"plaintext": 1}})
 for line in channel:
     message = json.loads(line)
     open(marker, "a").write(json.dumps(message) + "\n")
+    if "snapshot" in message:
+        send(applied=message["snapshot"]["version"])
     if message.get("stop") == "now" and mode != "stubborn":
         sys.exit(0)
 """
 
 
-def _fake(mode: str, marker: Path) -> Callable[[int, int, int], list[str]]:
-    def command(index: int, fd: int, parent: int) -> list[str]:
-        return [sys.executable, "-c", _FAKE, str(fd), mode, str(marker)]
+def _fake(mode: str, marker: Path) -> Callable[[int, Path], list[str]]:
+    def command(index: int, control_socket: Path) -> list[str]:
+        return [sys.executable, "-c", _FAKE, str(control_socket), str(index), mode, str(marker)]
 
     return command
 
@@ -253,64 +264,100 @@ def _alive(pid: int) -> bool:
 FAST = RestartPolicy(initial=0.01, maximum=0.05, stable_after=60.0)
 
 
-async def test_a_worker_that_exits_is_restarted_with_its_exit_recorded(tmp_path: Path) -> None:
-    cfg = parse(_raw(), {})
-    sup = Supervisor(2, lambda: cfg, {}, policy=FAST, command=_fake("crash", tmp_path / "m"))
-    task = asyncio.ensure_future(sup.run())
-    w = sup.workers[0]
+async def _planes(tmp_path: Path, count: int, mode: str, env: Any = None) -> DataPlanes:
+    planes = DataPlanes(
+        count, tmp_path / "ctl", env or {}, policy=FAST, command=_fake(mode, tmp_path / "m")
+    )
+    assert await planes.open() == 0  # nothing to adopt
+    return planes
+
+
+def _snapshot(version: int) -> Snapshot:
+    return Snapshot(
+        version=version,
+        service="web",
+        spec=SidecarSpec(),
+        material=PushedMaterial(PushedLeaf("cert", "key"), PushedRoots("roots", "td")),
+        intentions=IntentionsSource(False, "test", ()),
+    )
+
+
+async def test_a_data_plane_that_exits_is_restarted_with_its_exit_recorded(
+    tmp_path: Path,
+) -> None:
+    planes = await _planes(tmp_path, 1, "crash")
+    task = asyncio.ensure_future(planes.run())
+    w = planes.workers[0]
     await _until(lambda: w.restarts >= 3, "three restarts")
     assert w.last_exit == "exit code 3"
     assert w.consecutive_failures >= 3
-    await sup.stop(timeout=10)
+    await planes.stop(timeout=10)
     await asyncio.wait_for(task, 10)
     assert w.state == "stopped"
     assert (tmp_path / "m").read_text().count("started") >= 4
 
 
-async def test_stop_drains_then_stops_and_reloads_reach_running_workers(tmp_path: Path) -> None:
-    cfg = parse(_raw(), {})
+async def test_stop_drains_then_stops_and_snapshots_reach_every_data_plane(
+    tmp_path: Path,
+) -> None:
     marker = tmp_path / "m"
-    env = {"NOTIFY_SOCKET": "/run/x", "KEEP": "1"}
-    sup = Supervisor(3, lambda: cfg, env, policy=FAST, command=_fake("serve", marker))
-    assert sup._env == {"KEEP": "1"}  # systemd talks to the parent only
-    assert "NOTIFY_SOCKET" in PARENT_ONLY_ENV
-    task = asyncio.ensure_future(sup.run())
-    await _until(lambda: all(w.ready for w in sup.workers), "both workers ready")
-    assert sup.problems() == []
-    pids = [w.pid for w in sup.workers]
+    planes = await _planes(tmp_path, 2, "serve", {"NOTIFY_SOCKET": "/run/x", "KEEP": "1"})
+    assert planes._env["KEEP"] == "1" and "NOTIFY_SOCKET" not in planes._env
+    assert "NOTIFY_SOCKET" in PARENT_ONLY_ENV  # systemd talks to the agent only
+    assert (os.stat(tmp_path / "ctl").st_mode & 0o777) == 0o700
+    assert (os.stat(planes.socket_path).st_mode & 0o777) == 0o600
+    task = asyncio.ensure_future(planes.run())
+    await _until(lambda: all(w.ready for w in planes.workers), "both data planes ready")
+    assert planes.problems() == [] and planes.serving()
+    pids = [w.pid for w in planes.workers]
     assert all(pid is not None and _alive(pid) for pid in pids)
-    sup.reconfigure(parse(_raw(), {}))
-    sup.begin_stop()
+    planes.publish(_snapshot(1))
+    await _until(lambda: all(p.applied == 1 for p in planes.planes.values()), "snapshot 1")
+    planes.begin_stop()
     await _until(lambda: marker.read_text().count('"drain"') == 2, "drain reached both")
-    await sup.stop(timeout=10)
+    await planes.stop(timeout=10)
     await asyncio.wait_for(task, 10)
     text = marker.read_text()
-    assert text.count('"config"') == 2  # the reload, to each worker
+    assert text.count('"snapshot"') == 2  # one to each
     assert text.count('"now"') == 2
-    assert [w.state for w in sup.workers] == ["stopped", "stopped"]
-    assert [w.last_exit for w in sup.workers] == ["exit code 0", "exit code 0"]
-    assert all(w.restarts == 0 for w in sup.workers)
+    assert [w.state for w in planes.workers] == ["stopped", "stopped"]
+    assert [w.last_exit for w in planes.workers] == ["exit code 0", "exit code 0"]
+    assert all(w.restarts == 0 for w in planes.workers)
+    assert not planes.socket_path.exists()
 
 
-async def test_a_worker_that_ignores_stop_is_killed(tmp_path: Path) -> None:
-    cfg = parse(_raw(), {})
-    sup = Supervisor(2, lambda: cfg, {}, policy=FAST, command=_fake("stubborn", tmp_path / "m"))
-    task = asyncio.ensure_future(sup.run())
-    await _until(lambda: sup.workers[0].ready, "the worker ready")
-    await sup.stop(timeout=0.2)
+async def test_a_data_plane_that_attaches_later_gets_the_newest_snapshot(
+    tmp_path: Path,
+) -> None:
+    planes = await _planes(tmp_path, 1, "serve")
+    planes.publish(_snapshot(1))
+    planes.publish(_snapshot(2))  # before any data plane runs
+    task = asyncio.ensure_future(planes.run())
+    plane = planes.planes[1]
+    await _until(lambda: plane.applied == 2, "snapshot 2 applied")
+    assert (tmp_path / "m").read_text().count('"snapshot"') == 1  # only the newest
+    await planes.stop(timeout=10)
     await asyncio.wait_for(task, 10)
-    assert sup.workers[0].last_exit == "killed by SIGKILL"
 
 
-async def test_cancelling_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> None:
-    cfg = parse(_raw(), {})
-    sup = Supervisor(3, lambda: cfg, {}, policy=FAST, command=_fake("stubborn", tmp_path / "m"))
-    task = asyncio.ensure_future(sup.run())
-    await _until(lambda: all(w.ready for w in sup.workers), "both workers ready")
-    pids = [w.pid for w in sup.workers]
+async def test_a_data_plane_that_ignores_stop_is_killed(tmp_path: Path) -> None:
+    planes = await _planes(tmp_path, 1, "stubborn")
+    task = asyncio.ensure_future(planes.run())
+    await _until(lambda: planes.workers[0].ready, "the data plane ready")
+    await planes.stop(timeout=0.2)
+    await asyncio.wait_for(task, 10)
+    assert planes.workers[0].last_exit == "killed by SIGKILL"
+
+
+async def test_cancelling_the_data_planes_leaves_none_it_started_behind(tmp_path: Path) -> None:
+    planes = await _planes(tmp_path, 2, "stubborn")
+    task = asyncio.ensure_future(planes.run())
+    await _until(lambda: all(w.ready for w in planes.workers), "both data planes ready")
+    pids = [w.pid for w in planes.workers]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await planes.close()
     for pid in pids:
         assert pid is not None
         # Killed; reaped by the event loop's child watcher once it notices.
@@ -330,7 +377,7 @@ def test_meshlet_status_shows_each_worker() -> None:
 
     runtime = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=3)
     st = runtime.status(None)
-    one, two = st["workers"]["processes"]
+    one, two, _ = st["workers"]["processes"]
     one.update(state="running", pid=101, ready=True)
     two.update(state="restarting", pid=102, restarts=2, last_exit="killed by SIGKILL")
     text = render(st, time.time())
@@ -340,30 +387,12 @@ def test_meshlet_status_shows_each_worker() -> None:
     )
 
 
-def test_a_worker_applies_the_parents_reload_in_place() -> None:
-    from agent.worker import WorkerRuntime
-
-    cfg = parse(_raw(), {})
-    worker = WorkerRuntime(1, cfg, {})
-    faster = parse({**_raw(), "watch": {"retry_max": "1s"}, "log_level": "debug"}, {})
-    worker._reconfigure(to_raw(faster))
-    assert worker.config.get() == faster
-    moved = parse(_raw(port=21999), {})
-    worker._reconfigure(to_raw(moved))  # listeners are fixed at start: kept
-    assert worker.config.get() == faster
-    worker._reconfigure({"service": "nope"})  # never applied
-    assert worker.config.get() == faster
-    logging.getLogger("meshlet").setLevel(logging.INFO)
-
-
-def test_a_second_stop_signal_ends_a_workers_drain() -> None:
-    from agent.worker import WorkerRuntime
-
-    worker = WorkerRuntime(1, parse(_raw(), {}), {})
-    worker.request_stop()
-    assert worker._stop.is_set() and not worker._now.is_set()
-    worker.request_stop()
-    assert worker._now.is_set()
+def test_a_second_stop_signal_ends_a_data_planes_drain(tmp_path: Path) -> None:
+    dp = DataPlane(1, tmp_path / "dataplane.sock")
+    dp.request_stop()
+    assert dp._stop.is_set() and not dp._now.is_set()
+    dp.request_stop()
+    assert dp._now.is_set()
 
 
 def test_counters_of_all_processes_add_up_key_by_key() -> None:
@@ -375,13 +404,12 @@ def test_counters_of_all_processes_add_up_key_by_key() -> None:
     }
 
 
-async def test_a_workers_counters_reach_the_parent(tmp_path: Path) -> None:
-    cfg = parse(_raw(), {})
-    sup = Supervisor(2, lambda: cfg, {}, policy=FAST, command=_fake("serve", tmp_path / "m"))
-    task = asyncio.ensure_future(sup.run())
-    w = sup.workers[0]
-    await _until(lambda: bool(w.stats), "the worker's counters")
+async def test_a_data_planes_counters_reach_the_agent(tmp_path: Path) -> None:
+    planes = await _planes(tmp_path, 1, "serve")
+    task = asyncio.ensure_future(planes.run())
+    w = planes.workers[0]
+    await _until(lambda: bool(w.stats), "the data plane's counters")
     assert w.stats == {"requests": 5, "handshake_failures": {"plaintext": 1}}
-    assert sup.status()["processes"][0]["stats"] == w.stats
-    await sup.stop(timeout=10)
+    assert planes.status()["processes"][0]["stats"] == w.stats
+    await planes.stop(timeout=10)
     await asyncio.wait_for(task, 10)

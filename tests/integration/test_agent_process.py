@@ -5,6 +5,7 @@ blocking queries, never on sleeps."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,9 +55,28 @@ class Proc:
                 return line
 
     def stop(self) -> None:
+        # `meshlet sidecar --workers N` data planes outlive a SIGKILLed agent by design: its
+        # children are killed with it here, or the log pipe they share never reaches EOF.
+        children = _children(self.p.pid)
         if self.p.poll() is None:
             self.p.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.p.communicate(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
 
 
 def start_dev(port: int, args: tuple[str, ...] = ()) -> Proc:

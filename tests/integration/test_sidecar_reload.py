@@ -8,8 +8,8 @@ reaches api's app). Changing billing's protocol tcp -> http: its port now speaks
 sidecar counts each request; as tcp it counted connections only). Removing api: its port stops
 accepting while the open connection keeps being served (the drain period is long), and the
 listener is closed as soon as that connection ends. A broken file on SIGHUP changes nothing
-and is reported in /v1/status. With `--workers 2` the worker applies the same listeners
-(checked in /proc).
+and is reported in /v1/status. With `--workers 2` both data planes apply the same listeners
+and the agent holds none (checked in /proc).
 
 Waits are on log lines, /v1/status and Consul blocking queries; no timing is asserted.
 """
@@ -312,26 +312,36 @@ def workers_mesh(tmp_path: Path) -> Iterator[ReloadMesh]:
 
 
 def test_workers_follow_the_parents_listeners(workers_mesh: ReloadMesh) -> None:
+    """The agent runs no listener with --workers 2: both data planes follow its reloads."""
     mesh = workers_mesh
     st = wait_status(
-        mesh.web_admin, lambda s: s["workers"]["processes"][0]["ready"], "web's worker serving"
+        mesh.web_admin,
+        lambda s: all(p["ready"] for p in s["workers"]["processes"]),
+        "web's data planes serving",
     )
-    parent, worker = mesh.web.p.pid, int(st["workers"]["processes"][0]["pid"])
+    agent = mesh.web.p.pid
+    planes = [int(p["pid"]) for p in st["workers"]["processes"]]
     api, billing = mesh.api_port, mesh.billing_port
-    assert listens(parent, api) and listens(worker, api)
-    assert not listens(parent, billing) and not listens(worker, billing)
+
+    def everywhere(port: int) -> bool:
+        return all(listens(pid, port) for pid in planes)
+
+    def nowhere(port: int) -> bool:
+        return not any(listens(pid, port) for pid in planes)
+
+    assert everywhere(api) and nowhere(billing) and not listens(agent, api)
 
     mesh.reload(("api", api, "tcp"), ("billing", billing, "http"))
-    wait_until(lambda: listens(parent, billing) and listens(worker, billing), "both on billing")
+    wait_until(lambda: everywhere(billing), "both on billing")
     wait_status(
         mesh.web_admin,
-        lambda s: s["ready"] and s["workers"]["processes"][0]["ready"],
+        lambda s: s["ready"] and all(p["ready"] for p in s["workers"]["processes"]),
         "both processes serving after the reload",
     )
     for i in range(10):
         assert _get(billing, f"/w{i}")["app"] == "billing"
 
     mesh.reload(("billing", billing, "http"))
-    wait_until(lambda: not listens(parent, api) and not listens(worker, api), "api closed")
-    assert listens(parent, billing) and listens(worker, billing)
+    wait_until(lambda: nowhere(api), "api closed")
+    assert everywhere(billing) and not listens(agent, billing)
     assert _refused(api)

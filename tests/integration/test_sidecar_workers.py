@@ -1,11 +1,14 @@
 """`meshlet sidecar --workers 2` as real processes against `meshlet dev`.
 
-web (an http service) runs `meshlet sidecar --workers 2` with one http upstream, api, whose
-sidecar is a single process. Checked from outside, through /proc: both of web's processes
-hold listening sockets on every port; new connections through the upstream port are accepted
-by both (the kernel's SO_REUSEPORT hash spreads them) and all reach api's app; a worker
-SIGKILLed is restarted while the parent keeps serving; SIGTERM to the parent stops every
-process (exit 0, nothing left); SIGKILL to the parent takes its worker with it.
+web (an http service) runs `meshlet sidecar --workers 2`: its agent and two data-plane
+processes (connect/dataplane), with one http upstream, api, whose sidecar is a single
+process. Checked from outside, through /proc: both data planes hold listening sockets on
+every port and the agent none; new connections through the upstream port are accepted by
+both (the kernel's SO_REUSEPORT hash spreads them) and all reach api's app; a data plane
+SIGKILLed is restarted while the other keeps serving; SIGTERM to the agent stops every
+process (exit 0, nothing left); SIGKILL to the agent leaves the data planes serving, and the
+agent started again adopts them and feeds them again. A data plane loads neither aiohttp nor
+cryptography, and refuses a malformed snapshot whole.
 
 Waits are on log lines, the parent's /v1/status and Consul blocking queries; the only polls
 are of /proc and of status, bounded by a deadline that only catches a hang. No timing is
@@ -17,8 +20,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -112,18 +117,38 @@ def wait_until(done: Any, what: str) -> None:
 # ---- the mesh -----------------------------------------------------------------------------------
 
 
+def dataplane_pids(control: Path) -> list[int]:
+    """The data-plane processes of the instance whose control directory is `control`."""
+    wanted = str(control / "dataplane.sock").encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"connect.dataplane" in args and wanted in args and not gone(int(entry)):
+            out.append(int(entry))
+    return sorted(out)
+
+
 class WorkersMesh(Mesh):
-    """test_sidecar_mesh's Mesh (api and web speak http) with web's sidecar on two workers."""
+    """test_sidecar_mesh's Mesh (api and web speak http) with web's sidecar on two data
+    planes, its control directory in a private temporary one (a unix socket path is short)."""
 
     def __init__(self, tmp: Path) -> None:
         super().__init__(tmp, "http")
+        self.runtime = Path(tempfile.mkdtemp(prefix="ml-"))
+        self.env = {**self.env, "XDG_RUNTIME_DIR": str(self.runtime)}
+        self.control = self.runtime / "meshlet" / f"sidecar-web-{self.web_public}"
         try:
             put_intentions(self.consul, "api", "allow")
             self.start(web_args=("--workers", "2"))
             st = wait_status(
                 self.web_admin,
-                lambda s: s["workers"]["processes"][0]["ready"],
-                "web's worker serving",
+                lambda s: all(p["ready"] for p in s["workers"]["processes"]),
+                "web's data planes serving",
             )
         except BaseException:
             self.stop()
@@ -132,6 +157,15 @@ class WorkersMesh(Mesh):
         self.threads = self.drains
         self.parent = self.web.p.pid
         self.worker = int(st["workers"]["processes"][0]["pid"])
+        self.other = int(st["workers"]["processes"][1]["pid"])
+
+    def stop(self) -> None:
+        # Data planes outlive a SIGKILLed agent by design: stopped here by pid, or the
+        # agent's log pipe they share never reaches EOF.
+        for pid in dataplane_pids(self.control):
+            os.kill(pid, signal.SIGKILL)
+        super().stop()
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 @pytest.fixture
@@ -163,17 +197,18 @@ def _through_upstream(port: int, path: str, pids: tuple[int, ...] = ()) -> int |
 
 
 def test_both_processes_serve_and_a_killed_worker_comes_back(mesh: WorkersMesh) -> None:
-    parent, worker = mesh.parent, mesh.worker
-    assert parent != worker
+    parent, worker, other = mesh.parent, mesh.worker, mesh.other
+    assert len({parent, worker, other}) == 3
     for port in (mesh.web_public, mesh.web_upstream):
-        assert listens(parent, port), f"the parent does not listen on {port}"
-        assert listens(worker, port), f"the worker does not listen on {port}"
+        assert not listens(parent, port), f"the agent listens on {port}"
+        assert listens(worker, port), f"data plane 1 does not listen on {port}"
+        assert listens(other, port), f"data plane 2 does not listen on {port}"
 
     # New connections are spread by the kernel's hash of each connection's addresses: with
     # 60 of them, one socket getting them all has a chance of 2**-59.
     before = status(mesh.web_admin)["workers"]["stats_total"]["requests"]
-    owners = [_through_upstream(mesh.web_upstream, f"/n{i}", (parent, worker)) for i in range(60)]
-    assert set(owners) == {parent, worker}, owners
+    owners = [_through_upstream(mesh.web_upstream, f"/n{i}", (other, worker)) for i in range(60)]
+    assert set(owners) == {other, worker}, owners
     # The parent's status counts every process's requests (workers report once a second).
     wait_status(
         mesh.web_admin,
@@ -181,13 +216,14 @@ def test_both_processes_serve_and_a_killed_worker_comes_back(mesh: WorkersMesh) 
         "all 60 requests counted across the processes",
     )
     st = status(mesh.web_admin)
-    assert st["proxy"]["stats"]["requests"] < st["workers"]["stats_total"]["requests"]
+    assert st["proxy"]["stats"]["requests"] == 0  # the agent serves nothing itself
+    assert st["workers"]["stats_total"]["requests"] >= 60
 
     os.kill(worker, signal.SIGKILL)
-    line = wait_line(mesh.web, f"worker 1 (pid {worker}) exited unexpectedly")
+    line = wait_line(mesh.web, f"data plane 1 (pid {worker}) exited unexpectedly")
     assert "(killed by SIGKILL)" in line
-    # The worker is dead and reaped (its sockets closed): every new connection is served,
-    # by the parent or by the restarted worker once that one has bound.
+    # The data plane is dead and reaped (its sockets closed): every new connection is served,
+    # by the other one or by the restarted one once that one has bound.
     for i in range(20):
         _through_upstream(mesh.web_upstream, f"/down{i}")
 
@@ -215,25 +251,179 @@ def test_sigterm_stops_every_process(mesh: WorkersMesh) -> None:
     assert mesh.web.p.wait(30) == 0
     mesh.threads["web"].join(30)  # the whole log (the worker's too), up to EOF
     text = "".join(mesh.web.lines)
-    assert f"worker 1 (pid {worker}) stopped (exit code 0)" in text
-    assert f"worker 1 (pid {worker}) meshlet.agent.worker: worker stopped" in text
+    assert f"data plane 1 (pid {worker}) stopped (exit code 0)" in text
+    assert f"dataplane 1 (pid {worker}) meshlet.connect.dataplane: data plane stopped" in text
     assert "exited unexpectedly" not in text
-    assert text.index("worker stopped") < text.index("meshlet agent stopped")
-    assert gone(worker)
+    assert text.index("data plane stopped") < text.index("meshlet agent stopped")
+    assert gone(worker) and gone(mesh.other)
+    assert dataplane_pids(mesh.control) == []
     for port in (mesh.web_upstream, mesh.web_public):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=10).close()
     wait_catalog(mesh.consul, "/v1/catalog/service/web-sidecar-proxy", lambda b: b == [])
 
 
-def test_a_worker_dies_with_its_parent(mesh: WorkersMesh) -> None:
-    worker = mesh.worker
+def _dataplane_status(mesh: WorkersMesh, index: int) -> dict[str, Any]:
+    return dict(json.loads((mesh.control / f"dataplane-{index}.json").read_text()))
+
+
+def test_data_planes_serve_through_an_agent_restart(mesh: WorkersMesh) -> None:
+    planes = (mesh.worker, mesh.other)
+    _through_upstream(mesh.web_upstream, "/before")
     mesh.web.p.kill()
     mesh.web.p.wait(30)
-    wait_until(lambda: gone(worker), f"worker pid {worker} gone after its parent")
-    mesh.threads["web"].join(30)  # EOF: no process is left holding the log pipe
-    wait_until(lambda: not listens_any(mesh.web_upstream), "the upstream port released")
-    assert status(mesh.api_admin)["ready"] is True  # the rest of the mesh is untouched
+    wait_until(
+        lambda: all(_dataplane_status(mesh, i)["agent"] == "lost" for i in (1, 2)),
+        "both data planes saying the agent is lost",
+    )
+    # Without its agent, each data plane keeps serving the last snapshot.
+    owners = [_through_upstream(mesh.web_upstream, f"/alone{i}", planes) for i in range(40)]
+    assert set(owners) == set(planes), owners
+    assert dataplane_pids(mesh.control) == sorted(planes)
+    lost = _dataplane_status(mesh, 1)
+    assert lost["agent_losses"] == 1 and lost["agent_lost_since"] is not None
+
+    # The agent started again adopts them (no new process, no port conflict) ...
+    again = mesh._start_sidecar(
+        "web", ["sidecar", "-c", str(mesh.tmp / "web.yaml"), "--workers", "2"]
+    )
+    mesh.web = again
+    st = wait_status(
+        mesh.web_admin,
+        lambda s: all(p["ready"] and p["adopted"] for p in s["workers"]["processes"]),
+        "the restarted agent's data planes adopted and serving",
+    )
+    assert sorted(int(p["pid"]) for p in st["workers"]["processes"]) == sorted(planes)
+    assert [p["agent_losses"] for p in st["workers"]["processes"]] == [1, 1]
+    assert dataplane_pids(mesh.control) == sorted(planes)
+    wait_until(
+        lambda: all(_dataplane_status(mesh, i)["agent"] == "attached" for i in (1, 2)),
+        "both data planes attached again",
+    )
+    # ... and a change the new agent sees reaches them: api's only instance leaves, so
+    # web's upstream has no endpoint to send to.
+    _through_upstream(mesh.web_upstream, "/adopted")
+    mesh.api.p.send_signal(signal.SIGTERM)
+    assert mesh.api.p.wait(30) == 0
+    wait_status(
+        mesh.web_admin,
+        lambda s: s["proxy"]["upstreams"]["api"]["endpoints"] == 0,
+        "api's instance gone at web's agent",
+    )
+
+    def refused_everywhere() -> bool:
+        # Each data plane answers 503 once the new snapshot (no endpoints) is applied.
+        codes = set()
+        for i in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", mesh.web_upstream, timeout=30)
+            try:
+                conn.request("GET", f"/gone{i}")
+                codes.add(conn.getresponse().status)
+            finally:
+                conn.close()
+        return codes == {503}
+
+    wait_until(refused_everywhere, "every data plane applying the endpoint change")
+
+
+def test_a_data_plane_loads_neither_aiohttp_nor_cryptography(mesh: WorkersMesh) -> None:
+    for pid, index in ((mesh.worker, 1), (mesh.other, 2)):
+        modules = set(_dataplane_status(mesh, index)["modules"])
+        assert {"connect", "ssl", "uvloop", "httptools"} <= modules
+        assert not modules & {"aiohttp", "cryptography", "msgspec", "yaml", "agent"}, modules
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "cryptography" not in maps and "aiohttp" not in maps
+        rss = _kib(pid, "VmRSS")
+        print(f"data plane {index} (pid {pid}): VmRSS {rss / 1024:.1f} MiB")
+    print(f"agent (pid {mesh.parent}): VmRSS {_kib(mesh.parent, 'VmRSS') / 1024:.1f} MiB")
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def test_a_malformed_snapshot_is_refused_whole(mesh: WorkersMesh) -> None:
+    """Something other than the agent on the control socket (it is 0700, so: a bug, or a
+    compromised agent) pushes broken snapshots: each is refused whole, the data plane keeps
+    serving the last good one and says so."""
+    mesh.web.p.kill()
+    mesh.web.p.wait(30)
+    wait_until(lambda: _dataplane_status(mesh, 1)["agent"] == "lost", "data plane 1 lost")
+    good = _dataplane_status(mesh, 1)["snapshot_version"]
+    path = mesh.control / "dataplane.sock"
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(DEADLINE)
+        conns = []
+        try:
+            hellos = {}
+            while len(hellos) < 2:
+                conn, _ = server.accept()
+                conns.append(conn)
+                reader = conn.makefile("rb")
+                hello = json.loads(reader.readline())["hello"]
+                hellos[hello["index"]] = (conn, reader)
+            conn, reader = hellos[1]
+            bad = [
+                b'{"v":1,"snapshot":{"version":7,"service":"web"}}\n',  # fields missing
+                b'{"v":1,"snapshot":[1,2]}\n',
+                b"not json\n",
+                b'{"v":2,"snapshot":{}}\n',  # another wire version
+            ]
+            for line in bad:
+                conn.sendall(line)
+            # A whole snapshot whose leaf is not PEM: decoded, then refused by TLS.
+            conn.sendall(
+                json.dumps(
+                    {"v": 1, "snapshot": {**_snapshot_skeleton(mesh), "version": 9}}
+                ).encode()
+                + b"\n"
+            )
+            refusals = []
+            while len(refusals) < 3:
+                message = json.loads(reader.readline())
+                if "refused" in message:
+                    refusals.append(message["refused"])
+            assert "missing field" in refusals[0]["error"], refusals
+            assert "expected an object" in refusals[1]["error"], refusals
+            assert refusals[2]["version"] == 9, refusals
+            owners = [
+                _through_upstream(mesh.web_upstream, f"/kept{i}", (mesh.worker,)) for i in range(20)
+            ]
+            assert mesh.worker in owners  # data plane 1 still serves, with the old snapshot
+            st = _dataplane_status(mesh, 1)
+            assert st["snapshot_version"] == good and st["refused"] == 3
+        finally:
+            for c in conns:
+                c.close()
+
+
+def _snapshot_skeleton(mesh: WorkersMesh) -> dict[str, Any]:
+    return {
+        "service": "web",
+        "spec": {
+            "upstreams": [
+                {"name": "api", "protocol": "http", "host": "127.0.0.1", "port": mesh.web_upstream}
+            ]
+        },
+        "material": {
+            "leaf": {
+                "cert_pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "key_pem": "nope",
+            },
+            "bundle": {
+                "pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "trust_domain": "x",
+            },
+        },
+        "intentions": {"default_allow": False, "default_reason": "test", "entries": []},
+        "endpoints": [{"name": "api", "targets": []}],
+    }
 
 
 def listens_any(port: int) -> bool:
@@ -252,15 +442,14 @@ def _scraped_requests(admin: str) -> float:
 
 
 def test_one_scrape_counts_the_requests_of_every_process(mesh: WorkersMesh) -> None:
-    parent, worker = mesh.parent, mesh.worker
-    owners = [_through_upstream(mesh.web_upstream, f"/m{i}", (parent, worker)) for i in range(60)]
-    assert set(owners) == {parent, worker}, owners
+    other, worker = mesh.other, mesh.worker
+    owners = [_through_upstream(mesh.web_upstream, f"/m{i}", (other, worker)) for i in range(60)]
+    assert set(owners) == {other, worker}, owners
     # Workers report their counters at most once a second: wait for the total.
     deadline = time.monotonic() + 30
     while _scraped_requests(mesh.web_admin) < 60:
         assert time.monotonic() < deadline, _scraped_requests(mesh.web_admin)
         time.sleep(0.1)
     assert _scraped_requests(mesh.web_admin) == 60
-    # The parent's own share is less than what one scrape returns.
-    own = status(mesh.web_admin)["proxy"]["stats"]["requests"]
-    assert own < 60
+    # The agent serves nothing itself: every request counted came from a data plane.
+    assert status(mesh.web_admin)["proxy"]["stats"]["requests"] == 0

@@ -638,6 +638,9 @@ def allowance(mesh: FaultMesh, baseline: Census, now: Census) -> dict[str, int]:
     pooled = {sid: max(0, _open(now, sid) - _open(baseline, sid)) for sid in apis}
     allowed = {sid: FD_SLACK + 2 * pooled[sid] for sid in apis}
     allowed["web"] = FD_SLACK + sum(pooled.values())
+    for name in now.fds:
+        if name.startswith("web-worker"):
+            allowed[name] = allowed["web"]  # with --workers, web's pools are its data planes'
     return allowed
 
 

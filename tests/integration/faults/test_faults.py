@@ -418,10 +418,10 @@ def test_access_log_disk_full(tmp_path: Path) -> None:
 
 @full_only
 def test_a_worker_process_killed(tmp_path: Path) -> None:
-    """web on `--workers 2`, one worker SIGKILLed: the client connections it held die with
-    it (a killed process's sockets are reset by the kernel). What may be lost is bounded:
+    """web on `--workers 2`, one data plane SIGKILLed: the client connections it held die
+    with it (a killed process's sockets are reset by the kernel). What may be lost is bounded:
     at most the GET in flight on each of them and the streams it carried; every other GET is
-    answered, new connections are served by the parent and by the restarted worker."""
+    answered, new connections are served by the other data plane and by the restarted one."""
     mesh = make_mesh(tmp_path, web_args=("--workers", "2"))
     try:
         worker = wait_status(

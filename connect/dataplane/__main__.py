@@ -1,0 +1,5 @@
+import sys
+
+from connect.dataplane.process import main
+
+sys.exit(main())
