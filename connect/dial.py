@@ -75,19 +75,21 @@ class Upstream:
             return
         waiting = []
         for transport, ssl_object in self._unconfirmed:
+            if not transport.is_closing():
+                waiting.append((transport, ssl_object))
+                continue
+            # Only once closed: ssl's `session` copies the session through OpenSSL's encoder
+            # and decoders (the server's certificate with it), ~70 us a call.
             session = ssl_object.session
             if session is not None and session.has_ticket:
                 continue
-            if transport.is_closing():
-                self.refused("peer_refused")
-                log.warning(
-                    "upstream %s: the server closed right after the handshake: it refused "
-                    "our certificate (its handshake_failures say why)",
-                    self.name,
-                )
-                continue
-            waiting.append((transport, ssl_object))
-        # Bounded: a server that sends no tickets at all must not make this grow.
+            self.refused("peer_refused")
+            log.warning(
+                "upstream %s: the server closed right after the handshake: it refused "
+                "our certificate (its handshake_failures say why)",
+                self.name,
+            )
+        # Bounded: open connections wait here until they close; many at once must not grow it.
         self._unconfirmed = waiting[-_UNCONFIRMED_MAX:]
 
     def refusal_counts(self) -> dict[str, int]:
