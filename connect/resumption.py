@@ -15,7 +15,15 @@ service. A new client context (leaf or roots rotated) starts with no sessions. A
 dropped at the earliest of the server leaf's expiry, the session's own lifetime, and `MAX_AGE`.
 
 TLS 1.3 tickets arrive after the handshake, so `keep` holds the connection's `SSLObject` and the
-next `offer` for that key takes its newest session once it has a ticket.
+next `offer` for that key takes its session once it has a ticket. That session is offered again
+on every dial until the entry expires; a resumed dial does not replace it with the ticket the
+server sent on that connection. Reading a session out of a connection costs ~130 us (Python's
+ssl copies it through i2d/d2i_SSL_SESSION, which decodes the server's certificate again with
+OpenSSL 3.0's slow decoders), as much as the rest of a resumed dial's Python work. Servers
+accept a ticket more than once (OpenSSL's and BoringSSL's tickets are stateless, so Envoy's and
+ours do); RFC 8446 C.4 advises fresh tickets so that a passive observer cannot link a client's
+connections, which between two sidecars their addresses already do. A server that refuses a
+ticket makes a full handshake, whose session then replaces the refused one.
 """
 
 from __future__ import annotations
@@ -126,16 +134,17 @@ class SessionCache:
         return kept.session
 
     def keep(self, key: Hashable, ssl_object: Any) -> None:
-        """After a dial whose server was verified: its session (once it has one) is the one
-        to offer next for `key`, until the entry expires; a resumed dial only refreshes an
-        entry, so every chain of resumptions starts from a full handshake at most `max_age`
-        seconds ago."""
+        """After a dial whose server was verified: the session of a full handshake (once it
+        has its ticket) is the one to offer for `key` until the entry expires; a resumed dial
+        changes nothing, so every resumption uses a session from a full handshake at most
+        `max_age` seconds ago."""
         if not isinstance(ssl_object, ssl.SSLObject):
             return
         der = ssl_object.getpeercert(True) or b""
         kept = self._kept.get(key)
         if kept is not None and kept.der == der:
-            kept.source = ssl_object
+            if not ssl_object.session_reused:
+                kept.source = ssl_object  # a refused or a first session: this one next
             return
         if ssl_object.session_reused:
             return  # only a full handshake starts an entry (and its MAX_AGE)
