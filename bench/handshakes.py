@@ -32,6 +32,7 @@ import proxy_bench as pb
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("meshlet full", "haproxy full", "meshlet resumed", "haproxy resumed")
+BASELINE = ("baseline full", "baseline resumed")
 
 
 def _measure(port: int, seconds: int, client: pb.Proc, server: pb.Proc) -> dict[str, float]:
@@ -110,10 +111,19 @@ def main() -> int:
         help="perf shows kernel and OpenSSL frames as for haproxy; py-spy the Python ones",
     )
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree of meshlet (e.g. `git archive main`) whose L4 pair runs in the same "
+        "rounds as `baseline full/resumed`: a before/after on the same box in one run",
+    )
     args = ap.parse_args()
     base = args.base_port
     ports = {"direct": base, "ml_out": base + 2, "ml_in": base + 12, "ht_out": base + 4,
              "ht_in": base + 14, "htn_out": base + 5, "mln_out": base + 6}  # fmt: skip
+    if args.baseline is not None:
+        ports |= {"bl_out": base + 7, "bl_in": base + 17, "bln_out": base + 8}
+    workloads = WORKLOADS + (BASELINE if args.baseline is not None else ())
     logs = Path(tempfile.mkdtemp(prefix="meshlet-handshakes-logs-"))
     procs: dict[str, pb.Proc] = {}
     with tempfile.TemporaryDirectory(prefix="meshlet-handshakes-") as tmp:
@@ -137,23 +147,40 @@ def main() -> int:
                 "meshlet-noresume-out",
                 [*pb.meshlet("l4", "out", ports["mln_out"], ports["ml_in"], d), "--no-resume"],
             )
+            if args.baseline is not None:
+                src = args.baseline.resolve()
+
+                def baseline(side: str, listen: int, target: int, *extra: str) -> list[str]:
+                    argv = pb.meshlet("l4", side, listen, target, d)
+                    argv[1] = str(src / "bench" / "proxy_sidecar.py")
+                    return ["env", f"PYTHONPATH={src}", *argv, *extra]
+
+                spawn("baseline-in", baseline("in", ports["bl_in"], base))
+                spawn("baseline-out", baseline("out", ports["bl_out"], ports["bl_in"]))
+                spawn(
+                    "baseline-noresume-out",
+                    baseline("out", ports["bln_out"], ports["bl_in"], "--no-resume"),
+                )
             haproxy("haproxy-in", "in", ports["ht_in"], base)
             haproxy("haproxy-out", "out", ports["ht_out"], ports["ht_in"])
             haproxy("haproxy-noreuse-out", "out", ports["htn_out"], ports["ht_in"], reuse=False)
             for port in ports.values():
                 pb.wait_port(port)
-            runs: dict[str, list[dict[str, float]]] = {w: [] for w in WORKLOADS}
+            runs: dict[str, list[dict[str, float]]] = {w: [] for w in workloads}
             plan = {
                 "meshlet full": (ports["mln_out"], "meshlet-noresume-out", "meshlet-in"),
                 "haproxy full": (ports["htn_out"], "haproxy-noreuse-out", "haproxy-in"),
                 "meshlet resumed": (ports["ml_out"], "meshlet-out", "meshlet-in"),
                 "haproxy resumed": (ports["ht_out"], "haproxy-out", "haproxy-in"),
             }
+            if args.baseline is not None:
+                plan["baseline full"] = (ports["bln_out"], "baseline-noresume-out", "baseline-in")
+                plan["baseline resumed"] = (ports["bl_out"], "baseline-out", "baseline-in")
             for port, _, _ in plan.values():
                 pb.wrk(port, 1, conns=16, close=True)  # warm-up: imports, first sessions
             for r in range(args.rounds):
                 # Alternate the order each round: neither pair always runs first.
-                order = WORKLOADS if r % 2 == 0 else tuple(reversed(WORKLOADS))
+                order = workloads if r % 2 == 0 else tuple(reversed(workloads))
                 for w in order:
                     port, client, server = plan[w]
                     runs[w].append(_measure(port, args.seconds, procs[client], procs[server]))
@@ -171,19 +198,18 @@ def main() -> int:
     med = {w: {k: statistics.median(run[k] for run in runs[w]) for k in runs[w][0]} for w in runs}
     print("| workload | conn/s (median) | each round | client µs/conn | server µs/conn |")
     print("|---|---:|---|---:|---:|")
-    for w in WORKLOADS:
+    for w in workloads:
         each = ", ".join(f"{run['conn_s']:.0f}" for run in runs[w])
         m = med[w]
         print(f"| {w} | {m['conn_s']:.0f} | {each} | {m['client_us']:.0f} | "
               f"{m['server_us']:.0f} |")  # fmt: skip
     ratios = {
-        kind: med[f"meshlet {kind}"]["conn_s"] / max(1.0, med[f"haproxy {kind}"]["conn_s"])
+        f"{who} {kind}": med[f"{who} {kind}"]["conn_s"] / max(1.0, med[f"haproxy {kind}"]["conn_s"])
+        for who in ("meshlet", "baseline") if f"{who} full" in med
         for kind in ("full", "resumed")
-    }
-    print(
-        f"\nratios meshlet/haproxy: full {ratios['full']:.2f}, resumed {ratios['resumed']:.2f}"
-        f" (logs: {logs})"
-    )
+    }  # fmt: skip
+    print("\nratios to haproxy: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(f"(logs: {logs})")
     if args.json is not None:
         args.json.write_text(json.dumps({"runs": runs, "median": med, "ratios": ratios}, indent=1))
     return 0
