@@ -25,8 +25,8 @@ from connect.authz import allow_all, intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target
 from connect.latest import Latest
 from connect.resumption import ResumingClientContext
-from connect.sent_chain import send_loaded_chain_only
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
+from connect.ssl_native import send_loaded_chain_only
 from connect.tls import SESSION_TICKETS
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry

@@ -35,6 +35,8 @@ from collections.abc import Hashable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from connect.ssl_native import offer_session
+
 __all__ = ["MAX_AGE", "ResumingClientContext", "SessionCache", "offering", "sessions_of"]
 
 MAX_AGE = 300.0
@@ -59,14 +61,13 @@ class ResumingClientContext(ssl.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         if session is None and not server_side:
             offer = _OFFER.get()
-            if offer is not None and offer[0] is self:
+            if offer is not None and offer[0] is self and not offer_session(obj, offer[1]):
                 with contextlib.suppress(ValueError):  # not from this context: no offer
-                    return super().wrap_bio(
-                        incoming, outgoing, server_side, server_hostname, offer[1]
-                    )
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+                    obj.session = offer[1]  # ssl's way: a copy of the session
+        return obj
 
 
 def sessions_of(ctx: ssl.SSLContext) -> SessionCache | None:
