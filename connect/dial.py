@@ -22,6 +22,7 @@ from connect.cluster import NO_LIMITS, Cluster, EjectionPolicy, EndpointSource, 
 from connect.dial_failures import dial_failure
 from connect.resumption import offering, sessions_of
 from connect.seams import PeerCache
+from connect.ssl_native import has_ticket
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -78,10 +79,13 @@ class Upstream:
             if not transport.is_closing():
                 waiting.append((transport, ssl_object))
                 continue
-            # Only once closed: ssl's `session` copies the session through OpenSSL's encoder
-            # and decoders (the server's certificate with it), ~70 us a call.
-            session = ssl_object.session
-            if session is not None and session.has_ticket:
+            # Only once closed, and without ssl's copy of the session where possible: ssl's
+            # `session` encodes and decodes it (the server's certificate with it), ~130 us.
+            ticket = has_ticket(ssl_object)
+            if ticket is None:
+                session = ssl_object.session
+                ticket = session is not None and session.has_ticket
+            if ticket:
                 continue
             self.refused("peer_refused")
             log.warning(

@@ -1,6 +1,6 @@
-"""Two OpenSSL calls Python's ssl module does not expose, made on the OpenSSL objects behind
+"""OpenSSL calls Python's ssl module does not expose, made on the OpenSSL objects behind
 `ssl.SSLContext`, `ssl.SSLObject` and `ssl.SSLSession` through ctypes. Each is an optimisation
-with the plain ssl behaviour as its fallback, and neither touches what a handshake verifies.
+with the plain ssl behaviour as its fallback, and none touches what a handshake verifies.
 
 `send_loaded_chain_only(ctx)`: SSL_MODE_NO_AUTO_CHAIN. When a context's certificate comes
 without intermediates, OpenSSL builds the chain it sends from the context's trust store at every
@@ -10,6 +10,9 @@ on our side and one more certificate for the peer to decode (OpenSSL 3.0's decod
 expensive part of a handshake) and check, for nothing: the peer trusts the root already or
 refuses us anyway. Consul's leaf endpoint gives the intermediates a peer may need with the leaf
 (connect.leaf.Leaf.chain_pem), and Envoy, fed the same leaf, sends exactly that chain.
+
+`has_ticket(ssl_object)`: whether a client connection's session has its ticket yet, from
+SSL_get_session, where ssl's `session` returns a copy made the same slow way (below).
 
 `offer_session(ssl_object, session)`: SSL_set_session with OpenSSL's own copy of the session.
 ssl's `wrap_bio(session=)` copies it by encoding and decoding it (i2d then d2i_SSL_SESSION, a
@@ -34,7 +37,7 @@ import ssl
 from functools import cache
 from typing import Any
 
-__all__ = ["offer_session", "send_loaded_chain_only"]
+__all__ = ["has_ticket", "offer_session", "send_loaded_chain_only"]
 
 _P = ctypes.sizeof(ctypes.c_void_p)
 _HEAD = object.__basicsize__  # PyObject_HEAD
@@ -128,22 +131,41 @@ def send_loaded_chain_only(ctx: ssl.SSLContext) -> bool:
     return bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
 
 
+def _ssl_pointer(lib: _Libssl, ssl_object: ssl.SSLObject) -> int:
+    """The connection's SSL, 0 unless confirmed: the PySSLSocket points back to the context
+    object whose confirmed SSL_CTX the SSL belongs to."""
+    ctx = ssl_object.context
+    ctx_ptr = _ctx_pointer(ctx)
+    if not ctx_ptr:
+        return 0
+    sock = ssl_object._sslobj  # type: ignore[attr-defined]
+    # PySSLSocket: Socket (weakref), ssl, ctx (the PySSLContext it was made by).
+    ssl_ptr = _field(sock, _HEAD + _P)
+    if not ssl_ptr or _field(sock, _HEAD + 2 * _P) != id(ctx):
+        return 0
+    return ssl_ptr if lib.get_ssl_ctx(ssl_ptr) == ctx_ptr else 0
+
+
+def has_ticket(ssl_object: ssl.SSLObject) -> bool | None:
+    """Whether the connection's current session has a ticket (a TLS 1.3 client's, once the
+    server sent one), read without the copy ssl's `session` makes; None if unconfirmed."""
+    lib = _libssl()
+    ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
+    if lib is None or not ssl_ptr:
+        return None
+    session = lib.get0_session(ssl_ptr)
+    return bool(session and lib.session_has_ticket(session))
+
+
 def offer_session(ssl_object: ssl.SSLObject, session: ssl.SSLSession) -> bool:
     """Offer `session` on a client `ssl_object` whose handshake has not started, without the
     copy ssl makes. False (nothing done) unless every pointer is confirmed; the caller then
     offers it the plain way."""
     lib = _libssl()
+    ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
+    if lib is None or not ssl_ptr or lib.is_server(ssl_ptr) or not lib.in_before(ssl_ptr):
+        return False
     ctx = ssl_object.context
-    ctx_ptr = _ctx_pointer(ctx)
-    if lib is None or not ctx_ptr:
-        return False
-    sock = ssl_object._sslobj  # type: ignore[attr-defined]
-    # PySSLSocket: Socket (weakref), ssl, ctx (the PySSLContext it was made by).
-    ssl_ptr = _field(sock, _HEAD + _P)
-    if not ssl_ptr or _field(sock, _HEAD + 2 * _P) != id(ctx):
-        return False
-    if lib.get_ssl_ctx(ssl_ptr) != ctx_ptr or lib.is_server(ssl_ptr) or not lib.in_before(ssl_ptr):
-        return False
     # PySSLSession: session, ctx (the PySSLContext of the connection it was read from).
     sess_ptr = _field(session, _HEAD)
     if not sess_ptr or _field(session, _HEAD + _P) != id(ctx):

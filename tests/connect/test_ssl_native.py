@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from connect.ssl_native import offer_session
+from connect.ssl_native import has_ticket, offer_session
 from tests.connect.proxy_test_ca import ProxyTestCA
 
 
@@ -100,9 +100,11 @@ def test_a_session_offered_without_a_copy_resumes_and_the_client_is_still_known(
     server = _Server(ca.server_context(ca.leaf("api")))
     client = ca.client_context(web)
     try:
+        assert has_ticket(client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())) is False
         first = server.dial(client, None)
         session = first.session
         assert session is not None and not first.session_reused
+        assert has_ticket(first) is True  # read without ssl's copy of the session
         for _ in range(3):  # the same session object, offered again and again
             assert server.dial(client, session).session_reused
     finally:
