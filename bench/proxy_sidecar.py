@@ -26,6 +26,7 @@ from connect.balancer import BalancerConfig, Policy, Target
 from connect.latest import Latest
 from connect.resumption import ResumingClientContext
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
+from connect.ssl_native import send_loaded_chain_only
 from connect.tls import SESSION_TICKETS
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
@@ -64,6 +65,8 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     client.verify_mode = ssl.CERT_REQUIRED
     client.load_verify_locations(args.ca)
     client.load_cert_chain(args.cert, args.key)
+    for ctx in (server, client):
+        send_loaded_chain_only(ctx)  # as connect/tls.py does
     return server, client
 
 

@@ -1,17 +1,21 @@
 """Who a mesh peer is: the verifier both listeners and dialers use, cached per certificate.
 
-connect.identity decides from the certificate (SPIFFE URI, trust domain, validity, read at
-each decision so a trust-domain change applies to new certificates at once); the proxy's
-`PeerCache` keeps each distinct certificate's answer, so a connection costs a dict lookup.
+connect.identity decides from the certificate (SPIFFE URI, trust domain, validity); the proxy's
+`PeerCache` keeps each distinct certificate's answer, so a connection costs a dict lookup. The
+answers hold for the trust domain they were made for: the cache is dropped when it changes, so
+a leaf of the old domain is refused on its next connection. Chain and validity need no such
+care: OpenSSL checks them against the current roots at every full handshake, before the cache
+is asked, and a resumed session never crosses a rotation (connect.inbound, connect.resumption).
 """
 
 from __future__ import annotations
 
 import datetime
+import ssl
 from collections.abc import Callable
 
 from connect.identity import PeerRefused, ServiceIdentity, peer_identity
-from connect.seams import Peer, PeerCache, PeerRejected
+from connect.seams import Peer, PeerCache, PeerRejected, PeerVerifier
 from intentions.engine import Identity
 
 
@@ -30,4 +34,20 @@ def service_peers(trust_domain: Callable[[], str]) -> PeerCache:
             raise PeerRejected(f"{ident.uri} is not a service identity")
         return Peer(ident.uri, Identity(ident.service, ident.namespace, ident.partition))
 
-    return PeerCache(verify)
+    return _TrustDomainPeers(verify, trust_domain)
+
+
+class _TrustDomainPeers(PeerCache):
+    """A `PeerCache` whose answers are dropped when the trust domain changes."""
+
+    def __init__(self, verify: PeerVerifier, trust_domain: Callable[[], str]) -> None:
+        super().__init__(verify)
+        self._trust_domain = trust_domain
+        self._domain = trust_domain()
+
+    def peer_of(self, ssl_object: ssl.SSLObject | None) -> Peer | str:
+        domain = self._trust_domain()
+        if domain != self._domain:
+            self._domain = domain
+            self._cache.clear()
+        return super().peer_of(ssl_object)

@@ -15,7 +15,15 @@ service. A new client context (leaf or roots rotated) starts with no sessions. A
 dropped at the earliest of the server leaf's expiry, the session's own lifetime, and `MAX_AGE`.
 
 TLS 1.3 tickets arrive after the handshake, so `keep` holds the connection's `SSLObject` and the
-next `offer` for that key takes its newest session once it has a ticket.
+next `offer` for that key takes its session once it has a ticket. That session is offered again
+on every dial until the entry expires; a resumed dial does not replace it with the ticket the
+server sent on that connection. Reading a session out of a connection costs ~130 us (Python's
+ssl copies it through i2d/d2i_SSL_SESSION, which decodes the server's certificate again with
+OpenSSL 3.0's slow decoders), as much as the rest of a resumed dial's Python work. Servers
+accept a ticket more than once (OpenSSL's and BoringSSL's tickets are stateless, so Envoy's and
+ours do); RFC 8446 C.4 advises fresh tickets so that a passive observer cannot link a client's
+connections, which between two sidecars their addresses already do. A server that refuses a
+ticket makes a full handshake, whose session then replaces the refused one.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import time
 from collections.abc import Hashable, Iterator
 from contextvars import ContextVar
 from typing import Any
+
+from connect.ssl_native import offer_session
 
 __all__ = ["MAX_AGE", "ResumingClientContext", "SessionCache", "offering", "sessions_of"]
 
@@ -51,14 +61,13 @@ class ResumingClientContext(ssl.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         if session is None and not server_side:
             offer = _OFFER.get()
-            if offer is not None and offer[0] is self:
+            if offer is not None and offer[0] is self and not offer_session(obj, offer[1]):
                 with contextlib.suppress(ValueError):  # not from this context: no offer
-                    return super().wrap_bio(
-                        incoming, outgoing, server_side, server_hostname, offer[1]
-                    )
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+                    obj.session = offer[1]  # ssl's way: a copy of the session
+        return obj
 
 
 def sessions_of(ctx: ssl.SSLContext) -> SessionCache | None:
@@ -126,16 +135,17 @@ class SessionCache:
         return kept.session
 
     def keep(self, key: Hashable, ssl_object: Any) -> None:
-        """After a dial whose server was verified: its session (once it has one) is the one
-        to offer next for `key`, until the entry expires; a resumed dial only refreshes an
-        entry, so every chain of resumptions starts from a full handshake at most `max_age`
-        seconds ago."""
+        """After a dial whose server was verified: the session of a full handshake (once it
+        has its ticket) is the one to offer for `key` until the entry expires; a resumed dial
+        changes nothing, so every resumption uses a session from a full handshake at most
+        `max_age` seconds ago."""
         if not isinstance(ssl_object, ssl.SSLObject):
             return
         der = ssl_object.getpeercert(True) or b""
         kept = self._kept.get(key)
         if kept is not None and kept.der == der:
-            kept.source = ssl_object
+            if not ssl_object.session_reused:
+                kept.source = ssl_object  # a refused or a first session: this one next
             return
         if ssl_object.session_reused:
             return  # only a full handshake starts an entry (and its MAX_AGE)

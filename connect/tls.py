@@ -24,6 +24,7 @@ from typing import Generic, Protocol, TypeVar
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
 from connect.resumption import ResumingClientContext
+from connect.ssl_native import send_loaded_chain_only
 
 log = logging.getLogger("meshlet.connect.tls")
 
@@ -106,6 +107,8 @@ def _context(purpose: ssl.Purpose, material: Material) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=material.bundle.pem)
     _load_leaf(ctx, material.leaf.cert_pem, material.leaf.key_pem)
+    # Send the leaf's chain as given, without the root OpenSSL would add (connect.ssl_native).
+    send_loaded_chain_only(ctx)
     return ctx
 
 

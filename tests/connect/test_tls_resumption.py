@@ -142,6 +142,30 @@ def test_second_dial_resumes_and_both_sides_still_check_identity(loop: str) -> N
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_resumed_dials_offer_the_full_handshakes_session_again(loop: str) -> None:
+    """Taking each resumed connection's new ticket costs a copy of the session through
+    OpenSSL's decoders per dial: the session of the full handshake is offered again, and the
+    server resumes it every time."""
+
+    async def main() -> None:
+        async with mesh() as m:
+            upstream = m.upstream()
+            cache = sessions_of(m.web.client())
+            assert cache is not None
+            assert await _round_trip(upstream, _target(m)) is False
+            offered = []
+            for _ in range(3):
+                assert await _round_trip(upstream, _target(m)) is True
+                (kept,) = cache._kept.values()
+                offered.append(kept.session)
+            assert offered[0] is not None
+            assert all(session is offered[0] for session in offered)
+            assert cache.offered == 3
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_sessions_stay_with_their_endpoint_and_expected_service(loop: str) -> None:
     async def main() -> None:
         async with mesh() as m:

@@ -1,0 +1,191 @@
+"""OpenSSL calls Python's ssl module does not expose, made on the OpenSSL objects behind
+`ssl.SSLContext`, `ssl.SSLObject` and `ssl.SSLSession` through ctypes. Each is an optimisation
+with the plain ssl behaviour as its fallback, and none touches what a handshake verifies.
+
+`send_loaded_chain_only(ctx)`: SSL_MODE_NO_AUTO_CHAIN. When a context's certificate comes
+without intermediates, OpenSSL builds the chain it sends from the context's trust store at every
+handshake (a chain verification of our own leaf) and sends what it built, the root included:
+for a mesh leaf signed by the root itself, one more certificate on the wire, one more chain build
+on our side and one more certificate for the peer to decode (OpenSSL 3.0's decoders are the
+expensive part of a handshake) and check, for nothing: the peer trusts the root already or
+refuses us anyway. Consul's leaf endpoint gives the intermediates a peer may need with the leaf
+(connect.leaf.Leaf.chain_pem), and Envoy, fed the same leaf, sends exactly that chain.
+
+`has_ticket(ssl_object)`: whether a client connection's session has its ticket yet, from
+SSL_get_session, where ssl's `session` returns a copy made the same slow way (below).
+
+`offer_session(ssl_object, session)`: SSL_set_session with OpenSSL's own copy of the session.
+ssl's `wrap_bio(session=)` copies it by encoding and decoding it (i2d then d2i_SSL_SESSION, a
+workaround from before OpenSSL 1.1.1 had SSL_SESSION_dup), which decodes the server's
+certificate again with OpenSSL 3.0's slow decoders: 140 to 300 us per resumed dial on this box,
+as much as the rest of the dial. SSL_SESSION_dup copies the fields and takes references to the
+certificates instead.
+
+How the pointers are found: CPython keeps an OpenSSL pointer right after the object header of
+each of these objects (`PySSLContext.ctx`, `PySSLSocket.ssl` after its socket weakref,
+`PySSLSession.session`). Each pointer is used only after OpenSSL confirms it, reading through
+it values Python reports (options, verify mode, the context an SSL belongs to, a session's time
+and timeout, the context object a socket and a session point back to); any mismatch, another
+interpreter, or a library that is not OpenSSL 3 leaves everything as plain ssl does it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import ssl
+from functools import cache
+from typing import Any
+
+__all__ = ["has_ticket", "offer_session", "send_loaded_chain_only"]
+
+_P = ctypes.sizeof(ctypes.c_void_p)
+_HEAD = object.__basicsize__  # PyObject_HEAD
+_SSL_CTRL_MODE = 33
+_SSL_MODE_NO_AUTO_CHAIN = 0x8
+# An option without effect on our handshakes (renegotiation is TLS 1.2's, and refused anyway),
+# toggled through Python to see it change through the pointer.
+_PROBE_OPTION = getattr(ssl, "OP_NO_RENEGOTIATION", 0x40000000)
+# ssl's verify modes as OpenSSL's SSL_VERIFY_* flags (PEER = 1, FAIL_IF_NO_PEER_CERT = 2).
+_VERIFY_FLAGS = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+
+def _fn(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> Any:
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+    return f
+
+
+class _Libssl:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        vp, c_int, c_long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        self.ctx_ctrl = _fn(lib, "SSL_CTX_ctrl", c_long, vp, c_int, c_long, vp)
+        self.ctx_get_options = _fn(lib, "SSL_CTX_get_options", ctypes.c_uint64, vp)
+        self.ctx_get_verify_mode = _fn(lib, "SSL_CTX_get_verify_mode", c_int, vp)
+        self.get_ssl_ctx = _fn(lib, "SSL_get_SSL_CTX", vp, vp)
+        self.is_server = _fn(lib, "SSL_is_server", c_int, vp)
+        self.in_before = _fn(lib, "SSL_in_before", c_int, vp)
+        self.get0_session = _fn(lib, "SSL_get_session", vp, vp)
+        self.set_session = _fn(lib, "SSL_set_session", c_int, vp, vp)
+        self.session_dup = _fn(lib, "SSL_SESSION_dup", vp, vp)
+        self.session_free = _fn(lib, "SSL_SESSION_free", None, vp)
+        self.session_get_time = _fn(lib, "SSL_SESSION_get_time", c_long, vp)
+        self.session_get_timeout = _fn(lib, "SSL_SESSION_get_timeout", c_long, vp)
+        self.session_has_ticket = _fn(lib, "SSL_SESSION_has_ticket", c_int, vp)
+
+
+@cache
+def _libssl() -> _Libssl | None:
+    """libssl as the `_ssl` extension links it (the very library whose objects ssl made)."""
+    if platform.python_implementation() != "CPython" or not ssl.OPENSSL_VERSION.startswith(
+        "OpenSSL 3."
+    ):
+        return None
+    try:
+        return _Libssl(ctypes.CDLL(ssl._ssl.__file__))  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return None
+
+
+def _field(obj: object, offset: int) -> int:
+    return ctypes.c_void_p.from_address(id(obj) + offset).value or 0
+
+
+def _ctx_pointer(ctx: ssl.SSLContext) -> int:
+    """The context's SSL_CTX, 0 if it cannot be confirmed; kept on the context (fixed for its
+    life)."""
+    known: int | None = getattr(ctx, "_meshlet_ssl_ctx", None)
+    if known is None:
+        known = ctx._meshlet_ssl_ctx = _confirmed_ctx_pointer(ctx)  # type: ignore[attr-defined]
+    return known
+
+
+def _confirmed_ctx_pointer(ctx: ssl.SSLContext) -> int:
+    lib = _libssl()
+    ptr = _field(ctx, _HEAD)
+    if lib is None or not ptr:
+        return 0
+    if lib.ctx_get_options(ptr) != int(ctx.options):
+        return 0
+    if lib.ctx_get_verify_mode(ptr) != _VERIFY_FLAGS[ctx.verify_mode]:
+        return 0
+    # Equal values could be a coincidence: change one through Python, see it through the pointer.
+    before = ctx.options
+    try:
+        ctx.options = before ^ _PROBE_OPTION
+        seen = lib.ctx_get_options(ptr) == int(ctx.options)
+    finally:
+        ctx.options = before
+    return ptr if seen and lib.ctx_get_options(ptr) == int(before) else 0
+
+
+def send_loaded_chain_only(ctx: ssl.SSLContext) -> bool:
+    """Make `ctx` send the certificate chain it loaded and nothing it could build. Returns
+    whether it could (False: unchanged)."""
+    lib = _libssl()
+    ptr = _ctx_pointer(ctx)
+    if lib is None or not ptr:
+        return False
+    mode = lib.ctx_ctrl(ptr, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
+    return bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
+
+
+def _ssl_pointer(lib: _Libssl, ssl_object: ssl.SSLObject) -> int:
+    """The connection's SSL, 0 unless confirmed: the PySSLSocket points back to the context
+    object whose confirmed SSL_CTX the SSL belongs to."""
+    ctx = ssl_object.context
+    ctx_ptr = _ctx_pointer(ctx)
+    if not ctx_ptr:
+        return 0
+    sock = ssl_object._sslobj  # type: ignore[attr-defined]
+    # PySSLSocket: Socket (weakref), ssl, ctx (the PySSLContext it was made by).
+    ssl_ptr = _field(sock, _HEAD + _P)
+    if not ssl_ptr or _field(sock, _HEAD + 2 * _P) != id(ctx):
+        return 0
+    return ssl_ptr if lib.get_ssl_ctx(ssl_ptr) == ctx_ptr else 0
+
+
+def has_ticket(ssl_object: ssl.SSLObject) -> bool | None:
+    """Whether the connection's current session has a ticket (a TLS 1.3 client's, once the
+    server sent one), read without the copy ssl's `session` makes; None if unconfirmed."""
+    lib = _libssl()
+    ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
+    if lib is None or not ssl_ptr:
+        return None
+    session = lib.get0_session(ssl_ptr)
+    return bool(session and lib.session_has_ticket(session))
+
+
+def offer_session(ssl_object: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+    """Offer `session` on a client `ssl_object` whose handshake has not started, without the
+    copy ssl makes. False (nothing done) unless every pointer is confirmed; the caller then
+    offers it the plain way."""
+    lib = _libssl()
+    ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
+    if lib is None or not ssl_ptr or lib.is_server(ssl_ptr) or not lib.in_before(ssl_ptr):
+        return False
+    ctx = ssl_object.context
+    # PySSLSession: session, ctx (the PySSLContext of the connection it was read from).
+    sess_ptr = _field(session, _HEAD)
+    if not sess_ptr or _field(session, _HEAD + _P) != id(ctx):
+        return False
+    if (
+        lib.session_get_time(sess_ptr) != session.time
+        or lib.session_get_timeout(sess_ptr) != session.timeout
+        or bool(lib.session_has_ticket(sess_ptr)) != session.has_ticket
+    ):
+        return False
+    if lib.get0_session(ssl_ptr):
+        return False  # a session is set already: not ours to replace
+    # Each connection gets its own copy, as with ssl: OpenSSL marks a connection's session not
+    # resumable when the connection ends without a close_notify (ssl_clear_bad_session), which
+    # must not reach the kept session. SSL_SESSION_dup copies fields and takes references to
+    # the certificates, where ssl's copy encodes and decodes them.
+    dup = lib.session_dup(sess_ptr)
+    if not dup:
+        return False
+    try:
+        return bool(lib.set_session(ssl_ptr, dup) == 1)
+    finally:
+        lib.session_free(dup)  # the connection holds its own reference
