@@ -32,13 +32,16 @@ interpreter, or a library that is not OpenSSL 3 leaves everything as plain ssl d
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import ssl
+import sys
 from functools import cache
 from typing import Any
 
 __all__ = ["has_ticket", "offer_session", "send_loaded_chain_only"]
 
+_LAYOUTS_READ = ((3, 11), (3, 12), (3, 13))
 _P = ctypes.sizeof(ctypes.c_void_p)
 _HEAD = object.__basicsize__  # PyObject_HEAD
 _SSL_CTRL_MODE = 33
@@ -77,9 +80,17 @@ class _Libssl:
 
 @cache
 def _libssl() -> _Libssl | None:
-    """libssl as the `_ssl` extension links it (the very library whose objects ssl made)."""
-    if platform.python_implementation() != "CPython" or not ssl.OPENSSL_VERSION.startswith(
-        "OpenSSL 3."
+    """libssl as the `_ssl` extension links it (the very library whose objects ssl made).
+
+    None (plain ssl everywhere) outside the CPython releases whose object layouts were read
+    for this (3.11 to 3.13), with another library than OpenSSL 3, or when the operator says
+    MESHLET_SSL_NATIVE=0."""
+    if os.environ.get("MESHLET_SSL_NATIVE", "1") == "0":
+        return None
+    if (
+        platform.python_implementation() != "CPython"
+        or sys.version_info[:2] not in _LAYOUTS_READ
+        or not ssl.OPENSSL_VERSION.startswith("OpenSSL 3.")
     ):
         return None
     try:

@@ -139,3 +139,24 @@ def test_what_cannot_be_confirmed_is_not_offered(ca: ProxyTestCA) -> None:
         assert not offer_session(twice, session)
     finally:
         server.close()
+
+
+def test_the_operator_can_turn_the_native_calls_off() -> None:
+    """MESHLET_SSL_NATIVE=0: every call reports it did nothing, so ssl's own path is taken."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import ssl; from connect import ssl_native as n; "
+        "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); "
+        "print(n._libssl() is None, n.send_loaded_chain_only(ctx))"
+    )
+    for value, expected in (("0", "True False"), ("1", "False True")):
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={"MESHLET_SSL_NATIVE": value, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.split() == expected.split(), (value, out.stdout, out.stderr)
