@@ -71,6 +71,13 @@ class ConnectionLimits:
     refusal_log_interval: float = 10.0
     """At most one warning per listener and cap in this many seconds (with the count)."""
 
+    @property
+    def max_plaintext_connections(self) -> int:
+        """Permissive mode: plaintext connections (no certificate, so nothing stops a stranger
+        opening many once each has sent one byte) hold at most half of `max_connections`, so
+        mesh peers always find room."""
+        return max(1, self.max_connections // 2)
+
 
 class _BufferedProtocol(Protocol):
     """The loops' SSL protocols are buffered protocols (asyncio.BufferedProtocol's methods;
@@ -269,6 +276,9 @@ class _TLSAccept(asyncio.Protocol):
         if listener._closing:
             raw.abort()
             return
+        if not listener._admit_plaintext(raw):
+            raw.abort()
+            return
         app = listener._protocol()
         self.app = app
         raw.set_protocol(app)
@@ -335,6 +345,8 @@ class ListeningSocket:
         self.tasks: set[asyncio.Task[None]] = set()
         self._port = 0
         self._handshaking: set[_TLSAccept] = set()
+        self._plaintext: set[asyncio.BaseTransport] = set()
+        """Permissive mode: the plaintext connections handed over (pruned when one closes)."""
         self._closing = False
         self.connection_limits = ConnectionLimits()
         self.peak_connections = 0
@@ -389,6 +401,15 @@ class ListeningSocket:
         if open_now >= self.peak_connections:
             self.peak_connections = open_now + 1
         return ""
+
+    def _admit_plaintext(self, raw: asyncio.BaseTransport) -> bool:
+        """`ConnectionLimits.max_plaintext_connections`; False: refused and counted."""
+        self._plaintext = {t for t in self._plaintext if not t.is_closing()}
+        if len(self._plaintext) >= self.connection_limits.max_plaintext_connections:
+            self._refuse("max_plaintext_connections")
+            return False
+        self._plaintext.add(raw)
+        return True
 
     def _refuse(self, cap: str) -> asyncio.Protocol:
         refusals = self.stats.connections_refused_limit

@@ -34,6 +34,8 @@ class LimitRefusals:
     """The listener held `max_connections` open connections."""
     max_pending_handshakes: int = 0
     """The listener held `max_pending_handshakes` connections not yet through TLS."""
+    max_plaintext_connections: int = 0
+    """Permissive mode: plaintext connections held half of `max_connections` already."""
 
 
 @dataclass(slots=True)

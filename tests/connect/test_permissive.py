@@ -29,6 +29,7 @@ from connect.http1 import HTTPLimits, InboundHTTP
 from connect.http1.exchange import Exchange
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4
+from connect.listener import ConnectionLimits
 from connect.observe import Side, Telemetry
 from connect.peers import service_peers
 from connect.seams import Peer
@@ -87,6 +88,7 @@ async def site(
     handshake_timeout: float = 10.0,
     limits: HTTPLimits | None = None,
     default_allow: bool = False,
+    connection_limits: ConnectionLimits | None = None,
 ) -> AsyncIterator[Site]:
     """devstack; api's inbound listener (http or l4) in front of a recording app, with
     MutualTLSMode `permissive` or strict; web's leaf for the mTLS caller."""
@@ -125,7 +127,7 @@ async def site(
             server, port, tcp_app = await start_app()
             listener = InboundL4(gate, "127.0.0.1", port)
             listener.observer = telemetry.tcp(telemetry.inbound("tcp"))
-        await listener.start()
+        await listener.start(limits=connection_limits)
         try:
             yield Site(api, web, gate, listener, telemetry, holder, http_app, tcp_app)
         finally:
@@ -458,3 +460,36 @@ async def test_the_sidecar_turns_strict_again_without_dropping_mtls_connections(
                 writer.close()
             await api.close(grace=0)
             await app.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_plaintext_connections_cannot_crowd_out_mesh_peers(loop: str) -> None:
+    """A stranger opens plaintext connections that each send one byte and then wait: past
+    half of `max_connections` they are refused (counted), and web's mTLS request is still
+    served. On the code before this cap, 8 such connections filled the listener and web's
+    connection was reset (found by the red-team pass)."""
+
+    async def body() -> None:
+        limits = ConnectionLimits(max_connections=8, max_pending_handshakes=4)
+        async with site("http", ALLOW_ANY, connection_limits=limits) as s:
+            held: list[asyncio.StreamWriter] = []
+            refused = 0
+            for _ in range(8):
+                reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+                writer.write(b"G")
+                await writer.drain()
+                held.append(writer)
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(1), 0.5) == b"":
+                        refused += 1
+            assert refused == 4
+            assert s.stats.connections_refused_limit.max_plaintext_connections == 4
+            answer = await exchange(s.port, get(), s.web_context())
+            assert status(answer) == 200, answer[:200]
+            for writer in held:
+                writer.close()
+            # Once they are gone, plaintext is admitted again.
+            await asyncio.sleep(0.2)
+            assert status(await exchange(s.port, get())) == 200
+
+    run(loop, body)
