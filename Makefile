@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions traffic connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat bench bench-smoke bench-tools compiled faults soak fuzz clean
+.PHONY: install test lint typecheck pytest demo dev compat bench bench-smoke bench-tools compiled test-compiled faults soak fuzz clean
 
 install: $(STAMP)
 
@@ -70,6 +70,18 @@ $(MYPYC_STAMP): $(STAMP) setup.py pyproject.toml \
 	    --force-reinstall .
 	rm -rf build  # setuptools' build/lib would hand the .so files to a later pure build
 	touch $(MYPYC_STAMP)
+
+# tests/connect and tests/fuzz against the compiled modules: a copy of the tracked tree in
+# build/compiled-tests with setup.py's HOT modules compiled in place there (never here).
+test-compiled: $(STAMP)
+	rm -rf build/compiled-tests && mkdir -p build/compiled-tests
+	git ls-files -z | xargs -0 cp --parents -t build/compiled-tests
+	cd build/compiled-tests && ../../$(BIN)/python -c \
+	    'import runpy, sys; hot = runpy.run_path("setup.py", run_name="hot")["HOT"]; \
+	     sys.argv = ["mypyc", *hot]; from mypyc.__main__ import main; main()' >/dev/null
+	cd build/compiled-tests && ../../$(BIN)/python -c \
+	    'import connect.http1.downstream as m; assert m.__file__.endswith(".so"), m.__file__'
+	cd build/compiled-tests && ../../$(BIN)/pytest -q -p no:cacheprovider tests/connect tests/fuzz
 
 # haproxy, nginx and wrk from apt when any is missing (Debian puts two of them in /usr/sbin).
 bench-tools:
