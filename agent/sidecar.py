@@ -64,7 +64,7 @@ from connect.access_log import AccessLog, AccessLogSettings, effective_settings
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
-from connect.heap_trim import HeapTrimmer
+from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
@@ -512,6 +512,7 @@ class Sidecar:
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
             tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
+            keep_read_buffers_on_heap()  # no mmap/munmap per TLS read (connect.heap_trim)
             self.started.set()
 
     async def _recheck_on_intentions(self, proxy: DataPlane[EndpointSnapshot | None]) -> None:
