@@ -75,18 +75,19 @@ class Upstream:
             return
         waiting = []
         for transport, ssl_object in self._unconfirmed:
-            session = ssl_object.session
-            if session is not None and session.has_ticket:
+            if not transport.is_closing():
+                # Decided once it closes: reading `session` copies the whole session (with
+                # the server's chain) each time, ~0.15 ms, and this runs on every dial.
+                waiting.append((transport, ssl_object))
                 continue
-            if transport.is_closing():
+            session = ssl_object.session
+            if session is None or not session.has_ticket:
                 self.refused("peer_refused")
                 log.warning(
                     "upstream %s: the server closed right after the handshake: it refused "
                     "our certificate (its handshake_failures say why)",
                     self.name,
                 )
-                continue
-            waiting.append((transport, ssl_object))
         # Bounded: a server that sends no tickets at all must not make this grow.
         self._unconfirmed = waiting[-_UNCONFIRMED_MAX:]
 
