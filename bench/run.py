@@ -211,7 +211,8 @@ def data_plane(
             for name, port in ports.items():
                 if name.startswith("mt_") and not telemetry_on:
                     continue
-                pb.wait_port(port)
+                # Eight sidecars start at once on the SUT core: on a busy box 10 s was short.
+                pb.wait_port(port, timeout=30.0)
             for v in variants:
                 results[v.name] = {
                     "rss_idle_mb": [mb(pb.rss_kb(p.pid)[0]) for p in v.sidecars],
