@@ -46,6 +46,7 @@ bench: $(STAMP) bench-tools compiled
 	$(BIN)/python bench/http_pair_micro.py --requests 10000
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --metrics
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --access-log
+	$(BIN)/python bench/http_pair_micro.py --requests 10000 --tracing 10
 
 # The same in seconds, for CI: asserts only that every variant produced figures.
 bench-smoke: $(STAMP) bench-tools compiled

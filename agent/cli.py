@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.intentions_cli import add_parser as add_intentions_command
     from agent.routes_cli import add_parser as add_routes_command
     from agent.status_cli import add_status_command
+    from agent.telemetry_cli import add_parser as add_telemetry_command
     from agent.top import add_top_command
     from agent.version_cli import VersionAction, add_version_command
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_intentions_command(sub)
     add_inject_command(sub)
     add_routes_command(sub)
+    add_telemetry_command(sub)
     add_install_command(sub)
     add_version_command(sub)
     return parser

@@ -34,6 +34,7 @@ from agent.consul_blocking import parse_duration
 from agent.consul_config import ConsulConfig, config_from_env
 from agent.consul_errors import ConsulConfigError
 from connect.access_log import parse_access_logs
+from connect.tracing_settings import parse_tracing
 from intentions.path_normalization import PathNormalization
 
 # ---- field metadata ----------------------------------------------------------------------------
@@ -128,6 +129,14 @@ class ConsulSection:
             "Pooled connections to Consul. 0 sizes the pool from the upstream count: every "
             "upstream parks one blocking query. Consul's `limits.http_max_conns_per_client` "
             "(default 200) must be above it.",
+        ),
+    )
+    max_response_bytes: int = field(
+        default=64 << 20,
+        metadata=_doc(
+            "Largest Consul answer read: a larger one (declared or streamed) is refused "
+            "unread, the last good snapshot stays, and the watch asks again; counted in "
+            "`meshlet_consul_watch_errors`.",
         ),
     )
 
@@ -327,6 +336,38 @@ class SidecarSection:
             "before any TLS work. They count towards `max_connections` too.",
         ),
     )
+    max_headers: int = field(
+        default=100,
+        metadata=_doc(
+            "HTTP listeners: headers one request may carry (Envoy's default); beyond it the "
+            "request is answered 431 and its connection closed, counted in "
+            "`requests_refused_limit`.",
+        ),
+    )
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata=_doc(
+            "HTTP listeners: size of one request's head, its target plus each header's name "
+            "and value and 4 bytes; beyond it 431 and a close, counted in "
+            "`requests_refused_limit`.",
+        ),
+    )
+    retry_buffer_bytes: int = field(
+        default=64 * 1024,
+        metadata=_doc(
+            "HTTP: a request body up to this size is kept while it is sent, so a route's "
+            "retry policy can send it again; a longer one is forwarded unkept, and is not "
+            "retried (counted in `retry_buffer_overflows`). 0 keeps no body.",
+        ),
+    )
+    max_pending_requests: int = field(
+        default=1024,
+        metadata=_doc(
+            "HTTP requests per upstream waiting for a connection to be dialed (Envoy's "
+            "default), when Consul's upstream `Limits.MaxPendingRequests` sets none; beyond "
+            "it 503 at once, counted in `meshlet_circuit_breaker_overflows_total`.",
+        ),
+    )
     upstreams: tuple[UpstreamSection, ...] = field(
         default=(), metadata=_doc("Services this one calls through the sidecar.")
     )
@@ -439,7 +480,11 @@ class AccessLogsSection:
     )
     text_format: str = field(default="", metadata=_doc("A line of Envoy operators."))
     disable_listener_logs: bool | None = field(
-        default=None, metadata=_doc("Accepted as Consul's; meshlet has no listener rejections.")
+        default=None,
+        metadata=_doc(
+            "No log lines for connections the inbound listener refuses before they carry "
+            "anything (failed TLS handshakes, refused peers)."
+        ),
     )
 
     def overrides(self) -> dict[str, Any]:
@@ -463,6 +508,41 @@ class AccessLogsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSection:
+    """This service's tracing, over the proxy-defaults entry's `Config.tracing` key by key.
+    Registered as the sidecar's `Proxy.Config.tracing`, where the sidecar reads it back from
+    Consul (as it reads one Nomad or an operator registered), so it follows a reload."""
+
+    otlp_endpoint: str = field(
+        default="",
+        metadata=_doc("OTLP/HTTP traces endpoint (a URL, usually ending in /v1/traces)."),
+    )
+    sampling_percent: float | None = field(
+        default=None, metadata=_doc("Share of the traces this sidecar starts, 0-100.")
+    )
+    propagation: tuple[str, ...] = field(
+        default=(), metadata=_doc("Trace-context headers read and written: w3c, b3.")
+    )
+
+    def block(self) -> dict[str, Any]:
+        """The keys set here, as a `tracing` block."""
+        out: dict[str, Any] = {}
+        if self.otlp_endpoint:
+            out["otlp_endpoint"] = self.otlp_endpoint
+        if self.sampling_percent is not None:
+            out["sampling_percent"] = self.sampling_percent
+        if self.propagation:
+            out["propagation"] = list(self.propagation)
+        return out
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        try:
+            parse_tracing(self.block(), "tracing")
+        except ValueError as exc:
+            yield "", str(exc)
+
+
+@dataclass(frozen=True, slots=True)
 class TelemetrySection:
     metrics_address: str = field(
         default="",
@@ -474,6 +554,9 @@ class TelemetrySection:
     )
     access_logs: AccessLogsSection = field(
         default_factory=AccessLogsSection, metadata=_doc("Access-log overrides.")
+    )
+    tracing: TracingSection = field(
+        default_factory=TracingSection, metadata=_doc("This service's tracing overrides.")
     )
 
 
@@ -636,6 +719,11 @@ class _Parser:
                 self.fail(path, f"expected a string, got {_type_name(raw)}")
                 return ""
             return raw
+        if tp is float:
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                self.fail(path, f"expected a number, got {_shown(raw)}")
+                return 0.0
+            return float(raw)
         if tp is Path:
             if not isinstance(raw, str) or not raw:
                 self.fail(path, f"expected a file path, got {_shown(raw)}")
@@ -732,7 +820,12 @@ def consul_client_config(
     base = config_from_env(merged, timeout=section.timeout)
     # Each upstream parks a blocking query; registration and checks need a few more.
     connections = section.max_connections or max(100, upstreams + 16)
-    return dataclasses.replace(base, max_connections=connections)
+    return dataclasses.replace(
+        base,
+        max_connections=connections,
+        # A value the cross checks refuse must not fail here first, without its key.
+        max_response_bytes=max(1, section.max_response_bytes),
+    )
 
 
 def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
@@ -758,10 +851,19 @@ def _cross_checks(cfg: AgentConfig, p: _Parser) -> None:
         fail("sidecar.workers", workers_problem(side.workers))
     if side.max_connections < 1:
         fail("sidecar.max_connections", f"expected a positive integer, got {side.max_connections}")
-    if side.max_pending_handshakes < 1:
+    positive = ("max_pending_handshakes", "max_headers", "max_header_bytes", "max_pending_requests")
+    for key in positive:
+        if getattr(side, key) < 1:
+            fail(f"sidecar.{key}", f"expected a positive integer, got {getattr(side, key)}")
+    if side.retry_buffer_bytes < 0:
         fail(
-            "sidecar.max_pending_handshakes",
-            f"expected a positive integer, got {side.max_pending_handshakes}",
+            "sidecar.retry_buffer_bytes",
+            f"expected 0 or a positive integer, got {side.retry_buffer_bytes}",
+        )
+    if cfg.consul.max_response_bytes < 1:
+        fail(
+            "consul.max_response_bytes",
+            f"expected a positive integer, got {cfg.consul.max_response_bytes}",
         )
     binds: dict[str, str] = {}
     targets: dict[tuple[str, str, str, str], str] = {}
@@ -1058,7 +1160,9 @@ def _render_type(tp: Any, meta: Mapping[str, Any]) -> str:
         return "duration"
     if meta.get("port"):
         return "port"
-    return {str: "string", int: "integer", bool: "boolean", Path: "path"}.get(tp, str(tp))
+    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}.get(
+        tp, str(tp)
+    )
 
 
 def _render_default(f: dataclasses.Field[Any], meta: Mapping[str, Any]) -> str:

@@ -6,11 +6,11 @@
             got = await consul.health.service("web", passing=True, index=got.next_index)
             ...
 
-One aiohttp session with keep-alive per client; endpoints grouped as Consul's API groups them
-(`agent`, `catalog`, `health`, `kv`, `status`). Index-blocking reads take `index` and `wait`
-and return `Indexed`; `agent.service` blocks on a content hash and returns `Hashed`. Each call
-is one HTTP request with a deadline and no retries: the watch loop that calls it decides when
-to try again.
+One pool of keep-alive connections per client (agent/consul_wire.py); endpoints grouped as
+Consul's API groups them (`agent`, `catalog`, `health`, `kv`, `status`). Index-blocking reads
+take `index` and `wait` and return `Indexed`; `agent.service` blocks on a content hash and
+returns `Hashed`. Each call is one HTTP request with a deadline and no retries: the watch loop
+that calls it decides when to try again.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
 The split follows what a caller does next: `ConsulUnavailable` is worth retrying with backoff,
 `ConsulRejected` will fail the same way again until someone changes the request or the ACLs,
 and `ConsulNotFound` is usually a fact about the world (the thing was deregistered).
-aiohttp's exceptions never escape the client; they are mapped where they enter.
+Transport errors (OSError, ssl.SSLError, consul_wire.WireError) never escape the client; they are
+mapped where they enter.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
-"""The Consul client's transport: one keep-alive aiohttp session, a deadline on every request,
-the ACL token, TLS, and the mapping of HTTP outcomes onto the `consul_errors` tree.
+"""The Consul client's transport: pooled keep-alive connections (agent/consul_wire.py), a
+deadline on every request, the ACL token, TLS, and the mapping of HTTP outcomes onto the
+`consul_errors` tree.
 
-Endpoint code above this layer never sees aiohttp: it gets a `Response` or a `ConsulError`.
+Endpoint code above this layer never sees the wire: it gets a `Response` or a `ConsulError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import ssl
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import aiohttp
-from yarl import URL
+from urllib.parse import quote, urlencode, urlsplit
 
 from agent.consul_blocking import blocking_deadline, next_index
 from agent.consul_config import ConsulConfig, ConsulTLS
@@ -28,6 +29,7 @@ from agent.consul_errors import (
     ConsulRejected,
     ConsulUnavailable,
 )
+from agent.consul_wire import CLOSED, NOT_HTTP, TOO_LARGE, TRUNCATED, Connection, Pool, WireError
 
 Params = Sequence[tuple[str, str]]
 
@@ -37,6 +39,10 @@ log = logging.getLogger("meshlet.consul")
 # so a reused connection is rarely a dead one (requests are never silently re-sent).
 _KEEPALIVE_SECONDS = 10.0
 _USER_AGENT = "meshlet-consul-client"
+# What may stand in a request line's target or a header value we send: visible ASCII (and
+# spaces inside a header value); anything else would let data split the request.
+_TARGET = re.compile(r"/[!-~]*")
+_FIELD_VALUE = re.compile(r"[!-~]+(?: +[!-~]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,56 +164,79 @@ class ConsulHTTP:
         self.config = config
         self._ssl = _ssl_context(config.tls) if config.tls is not None else None
         self._server_hostname = config.tls.server_name if config.tls is not None else None
-        headers = {"User-Agent": _USER_AGENT}
         token = _load_token(config)
-        if token:
-            headers["X-Consul-Token"] = token
-        self._headers = headers
+        if token and not _FIELD_VALUE.fullmatch(token):
+            raise ConsulConfigError(
+                "the Consul token has characters a header cannot carry (control characters, "
+                "non-ASCII, or spaces around it): check CONSUL_HTTP_TOKEN or the token file"
+            )
         self._base = config.base_url
-        self._session: aiohttp.ClientSession | None = None
+        where = urlsplit(self._base)
+        self._host = where.hostname or "localhost"
+        self._port = where.port or (443 if self._ssl is not None else 80)
+        # Every request's fixed fields, rendered once.
+        fields = f"Host: {where.netloc}\r\nUser-Agent: {_USER_AGENT}\r\n"
+        if token:
+            fields += f"X-Consul-Token: {token}\r\n"
+        self._fields = fields.encode("ascii")
+        self._pool: Pool | None = None
         self._closed = False
         # Paths whose answer Consul's ACLs have filtered, each warned about once.
         self._filtered: set[str] = set()
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self) -> Pool:
         if self._closed:
             raise RuntimeError("the Consul client is closed")
-        if self._session is None:
-            connector: aiohttp.BaseConnector
-            if self.config.unix_socket is not None:
-                connector = aiohttp.UnixConnector(
-                    path=str(self.config.unix_socket),
-                    limit=self.config.max_connections,
-                    keepalive_timeout=_KEEPALIVE_SECONDS,
-                )
-            else:
-                connector = aiohttp.TCPConnector(
-                    ssl=self._ssl if self._ssl is not None else True,
-                    limit=self.config.max_connections,
-                    keepalive_timeout=_KEEPALIVE_SECONDS,
-                )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                headers=self._headers,
-                # Every request passes its own deadline; there is no session-wide default.
-                timeout=aiohttp.ClientTimeout(total=None),
+        if self._pool is None:
+            self._pool = Pool(
+                self._dial, limit=self.config.max_connections, keepalive=_KEEPALIVE_SECONDS
             )
-            # aiohttp re-sends an idempotent request once when the connection drops. For a KV
-            # CAS or a check update that second send can report a spurious failure, and the
-            # agent's watch loop owns retries and backoff: every request goes out exactly once.
-            if hasattr(session, "_retry_connection"):
-                session._retry_connection = False
-            self._session = session
-        return self._session
+        return self._pool
+
+    async def _dial(
+        self, factory: Callable[[], Connection]
+    ) -> tuple[asyncio.BaseTransport, Connection]:
+        loop = asyncio.get_running_loop()
+        if self.config.unix_socket is not None:
+            return await loop.create_unix_connection(factory, str(self.config.unix_socket))
+        if self._ssl is None:
+            return await loop.create_connection(factory, self._host, self._port)
+        return await loop.create_connection(
+            factory,
+            self._host,
+            self._port,
+            ssl=self._ssl,
+            server_hostname=self._server_hostname or self._host,
+        )
 
     async def open(self) -> None:
         self._open()
 
     async def close(self) -> None:
         self._closed = True
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
+    def _request_bytes(
+        self,
+        method: str,
+        path: str,
+        params: Params,
+        body: bytes | None,
+        content_type: str | None,
+    ) -> bytes:
+        target = f"{path}?{urlencode(list(params), quote_via=quote, safe='')}" if params else path
+        if not _TARGET.fullmatch(target):
+            raise ValueError(f"{method} {path!r}: not a percent-encoded path")
+        head = f"{method} {target} HTTP/1.1\r\n".encode("ascii") + self._fields
+        if content_type:
+            if not _FIELD_VALUE.fullmatch(content_type):
+                raise ValueError(f"content type {content_type!r} is not a header value")
+            head += f"Content-Type: {content_type}\r\n".encode("ascii")
+        if body is not None or method not in ("GET", "HEAD", "DELETE"):
+            head += f"Content-Length: {len(body or b'')}\r\n".encode("ascii")
+        return head + b"\r\n" + (body or b"")
 
     async def request(
         self,
@@ -224,73 +253,49 @@ class ConsulHTTP:
         `path` is already percent-encoded. `blocking_wait` is the wait (in seconds) Consul may
         hold this request for; the deadline covers it plus Consul's jitter plus the margin.
         """
-        session = self._open()
+        pool = self._open()
         margin = self.config.timeout
         deadline = margin if blocking_wait is None else blocking_deadline(blocking_wait, margin)
-        timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=min(margin, deadline))
-        url = URL(self._base + path, encoded=True)
-        headers = {"Content-Type": content_type} if content_type else None
+        data = self._request_bytes(method, path, params, body, content_type)
         where = f"{method} {path}"
+        limit = self.config.max_response_bytes
         try:
-            async with session.request(
-                method,
-                url,
-                params=list(params),
-                data=body,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-                server_hostname=self._server_hostname,
-            ) as resp:
-                data = await self._body(resp, where)
-                if resp.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true":
-                    self._warn_filtered(method, path)
-                return Response(method, path, resp.status, resp.headers, data)
+            async with asyncio.timeout(deadline):
+                answer = await pool.exchange(
+                    data, max_body=limit, connect_timeout=min(margin, deadline)
+                )
         except TimeoutError as exc:
             raise ConsulUnavailable(
                 f"{where}: no complete answer from {self._base} within {deadline:.3g}s"
             ) from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
+        except ssl.SSLCertVerificationError as exc:
             raise ConsulUnavailable(
-                f"{where}: TLS certificate of {self._base} not accepted: {exc.certificate_error}"
+                f"{where}: TLS certificate of {self._base} not accepted: {exc}"
             ) from exc
-        except aiohttp.ClientSSLError as exc:
+        except ssl.SSLError as exc:
             raise ConsulUnavailable(f"{where}: TLS with {self._base} failed: {exc}") from exc
-        except aiohttp.ClientConnectorError as exc:
+        except WireError as exc:
+            raise self._wire_error(where, exc) from exc
+        except OSError as exc:
             raise ConsulUnavailable(f"{where}: cannot connect to {self._base}: {exc}") from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise ConsulUnavailable(
-                f"{where}: {self._base} closed the connection before answering"
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise ConsulBadResponse(f"{where}: incomplete or malformed body: {exc}") from exc
-        except aiohttp.ClientResponseError as exc:
-            raise ConsulBadResponse(f"{where}: not an HTTP answer: {exc.message}") from exc
-        except aiohttp.ClientError as exc:
-            raise ConsulUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+        if answer.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true":
+            self._warn_filtered(method, path)
+        return Response(method, path, answer.status, answer.headers, answer.body)
 
-    async def _body(self, resp: aiohttp.ClientResponse, where: str) -> bytes:
-        """The whole body, or `ConsulBadResponse` as soon as it is known to exceed the limit
-        (from Content-Length, or while reading a chunked one): a huge answer is never held."""
+    def _wire_error(self, where: str, exc: WireError) -> ConsulUnavailable | ConsulBadResponse:
         limit = self.config.max_response_bytes
-        declared = resp.content_length
-        if declared is not None and declared > limit:
-            resp.close()
-            raise ConsulBadResponse(
-                f"{where}: answer of {declared} bytes is larger than the {limit}-byte limit "
-                "(max_response_bytes)"
+        if exc.kind == CLOSED:
+            return ConsulUnavailable(
+                f"{where}: {self._base} closed the connection before answering"
             )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(1 << 20):
-            size += len(chunk)
-            if size > limit:
-                resp.close()  # not `release`: the rest of the body is never read
-                raise ConsulBadResponse(
-                    f"{where}: answer larger than the {limit}-byte limit (max_response_bytes)"
-                )
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if exc.kind == TRUNCATED:
+            return ConsulUnavailable(f"{where}: incomplete body from {self._base}: {exc}")
+        if exc.kind == TOO_LARGE:
+            return ConsulBadResponse(
+                f"{where}: {exc} larger than the {limit}-byte limit (max_response_bytes)"
+            )
+        assert exc.kind == NOT_HTTP
+        return ConsulBadResponse(f"{where}: not an HTTP answer: {exc}")
 
     def _warn_filtered(self, method: str, path: str) -> None:
         # A filtered read is not an error to Consul (no 403), so without this line a missing

@@ -1,11 +1,12 @@
 """Lean typed entries of a `/v1/health/connect/<name>` answer, decoded straight from its bytes.
 
 The upstream watch reads this answer for every upstream, and for a large upstream it is
-megabytes of JSON of which an endpoint needs a few fields per entry. `decode_entries` parses
-the body with msgspec into frozen structs that hold only those fields: every other field
-(node meta, tagged addresses, check output, proxy config, service tags and meta, ...) is
-skipped by the parser without building a Python object, which is what makes a 10,000-instance
-answer cost milliseconds instead of the ~80 ms `json.loads` took.
+megabytes of JSON of which an endpoint needs a few fields per entry, and of which an update
+changes a few entries. `split_entries` parses the body with msgspec into one raw JSON view per
+entry without building any; `decode_entry` turns one into a frozen struct that holds only the
+fields an endpoint needs: every other field (node meta, tagged addresses, check output, proxy
+config, service tags and meta, ...) is skipped by the parser without building a Python object.
+The watch decodes only the entries whose bytes it has not seen (`catalog.decode_answer`).
 
 Strictness is that of `consul_results.ServiceEntry.from_json` for every field kept: a field of
 the wrong type, a missing required one, or a check status other than passing, warning or
@@ -13,8 +14,6 @@ critical is a `ShapeError` naming the JSON path (`$[12].Service.Port`). Fields t
 does not read are not type-checked (the JSON around them must still be valid JSON). Fields
 Consul may send as null or omit read as their default, as `from_json` reads them.
 
-The structs are frozen and hashable, so an entry is its own memo key: two entries that compare
-equal give the same endpoint (see `catalog.decode_answer`).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ import msgspec
 from agent.consul_json import ShapeError
 from agent.consul_results import NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX, HealthStatus
 
-# Every struct is frozen (immutable, hashable) and outside the cyclic GC (gc=False: they never
-# hold a cycle, and tens of thousands of them live in the memo of a large upstream).
+# Every struct is frozen and outside the cyclic GC (gc=False: they never hold a cycle, and a
+# first answer builds tens of thousands of them).
 
 
 class NodeFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
@@ -37,6 +36,7 @@ class NodeFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
 
 class WeightsFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     passing: int | None = msgspec.field(name="Passing", default=None)
+    warning: int | None = msgspec.field(name="Warning", default=None)
 
 
 class ProxyFields(msgspec.Struct, frozen=True, gc=False, kw_only=True):
@@ -86,13 +86,19 @@ class HealthEntry(msgspec.Struct, frozen=True, gc=False, kw_only=True):
         return worst
 
 
-_decoder = msgspec.json.Decoder(tuple[HealthEntry, ...])
+_entries = msgspec.json.Decoder(tuple[msgspec.Raw, ...])
+_entry = msgspec.json.Decoder(HealthEntry)
 
 
-def decode_entries(body: bytes) -> tuple[HealthEntry, ...]:
-    """The entries of a `/v1/health/connect` answer, or `ShapeError` saying what is wrong."""
+def split_entries(body: bytes) -> tuple[msgspec.Raw, ...]:
+    """The entries of a `/v1/health/connect` answer as raw JSON, or `ShapeError`.
+
+    The whole body is parsed (it must be valid JSON and a list) but no entry is built: each
+    `Raw` is a view of its entry's bytes in `body` (and keeps `body` alive while held).
+    `decode_entry` turns one into a `HealthEntry`.
+    """
     try:
-        return _decoder.decode(body)
+        return _entries.decode(body)
     except msgspec.ValidationError as exc:
         raise ShapeError(str(exc)) from None
     except msgspec.DecodeError as exc:
@@ -100,6 +106,27 @@ def decode_entries(body: bytes) -> tuple[HealthEntry, ...]:
     except RecursionError:
         # Nesting deeper than the interpreter's limit, e.g. inside a field we skip.
         raise ShapeError("response is not JSON this agent reads: nested too deeply") from None
+
+
+def decode_entry(raw: msgspec.Raw | bytes, position: int) -> HealthEntry:
+    """Entry number `position` of the answer, or `ShapeError` naming its JSON path
+    (`$[12].Service.Port`)."""
+    try:
+        return _entry.decode(raw)
+    except msgspec.ValidationError as exc:
+        # msgspec names the path within the entry (`$.Service.Port`), or none at its top.
+        text = str(exc)
+        where = f"$[{position}]"
+        if " - at `$" in text:
+            raise ShapeError(text.replace(" - at `$", f" - at `{where}", 1)) from None
+        raise ShapeError(f"{text} - at `{where}`") from None
+    except (msgspec.DecodeError, RecursionError) as exc:  # not after `split_entries`
+        raise ShapeError(f"$[{position}] is not JSON this agent reads: {exc}") from None
+
+
+def decode_entries(body: bytes) -> tuple[HealthEntry, ...]:
+    """Every entry of a `/v1/health/connect` answer, or `ShapeError` saying what is wrong."""
+    return tuple(decode_entry(raw, i) for i, raw in enumerate(split_entries(body)))
 
 
 __all__ = [
@@ -111,4 +138,6 @@ __all__ = [
     "ServiceFields",
     "WeightsFields",
     "decode_entries",
+    "decode_entry",
+    "split_entries",
 ]

@@ -174,6 +174,19 @@ def _meshlet(snap: Mapping[str, Any]) -> Iterator[Metric]:
     for limit, n in sorted((counters.get("connections_refused_limit") or {}).items()):
         refused.add_metric([limit], _num(n))
     yield refused
+    requests_refused = CounterMetricFamily(
+        "meshlet_requests_refused",
+        "HTTP requests answered 431 because a head limit was reached.",
+        labels=["limit"],
+    )
+    for limit, n in sorted((counters.get("requests_refused_limit") or {}).items()):
+        requests_refused.add_metric([limit], _num(n))
+    yield requests_refused
+    yield CounterMetricFamily(
+        "meshlet_retry_buffer_overflows",
+        "Requests a route would retry whose body outgrew the retry buffer (not retried).",
+        value=_num(counters.get("retry_buffer_overflows")),
+    )
     yield _counter(
         "meshlet_retries",
         "Requests sent again, by upstream.",
@@ -243,6 +256,28 @@ def _meshlet(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "meshlet_access_log_dropped",
         "Access-log lines dropped because the writer fell behind (the proxy never waits).",
         value=_num(access.get("dropped")),
+    )
+    yield CounterMetricFamily(
+        "meshlet_access_log_write_failed",
+        "Access-log lines lost because writing them failed (disk full, ...); the proxy never "
+        "waits, and writing resumes once a write succeeds.",
+        value=_num(access.get("write_failed")),
+    )
+    tracing: Mapping[str, Any] = counters.get("tracing") or {}
+    yield CounterMetricFamily(
+        "meshlet_tracing_spans_dropped",
+        "Spans dropped because the export queue was full (the proxy never waits).",
+        value=_num(tracing.get("dropped")),
+    )
+    yield CounterMetricFamily(
+        "meshlet_tracing_spans_exported",
+        "Spans the OTLP collector accepted.",
+        value=_num(tracing.get("exported")),
+    )
+    yield CounterMetricFamily(
+        "meshlet_tracing_spans_export_failed",
+        "Spans whose export failed (collector unreachable or refusing).",
+        value=_num(tracing.get("failed")),
     )
     process: Mapping[str, Any] = counters.get("process") or {}
     yield GaugeMetricFamily(

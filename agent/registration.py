@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from agent.config import AgentConfig, CheckSection
 from agent.connectivity import Connectivity
@@ -96,6 +96,16 @@ def _upstream_key(u: Upstream) -> tuple[str, str, str, str, int]:
     )
 
 
+def _proxy_config(cfg: AgentConfig) -> dict[str, Any]:
+    """The sidecar's Proxy.Config: its protocol, and its own tracing when agent.yaml sets
+    some (the sidecar reads it back from Consul, over proxy-defaults' Config.tracing)."""
+    config: dict[str, Any] = {"protocol": cfg.sidecar.protocol}
+    tracing = cfg.telemetry.tracing.block()
+    if tracing:
+        config["tracing"] = tracing
+    return config
+
+
 def desired(cfg: AgentConfig, *, sidecar: bool = True) -> ServiceRegistration:
     """`sidecar=False`: the service alone (no proxy runs for it)."""
     svc, side = cfg.service, cfg.sidecar
@@ -130,7 +140,7 @@ def desired(cfg: AgentConfig, *, sidecar: bool = True) -> ServiceRegistration:
                 local_service_address=svc.address or "127.0.0.1",
                 local_service_port=svc.port,
                 upstreams=upstreams,
-                config={"protocol": side.protocol},
+                config=_proxy_config(cfg),
             ),
             checks=(
                 CheckDefinition(
@@ -194,6 +204,7 @@ def drift(
             ("destination", want.name, side.proxy.destination_service_name),
             ("local service port", want_proxy.local_service_port, side.proxy.local_service_port),
             ("protocol", want_proxy.config.get("protocol"), side.proxy.config.get("protocol")),
+            ("tracing", want_proxy.config.get("tracing"), side.proxy.config.get("tracing")),
             (
                 "upstreams",
                 sorted(_upstream_key(u) for u in want_proxy.upstreams),

@@ -14,9 +14,10 @@ not carry) is at hand. The calling service's `service-defaults` `UpstreamConfig`
 the upstream merged over `Defaults`) gives `ConnectTimeoutMs` and `Protocol` as compile
 overrides, as Consul's proxycfg passes them, and the limits and passive health check.
 
-Each target is watched with `/v1/health/connect/<service>?passing&filter=<subset filter>` in its
-datacenter (meshlet's `UpstreamWatcher`). `OnlyPassing: false` still asks for passing
-instances only: meshlet never sends to an instance in `warning` (stricter than Consul).
+Each target is watched with `/v1/health/connect/<service>?filter=<subset filter>` in its
+datacenter (meshlet's `UpstreamWatcher`), with `&passing` only for a subset with `OnlyPassing:
+true`: as Consul has it, `OnlyPassing: false` (the default) uses instances in `warning` too,
+and never critical ones (left out of the answer here).
 
 An upstream is routed by its chain once the entry watches have answered, unless meshlet's own
 config gives it a `filter`, `datacenter` or `peer` (then that section decides, as before). A
@@ -28,6 +29,7 @@ chain that fails to decode, compile or convert is rejected whole: the previous s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -46,9 +48,10 @@ from connect.chain_routes import (
     RoutingSnapshot,
     chain_routing,
     merge_upstream_config,
+    mirror_services,
 )
 from connect.latest import Latest
-from traffic.chain import ChainEntries, CompileRequest, compile_chain
+from traffic.chain import ChainEntries, CompiledDiscoveryChain, CompileRequest, compile_chain
 from traffic.defaults import (
     ProxyDefaults,
     ServiceDefaults,
@@ -57,6 +60,7 @@ from traffic.defaults import (
     service_defaults_from_json,
 )
 from traffic.entries import RoutingEntry, entry_from_json
+from traffic.errors import GraphError
 
 log = logging.getLogger("meshlet.agent.routing")
 
@@ -124,10 +128,41 @@ def compile_upstream(
         entries,
     )
     router = entries.routers.get(upstream)
-    routing = chain_routing(
-        chain, upstream_config=cfg, router_meta=router.meta if router is not None else None
-    )
+    meta = router.meta if router is not None else None
+    mirrors = {
+        m: mirror_chain(entries, m, trust_domain=trust_domain, datacenter=datacenter)
+        for m in mirror_services(meta or {})
+    }
+    routing = chain_routing(chain, upstream_config=cfg, router_meta=meta, mirrors=mirrors)
     return routing, chain.default and cfg is None
+
+
+def mirror_chain(
+    entries: ChainEntries, mirror: str, *, trust_domain: str, datacenter: str
+) -> CompiledDiscoveryChain:
+    """The chain a route's mirror (`service` or `service/subset`) sends its copies down: the
+    service's resolver (its subset as the default subset), not its router or splitter (a
+    mirror names instances, as Istio's mirror destination does)."""
+    service, _, subset = mirror.partition("/")
+    resolvers = dict(entries.resolvers)
+    resolver = resolvers.get(service)
+    if subset:
+        if resolver is None or subset not in resolver.subsets:
+            raise ChainRejected(f"mirror {mirror!r}: service {service!r} has no subset {subset!r}")
+        resolvers[service] = dataclasses.replace(resolver, default_subset=subset)
+    only = dataclasses.replace(
+        entries,
+        routers={k: v for k, v in entries.routers.items() if k != service},
+        splitters={k: v for k, v in entries.splitters.items() if k != service},
+        resolvers=resolvers,
+    )
+    try:
+        return compile_chain(
+            CompileRequest(service, trust_domain, datacenter=datacenter, override_protocol="http"),
+            only,
+        )
+    except GraphError as exc:
+        raise ChainRejected(f"mirror {mirror!r}: {exc}") from None
 
 
 class _Upstream:
@@ -179,6 +214,14 @@ class ChainWatch:
         self.targets: dict[WatchKey, tuple[UpstreamWatcher, asyncio.Task[None]]] = {}
         self.rejected_total = 0
         self._dirty = asyncio.Event()
+        self._recompile = True
+        """A config entry watch published since the last recompute: compile every chain."""
+        self._targets_changed: set[WatchKey] = set()
+        """Targets whose instances changed since then: republish only the upstreams using
+        them (a change to one target's instances recompiles no chain)."""
+        self._targets_of: dict[WatchKey, tuple[Snapshot | None, tuple[Target, ...]]] = {}
+        """Each target's last snapshot and its `targets_of`, so an unchanged target keeps its
+        very tuple (and a snapshot comparing it compares by identity)."""
         self.compiled = asyncio.Event()
         """Set once every registered upstream's chain was compiled (or rejected) once."""
         self.on_protocol: Callable[[], None] | None = None
@@ -196,6 +239,7 @@ class ChainWatch:
         up = self.upstreams.get(name)
         if up is None:
             up = self.upstreams[name] = _Upstream(name)
+            self._recompile = True
             self._dirty.set()
         return up.latest
 
@@ -211,17 +255,39 @@ class ChainWatch:
             self._tg = tg
             for kind, watch in self.entries.items():
                 tg.create_task(watch.run(), name=f"watch config {kind}")
-                tg.create_task(self._poke(watch.latest), name=f"follow config {kind}")
+                tg.create_task(self._poke(watch.latest, None), name=f"follow config {kind}")
             while True:
                 await self._dirty.wait()
                 self._dirty.clear()
-                self._recompute()
+                if self._recompile:
+                    self._recompile = False
+                    self._targets_changed.clear()
+                    self._recompute()
+                else:
+                    changed, self._targets_changed = self._targets_changed, set()
+                    self._republish(changed)
 
-    async def _poke(self, latest: Latest[Any]) -> None:
+    async def _poke(self, latest: Latest[Any], target: WatchKey | None) -> None:
+        """Follow `latest` (a config entry kind's when `target` is None, else a target's)."""
         version = latest.version
         while True:
             version, _ = await latest.changed(version)
+            if target is None:
+                self._recompile = True
+            else:
+                self._targets_changed.add(target)
             self._dirty.set()
+
+    def _republish(self, changed: set[WatchKey]) -> None:
+        """Only target instances changed: the chains stand, their endpoints move."""
+        if not changed:
+            return
+        for up in self.upstreams.values():
+            routing = up.routing
+            if routing is not None and any(
+                self._key(t) in changed for t in routing.targets.values()
+            ):
+                self._publish(up)
 
     def _recompute(self) -> None:
         bodies = {kind: w.latest.get() for kind, w in self.entries.items()}
@@ -245,6 +311,7 @@ class ChainWatch:
             self._start_target(key)
         for key in set(self.targets) - wanted:
             self.targets.pop(key)[1].cancel()
+            self._targets_of.pop(key, None)
         for up in self.upstreams.values():
             self._publish(up)
         self.compiled.set()
@@ -289,7 +356,8 @@ class ChainWatch:
 
     def _key(self, t: Any) -> WatchKey:
         dc = "" if t.datacenter in ("", self.datacenter) else t.datacenter
-        return WatchKey(t.service, dc, t.peer, t.filter)
+        # OnlyPassing false (the default): passing and warning instances, as Consul has it.
+        return WatchKey(t.service, dc, t.peer, t.filter, warning=not t.only_passing)
 
     def _start_target(self, key: WatchKey) -> None:
         assert self._tg is not None
@@ -301,13 +369,21 @@ class ChainWatch:
             rng=self._rng,
             clock=self._clock,
         )
-        task = self._tg.create_task(self._target(watcher), name=f"watch target {key.label}")
+        task = self._tg.create_task(self._target(key, watcher), name=f"watch target {key.label}")
         self.targets[key] = (watcher, task)
 
-    async def _target(self, watcher: UpstreamWatcher) -> None:
+    async def _target(self, key: WatchKey, watcher: UpstreamWatcher) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(watcher.run())
-            tg.create_task(self._poke(watcher.latest))
+            tg.create_task(self._poke(watcher.latest, key))
+
+    def _endpoints(self, key: WatchKey, snap: Snapshot | None) -> tuple[Target, ...]:
+        cached = self._targets_of.get(key)
+        if cached is not None and cached[0] is snap:
+            return cached[1]
+        targets = targets_of(snap)
+        self._targets_of[key] = (snap, targets)
+        return targets
 
     def _publish(self, up: _Upstream) -> None:
         routing = up.routing
@@ -315,13 +391,14 @@ class ChainWatch:
             return
         endpoints: dict[str, tuple[Target, ...]] = {}
         for tid, t in routing.targets.items():
-            got = self.targets.get(self._key(t))
+            key = self._key(t)
+            got = self.targets.get(key)
             if got is None:
                 return
             snap = got[0].latest.get()
             if snap is None and not got[0].state.loaded and up.latest.get() is None:
                 return  # first snapshot waits for every target's first answer
-            endpoints[tid] = targets_of(snap)
+            endpoints[tid] = self._endpoints(key, snap)
         current = up.latest.get()
         new = RoutingSnapshot(routing, endpoints, up.index)
         if current is None or current != new:

@@ -111,6 +111,7 @@ class AgentRuntime:
                 clock=clock,
                 reuse_port=shared,
                 claim_ports=shared,
+                proxy_id=external.proxy_id if external is not None else "",
             )
             if sidecar
             else None
@@ -619,8 +620,15 @@ class AgentRuntime:
             watches["intentions"] = {"failures": st.failures, "last_success": st.last_success}
             pd = side.proxy_defaults_watch.state
             watches["proxy-defaults"] = {"failures": pd.failures, "last_success": pd.last_success}
+            sd = side.service_defaults_watch.state
+            watches["service-defaults"] = {"failures": sd.failures, "last_success": sd.last_success}
+            reg = side.registration_watch.state
+            watches["sidecar-registration"] = {
+                "failures": reg.failures,
+                "last_success": reg.last_success,
+            }
             snapshot["snapshots_rejected"] = (
-                rejected + st.rejected + pd.rejected + side.intentions_broken_total
+                rejected + st.rejected + pd.rejected + reg.rejected + side.intentions_broken_total
             )
             snapshot["leaf_expires_at"] = side.leaf_expiry()
             material = side.rotator.current if side.rotator is not None else None

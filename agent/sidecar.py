@@ -32,6 +32,12 @@ that no other socket holds the ports (agent/supervisor.py, agent/worker.py).
 Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
 (port, address, protocol, path normalization, workers) needs a restart, and says so.
 
+* MutualTLSMode: blocking watches of the service-defaults and proxy-defaults entries resolve
+  the local service's mode (agent/mutual_tls.py); a change is applied to the running inbound
+  listener in place (`InboundSpec.mutual_tls_mode`): permissive also admits plaintext, with no
+  identity; back to strict, open plaintext connections are closed. Strict until Consul says
+  otherwise, and for any value meshlet does not know.
+
 * routing: `agent.routing.ChainWatch` compiles each upstream's discovery chain from the watched
   routing entries and hands the data plane one `RoutingSnapshot` per upstream (routes, a
   cluster per chain target, their endpoints); an upstream without `protocol` speaks its
@@ -55,9 +61,11 @@ from agent.catalog import WatchKey
 from agent.config import AgentConfig
 from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
-from agent.consul_results import AgentSelf
+from agent.consul_results import AgentSelf, CatalogService
 from agent.metrics import process_counters
+from agent.mutual_tls import ResolvedMode, entry_mode, resolve
 from agent.readiness import Readiness
+from agent.registration import sidecar_id
 from agent.routing import ChainWatch
 from agent.watches import AnswerRejected, BlockingWatch, WatchSettings, unindexed
 from connect.access_log import AccessLog, AccessLogSettings, effective_settings
@@ -65,15 +73,24 @@ from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
 from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap
+from connect.http1 import HTTPLimits
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
 from connect.observe import Telemetry
-from connect.sidecar import InboundSpec, Plan, SidecarSpec, UpstreamSpec, bind_address
+from connect.sidecar import (
+    InboundSpec,
+    MutualTLSMode,
+    Plan,
+    SidecarSpec,
+    UpstreamSpec,
+    bind_address,
+)
 from connect.sidecar import Sidecar as DataPlane
 from connect.stats import ProxyStats
 from connect.tls import DynamicTLS
+from connect.tracing_settings import TracingSettings, effective_tracing
 from intentions.engine import Identity, compile_snapshot
 from intentions.engine import Snapshot as IntentionsSnapshot
 from intentions.stored import compile_stored, destination_of
@@ -81,7 +98,7 @@ from intentions.stored import compile_stored, destination_of
 log = logging.getLogger("meshlet.agent.sidecar")
 
 _NOT_LOADED = "intentions not loaded yet"
-METRICS_ONLY = frozenset({"mesh", "clusters", "process", "access_log"})
+METRICS_ONLY = frozenset({"mesh", "clusters", "process", "access_log", "tracing"})
 """Counters a worker reports for /metrics that /v1/status does not show (they are big)."""
 
 _FIRST_ENDPOINTS_WAIT = 10.0
@@ -136,11 +153,16 @@ def upstream_key(spec: UpstreamSpec) -> WatchKey:
 
 
 def sidecar_spec(
-    cfg: AgentConfig, local_uri: str, chain_protocol: Callable[[str], str] = lambda name: ""
+    cfg: AgentConfig,
+    local_uri: str,
+    chain_protocol: Callable[[str], str] = lambda name: "",
+    mutual_tls_mode: MutualTLSMode = "strict",
+    tracing: TracingSettings | None = None,
 ) -> SidecarSpec:
     """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID. An upstream
     without a `protocol` speaks its discovery chain's (`chain_protocol(name)`; tcp while
-    none is known)."""
+    none is known). `mutual_tls_mode`: the service's, as Consul's entries resolve it.
+    `tracing`: what Consul's entries say (Sidecar.tracing)."""
     app_host = cfg.service.address or "127.0.0.1"
     bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
     return SidecarSpec(
@@ -152,6 +174,7 @@ def sidecar_spec(
             cfg.service.port,
             local_uri,
             cfg.sidecar.path_normalization,
+            mutual_tls_mode,
         ),
         upstreams=tuple(
             UpstreamSpec(
@@ -170,6 +193,13 @@ def sidecar_spec(
             max_connections=cfg.sidecar.max_connections,
             max_pending_handshakes=cfg.sidecar.max_pending_handshakes,
         ),
+        tracing=tracing,
+        http_limits=HTTPLimits(
+            max_header_bytes=cfg.sidecar.max_header_bytes,
+            max_headers=cfg.sidecar.max_headers,
+            retry_body_bytes=cfg.sidecar.retry_buffer_bytes,
+        ),
+        max_pending_requests=cfg.sidecar.max_pending_requests,
     )
 
 
@@ -216,12 +246,16 @@ class Sidecar:
         clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
         claim_ports: bool = False,
+        proxy_id: str = "",
     ) -> None:
-        """`reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
+        """`proxy_id`: the sidecar's registration whose Proxy.Config.tracing applies (default:
+        the one meshlet registers, `<service id>-sidecar-proxy`; Nomad names its own).
+        `reuse_port`: bind with SO_REUSEPORT (`sidecar.workers` > 1: every process of the
         group binds the same ports). `claim_ports`: first check that no other socket holds
         them (the group's first process), so a port already taken fails at start as it does
         without SO_REUSEPORT instead of being silently shared with a stranger."""
         self.config = config
+        self._proxy_id = proxy_id
         self._reuse_port = reuse_port
         self._claim_ports = claim_ports
         self._env = dict(env)
@@ -242,6 +276,38 @@ class Sidecar:
             self._fetch_proxy_defaults,
             self._decode_proxy_defaults,
             AccessLogSettings(),
+            settings,
+            rng=self._rng,
+            clock=clock,
+        )
+        self._service_mode: object = ""
+        self._proxy_mode: object = ""
+        self.mutual_tls = ResolvedMode("strict", "default")
+        """The local service's MutualTLSMode as the entries resolve it now (strict until
+        Consul says otherwise)."""
+        self._mode_task: asyncio.Task[None] | None = None
+        self.service_defaults_watch: BlockingWatch[tuple[Mapping[str, Any], ...], object]
+        self.service_defaults_watch = BlockingWatch(
+            "service-defaults",
+            self._fetch_service_defaults,
+            self._decode_service_defaults,
+            "",
+            settings,
+            rng=self._rng,
+            clock=clock,
+        )
+        self._mesh_tracing: Mapping[str, Any] | None = None
+        """The proxy-defaults entry's Config.tracing, as last accepted."""
+        self._service_tracing: Mapping[str, Any] | None = None
+        """The sidecar registration's Proxy.Config.tracing, as last accepted."""
+        self.tracing: TracingSettings | None = None
+        """In force (None: off): the two blocks merged, the service's keys winning."""
+        self.registration_watch: BlockingWatch[tuple[CatalogService, ...], None]
+        self.registration_watch = BlockingWatch(
+            "sidecar registration",
+            self._fetch_registration,
+            self._decode_registration,
+            None,
             settings,
             rng=self._rng,
             clock=clock,
@@ -350,7 +416,7 @@ class Sidecar:
         """What the proxy serves in a reduced way now: destinations it denies wholesale, and
         upstreams routed by an older chain because the newest was rejected."""
         chains = self.chains.upstreams.values() if self.chains is not None else ()
-        return [
+        found = [
             f"upstream {up.name}: discovery chain rejected, previous routing kept: {up.error}"
             for up in chains
             if up.error
@@ -359,6 +425,7 @@ class Sidecar:
             f"denying every request to it: {reason}"
             for dest, reason in sorted(self.intentions_broken.items())
         ]
+        return [self.mutual_tls.problem, *found] if self.mutual_tls.problem else found
 
     def status(self) -> dict[str, Any]:
         material = self.rotator.current if self.rotator is not None else None
@@ -400,6 +467,11 @@ class Sidecar:
                 "broken_total": self.intentions_broken_total,
             },
             "listeners": {name: serving is not None for name, serving in self._listeners()},
+            "mutual_tls": {
+                "mode": self.mutual_tls.mode,
+                "source": self.mutual_tls.source,
+                "problem": self.mutual_tls.problem,
+            },
             "routing": self.chains.status() if self.chains is not None else {},
             "upstreams": upstreams,
             "connections": {
@@ -410,6 +482,7 @@ class Sidecar:
                 for r in (self.proxy.running.values() if self.proxy is not None else ())
             },
             "heap_trims": self.heap.trims,
+            "tracing": self._tracing_status(),
             "stats": {k: v for k, v in self.counters().items() if k not in METRICS_ONLY},
         }
 
@@ -432,7 +505,25 @@ class Sidecar:
                 for name, up in upstreams.items()
             },
             "process": process_counters(),
-            "access_log": {"dropped": self.access_log.dropped, "written": self.access_log.written},
+            "access_log": {
+                "dropped": self.access_log.dropped,
+                "written": self.access_log.written,
+                "write_failed": self.access_log.write_failed,
+            },
+            "tracing": self.telemetry.tracing_counters(),
+        }
+
+    def _tracing_status(self) -> dict[str, Any]:
+        t = self.tracing
+        pd, reg = self.proxy_defaults_watch.state, self.registration_watch.state
+        return {
+            "on": t is not None,
+            "otlp_endpoint": t.otlp_endpoint if t is not None else "",
+            "sampling_percent": t.sampling_percent if t is not None else 0.0,
+            "propagation": list(t.propagation) if t is not None else [],
+            "rejected": pd.rejected + reg.rejected,
+            "last_error": reg.last_error or pd.last_error,
+            "spans": self.telemetry.tracing_counters(),
         }
 
     # ---- the tasks ---------------------------------------------------------------------------
@@ -453,7 +544,10 @@ class Sidecar:
             tg.create_task(self._rotate(), name="leaf rotation")
             tg.create_task(self.intentions_watch.run(), name="intentions watch")
             tg.create_task(self.proxy_defaults_watch.run(), name="proxy-defaults watch")
+            tg.create_task(self.service_defaults_watch.run(), name="service-defaults watch")
             tg.create_task(self._follow_access_logs(), name="access log settings")
+            tg.create_task(self.registration_watch.run(), name="sidecar registration watch")
+            tg.create_task(self._follow_registration(), name="tracing settings")
             tg.create_task(self.access_log.run(), name="access log writer")
             material = await self.rotator.ready()
             self.tls = DynamicTLS(material)
@@ -507,7 +601,13 @@ class Sidecar:
                     await asyncio.wait_for(chains.compiled.wait(), _FIRST_ENDPOINTS_WAIT)
             chains.on_protocol = self._protocol_changed
             await self.proxy.apply(
-                sidecar_spec(self.config, tls.material.leaf.service_uri, chains.protocol)
+                sidecar_spec(
+                    self.config,
+                    tls.material.leaf.service_uri,
+                    chains.protocol,
+                    self.mutual_tls.mode,
+                    tracing=self.tracing,
+                )
             )
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
             tg.create_task(self.heap.run(), name="heap trimmer")
@@ -535,9 +635,12 @@ class Sidecar:
         if self.chains is not None:
             for up in config.sidecar.upstreams:
                 self.chains.upstream(up.name)
-        spec = sidecar_spec(config, self.tls.material.leaf.service_uri, protocol)
+        spec = sidecar_spec(
+            config, self.tls.material.leaf.service_uri, protocol, self.mutual_tls.mode
+        )
         await self._first_endpoints(spec)
-        return await self.proxy.apply(spec)
+        # The tracing in force now: it may have changed while the endpoints were awaited.
+        return await self.proxy.apply(dataclasses.replace(spec, tracing=self.tracing))
 
     def _protocol_changed(self) -> None:
         """A chain's protocol changed: an upstream that takes it gets its listener replaced."""
@@ -630,16 +733,55 @@ class Sidecar:
         self, entries: tuple[Mapping[str, Any], ...], index: int
     ) -> AccessLogSettings:
         """The access-log settings the entry and agent.yaml give; an entry meshlet cannot use
-        is refused (counted as a rejected snapshot) and the settings in force stay."""
-        raw = next((e.get("AccessLogs") for e in entries if e.get("Name") == "global"), None)
+        is refused (counted as a rejected snapshot) and the settings in force stay. Its
+        MutualTLSMode is taken first, whatever the access logs say."""
+        self._proxy_mode = entry_mode(entries, "global")
+        self._mode_inputs_changed()
+        entry = next((e for e in entries if e.get("Name") == "global"), None)
+        raw = entry.get("AccessLogs") if entry is not None else None
         if raw is not None and not isinstance(raw, Mapping):
             raise AnswerRejected("proxy-defaults global: AccessLogs is not an object")
+        config = entry.get("Config") if entry is not None else None
+        tracing = config.get("tracing") if isinstance(config, Mapping) else None
         try:
             settings = effective_settings(raw, self.config.telemetry.access_logs.overrides())
+            effective_tracing(tracing, self._service_tracing)
         except ValueError as exc:
             raise AnswerRejected(f"proxy-defaults global (index {index}): {exc}") from None
         self._access_logs_raw = raw
+        self._mesh_tracing = tracing
         return settings
+
+    async def _fetch_service_defaults(
+        self, index: int, wait: float
+    ) -> Indexed[tuple[Mapping[str, Any], ...]]:
+        consul = self._consul
+        assert consul is not None, "the service-defaults watch runs inside run()"
+        return await consul.config_entries.list("service-defaults", index=index, wait=wait)
+
+    def _decode_service_defaults(
+        self, entries: tuple[Mapping[str, Any], ...], index: int
+    ) -> object:
+        """The local service's MutualTLSMode as its entry sets it ("" without one)."""
+        self._service_mode = entry_mode(entries, self.config.service.name)
+        self._mode_inputs_changed()
+        return self._service_mode
+
+    def _mode_inputs_changed(self) -> None:
+        """Resolve the mode again; a new one is applied to the running listeners (in place)."""
+        resolved = resolve(self.config.service.name, self._service_mode, self._proxy_mode)
+        if resolved == self.mutual_tls:
+            return
+        if resolved.problem:
+            log.error("%s", resolved.problem)
+        else:
+            log.info("MutualTLSMode %s (from %s)", resolved.mode, resolved.source)
+        changed = resolved.mode != self.mutual_tls.mode
+        self.mutual_tls = resolved
+        if changed and self.proxy is not None and not self._closed:
+            self._mode_task = asyncio.get_running_loop().create_task(
+                self._reapply(), name="MutualTLSMode change"
+            )
 
     async def _follow_access_logs(self) -> None:
         latest = self.proxy_defaults_watch.latest
@@ -648,6 +790,58 @@ class Sidecar:
         while True:
             version, _ = await latest.changed(version)
             self._apply_access_logs()
+            await self._apply_tracing()
+
+    async def _fetch_registration(
+        self, index: int, wait: float
+    ) -> Indexed[tuple[CatalogService, ...]]:
+        consul = self._consul
+        assert consul is not None, "the registration watch runs inside run()"
+        name = self.config.service.name + "-sidecar-proxy"
+        return await consul.catalog.service(name, index=index, wait=wait)
+
+    def _decode_registration(self, instances: tuple[CatalogService, ...], index: int) -> None:
+        """This sidecar's own registration's Proxy.Config.tracing (absent: the mesh's);
+        a block meshlet cannot use is refused and the settings in force stay."""
+        me = self._proxy_id or sidecar_id(self.config.service.service_id)
+        proxy = next((i.proxy for i in instances if i.service_id == me), None)
+        tracing = proxy.config.get("tracing") if proxy is not None else None
+        try:
+            effective_tracing(self._mesh_tracing, tracing)
+        except ValueError as exc:
+            raise AnswerRejected(f"sidecar registration {me} (index {index}): {exc}") from None
+        self._service_tracing = tracing
+
+    async def _follow_registration(self) -> None:
+        latest = self.registration_watch.latest
+        version = latest.version
+        while True:
+            version, _ = await latest.changed(version)
+            await self._apply_tracing()
+
+    async def _apply_tracing(self) -> None:
+        """The merged tracing settings into the data plane's spec, when they changed."""
+        try:
+            settings = effective_tracing(self._mesh_tracing, self._service_tracing)
+        except ValueError as exc:  # each block alone was checked, this is belt and braces
+            log.error("tracing unchanged: %s", exc)
+            return
+        tracing = settings if settings.enabled else None
+        if tracing == self.tracing:
+            return
+        self.tracing = tracing
+        if tracing is None:
+            log.info("tracing: off")
+        else:
+            log.info(
+                "tracing: on, %g%% of new traces to %s (propagation %s)",
+                tracing.sampling_percent,
+                tracing.otlp_endpoint,
+                ", ".join(tracing.propagation),
+            )
+        proxy = self.proxy
+        if proxy is not None and not self._closed:
+            await proxy.apply(dataclasses.replace(proxy.spec, tracing=tracing))
 
     def _apply_access_logs(self) -> None:
         """Consul's block with agent.yaml's overrides, as they are now (after a reload too)."""
@@ -659,7 +853,11 @@ class Sidecar:
             log.error("access logs unchanged: %s", exc)
             return
         if settings != self.access_log.settings:
-            log.info("access logs: %s", "on" if settings.enabled else "off (denials only)")
+            log.info(
+                "access logs: %s%s",
+                "on" if settings.enabled else "off (denials only)",
+                ", listener logs off" if settings.disable_listener_logs else "",
+            )
             self.access_log.settings = settings
 
     async def _fetch_intentions(self, index: int, wait: float) -> Indexed[IntentionsAnswer]:

@@ -83,6 +83,8 @@ def _trouble(status: Mapping[str, Any]) -> list[tuple[str, str]]:
     refused = int(stats.get("handshakes_failed") or 0)
     detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v)
     over = sum(int(v) for v in limits.values())
+    tracing = proxy.get("tracing") or {}
+    rejected += int(tracing.get("rejected") or 0)
     return [
         ("watch errors", str(errors)),
         ("rejected snapshots", str(rejected)),
@@ -90,7 +92,22 @@ def _trouble(status: Mapping[str, Any]) -> list[tuple[str, str]]:
             "refused handshakes",
             f"{refused}" + (f" ({detail})" if detail else "") + f", over the cap {over}",
         ),
+        *([("tracing", _tracing(tracing))] if tracing else []),
     ]
+
+
+def _tracing(t: Mapping[str, Any]) -> str:
+    """Settings in force, spans dropped, and the last refused settings' error."""
+    if not t.get("on"):
+        shown = "off"
+    else:
+        spans = t.get("spans") or {}
+        shown = (
+            f"{t.get('sampling_percent', 0):g}% to {t.get('otlp_endpoint', '')}, "
+            f"{int(spans.get('dropped') or 0)} spans dropped"
+        )
+    error = t.get("last_error") or ""
+    return f"{shown}; refused: {error}" if error else shown
 
 
 def render(status: Mapping[str, Any], now: float, *, endpoints: bool = False) -> str:

@@ -6,9 +6,9 @@
 
 Each watcher asks `/v1/health/connect/<name>?passing` (with `dc`, `peer`, `filter`), builds a
 `catalog.Snapshot` from the answer and swaps it in. Consul answers a blocking query with the
-whole list, so the body is decoded straight into lean typed entries (agent/health_entries.py,
-only the fields an endpoint needs) and the watcher keeps the previous answer's endpoints by
-entry (`catalog.decode_answer`): only new or changed entries are validated again. The memo is
+whole list, so the watcher keeps the previous answer's endpoints by the bytes of their entries
+(`catalog.decode_answer`): only new or changed entries are decoded (into lean typed entries,
+agent/health_entries.py) and validated again. The memo is
 used only while the watch's index moves forward; the first answer, every answer after an
 error, and an answer whose index went backwards are validated entry by entry.
 
@@ -97,7 +97,8 @@ async def health_connect_decoded(
     index: int,
     wait: float,
 ) -> Indexed[Decoded]:
-    """`consul.health.connect(key.name, passing=True, ...)`, with the answer's body handed to
+    """`consul.health.connect(key.name, passing=True, ...)` (without `passing` for a key that
+    takes `warning` instances too), with the answer's body handed to
     `decode` instead of being turned into `ServiceEntry`s first.
 
     The client's `health.connect` decodes every entry in full; `connect_decoded` takes the
@@ -106,7 +107,7 @@ async def health_connect_decoded(
     return await consul.health.connect_decoded(
         key.name,
         decode,
-        passing=True,
+        passing=not key.warning,
         filter=key.filter,
         dc=key.datacenter,
         index=index,
@@ -229,7 +230,7 @@ class UpstreamWatcher:
             got = await health_connect_decoded(self._consul, self.key, decode, index, wait)
         except SnapshotRejected as exc:
             raise AnswerRejected(str(exc)) from exc
-        if got.reset and memo.entries:
+        if got.reset and memo.prints:
             # Consul's state was replaced (restore, another cluster): its ModifyIndexes may
             # repeat with other data, so nothing decoded with the memo is trusted. Read again
             # at once, validating every entry.
@@ -247,7 +248,9 @@ class UpstreamWatcher:
         return got
 
     def _snapshot(self, decoded: Decoded, index: int) -> Snapshot | None:
-        snapshot = snapshot_of(self.key, decoded.endpoints, index, self._clock())
+        snapshot = snapshot_of(
+            self.key, decoded.endpoints, index, self._clock(), in_order=decoded.in_order
+        )
         self._memo = decoded.memo
         return snapshot
 

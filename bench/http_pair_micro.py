@@ -17,6 +17,7 @@ import asyncio
 import gc
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,12 +36,30 @@ from connect.inbound import InboundGate
 from connect.observe import Telemetry
 from connect.seams import PeerCache
 from connect.stats import ProxyStats
+from connect.tracing_settings import TracingSettings
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
 
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\n\r\nhello"
 REQUEST = b"GET /hello HTTP/1.1\r\nhost: api\r\nuser-agent: micro\r\naccept: */*\r\n\r\n"
+
+
+_SINK = """
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+"""An OTLP/HTTP collector stand-in: accepts every export."""
 
 
 class App(asyncio.Protocol):
@@ -130,7 +149,7 @@ async def run(args: argparse.Namespace) -> None:
     )
     outbound = OutboundHTTP(upstream)
     writer: asyncio.Task[None] | None = None
-    if args.metrics or args.access_log:
+    if args.metrics or args.access_log or args.tracing is not None:
         # What the agent attaches (connect.observe): both sidecars count every exchange.
         telemetry = Telemetry("bench", spiffe("web"))
         inbound.observer = telemetry.http(telemetry.inbound("http"))
@@ -140,6 +159,8 @@ async def run(args: argparse.Namespace) -> None:
             access = AccessLog(AccessLogSettings(enabled=True, type="file", path=os.devnull))
             telemetry.access_log = access
             writer = loop.create_task(access.run())
+        if args.tracing is not None:
+            telemetry.set_tracing(TracingSettings(args.otlp_endpoint, args.tracing))
     await outbound.start()
 
     async def round_(total: int) -> tuple[float, float]:
@@ -168,6 +189,8 @@ async def run(args: argparse.Namespace) -> None:
         best_cpu = min(best_cpu, cpu / args.requests * 1e6)
         best_rps = max(best_rps, args.requests / wall)
     observing = "metrics+access-log" if args.access_log else "metrics" if args.metrics else "off"
+    if args.tracing is not None:
+        observing = f"metrics+tracing({args.tracing:g}%)"
     print(
         f"requests={args.requests} connections={args.connections} rounds={args.rounds} "
         f"loop={'uvloop' if args.uvloop else 'asyncio'} observing={observing}: "
@@ -175,6 +198,8 @@ async def run(args: argparse.Namespace) -> None:
     )
     if writer is not None:
         writer.cancel()
+    if args.tracing is not None:
+        telemetry.set_tracing(None)
     await outbound.close(grace=0)
     await inbound.close(grace=0)
     app.close()
@@ -193,13 +218,32 @@ def main() -> None:
     parser.add_argument(
         "--access-log", action="store_true", help="metrics and an access log of every request"
     )
+    parser.add_argument(
+        "--tracing",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="metrics and tracing, PERCENT %% of requests sampled, spans exported (OTLP/HTTP)",
+    )
     args = parser.parse_args()
-    if args.uvloop:
-        import uvloop
+    sink: subprocess.Popen[bytes] | None = None
+    if args.tracing is not None:
+        # Spans are exported for real, to a collector stand-in in another process: what
+        # sending them costs is counted here, what receiving them costs is not.
+        sink = subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE)
+        assert sink.stdout is not None
+        args.otlp_endpoint = f"http://127.0.0.1:{int(sink.stdout.readline())}/v1/traces"
+    try:
+        if args.uvloop:
+            import uvloop
 
-        uvloop.run(run(args))
-    else:
-        asyncio.run(run(args))
+            uvloop.run(run(args))
+        else:
+            asyncio.run(run(args))
+    finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ file/stdout/stderr, Path, JSONFormat/TextFormat, DisableListenerLogs).
 
 The proxy never waits for the log: `AccessLog.http`/`tcp` (connect.observe.AccessSink) put the
 finished exchange on a bounded queue (a full queue drops it and counts the drop), and a writer
-task formats what has queued up and writes it from a worker thread. A line is JSON by default:
+task formats what has queued up and writes it from a worker thread. A write that fails (disk
+full, a file made read-only) loses its lines, counted in `write_failed`; the failure is logged
+once when it starts and once when writing works again, never per line, and each batch tries
+afresh, so logging resumes as soon as there is space. A line is JSON by default:
 
     {"start_time": "2026-12-06T09:00:00.123Z", "duration_ms": 3, "protocol": "HTTP/1.1",
      "method": "GET", "authority": "api", "path": "/x", "response_code": 200,
@@ -25,13 +28,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from connect.http1_headers import REQUEST_ID
 from connect.observe import Side, verdict_rule
@@ -61,9 +65,11 @@ class AccessLogSettings:
     json_format: str = ""
     text_format: str = ""
     disable_listener_logs: bool = False
-    """Consul's: no logs for connections rejected at the listener before any filter chain.
-    meshlet has no such connections (every accepted one is a request or a relay), so it
-    changes nothing; accepted so that a Consul entry that sets it is valid here."""
+    """Consul's: no logs for connections the listener rejects before any filter chain (in
+    Envoy: no matching filter chain, a failed TLS handshake). meshlet's inbound gate refuses
+    such connections itself (connect.inbound: failed handshakes, a peer that is not a service
+    of the trust domain, a connection intention's deny) and logs each one as a listener log
+    (`"listener": true`, the reason in `listener_refusal`) unless this is set."""
 
 
 _KEYS = {
@@ -86,6 +92,7 @@ OPERATORS = {
     "UPSTREAM_HOST": "upstream_host",
     "UPSTREAM_CLUSTER": "upstream_cluster",
     "DOWNSTREAM_PEER_URI_SAN": "peer",
+    "DOWNSTREAM_REMOTE_ADDRESS": "downstream_remote_address",
 }
 """Envoy command operators this log knows -> the record field each one is."""
 _HEADER_FIELDS = {
@@ -168,10 +175,22 @@ def _head_fields(ex: Exchange) -> dict[str, str]:
     if at >= 0:
         start = at + len(REQUEST_ID) + 3
         out["request_id"] = head[start : head.find(b"\r\n", start)].strip().decode("latin-1")
-    parts = out.get(":traceparent", "").split("-")
+    # The traceparent sent on: the sidecar's own when tracing is on (it starts the trace when
+    # the client brought none), else the client's as it came.
+    at = head.find(b"\r\ntraceparent:")
+    sent = head[at + 14 : head.find(b"\r\n", at + 14)] if at >= 0 else b""
+    parts = (sent.strip().decode("latin-1") or out.get(":traceparent", "")).split("-")
     if len(parts) == 4:
         out["trace_id"] = parts[1]
     return out
+
+
+def _peer(side: Side, peer: Peer | None) -> str:
+    """The caller's SPIFFE URI inbound (`plaintext` for a caller without TLS, MutualTLSMode
+    permissive); the upstream's outbound."""
+    if peer is None:
+        return side.remote_principal
+    return "plaintext" if peer.plaintext else peer.uri
 
 
 def http_record(
@@ -193,7 +212,7 @@ def http_record(
         "upstream_host": ex.upstream,
         "upstream_cluster": ex.cluster or side.remote_service or side.local_service,
         "reporter": side.reporter,
-        "peer": peer.uri if peer is not None else side.remote_principal,
+        "peer": _peer(side, peer),
         "intention": ("deny" if ex.denied else "allow") if verdict is not None else "",
         "rule": verdict_rule(verdict) if verdict is not None else "",
         "request_id": head.get("request_id", ""),
@@ -223,10 +242,28 @@ def tcp_record(
         "upstream_host": upstream,
         "upstream_cluster": side.remote_service or side.local_service,
         "reporter": side.reporter,
-        "peer": peer.uri if peer is not None else side.remote_principal,
+        "peer": _peer(side, peer),
         # An inbound connection was relayed, so its intention allowed it (refusals end at
         # the handshake: meshlet_tls_handshake_failures_total{reason="denied"}).
         "intention": "allow" if side.reporter == "destination" else "",
+    }
+
+
+def listener_record(side: Side, address: str, reason: str, now: float) -> dict[str, Any]:
+    """A connection refused before it carried anything: no bytes, no upstream."""
+    return {
+        "start_time": _iso(now),
+        "duration_ms": 0,
+        "protocol": "TCP",
+        "response_flags": "-",
+        "bytes_received": 0,
+        "bytes_sent": 0,
+        "upstream_host": "",
+        "upstream_cluster": side.local_service,
+        "reporter": side.reporter,
+        "downstream_remote_address": address,
+        "listener": True,
+        "listener_refusal": reason,
     }
 
 
@@ -274,11 +311,19 @@ class AccessLog:
         self.dropped = 0
         """Records dropped because the queue was full (the writer fell behind)."""
         self.written = 0
+        """Lines formatted and handed to the writer (`write_failed` of them did not make it)."""
+        self.write_failed = 0
+        """Lines lost because writing them failed."""
         self._queue: deque[Any] = deque()
         self._wake = asyncio.Event()
         self._clock = clock
-        self._file: IO[str] | None = None
-        self._file_path = ""
+        self._fd: int | None = None
+        self._fd_path = ""
+        self._partial = False
+        """The last failed write ended inside a line (the file holds its first bytes)."""
+        self._failing = ""
+        """The error of the failure under way ("" while writes succeed)."""
+        self._failed_before = 0
         self.batch_delay = 0.05
         """How long the writer lets records gather before formatting and writing them."""
 
@@ -313,6 +358,12 @@ class AccessLog:
             return
         self._put(("tcp", side, peer, received, sent, flags, start, upstream, self._clock()))
 
+    def listener(self, side: Side, address: str, reason: str) -> None:
+        s = self.settings
+        if not s.enabled or s.disable_listener_logs:
+            return
+        self._put(("listener", side, address, reason, self._clock()))
+
     def drain_pending(self) -> int:
         """Records queued and not yet written."""
         return len(self._queue)
@@ -325,6 +376,9 @@ class AccessLog:
             if item[0] == "http":
                 _, side, ex, peer, duration, now = item
                 record = http_record(side, ex, peer, duration, now)
+            elif item[0] == "listener":
+                _, side, address, reason, now = item
+                record = listener_record(side, address, reason, now)
             else:
                 _, side, peer, received, sent, flags, start, upstream, now = item
                 record = tcp_record(
@@ -341,21 +395,80 @@ class AccessLog:
         self.written += len(lines)
         return "".join(lines)
 
-    def _target(self) -> IO[str]:
+    def _where(self) -> str:
         s = self.settings
         if s.enabled and s.type == "file":
-            if self._file is None or self._file_path != s.path:
-                if self._file is not None:
-                    self._file.close()
-                self._file = open(s.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
-                self._file_path = s.path
-            return self._file
-        return sys.stderr if (s.enabled and s.type == "stderr") or not s.enabled else sys.stdout
+            return s.path
+        return "stdout" if s.enabled and s.type == "stdout" else "stderr"
 
-    def _write(self, text: str) -> None:
-        target = self._target()
-        target.write(text)
-        target.flush()
+    def _file(self, path: str) -> int:
+        if self._fd is None or self._fd_path != path:
+            self._close_file()
+            # Unbuffered, appending: each batch is one write(2), and after a failed one we
+            # know how much of it the file holds (a buffered file would keep the rest and
+            # write it later, or not, out of our count).
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd, self._fd_path, self._partial = os.open(path, flags, 0o644), path, False
+        return self._fd
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _write(self, text: str) -> tuple[int, OSError | None]:
+        """Write whole lines (from a worker thread); returns how many of them did not reach
+        the target, and the error that stopped them (None when all did)."""
+        s = self.settings
+        if not (s.enabled and s.type == "file"):
+            stream = sys.stdout if s.enabled and s.type == "stdout" else sys.stderr
+            try:
+                stream.write(text)
+                stream.flush()
+            except OSError as exc:
+                return text.count("\n"), exc
+            return 0, None
+        data = text.encode("utf-8")
+        skip = 0
+        if self._partial:
+            # The last failure cut a line short: end it, so that every line from here parses.
+            data, skip = b"\n" + data, 1
+        done = 0
+        try:
+            fd = self._file(s.path)
+            view = memoryview(data)
+            while done < len(data):
+                done += os.write(fd, view[done:])
+        except OSError as exc:
+            if done:
+                self._partial = data[done - 1] != 0x0A
+            return data.count(b"\n", max(done, skip)), exc
+        self._partial = False
+        return 0, None
+
+    def _account(self, lost: int, error: OSError | None) -> None:
+        """Count what a write lost; log a failure when it starts and when it ends."""
+        if error is None:
+            if self._failing:
+                log.warning(
+                    "access log: writing to %s again; %d lines were lost while it failed (%s)",
+                    self._where(),
+                    self.write_failed - self._failed_before,
+                    self._failing,
+                )
+                self._failing = ""
+            return
+        if not self._failing:
+            self._failing = str(error) or type(error).__name__
+            self._failed_before = self.write_failed
+            log.error(
+                "access log: cannot write to %s: %s; lines are lost (counted in "
+                "meshlet_access_log_write_failed) until a write succeeds again, which is logged",
+                self._where(),
+                self._failing,
+            )
+        self.write_failed += lost
 
     async def run(self) -> None:
         """Write what queues up, until cancelled (then once more: nothing queued is lost)."""
@@ -368,18 +481,12 @@ class AccessLog:
                 self._wake.clear()
                 text = self.drain()
                 if text:
-                    try:
-                        await asyncio.to_thread(self._write, text)
-                    except OSError as exc:
-                        log.warning("access log: cannot write: %s", exc)
+                    self._account(*await asyncio.to_thread(self._write, text))
         finally:
             text = self.drain()
             if text:
-                with contextlib.suppress(OSError):
-                    self._write(text)
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+                self._account(*self._write(text))
+            self._close_file()
 
 
 def effective_settings(

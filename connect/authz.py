@@ -21,9 +21,20 @@ def intentions_authorizers(
     permissions; otherwise the connection-level decision answers. The target comes normalized
     by the listener, so it is matched as it is: normalizing again could only make the decision
     differ from what the app receives.
+
+    A plaintext caller (`PLAINTEXT`, MutualTLSMode permissive) is matched only by intentions
+    whose source is `*`, and where none of them decides (no such intention, or none of its
+    permissions matches the request) it is denied whatever the default policy: the default
+    is for mesh identities, and plaintext has none.
     """
 
     def connection(peer: Peer) -> Verdict:
+        if peer.plaintext:
+            policy = snapshot().for_destination(
+                destination.name, destination.namespace, destination.partition
+            )
+            intention = policy.intention_for(peer.identity)
+            return _PLAINTEXT_DEFAULT if intention is None else intention.connection
         return snapshot().decide_connection(destination, peer.identity)
 
     def request(
@@ -38,7 +49,7 @@ def intentions_authorizers(
         )
         intention = policy.intention_for(peer.identity)
         if intention is None:
-            return policy.default
+            return _PLAINTEXT_DEFAULT if peer.plaintext else policy.default
         if intention.permissions is None:
             return intention.connection
         merged: dict[str, list[str]] = {}
@@ -54,6 +65,11 @@ def intentions_authorizers(
             )
         except BadRequest as err:
             return _Refused(f"bad request: {err}")
+        if peer.plaintext:
+            for matches, decision in intention.permissions:
+                if matches(req):
+                    return decision
+            return _Refused(f"{_PLAINTEXT_DEFAULT.reason}: no permission of {intention.display}")
         return policy.decide_request(peer.identity, req)
 
     return connection, request
@@ -63,6 +79,11 @@ def intentions_authorizers(
 class _Refused:
     reason: str
     allowed: bool = False
+
+
+_PLAINTEXT_DEFAULT = _Refused(
+    "plaintext (no identity): denied unless an intention whose source is * allows it"
+)
 
 
 def allow_all() -> tuple[ConnectionAuthorizer, RequestAuthorizer]:

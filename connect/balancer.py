@@ -31,6 +31,7 @@ __all__ = [
     "Policy",
     "Target",
     "compile_balancer",
+    "generated_cookie",
     "hash_key",
     "request_hash",
 ]
@@ -69,6 +70,12 @@ class HashPolicy:
     field_value: str = ""
     source_ip: bool = False
     terminal: bool = False
+    cookie_ttl: float | None = None
+    """A cookie policy's `CookieConfig`: when the request has no such cookie, one is made up
+    and set on the response (Envoy's generated cookie), with `Max-Age` this many seconds, or
+    a session cookie when 0. None: no cookie is generated (Consul sets Envoy's ttl only for
+    `TTL` or `Session`)."""
+    cookie_path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,8 +351,26 @@ def _cookie_value(cookie_header: str, name: str) -> str | None:
     for part in cookie_header.split(";"):
         k, sep, v = part.strip().partition("=")
         if sep and k == name:
+            # A quoted value is its content (RFC 6265 §4.1.1), as Envoy parses it: the
+            # cookie the proxy generates is quoted.
+            if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+                v = v[1:-1]
             return v
     return None
+
+
+def generated_cookie(hp: HashPolicy, connection: str) -> tuple[str, bytes]:
+    """(value, Set-Cookie field value) of the cookie `hp` generates for a request that has
+    none: the value is a hash of the client connection's addresses (so one connection's
+    requests, racing before the first answer, get the same one), as Envoy makes it; the
+    field says `name="value"`, `Max-Age` unless a session cookie, `Path` if set, HttpOnly."""
+    value = f"{hash_key(connection):016x}"
+    out = f'{hp.field_value}="{value}"'
+    if hp.cookie_ttl:
+        out += f"; Max-Age={int(hp.cookie_ttl)}"
+    if hp.cookie_path:
+        out += f"; Path={hp.cookie_path}"
+    return value, (out + "; HttpOnly").encode("latin-1")
 
 
 def request_hash(
@@ -353,12 +378,17 @@ def request_hash(
     header: Callable[[str], str | None] | Mapping[str, str],
     source_ip: str | None = None,
     query: Callable[[str], str | None] | None = None,
+    *,
+    connection: str | None = None,
+    set_cookies: list[bytes] | None = None,
 ) -> int | None:
     """Combine the hash policies' values as Envoy does: each present value is folded in, a
     `terminal` policy that produced a value stops the walk; no value at all means None.
 
     `header` looks up a lower-case header name (repeated headers joined with ",");
-    `query` the first value of a query parameter (percent-decoded).
+    `query` the first value of a query parameter (percent-decoded). A cookie policy with a
+    `cookie_ttl` whose cookie is missing generates one (`generated_cookie`) from
+    `connection` (the client's addresses) and appends its Set-Cookie value to `set_cookies`.
     """
     get = header.get if isinstance(header, Mapping) else header
     combined: int | None = None
@@ -373,6 +403,9 @@ def request_hash(
         else:
             cookies = get("cookie")
             value = None if cookies is None else _cookie_value(cookies, hp.field_value)
+            if value is None and hp.cookie_ttl is not None and set_cookies is not None:
+                value, set_cookie = generated_cookie(hp, connection or "")
+                set_cookies.append(set_cookie)
         if value is None:
             continue
         h = hash_key(value)

@@ -26,9 +26,14 @@ What comes from where, as Consul's xDS generator (agent/xds/routes.go, clusters.
   calling service's `UpstreamConfig` (`Limits` -> circuit breaking, `PassiveHealthCheck` ->
   `EjectionPolicy.passive_health_check`).
 
-Not applied (see docs/routing.md): `IdleTimeout` per route (the listener's idle limit holds),
-split-level header modifiers when a split has more than one leg with different edits (refused),
-`CookieConfig` (generated cookies), fault injection and mirroring Meta keys (ignored).
+* a splitter leg's `RequestHeaders` / `ResponseHeaders`: that leg's own (`WeightedCluster`),
+  applied before the route's (Envoy's weighted-cluster edits).
+* `IdleTimeout`: the route's stream idle timeout. The router's other `meshlet.io/route.<n>.*`
+  keys (`route_extensions`): fault injection (`Fault`) and mirroring (`Mirror`, its cluster
+  the start of the mirror's own chain, compiled by the agent: `mirrors`). An unknown or
+  malformed key rejects the chain.
+* `HashPolicies[].CookieConfig`: a cookie policy with `TTL` or `Session` generates its cookie
+  (connect.balancer.HashPolicy.cookie_ttl).
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from connect.cluster import DEFAULT_EJECTION, EjectionPolicy, Limits
 from connect.routes import (
     DEFAULT_RETRY,
     NO_EDITS,
+    Fault,
     HeaderEdits,
     HeaderMatch,
+    Mirror,
     QueryMatch,
     RetryPolicy,
     Route,
@@ -66,9 +73,31 @@ __all__ = [
     "TargetSettings",
     "chain_routing",
     "merge_upstream_config",
+    "mirror_services",
+    "route_extensions",
 ]
 
-META_PER_TRY = "meshlet.io/route.{n}.per-try-timeout"
+META_ROUTE = "meshlet.io/route."
+# The per-route features `meshlet routes translate` writes (traffic.from_istio).
+PER_TRY_TIMEOUT = "per-try-timeout"
+FAULT_DELAY = "fault.delay"
+FAULT_DELAY_PERCENT = "fault.delay-percent"
+FAULT_ABORT_STATUS = "fault.abort-status"
+FAULT_ABORT_PERCENT = "fault.abort-percent"
+MIRROR = "mirror"
+MIRROR_PERCENT = "mirror-percent"
+ROUTE_FEATURES = frozenset(
+    {
+        PER_TRY_TIMEOUT,
+        FAULT_DELAY,
+        FAULT_DELAY_PERCENT,
+        FAULT_ABORT_STATUS,
+        FAULT_ABORT_PERCENT,
+        MIRROR,
+        MIRROR_PERCENT,
+    }
+)
+_MIRROR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9-]*)?")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
@@ -173,19 +202,75 @@ def chain_routing(
     *,
     upstream_config: UpstreamConfig | None = None,
     router_meta: Mapping[str, str] | None = None,
+    mirrors: Mapping[str, CompiledDiscoveryChain] | None = None,
 ) -> ChainRouting:
-    """The whole routing of one upstream, or `ChainRejected` naming what cannot be applied."""
+    """The whole routing of one upstream, or `ChainRejected` naming what cannot be applied.
+    `mirrors`: the compiled chain of each mirror the router's Meta names (`mirror_services`),
+    whose start cluster receives the copies (with the default limits and ejection: the
+    caller's `UpstreamConfig` is for the upstream, not its mirror)."""
     ignored: list[str] = []
-    limits = _limits(upstream_config)
-    ejection = _ejection(upstream_config)
     clusters: dict[str, tuple[str, ...]] = {}
     targets: dict[str, TargetSettings] = {}
+    _collect(chain, _limits(upstream_config), _ejection(upstream_config), clusters, targets)
+    mirror_clusters: dict[str, str] = {}
+    for name, mirror_chain in (mirrors or {}).items():
+        _collect(mirror_chain, Limits(), (DEFAULT_EJECTION,), clusters, targets)
+        mirror_clusters[name] = _first_cluster(mirror_chain, mirror_chain.start_node)
+    start = chain.nodes.get(chain.start_node)
+    if start is None:
+        raise ChainRejected(f"start node {chain.start_node!r} is not in the chain")
+    meta = router_meta or {}
+    routes: list[Route] = []
+    default: RouteAction
+    if start.type == "router":
+        for n, r in enumerate(start.routes):
+            where = f"router {start.name!r} route {n}"
+            dest = r.definition.destination
+            action = _action(
+                chain, r.next_node, dest=dest, meta=meta, n=n, where=where, mirrors=mirror_clusters
+            )
+            http = r.definition.match.http if r.definition.match is not None else None
+            match = _match(http, where)
+            try:
+                routes.append(Route(match, action))
+            except ValueError as exc:
+                raise ChainRejected(f"{where}: {exc}") from None
+        # The compiler always appends the catch-all route last: it is the table's default.
+        if not routes:
+            raise ChainRejected(f"router {start.name!r} has no routes")
+        default = routes.pop().action
+        _no_stray_keys(meta, len(start.routes), f"router {start.name!r}")
+    else:
+        default = _action(
+            chain, chain.start_node, dest=None, meta=meta, n=-1, where="start node", mirrors={}
+        )
+    start_cluster = _first_cluster(chain, chain.start_node)
+    return ChainRouting(
+        chain.service_name,
+        chain.protocol,
+        RouteTable(tuple(routes), default),
+        MappingProxyType(clusters),
+        MappingProxyType(targets),
+        start_cluster,
+        tuple(ignored),
+    )
+
+
+def _collect(
+    chain: CompiledDiscoveryChain,
+    limits: Limits,
+    ejection: tuple[EjectionPolicy, ...],
+    clusters: dict[str, tuple[str, ...]],
+    targets: dict[str, TargetSettings],
+) -> None:
+    """Each resolver node of `chain` as a route cluster (its target, then its failover
+    targets) and each of those targets' settings."""
     for node in chain.nodes.values():
         if node.type != "resolver" or node.resolver is None:
             continue
         resolver = node.resolver
         order = (resolver.target, *(resolver.failover.targets if resolver.failover else ()))
-        clusters[resolver.target] = order
+        clusters.setdefault(resolver.target, order)
         balancer = _balancer(node)
         for tid in order:
             if tid in targets:
@@ -207,43 +292,6 @@ def chain_routing(
                 limits=limits,
                 ejection=ejection,
             )
-    start = chain.nodes.get(chain.start_node)
-    if start is None:
-        raise ChainRejected(f"start node {chain.start_node!r} is not in the chain")
-    meta = router_meta or {}
-    routes: list[Route] = []
-    default: RouteAction
-    if start.type == "router":
-        for n, r in enumerate(start.routes):
-            where = f"router {start.name!r} route {n}"
-            dest = r.definition.destination
-            action = _action(
-                chain, r.next_node, dest=dest, meta=meta, n=n, where=where, ignored=ignored
-            )
-            http = r.definition.match.http if r.definition.match is not None else None
-            match = _match(http, where)
-            try:
-                routes.append(Route(match, action))
-            except ValueError as exc:
-                raise ChainRejected(f"{where}: {exc}") from None
-        # The compiler always appends the catch-all route last: it is the table's default.
-        if not routes:
-            raise ChainRejected(f"router {start.name!r} has no routes")
-        default = routes.pop().action
-    else:
-        default = _action(
-            chain, chain.start_node, dest=None, meta=meta, n=-1, where="start node", ignored=ignored
-        )
-    start_cluster = _first_cluster(chain, chain.start_node)
-    return ChainRouting(
-        chain.service_name,
-        chain.protocol,
-        RouteTable(tuple(routes), default),
-        MappingProxyType(clusters),
-        MappingProxyType(targets),
-        start_cluster,
-        tuple(ignored),
-    )
 
 
 def _first_cluster(chain: CompiledDiscoveryChain, key: str) -> str:
@@ -314,12 +362,22 @@ def _balancer(node: DiscoveryGraphNode) -> BalancerConfig:
             kwargs["maximum_ring_size"] = ring.maximum_ring_size
     hashes = []
     for hp in lb.hash_policies:
+        cc = hp.cookie_config
+        # Consul gives Envoy a cookie ttl only for TTL (its value) or Session (zero): those
+        # generate the cookie; Path alone does not (xds routes.go, makeHashPolicies).
+        ttl = None
+        if cc is not None and cc.session:
+            ttl = 0.0
+        elif cc is not None and cc.ttl_ns:
+            ttl = cc.ttl_ns / 1e9
         hashes.append(
             HashPolicy(
                 field=hp.field,
                 field_value=hp.field_value,
                 source_ip=hp.source_ip,
                 terminal=hp.terminal,
+                cookie_ttl=ttl if hp.field == "cookie" else None,
+                cookie_path=cc.path if cc is not None else "",
             )
         )
     kwargs["hash_policies"] = tuple(hashes)
@@ -428,19 +486,108 @@ def _retry(dest: RouteDestination | None, per_try: float | None, where: str) -> 
     )
 
 
-def _per_try(meta: Mapping[str, str], n: int, where: str) -> float | None:
-    if n < 0:
-        return None
-    text = meta.get(META_PER_TRY.format(n=n))
-    if not text:
+@dataclass(frozen=True, slots=True)
+class RouteExtensions:
+    """What a router's `meshlet.io/route.<n>.*` Meta keys ask of route n."""
+
+    per_try_timeout: float | None = None
+    fault: Fault | None = None
+    mirror: str = ""
+    """`service` or `service/subset`; the agent compiles its chain (`mirrors`)."""
+    mirror_percent: float = 100.0
+
+
+def _key(n: int, feature: str) -> str:
+    return f"{META_ROUTE}{n}.{feature}"
+
+
+def _seconds(meta: Mapping[str, str], n: int, feature: str, where: str) -> float | None:
+    text = meta.get(_key(n, feature))
+    if text is None:
         return None
     try:
         ns = parse_duration(text)
     except ValueError as exc:
-        raise ChainRejected(f"{where}: Meta {META_PER_TRY.format(n=n)}: {exc}") from None
+        raise ChainRejected(f"{where}: Meta {_key(n, feature)}: {exc}") from None
     if ns <= 0:
-        raise ChainRejected(f"{where}: Meta {META_PER_TRY.format(n=n)} must be positive")
+        raise ChainRejected(f"{where}: Meta {_key(n, feature)} must be positive")
     return ns / 1e9
+
+
+def _percent(meta: Mapping[str, str], n: int, feature: str, where: str) -> float:
+    text = meta.get(_key(n, feature))
+    if text is None:
+        return 100.0  # Istio: unset means every request
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 100.0:  # (also refuses nan)
+        raise ChainRejected(
+            f"{where}: Meta {_key(n, feature)}: {text!r} is not a percentage from 0 to 100"
+        )
+    return value
+
+
+def route_extensions(meta: Mapping[str, str], n: int, where: str) -> RouteExtensions:
+    """Route n's meshlet.io Meta keys, checked; an unknown or malformed one rejects the
+    chain (a misspelt key would otherwise be silently ignored)."""
+    prefix = f"{META_ROUTE}{n}."
+    for key in meta:
+        if key.startswith(prefix) and key.removeprefix(prefix) not in ROUTE_FEATURES:
+            raise ChainRejected(f"{where}: Meta {key} is not a meshlet route key")
+    fault = None
+    delay = _seconds(meta, n, FAULT_DELAY, where)
+    status_text = meta.get(_key(n, FAULT_ABORT_STATUS))
+    status = 0
+    if status_text is not None:
+        status = int(status_text) if status_text.isdigit() else 0
+        if not 200 <= status <= 599:
+            raise ChainRejected(
+                f"{where}: Meta {_key(n, FAULT_ABORT_STATUS)}: {status_text!r} is not an HTTP "
+                "status from 200 to 599"
+            )
+    for orphan, needs in ((FAULT_DELAY_PERCENT, delay), (FAULT_ABORT_PERCENT, status or None)):
+        if _key(n, orphan) in meta and needs is None:
+            raise ChainRejected(f"{where}: Meta {_key(n, orphan)} without its fault")
+    if delay is not None or status:
+        fault = Fault(
+            abort_status=status,
+            abort_percent=_percent(meta, n, FAULT_ABORT_PERCENT, where),
+            delay=delay or 0.0,
+            delay_percent=_percent(meta, n, FAULT_DELAY_PERCENT, where),
+        )
+    mirror = meta.get(_key(n, MIRROR), "")
+    if _key(n, MIRROR_PERCENT) in meta and not mirror:
+        raise ChainRejected(f"{where}: Meta {_key(n, MIRROR_PERCENT)} without {_key(n, MIRROR)}")
+    if mirror and not _MIRROR.fullmatch(mirror):
+        raise ChainRejected(
+            f"{where}: Meta {_key(n, MIRROR)}: {mirror!r} is not `service` or `service/subset`"
+        )
+    return RouteExtensions(
+        per_try_timeout=_seconds(meta, n, PER_TRY_TIMEOUT, where),
+        fault=fault,
+        mirror=mirror,
+        mirror_percent=_percent(meta, n, MIRROR_PERCENT, where) if mirror else 100.0,
+    )
+
+
+def _no_stray_keys(meta: Mapping[str, str], routes: int, where: str) -> None:
+    """A meshlet.io route key for a route the router does not have would be ignored
+    silently (the routes were reordered or removed by hand): refused instead."""
+    for key in meta:
+        if key.startswith(META_ROUTE):
+            n = key[len(META_ROUTE) :].partition(".")[0]
+            if not (n.isdigit() and int(n) < routes):
+                raise ChainRejected(f"{where}: Meta {key} names no route of the router")
+
+
+def mirror_services(meta: Mapping[str, str]) -> frozenset[str]:
+    """Every mirror (`service` or `service/subset`) a router's Meta names: the chains the
+    agent compiles beside the upstream's (`chain_routing`'s `mirrors`)."""
+    return frozenset(
+        v for k, v in meta.items() if k.startswith(META_ROUTE) and k.endswith("." + MIRROR) and v
+    )
 
 
 def _action(
@@ -451,7 +598,7 @@ def _action(
     meta: Mapping[str, str],
     n: int,
     where: str,
-    ignored: list[str],
+    mirrors: Mapping[str, str],
 ) -> RouteAction:
     node = chain.nodes.get(next_node)
     if node is None:
@@ -462,39 +609,37 @@ def _action(
     resolver_timeout = 0
     if node.type == "splitter":
         legs = []
-        split_edits: set[tuple[HeaderEdits, HeaderEdits]] = set()
         for s in node.splits:
             target_node = chain.nodes.get(s.next_node)
             if target_node is None or target_node.resolver is None:
                 raise ChainRejected(f"splitter {node.name!r}: leg {s.next_node!r} is no resolver")
-            legs.append(WeightedCluster(target_node.resolver.target, s.hundredths))
-            split_edits.add(
-                (
-                    _edits(s.definition.request_headers, f"splitter {node.name!r}"),
-                    _edits(s.definition.response_headers, f"splitter {node.name!r}"),
+            # Each leg keeps its own edits (Envoy's weighted-cluster header edits), applied
+            # before the route's: a route Set of the same name wins.
+            legs.append(
+                WeightedCluster(
+                    target_node.resolver.target,
+                    s.hundredths,
+                    request_headers=_edits(s.definition.request_headers, f"splitter {node.name!r}"),
+                    response_headers=_edits(
+                        s.definition.response_headers, f"splitter {node.name!r}"
+                    ),
                 )
             )
-        if len(split_edits) > 1:
-            raise ChainRejected(
-                f"splitter {node.name!r}: per-split RequestHeaders/ResponseHeaders that differ "
-                "between legs are not supported by meshlet's proxy"
-            )
-        (sreq, sresp) = split_edits.pop() if split_edits else (NO_EDITS, NO_EDITS)
-        request = _combine(request, sreq)
-        response = _combine(response, sresp)
         destinations = tuple(legs)
     elif node.resolver is not None:
         destinations = (WeightedCluster(node.resolver.target),)
         resolver_timeout = node.resolver.request_timeout_ns
     else:
         raise ChainRejected(f"{where}: next node {next_node!r} is a {node.type}")
-    if dest is not None and dest.idle_timeout_ns:
-        ignored.append(f"{where}: IdleTimeout (the listener's idle limit applies)")
-    for key in meta:
-        if n >= 0 and key.startswith(f"meshlet.io/route.{n}.") and key != META_PER_TRY.format(n=n):
-            ignored.append(f"{where}: Meta {key} (not enforced yet)")
+    idle_ns = dest.idle_timeout_ns if dest is not None else 0
     timeout_ns = (dest.request_timeout_ns if dest is not None else 0) or resolver_timeout
-    per_try = _per_try(meta, n, where)
+    ext = route_extensions(meta, n, where) if n >= 0 else RouteExtensions()
+    mirror = None
+    if ext.mirror:
+        cluster = mirrors.get(ext.mirror)
+        if cluster is None:
+            raise ChainRejected(f"{where}: Meta {_key(n, MIRROR)}: no chain for {ext.mirror!r}")
+        mirror = Mirror(cluster, ext.mirror_percent)
     prefix = dest.prefix_rewrite.encode() if dest is not None and dest.prefix_rewrite else None
     try:
         return RouteAction(
@@ -502,22 +647,15 @@ def _action(
             prefix_rewrite=prefix,
             request_headers=request,
             response_headers=response,
-            retry=_retry(dest, per_try, where),
+            retry=_retry(dest, ext.per_try_timeout, where),
             request_timeout=timeout_ns / 1e9 if timeout_ns else None,
-            try_timeout=per_try,
+            try_timeout=ext.per_try_timeout,
+            idle_timeout=idle_ns / 1e9 if idle_ns > 0 else None,
+            fault=ext.fault,
+            mirror=mirror,
         )
     except ValueError as exc:
         raise ChainRejected(f"{where}: {exc}") from None
-
-
-def _combine(first: HeaderEdits, then: HeaderEdits) -> HeaderEdits:
-    if not then:
-        return first
-    if not first:
-        return then
-    return HeaderEdits(
-        add=first.add + then.add, set=first.set + then.set, remove=first.remove | then.remove
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,14 @@ from typing import Protocol
 
 from connect.balancer import Balancer, Cursor, Target
 
-__all__ = ["Cluster", "EjectionPolicy", "EndpointSource", "Outcome", "fixed_endpoints"]
+__all__ = [
+    "WAIT",
+    "Cluster",
+    "EjectionPolicy",
+    "EndpointSource",
+    "Outcome",
+    "fixed_endpoints",
+]
 
 
 class Outcome(enum.Enum):
@@ -123,8 +130,9 @@ class Limits:
     * `max_connections`: connections open to the cluster (HTTP: pooled and busy; L4: relays).
 
     A request or connection over a limit is refused at once (HTTP: a 503) and counted in
-    `Cluster.overflows` by the limit's name. Envoy queues an HTTP request that finds
-    `max_connections` reached as pending; meshlet refuses it.
+    `Cluster.overflows` by the limit's name, except that an HTTP request that finds
+    `max_connections` reached waits for a connection as a pending request, as Envoy's does
+    (`Cluster.admit_dial`), up to `max_pending_requests` (0: Envoy's default, 1024).
     """
 
     max_connections: int = 0
@@ -143,6 +151,13 @@ class Limits:
 
 
 NO_LIMITS = Limits()
+
+DEFAULT_MAX_PENDING = 1024
+"""Envoy's default `max_pending_requests`: the bound on requests waiting for a connection
+when `max_connections` is set and `max_pending_requests` is not."""
+
+WAIT = "wait"
+"""`Cluster.admit_dial`: wait for a connection to free up (a pending request)."""
 
 
 class EndpointSource(Protocol):
@@ -300,6 +315,30 @@ class Cluster:
             return None
         self.overflows[over] = self.overflows.get(over, 0) + 1
         return over
+
+    def admit_dial(self) -> str | None:
+        """For an HTTP request that found no idle connection: None when it may dial one,
+        `WAIT` when `max_connections` are open and it may wait for one of them as a pending
+        request, else the name of the limit it exceeds (counted in `overflows`). Pending
+        requests (waiting for a dial or for a connection: `pending`) are bounded by
+        `max_pending_requests`."""
+        limits = self.limits
+        full = bool(limits.max_connections) and self.connections >= limits.max_connections
+        cap = limits.max_pending_requests or (DEFAULT_MAX_PENDING if full else 0)
+        if cap and self.pending >= cap:
+            over = "max_pending_requests"
+            self.overflows[over] = self.overflows.get(over, 0) + 1
+            return over
+        return WAIT if full else None
+
+    def claim(self, target: Target) -> None:
+        """Count a use of `target` in flight without choosing it (a pending request handed
+        a connection to it that another request released): `record` ends it as usual."""
+        self.balancer()  # (the current one's cursor, as `choose` would use)
+        i = self._index.get(target.key)
+        if i is not None:
+            self._cursor.inflight[i] += 1
+        self.active += 1
 
     def _ejected_indexes(self, targets: tuple[Target, ...], now: float) -> set[int]:
         ejected = self.ejected

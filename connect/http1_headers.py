@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
+from typing import overload
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -137,6 +139,12 @@ class HeadRewriter:
         role = self._roles.get(lower, _FORWARD)
         if role == _FORWARD and lower.startswith(self._prefixes):
             role = _DROP
+        if role == _FORWARD and b"_" in lower:
+            # CGI-style servers (WSGI...) read `X_Forwarded_Client_Cert` as the field with
+            # dashes: an underscored spelling of a field the proxy owns never goes on.
+            twin = lower.replace(b"_", b"-")
+            if self._roles.get(twin, _FORWARD) != _FORWARD or twin.startswith(self._prefixes):
+                role = _DROP
         if len(self._cache) < self._cache_size:
             self._cache[name] = role
         return role
@@ -185,14 +193,16 @@ class HeadRewriter:
             elif role == _RETRIABLE:
                 retriable = value
         if connection and not connection <= _PLAIN_TOKENS:
-            # Connection names other fields (rare): they are hop-by-hop too; drop them.
+            # Connection names other fields (rare): they are hop-by-hop too; drop them. Not
+            # the ones the proxy itself acts on (Host, Expect, X-Request-Id): those are
+            # end-to-end, and what was decided and promised on them must reach the app.
             named = connection - _PLAIN_TOKENS
             del out[start:]
             for name, value in headers:
                 role = cache.get(name)
                 if role is None:
                     role = self._role(name)
-                if role in _FORWARDED_ROLES and name.lower() not in named:
+                if role in _FORWARDED_ROLES and (role != _FORWARD or name.lower() not in named):
                     out += (name, _COLON, value, _CRLF)
         if chunked:
             framing = CHUNKED_BODY
@@ -206,6 +216,53 @@ class HeadRewriter:
 
 
 _FORWARDED_ROLES = frozenset({_FORWARD, _HOST, _EXPECT, _REQUEST_ID})
+
+
+class ForwardedFields(Sequence[tuple[bytes, bytes]]):
+    """The (name, value) fields of a request head as the app will receive them, read out of
+    the head's pieces: from `start`, the forwarded fields as `HeadRewriter.rewrite` appends
+    them (`name, ": ", value, CRLF`) up to `stop`, then the lines the sidecar writes itself
+    (its X-Forwarded-Client-Cert, framing, upgrade) as whole `name: value\r\n` pieces.
+
+    The request authorizer decides on this, not on what the caller sent: a field the sidecar
+    removes (hop-by-hop, named in Connection, a caller's XFCC or x-meshlet-*) must not be able
+    to satisfy a header permission for a request the app then gets without it, and a
+    permission on XFCC sees the sidecar's value (as Envoy's RBAC filter sees it, after the
+    connection manager's SANITIZE_SET). Built per authorized request as a view; the list is
+    made only when a permission reads the fields."""
+
+    __slots__ = ("_fields", "_lines", "_start", "_stop")
+
+    def __init__(self, lines: list[bytes], start: int, stop: int) -> None:
+        self._lines = lines
+        self._start = start
+        self._stop = stop
+        self._fields: list[tuple[bytes, bytes]] | None = None
+
+    def _all(self) -> list[tuple[bytes, bytes]]:
+        fields = self._fields
+        if fields is None:
+            lines = self._lines
+            fields = [(lines[i], lines[i + 2]) for i in range(self._start, self._stop, 4)]
+            for line in b"".join(lines[self._stop :]).split(_CRLF):
+                name, sep, value = line.partition(_COLON)
+                if sep:
+                    fields.append((name, value))
+            self._fields = fields
+        return fields
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[bytes, bytes]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[bytes, bytes]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[bytes, bytes] | list[tuple[bytes, bytes]]:
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._all())
 
 
 # Framing values are shared, not built per message (a frozen dataclass is slow to create).
@@ -307,6 +364,24 @@ BAD_REQUEST = local_response(400, b"Bad Request", close=True)
 HEADERS_TOO_LARGE = local_response(431, b"Request Header Fields Too Large", close=True)
 REQUEST_TIMEOUT = local_response(408, b"Request Timeout", close=True)
 GATEWAY_TIMEOUT = local_response(504, b"upstream request timeout", close=True)
+STREAM_TIMEOUT = local_response(408, b"stream timeout", close=True)
+"""A route's idle timeout before the response head (Envoy's words)."""
+
+
+def fault_abort(status: int) -> bytes:
+    """A route's injected abort (Envoy's fault filter's answer)."""
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b"Unknown"
+    body = b"fault filter abort"
+    return (
+        status_line(status, reason)
+        + b"content-type: text/plain\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def unavailable(reason: str, *, close: bool) -> bytes:

@@ -3,6 +3,12 @@ then peer identity and the connection decision after the mTLS handshake.
 
 The listener terminates TLS per connection with `start_tls` (connect.listener), which reports
 each failed handshake with the peer's address and OpenSSL's reason to `handshake_failed`.
+
+MutualTLSMode permissive (`permissive`): the listener hands over a connection whose first byte
+is not a TLS record as it is; `admit` takes a connection without a TLS session as the
+`PLAINTEXT` peer (no identity: only intentions whose source is `*` can allow it) while
+permissive, and refuses it otherwise. `revoke` closes open plaintext connections once the mode
+is strict again, as it closes connections whose intention now denies them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from connect.seams import ConnectionAuthorizer, Peer, PeerCache
+from connect.seams import PLAINTEXT, ConnectionAuthorizer, Peer, PeerCache
 from connect.stats import ProxyStats
 
 log = logging.getLogger("meshlet.proxy.inbound")
@@ -111,9 +117,14 @@ class InboundGate:
         self.stats = stats
         self.authorize = authorize
         self.handshake_timeout = handshake_timeout
+        self.permissive = False
+        """MutualTLSMode permissive: plaintext is accepted too (see the module's docstring)."""
         self._logged: set[tuple[str, str]] = set()
         self._log_limit = log_limit
         self._not_after: dict[bytes, float] = {}
+        self.on_refused: Callable[[str, str], None] | None = None
+        """Told of every connection refused here, before any byte of it reached the app
+        (peer address, why): the access log's listener logs (connect.observe.Telemetry)."""
 
     def server_context(self) -> ssl.SSLContext:
         return self.current_ssl() if self.current_ssl is not None else self.server_ssl
@@ -140,6 +151,8 @@ class InboundGate:
             host, "handshake:" + kind, "inbound TLS handshake from %s refused (%s): %s",
             where, kind, detail,
         )  # fmt: skip
+        if self.on_refused is not None:
+            self.on_refused(where, f"TLS handshake failed ({kind}): {detail}")
 
     def _expired(self, ssl_object: ssl.SSLObject) -> bool:
         der = ssl_object.getpeercert(True) or b""
@@ -154,9 +167,11 @@ class InboundGate:
         return not_after <= time.time()
 
     def _refuse(self, transport: asyncio.BaseTransport, reason: str) -> None:
-        host, _ = _host_port(transport.get_extra_info("peername"))
+        host, where = _host_port(transport.get_extra_info("peername"))
         self._log_once(host, reason, "inbound connection from %s refused: %s", host, reason)
         transport.abort()  # type: ignore[attr-defined]
+        if self.on_refused is not None:
+            self.on_refused(where, reason)
 
     def admit(self, transport: asyncio.BaseTransport) -> Peer | None:
         """Identify and authorize a connection whose handshake just succeeded; None if
@@ -166,6 +181,8 @@ class InboundGate:
             # The peer left between its handshake and this callback (a client that closes at
             # once, a health check): nothing to admit, and nobody was refused.
             return None
+        if ssl_object is None:
+            return self._admit_plaintext(transport)
         peer = self.peers.peer_of(ssl_object)
         if isinstance(peer, str):
             self.stats.peers_refused += 1
@@ -185,19 +202,49 @@ class InboundGate:
         self.stats.connections += 1
         return peer
 
+    def _admit_plaintext(self, transport: asyncio.BaseTransport) -> Peer | None:
+        """A connection the listener handed over without TLS: the `PLAINTEXT` peer while
+        permissive, decided by the connection authorizer like any other (an HTTP listener
+        decides each request instead)."""
+        if not self.permissive:
+            # Only a permissive listener hands plaintext over; a mode switched in between is
+            # decided by the mode now.
+            self.stats.handshakes_failed += 1
+            self.stats.handshake_failures.plaintext += 1
+            self._refuse(transport, "plaintext refused: MutualTLSMode is strict")
+            return None
+        if self.authorize is not None:
+            verdict = self.authorize(PLAINTEXT)
+            if not verdict.allowed:
+                self.stats.connections_denied += 1
+                self._refuse(transport, f"plaintext (no identity) denied: {verdict.reason}")
+                return None
+        self.stats.connections += 1
+        self.stats.plaintext_connections += 1
+        return PLAINTEXT
+
+    def decide_open(self, peer: Peer) -> tuple[bool, str]:
+        """Whether an open connection from `peer` may stay open now, and why not."""
+        if peer.plaintext and not self.permissive:
+            return False, "plaintext no longer accepted: MutualTLSMode is strict"
+        if self.authorize is None:
+            return True, ""
+        verdict = self.authorize(peer)
+        return verdict.allowed, verdict.reason
+
     def revoke(self, open_connections: Mapping[Any, Peer]) -> int:
         """Decide each open connection's peer again with the current authorizer and abort the
         connections now denied (the intentions changed since their handshake); counted in
         `connections_revoked`, logged once per peer and reason. Returns how many."""
-        if self.authorize is None or not open_connections:
+        if not open_connections:
             return 0
-        verdicts: dict[Peer, Any] = {}
+        verdicts: dict[Peer, tuple[bool, str]] = {}
         denied: list[tuple[Revocable, Peer]] = []
         for conn, peer in open_connections.items():
             verdict = verdicts.get(peer)
             if verdict is None:
-                verdict = verdicts[peer] = self.authorize(peer)
-            if not verdict.allowed:
+                verdict = verdicts[peer] = self.decide_open(peer)
+            if not verdict[0]:
                 denied.append((conn, peer))
         counts: dict[Peer, int] = {}
         for conn, peer in denied:
@@ -205,9 +252,9 @@ class InboundGate:
             conn.abort()  # its listener forgets it (the mapping changes under us: listed first)
         self.stats.connections_revoked += len(denied)
         for peer, n in counts.items():
-            reason = verdicts[peer].reason
+            reason = verdicts[peer][1]
             log.warning(
                 "inbound: closed %d open connection(s) from %s: now denied: %s",
-                n, peer.uri, reason,
+                n, peer.uri or "plaintext", reason,
             )  # fmt: skip
         return len(denied)

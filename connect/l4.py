@@ -5,9 +5,12 @@ object the loop handed over straight to the other transport (no Python-level cop
 flow control is coupled both ways (our write buffer above its high-water mark pauses reading
 on the other leg), so a connection holds at most about two high-water marks per direction.
 
-Half-close travels where the receiving leg can carry it (`write_eof` on plain TCP). asyncio's
-TLS transport cannot send a TLS close_notify while staying readable, so an EOF that must cross
-a TLS leg is held: the connection stays open until the other direction ends or goes idle.
+Half-close travels where the receiving leg can carry it (`write_eof` on plain TCP). Over TLS
+it cannot: the loop's TLS transports (asyncio's and uvloop's) have no `write_eof`, and the one
+that receives a close_notify closes itself, although TLS 1.3 and OpenSSL allow writing on after
+it. So an EOF that must cross a TLS leg ends the relay: what was read is flushed (the far
+sidecar hands it to the app, then an EOF), and both legs close. A client that half-closes and
+waits for the reply (Envoy carries that) gets none: docs/proxy.md.
 
 Idle connections are cut by one timer per connection that checks an activity flag, so the
 data path pays one attribute store per chunk and never reads the clock.
@@ -164,10 +167,10 @@ class _Leg(asyncio.Protocol):
         if other.transport is not None:
             if other.transport.can_write_eof():
                 other.transport.write_eof()
-            elif self is self.relay.b:
-                # The server side is done and the EOF cannot cross TLS: the client has had
-                # every byte once we flush, so finish. (A client-side EOF is held instead:
-                # the reply must still come back.)
+            else:
+                # The EOF cannot cross the TLS leg (see the module's docstring): finish once
+                # what was read is flushed. Holding it instead held both sidecars' sockets and
+                # the app's connection until the idle timeout whenever a client closed first.
                 self.relay.close()
                 return False
         # asyncio's TLS transport closes itself on EOF (and warns if asked to stay open).

@@ -22,6 +22,14 @@ without data allocates ~47 KiB, the SSL object ~9 KiB; uvloop adds a mostly unto
 read buffer), so 2,000 idle connections added ~80 MB of RSS. A silent connection now holds a
 plain transport and a timer (about 1 KiB) until `handshake_timeout`, which runs from accept.
 
+MutualTLSMode permissive (`TLSTerminator.permissive`): the first byte decides. 0x16 is the
+content type of a TLS handshake record, which every ClientHello starts with, and no plaintext
+protocol a mesh carries starts with that control byte; so 0x16 goes to TLS exactly as in strict
+mode (garbage after it fails the handshake), anything else hands the plain transport to the
+listener's protocol as it is, with the bytes read so far. The terminator's `admit` then sees a
+connection without a TLS session and treats it as plaintext (connect.inbound). A silent
+connection is closed at `handshake_timeout` in either mode.
+
 Admission: each listener caps its connections (`ConnectionLimits`): beyond `max_connections`
 open ones, or `max_pending_handshakes` accepted but not yet through the TLS handshake, a new
 connection is reset at accept (before any TLS work) and counted in
@@ -84,10 +92,16 @@ def _feed(protocol: _BufferedProtocol, data: bytes) -> None:
         view = view[n:]
 
 
+_TLS_HANDSHAKE_RECORD = 0x16
+
+
 class TLSTerminator(Protocol):
     """What a TLS-terminating listener needs (connect.inbound.InboundGate is one)."""
 
     handshake_timeout: float
+    permissive: bool
+    """Also accept plaintext (a first byte that cannot start a TLS record); read per connection
+    when its first bytes arrive."""
 
     def server_context(self) -> ssl.SSLContext:
         """The context for the handshake of a connection accepted now."""
@@ -206,8 +220,11 @@ class _TLSAccept(asyncio.Protocol):
         tls.set_protocol(app)
         app.connection_made(tls)
         if self.pending:
-            for chunk in self.pending:
-                app.data_received(chunk)
+            # Not to a connection its protocol refused (aborted) in `connection_made`: that
+            # protocol has no peer, and what it parsed would be decided for nobody.
+            if not tls.is_closing():
+                for chunk in self.pending:
+                    app.data_received(chunk)
             self.pending.clear()
         if self.eof:
             app.eof_received()
@@ -235,9 +252,29 @@ class _TLSAccept(asyncio.Protocol):
         if self.app is not None:
             self.app.data_received(data)
         elif not self.started:
-            self._start(data)
+            if data[0] != _TLS_HANDSHAKE_RECORD and self.terminator.permissive:
+                self._plaintext(data)
+            else:
+                self._start(data)
         else:
             self.pending.append(data)
+
+    def _plaintext(self, first: bytes) -> None:
+        """Permissive mode, not TLS: the listener's protocol takes the plain transport now and
+        gets `first` as its first read (its admission decides who may talk)."""
+        self._cancel_timer()
+        listener = self.listener
+        listener._handshaking.discard(self)
+        raw = cast("asyncio.Transport", self.raw)
+        if listener._closing:
+            raw.abort()
+            return
+        app = listener._protocol()
+        self.app = app
+        raw.set_protocol(app)
+        app.connection_made(raw)
+        if not raw.is_closing():
+            app.data_received(first)
 
     def eof_received(self) -> bool | None:
         if self.app is not None:

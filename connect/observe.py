@@ -22,6 +22,7 @@ DC downstream connection termination, DPE downstream protocol error; `-` when no
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from connect.http1.exchange import Exchange
     from connect.seams import Peer, Verdict
+    from connect.tracing import Tracing
+    from connect.tracing_settings import TracingSettings
 
 __all__ = [
     "BYTES_BUCKETS",
@@ -98,6 +101,8 @@ TCP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+_log = logging.getLogger("meshlet.observe")
+
 SEP = "\x1f"
 """Joins label values into one export key (no label value holds it)."""
 
@@ -242,6 +247,10 @@ def _principal_of(local_principal: str, service: str) -> str:
 class AccessSink(Protocol):
     """Where access-log records go (connect.access_log.AccessLog): never blocks."""
 
+    def listener(self, side: Side, address: str, reason: str) -> None:
+        """A connection the listener refused before it carried anything (Consul's listener
+        logs: a failed TLS handshake, a peer that is not a service of the trust domain)."""
+
     def http(self, side: Side, ex: Exchange, peer: Peer | None, duration: float) -> None: ...
 
     def tcp(
@@ -258,18 +267,55 @@ class AccessSink(Protocol):
 
 
 class Telemetry:
-    """One process's observers: the metrics every listener feeds, and the access log while
-    one is configured (`access_log` can be set and cleared at any time: a proxy-defaults
-    change applies without touching the listeners)."""
+    """One process's observers: the metrics every listener feeds, and the access log and the
+    tracer while they are configured (`access_log` and `set_tracing` can change at any time:
+    a proxy-defaults change applies without touching the listeners)."""
 
     def __init__(self, service: str, principal: str = "", metrics: MeshMetrics | None = None):
         self.service = service
         self.principal = principal or "unknown"
         self.metrics = metrics if metrics is not None else MeshMetrics()
         self.access_log: AccessSink | None = None
+        self.tracing: Tracing | None = None
+        """While tracing is on (connect.tracing); None: the SDK is not even imported."""
+        self._tracing_counters: dict[str, int] = {}
+        """Of tracers turned off since (counters only grow)."""
+
+    def set_tracing(self, settings: TracingSettings | None) -> None:
+        """Trace with `settings` from the next request on (None or no endpoint: stop)."""
+        tracing = self.tracing
+        if settings is None or not settings.enabled:
+            if tracing is not None:
+                self.tracing = None
+                for k, v in tracing.counters().items():
+                    self._tracing_counters[k] = self._tracing_counters.get(k, 0) + v
+                tracing.close()
+            return
+        if tracing is None:
+            # The SDK and the OTLP exporter load here, the first time tracing is on.
+            from connect.tracing import Tracing
+
+            self.tracing = Tracing(self.service, settings)
+        elif tracing.settings != settings:
+            tracing.update(settings)
+
+    def tracing_counters(self) -> dict[str, int]:
+        """Spans exported, failed, dropped (queue full) since start; queued now."""
+        out = dict(self._tracing_counters)
+        out["queued"] = 0
+        if self.tracing is not None:
+            for k, v in self.tracing.counters().items():
+                out[k] = out.get(k, 0) + v if k != "queued" else v
+        return out
 
     def inbound(self, protocol: str) -> Side:
         return Side("destination", self.service, self.principal, protocol=protocol)
+
+    def listener_refused(self, address: str, reason: str) -> None:
+        """An inbound listener refused a connection (connect.inbound.InboundGate.on_refused)."""
+        log = self.access_log
+        if log is not None:
+            log.listener(self.inbound("tcp"), address, reason)
 
     def upstream(self, name: str, protocol: str) -> Side:
         return Side(
@@ -296,16 +342,18 @@ class HTTPSide:
         self.metrics = telemetry.metrics
         self.side = side
         self._inbound = side.reporter == "destination"
-        self._keys: dict[tuple[str, int, str], _Series] = {}
-        """(peer URI or cluster, status, flags) -> its series: one dict look-up per request
-        once the combination has been seen."""
+        self._keys: dict[tuple[str, int, str, str], _Series] = {}
+        """(peer URI or cluster, status, flags, grpc status) -> its series: one dict look-up
+        per request once the combination has been seen."""
         self.services: dict[str, str] = {}
         """Caller's side: a routed cluster's name (a discovery-chain target ID such as
         `v1.api.default.default.dc1`) -> the Consul service it reaches, which is what
         `destination_service*` carry. Set by whoever applies the routing."""
 
-    def _labels(self, remote: str, status: int, flags: str) -> tuple[str, ...]:
+    def _labels(self, remote: str, status: int, flags: str, grpc: str) -> tuple[str, ...]:
         s = self.side
+        # Inbound, only a plaintext caller has no URI (MutualTLSMode permissive).
+        security = "none" if self._inbound and not remote else s.security
         if self._inbound:
             src_wl, src_p = _service_of(remote), remote or "unknown"
             dst, dst_p = s.local_service, s.local_principal
@@ -324,23 +372,34 @@ class HTTPSide:
             s.protocol,
             str(status),
             flags,
-            "-",
-            s.security,
+            grpc,
+            security,
         )
 
     def request(self, ex: Exchange, peer: Peer | None) -> None:
-        pass  # metrics are taken when it is done
+        # Metrics are taken when it is done; tracing (when on) decides and rewrites the head.
+        tracing = self.telemetry.tracing
+        if tracing is not None:
+            try:
+                tracing.request(self.side, ex, peer)
+            except Exception:
+                # Tracing must never break the exchange it traces (the head goes on as is).
+                ex.span = None
+                _log.exception("tracing a request failed")
 
     def response(self, ex: Exchange) -> None:
-        pass
+        headers = ex.response_headers
+        if headers is not None:
+            ex.grpc_status = grpc_status_of(headers)
 
     def done(self, ex: Exchange, peer: Peer | None, duration: float) -> None:
         status, flags = ex.status, ex.flags
         remote = (peer.uri if peer is not None else "") if self._inbound else ex.cluster
-        key = (remote, status, flags)
+        grpc = ex.grpc_status
+        key = (remote, status, flags, grpc)
         s = self._keys.get(key)
         if s is None:
-            s = self._keys[key] = self.metrics.series(self._labels(remote, status, flags))
+            s = self._keys[key] = self.metrics.series(self._labels(remote, status, flags, grpc))
         s.count += 1
         ms = duration * 1000.0
         s.dur[bisect_left(DURATION_BUCKETS_MS, ms)] += 1
@@ -355,6 +414,11 @@ class HTTPSide:
         if ex.tries > 1:
             name = ex.cluster or self.side.remote_service
             self.metrics.retries[name] = self.metrics.retries.get(name, 0) + ex.tries - 1
+        span = ex.span
+        if span is not None:
+            ex.span = None
+            dest = self.services.get(ex.cluster, ex.cluster) if ex.cluster else ""
+            span.finish(self.side, ex, peer, duration, dest or self.side.remote_service)
         log = self.telemetry.access_log
         if log is not None:
             log.http(self.side, ex, peer, duration)
@@ -377,7 +441,8 @@ class TCPSide:
         else:
             src_wl, src_p = s.local_service, s.local_principal
             dst, dst_p = s.remote_service, s.remote_principal
-        labels = (s.reporter, src_wl, src_p, dst, dst, dst, dst_p, "tcp", flags, s.security)
+        security = "none" if peer is not None and peer.plaintext else s.security
+        labels = (s.reporter, src_wl, src_p, dst, dst, dst, dst_p, "tcp", flags, security)
         return self.metrics.tcp_series(labels)
 
     def opened(self, peer: Peer | None) -> None:
@@ -410,6 +475,28 @@ class TCPSide:
                 start=start,
                 upstream=upstream,
             )
+
+
+_GRPC_STATUSES = {str(n): str(n) for n in range(17)}
+"""gRPC's status codes (0 OK to 16 UNAUTHENTICATED): the label takes nothing else, so its
+cardinality stays bounded whatever an upstream writes."""
+
+
+def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The grpc-status of a gRPC response head (content-type application/grpc...), "-" for
+    anything else. Over HTTP/1 only a trailers-only answer (an error, or a proxy's) carries it
+    in its head; a status sent as a trailer after a body is not read (see
+    docs/observability.md)."""
+    grpc = False
+    status = b""
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == b"content-type":
+            grpc = value[:16].lower() == b"application/grpc"
+        elif len(name) == 11 and name.lower() == b"grpc-status":
+            status = value.strip()
+    if not grpc or not status:
+        return "-"
+    return _GRPC_STATUSES.get(status.decode("latin-1"), "other")
 
 
 def verdict_rule(verdict: Verdict | None) -> str:

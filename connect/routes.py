@@ -26,8 +26,12 @@ The types, all immutable:
   `response_headers` (`HeaderEdits`: `add` appends, `set` replaces every field of that name,
   `remove` drops; names lower-case), `retry` (`RetryPolicy`), `request_timeout` (seconds for
   the whole exchange, until the response's last byte; None: only the listener's idle limit),
-  `try_timeout` (seconds for each try, until the response head; None: none).
-  `needs_shell` says whether it has timeouts or response edits (precomputed).
+  `try_timeout` (seconds for each try, until the response head; None: none),
+  `idle_timeout` (seconds the stream may be silent both ways), `fault` (`Fault`: delay and
+  abort, decided per request) and `mirror` (`Mirror`: a copy to another cluster).
+  `needs_shell` says whether the exchange must carry the action (precomputed).
+  A `WeightedCluster` may carry header edits of its own (a splitter leg's), applied before
+  the route's; the `Selection` carries the edits of the leg chosen.
 * `RetryPolicy`: when a request is sent again and how often (see its docstring).
 * `Selection(action, cluster, path)`: what `select` returns: the route's action, the cluster
   its split chose, and the request path to send instead (without the query), or None when
@@ -50,8 +54,10 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
+    "Fault",
     "HeaderEdits",
     "HeaderMatch",
+    "Mirror",
     "QueryMatch",
     "RetryPolicy",
     "Route",
@@ -61,6 +67,7 @@ __all__ = [
     "Selection",
     "WeightedCluster",
     "default_table",
+    "shadow_head",
 ]
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -233,16 +240,6 @@ def _query_params(query: bytes) -> dict[bytes, bytes]:
 
 
 @dataclass(frozen=True, slots=True)
-class WeightedCluster:
-    cluster: str
-    weight: int = 10_000
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"WeightedCluster {self.cluster!r}: weight must not be negative")
-
-
-@dataclass(frozen=True, slots=True)
 class HeaderEdits:
     add: tuple[tuple[bytes, bytes], ...] = ()
     set: tuple[tuple[bytes, bytes], ...] = ()
@@ -266,6 +263,20 @@ class HeaderEdits:
         out += self.set
         out += self.add
         return out
+
+    def then(self, later: HeaderEdits) -> HeaderEdits:
+        """One edit that does what `self` then `later` do: what `later` sets or removes
+        replaces what `self` set or added under that name (so the later `set` wins)."""
+        if not later:
+            return self
+        if not self:
+            return later
+        gone = later.remove | {n for n, _ in later.set}
+        return HeaderEdits(
+            add=tuple(f for f in self.add if f[0] not in gone) + later.add,
+            set=tuple(f for f in self.set if f[0] not in gone) + later.set,
+            remove=self.remove | later.remove,
+        )
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -299,6 +310,104 @@ NO_EDITS = HeaderEdits()
 
 
 @dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    """One leg of a split. `request_headers` / `response_headers` are the leg's own edits
+    (a splitter's `Splits[].RequestHeaders/ResponseHeaders`), applied before the route's, as
+    Envoy applies weighted-cluster edits before route-level ones: a route `set` of the same
+    name wins."""
+
+    cluster: str
+    weight: int = 10_000
+    request_headers: HeaderEdits = NO_EDITS
+    response_headers: HeaderEdits = NO_EDITS
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"WeightedCluster {self.cluster!r}: weight must not be negative")
+
+
+def _fraction(percent: float, name: str) -> float:
+    if not 0.0 <= percent <= 100.0:
+        raise ValueError(f"{name} must be between 0 and 100, not {percent}")
+    return percent / 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Istio's HTTPFaultInjection, as Envoy's fault filter applies it: a request is delayed
+    by `delay` seconds with probability `delay_percent` %, and (independently, once the delay
+    is over) answered `abort_status` instead of being forwarded with probability
+    `abort_percent` %. `abort_status` 0: no abort; `delay` 0: no delay."""
+
+    abort_status: int = 0
+    abort_percent: float = 100.0
+    delay: float = 0.0
+    delay_percent: float = 100.0
+    _abort: float = field(init=False, repr=False, compare=False)
+    _delay: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.abort_status and not 200 <= self.abort_status <= 599:
+            raise ValueError(f"Fault.abort_status {self.abort_status} is not in 200-599")
+        if self.delay < 0:
+            raise ValueError("Fault.delay must not be negative")
+        abort = _fraction(self.abort_percent, "Fault.abort_percent") if self.abort_status else 0
+        delay = _fraction(self.delay_percent, "Fault.delay_percent") if self.delay else 0
+        object.__setattr__(self, "_abort", abort)
+        object.__setattr__(self, "_delay", delay)
+
+    def decide(self, rng: random.Random) -> tuple[float, int]:
+        """(seconds to delay the request, status to answer instead of forwarding it or 0)."""
+        delay = self.delay if self._delay and rng.random() < self._delay else 0.0
+        status = self.abort_status if self._abort and rng.random() < self._abort else 0
+        return delay, status
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """Istio's `mirror` / `mirrorPercentage`, as Envoy's request mirror policy: a copy of
+    `percent` % of the requests goes to `cluster` (fire and forget, the answer discarded)."""
+
+    cluster: str
+    percent: float = 100.0
+    _fraction: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fraction", _fraction(self.percent, "Mirror.percent"))
+
+    def decide(self, rng: random.Random) -> bool:
+        share = self._fraction
+        return share >= 1.0 or (share > 0.0 and rng.random() < share)
+
+
+def shadow_head(head: bytes) -> bytes:
+    """The serialized request head of a mirrored copy: `-shadow` appended to the Host (before
+    its port, if any), as Envoy does for shadowed requests, and `connection: close` (the copy
+    gets a connection of its own and nothing else). `head` is a head as the listener
+    serialized it: one Host field, no Connection field (hop-by-hop fields are not
+    forwarded)."""
+    lines = head.split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"host":
+            host = value.strip()
+            bracket = host.rfind(b"]")
+            colon = host.rfind(b":")
+            if colon > bracket:
+                host = host[:colon] + b"-shadow" + host[colon:]
+            else:
+                host += b"-shadow"
+            out.append(name + b": " + host)
+        elif not (sep and name.strip().lower() == b"connection"):
+            out.append(line)
+    out += (b"connection: close", b"", b"")
+    return b"\r\n".join(out)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteAction:
     destinations: tuple[WeightedCluster, ...]
     prefix_rewrite: bytes | None = None
@@ -307,9 +416,20 @@ class RouteAction:
     retry: RetryPolicy = DEFAULT_RETRY
     request_timeout: float | None = None
     try_timeout: float | None = None
+    idle_timeout: float | None = None
+    """Envoy's route `idle_timeout` (Consul's `IdleTimeout`): seconds the request's stream
+    may go without a byte either way, from its head on; then a 408 if no response head has
+    come, else the client connection is reset."""
+    fault: Fault | None = None
+    mirror: Mirror | None = None
     _cumulative: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _legs: tuple[tuple[HeaderEdits, HeaderEdits], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    """Per destination: (request, response) edits, the leg's then the route's, compiled."""
     needs_shell: bool = field(init=False, repr=False, compare=False)
-    """Timeouts or response header edits: the exchange must carry the action along."""
+    """Timeouts, response header edits, a fault or a mirror: the exchange must carry the
+    action along."""
 
     def __post_init__(self) -> None:
         if not self.destinations:
@@ -320,21 +440,48 @@ class RouteAction:
             cumulative.append(acc)
         if acc <= 0:
             raise ValueError("RouteAction: destination weights sum to zero")
-        for name in ("request_timeout", "try_timeout"):
+        for name in ("request_timeout", "try_timeout", "idle_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"RouteAction.{name} must be positive")
         object.__setattr__(self, "_cumulative", tuple(cumulative))
-        shell = bool(self.request_timeout or self.try_timeout or self.response_headers)
+        legs = tuple(
+            (
+                d.request_headers.then(self.request_headers),
+                d.response_headers.then(self.response_headers),
+            )
+            for d in self.destinations
+        )
+        object.__setattr__(self, "_legs", legs)
+        shell = bool(
+            self.request_timeout
+            or self.try_timeout
+            or self.idle_timeout
+            or self.fault
+            or self.mirror
+            or any(resp for _, resp in legs)
+        )
         object.__setattr__(self, "needs_shell", shell)
+
+    @property
+    def leg_edits(self) -> bool:
+        """Some leg edits headers of its own (the edits then depend on the pick)."""
+        return any(d.request_headers or d.response_headers for d in self.destinations)
+
+    def pick_leg(self, rng: random.Random) -> int:
+        """The index of the destination, by weight."""
+        if len(self.destinations) == 1:
+            return 0
+        cum = self._cumulative
+        return bisect.bisect_right(cum, rng.randrange(cum[-1]))
 
     def pick(self, rng: random.Random) -> str:
         """The destination cluster, by weight."""
-        dests = self.destinations
-        if len(dests) == 1:
-            return dests[0].cluster
-        cum = self._cumulative
-        return dests[bisect.bisect_right(cum, rng.randrange(cum[-1]))].cluster
+        return self.destinations[self.pick_leg(rng)].cluster
+
+    def edits(self, leg: int) -> tuple[HeaderEdits, HeaderEdits]:
+        """(request, response) edits of destination `leg`: its own, then the route's."""
+        return self._legs[leg]
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +500,10 @@ class Selection:
     cluster: str
     path: bytes | None
     """The path to send instead (without the query), or None: the request's, unchanged."""
+    request_headers: HeaderEdits = NO_EDITS
+    """The request edits to apply: the chosen leg's, then the route's."""
+    response_headers: HeaderEdits = NO_EDITS
+    """The response edits to apply: the chosen leg's, then the route's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,9 +522,9 @@ class RouteTable:
             not self.routes
             and len(default.destinations) == 1
             and default.prefix_rewrite is None
-            and not default.request_headers
+            and not default.edits(0)[0]
         ):
-            fixed = Selection(default, default.destinations[0].cluster, None)
+            fixed = Selection(default, default.destinations[0].cluster, None, *default.edits(0))
         object.__setattr__(self, "fixed", fixed)
 
     def select(
@@ -389,12 +540,16 @@ class RouteTable:
                 rewritten = None
                 if action.prefix_rewrite is not None:
                     rewritten = _rewrite(action.prefix_rewrite, match, path)
-                return Selection(action, action.pick(rng), rewritten)
+                leg = action.pick_leg(rng)
+                return Selection(
+                    action, action.destinations[leg].cluster, rewritten, *action.edits(leg)
+                )
         action = self.default
         rewritten = None
         if action.prefix_rewrite is not None:
             rewritten = _rewrite(action.prefix_rewrite, _EVERYTHING, path)
-        return Selection(action, action.pick(rng), rewritten)
+        leg = action.pick_leg(rng)
+        return Selection(action, action.destinations[leg].cluster, rewritten, *action.edits(leg))
 
 
 _EVERYTHING = RouteMatch()

@@ -20,6 +20,7 @@ from typing import Protocol
 from intentions.engine import Identity
 
 __all__ = [
+    "PLAINTEXT",
     "ConnectionAuthorizer",
     "Peer",
     "PeerCache",
@@ -40,6 +41,16 @@ class Peer:
     """The source as the intentions engine identifies it."""
     cert_sha256: str = ""
     """Lower-case hex SHA-256 of the leaf DER (X-Forwarded-Client-Cert's Hash)."""
+    plaintext: bool = False
+    """No TLS at all (`PLAINTEXT`): accepted only in MutualTLSMode permissive."""
+
+
+PLAINTEXT = Peer("", Identity("*"), plaintext=True)
+"""The source of every plaintext connection (MutualTLSMode permissive): no certificate, so no
+identity. Its name `*` is in no intention's exact source map (a `*` source is kept as a
+wildcard), so the engine's lookups can only match intentions whose source is `*` (in the
+default namespace, or `*/*`): a plaintext caller gets what any caller gets, never what a
+named service was granted, and the default decision otherwise."""
 
 
 class PeerRejected(Exception):
@@ -59,9 +70,11 @@ class Verdict(Protocol):
 
 ConnectionAuthorizer = Callable[[Peer], Verdict]
 RequestAuthorizer = Callable[[Peer, bytes, bytes, bytes, Sequence[tuple[bytes, bytes]]], Verdict]
-"""(peer, method, request target, host, headers as parsed) -> verdict. Bytes as the parser
+"""(peer, method, request target, host, header fields) -> verdict. Bytes as the parser
 hands them over: an authorizer that needs only the peer decodes nothing. The target is the
-origin-form one the listener already normalized (connect.http_target) and will forward."""
+origin-form one the listener already normalized (connect.http_target) and will forward; the
+fields are those the app will receive (connect.http1_headers.ForwardedFields), not what the
+caller sent."""
 
 
 class PeerCache:

@@ -24,6 +24,11 @@ Per protocol (the assembly agent/sidecar.py and bench/proxy_sidecar.py share):
   http listener's route table and named clusters, or the tcp listener's target and failover
   chain, swapped whole per snapshot (`_Routed`).
 
+The inbound spec's `mutual_tls_mode` (Consul's effective MutualTLSMode for the service) is
+applied to the running listener, never by replacing it: permissive also admits plaintext
+(connect.listener, connect.inbound); back to strict, new plaintext is refused and open
+plaintext connections are closed, while mTLS connections are not touched.
+
 TLS is whatever follows the leaf (connect.tls.DynamicTLS, or fixed contexts in the
 benchmark); listeners keep one object, so a rotation never restarts them.
 """
@@ -31,18 +36,20 @@ benchmark); listeners keep one object, so a rotation never restarts them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from connect.balancer import Balancer, BalancerConfig, Target, compile_balancer
 from connect.chain_routes import RoutingSnapshot, TargetSettings
+from connect.cluster import NO_LIMITS, Limits
 from connect.dial import Upstream
-from connect.http1 import InboundHTTP, OutboundHTTP
+from connect.http1 import HTTPLimits, InboundHTTP, OutboundHTTP
 from connect.http1.origin import MeshOrigin
 from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
@@ -52,12 +59,14 @@ from connect.observe import HTTPSide, Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
 from connect.stats import ProxyStats
+from connect.tracing_settings import TracingSettings
 from intentions.path_normalization import PathNormalization
 
 log = logging.getLogger("meshlet.connect.sidecar")
 
 __all__ = [
     "InboundSpec",
+    "MutualTLSMode",
     "Plan",
     "Running",
     "Sidecar",
@@ -70,6 +79,10 @@ __all__ = [
 ]
 
 S = TypeVar("S")
+
+
+MutualTLSMode = Literal["strict", "permissive"]
+"""Consul's MutualTLSMode as the data plane takes it ("" is strict)."""
 
 
 def bind_address(host: str, port: int) -> str:
@@ -89,6 +102,9 @@ class InboundSpec:
     local_uri: str
     """This sidecar's SPIFFE ID (who the app is told it was reached as)."""
     path_normalization: PathNormalization = "base"
+    mutual_tls_mode: MutualTLSMode = "strict"
+    """permissive: plaintext is accepted too, with no identity (only intentions whose source
+    is `*` can allow it). Changed in place on the running listener."""
 
     @property
     def bind(self) -> str:
@@ -97,6 +113,10 @@ class InboundSpec:
     @property
     def label(self) -> str:
         return f"inbound :{self.port}"
+
+    @property
+    def permissive(self) -> bool:
+        return self.mutual_tls_mode == "permissive"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +154,23 @@ class SidecarSpec:
     limits: ConnectionLimits | None = None
     """Caps on each listener's connections (connect.listener), taken by listeners as they
     start: a running listener keeps the caps it started with."""
+    tracing: TracingSettings | None = None
+    """The telemetry's tracing (connect.tracing_settings; None: off), applied to every
+    listener at once and without touching them."""
+    http_limits: HTTPLimits | None = None
+    """The HTTP listeners' request limits (header count and size, retry buffer), taken as
+    `limits` is."""
+    max_pending_requests: int = 0
+    """Each upstream's HTTP requests waiting for a dial when Consul's Limits set none (0: no
+    limit)."""
+
+    def cluster_limits(self, limits: Limits) -> Limits:
+        """Consul's circuit-breaking `limits` for one upstream cluster, with this sidecar's
+        pending-request cap where they leave it unset (0, as Consul's unset means Envoy's
+        default)."""
+        if limits.max_pending_requests or not self.max_pending_requests:
+            return limits
+        return replace(limits, max_pending_requests=self.max_pending_requests)
 
     def listeners(self) -> dict[str, ListenerSpec]:
         """Every listener by the address it binds (unique: the config checks it)."""
@@ -154,10 +191,13 @@ class Plan:
     replace: tuple[tuple[ListenerSpec, ListenerSpec], ...] = ()
     """(old, new) on the same address."""
     keep: tuple[ListenerSpec, ...] = ()
+    modes: tuple[InboundSpec, ...] = ()
+    """Running inbound listeners whose MutualTLSMode alone changed (the new spec): applied in
+    place, their connections kept (plaintext ones closed when it turns strict)."""
 
     @property
     def empty(self) -> bool:
-        return not (self.start or self.stop or self.replace)
+        return not (self.start or self.stop or self.replace or self.modes)
 
     def describe(self) -> str:
         parts = [f"start {s.label}" for s in self.start]
@@ -166,19 +206,32 @@ class Plan:
             f"replace {o.label} ({o.protocol}) with {n.label} ({n.protocol})"
             for o, n in self.replace
         ]
+        parts += [f"{s.label}: MutualTLSMode {s.mutual_tls_mode}" for s in self.modes]
         return "; ".join(parts) or "no listener changes"
+
+
+def _mode_only(old: ListenerSpec, new: ListenerSpec) -> bool:
+    """`new` differs from `old` in its MutualTLSMode and nothing else."""
+    return (
+        isinstance(old, InboundSpec)
+        and isinstance(new, InboundSpec)
+        and old.mutual_tls_mode != new.mutual_tls_mode
+        and dataclasses.replace(old, mutual_tls_mode=new.mutual_tls_mode) == new
+    )
 
 
 def plan(old: SidecarSpec, new: SidecarSpec) -> Plan:
     """The listener changes from `old` to `new`, in the order of `new` (inbound first)."""
     before, after = old.listeners(), new.listeners()
+    changed = [
+        (before[bind], s) for bind, s in after.items() if bind in before and before[bind] != s
+    ]
     return Plan(
         start=tuple(s for bind, s in after.items() if bind not in before),
         stop=tuple(s for bind, s in before.items() if bind not in after),
-        replace=tuple(
-            (before[bind], s) for bind, s in after.items() if bind in before and before[bind] != s
-        ),
+        replace=tuple((o, n) for o, n in changed if not _mode_only(o, n)),
         keep=tuple(s for bind, s in after.items() if before.get(bind) == s),
+        modes=tuple(n for o, n in changed if isinstance(n, InboundSpec) and _mode_only(o, n)),
     )
 
 
@@ -280,9 +333,14 @@ class _Routed:
                     connect_timeout=settings.connect_timeout,
                     rng=random.Random(self.sidecar._rng.random()),
                     resume_tls=self.sidecar._resume_tls,
-                    limits=settings.limits,
+                    limits=self.sidecar.spec.cluster_limits(settings.limits),
                     ejection=settings.ejection,
                 )
+                base = self.sidecar.upstreams.get(self.spec.name)
+                if base is not None:
+                    # Refusals are counted by upstream name (meshlet_circuit_breaker_overflows),
+                    # whichever of its chain's clusters made them.
+                    upstream.cluster.overflows = base.cluster.overflows
                 kept[tid] = (settings, upstream, endpoints)
             kept[tid][2].apply(snap.endpoints.get(tid, ()))
         named = {
@@ -407,12 +465,15 @@ class Sidecar(Generic[S]):
         return [r.listener for r in [*self.running.values(), *self._draining.values()]]
 
     def recheck_connections(self) -> int:
-        """The connection decision's inputs changed (new intentions): decide the open
-        connections of the L4 inbound listeners again and close those now denied; returns
-        how many. HTTP inbound needs nothing: it decides each request on the current
-        snapshot, so a keep-alive connection's next request already sees the change."""
+        """The connection decision's inputs changed (new intentions, or MutualTLSMode back to
+        strict): decide the open connections of the inbound listeners again and close those
+        now denied; returns how many. HTTP inbound decides each request on the current
+        snapshot, so only its plaintext connections (strict again) and its tunnels (an upgrade
+        whose request is now denied) can be closed here."""
         return sum(
-            listener.recheck() for listener in self.listeners() if isinstance(listener, InboundL4)
+            listener.recheck()
+            for listener in self.listeners()
+            if isinstance(listener, InboundL4 | InboundHTTP)
         )
 
     def listener(self, spec: ListenerSpec) -> Running | None:
@@ -434,6 +495,8 @@ class Sidecar(Generic[S]):
             )
             changes = plan(old, spec)
             self.spec = spec
+            if self.telemetry is not None:
+                self.telemetry.set_tracing(spec.tracing)
             for gone in changes.stop:
                 self._retire(self.running.pop(gone.bind), spec.drain_grace)
             for before, _ in changes.replace:
@@ -445,11 +508,36 @@ class Sidecar(Generic[S]):
                 except OSError as exc:
                     log.error("%s: cannot listen: %s", new.label, exc)
                     failed.append(exc)
+            for inbound in changes.modes:
+                self._set_mode(self.running[inbound.bind], inbound)
+            if spec.inbound is None or not spec.inbound.permissive:
+                # The mode is the service's: a listener still draining (replaced or removed)
+                # follows it too, so strict closes its plaintext connections now, not after
+                # drain_grace.
+                for draining in self._draining.values():
+                    old_spec = draining.spec
+                    if isinstance(old_spec, InboundSpec) and old_spec.permissive:
+                        strict = dataclasses.replace(old_spec, mutual_tls_mode="strict")
+                        self._set_mode(draining, strict)
             if not changes.empty:
                 log.info("listeners: %s", changes.describe())
             if failed:
                 raise failed[0]
             return changes
+
+    def _set_mode(self, running: Running, spec: InboundSpec) -> None:
+        """A new MutualTLSMode on the running inbound listener: connections accepted from now
+        on see it; back to strict, the open plaintext ones are closed."""
+        listener = running.listener
+        assert isinstance(listener, InboundHTTP | InboundL4)
+        gate = listener.inbound_gate if isinstance(listener, InboundHTTP) else listener.gate
+        gate.permissive = spec.permissive
+        running.spec = spec
+        closed = listener.recheck() if not spec.permissive else 0
+        log.info(
+            "%s: MutualTLSMode %s (%d plaintext connection(s) closed)",
+            spec.label, spec.mutual_tls_mode, closed,
+        )  # fmt: skip
 
     def _retire(self, running: Running, grace: float) -> None:
         """Stop accepting now (synchronously: the port is free for a replacement as soon as
@@ -503,6 +591,7 @@ class Sidecar(Generic[S]):
         listener: _Listener
         if spec.protocol == "http":
             gate = InboundGate(tls.listener_context(), peers, self.stats, current_ssl=tls.server)
+            gate.permissive = spec.permissive
             listener = InboundHTTP(
                 gate,
                 spec.app_host,
@@ -510,9 +599,11 @@ class Sidecar(Generic[S]):
                 authorize=self._request_authz,
                 local_uri=spec.local_uri,
                 path_normalization=spec.path_normalization,
+                limits=self.spec.http_limits,
             )
             if self.telemetry is not None:
                 listener.observer = self.telemetry.http(self.telemetry.inbound("http"))
+                gate.on_refused = self.telemetry.listener_refused
         else:
             # tcp, and http2/grpc carried at L4: one decision per connection.
             gate = InboundGate(
@@ -522,9 +613,11 @@ class Sidecar(Generic[S]):
                 authorize=self._connection_authz,
                 current_ssl=tls.server,
             )
+            gate.permissive = spec.permissive
             listener = InboundL4(gate, spec.app_host, spec.app_port)
             if self.telemetry is not None:
                 listener.observer = self.telemetry.tcp(self.telemetry.inbound("tcp"))
+                gate.on_refused = self.telemetry.listener_refused
         return Running(spec, listener)
 
     def _build_upstream(self, spec: UpstreamSpec) -> Running:
@@ -538,13 +631,14 @@ class Sidecar(Generic[S]):
             expected_service=spec.name,
             rng=random.Random(self._rng.random()),
             resume_tls=self._resume_tls,
+            limits=self.spec.cluster_limits(NO_LIMITS),
         )
         prior = self.upstreams.get(spec.name)
         if prior is not None:
             upstream.refusals = prior.refusals  # counters of the name go on across a reload
         self.upstreams[spec.name] = upstream
         listener: _Listener = (
-            OutboundHTTP(upstream, stats=self.stats)
+            OutboundHTTP(upstream, self.spec.http_limits, stats=self.stats)
             if spec.protocol == "http"
             else OutboundL4(upstream, stats=self.stats)
         )

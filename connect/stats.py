@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["HandshakeFailures", "LimitRefusals", "ProxyStats"]
+__all__ = ["HandshakeFailures", "LimitRefusals", "ProxyStats", "RequestRefusals"]
 
 
 @dataclass(slots=True)
@@ -37,6 +37,15 @@ class LimitRefusals:
 
 
 @dataclass(slots=True)
+class RequestRefusals:
+    """HTTP requests answered 431 (and their connections closed) by the limit reached
+    (connect.http1.limits)."""
+
+    max_headers: int = 0
+    max_header_bytes: int = 0
+
+
+@dataclass(slots=True)
 class ProxyStats:
     """Counters the admin endpoint exposes; plain ints so the hot path pays one add.
     `dataclasses.asdict` gives the JSON shape (handshake failures as a nested object)."""
@@ -51,8 +60,15 @@ class ProxyStats:
     connections_revoked: int = 0
     """Open L4 connections closed because the intentions changed to deny their source."""
     connections: int = 0
+    plaintext_connections: int = 0
+    """Of `connections`, those admitted as plaintext (MutualTLSMode permissive)."""
     requests: int = 0
     requests_denied: int = 0
     bad_requests: int = 0
+    """Request heads refused (400, 408, 431)."""
+    requests_refused_limit: RequestRefusals = field(default_factory=RequestRefusals)
+    retry_buffer_overflows: int = 0
+    """Requests a route would retry whose body outgrew the retry buffer: sent unkept, so not
+    retried."""
     upstream_failures: int = 0
     no_endpoint: int = 0

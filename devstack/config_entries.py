@@ -20,9 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from devstack.bexpr import FilterError, check_syntax
 from devstack.decode import (
     ACCESS_LOGS,
     ANY,
+    BOOL,
     EXPOSE,
     INT,
     MESH_GATEWAY,
@@ -34,7 +36,6 @@ from devstack.decode import (
     Spec,
     Struct,
 )
-from devstack.filter import FilterError, check_syntax
 from intentions.entries import (
     KIND as INTENTIONS_KIND,
 )
@@ -65,10 +66,14 @@ PROXY_DEFAULTS = "proxy-defaults"
 INGRESS_GATEWAY = "ingress-gateway"
 HTTP_PROTOCOLS = ("http", "http2", "grpc")
 
+MESH = "mesh"
+MESH_NAME = "mesh"
+"""The one mesh entry's name: Consul's `MeshConfigEntry` has no Name field (a body naming one
+is refused) and always answers to `mesh`."""
+
 # Kinds Consul CE knows that devstack does not hold yet: refused with a clear error rather
 # than stored without the validation Consul would apply.
 NOT_YET = (
-    "mesh",
     "exported-services",
     "terminating-gateway",
     "api-gateway",
@@ -275,6 +280,50 @@ PROXY_DEFAULTS_SPEC = Struct(
     },
 )
 
+_MESH_TLS_DIRECTION = Struct(
+    "MeshDirectionalTLSConfig",
+    {"TLSMinVersion": STRING, "TLSMaxVersion": STRING, "CipherSuites": ListOf(STRING)},
+)
+MESH_SPEC = Struct(
+    "MeshConfigEntry",
+    {
+        "Kind": STRING,
+        "Namespace": STRING,
+        "Partition": STRING,
+        "Meta": MapOf(STRING),
+        "CreateIndex": INT,
+        "ModifyIndex": INT,
+        "Hash": INT,
+        "TransparentProxy": Struct("TransparentProxyMeshConfig", {"MeshDestinationsOnly": BOOL}),
+        "AllowEnablingPermissiveMutualTLS": BOOL,
+        "ValidateClusters": BOOL,
+        "TLS": Struct(
+            "MeshTLSConfig", {"Incoming": _MESH_TLS_DIRECTION, "Outgoing": _MESH_TLS_DIRECTION}
+        ),
+        "HTTP": Struct(
+            "MeshHTTPConfig",
+            {
+                "SanitizeXForwardedClientCert": BOOL,
+                "Incoming": Struct(
+                    "MeshDirectionalHTTPConfig",
+                    {
+                        "RequestNormalization": Struct(
+                            "RequestNormalizationMeshConfig",
+                            {
+                                "InsecureDisablePathNormalization": BOOL,
+                                "MergeSlashes": BOOL,
+                                "PathWithEscapedSlashesAction": STRING,
+                                "HeadersWithUnderscoresAction": STRING,
+                            },
+                        )
+                    },
+                ),
+            },
+        ),
+        "Peering": Struct("PeeringMeshConfig", {"PeerThroughMeshGateways": BOOL}),
+    },
+)
+
 INGRESS_GATEWAY_SPEC = Struct(
     "IngressGatewayConfigEntry",
     {
@@ -399,6 +448,105 @@ def _proxy_defaults(body: dict[str, Any]) -> dict[str, Any]:
     return _canonical(body, ("TransparentProxy", "MeshGateway", "Expose", "AccessLogs"))
 
 
+_TLS_VERSIONS = ("TLS_AUTO", "TLSv1_0", "TLSv1_1", "TLSv1_2", "TLSv1_3")
+_CIPHER_SUITE_VERSIONS = ("TLSv1_0", "TLSv1_1", "TLSv1_2")
+"""TLS minimum versions whose cipher suites can be configured (TLS 1.3's cannot)."""
+_ESCAPED_SLASHES_ACTIONS = (
+    "IMPLEMENTATION_SPECIFIC_DEFAULT",
+    "KEEP_UNCHANGED",
+    "REJECT_REQUEST",
+    "UNESCAPE_AND_REDIRECT",
+    "UNESCAPE_AND_FORWARD",
+)
+_UNDERSCORES_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
+
+
+def _tls_direction_error(cfg: Mapping[str, Any]) -> str | None:
+    """Consul's validateTLSConfig for one direction of the mesh entry's TLS block. Cipher
+    suite names themselves are not checked (Consul checks them against Envoy's list)."""
+    low, high = cfg.get("TLSMinVersion", ""), cfg.get("TLSMaxVersion", "")
+    for version in (low, high):
+        if version and version not in _TLS_VERSIONS:
+            return (
+                f"no matching TLS version found for {version}, please specify one of "
+                f"[{', '.join(_TLS_VERSIONS)}]"
+            )
+    concrete = _TLS_VERSIONS[1:]
+    if low in concrete and high in concrete and concrete.index(high) < concrete.index(low):
+        return (
+            f"configuring max version {high} less than the configured min version {low} is invalid"
+        )
+    if cfg.get("CipherSuites") and low not in _CIPHER_SUITE_VERSIONS:
+        return (
+            "configuring CipherSuites is only applicable to connections negotiated with TLS "
+            f"1.2 or earlier, TLSMinVersion is set to {low}"
+        )
+    return None
+
+
+def _mesh(body: dict[str, Any]) -> dict[str, Any]:
+    """The mesh entry: no Name (it is always `mesh`), TransparentProxy always shown (not a
+    pointer in Consul), the flags omitted when false."""
+    _check_meta(body)
+    tls = body.get("TLS") or {}
+    for direction in ("Incoming", "Outgoing"):
+        if direction in tls:
+            error = _tls_direction_error(tls[direction])
+            if error is not None:
+                raise _invalid(f"error in {direction.lower()} TLS configuration: {error}")
+    norm = ((body.get("HTTP") or {}).get("Incoming") or {}).get("RequestNormalization") or {}
+    for field, allowed in (
+        ("PathWithEscapedSlashesAction", _ESCAPED_SLASHES_ACTIONS),
+        ("HeadersWithUnderscoresAction", _UNDERSCORES_ACTIONS),
+    ):
+        value = norm.get(field, "")
+        if value and value not in allowed:
+            raise _invalid(
+                "error in HTTP incoming request normalization configuration: no matching "
+                f"{field} value found for {value}, please specify one of "
+                f"[{', '.join(allowed)}]"
+            )
+    out: dict[str, Any] = {
+        "Kind": MESH,
+        "TransparentProxy": {
+            "MeshDestinationsOnly": bool(
+                (body.get("TransparentProxy") or {}).get("MeshDestinationsOnly")
+            )
+        },
+    }
+    for key in ("AllowEnablingPermissiveMutualTLS", "ValidateClusters", "TLS", "HTTP"):
+        if body.get(key):
+            out[key] = body[key]
+    for key in ("Peering", "Meta"):
+        if body.get(key):
+            out[key] = body[key]
+    out["Name"] = MESH_NAME  # the storage key only: `load` takes it out of the body
+    return out
+
+
+PERMISSIVE_NOT_ALLOWED = (
+    "cannot set MutualTLSMode=permissive because AllowEnablingPermissiveMutualTLS=false in the "
+    "mesh config entry"
+)
+
+
+def check_mutual_tls_mode(new: Entry, entries: Mapping[tuple[str, str], Entry]) -> None:
+    """Consul's checkMutualTLSMode for a service-defaults or proxy-defaults write: *changing*
+    MutualTLSMode to permissive needs the mesh entry's AllowEnablingPermissiveMutualTLS; an
+    entry that is permissive already stays writable as permissive after the flag is turned
+    off (so turning it off breaks nothing that runs)."""
+    if new.kind not in (SERVICE_DEFAULTS, PROXY_DEFAULTS):
+        return
+    if new.body.get("MutualTLSMode") != "permissive":
+        return
+    current = entries.get((new.kind, new.name))
+    if current is not None and current.body.get("MutualTLSMode") == "permissive":
+        return
+    mesh = entries.get((MESH, MESH_NAME))
+    if mesh is None or not mesh.body.get("AllowEnablingPermissiveMutualTLS"):
+        raise _invalid(PERMISSIVE_NOT_ALLOWED)
+
+
 def _ingress_gateway(body: dict[str, Any]) -> dict[str, Any]:
     if not body.get("Name"):
         raise _invalid("Name is required")
@@ -429,12 +577,14 @@ _RULES: dict[str, tuple[Struct, Callable[[dict[str, Any]], dict[str, Any]]]] = {
     SERVICE_DEFAULTS: (SERVICE_DEFAULTS_SPEC, _service_defaults),
     PROXY_DEFAULTS: (PROXY_DEFAULTS_SPEC, _proxy_defaults),
     INGRESS_GATEWAY: (INGRESS_GATEWAY_SPEC, _ingress_gateway),
+    MESH: (MESH_SPEC, _mesh),
 }
 KINDS = (
     SERVICE_DEFAULTS,
     PROXY_DEFAULTS,
     INTENTIONS_KIND,
     INGRESS_GATEWAY,
+    MESH,
     *routing.KINDS,
 )
 
@@ -488,6 +638,8 @@ def load(body: object) -> Entry:
     decoded = _decode_body(body, spec)
     decoded["Kind"] = kind
     canonical = rules(decoded)
+    if kind == MESH:
+        return Entry(kind, canonical.pop("Name"), canonical)
     return Entry(kind, canonical["Name"], canonical)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from devstack.filter import (
+from devstack.bexpr import (
     BOOL,
     INT,
     STRING,

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from devstack.acl import ACLNotFound, Identity, PermissionDenied
+from devstack.bexpr import Filter, FilterError, Schema, compile_filter
 from devstack.decode import DecodeError, Spec, decode
 from devstack.durations import DurationError, parse_duration
-from devstack.filter import Filter, FilterError, Schema, compile_filter
 
 if TYPE_CHECKING:
     from devstack.server import DevServer
@@ -207,6 +207,10 @@ class Router:
             self._prefix.sort(key=lambda r: len(r.path), reverse=True)
         else:
             self._exact[path] = route
+
+    def routes(self) -> list[Route]:
+        """Every route served, exact ones first (tests check each has its ACL check)."""
+        return [*self._exact.values(), *self._prefix]
 
     def match(self, path: str) -> Route | None:
         route = self._exact.get(path)

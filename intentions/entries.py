@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from intentions.errors import EntryDecodeError, InvalidEntry
 
@@ -832,12 +832,6 @@ def intention_display(entry: ServiceIntentions, src: SourceIntention) -> str:
     n = len(src.permissions)
     detail = src.action if n == 0 else ("1 permission" if n == 1 else f"{n} permissions")
     return f"{source_display(src)} => {destination_display(entry)} ({detail})"
-
-
-def cast_action(value: str) -> Action:
-    if value not in ("allow", "deny"):
-        raise ValueError(value)
-    return cast(Action, value)
 
 
 __all__ = [

@@ -8,7 +8,7 @@ per-pair edits the `exact` endpoint makes, so the devstack stores entries only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -226,7 +226,3 @@ def source_from_intention_body(body: object, source: str) -> SourceIntention:
         type=kind,
         description=description,
     )
-
-
-def sources_of(intentions: Sequence[LegacyIntention]) -> list[dict[str, Any]]:
-    return [i.to_json() for i in intentions]

@@ -7,7 +7,9 @@ as they are parsed, never gathered into whole bodies; each side's `pause_writing
 reading on the other.
 
 Pipelined requests are answered in order: a request that begins while another is in flight
-pauses reading and waits (with at most the rest of one read buffered).
+pauses reading and waits (with at most the rest of one read buffered). llhttp parses that rest
+whole, so at most `max_pipelined` requests are taken ahead of their answers; beyond that the
+connection closes after the last one taken.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from connect.http1_headers import (
     REQUEST_ID,
     REQUEST_TIMEOUT,
     XFCC,
+    ForwardedFields,
+    fault_abort,
     new_request_id,
     xfcc_element,
 )
@@ -72,6 +76,13 @@ _REFUSAL_FLAGS = {502: "UF", 503: "UH", 504: "UT"}
 """Envoy's flag for an answer the proxy made because no upstream could take the request
 (the origin names overflow, UO, itself)."""
 
+_H2C = b"h2c"
+"""The Upgrade token of cleartext HTTP/2 (RFC 7540 §3.2), which the sidecar never tunnels."""
+
+_IDLE_LOOKS = 4
+"""A route's idle timeout is watched this many times per period (it fires 1 to 1.25 times
+the timeout after the last byte moved; no clock read per byte)."""
+
 _IDLE, _HEAD, _BUSY = 0, 1, 2
 """Only _HEAD matters to the header timeout; the others are for reading the code."""
 
@@ -80,6 +91,7 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "active",
         "eof",
+        "full",
         "head_bytes",
         "head_size",
         "headers",
@@ -98,6 +110,7 @@ class Downstream(asyncio.Protocol):
         "too_large",
         "transport",
         "tunnel",
+        "upgraded",
         "url",
         "watched",
         "xfcc",
@@ -112,7 +125,8 @@ class Downstream(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
         self.head_size = 0
-        self.too_large = False
+        self.too_large = ""
+        """The limit a head being parsed went past (its callback error is then a 431)."""
         self.out: list[bytes] | None = None
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
@@ -125,11 +139,17 @@ class Downstream(asyncio.Protocol):
         self.read_paused = False
         self.tunnel: UpConn | None = None
         self.eof = False
+        self.full = False
+        """Set once `max_pipelined` requests wait for answers and more began: the parser is
+        given up, nothing more is read, and the last request taken closes the connection."""
         self.held: bytes | None = None
         """Set once llhttp stops at an upgrade request: what the client sent after its head,
         for the upstream only if it answers 101 (see _upgrade_requested)."""
         self.xfcc = b""
         """This connection's X-Forwarded-Client-Cert line (inbound), built once."""
+        self.upgraded: tuple[bytes, bytes, bytes, ForwardedFields] | None = None
+        """Inbound: what the last upgrade request was authorized on (method, target, host,
+        fields), so that its tunnel can be decided again (InboundHTTP.recheck)."""
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,7 +159,8 @@ class Downstream(asyncio.Protocol):
             self.peer = gate.admit(transport)
             if self.peer is None:
                 return  # refused and aborted before a byte was read
-            if self.listener.by_uri:
+            if self.listener.by_uri and not self.peer.plaintext:
+                # A plaintext caller has no certificate to vouch for: no element at all.
                 element = xfcc_element(self.listener.by_uri, self.peer.cert_sha256, self.peer.uri)
                 self.xfcc = XFCC + b": " + element + CRLF
         self.transport = transport
@@ -159,26 +180,42 @@ class Downstream(asyncio.Protocol):
         if self.held is not None:
             self._hold(data)
             return
+        if self.full:
+            return  # bytes a paused transport had read already: requests not taken
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0] :])
             return
-        except httptools.HttpParserCallbackError:
-            self._fail(HEADERS_TOO_LARGE if self.too_large else BAD_REQUEST)
+        except httptools.HttpParserCallbackError as err:
+            if isinstance(err.__context__, _PipelineFull):  # httptools chains it so
+                self._pipeline_full()
+                return
+            if self.too_large:
+                self._too_large(self.too_large)
+            else:
+                self._fail(BAD_REQUEST)
             return
         except httptools.HttpParserError:
             self._fail(BAD_REQUEST)
             return
         if self.state == _HEAD:
+            # A head still arriving, by its raw bytes: bounds one whose pieces trigger no
+            # callback (a long name). Twice the counted limit: the raw bytes also hold the
+            # request line, `: `, CRLFs and whitespace, which `head_size` (what the limit
+            # means, checked per header) does not count.
             self.head_bytes += len(data)
-            if self.head_bytes > self.listener.limits.max_header_bytes:
-                self._fail(HEADERS_TOO_LARGE)
+            if self.head_bytes > 2 * self.listener.limits.max_header_bytes:
+                self._too_large("max_header_bytes")
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.queue or self.listener.is_tls:
-            return False  # nothing owed (TLS: asyncio closes the transport itself)
+        peer = self.peer
+        tls = self.listener.is_tls and not (peer is not None and peer.plaintext)
+        if not self.queue or tls:
+            # Nothing owed, or TLS: asyncio closes the transport itself. A plaintext caller
+            # (MutualTLSMode permissive) on an inbound listener is plain TCP, as outbound.
+            return False
         # TCP cannot tell a half-close from a client that closed and left. One that asked for
         # a persistent connection has no reason to half-close it: it has given up (as Envoy's
         # HTTP/1 codec treats a downstream FIN), so the transport closes and connection_lost
@@ -237,6 +274,9 @@ class Downstream(asyncio.Protocol):
             # Pipelining: hold the next request until this one is answered.
             self.read_paused = True
             self.transport.pause_reading()
+        if len(self.queue) >= self.listener.limits.max_pipelined:
+            self.full = True
+            raise _PipelineFull
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -247,8 +287,11 @@ class Downstream(asyncio.Protocol):
         headers.append((name, value))
         self.head_size += len(name) + len(value) + 4
         limits = self.listener.limits
-        if len(headers) > limits.max_headers or self.head_size > limits.max_header_bytes:
-            self.too_large = True  # the callback error is then a 431, not a 400
+        if len(headers) > limits.max_headers:
+            self.too_large = "max_headers"
+            raise _HeaderLimit
+        if self.head_size > limits.max_header_bytes:
+            self.too_large = "max_header_bytes"
             raise _HeaderLimit
 
     def on_headers_complete(self) -> None:
@@ -282,7 +325,7 @@ class Downstream(asyncio.Protocol):
                 selection = table.select(method, path, query, headers, listener.rng)
                 if selection.path is not None:
                     target = selection.path + sep + query
-                edits = selection.action.request_headers
+                edits = selection.request_headers
                 if edits:
                     headers = edits.apply(headers)
         lines = [method, SP, target, HTTP11]
@@ -297,6 +340,7 @@ class Downstream(asyncio.Protocol):
                 lines += (b"host", COLON, listener.default_host, CRLF)
         if not facts.has_request_id:
             lines += (REQUEST_ID, COLON, new_request_id(), CRLF)
+        fields_end = len(lines)
         if self.xfcc:
             lines.append(self.xfcc)
         framing = facts.framing
@@ -307,10 +351,18 @@ class Downstream(asyncio.Protocol):
         upgrade = facts.upgrade if parser.should_upgrade() else b""
         if upgrade and (framing.chunked or framing.length):
             raise _BadHead  # llhttp takes the body for the new protocol's (see _hold): refused
+        dropped = bool(upgrade) and listener.authorize is not None and _H2C in upgrade.lower()
+        if dropped:
+            # Inbound: after a 101 the tunnel would carry HTTP/2 requests no authorization sees.
+            # Envoy drops an h2c upgrade and answers the request as HTTP/1.1 (envoy#7981); so
+            # do we. Kept only as a declined upgrade would be (_upgrade_requested).
+            upgrade = b""
         if upgrade:
             lines.append(UPGRADE_LINE + upgrade + CRLF)
         lines.append(CRLF)
-        ex = Exchange(method, b"".join(lines), headers, framing, keep_alive and not upgrade)
+        ex = Exchange(
+            method, b"".join(lines), headers, framing, keep_alive and not (upgrade or dropped)
+        )
         if selection is not None:
             action = selection.action
             ex.cluster = selection.cluster
@@ -319,15 +371,30 @@ class Downstream(asyncio.Protocol):
                 bound = listener.limits.retry_body_bytes
                 # A body is kept for a retry only when a route asks for retries and it is
                 # small; a 100-continue body is not (the client waits for our word first).
-                if (
-                    (framing.chunked or 0 < (framing.length or 0) <= bound)
-                    and action.retry.num_retries
-                    and not facts.expect_continue
-                ):
-                    ex.kept = []
-                    ex.kept_room = bound
+                if action.retry.num_retries and not facts.expect_continue:
+                    if framing.chunked or 0 < (framing.length or 0) <= bound:
+                        ex.kept = []
+                        ex.kept_room = bound
+                    elif framing.length:
+                        listener.stats.retry_buffer_overflows += 1
             if action.needs_shell:
                 ex.route = action
+                ex.resp_edits = selection.response_headers
+                if action.fault is not None:
+                    # Decided now, so that an aborted request is never mirrored.
+                    ex.fault_delay, ex.fault_abort = action.fault.decide(listener.rng)
+                mirror = action.mirror
+                if mirror is not None and not ex.fault_abort and mirror.decide(listener.rng):
+                    ex.mirror = mirror.cluster
+                    bound = listener.limits.retry_body_bytes
+                    # The copy carries a body only if it is kept whole (within the bound).
+                    if (
+                        ex.kept is None
+                        and (framing.chunked or 0 < (framing.length or 0) <= bound)
+                        and not facts.expect_continue
+                    ):
+                        ex.kept = []
+                        ex.kept_room = bound
         ex.expect = facts.expect_continue
         ex.upgrade = upgrade
         self.state = _BUSY
@@ -336,12 +403,18 @@ class Downstream(asyncio.Protocol):
         if listener.observer is not None:
             ex.start = time.monotonic()
         authorize = listener.authorize
-        if authorize is not None and self.peer is not None:
+        if authorize is not None:
+            peer = self.peer
+            if peer is None:
+                raise _BadHead  # not admitted (refused): nothing is decided for nobody
             # Decided on the Host the app will see: an HTTP/1.0 request without one is
             # forwarded with the listener's default, so that is the authority decided on.
-            verdict = authorize(
-                self.peer, method, target, facts.host or listener.default_host, headers
-            )
+            # Decided on the fields the app will receive (see ForwardedFields).
+            fields = ForwardedFields(lines, 4, fields_end)
+            host = facts.host or listener.default_host
+            verdict = authorize(peer, method, target, host, fields)
+            if upgrade:
+                self.upgraded = (method, target, host, fields)
             if ex.start:
                 ex.verdict = verdict
             if not verdict.allowed:
@@ -362,10 +435,11 @@ class Downstream(asyncio.Protocol):
             return
         if ex.start:
             ex.rx += len(body)
+        ex.stirred = True
         if ex.denied:
             return
-        if ex.kept is not None:
-            ex.keep(body)
+        if ex.kept is not None and not ex.keep(body):
+            self.listener.stats.retry_buffer_overflows += 1
         conn = ex.conn
         if conn is None or conn.transport is None:
             if ex.pending is None:
@@ -389,6 +463,8 @@ class Downstream(asyncio.Protocol):
         conn = ex.conn
         if conn is not None and conn.transport is not None and ex.framing.chunked:
             conn.transport.write(LAST_CHUNK)
+        if ex.mirror:
+            self.listener.origin.mirror(ex)
         if ex.denied and self.queue and ex is self.queue[0]:
             # (a denied upgrade is answered and closed already, the queue then empty)
             self._finish(ex)
@@ -409,10 +485,28 @@ class Downstream(asyncio.Protocol):
                 self._finish(ex)  # else once the body has been read (on_message_complete)
             return
         route = ex.route
-        if route is not None and route.request_timeout is not None and ex.deadline is None:
-            ex.deadline = asyncio.get_running_loop().call_later(
-                route.request_timeout, self._timed_out, ex, False
-            )
+        if route is not None:
+            if ex.fault_delay and not ex.faulted:
+                # Before anything else, as Envoy's fault filter runs before its router.
+                ex.faulted = True
+                if ex.start:
+                    ex.flags = "DI"
+                self._hold_reading()
+                ex.try_deadline = asyncio.get_running_loop().call_later(
+                    ex.fault_delay, self._delayed, ex
+                )
+                return
+            if ex.fault_abort:
+                self._abort(ex, ex.fault_abort)
+                return
+            if route.idle_timeout is not None and ex.idle is None:
+                ex.idle = asyncio.get_running_loop().call_later(
+                    route.idle_timeout / _IDLE_LOOKS, self._idle_look, ex, 0
+                )
+            if route.request_timeout is not None and ex.deadline is None:
+                ex.deadline = asyncio.get_running_loop().call_later(
+                    route.request_timeout, self._timed_out, ex, False
+                )
         conn = self.listener.origin.acquire(self, ex, None)
         if conn is not None:
             self.attach(ex, conn)
@@ -425,6 +519,54 @@ class Downstream(asyncio.Protocol):
         ):
             self.read_paused = True
             self.transport.pause_reading()
+
+    def _hold_reading(self) -> None:
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _delayed(self, ex: Exchange) -> None:
+        """The route's fault delay is over: on as any request (or its abort)."""
+        ex.try_deadline = None
+        if self.transport is None or not self.queue or self.queue[0] is not ex:
+            return
+        self._start(ex)
+
+    def _abort(self, ex: Exchange, status: int) -> None:
+        """The route's fault aborts the request: answered without forwarding."""
+        if ex.start:
+            ex.flags = "FI"
+        self.refuse(ex, fault_abort(status))
+
+    def _idle_look(self, ex: Exchange, silent: int) -> None:
+        """The route's idle timer, looking `_IDLE_LOOKS` times per idle timeout: the stream
+        times out after that many looks in a row saw nothing move either way."""
+        ex.idle = None
+        transport = self.transport
+        if transport is None or not self.queue or self.queue[0] is not ex:
+            return
+        route = ex.route
+        assert route is not None and route.idle_timeout is not None
+        silent = 0 if ex.stirred else silent + 1
+        ex.stirred = False
+        if silent < _IDLE_LOOKS:
+            ex.idle = asyncio.get_running_loop().call_later(
+                route.idle_timeout / _IDLE_LOOKS, self._idle_look, ex, silent
+            )
+            return
+        action = ex.on_idle()
+        if ex.start:
+            ex.flags = "SI"  # Envoy's: stream idle timeout
+        conn = ex.conn
+        if conn is not None:
+            if conn.transport is not None:
+                conn.transport.abort()
+            self._detach(ex, conn, Outcome.TIMEOUT)
+        if action is CLOSE:
+            transport.abort()
+            return
+        ex.keep_alive = False
+        self._act(ex, action)
 
     def attach(self, ex: Exchange, conn: UpConn) -> None:
         """Send the request head and what is buffered of its body; then stream the rest."""
@@ -496,8 +638,11 @@ class Downstream(asyncio.Protocol):
             if ex.try_deadline is not None:
                 ex.try_deadline.cancel()  # a try ends with its answer's head
                 ex.try_deadline = None
-            if route.response_headers:
-                headers = route.response_headers.apply(headers)
+            ex.stirred = True
+            if ex.resp_edits:
+                headers = ex.resp_edits.apply(headers)
+        if ex.set_cookies:
+            headers = headers + [(b"set-cookie", c) for c in ex.set_cookies]
         lines = [status_line(status)]
         facts = self.listener.response_heads.rewrite(headers, lines)
         conn = ex.conn
@@ -513,7 +658,9 @@ class Downstream(asyncio.Protocol):
                 ex.flags = "URX"  # the retries were spent and it still failed
             observer = self.listener.observer
             if observer is not None:
+                ex.response_headers = headers
                 observer.response(ex)
+                ex.response_headers = None
         framing = facts.framing
         no_body = status in (204, 304) or ex.is_head
         if status == 101:
@@ -543,6 +690,7 @@ class Downstream(asyncio.Protocol):
 
     def response_body(self, body: bytes) -> None:
         ex = self.queue[0]
+        ex.stirred = True
         if ex.redo:
             return
         if ex.start:
@@ -663,6 +811,9 @@ class Downstream(asyncio.Protocol):
         if ex.deadline is not None:
             ex.deadline.cancel()
             ex.deadline = None
+        if ex.idle is not None:
+            ex.idle.cancel()
+            ex.idle = None
         if ex.try_deadline is not None:
             ex.try_deadline.cancel()
             ex.try_deadline = None
@@ -733,9 +884,11 @@ class Downstream(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        if not ex.upgrade or ex.denied:
+        if ex.denied or (not ex.upgrade and ex.method == b"CONNECT"):
             ex.keep_alive = False  # a denied upgrade or a CONNECT: the answer ends it all
             return
+        # An upgrade, or an h2c one the app was not asked for (on_headers_complete): the
+        # latter is answered as HTTP/1.1, and what follows parsed after that answer.
         # The client's own choice, for when the upstream declines (parser still knows it).
         ex.declined_keeps = self.parser.should_keep_alive()
         self._hold(rest)
@@ -796,11 +949,26 @@ class Downstream(asyncio.Protocol):
         if self.eof and not self.queue and self.transport is not None:
             self.transport.close()
 
+    def _pipeline_full(self) -> None:
+        """More requests began than `max_pipelined` ahead of their answers: those taken are
+        answered, the last one with `connection: close`; what followed is dropped unread."""
+        if self.queue:
+            self.queue[-1].keep_alive = False
+        if self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
     def _resume(self) -> None:
         # Never while bytes after an upgrade request are held: only a 101 resumes those.
-        if self.read_paused and self.transport is not None and self.held is None:
+        # Nor once the pipeline was full: the parser was given up.
+        if self.read_paused and self.transport is not None and self.held is None and not self.full:
             self.read_paused = False
             self.transport.resume_reading()
+
+    def _too_large(self, limit: str) -> None:
+        refused = self.listener.stats.requests_refused_limit
+        setattr(refused, limit, getattr(refused, limit) + 1)
+        self._fail(HEADERS_TOO_LARGE)
 
     def _fail(self, response: bytes) -> None:
         self.listener.stats.bad_requests += 1
@@ -844,4 +1012,8 @@ class Downstream(asyncio.Protocol):
 
 
 class _BadHead(Exception):
+    pass
+
+
+class _PipelineFull(Exception):
     pass

@@ -9,6 +9,7 @@ into calls here and carries out what comes back:
     on_response_end(key)                               -> FINISH | Retry
     on_upstream_lost(key, signal_retriable)            -> FINISH | CLOSE | Retry | Answer
     on_timeout(key, try_only)                          -> Answer | CLOSE | Retry
+    on_idle()                                          -> Answer | CLOSE
 
 `key` is the endpoint of the current try (the one a Retry avoids). After each decision
 `outcome` says how the try went for that endpoint (connect.cluster.Outcome), which the shell
@@ -41,16 +42,18 @@ from connect.http1_headers import (
     GATEWAY_TIMEOUT,
     RETRY_ANY,
     RETRY_IDEMPOTENT,
+    STREAM_TIMEOUT,
     Framing,
     bad_gateway,
 )
-from connect.routes import DEFAULT_RETRY, RetryPolicy, RouteAction
+from connect.routes import DEFAULT_RETRY, NO_EDITS, HeaderEdits, RetryPolicy, RouteAction
 
 if TYPE_CHECKING:
     import asyncio
 
     from connect.http1.upstream import UpConn
     from connect.seams import Verdict
+    from connect.tracing import OpenSpan
 
 __all__ = [
     "CLOSE",
@@ -141,7 +144,24 @@ class Exchange:
     cluster = ""
     """The cluster its route chose (outbound; empty: the origin's own)."""
     route: RouteAction | None = None
-    """The route's action, when it has timeouts or response header edits for the shell."""
+    """The route's action, when it has timeouts, response header edits, a fault or a mirror
+    for the shell."""
+    resp_edits: HeaderEdits = NO_EDITS
+    """The response header edits of the route and the split leg it chose."""
+    mirror = ""
+    """The cluster a copy of this request goes to once it is read whole (empty: none)."""
+    set_cookies: tuple[bytes, ...] = ()
+    """Set-Cookie values the response gets: affinity cookies the balancer generated."""
+    fault_delay = 0.0
+    fault_abort = 0
+    """The route's fault, decided with the head (`Fault.decide`): seconds to hold the
+    request, and the status to answer instead of forwarding it (0: none)."""
+    faulted = False
+    """The route's fault delay is over (or there was none)."""
+    stirred = False
+    """A byte moved either way since the route's idle timer last looked."""
+    idle: asyncio.TimerHandle | None = None
+    """The shell's timer for the route's idle timeout, while it runs."""
     deadline: asyncio.TimerHandle | None = None
     """The shell's timer for the route's request timeout, while it runs."""
     try_deadline: asyncio.TimerHandle | None = None
@@ -162,6 +182,13 @@ class Exchange:
     """Observed: authorization's decision (inbound)."""
     upstream = ""
     """Observed: host:port (or endpoint key) of the upstream that answered."""
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    """Observed: the response head's fields as the upstream sent them (for the observer's
+    `response` call; set only while observed)."""
+    grpc_status = "-"
+    """Observed: a gRPC answer's grpc-status, when its head carries one (connect.observe)."""
+    span: OpenSpan | None = None
+    """Its trace span while one is open (sampled, tracing on: connect.tracing)."""
 
     def __init__(
         self,
@@ -197,15 +224,16 @@ class Exchange:
             )
         )
 
-    def keep(self, chunk: bytes) -> None:
-        """Keep a piece of the body being sent, or give up keeping past the bound."""
+    def keep(self, chunk: bytes) -> bool:
+        """Keep a piece of the body being sent, or give up keeping past the bound (False)."""
         room = self.kept_room - len(chunk)
         if room < 0:
             self.kept = None
-            return
+            return False
         self.kept_room = room
         assert self.kept is not None
         self.kept.append(chunk)
+        return True
 
     def _retry(self, avoid: str) -> Retry:
         self.tries += 1
@@ -216,8 +244,9 @@ class Exchange:
     def on_denied(self) -> Answer:
         """Authorization refused the request: the 403 to answer. The connection closes when
         the client may be holding its body for a 100 we will not send, or after an upgrade
-        request (what follows it is not HTTP/1.1 we could read)."""
-        if (self.expect and self.has_body) or self.upgrade:
+        request (what follows it is not HTTP/1.1 we could read), and says so whenever the
+        connection will not be kept."""
+        if (self.expect and self.has_body) or self.upgrade or not self.keep_alive:
             self.keep_alive = False
             return Answer(FORBIDDEN_CLOSE)
         return Answer(FORBIDDEN)
@@ -274,6 +303,15 @@ class Exchange:
         if signal_retriable and self.idempotent and not self.has_body and not self.upgrade:
             retriable = RETRY_IDEMPOTENT
         return Answer(bad_gateway("upstream connection closed", close=True, retriable=retriable))
+
+    def on_idle(self) -> Action:
+        """The route's idle timeout passed with nothing moving either way: Envoy's stream
+        idle timeout, a 408 before the response head, a reset after it."""
+        self.outcome = Outcome.TIMEOUT
+        if self.resp_started:
+            return CLOSE
+        self.redo = False
+        return Answer(STREAM_TIMEOUT)
 
     def on_timeout(self, key: str | None, try_only: bool) -> Action:
         """The exchange's deadline passed: the whole request's (`try_only` False) or this

@@ -1,13 +1,15 @@
 """The HTTP listeners: `OutboundHTTP` (plain HTTP from the local app to one upstream
-service over pooled mTLS) and `InboundHTTP` (mTLS from mesh peers, authorized per request,
-to the local app). The inbound side removes every X-Forwarded-Client-Cert and x-meshlet-*
-field a caller sent and writes its own X-Forwarded-Client-Cert (Envoy's SANITIZE_SET),
-whatever listener the caller used; the outbound side removes any X-Forwarded-Client-Cert
-the app sent."""
+service over pooled mTLS) and `InboundHTTP` (mTLS from mesh peers, and plaintext in
+MutualTLSMode permissive, authorized per request, to the local app). The inbound side removes
+every X-Forwarded-Client-Cert and x-meshlet-* field a caller sent and writes its own
+X-Forwarded-Client-Cert (Envoy's SANITIZE_SET; none for a plaintext caller, which has no
+certificate), whatever listener the caller used; the outbound side removes any
+X-Forwarded-Client-Cert the app sent."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 
@@ -27,6 +29,8 @@ from connect.stats import ProxyStats
 from intentions.path_normalization import PathNormalization
 
 __all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]
+
+log = logging.getLogger("meshlet.proxy.http")
 
 
 class HTTPListener(ListeningSocket):
@@ -181,3 +185,36 @@ class InboundHTTP(HTTPListener):
 
     def _tls(self) -> TLSTerminator:
         return self.inbound_gate
+
+    def recheck(self) -> int:
+        """Close the open connections that may no longer stay open: plaintext ones once the
+        mode is strict again, and tunnels whose upgrade request the intentions now deny (a
+        request is authorized when it arrives, but a tunnel is one request that goes on
+        carrying bytes, like a tcp connection, so it is decided again as tcp ones are).
+        Returns how many."""
+        open_now = {
+            conn.transport: conn.peer
+            for conn in self.connections
+            if conn.peer is not None and conn.peer.plaintext and conn.transport is not None
+        }
+        closed = self.inbound_gate.revoke(open_now)
+        authorize = self.authorize
+        if authorize is None:
+            return closed
+        denied: dict[tuple[str, str], int] = {}
+        for conn in list(self.connections):
+            transport, peer, upgraded = conn.transport, conn.peer, conn.upgraded
+            if conn.tunnel is None or transport is None or transport.is_closing():
+                continue
+            if peer is None or upgraded is None:
+                continue
+            verdict = authorize(peer, *upgraded)
+            if not verdict.allowed:
+                transport.abort()
+                key = (peer.uri or "plaintext", verdict.reason)
+                denied[key] = denied.get(key, 0) + 1
+        for (who, reason), n in denied.items():
+            self.stats.connections_revoked += n
+            closed += n
+            log.warning("inbound: closed %d tunnel(s) from %s: now denied: %s", n, who, reason)
+        return closed

@@ -6,24 +6,29 @@ origin answers `acquire` at once from its pool, or starts a dial and later calls
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from connect.balancer import HashPolicy, Policy, Target, request_hash
-from connect.cluster import Outcome
+from connect.cluster import WAIT, Cluster, Outcome
 from connect.dial import DialFailed, Upstream, dial_upstream
 from connect.http1.exchange import Exchange
 from connect.http1.limits import HTTPLimits
+from connect.http1.mirror import Mirrors
 from connect.http1.upstream import Pool, UpConn
 from connect.http1_headers import RETRY_ANY, bad_gateway, unavailable
+from connect.routes import shadow_head
 from connect.stats import ProxyStats
 
 if TYPE_CHECKING:
     from connect.http1.downstream import Downstream
 
 __all__ = ["AppOrigin", "MeshOrigin", "Origin"]
+
+_Waiter = tuple["Downstream", Exchange]
 
 
 class Origin:
@@ -57,6 +62,9 @@ class Origin:
             conn.owner = None
             if conn.transport is not None:
                 conn.transport.close()
+
+    def mirror(self, ex: Exchange) -> None:
+        """Send a copy of `ex` to the cluster its route mirrors to (outbound only)."""
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -122,6 +130,10 @@ class MeshOrigin(Origin):
         super().__init__(limits)
         self.upstream = upstream
         self.stats = stats
+        self.mirrors = Mirrors()
+        """The copies of mirrored routes (connect.http1.mirror)."""
+        self.queued: dict[Cluster, deque[_Waiter]] = {}
+        """Per cluster at `max_connections`: requests waiting for a connection (pending)."""
         pools: dict[int, Pool] = {id(upstream): self.pool}
         self.named: dict[str, tuple[tuple[Upstream, Pool], ...]] = {}
         """Cluster name -> its upstreams (the primary, then failover) with their idle pools."""
@@ -211,10 +223,17 @@ class MeshOrigin(Origin):
                 conn.target = target
                 return conn
             if cluster.limited:
-                over = cluster.admit(request=False, new_connection=True, dial=True)
+                if self.queued.get(cluster):
+                    self._purge(cluster)
+                over = cluster.admit_dial()
                 if over is not None:
                     cluster.record(target, Outcome.CANCELLED, now)
-                    self._overflow(down, ex, over)
+                    if over == WAIT:
+                        # Envoy's pending request: it gets the next connection released.
+                        cluster.pending += 1
+                        self.queued.setdefault(cluster, deque()).append((down, ex))
+                    else:
+                        self._overflow(down, ex, over)
                     return None
             self._spawn(self._dial(down, ex, chain[i:], first=target, avoid=avoided, h=h))
             return None
@@ -288,12 +307,88 @@ class MeshOrigin(Origin):
 
     def release(self, conn: UpConn, reusable: bool, outcome: Outcome = Outcome.SUCCESS) -> None:
         target = conn.target
-        if target is not None and conn.cluster is not None:
+        cluster = conn.cluster
+        if target is not None and cluster is not None:
             conn.target = None
             if outcome is Outcome.REFUSED:
                 self.stats.upstream_failures += 1
-            conn.cluster.record(target, outcome, (self._loop or self.loop).time())
+            cluster.record(target, outcome, (self._loop or self.loop).time())
+        if cluster is not None and self.queued.get(cluster):
+            self._serve_pending(cluster, conn, reusable, target)
+            return
         super().release(conn, reusable, outcome)
+
+    def _purge(self, cluster: Cluster) -> None:
+        """Drop the pending requests already answered (a timeout) or gone (the client)."""
+        queue = self.queued[cluster]
+        live = deque(w for w in queue if _waiting(*w))
+        cluster.pending -= len(queue) - len(live)
+        self.queued[cluster] = live
+
+    def _serve_pending(
+        self, cluster: Cluster, conn: UpConn, reusable: bool, target: Target | None
+    ) -> None:
+        """A connection of `cluster` is released while requests wait for one: the first
+        waiting gets it, or, when it cannot be reused, its place (it closes now and the
+        waiting request dials)."""
+        queue = self.queued[cluster]
+        waiter = None
+        while queue and waiter is None:
+            cluster.pending -= 1
+            w = queue.popleft()
+            if _waiting(*w):
+                waiter = w
+        if waiter is None:
+            super().release(conn, reusable)
+            return
+        down, ex = waiter
+        transport = conn.transport
+        pool = conn.pool
+        if (
+            reusable
+            and target is not None
+            and transport is not None
+            and not transport.is_closing()
+            and (pool.keys is None or conn.key in pool.keys)
+        ):
+            cluster.claim(target)
+            conn.target = target
+            conn.owner = None
+            down.attach(ex, conn)
+            return
+        if transport is not None:
+            # Closed here, so its slot is free now (connection_lost will not count it again).
+            cluster.connections -= 1
+            conn.cluster = None
+        super().release(conn, reusable=False)
+        again = self.acquire(down, ex, None)
+        if again is not None:
+            down.attach(ex, again)
+
+    def mirror(self, ex: Exchange) -> None:
+        """Send the copy of a mirrored request (its route chose `ex.mirror`), once it has been
+        read whole: its body only if it was kept (within the replay bound)."""
+        chain = self.named.get(ex.mirror)
+        if chain is None or (ex.has_body and (ex.kept is None or not ex.body_done)):
+            self.mirrors.skip()
+            return
+        parts = [shadow_head(ex.head)]
+        for chunk in ex.kept or ():
+            parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n") if ex.framing.chunked else (chunk,)
+        if ex.framing.chunked:
+            parts.append(b"0\r\n\r\n")
+        self.mirrors.send([up for up, _ in chain], parts)
+
+    async def close(self) -> None:
+        await self.mirrors.close()
+        await super().close()
+
+
+def _waiting(down: Downstream, ex: Exchange) -> bool:
+    """A pending request still waits: its client is there and it is unanswered."""
+    return (
+        down.transport is not None and bool(down.queue) and down.queue[0] is ex and ex.conn is None
+    )
 
 
 def _hash_of(up: Upstream, ex: Exchange, down: Downstream) -> int | None:
@@ -310,7 +405,24 @@ def _request_hash(policies: Sequence[HashPolicy], ex: Exchange, down: Downstream
     if any(hp.source_ip for hp in policies) and down.transport is not None:
         peer = down.transport.get_extra_info("peername")
         source_ip = peer[0] if isinstance(peer, tuple) else None
-    return request_hash(policies, _HeaderLookup(ex.headers), source_ip, _QueryLookup(ex.head))
+    connection = None
+    cookies: list[bytes] | None = None
+    if down.transport is not None and any(hp.cookie_ttl is not None for hp in policies):
+        # A generated cookie is derived from the client connection's two addresses.
+        t = down.transport
+        connection = f"{t.get_extra_info('peername')}{t.get_extra_info('sockname')}"
+        cookies = []
+    h = request_hash(
+        policies,
+        _HeaderLookup(ex.headers),
+        source_ip,
+        _QueryLookup(ex.head),
+        connection=connection,
+        set_cookies=cookies,
+    )
+    if cookies:
+        ex.set_cookies = tuple(cookies)
+    return h
 
 
 class _QueryLookup:

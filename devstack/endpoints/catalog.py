@@ -331,10 +331,16 @@ async def node_services(call: Call) -> Reply:
         n = call.store.nodes.get(name)
         if n is None:
             return index, None
-        svcs = [
-            render.node_service(s)
-            for s in sorted(call.store.node_services(name), key=lambda s: s.id)
-        ]
+        # Consul's filterNodeServiceList: an unreadable node empties the whole answer (so it
+        # reads as not found); otherwise each service needs service:read.
+        if not call.identity.allowed("node:read", name):
+            call.results_filtered = True
+            return index, None
+        services = call.store.node_services(name)
+        readable = [s for s in services if call.identity.allowed("service:read", s.name)]
+        if len(readable) < len(services):
+            call.results_filtered = True
+        svcs = [render.node_service(s) for s in sorted(readable, key=lambda s: s.id)]
         if f is not None:
             svcs = [s for s in svcs if f.matches(s)]
         return index, {"Node": render.node(n), "Services": svcs}

@@ -1,6 +1,7 @@
 """/v1/config: config entries (service-defaults, proxy-defaults, service-intentions,
-ingress-gateway, service-router, service-splitter, service-resolver), with CAS, blocking reads
-and service-graph validation on write and delete."""
+ingress-gateway, service-router, service-splitter, service-resolver, mesh), with CAS, blocking
+reads, service-graph validation on write and delete, and the mesh entry's gate on
+MutualTLSMode permissive."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 
 from devstack.config_entries import (
     INGRESS_GATEWAY,
+    MESH,
     PROXY_DEFAULTS,
     ConfigEntryError,
     Entry,
     check_kind,
+    check_mutual_tls_mode,
     load,
     validate_graph,
 )
@@ -39,7 +42,7 @@ def _permission(kind: str, write: bool) -> str | None:
     """The ACL permission Consul requires for a kind (config.mdx's table)."""
     if kind == INTENTIONS_KIND:
         return "intentions:write" if write else "intentions:read"
-    if kind in (PROXY_DEFAULTS, INGRESS_GATEWAY):
+    if kind in (PROXY_DEFAULTS, INGRESS_GATEWAY, MESH):
         return "mesh:write" if write else None
     return "service:write" if write else "service:read"
 
@@ -94,6 +97,7 @@ async def put(call: Call) -> Reply:
             return call.reply(False)
     proposed = {**store.config, key: entry}
     try:
+        check_mutual_tls_mode(entry, store.config)
         validate_graph(proposed)
     except ConfigEntryError as err:
         _raise(err)

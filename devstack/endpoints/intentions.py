@@ -223,6 +223,10 @@ async def match(call: Call) -> Reply:
         except ValueError as err:
             raise RPCError(f'name "{n}" is invalid: {err}') from None
     direction: Literal["source", "destination"] = "source" if by == "source" else "destination"
+    # Consul refuses the whole query when any name asked about is not intentions:read
+    # (Intention.Match), rather than filtering the answer.
+    for n in names:
+        call.identity.require("intentions:read", legacy.parse_service_ref(n)[1])
     state = call.server.intentions
 
     def compute() -> tuple[int, dict[str, list[dict[str, Any]]]]:

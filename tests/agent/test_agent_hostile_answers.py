@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -93,13 +94,16 @@ class ScriptedConsul:
         await self._runner.cleanup()
 
 
-async def watch_through(hostile: Answer) -> UpstreamWatcher:
+async def watch_through(
+    hostile: Answer, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+) -> UpstreamWatcher:
     """Runs a watcher over [good answer, `hostile`] until it asks again after the hostile one;
     returns it (stopped) for the test to inspect."""
     good = body(json.dumps([entry("a", 21000)]).encode())
+    config = ConsulConfig(timeout=5, max_response_bytes=max_response_bytes)
     async with (
         ScriptedConsul([(10, good), (11, hostile)]) as fake,
-        ConsulClient(ConsulConfig(address=fake.address, timeout=5)) as client,
+        ConsulClient(dataclasses.replace(config, address=fake.address)) as client,
     ):
         watcher = UpstreamWatcher(
             client,
@@ -187,6 +191,53 @@ async def test_a_declared_huge_answer_is_refused_before_its_body() -> None:
 
     watcher = await watch_through(huge)
     assert_kept_last_good(watcher, f"answer of {8 << 30} bytes is larger than")
+
+
+def _answer_of(size: int) -> bytes:
+    """An answer of exactly `size` bytes: one endpoint b on port 21003 (padded in node meta)."""
+    bare = json.dumps([entry("b", 21003, Meta={"pad": ""})]).encode()
+    return bare.replace(b'"pad": ""', b'"pad": "' + b"p" * (size - len(bare)) + b'"')
+
+
+def chunked(raw: bytes) -> Answer:
+    """`raw` streamed in chunks, no Content-Length: the limit is found while reading."""
+
+    async def answer(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for i in range(0, len(raw), 1000):
+                await resp.write(raw[i : i + 1000])
+            await resp.write_eof()
+        return resp
+
+    return answer
+
+
+LIMIT = 20_000
+
+
+@pytest.mark.parametrize("framing", [body, chunked])
+async def test_an_answer_exactly_at_the_limit_is_applied(
+    framing: Callable[[bytes], Answer],
+) -> None:
+    raw = _answer_of(LIMIT)
+    assert len(raw) == LIMIT
+    watcher = await watch_through(framing(raw), max_response_bytes=LIMIT)
+    snap = watcher.latest.get()
+    assert snap is not None and [(e.service_id, e.port) for e in snap.endpoints] == [("b", 21003)]
+    assert watcher.state.failures == 0
+
+
+@pytest.mark.parametrize("framing", [body, chunked])
+async def test_an_answer_one_byte_past_the_limit_is_refused_and_counted(
+    framing: Callable[[bytes], Answer],
+) -> None:
+    """Refused unread, counted in the watch's failures (meshlet_consul_watch_errors), the
+    last good snapshot kept, and the watch asks again (its next answer would be applied)."""
+    watcher = await watch_through(framing(_answer_of(LIMIT + 1)), max_response_bytes=LIMIT)
+    assert_kept_last_good(watcher, f"larger than the {LIMIT}-byte limit")
 
 
 def test_the_answer_limit_must_be_positive() -> None:

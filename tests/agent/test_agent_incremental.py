@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import copy
 import json
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -31,6 +34,7 @@ from agent.catalog import (
     build_snapshot,
     decode_answer,
     diff,
+    hash_key_is_secret,
     snapshot_of,
 )
 from agent.connectivity import Connectivity
@@ -54,6 +58,8 @@ class Cluster:
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.checks: dict[tuple[str, str], dict[str, Any]] = {}
         self.duplicate: tuple[str, str] | None = None
+        self.reverse = False
+        """List this answer's instances in reverse order (Consul never does; a proxy might)."""
 
     def bump(self) -> int:
         self.index += 1
@@ -94,6 +100,8 @@ class Cluster:
         order = sorted(self.services)
         if self.duplicate in self.services:
             order.append(self.duplicate)
+        if self.reverse:
+            order.reverse()
         for node, sid in order:
             entry = {
                 "Node": self.nodes[node],
@@ -130,6 +138,7 @@ change = st.one_of(
     ),
     st.tuples(st.just("drop-checks"), node_st, sid_st),
     st.tuples(st.just("duplicate"), node_st, sid_st),
+    st.tuples(st.just("reverse")),
     st.tuples(st.just("no-indexes")),
     st.tuples(st.just("nothing")),
 )
@@ -141,9 +150,10 @@ def apply(cluster: Cluster, op: tuple[Any, ...]) -> bool:
     for name in NODES:
         if name not in cluster.nodes:
             cluster.node(name, "10.0.0.1")
+    cluster.reverse = kind == "reverse"
     if kind == "no-indexes":
         return True
-    if kind == "nothing":
+    if kind in ("nothing", "reverse"):
         return False
     if kind == "node-address":
         cluster.node(args[0], args[1])
@@ -184,7 +194,8 @@ def incremental(
 ) -> tuple[Snapshot | type[Exception], Memo]:
     try:
         decoded = decode_answer(KEY, _body(raw), memo)
-        return snapshot_of(KEY, decoded.endpoints, index, 0.0), decoded.memo
+        snapshot = snapshot_of(KEY, decoded.endpoints, index, 0.0, in_order=decoded.in_order)
+        return snapshot, decoded.memo
     except (ShapeError, SnapshotRejected) as exc:
         return type(exc), memo
 
@@ -247,7 +258,7 @@ def test_unchanged_entries_reuse_their_endpoint_object() -> None:
     assert second.endpoints[0] is first.endpoints[0]
     assert second.endpoints[1].port == 21001
     # The memo holds only the last answer's entries: b's old version is gone.
-    assert len(second.memo.entries) == 2
+    assert len(second.memo.prints) == 2
     # Moved in the answer (another instance listed first): still found by value.
     third = decode_answer(KEY, _body([_entry("c", 21000), _entry("a", 21000), moved]), second.memo)
     assert third.reused == 2
@@ -273,6 +284,98 @@ def test_a_malformed_entry_is_rejected_whatever_the_memo_holds() -> None:
             assert "$[0].Service.Port" in str(exc), exc
             continue
         raise AssertionError(f"Port {port!r} was accepted")
+
+
+def test_an_entry_is_named_by_its_position_when_only_it_changed() -> None:
+    entries = [_entry("a", 21000), _entry("b", 21000)]
+    first = decode_answer(KEY, _body(entries), EMPTY_MEMO)
+    for bad, where in (
+        (_entry("b", "21000"), "`$[1].Service.Port`"),
+        ([_entry("b", 21000)], "`$[1]`"),  # not an object at all
+        ({**_entry("b", 21000), "Node": None}, "`$[1].Node`"),
+    ):
+        try:
+            decode_answer(KEY, _body([entries[0], bad]), first.memo)
+        except ShapeError as exc:
+            assert where in str(exc), exc
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_a_large_answer_reports_a_shape_error_before_any_content_error() -> None:
+    # Past a few changed entries, shapes are checked in a pass of their own: the answer's
+    # result must still be what checking every shape first gives.
+    entries = [_entry(f"s{i:03d}", 21000) for i in range(200)]
+    good = decode_answer(KEY, _body(entries), EMPTY_MEMO)
+    expected = full(entries, 1)
+    assert snapshot_of(KEY, good.endpoints, 1, 0.0, in_order=good.in_order) == expected
+    foreign = copy.deepcopy(entries)
+    foreign[10]["Service"]["Proxy"]["DestinationServiceName"] = "db"
+    try:
+        decode_answer(KEY, _body(foreign), EMPTY_MEMO)
+    except SnapshotRejected as exc:
+        assert "n1/s010" in str(exc), exc
+    else:
+        raise AssertionError("a proxy for db was accepted")
+    foreign[180]["Service"]["Port"] = "21000"
+    for memo in (EMPTY_MEMO, good.memo):
+        try:
+            decode_answer(KEY, _body(foreign), memo)
+        except ShapeError as exc:
+            assert "$[180].Service.Port" in str(exc), exc
+        else:
+            raise AssertionError("a string port was accepted")
+
+
+def test_a_key_taking_warning_instances_leaves_critical_ones_out_incrementally_too() -> None:
+    key = WatchKey("api", warning=True)
+
+    def answer(port_b: int) -> list[dict[str, Any]]:
+        out = []
+        for sid, status, port in (("a", "passing", 21000), ("b", "critical", port_b)):
+            entry = _entry(sid, port)
+            entry["Checks"] = [{"CheckID": "ready", "Status": status}]
+            out.append(entry)
+        warned = _entry("c", 21000)
+        warned["Checks"] = [{"CheckID": "ready", "Status": "warning"}]
+        return [*out, warned]
+
+    memo: Memo = EMPTY_MEMO
+    for port_b in (21000, 21001, 21001):
+        raw = answer(port_b)
+        decoded = decode_answer(key, _body(raw), memo)
+        got = snapshot_of(key, decoded.endpoints, 1, 0.0, in_order=decoded.in_order)
+        want = build_snapshot(key, [ServiceEntry.from_json(e) for e in raw], 1, 0.0)
+        assert got == want and [e.service_id for e in got.endpoints] == ["a", "c"]
+        memo = decoded.memo
+
+
+def test_fingerprints_are_the_bytes_when_pythonhashseed_fixes_the_hash_key() -> None:
+    # A known hash key would let whoever registers an instance make its entry collide with
+    # another's: the memo then compares bytes.
+    assert hash_key_is_secret({}, ignore_environment=False)
+    assert hash_key_is_secret({"PYTHONHASHSEED": "random"}, ignore_environment=False)
+    assert not hash_key_is_secret({"PYTHONHASHSEED": "0"}, ignore_environment=False)
+    assert not hash_key_is_secret({"PYTHONHASHSEED": "4"}, ignore_environment=False)
+    assert hash_key_is_secret({"PYTHONHASHSEED": "4"}, ignore_environment=True)
+    check = f"""
+import json
+from agent.catalog import EMPTY_MEMO, WatchKey, decode_answer
+body = {_body([_entry("a", 21000), _entry("b", 21000)])!r}
+first = decode_answer(WatchKey("api"), body, EMPTY_MEMO)
+again = decode_answer(WatchKey("api"), body.replace(b"21000", b"21001", 1), first.memo)
+print(json.dumps([type(p).__name__ for p in first.memo.prints] + [again.reused]))
+"""
+    for seed, kind in (("0", "bytes"), ("random", "int")):
+        out = subprocess.run(
+            [sys.executable, "-c", check],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert json.loads(out) == [kind, kind, 1], (seed, out)
 
 
 class ScriptedConsul:
@@ -412,3 +515,27 @@ async def test_watcher_on_devstack_matches_a_full_read_after_every_change(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await consul.agent.register_service(_proxy(99))
+
+
+def test_an_instance_in_warning_weighs_its_warning_weight_and_zero_leaves_it_out() -> None:
+    """Consul's calculateEndpointHealthAndWeight: Weights.Warning for an instance in warning,
+    and a weight under 1 makes it unhealthy. Both decoders (the lean incremental one and
+    ServiceEntry.from_json) agree."""
+    key = WatchKey("api", warning=True)
+    raw = []
+    for sid, status, weights in (
+        ("a", "passing", {"Passing": 5, "Warning": 2}),
+        ("b", "warning", {"Passing": 5, "Warning": 2}),
+        ("c", "warning", {"Passing": 5, "Warning": 0}),
+        ("d", "warning", None),
+    ):
+        entry = _entry(sid, 21000)
+        entry["Checks"] = [{"CheckID": "ready", "Status": status}]
+        if weights is not None:
+            entry["Service"]["Weights"] = weights
+        raw.append(entry)
+    decoded = decode_answer(key, _body(raw), EMPTY_MEMO)
+    got = snapshot_of(key, decoded.endpoints, 1, 0.0, in_order=decoded.in_order)
+    want = build_snapshot(key, [ServiceEntry.from_json(e) for e in raw], 1, 0.0)
+    assert got == want
+    assert [(e.service_id, e.weight) for e in got.endpoints] == [("a", 5), ("b", 2), ("d", 1)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agent.consul import ConsulClient
+from agent.consul import CheckDefinition, ConsulClient, ProxyConfig, ServiceRegistration
 from agent.routing import ChainWatch, compile_upstream, decode_entries, upstream_config
 from agent.watches import WatchSettings
 from connect.chain_routes import RoutingSnapshot
@@ -99,16 +99,15 @@ async def test_chain_watch_publishes_and_rejects_whole(consul: ConsulClient) -> 
         assert set(first.endpoints) == {"v1.api.default.default.dc1", "v2.api.default.default.dc1"}
         assert chains.protocol("api") == "http"
         version = latest.version
-        # Consul accepts legs with different header edits; meshlet's proxy cannot apply them.
+        # Consul accepts any Meta; meshlet's proxy refuses a malformed meshlet.io route key
+        # (a fault it cannot apply) rather than route without it.
         await _put(
             consul,
             {
-                "Kind": "service-splitter",
+                "Kind": "service-router",
                 "Name": "api",
-                "Splits": [
-                    {"Weight": 50, "ServiceSubset": "v1", "RequestHeaders": {"Set": {"x": "1"}}},
-                    {"Weight": 50, "ServiceSubset": "v2"},
-                ],
+                "Routes": [{"Match": {"HTTP": {"PathPrefix": "/x"}}}],
+                "Meta": {"meshlet.io/route.0.fault.abort-status": "99"},
             },
         )
         for _ in range(200):
@@ -116,14 +115,115 @@ async def test_chain_watch_publishes_and_rejects_whole(consul: ConsulClient) -> 
                 break
             await asyncio.sleep(0.02)
         state = chains.status()["upstreams"]["api"]
-        assert "differ between legs" in state["error"] and state["rejected"] == 1
+        assert "fault.abort-status" in state["error"] and state["rejected"] == 1
         assert chains.rejected_total == 1
         assert latest.version == version and latest.get() is first  # the old one stands
         # A good chain again replaces it.
-        await _put(consul, CANARY[3])
+        assert await consul.config_entries.delete("service-router", "api")
         again = await _next(latest, version)
         assert again.routing.table == first.routing.table
         assert chains.status()["upstreams"]["api"]["error"] == ""
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _proxy(service: str, i: int, version: str) -> dict[str, Any]:
+    return {
+        "Node": f"node-{i}",
+        "Address": f"10.0.0.{i}",
+        "Service": {
+            "ID": f"{service}-{i}-sidecar-proxy",
+            "Service": f"{service}-sidecar-proxy",
+            "Kind": "connect-proxy",
+            "Port": 21000,
+            "Meta": {"version": version},
+            "Proxy": {"DestinationServiceName": service},
+        },
+    }
+
+
+async def test_a_target_whose_instances_change_republishes_only_its_upstreams(
+    consul: ConsulClient,
+) -> None:
+    db = {"Kind": "service-resolver", "Name": "db", "ConnectTimeout": "3s"}
+    await _put(consul, *CANARY, db)
+    await consul.catalog.register(_proxy("api", 1, "v1"))
+    await consul.catalog.register(_proxy("db", 2, "v1"))
+    chains = ChainWatch(consul, "web", lambda: SETTINGS)
+    api, other = chains.upstream("api"), chains.upstream("db")
+    task = asyncio.create_task(chains.run())
+    try:
+        await _next(api, 0)
+        for _ in range(500):  # both upstreams routed, api's v1 instance in (bounded wait)
+            snap = api.get()
+            if other.get() is not None and snap and snap.endpoints["v1.api.default.default.dc1"]:
+                break
+            await asyncio.sleep(0.02)
+        first, db_first, db_version = api.get(), other.get(), other.version
+        assert first is not None and db_first is not None
+        await consul.catalog.register(_proxy("api", 3, "v2"))
+        again = await _next(api, api.version)
+        v1, v2 = "v1.api.default.default.dc1", "v2.api.default.default.dc1"
+        assert [t.host for t in again.endpoints[v2]] == ["10.0.0.3"]
+        # The chain was not compiled again, the unchanged target kept its very endpoints, and
+        # the upstream that does not route to the changed target was not republished.
+        assert again.routing is first.routing
+        assert again.endpoints[v1] is first.endpoints[v1]
+        assert other.version == db_version and other.get() is db_first
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _instance(i: int, version: str) -> ServiceRegistration:
+    return ServiceRegistration(
+        name="api-sidecar-proxy",
+        id=f"api-{i}-sidecar-proxy",
+        port=21000 + i,
+        kind="connect-proxy",
+        meta={"version": version},
+        proxy=ProxyConfig(destination_service_name="api", local_service_port=8000 + i),
+        checks=(CheckDefinition(check_id=f"api-{i}-ready", ttl="10m", status="passing"),),
+    )
+
+
+async def test_only_passing_false_uses_warning_instances_never_critical(
+    consul: ConsulClient,
+) -> None:
+    """Consul's rule (service-resolver reference, `OnlyPassing`; xds endpoints.go
+    calculateEndpointHealthAndWeight): with OnlyPassing false (the default) passing and
+    warning instances are healthy, with true only passing ones; critical never."""
+    await _put(
+        consul,
+        CANARY[0],
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "Subsets": {
+                "v1": {"Filter": 'Service.Meta.version == "v1"'},
+                "v2": {"Filter": 'Service.Meta.version == "v2"', "OnlyPassing": True},
+            },
+        },
+        CANARY[3],
+    )
+    for i, version in enumerate(("v1", "v1", "v1", "v2", "v2")):
+        await consul.agent.register_service(_instance(i, version))
+    await consul.agent.warn_check("api-1-ready")
+    await consul.agent.fail_check("api-2-ready")
+    await consul.agent.warn_check("api-4-ready")
+    chains = ChainWatch(consul, "web", lambda: SETTINGS)
+    latest = chains.upstream("api")
+    task = asyncio.create_task(chains.run())
+    try:
+        snap = await _next(latest, 0)
+        keys = {tid: {t.key.split("/")[1] for t in ts} for tid, ts in snap.endpoints.items()}
+        assert keys == {
+            "v1.api.default.default.dc1": {"api-0-sidecar-proxy", "api-1-sidecar-proxy"},
+            "v2.api.default.default.dc1": {"api-3-sidecar-proxy"},
+        }
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for i in range(5):
+            await consul.agent.deregister_service(f"api-{i}-sidecar-proxy")

@@ -179,9 +179,11 @@ async def build_mesh(
     *,
     instances: int = 1,
     limits: HTTPLimits | None = None,
+    inbound_limits: HTTPLimits | None = None,
     extra_targets: tuple[Target, ...] = (),
     no_targets: bool = False,
 ) -> Mesh:
+    """`limits` for every listener; `inbound_limits` (when given) for the inbound ones."""
     apps, inbounds, targets = [], [], []
     _, request = intentions_authorizers(lambda: INTENTIONS, Identity("api"))
     for i in range(instances):
@@ -190,7 +192,12 @@ async def build_mesh(
             ca.server_context(ca.leaf("api")), PeerCache(ca.verifier()), ProxyStats()
         )
         inbound = InboundHTTP(
-            gate, "127.0.0.1", a.port, authorize=request, local_uri=spiffe("api"), limits=limits
+            gate,
+            "127.0.0.1",
+            a.port,
+            authorize=request,
+            local_uri=spiffe("api"),
+            limits=inbound_limits or limits,
         )
         await inbound.start()
         apps.append(a)

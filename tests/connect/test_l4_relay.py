@@ -240,13 +240,25 @@ async def test_refused_endpoint_fails_over_and_is_marked(ca: ProxyTestCA) -> Non
         await close_all(p, servers)
 
 
-async def test_half_close_from_the_client_keeps_the_reply_path(pair: Pair) -> None:
+async def test_a_client_close_reaches_the_app_and_releases_both_relays(pair: Pair) -> None:
+    """A client's FIN (it closed, or half-closed) ends the relay at both sidecars once its
+    bytes are flushed: the app gets every byte, then its EOF, and neither sidecar holds the
+    connection. The loop's TLS transports cannot half-close (no write_eof; a close_notify
+    closes the receiving side), so unlike Envoy nothing the app sends after the client's EOF
+    reaches the client (docs/proxy.md)."""
     reader, writer = await pair.connect()
     writer.write(b"request")
     assert await reader.readexactly(7) == b"request"
+    writer.write(b"last words")
     writer.write_eof()
-    # The EOF cannot cross asyncio's TLS leg; the reply direction must still work and the
-    # connection must end when the app ends it.
+    await asyncio.wait_for(pair.app.eof_seen.wait(), 10)
+    assert bytes(pair.app.received) == b"requestlast words"
+    assert b"last words".startswith(await asyncio.wait_for(reader.read(), 10))
+    for _ in range(500):
+        if not pair.outbound.relays and not pair.inbound.relays:
+            break
+        await asyncio.sleep(0.01)
+    assert not pair.outbound.relays and not pair.inbound.relays
     writer.close()
 
 
@@ -397,7 +409,7 @@ async def test_a_relayed_connection_is_in_flight_in_the_cluster_until_it_ends(
         writer.write(b"x")
         assert await reader.readexactly(1) == b"x"
         assert cluster.inflight("n1/api-sidecar") == 1
-        # (a client's half-close is held at the TLS leg: a reset ends the relay at once)
+        # (a reset ends the relay at once, as a close does once flushed)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()

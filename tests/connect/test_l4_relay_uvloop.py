@@ -16,7 +16,7 @@ WITH_PAIR = [
     scenarios.test_bytes_cross_the_mesh_both_ways,
     scenarios.test_client_without_certificate_is_refused,
     scenarios.test_plaintext_to_the_tls_port_is_refused,
-    scenarios.test_half_close_from_the_client_keeps_the_reply_path,
+    scenarios.test_a_client_close_reaches_the_app_and_releases_both_relays,
 ]
 WITH_CA = [
     scenarios.test_denied_peer_is_closed_before_the_app_sees_a_byte,

@@ -44,7 +44,7 @@ async def test_a_relayed_connection_is_counted_and_logged_on_both_sides(
         writer.close()
         await writer.wait_closed()
     finally:
-        # An EOF cannot cross the TLS leg (connect/l4.py): the relays end with the listeners.
+        # The relays end on the client's EOF or, at the latest, with the listeners.
         await close_all(p, servers)
     (web_line,) = web_log.drain().splitlines()
     (api_line,) = api_log.drain().splitlines()
@@ -132,3 +132,79 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting() -> None:
     assert log.dropped == 1
     assert len(log.drain().splitlines()) == 2
     assert log.written == 2
+
+
+async def _grpc_app() -> tuple[asyncio.Server, int, list[asyncio.StreamWriter]]:
+    """An app answering every request as a gRPC server's trailers-only error does over
+    HTTP/1.1: status 200, content-type application/grpc, grpc-status in the head."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            status = b"7" if b"/Denied" in head.split(b"\r\n", 1)[0] else b"0"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc+proto\r\n"
+                b"Grpc-Status: " + status + b"\r\ncontent-length: 0\r\n\r\n"
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], writers
+
+
+async def test_grpc_status_label_comes_from_the_response_head(ca: ProxyTestCA) -> None:
+    from connect.authz import intentions_authorizers
+    from connect.http1 import InboundHTTP
+    from connect.inbound import InboundGate
+    from connect.stats import ProxyStats
+    from tests.connect.test_http_proxy import INTENTIONS, Identity
+
+    app, port, app_conns = await _grpc_app()
+    _, authorize = intentions_authorizers(lambda: INTENTIONS, Identity("api"))
+    gate = InboundGate(ca.server_context(ca.leaf("api")), PeerCache(ca.verifier()), ProxyStats())
+    inbound = InboundHTTP(gate, "127.0.0.1", port, authorize=authorize, local_uri=spiffe("api"))
+    await inbound.start()
+    client_ctx = ca.client_context(ca.leaf("web"))
+    upstream = Upstream(
+        name="api",
+        endpoints=fixed_endpoints(
+            compile_balancer([Target("n1/api", "127.0.0.1", inbound.port)], BalancerConfig())
+        ),
+        client_ssl=lambda: client_ctx,
+        verify_peer=PeerCache(ca.verifier()),
+        expected_service="api",
+        rng=random.Random(1),
+    )
+    outbound = OutboundHTTP(upstream)
+    web, api = Telemetry("web", spiffe("web")), Telemetry("api", spiffe("api"))
+    outbound.observer = web.http(web.upstream("api", "http"))
+    inbound.observer = api.http(api.inbound("http"))
+    await outbound.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port)
+        for path in (b"/pkg.Svc/Denied", b"/pkg.Svc/Ok", b"/pkg.Svc/Ok"):
+            writer.write(b"POST " + path + b" HTTP/1.1\r\nhost: api\r\ncontent-length: 0\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await outbound.close(grace=0)
+        await inbound.close(grace=0)
+        app.close()
+        for conn in app_conns:
+            conn.close()
+        await app.wait_closed()
+    for telemetry in (web, api):
+        counts = {}
+        for labels, series in telemetry.metrics.export()["http"].items():
+            values = dict(zip(HTTP_LABELS, labels.split(SEP), strict=True))
+            counts[values["grpc_response_status"]] = series["count"]
+        assert counts == {"7": 1, "0": 2}

@@ -211,7 +211,7 @@ def test_l4_pair_resumes_between_sidecars(loop: str) -> None:
                     writer.write(b"hello %d" % i)
                     assert await asyncio.wait_for(reader.readexactly(7), 10) == b"hello %d" % i
                     # this connection's mesh leg, dialed by the outbound sidecar (earlier
-                    # relays may still be open: a client's EOF cannot cross the TLS leg)
+                    # relays may still be closing after their client's EOF)
                     (relay,) = outbound.relays - before
                     assert relay.b.transport is not None
                     reused = relay.b.transport.get_extra_info("ssl_object").session_reused

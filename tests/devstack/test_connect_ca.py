@@ -1,5 +1,5 @@
 """Connect CA endpoints over real HTTP: roots, leaves (blocking), configuration and rotation,
-authorize (consul-api.md §6)."""
+authorize."""
 
 from __future__ import annotations
 

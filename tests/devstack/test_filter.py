@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devstack.filter import (
+from devstack.bexpr import (
     BOOL,
     FLOAT64,
     INT,
@@ -653,7 +653,7 @@ def test_valid_re2_that_python_cannot_express_is_refused_honestly() -> None:
 # Consul's schemas
 # --------------------------------------------------------------------------------------------
 
-# Selector lists from the reference (consul-api.md sections 3.2, 3.7, 4.4, 4.6, 5.2, 5.4), one
+# The selectors Consul documents for each filtered endpoint (catalog, health, agent), one
 # per line, each with an operator its field type supports.
 DOCUMENTED_SELECTORS: dict[str, tuple[Any, str]] = {
     "AGENT_SERVICE": (

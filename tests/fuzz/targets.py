@@ -39,7 +39,7 @@ from agent.consul_results import (
     Member,
     ServiceEntry,
 )
-from devstack.filter import FilterError, check_syntax, compile_filter
+from devstack.bexpr import FilterError, check_syntax, compile_filter
 from devstack.filter_schemas import HEALTH_ENTRY
 from intentions.engine import Identity, compile_snapshot, http_request
 from intentions.entries import DEFAULT, entry_to_json, load_entry, read_entry

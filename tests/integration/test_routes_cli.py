@@ -216,6 +216,8 @@ def test_hand_written_permissive_mode_is_kept_without_prune(
     consul: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     base, env = consul
+    # Consul refuses a permissive entry unless the mesh entry allows it.
+    _call(base, "PUT", "/v1/config", {"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": True})
     _call(
         base,
         "PUT",
@@ -244,9 +246,14 @@ def test_permissive_is_refused_unless_the_mesh_entry_allows_it(
     base, env = consul
     done = _meshlet("apply", "-f", _pa(tmp_path, "api", "PERMISSIVE"), env=env)
     assert done.returncode == 2
-    # devstack holds no mesh entry kind yet (500): refused as well, fail closed.
-    assert "AllowEnablingPermissiveMutualTLS" in done.stderr or "consul:" in done.stderr
+    # No mesh entry (404): refused before anything is written, naming the flag.
+    assert "AllowEnablingPermissiveMutualTLS" in done.stderr
     assert _entry(base, "service-defaults", "api") is None
+    # Once the mesh entry allows it, the same input is written.
+    _call(base, "PUT", "/v1/config", {"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": True})
+    done = _meshlet("apply", "-f", _pa(tmp_path, "api", "PERMISSIVE"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (_entry(base, "service-defaults", "api") or {})["MutualTLSMode"] == "permissive"
 
 
 def test_services_limits_apply_to_the_named_service(

@@ -260,6 +260,15 @@ def test_circuit_breaker_opens_on_overflow(apis: ThreeApis) -> None:
     assert refused and all("circuit breaker" in b for b in refused), results
     st = wait_status(apis.web_admin, lambda s: True, "status")
     assert st["proxy"]["routing"]["rejected_total"] == 0
+    # Counted under the upstream's name, though the chain's cluster refused them.
+    conn = http.client.HTTPConnection(*apis.web_admin.split(":"), timeout=30)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    conn.close()
+    line = 'meshlet_circuit_breaker_overflows_total{limit="max_concurrent_requests",upstream="api"}'
+    assert f"{line} {float(len(refused))}" in metrics, [
+        m for m in metrics.splitlines() if "overflows" in m
+    ]
 
 
 @pytest.mark.timeout(240)
@@ -361,15 +370,15 @@ def test_a_chain_meshlet_cannot_apply_is_rejected_whole_and_the_last_one_kept(
     )
     apis.wait_routed(index)
     assert {apis.request()[1] for _ in range(20)} == {"a"}
-    # Consul accepts it; meshlet's proxy cannot give split legs different header edits yet.
+    # Consul accepts any Meta; meshlet's proxy refuses a fault it cannot apply (no status 600).
     apis.write(
         {
-            "Kind": "service-splitter",
+            "Kind": "service-router",
             "Name": "api",
-            "Splits": [
-                {"Weight": 50, "ServiceSubset": "only-a", "RequestHeaders": {"Set": {"x": "1"}}},
-                {"Weight": 50, "ServiceSubset": "only-a"},
+            "Routes": [
+                {"Match": {"HTTP": {"PathPrefix": "/"}}, "Destination": {"ServiceSubset": "only-a"}}
             ],
+            "Meta": {"meshlet.io/route.0.fault.abort-status": "600"},
         }
     )
     st = wait_status(
@@ -378,10 +387,10 @@ def test_a_chain_meshlet_cannot_apply_is_rejected_whole_and_the_last_one_kept(
         "the chain rejected",
     )
     api = st["proxy"]["routing"]["upstreams"]["api"]
-    assert "differ between legs" in api["error"]
+    assert "fault.abort-status" in api["error"]
     assert st["proxy"]["routing"]["rejected_total"] == 1
     assert any("discovery chain rejected" in why for why in st["degraded_reasons"]), st
     table = render(st, time.time())
-    assert "discovery chain rejected" in table and "differ between legs" in table, table
+    assert "discovery chain rejected" in table and "fault.abort-status" in table, table
     # The previous routing (the only-a subset) still holds, not half of the new chain.
     assert {apis.request()[1] for _ in range(20)} == {"a"}

@@ -7,18 +7,22 @@ Rounds: idle connections (they never send a byte), then twice connections that e
 the first byte of a TLS record (their handshakes start, with OpenSSL's allocations). Waits
 are on the sidecar's /v1/status (connection gauges, refusal counters, heap trims), never
 sleeps; the memory check is a bound, not a timing.
+
+Then a request limit set in agent.yaml, at its value, through the real http sidecar pair.
 """
 
 from __future__ import annotations
 
 import resource
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev
 from tests.integration.test_sidecar_mesh import (
     _drain,
@@ -165,3 +169,49 @@ def test_connections_beyond_the_cap_refused_and_memory_returns(site: Site) -> No
         assert after[-1] <= baseline + BOUND_KB, (baseline, after)
     # A repeated burst does not leave more behind than the one before it.
     assert after[2] <= after[1] + 1024, (baseline, after)
+
+
+def _answer(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """The status and Connection header of one request on its own connection; after a
+    `Connection: close` answer, the connection must end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].lower()
+        fields = dict(line.partition(b":")[::2] for line in head.split(b"\r\n")[1:])
+        connection = fields.get(b"connection", b"").strip()
+        if connection == b"close":
+            while s.recv(65536):
+                pass
+        return head.split(b" ")[1], connection
+
+
+def _get(headers: int) -> bytes:
+    extra = b"".join(b"x-h%d: v\r\n" % i for i in range(headers - 2))
+    return b"GET /ok HTTP/1.1\r\nhost: api\r\nx-request-id: limits\r\n" + extra + b"\r\n"
+
+
+def test_request_limits_from_agent_yaml_at_their_value(tmp_path: Path) -> None:
+    """web's agent.yaml sets `sidecar.max_headers: 10`: through the real `meshlet sidecar`
+    processes, a request with 10 headers is served, one with 11 is answered 431 and closed,
+    counted in /v1/status and /metrics, and the next request is served."""
+    mesh = profiled_mesh(tmp_path)
+    try:
+        mesh.start(web_sidecar="  max_headers: 10\n  max_pending_requests: 64\n")
+        port = mesh.web_upstream
+        assert _answer(port, _get(10))[0] == b"200"
+        assert _answer(port, _get(11)) == (b"431", b"close")
+        refused = status(mesh.web_admin)["proxy"]["stats"]["requests_refused_limit"]
+        assert refused == {"max_headers": 1, "max_header_bytes": 0}
+        with urllib.request.urlopen(f"http://{mesh.web_admin}/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
+        assert 'meshlet_requests_refused_total{limit="max_headers"} 1.0' in metrics
+        assert _answer(port, _get(10))[0] == b"200"  # the process is unharmed
+        api = status(mesh.api_admin)["proxy"]["stats"]["requests_refused_limit"]
+        assert api == {"max_headers": 0, "max_header_bytes": 0}  # (api's default is 100)
+    finally:
+        mesh.stop()

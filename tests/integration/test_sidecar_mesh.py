@@ -196,9 +196,10 @@ class Mesh:
         self.web_public = _free_port()
         self.web_upstream = _free_port()
 
-    def start(self, web_args: tuple[str, ...] = ()) -> None:
+    def start(self, web_args: tuple[str, ...] = (), web_sidecar: str = "") -> None:
         """api's sidecar, then (once api passes its checks, so every web process's first
-        answer has it) web's with `web_args` added to its command line."""
+        answer has it) web's with `web_args` added to its command line and `web_sidecar`
+        (indented YAML lines) to its config's `sidecar` section."""
         _json(
             "PUT",
             f"http://{self.consul}/v1/config",
@@ -226,6 +227,9 @@ class Mesh:
             certs=self.certs,
             upstreams=(("api", self.web_upstream, self.protocol),),
         )
+        if web_sidecar:
+            text = web_cfg.read_text().replace("sidecar:\n", "sidecar:\n" + web_sidecar, 1)
+            web_cfg.write_text(text)
         self.sidecars: dict[str, Proc] = {}
         self.drains: dict[str, threading.Thread] = {}
         self._start_sidecar("api", ["sidecar", "-c", str(api_cfg)])

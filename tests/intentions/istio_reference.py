@@ -1,4 +1,5 @@
-"""An independent, direct evaluator of Istio AuthorizationPolicy semantics (authz.md §1).
+"""An independent, direct evaluator of Istio AuthorizationPolicy semantics (DENY before ALLOW,
+no ALLOW policy means allow, any matching ALLOW allows).
 
 It works on the raw YAML dicts and shares no code with `intentions`, so the property tests
 compare the translator + engine pipeline against a second reading of the specification.

@@ -52,7 +52,7 @@ def _naive(
     src: tuple[str, str],
     path: str | None,
 ) -> bool:
-    """Every matching intention sorted by precedence; the first decides (docs, §7.5)."""
+    """Every matching intention sorted by precedence; the first decides."""
 
     def hit(pattern: tuple[str, str], value: tuple[str, str]) -> bool:
         return pattern[0] in ("*", value[0]) and pattern[1] in ("*", value[1])

@@ -141,13 +141,20 @@ class FaultApp:
 
 class _Echo(socketserver.BaseRequestHandler):
     """Echoes; closes after echoing a message that ends in BYE (a protocol-level quit, as
-    Redis's QUIT or SMTP's: the server closes first)."""
+    Redis's QUIT or SMTP's: the server closes first). A connection whose client closed first
+    (its EOF reached the server) is recorded by the first bytes it sent."""
+
+    server: EchoServer
 
     def handle(self) -> None:
+        first = b""
         while data := self.request.recv(65536):
+            first = first or data
             self.request.sendall(data)
             if data.endswith(BYE):
                 return
+        with self.server.lock:
+            self.server.closed_by_client.append(first)
 
 
 BYE = b"BYE\n"
@@ -159,6 +166,8 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Echo)
+        self.lock = threading.Lock()
+        self.closed_by_client: list[bytes] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -177,10 +186,13 @@ class FaultMesh:
         *,
         dev_args: tuple[str, ...] = (),
         web_args: tuple[str, ...] = (),
+        web_yaml: str = "",
         drain: str = "0s",
     ) -> None:
+        """`web_yaml`: top-level sections added to web's agent.yaml (e.g. `telemetry`)."""
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
+        self.web_yaml = web_yaml
         self.dev_args = dev_args
         self.drain = drain
         self.procs: list[Proc] = []
@@ -254,6 +266,8 @@ class FaultMesh:
                 # A hung app fails its check within a second, not Consul's default 10 s.
                 .replace("interval: 1s}", "interval: 1s, timeout: 1s}")
             )
+            if sid == "web":
+                text += self.web_yaml
             if protocol == "tcp":  # the echo server speaks no HTTP: a TCP check
                 text = text.replace(
                     f"http: 'http://127.0.0.1:{app_port}/health'", f"tcp: '127.0.0.1:{app_port}'"
@@ -542,8 +556,8 @@ class TcpStreams:
                         self._exchange(s, f"stream {k} message {n}".encode().ljust(64, b"."))
                         with self.lock:
                             self.figures.exchanges += 1
-                    # The server closes first (a client-first close is held by the relay
-                    # until the idle timeout: see test_l4_client_close_is_released).
+                    # The server closes first, as a protocol-level quit does (a client-first
+                    # close: test_l4_client_close_is_released).
                     self._exchange(s, b"".ljust(60, b".") + BYE)
                     if s.recv(1) != b"":
                         raise ConnectionError("open after BYE")
@@ -576,6 +590,15 @@ class TcpStreams:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metric(admin: str, name: str) -> float:
+    """One unlabelled sample of the sidecar's /metrics."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in {admin}'s /metrics")
 
 
 def connection_gauges(admin: str) -> dict[str, int]:
@@ -632,8 +655,7 @@ def settled(mesh: FaultMesh, baseline: Census, timeout: float = 30) -> Census:
             for name, n in now.fds.items()
             if name in baseline.fds and n > baseline.fds[name] + allowed.get(name, FD_SLACK)
         }
-        # Connections web held at the baseline (an L4 relay a client closed first is held:
-        # test_l4_client_close_is_released) are not the load's.
+        # Connections web held at the baseline are not the load's.
         held = baseline.gauges.get("web", {})
         web_open = {k: v for k, v in now.gauges.get("web", {}).items() if v > held.get(k, 0)}
         # No task per connection or request outlives it; the watches and timers are fixed.

@@ -1,0 +1,38 @@
+"""Export never holds the proxy: with a collector that accepts connections and never answers,
+spans past the bounded queue are dropped and counted, and making them never waits for it."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from connect.http1.exchange import Exchange
+from connect.http1_headers import NO_LENGTH
+from connect.observe import Telemetry
+from connect.tracing_settings import TracingSettings
+
+HEAD = b"GET /x HTTP/1.1\r\nhost: api\r\nx-request-id: r1\r\n\r\n"
+
+
+def test_a_stuck_collector_costs_dropped_spans_not_waiting() -> None:
+    with socket.socket() as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(1)  # connections queue in the backlog; nothing ever answers
+        port = stuck.getsockname()[1]
+        telemetry = Telemetry("web", "spiffe://d/ns/default/dc/dc1/svc/web")
+        telemetry.set_tracing(TracingSettings(f"http://127.0.0.1:{port}/v1/traces", 100.0))
+        assert "opentelemetry.sdk.trace" in sys.modules
+        side = telemetry.http(telemetry.upstream("api", "http"))
+        for _ in range(5000):
+            ex = Exchange(b"GET", HEAD, [(b"host", b"api")], NO_LENGTH, True)
+            side.request(ex, None)
+            assert ex.span is not None
+            assert b"\r\ntraceparent: 00-" in ex.head
+            ex.status = 200
+            side.done(ex, None, 0.001)
+        counters = telemetry.tracing_counters()
+        telemetry.set_tracing(None)
+    assert counters["dropped"] > 0, counters
+    assert counters["exported"] == 0
+    # Off again: the counters stay (they only grow).
+    assert telemetry.tracing_counters()["dropped"] == counters["dropped"]
