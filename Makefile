@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # mypy --strict (pyproject) on every package: the pure cores and the shells alike.
 TYPED  := intentions traffic connect agent devstack
 
-.PHONY: install test lint typecheck pytest demo dev compat bench bench-smoke bench-tools faults soak fuzz clean
+.PHONY: install test lint typecheck pytest demo dev compat bench bench-smoke bench-tools compiled test-compiled faults soak fuzz clean
 
 install: $(STAMP)
 
@@ -41,16 +41,52 @@ dev: $(STAMP)
 # handshakes, bulk, upload, control plane. Under 5 minutes on 2 cores; writes
 # bench/results/latest.json and prints the markdown table.
 # Then what metrics and access logs cost per request (http_pair_micro.py, in one process).
-bench: $(STAMP) bench-tools
-	$(BIN)/python bench/run.py
+bench: $(STAMP) bench-tools compiled
+	$(BIN)/python bench/run.py --sidecar-python $(MYPYC_VENV)/bin/python
 	$(BIN)/python bench/http_pair_micro.py --requests 10000
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --metrics
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --access-log
 	$(BIN)/python bench/http_pair_micro.py --requests 10000 --tracing 10
 
 # The same in seconds, for CI: asserts only that every variant produced figures.
-bench-smoke: $(STAMP) bench-tools
-	$(BIN)/python bench/run.py --smoke --out bench/results/smoke
+bench-smoke: $(STAMP) bench-tools compiled
+	$(BIN)/python bench/run.py --smoke --out bench/results/smoke --sidecar-python $(MYPYC_VENV)/bin/python
+
+# The sidecar's hot modules compiled with mypyc (setup.py), installed in a venv of their own
+# that the benchmark's sidecars run from: the dev tree stays pure Python (compiled modules
+# beside the sources would shadow edits). Rebuilt when a package source changes; without a C
+# compiler it holds pure Python (setup.py says so) and the benchmark records which it ran.
+MYPYC_VENV  := .venv-mypyc
+MYPYC_STAMP := $(MYPYC_VENV)/.installed
+
+compiled: $(MYPYC_STAMP)
+
+$(MYPYC_STAMP): $(STAMP) setup.py pyproject.toml \
+               $(shell find agent connect intentions traffic devstack -name '*.py')
+	rm -rf $(MYPYC_VENV) build
+	$(PYTHON) -m venv $(MYPYC_VENV)
+	$(MYPYC_VENV)/bin/pip install --quiet --upgrade pip
+	$(MYPYC_VENV)/bin/pip install --quiet . 'mypy>=1.10' 'setuptools>=68' wheel
+	MESHLET_MYPYC=1 $(MYPYC_VENV)/bin/pip install --quiet --no-build-isolation --no-deps \
+	    --force-reinstall .
+	rm -rf build  # setuptools' build/lib would hand the .so files to a later pure build
+	touch $(MYPYC_STAMP)
+
+# tests/connect and tests/fuzz against the compiled modules: a copy of the tracked tree in
+# build/compiled-tests with setup.py's HOT modules compiled in place there (never here).
+test-compiled: $(STAMP)
+	@if ! command -v $${CC:-cc} >/dev/null; then echo "test-compiled: no C compiler, skipped"; \
+	else set -ex; \
+	    rm -rf build/compiled-tests; mkdir -p build/compiled-tests; \
+	    git ls-files -z | xargs -0 cp --parents -t build/compiled-tests; \
+	    cd build/compiled-tests; \
+	    ../../$(BIN)/python -c 'import runpy, sys; \
+	        hot = runpy.run_path("setup.py", run_name="hot")["HOT"]; sys.argv = ["mypyc", *hot]; \
+	        from mypyc.__main__ import main; main()' >/dev/null; \
+	    ../../$(BIN)/python -c 'import connect.http1.downstream as m; \
+	        assert m.__file__.endswith(".so"), m.__file__'; \
+	    ../../$(BIN)/pytest -q -p no:cacheprovider tests/connect tests/fuzz; \
+	fi
 
 # haproxy, nginx and wrk from apt when any is missing (Debian puts two of them in /usr/sbin).
 bench-tools:
@@ -96,4 +132,4 @@ fuzz: $(FUZZ_STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 clean:
-	rm -rf $(VENV) .compat .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(MYPYC_VENV) .compat .pytest_cache .mypy_cache .ruff_cache *.egg-info

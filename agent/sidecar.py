@@ -81,7 +81,7 @@ from connect.dataplane.snapshot import (
     UpstreamEndpoints,
 )
 from connect.dataplane.snapshot import Snapshot as DataPlaneSnapshot
-from connect.heap_trim import HeapTrimmer
+from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap
 from connect.http1 import HTTPLimits
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
@@ -656,6 +656,7 @@ class Sidecar:
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
             tg.create_task(self.heap.run(), name="heap trimmer")
             _settle_garbage_collector()
+            keep_read_buffers_on_heap()  # no mmap/munmap per TLS read (connect.heap_trim)
             self.started.set()
 
     def dataplane_inputs(self) -> tuple[object, ...]:

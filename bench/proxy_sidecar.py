@@ -23,6 +23,7 @@ import uvloop
 
 from connect.authz import allow_all, intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target
+from connect.heap_trim import keep_read_buffers_on_heap
 from connect.latest import Latest
 from connect.resumption import ResumingClientContext
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
@@ -160,6 +161,8 @@ async def main(args: argparse.Namespace) -> None:
     gc.collect()
     gc.freeze()  # as agent/sidecar.py does once serving
     gc.set_threshold(10_000, 10, 10)
+    if not args.mmap_reads:
+        keep_read_buffers_on_heap()  # as agent/sidecar.py does
     print("ready", flush=True)
     if args.diagnose:
         _log_slow_gc()
@@ -194,6 +197,11 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--diagnose", action="store_true", help="print loop lags over 20 ms and slow GCs"
+    )
+    parser.add_argument(
+        "--mmap-reads",
+        action="store_true",
+        help="leave glibc's mmap threshold alone (before keep_read_buffers_on_heap)",
     )
     parser.add_argument("--trust-domain", default="11111111-2222-3333-4444-555555555555.consul")
     uvloop.run(main(parser.parse_args()))

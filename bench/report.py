@@ -185,7 +185,8 @@ def render(rep: dict[str, Any]) -> str:
     rows = [
         f"`make bench` ({rep['mode']}) at {rep['commit']}, {rep['date']}; "
         f"{rep['env']['cpu']}, {rep['env']['cores']} cores, load average at the end "
-        f"{', '.join(f'{x:.1f}' for x in rep['env']['loadavg_at_end'])}",
+        f"{', '.join(f'{x:.1f}' for x in rep['env']['loadavg_at_end'])}; meshlet sidecars "
+        f"{rep['env'].get('sidecar_build', 'pure')} (mypyc: compiled hot modules, setup.py)",
         "",
         "| variant | max RPS (wrk -c32) | vs haproxy | p50 / p99 ms at 1k | at 2k | at 5k "
         "| added p99 at 2k (ms) | CPU µs/req/sidecar at 2k | RSS MB per sidecar |",

@@ -211,7 +211,8 @@ def data_plane(
             for name, port in ports.items():
                 if name.startswith("mt_") and not telemetry_on:
                     continue
-                pb.wait_port(port)
+                # Eight sidecars start at once on the SUT core: on a busy box 10 s was short.
+                pb.wait_port(port, timeout=30.0)
             for v in variants:
                 results[v.name] = {
                     "rss_idle_mb": [mb(pb.rss_kb(p.pid)[0]) for p in v.sidecars],
@@ -306,6 +307,17 @@ def _nulls(obj: object) -> object:
     return obj
 
 
+def sidecar_build(python: str) -> str:
+    """ "mypyc" when the sidecars' interpreter imports the compiled hot modules, else "pure"."""
+    probe = "import connect.http1.downstream as m; print(m.__file__)"
+    done = subprocess.run(
+        [python, "-c", probe], check=False, capture_output=True, text=True, cwd="/"
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{python} cannot import connect: {done.stderr[-500:]}")
+    return "mypyc" if done.stdout.strip().endswith(".so") else "pure"
+
+
 def git(*argv: str) -> str:
     done = subprocess.run(["git", *argv], check=False, capture_output=True, text=True, cwd=HERE)
     return done.stdout.strip()
@@ -321,7 +333,14 @@ def main() -> int:
         action="store_true",
         help="meshlet sidecars log loop lags and slow GCs to <out>/logs (issue 15 item 5)",
     )
+    ap.add_argument(
+        "--sidecar-python",
+        help="the interpreter the meshlet sidecars run on: `make bench` passes the venv with "
+        "the hot modules compiled by mypyc (setup.py); default this one, pure Python",
+    )
     args = ap.parse_args()
+    if args.sidecar_python:
+        pb.PY = os.path.abspath(args.sidecar_python)  # not resolved: a venv python is a link
     os.environ["PATH"] += ":/usr/sbin"
     for tool in ("nginx", "haproxy", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -359,6 +378,7 @@ def main() -> int:
             "haproxy": pb.version(["haproxy", "-v"]),
             "nginx": pb.version(["nginx", "-v"]),
             "wrk": pb.version(["wrk", "-v"]),
+            "sidecar_build": sidecar_build(pb.PY),
         },
         "variants": variants,
         "telemetry": telemetry,

@@ -209,7 +209,7 @@ class HeadRewriter:
         elif length is None:
             framing = NO_LENGTH
         else:
-            framing = _framing_for(length)
+            framing = _BY_LENGTH.get(length) or _framing_for(length)
         return RequestHead(
             host, framing, connection, expect, has_id, upgrade, retriable, hosts=hosts
         )

@@ -51,7 +51,7 @@ from connect.dataplane.snapshot import (
     encode_message,
     endpoints_key,
 )
-from connect.heap_trim import HeapTrimmer
+from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap
 from connect.latest import Latest, backoff
 from connect.observe import Telemetry
 from connect.sidecar import Sidecar, UpstreamSpec
@@ -81,10 +81,12 @@ def _targets(value: Endpoints) -> tuple[Target, ...]:
 
 
 def _settle_garbage_collector() -> None:
-    """As the agent's in-process proxy does once serving (agent/sidecar.py explains why)."""
+    """As the agent's in-process proxy does once serving (agent/sidecar.py explains why),
+    and TLS read buffers kept on the heap."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    keep_read_buffers_on_heap()  # no mmap/munmap per TLS read (connect.heap_trim)
 
 
 class DataPlane:

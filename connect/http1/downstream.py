@@ -605,7 +605,8 @@ class Downstream(asyncio.Protocol):
             ex.try_deadline = asyncio.get_running_loop().call_later(
                 route.try_timeout, self._timed_out, ex, True
             )
-        self._resume()
+        if self.read_paused:  # the check first: this runs for every request
+            self._resume()
 
     def refuse(self, ex: Exchange, response: bytes) -> None:
         """The origin could not serve `ex`: answer for it. The body, if any, is unread, so
@@ -932,7 +933,8 @@ class Downstream(asyncio.Protocol):
         elif self.eof:
             transport.close()  # the client half-closed and has had every answer
             return
-        self._resume()
+        if self.read_paused:
+            self._resume()
 
     def _declined(self) -> None:
         """The upstream answered an upgrade request without switching protocols: the
