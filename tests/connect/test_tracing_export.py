@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 
 from connect.http1.exchange import Exchange
 from connect.http1_headers import NO_LENGTH
@@ -32,6 +33,12 @@ def test_a_stuck_collector_costs_dropped_spans_not_waiting() -> None:
             side.done(ex, None, 0.001)
         counters = telemetry.tracing_counters()
         telemetry.set_tracing(None)
+    # The flush at shutdown runs on threads of the SDK's own, which retry with jitter drawn from
+    # the global `random`; left running they would disturb later tests (Hypothesis notices).
+    for thread in threading.enumerate():
+        if thread.name.startswith(("meshlet tracing shutdown", "OtelBatchSpanProcessor")):
+            thread.join(timeout=60)
+            assert not thread.is_alive(), f"{thread.name} still exporting after 60 s"
     assert counters["dropped"] > 0, counters
     assert counters["exported"] == 0
     # Off again: the counters stay (they only grow).
