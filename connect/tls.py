@@ -24,7 +24,7 @@ from pathlib import Path
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
 from connect.leaf import Material
-from connect.resumption import ResumingClientContext
+from connect.resumption import ResumingClientContext, end_sessions
 
 log = logging.getLogger("meshlet.connect.tls")
 
@@ -99,7 +99,8 @@ class DynamicTLS:
         contexts in place (the exception reaches the caller)."""
         if material.generation <= self._current.material.generation:
             return
-        self._current = self._build(material)
+        old, self._current = self._current, self._build(material)
+        end_sessions(old.client)
 
     @property
     def material(self) -> Material:

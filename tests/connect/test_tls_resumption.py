@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import logging
 import random
 import ssl
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -178,6 +180,32 @@ def test_a_new_client_generation_starts_without_sessions(loop: str) -> None:
             current = m.web.material
             m.web.update(Material(current.leaf, current.bundle, current.generation + 1))
             assert m.web.client() is not old
+            assert await _round_trip(upstream, _target(m)) is False
+            assert await _round_trip(upstream, _target(m)) is True
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_rotated_client_contexts_are_freed(loop: str) -> None:
+    """Each generation dials once, so its kept entry still holds the connection's SSLObject
+    (no later offer took the session from it). That SSLObject refers to its context from C,
+    a reference the cyclic collector cannot see: a cache hanging off the context it keeps
+    alive was never freed, and a sidecar with short leaves grew by every old client context
+    (OpenSSL's SSL_CTX, its roots and leaf, the kept connections' SSL objects)."""
+
+    async def main() -> None:
+        async with mesh() as m:
+            upstream = m.upstream()
+            old: list[weakref.ref[ssl.SSLContext]] = []
+            for _ in range(5):
+                old.append(weakref.ref(m.web.client()))
+                assert await _round_trip(upstream, _target(m)) is False
+                _rotate(m.web)
+            upstream.settle()  # the last fresh connection's SSLObject, kept until a ticket
+            gc.collect()
+            assert [ref() for ref in old] == [None] * 5
+            # The current generation still keeps and offers its sessions.
             assert await _round_trip(upstream, _target(m)) is False
             assert await _round_trip(upstream, _target(m)) is True
 
