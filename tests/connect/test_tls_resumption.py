@@ -97,10 +97,14 @@ class _Client(asyncio.Protocol):
     def __init__(self) -> None:
         self.got = bytearray()
         self.echoed = asyncio.Event()
+        self.lost = asyncio.Event()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
 
     def data_received(self, data: bytes) -> None:
         self.got += data
@@ -200,7 +204,12 @@ def test_rotated_client_contexts_are_freed(loop: str) -> None:
             old: list[weakref.ref[ssl.SSLContext]] = []
             for _ in range(5):
                 old.append(weakref.ref(m.web.client()))
-                assert await _round_trip(upstream, _target(m)) is False
+                transport, client = await dial_target(upstream, _target(m), _Client)
+                transport.write(b"ping")
+                await asyncio.wait_for(client.echoed.wait(), 10)
+                transport.close()
+                await asyncio.wait_for(client.lost.wait(), 10)  # the loop let go of it
+                del transport, client
                 _rotate(m.web)
             upstream.settle()  # the last fresh connection's SSLObject, kept until a ticket
             gc.collect()
