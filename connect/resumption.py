@@ -24,6 +24,12 @@ accept a ticket more than once (OpenSSL's and BoringSSL's tickets are stateless,
 ours do); RFC 8446 C.4 advises fresh tickets so that a passive observer cannot link a client's
 connections, which between two sidecars their addresses already do. A server that refuses a
 ticket makes a full handshake, whose session then replaces the refused one.
+
+Whoever replaces a client context ends its sessions (`end_sessions`; connect.tls.DynamicTLS on
+each rotation). The cache hangs off the context, and a kept `SSLObject` refers back to the
+context from C, a reference the cyclic collector cannot see: until its entries are dropped,
+a context that is no longer used (its SSL_CTX, roots and leaf, the kept connections' SSL
+objects) can never be freed.
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ from typing import Any
 
 from connect.ssl_native import offer_session
 
-__all__ = ["MAX_AGE", "ResumingClientContext", "SessionCache", "offering", "sessions_of"]
+__all__ = [
+    "MAX_AGE",
+    "ResumingClientContext",
+    "SessionCache",
+    "end_sessions",
+    "offering",
+    "sessions_of",
+]
 
 MAX_AGE = 300.0
 """Seconds a session is offered at most (OpenSSL's server ticket lifetime is 7200)."""
@@ -81,6 +94,14 @@ def sessions_of(ctx: ssl.SSLContext) -> SessionCache | None:
         return cache
 
 
+def end_sessions(ctx: ssl.SSLContext) -> None:
+    """`ctx` dials no more: its sessions are dropped and no new one is kept (a dial with it
+    still in flight finishes without one), so nothing it kept holds it alive."""
+    cache = getattr(ctx, "_meshlet_sessions", None)
+    if isinstance(cache, SessionCache):
+        cache.close()
+
+
 @contextlib.contextmanager
 def offering(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> Iterator[None]:
     """Offer `session` to handshakes that `ctx` starts in this context (the dialing task and
@@ -112,6 +133,7 @@ class SessionCache:
         self._kept: dict[Hashable, _Kept] = {}
         self._limit = limit
         self._max_age = max_age
+        self._closed = False
         self.offered = 0
         """Dials that offered a session (for stats and tests)."""
 
@@ -139,7 +161,7 @@ class SessionCache:
         has its ticket) is the one to offer for `key` until the entry expires; a resumed dial
         changes nothing, so every resumption uses a session from a full handshake at most
         `max_age` seconds ago."""
-        if not isinstance(ssl_object, ssl.SSLObject):
+        if self._closed or not isinstance(ssl_object, ssl.SSLObject):
             return
         der = ssl_object.getpeercert(True) or b""
         kept = self._kept.get(key)
@@ -158,6 +180,11 @@ class SessionCache:
 
     def forget(self, key: Hashable) -> None:
         self._kept.pop(key, None)
+
+    def close(self) -> None:
+        """Drop every entry and keep none from now on (see `end_sessions`)."""
+        self._closed = True
+        self._kept.clear()
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
-from connect.resumption import ResumingClientContext
+from connect.resumption import ResumingClientContext, end_sessions
 from connect.ssl_native import send_loaded_chain_only
 
 log = logging.getLogger("meshlet.connect.tls")
@@ -154,7 +154,8 @@ class DynamicTLS(Generic[M]):
         contexts in place (the exception reaches the caller)."""
         if material.generation <= self._current.material.generation:
             return
-        self._current = self._build(material)
+        old, self._current = self._current, self._build(material)
+        end_sessions(old.client)
 
     @property
     def material(self) -> M:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import logging
 import random
 import ssl
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -95,10 +97,14 @@ class _Client(asyncio.Protocol):
     def __init__(self) -> None:
         self.got = bytearray()
         self.echoed = asyncio.Event()
+        self.lost = asyncio.Event()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
 
     def data_received(self, data: bytes) -> None:
         self.got += data
@@ -202,6 +208,37 @@ def test_a_new_client_generation_starts_without_sessions(loop: str) -> None:
             current = m.web.material
             m.web.update(Material(current.leaf, current.bundle, current.generation + 1))
             assert m.web.client() is not old
+            assert await _round_trip(upstream, _target(m)) is False
+            assert await _round_trip(upstream, _target(m)) is True
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_rotated_client_contexts_are_freed(loop: str) -> None:
+    """Each generation dials once, so its kept entry still holds the connection's SSLObject
+    (no later offer took the session from it). That SSLObject refers to its context from C,
+    a reference the cyclic collector cannot see: a cache hanging off the context it keeps
+    alive was never freed, and a sidecar with short leaves grew by every old client context
+    (OpenSSL's SSL_CTX, its roots and leaf, the kept connections' SSL objects)."""
+
+    async def main() -> None:
+        async with mesh() as m:
+            upstream = m.upstream()
+            old: list[weakref.ref[ssl.SSLContext]] = []
+            for _ in range(5):
+                old.append(weakref.ref(m.web.client()))
+                transport, client = await dial_target(upstream, _target(m), _Client)
+                transport.write(b"ping")
+                await asyncio.wait_for(client.echoed.wait(), 10)
+                transport.close()
+                await asyncio.wait_for(client.lost.wait(), 10)  # the loop let go of it
+                del transport, client
+                _rotate(m.web)
+            upstream.settle()  # the last fresh connection's SSLObject, kept until a ticket
+            gc.collect()
+            assert [ref() for ref in old] == [None] * 5
+            # The current generation still keeps and offers its sessions.
             assert await _round_trip(upstream, _target(m)) is False
             assert await _round_trip(upstream, _target(m)) is True
 

@@ -124,13 +124,6 @@ def mesh(tmp_path: Path) -> Iterator[FaultMesh]:
         m.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web (the calling sidecar) grows about 2 MB of RSS a minute since the routing, "
-    "metrics and fault-fix merges of 2026-12-06 (measured: +2,186 kB/min over 60 s, +2,029 "
-    "kB/min over 180 s; the other processes +20..+195, fds and tasks flat; before those merges "
-    "web was +77 kB/min over 10 minutes): a leak on the caller's side not yet found",
-)
 def test_soak(mesh: FaultMesh) -> None:
     pids = {"devstack": mesh.dev.p.pid, **mesh.pids()}
     api1_port = int(status(mesh.admins["api-1"])["proxy"]["connections"].popitem()[0].split(":")[1])
