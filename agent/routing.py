@@ -23,7 +23,8 @@ An upstream is routed by its chain once the entry watches have answered, unless 
 config gives it a `filter`, `datacenter` or `peer` (then that section decides, as before). A
 chain that fails to decode, compile or convert is rejected whole: the previous snapshot stays
 (routing only: authorization never falls back), the reason is logged, counted and shown in
-`status()`. The snapshot is published only once every target has had its first answer.
+`status()`. A snapshot is published only once every target has had its first answer (a chain
+change that adds a target keeps the previous snapshot until then; `applied` in `status()`).
 """
 
 from __future__ import annotations
@@ -396,8 +397,11 @@ class ChainWatch:
             if got is None:
                 return
             snap = got[0].latest.get()
-            if snap is None and not got[0].state.loaded and up.latest.get() is None:
-                return  # first snapshot waits for every target's first answer
+            if snap is None and not got[0].state.loaded:
+                # A target not answered yet has no endpoints: routing to it now would answer
+                # 503 until its watch does, so the previous snapshot stays until then (as
+                # Envoy keeps a new cluster warming until its first endpoints arrive).
+                return
             endpoints[tid] = self._endpoints(key, snap)
         current = up.latest.get()
         new = RoutingSnapshot(routing, endpoints, up.index)
@@ -420,6 +424,7 @@ class ChainWatch:
                     "routed": up.routing is not None,
                     "protocol": up.protocol,
                     "index": up.index,
+                    "applied": applied.index if (applied := up.latest.get()) else 0,
                     "targets": sorted(up.routing.targets) if up.routing else [],
                     "rejected": up.rejected,
                     "error": up.error,
