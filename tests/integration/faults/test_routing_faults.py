@@ -107,6 +107,13 @@ def _web_counter(mesh: FaultMesh, name: str) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{"))
 
 
+def _metric_lines(mesh: FaultMesh, *words: str) -> list[str]:
+    url = f"http://{mesh.admins['web']}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        lines = resp.read().decode().splitlines()
+    return [x for x in lines if any(w in x for w in words) and not x.startswith("#")]
+
+
 def sidecar_retries(mesh: FaultMesh) -> float:
     return _web_counter(mesh, "meshlet_retries_total")
 
@@ -368,7 +375,7 @@ def test_an_instance_answering_5xx_is_ejected_and_comes_back(mesh: FaultMesh) ->
         mesh.apps["api-2"].mode("fail")  # 503 to every GET, healthy to Consul
         load.wait_ok(int(seconds(600, 6000)))
         ejected = ejections(mesh) - ejections0
-        assert ejected >= 1, "api-2 was never ejected"
+        assert ejected >= 1, f"api-2 was never ejected: {_metric_lines(mesh, 'eject', 'retr')}"
         mesh.apps["api-2"].mode("ok")
         wait_serving(load, ("api-2",), "api-2 after its ejection time")
         return f"sidecar retries={sidecar_retries(mesh) - retries0:g}; ejections={ejected:g}"
@@ -402,7 +409,8 @@ def test_control_plane_killed_routing_holds_on_the_last_snapshot(mesh: FaultMesh
         # Restarted empty: the sidecars register again and the entries are written again.
         mesh.wait_passing("api", 3)
         mesh.wait_passing("echo", 1)
-        mesh.wait_routed(mesh.write(RESOLVER, splitter(90, 10), router()))
+        api_http = {"Kind": "service-defaults", "Name": "api", "Protocol": "http"}
+        mesh.wait_routed(mesh.write(api_http, RESOLVER, splitter(90, 10), router()))
         after = window(load)
         assert_split(after)
         return (
