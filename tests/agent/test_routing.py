@@ -8,7 +8,13 @@ import asyncio
 from typing import Any
 
 from agent.consul import CheckDefinition, ConsulClient, ProxyConfig, ServiceRegistration
-from agent.routing import ChainWatch, compile_upstream, decode_entries, upstream_config
+from agent.routing import (
+    ChainWatch,
+    compile_upstream,
+    decode_entries,
+    hold_routing_after_reset,
+    upstream_config,
+)
 from agent.watches import WatchSettings
 from connect.chain_routes import RoutingSnapshot
 from connect.cluster import Limits
@@ -272,3 +278,19 @@ async def test_a_changed_chain_waits_for_its_new_targets_first_answer(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_after_a_reset_a_default_chain_keeps_the_last_routing_for_the_grace() -> None:
+    """A restarted, empty Consul answers no entries: the routed upstream keeps its splits and
+    retries while they are written again (the routing fault suite's control-plane test lost
+    36 GETs to `no healthy upstream` when the default chain's new target applied at once)."""
+    assert hold_routing_after_reset(True, True, reset_at=100.0, now=100.0, grace=60.0)
+    assert hold_routing_after_reset(True, True, reset_at=100.0, now=159.9, grace=60.0)
+    # The grace over, or none: Consul's answer applies.
+    assert not hold_routing_after_reset(True, True, reset_at=100.0, now=160.0, grace=60.0)
+    assert not hold_routing_after_reset(True, True, reset_at=100.0, now=100.0, grace=0.0)
+    # Entries deleted without a reset take effect; a real chain is never held; nothing to
+    # keep for an upstream that was not routed.
+    assert not hold_routing_after_reset(True, True, reset_at=None, now=100.0, grace=60.0)
+    assert not hold_routing_after_reset(False, True, reset_at=100.0, now=100.0, grace=60.0)
+    assert not hold_routing_after_reset(True, False, reset_at=100.0, now=100.0, grace=60.0)
