@@ -106,7 +106,7 @@ compat: $(STAMP)
 # Issue 14: the fault suite's long form (30 s control-plane outage, 20 leaf rotations, ...)
 # and the 10-minute soak; `make test` runs the short forms. Figures are printed (-s).
 faults: $(STAMP)
-	MESHLET_FAULTS=full $(BIN)/pytest -s -p no:cacheprovider tests/integration/faults/test_faults.py
+	MESHLET_FAULTS=full $(BIN)/pytest -s -p no:cacheprovider tests/integration/faults/test_faults.py tests/integration/faults/test_routing_faults.py
 
 soak: $(STAMP)
 	MESHLET_SOAK_SECONDS=600 $(BIN)/pytest -s -p no:cacheprovider tests/integration/faults/test_soak.py

@@ -23,7 +23,8 @@ An upstream is routed by its chain once the entry watches have answered, unless 
 config gives it a `filter`, `datacenter` or `peer` (then that section decides, as before). A
 chain that fails to decode, compile or convert is rejected whole: the previous snapshot stays
 (routing only: authorization never falls back), the reason is logged, counted and shown in
-`status()`. The snapshot is published only once every target has had its first answer.
+`status()`. A snapshot is published only once every target has had its first answer (a chain
+change that adds a target keeps the previous snapshot until then; `applied` in `status()`).
 """
 
 from __future__ import annotations
@@ -165,6 +166,20 @@ def mirror_chain(
         raise ChainRejected(f"mirror {mirror!r}: {exc}") from None
 
 
+def hold_routing_after_reset(
+    default: bool, routed: bool, reset_at: float | None, now: float, grace: float
+) -> bool:
+    """Whether a chain that compiled to Consul's default keeps the upstream's last routing.
+
+    Only after a control-plane reset (`reset_at`: when an entry watch's index was seen going
+    backwards): a restarted, empty Consul answers "no entries" until they are written again
+    or restored, and applying that would drop the splits, subsets and retries (and may turn
+    an http chain into tcp) while the instances are still serving. So, for `grace` seconds
+    (`WatchSettings.reset_hold`), as `agent.watch.hold_after_reset` holds an upstream's last
+    endpoints. Without a reset, entries deleted take effect."""
+    return default and routed and reset_at is not None and now - reset_at < grace
+
+
 class _Upstream:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -175,6 +190,8 @@ class _Upstream:
         self.error = ""
         self.rejected = 0
         self.logged_ignored: tuple[str, ...] = ()
+        self.holding = False
+        """The last routing kept after a control-plane reset (`hold_routing_after_reset`)."""
 
 
 class ChainWatch:
@@ -227,6 +244,10 @@ class ChainWatch:
         self.on_protocol: Callable[[], None] | None = None
         """Called when an upstream's chain protocol changed after its first compile."""
         self._tg: asyncio.TaskGroup | None = None
+        self._entry_index: dict[str, int] = {}
+        self._reset_at: float | None = None
+        """When an entry watch's index was last seen going backwards, while a hold lasts."""
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     def _fetcher(self, kind: str) -> Callable[[int, float], Any]:
         async def fetch(index: int, wait: float) -> Indexed[Bodies]:
@@ -294,6 +315,10 @@ class ChainWatch:
         if any(b is None for b in bodies.values()):
             return  # not every kind answered yet (or cannot be read): no routing yet
         index = max(w.state.index for w in self.entries.values())
+        for kind, w in self.entries.items():
+            if w.state.index < self._entry_index.get(kind, 0):
+                self._reset_at = self._clock()
+            self._entry_index[kind] = w.state.index
         wanted: set[WatchKey] = set()
         try:
             entries = decode_entries({k: b for k, b in bodies.items() if b is not None})
@@ -314,6 +339,8 @@ class ChainWatch:
             self._targets_of.pop(key, None)
         for up in self.upstreams.values():
             self._publish(up)
+        if not any(up.holding for up in self.upstreams.values()):
+            self._reset_at = None  # every chain is back (or none was routed): the reset is over
         self.compiled.set()
 
     def _compile(self, up: _Upstream, entries: ChainEntries, index: int) -> None:
@@ -328,6 +355,23 @@ class ChainWatch:
         except (ChainRejected, ValueError) as exc:
             self._reject(up, str(exc), index)
             return
+        now, grace = self._clock(), self._settings().reset_hold
+        if hold_routing_after_reset(default, up.routing is not None, self._reset_at, now, grace):
+            if not up.holding:
+                log.warning(
+                    "upstream %s: Consul answers no routing entries after a control-plane "
+                    "reset: keeping the last routing for up to %gs until they are back",
+                    up.name,
+                    grace,
+                )
+                up.holding = True
+            if self._hold_timer is None and self._reset_at is not None:
+                # Compile again once the grace has passed: then Consul's answer applies.
+                self._hold_timer = asyncio.get_running_loop().call_later(
+                    self._reset_at + grace - now, self._hold_over
+                )
+            return
+        up.holding = False
         if up.protocol != routing.protocol:
             was, up.protocol = up.protocol, routing.protocol
             if self.on_protocol is not None:
@@ -340,6 +384,11 @@ class ChainWatch:
                 log.warning("upstream %s: not enforced: %s", up.name, why)
             up.logged_ignored = routing.ignored
         up.routing, up.index, up.error = routing, index, ""
+
+    def _hold_over(self) -> None:
+        self._hold_timer = None
+        self._recompile = True
+        self._dirty.set()
 
     def _reject(self, up: _Upstream, why: str, index: int) -> None:
         if up.error != why:
@@ -396,8 +445,11 @@ class ChainWatch:
             if got is None:
                 return
             snap = got[0].latest.get()
-            if snap is None and not got[0].state.loaded and up.latest.get() is None:
-                return  # first snapshot waits for every target's first answer
+            if snap is None and not got[0].state.loaded:
+                # A target not answered yet has no endpoints: routing to it now would answer
+                # 503 until its watch does, so the previous snapshot stays until then (as
+                # Envoy keeps a new cluster warming until its first endpoints arrive).
+                return
             endpoints[tid] = self._endpoints(key, snap)
         current = up.latest.get()
         new = RoutingSnapshot(routing, endpoints, up.index)
@@ -420,8 +472,10 @@ class ChainWatch:
                     "routed": up.routing is not None,
                     "protocol": up.protocol,
                     "index": up.index,
+                    "applied": applied.index if (applied := up.latest.get()) else 0,
                     "targets": sorted(up.routing.targets) if up.routing else [],
                     "rejected": up.rejected,
+                    "holding": up.holding,
                     "error": up.error,
                 }
                 for name, up in self.upstreams.items()

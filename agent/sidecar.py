@@ -527,6 +527,12 @@ class Sidecar:
         """The proxy's counters (`ProxyStats`) and the failed dials per upstream and kind
         (connect.dial_failures): what a worker reports and a worker group adds up."""
         upstreams = self.proxy.upstreams if self.proxy is not None else {}
+        # A routed upstream's ejections happen in its chain's target clusters.
+        routed = {
+            r.spec.name: r.routed.ejections()
+            for r in (self.proxy.running.values() if self.proxy is not None else ())
+            if isinstance(r.spec, UpstreamSpec) and r.routed is not None
+        }
         return {
             **dataclasses.asdict(self.stats),
             "upstream_refusals": {
@@ -536,8 +542,8 @@ class Sidecar:
             "clusters": {
                 name: {
                     "overflows": dict(up.cluster.overflows),
-                    "ejections": up.cluster.ejections,
-                    "ejected": len(up.cluster.ejected),
+                    "ejections": up.cluster.ejections + routed.get(name, (0, 0))[0],
+                    "ejected": len(up.cluster.ejected) + routed.get(name, (0, 0))[1],
                 }
                 for name, up in upstreams.items()
             },

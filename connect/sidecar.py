@@ -313,6 +313,18 @@ class _Routed:
         self.listener = listener
         self.targets: dict[str, tuple[TargetSettings, Upstream, _Endpoints]] = {}
         self.snapshot: RoutingSnapshot | None = None
+        self.retired_ejections = 0
+        """Ejections by target clusters since replaced: the upstream's counter never goes
+        back when a target's settings change."""
+
+    def ejections(self) -> tuple[int, int]:
+        """(ejections since start, endpoints ejected now) over the chain's clusters, which the
+        metrics count under the upstream's name as they do its refusals."""
+        live = [upstream.cluster for _, upstream, _ in self.targets.values()]
+        return (
+            self.retired_ejections + sum(c.ejections for c in live),
+            sum(len(c.ejected) for c in live),
+        )
 
     def apply(self, snap: RoutingSnapshot) -> None:
         routing = snap.routing
@@ -364,6 +376,9 @@ class _Routed:
         elif isinstance(listener, OutboundL4):
             chain = named[routing.start]
             listener.upstream, listener.chain = chain[0], chain
+        for tid, prior in self.targets.items():
+            if kept.get(tid) is not prior:
+                self.retired_ejections += prior[1].cluster.ejections
         self.targets = kept
         self.snapshot = snap
         log.info(

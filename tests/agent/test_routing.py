@@ -8,7 +8,13 @@ import asyncio
 from typing import Any
 
 from agent.consul import CheckDefinition, ConsulClient, ProxyConfig, ServiceRegistration
-from agent.routing import ChainWatch, compile_upstream, decode_entries, upstream_config
+from agent.routing import (
+    ChainWatch,
+    compile_upstream,
+    decode_entries,
+    hold_routing_after_reset,
+    upstream_config,
+)
 from agent.watches import WatchSettings
 from connect.chain_routes import RoutingSnapshot
 from connect.cluster import Limits
@@ -227,3 +233,64 @@ async def test_only_passing_false_uses_warning_instances_never_critical(
         await asyncio.gather(task, return_exceptions=True)
         for i in range(5):
             await consul.agent.deregister_service(f"api-{i}-sidecar-proxy")
+
+
+async def test_a_changed_chain_waits_for_its_new_targets_first_answer(
+    consul: ConsulClient,
+) -> None:
+    """A chain change that brings a target not watched before (here v1's filter narrowed)
+    keeps the previous snapshot until that target's watch has answered, as Envoy keeps a
+    new cluster warming until its first endpoints: published at once, the new target has no
+    endpoints yet and every request routed to it is answered 503 `no healthy upstream`
+    (found by the routing fault suite, tests/integration/faults/test_routing_faults.py)."""
+    await _put(consul, *CANARY)
+    await consul.catalog.register(_proxy("api", 1, "v1"))
+    await consul.catalog.register(_proxy("api", 2, "v1"))
+    await consul.catalog.register(_proxy("api", 3, "v2"))
+    chains = ChainWatch(consul, "web", lambda: SETTINGS)
+    latest = chains.upstream("api")
+    task = asyncio.create_task(chains.run())
+    v1 = "v1.api.default.default.dc1"
+    try:
+        await _next(latest, 0)
+        for _ in range(500):  # every target's instances in (bounded wait)
+            snap = latest.get()
+            if snap is not None and all(len(e) for e in snap.endpoints.values()):
+                break
+            await asyncio.sleep(0.02)
+        version = latest.version
+        only_1 = 'Service.Meta.version == "v1" and Service.ID == "api-1-sidecar-proxy"'
+        narrow = {
+            **CANARY[2],
+            "Subsets": {"v1": {"Filter": only_1}, "v2": {"Filter": 'Service.Meta.version == "v2"'}},
+        }
+        await _put(consul, narrow)
+        published: list[RoutingSnapshot] = []
+        while True:  # every snapshot until the narrowed one (bounded by _next's wait)
+            version, snap = await asyncio.wait_for(latest.changed(version), 10)
+            assert snap is not None
+            published.append(snap)
+            if "api-1-sidecar-proxy" in snap.routing.targets[v1].filter:
+                break
+        assert [[t.host for t in s.endpoints[v1]] for s in published][-1] == ["10.0.0.1"]
+        empty = [s.index for s in published if not all(s.endpoints.values())]
+        assert empty == [], f"snapshots published with a target still empty: {empty}"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_after_a_reset_a_default_chain_keeps_the_last_routing_for_the_grace() -> None:
+    """A restarted, empty Consul answers no entries: the routed upstream keeps its splits and
+    retries while they are written again (the routing fault suite's control-plane test lost
+    36 GETs to `no healthy upstream` when the default chain's new target applied at once)."""
+    assert hold_routing_after_reset(True, True, reset_at=100.0, now=100.0, grace=60.0)
+    assert hold_routing_after_reset(True, True, reset_at=100.0, now=159.9, grace=60.0)
+    # The grace over, or none: Consul's answer applies.
+    assert not hold_routing_after_reset(True, True, reset_at=100.0, now=160.0, grace=60.0)
+    assert not hold_routing_after_reset(True, True, reset_at=100.0, now=100.0, grace=0.0)
+    # Entries deleted without a reset take effect; a real chain is never held; nothing to
+    # keep for an upstream that was not routed.
+    assert not hold_routing_after_reset(True, True, reset_at=None, now=100.0, grace=60.0)
+    assert not hold_routing_after_reset(False, True, reset_at=100.0, now=100.0, grace=60.0)
+    assert not hold_routing_after_reset(True, False, reset_at=100.0, now=100.0, grace=60.0)

@@ -303,6 +303,15 @@ def test_an_instance_answering_5xx_is_ejected_then_comes_back(apis: ThreeApis) -
         got = Counter(apis.request(conn=conn)[:2] for _ in range(20))
         assert set(got) <= {(200, "b"), (200, "c")}, got
         assert apis.hits()["a"] == ejected_at
+        # Counted under the upstream's name, though the chain's target cluster ejected it.
+        metrics = http.client.HTTPConnection(*apis.web_admin.split(":"), timeout=30)
+        metrics.request("GET", "/metrics")
+        text = metrics.getresponse().read().decode()
+        metrics.close()
+        assert 'meshlet_outlier_ejections_total{upstream="api"} 1.0' in text, [
+            m for m in text.splitlines() if "outlier" in m
+        ]
+        assert 'meshlet_outlier_ejected_endpoints{upstream="api"} 1.0' in text
         apis.mode("a", "ok")
         deadline = time.monotonic() + DEADLINE
         while apis.hits()["a"] == ejected_at:  # after its ejection time it is chosen again

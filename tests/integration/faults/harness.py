@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ reconnected, a log file reopened. A leak per request (thousands) or per stream i
 beyond it."""
 
 
-# ---- the api app: answers, hangs, is slow, or fails its health check on demand ----------------
+# ---- the api app: answers, hangs, is slow, fails, or fails its health check on demand --------
 
 
 def _fault_app(name: str) -> web.Application:
@@ -86,6 +86,8 @@ def _fault_app(name: str) -> web.Application:
             await asyncio.Event().wait()
         if mode["mode"] == "slow":
             await asyncio.sleep(0.2)
+        if mode["mode"] == "fail":  # healthy to Consul, failing every request
+            return web.Response(status=503, text="fail")
         return web.json_response({"app": name, "path": request.path_qs})
 
     app = web.Application()
@@ -188,8 +190,11 @@ class FaultMesh:
         web_args: tuple[str, ...] = (),
         web_yaml: str = "",
         drain: str = "0s",
+        apis: Mapping[str, str] | None = None,
     ) -> None:
-        """`web_yaml`: top-level sections added to web's agent.yaml (e.g. `telemetry`)."""
+        """`web_yaml`: top-level sections added to web's agent.yaml (e.g. `telemetry`).
+        `apis`: the api instances' ids and the `version` each registers in its Meta (the
+        routing faults' subsets); "" registers none. Default: api-1 and api-2, no Meta."""
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.web_yaml = web_yaml
@@ -200,6 +205,7 @@ class FaultMesh:
         self.admins: dict[str, str] = {}
         self.cfgs: dict[str, Path] = {}
         self.apps: dict[str, FaultApp] = {}
+        self.versions = dict(apis if apis is not None else {"api-1": "", "api-2": ""})
         self.port = _free_port()
         self.consul = f"127.0.0.1:{self.port}"
         self.dev = start_dev(self.port, dev_args)
@@ -208,11 +214,11 @@ class FaultMesh:
         self.web_api, self.web_echo = _free_port(), _free_port()
         try:
             self._configure()
-            for sid in ("api-1", "api-2"):
+            for sid in self.versions:
                 self.apps[sid] = FaultApp(sid)
                 self._sidecar(sid, "api", self.apps[sid].port, "http")
             self._sidecar("echo", "echo", self.echo.port, "tcp")
-            self.wait_passing("api", 2)
+            self.wait_passing("api", len(self.versions))
             self.wait_passing("echo", 1)
             self._sidecar(
                 "web",
@@ -222,7 +228,7 @@ class FaultMesh:
                 upstreams=(("api", self.web_api, "http"), ("echo", self.web_echo, "tcp")),
                 args=web_args,
             )
-            self.wait_web_endpoints(api=2, echo=1)
+            self.wait_web_endpoints(api=len(self.versions), echo=1)
         except BaseException:
             self.stop()
             raise
@@ -268,6 +274,12 @@ class FaultMesh:
             )
             if sid == "web":
                 text += self.web_yaml
+            if self.versions.get(sid):
+                text = text.replace(
+                    "  address: 127.0.0.1\n",
+                    f"  address: 127.0.0.1\n  meta: {{version: {self.versions[sid]}}}\n",
+                    1,
+                )
             if protocol == "tcp":  # the echo server speaks no HTTP: a TCP check
                 text = text.replace(
                     f"http: 'http://127.0.0.1:{app_port}/health'", f"tcp: '127.0.0.1:{app_port}'"
@@ -283,6 +295,47 @@ class FaultMesh:
     def restart_sidecar(self, sid: str) -> None:
         service = "api" if sid.startswith("api") else sid
         self._sidecar(sid, service, 0, "")
+
+    def revive(self, sid: str) -> None:
+        """An api instance killed whole (app and sidecar, if they still run) and started
+        again: a new app process, its sidecar on its old port, address and id."""
+        old = self.apps[sid]
+        if self.sidecars[sid].p.poll() is None:
+            self.sidecars[sid].p.kill()
+            self.sidecars[sid].p.wait(30)
+        old.kill()
+        self.apps[sid] = FaultApp(sid)
+        cfg = self.cfgs[sid]
+        new = self.apps[sid].port
+        text = cfg.read_text().replace(f":{old.port}/", f":{new}/")  # its check
+        cfg.write_text(text.replace(f"port: {old.port}\n", f"port: {new}\n"))
+        self.restart_sidecar(sid)
+
+    def write(self, *entries: dict[str, Any]) -> int:
+        """Config entries written to devstack; the highest ModifyIndex among them."""
+        index = 0
+        for entry in entries:
+            req = urllib.request.Request(
+                f"http://{self.consul}/v1/config", data=json.dumps(entry).encode(), method="PUT"
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                assert json.load(resp) is True, entry
+            url = f"http://{self.consul}/v1/config/{entry['Kind']}/{entry['Name']}"
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                index = max(index, int(json.load(resp)["ModifyIndex"]))
+        return index
+
+    def wait_routed(self, index: int) -> dict[str, Any]:
+        """Until web's api listener applies the chain compiled from entries at `index` or
+        later (every target of it answered)."""
+        st: dict[str, Any] = wait_status(
+            self.admins["web"],
+            lambda s: (
+                s["proxy"]["routing"].get("upstreams", {}).get("api", {}).get("applied", 0) >= index
+            ),
+            f"web's api chain at index {index} applied",
+        )
+        return st
 
     def wait_passing(self, service: str, count: int) -> None:
         wait_catalog(
