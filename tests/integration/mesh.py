@@ -15,11 +15,11 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tests.integration.test_agent_process import (
     ENV,
@@ -127,6 +127,7 @@ def write_sidecar_config(
     service_id: str = "",
     meta: Mapping[str, str] | None = None,
     sidecar_extra: str = "",
+    token_file: str = "",
 ) -> None:
     """An agent.yaml for `meshlet sidecar`; `certs` and `sidecar_extra` are YAML lines added
     at the top level and to the `sidecar` section."""
@@ -136,8 +137,9 @@ def write_sidecar_config(
     )
     ident = f"  id: {service_id}\n" if service_id else ""  # default: the service's name
     meta_line = f"  meta: {json.dumps(dict(meta))}\n" if meta else ""
+    token = f", token_file: '{token_file}'" if token_file else ""
     path.write_text(
-        f"consul: {{address: '{consul}'}}\n"
+        f"consul: {{address: '{consul}'{token}}}\n"
         f"service:\n  name: {service}\n  port: {app_port}\n  address: 127.0.0.1\n"
         f"{meta_line}"
         f"{ident}"
@@ -249,10 +251,21 @@ def routes_apply(consul: str, *files: Path) -> str:
     return done.stderr
 
 
+class AppServer(Protocol):
+    """What a mesh needs of an app: a ThreadingHTTPServer, or an app in its own process that
+    quacks like one."""
+
+    server_address: Any
+
+    def shutdown(self) -> None: ...
+
+    def server_close(self) -> None: ...
+
+
 class Mesh:
-    """web calls api through its upstream port `web_upstream`; `api_handler` replaces api's
-    app (an `_App` named api by default). Construction starts devstack and the apps;
-    `start` the sidecars; `stop` ends all of it."""
+    """web calls api through its upstream port `web_upstream`; api's app is `api_app("api")`
+    (an `_App` by default). Construction starts devstack and the apps; `start` the sidecars;
+    `stop` ends all of it."""
 
     def __init__(
         self,
@@ -260,10 +273,10 @@ class Mesh:
         protocol: str,
         certs: str = "consul",
         dev_args: tuple[str, ...] = (),
-        api_handler: type[BaseHTTPRequestHandler] | None = None,
+        api_app: Callable[[str], AppServer] = start_app,
     ) -> None:
         self.procs: list[Proc] = []
-        self.apps: list[ThreadingHTTPServer] = []
+        self.apps: list[AppServer] = []
         self.sidecars: dict[str, Proc] = {}
         self.drains: dict[str, threading.Thread] = {}
         self.tmp = tmp
@@ -272,6 +285,24 @@ class Mesh:
         self.consul = f"127.0.0.1:{port}"
         self.env = ENV
         self.certs = ""
+        try:
+            self._start_dev_and_apps(port, certs, dev_args, api_app)
+        except BaseException:
+            self.stop()
+            raise
+        self.web_admin = f"127.0.0.1:{_free_port()}"
+        self.api_admin = f"127.0.0.1:{_free_port()}"
+        self.api_public = _free_port()
+        self.web_public = _free_port()
+        self.web_upstream = _free_port()
+
+    def _start_dev_and_apps(
+        self,
+        port: int,
+        certs: str,
+        dev_args: tuple[str, ...],
+        api_app: Callable[[str], AppServer],
+    ) -> None:
         if certs == "consul":
             self.procs.append(start_dev(port, dev_args))
         else:
@@ -285,14 +316,10 @@ class Mesh:
             self.certs = (
                 f"certs: {{source: vault, vault: {{address: 'http://{vault}', role: meshlet}}}}\n"
             )
-        self.api_app = serve(api_handler) if api_handler else start_app("api")
+        self.api_app = api_app("api")
+        self.apps.append(self.api_app)
         self.web_app = start_app("web")
-        self.apps += [self.api_app, self.web_app]
-        self.web_admin = f"127.0.0.1:{_free_port()}"
-        self.api_admin = f"127.0.0.1:{_free_port()}"
-        self.api_public = _free_port()
-        self.web_public = _free_port()
-        self.web_upstream = _free_port()
+        self.apps.append(self.web_app)
 
     def start(
         self, web_args: tuple[str, ...] = (), web_sidecar: str = "", api_sidecar: str = ""
@@ -335,7 +362,7 @@ class Mesh:
 
     def start_instances(
         self,
-        apps: Mapping[str, ThreadingHTTPServer],
+        apps: Mapping[str, AppServer],
         upstream_protocol: str,
         meta: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
@@ -346,20 +373,34 @@ class Mesh:
         # Owned from here on, so `stop` closes them whatever fails next.
         self.apps += [app for app in apps.values() if app not in self.apps]
         for name, app in apps.items():
-            cfg = self.tmp / f"api-{name}.yaml"
-            write_sidecar_config(
-                cfg,
-                consul=self.consul,
-                service="api",
-                service_id=f"api-{name}",
-                app_port=app.server_address[1],
-                sidecar_port=_free_port(),
-                admin=f"127.0.0.1:{_free_port()}",
-                protocol="http",
-                meta=(meta or {}).get(name),
-            )
-            self._start_sidecar(f"api-{name}", ["sidecar", "-c", str(cfg)])
+            self.start_api_instance(f"api-{name}", app, "http", (meta or {}).get(name))
         self.start_web(upstream_protocol)
+
+    def start_api_instance(
+        self,
+        service_id: str,
+        app: AppServer,
+        protocol: str,
+        meta: Mapping[str, str] | None = None,
+    ) -> str:
+        """One more instance of api for `app` (which the caller owns), behind its own
+        sidecar, named `service_id` in `sidecars`; its sidecar's admin address."""
+        admin = f"127.0.0.1:{_free_port()}"
+        cfg = self.tmp / f"{service_id}.yaml"
+        write_sidecar_config(
+            cfg,
+            consul=self.consul,
+            service="api",
+            service_id=service_id,
+            app_port=app.server_address[1],
+            sidecar_port=_free_port(),
+            admin=admin,
+            protocol=protocol,
+            certs=self.certs,
+            meta=meta,
+        )
+        self._start_sidecar(service_id, ["sidecar", "-c", str(cfg)])
+        return admin
 
     def start_web(
         self, upstream_protocol: str, args: tuple[str, ...] = (), sidecar_extra: str = ""

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from tests.integration.mesh import Mesh
+from tests.integration.mesh import Mesh, serve
 
 
 class ProfiledApp(BaseHTTPRequestHandler):
@@ -30,4 +30,4 @@ class ProfiledApp(BaseHTTPRequestHandler):
 
 def profiled_mesh(tmp_path: Path) -> Mesh:
     """The mesh, not started, with api's app `ProfiledApp`."""
-    return Mesh(tmp_path, "http", api_handler=ProfiledApp)
+    return Mesh(tmp_path, "http", api_app=lambda _: serve(ProfiledApp))

@@ -11,7 +11,7 @@ upstream apps in their own processes (so SIGKILL really drops their sockets).
   requests to api-2. `CrashingApp` makes the hardest case deterministic: a GET in flight at
   the app when it dies, with other pooled connections to the dead app still open.
 
-The mesh is test_sidecar_mesh's `Mesh` with api's app replaced by `AppProcess`. Waits are on
+The mesh is tests/integration/mesh.py's `Mesh` with api's app replaced by `AppProcess`. Waits are on
 log lines, the sidecars' /v1/status, Consul state and counts of answered requests; never on
 sleeps. No timing is asserted (shared, noisy machine); memory is.
 """
@@ -40,16 +40,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.integration.test_agent_process import Proc, _free_port, wait_catalog
-from tests.integration.test_sidecar_mesh import (
+from tests.integration.mesh import (
+    AppServer,
     Mesh,
-    _drain,
     get,
     put_intentions,
+    running,
     status,
     wait_status,
-    write_sidecar_config,
 )
+from tests.integration.test_agent_process import wait_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -212,44 +212,18 @@ class TrafficMesh(Mesh):
     """`Mesh` with api's app named api-1 (by default an `AppProcess`), and more api instances
     on demand (same service name, their own service ID, app, sidecar and admin port)."""
 
-    def __init__(self, tmp: Path, protocol: str, api_app: Callable[[str], Any] = AppProcess):
-        super().__init__(tmp, protocol)
-        try:
-            default = self.api_app
-            self.apps.remove(default)
-            default.shutdown()
-            default.server_close()
-            self.api_app = api_app("api-1")
-            self.apps.append(self.api_app)
-        except BaseException:
-            self.stop()
-            raise
+    def __init__(
+        self, tmp: Path, protocol: str, api_app: Callable[[str], AppServer] = AppProcess
+    ) -> None:
+        super().__init__(tmp, protocol, api_app=lambda _: api_app("api-1"))
         self.admins = {"api": self.api_admin}
-        self.app_procs = {"api": self.api_app}
+        self.app_procs: dict[str, Any] = {"api": self.api_app}
 
     def add_api_instance(self, service_id: str) -> None:
         app = AppProcess(service_id)
-        self.apps.append(app)  # type: ignore[arg-type]
-        admin, public = f"127.0.0.1:{_free_port()}", _free_port()
-        cfg = self.tmp / f"{service_id}.yaml"
-        write_sidecar_config(
-            cfg,
-            consul=self.consul,
-            service="api",
-            service_id=service_id,
-            app_port=app.server_address[1],
-            sidecar_port=public,
-            admin=admin,
-            protocol=self.protocol,
-            certs=self.certs,
-        )
-        proc = Proc(["sidecar", "-c", str(cfg)], env=self.env)
-        self.procs.append(proc)
-        self.sidecars[service_id] = proc
-        self.admins[service_id] = admin
+        self.apps.append(app)
+        self.admins[service_id] = self.start_api_instance(service_id, app, self.protocol)
         self.app_procs[service_id] = app
-        proc.wait_for_line("ready:")
-        self.drains[service_id] = _drain(proc)
         count = len(self.admins)
         wait_catalog(
             self.consul,
@@ -268,15 +242,11 @@ class TrafficMesh(Mesh):
 def _mesh(
     tmp: Path, protocol: str, api_instances: int = 1, api_app: Callable[[str], Any] = AppProcess
 ) -> Iterator[TrafficMesh]:
-    mesh = TrafficMesh(tmp, protocol, api_app)
-    try:
-        mesh.start()
+    with running(TrafficMesh(tmp, protocol, api_app)) as mesh:
         for n in range(2, api_instances + 1):
             mesh.add_api_instance(f"api-{n}")
         mesh.wait_intentions(put_intentions(mesh.consul, "api", "allow"))
         yield mesh
-    finally:
-        mesh.stop()
 
 
 @pytest.fixture(params=["http", "tcp"])

@@ -25,6 +25,7 @@ from tests.integration.mesh import (
     Mesh,
     http_json,
     running,
+    serve,
     status,
     wait_line,
     write_entry,
@@ -63,7 +64,7 @@ def receiver() -> Iterator[OTLPReceiver]:
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
     RECEIVED.clear()
-    with running(Mesh(tmp_path, "http", api_handler=RecordingApp)) as m:
+    with running(Mesh(tmp_path, "http", api_app=lambda _: serve(RecordingApp))) as m:
         yield m
 
 
