@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_sidecar_mesh import Mesh
+from tests.integration.mesh import Mesh, serve
 
 
 class ProfiledApp(BaseHTTPRequestHandler):
@@ -30,14 +29,5 @@ class ProfiledApp(BaseHTTPRequestHandler):
 
 
 def profiled_mesh(tmp_path: Path) -> Mesh:
-    """The mesh, not started, with api's app replaced by `ProfiledApp`."""
-    m = Mesh(tmp_path, "http")
-    default = m.api_app
-    default.shutdown()
-    default.server_close()
-    app = ThreadingHTTPServer(("127.0.0.1", 0), ProfiledApp)
-    app.daemon_threads = True
-    threading.Thread(target=app.serve_forever, daemon=True).start()
-    m.api_app = app
-    m.apps = [app, m.web_app]
-    return m
+    """The mesh, not started, with api's app `ProfiledApp`."""
+    return Mesh(tmp_path, "http", api_app=lambda _: serve(ProfiledApp))

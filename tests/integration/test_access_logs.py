@@ -11,30 +11,33 @@ use is refused and the settings in force stay.
 from __future__ import annotations
 
 import http.client
-import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.mesh import (
+    DEADLINE,
+    Mesh,
+    access_log_lines,
+    deny_prefix_intention,
+    metrics,
+    running,
+    wait_line,
+    write_entry,
+)
 from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import Proc
-from tests.integration.test_sidecar_mesh import DEADLINE, Mesh, _json, wait_line
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    m = profiled_mesh(tmp_path)
-    try:
-        m.start()
+    with running(profiled_mesh(tmp_path)) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def _get(port: int, path: str, request_id: str) -> int:
@@ -53,11 +56,7 @@ def _get(port: int, path: str, request_id: str) -> int:
 
 
 def _records(proc: Proc, request_id: str) -> list[dict[str, Any]]:
-    out = []
-    for line in list(proc.lines):
-        if line.startswith('{"start_time"') and f'"request_id":"{request_id}"' in line:
-            out.append(json.loads(line))
-    return out
+    return access_log_lines(proc, "request_id", request_id)
 
 
 def _record(proc: Proc, request_id: str) -> dict[str, Any]:
@@ -75,29 +74,11 @@ def _record(proc: Proc, request_id: str) -> dict[str, Any]:
 
 
 def _put_defaults(consul: str, access_logs: dict[str, Any]) -> None:
-    entry = {"Kind": "proxy-defaults", "Name": "global", "AccessLogs": access_logs}
-    assert _json("PUT", f"http://{consul}/v1/config", entry) is True
+    write_entry(consul, {"Kind": "proxy-defaults", "Name": "global", "AccessLogs": access_logs})
 
 
 def test_access_logs_follow_proxy_defaults(mesh: Mesh) -> None:
-    intention = {
-        "Kind": "service-intentions",
-        "Name": "api",
-        "Sources": [
-            {
-                "Name": "web",
-                "Permissions": [
-                    {"Action": "deny", "HTTP": {"PathPrefix": "/deny"}},
-                    {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
-                ],
-            }
-        ],
-    }
-    assert _json("PUT", f"http://{mesh.consul}/v1/config", intention) is True
-    index = int(
-        _json("GET", f"http://{mesh.consul}/v1/config/service-intentions/api")["ModifyIndex"]
-    )
-    mesh.wait_intentions(index)
+    mesh.apply_intentions(deny_prefix_intention("/deny"))
     web, api = mesh.sidecars["web"], mesh.sidecars["api"]
 
     # Off: only the denial is logged, by the sidecar that denied it.
@@ -147,8 +128,7 @@ def test_access_logs_follow_proxy_defaults(mesh: Mesh) -> None:
     _put_defaults(mesh.consul, {"Enabled": True, "Type": "syslog"})
     deadline = time.monotonic() + DEADLINE
     while True:
-        with urllib.request.urlopen(f"http://{mesh.web_admin}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        text = metrics(mesh.web_admin)
         if "meshlet_config_snapshots_rejected_total 1.0" in text:
             break
         assert time.monotonic() < deadline, text[-2000:]

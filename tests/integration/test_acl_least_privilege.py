@@ -21,15 +21,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_process import Proc, _free_port, start_dev
-from tests.integration.test_sidecar_mesh import (
-    _drain,
+from tests.integration.mesh import (
+    drain_log,
     get,
     start_app,
     wait_line,
     wait_status,
     write_sidecar_config,
 )
+from tests.integration.test_agent_process import Proc, _free_port, start_dev
 
 MANAGEMENT = str(uuid.uuid4())
 NODE = "meshlet-dev"  # `meshlet dev`'s node name, which an agent rule names
@@ -96,7 +96,7 @@ class AclMesh:
             ("--acl-initial-management-token", MANAGEMENT, "--acl-default-policy", "deny"),
         )
         self.procs.append(dev)
-        self.drains.append(_drain(dev))
+        self.drains.append(drain_log(dev))
         self.api_app, self.web_app = start_app("api"), start_app("web")
         self.apps += [self.api_app, self.web_app]
         self.admin = {r: f"127.0.0.1:{_free_port()}" for r in ROLES}
@@ -149,18 +149,11 @@ class AclMesh:
                 admin=self.admin[role],
                 protocol="http",
                 upstreams=(("api", self.web_upstream, "http"),) if role == "web" else (),
-            )
-            text = cfg.read_text()
-            plain = f"consul: {{address: '{self.addr}'}}"
-            assert plain in text
-            cfg.write_text(
-                text.replace(
-                    plain, f"consul: {{address: '{self.addr}', token_file: '{token_file}'}}"
-                )
+                token_file=str(token_file),
             )
         proc = Proc([("agent" if role == "agent" else "sidecar"), "-c", str(cfg)])
         self.procs.append(proc)
-        self.drains.append(_drain(proc))
+        self.drains.append(drain_log(proc))
         return proc
 
     def stop(self) -> list[str]:

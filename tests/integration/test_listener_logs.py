@@ -6,7 +6,6 @@ counted)."""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Iterator
@@ -15,19 +14,15 @@ from typing import Any
 
 import pytest
 
+from tests.integration.mesh import DEADLINE, Mesh, access_log_lines, running, wait_line, write_entry
 from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import Proc
-from tests.integration.test_sidecar_mesh import DEADLINE, Mesh, _json, wait_line
 
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    m = profiled_mesh(tmp_path)
-    try:
-        m.start()
+    with running(profiled_mesh(tmp_path)) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def _plaintext(port: int) -> str:
@@ -45,16 +40,11 @@ def _plaintext(port: int) -> str:
 
 
 def _listener_lines(proc: Proc, address: str) -> list[dict[str, Any]]:
-    out = []
-    for line in list(proc.lines):
-        if line.startswith('{"start_time"') and f'"downstream_remote_address":"{address}"' in line:
-            out.append(json.loads(line))
-    return out
+    return access_log_lines(proc, "downstream_remote_address", address)
 
 
 def _put(consul: str, access_logs: dict[str, Any]) -> None:
-    entry = {"Kind": "proxy-defaults", "Name": "global", "AccessLogs": access_logs}
-    assert _json("PUT", f"http://{consul}/v1/config", entry) is True
+    write_entry(consul, {"Kind": "proxy-defaults", "Name": "global", "AccessLogs": access_logs})
 
 
 def test_refused_connections_are_listener_logs(mesh: Mesh) -> None:

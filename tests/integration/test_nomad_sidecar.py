@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.mesh import start_app, status, wait_line, wait_status
 from tests.integration.test_agent_process import Proc, _free_port
-from tests.integration.test_sidecar_mesh import start_app, status, wait_line, wait_status
 from tests.nomad.nomad_fixtures import bootstrap, parent_id, proxy_id, registration
 from tests.nomad.nomad_specs import interpolate, labelled, load_job, one
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
+from tests.integration.mesh import Mesh, deny_prefix_intention, get, running, wait_status
 from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import MESHLET, _free_port
-from tests.integration.test_sidecar_mesh import Mesh, _json, get, wait_status
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
@@ -63,12 +63,8 @@ def _path(i: int) -> str:
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    m = profiled_mesh(tmp_path)
-    try:
-        m.start()
+    with running(profiled_mesh(tmp_path)) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def _query(prom: str, q: str) -> list[dict[str, Any]]:
@@ -88,24 +84,7 @@ def _value(prom: str, q: str) -> float:
 
 
 def test_prometheus_answers_the_mesh_queries_from_known_traffic(mesh: Mesh, tmp_path: Path) -> None:
-    intention = {
-        "Kind": "service-intentions",
-        "Name": "api",
-        "Sources": [
-            {
-                "Name": "web",
-                "Permissions": [
-                    {"Action": "deny", "HTTP": {"PathPrefix": "/deny"}},
-                    {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
-                ],
-            }
-        ],
-    }
-    assert _json("PUT", f"http://{mesh.consul}/v1/config", intention) is True
-    index = int(
-        _json("GET", f"http://{mesh.consul}/v1/config/service-intentions/api")["ModifyIndex"]
-    )
-    mesh.wait_intentions(index)
+    mesh.apply_intentions(deny_prefix_intention("/deny"))
     assert get(mesh.web_upstream, "/deny")[0] == 403
     assert get(mesh.web_upstream, "/ok")[0] == 200
 

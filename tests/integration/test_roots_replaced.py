@@ -26,15 +26,16 @@ import pytest
 
 from agent.status_cli import render
 from connect.dial_failures import KINDS
-from tests.integration.test_agent_process import wait_catalog
-from tests.integration.test_sidecar_mesh import (
+from tests.integration.mesh import (
     DEADLINE,
     Mesh,
-    _tcp_exchange,
     put_intentions,
+    running,
     status,
+    tcp_exchange,
     wait_status,
 )
+from tests.integration.test_agent_process import wait_catalog
 
 CHANGE_DELAY = "10"
 NEW_CLUSTER = "5f1d2c3b-0000-4000-8000-00000000cafe"
@@ -43,12 +44,8 @@ NEW_TD = f"{NEW_CLUSTER}.consul"
 
 @pytest.fixture
 def slow_resign_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path, "tcp", dev_args=("--ca-change-delay", CHANGE_DELAY))
-    try:
-        mesh.start()
+    with running(Mesh(tmp_path, "tcp", dev_args=("--ca-change-delay", CHANGE_DELAY))) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _ready(admin: str) -> tuple[int, Any]:
@@ -80,7 +77,7 @@ def test_replaced_roots_make_the_sidecar_unready_until_a_chaining_leaf_arrives(
 ) -> None:
     mesh = slow_resign_mesh
     mesh.wait_intentions(put_intentions(mesh.consul, "api", "allow"))
-    assert b'"app": "api"' in _tcp_exchange(mesh.web_upstream)
+    assert b'"app": "api"' in tcp_exchange(mesh.web_upstream)
     old_uri = status(mesh.web_admin)["proxy"]["leaf"]["uri"]
     assert not old_uri.startswith(f"spiffe://{NEW_TD}/")
 
@@ -104,7 +101,7 @@ def test_replaced_roots_make_the_sidecar_unready_until_a_chaining_leaf_arrives(
     while not _refusals(st := status(mesh.web_admin), "api"):
         assert st["proxy"]["upstreams"]["api"]["endpoints"] == 1, "api left before a dial"
         assert time.monotonic() < deadline, f"no refused dial counted: {json.dumps(st)[:2000]}"
-        _tcp_exchange(mesh.web_upstream)
+        tcp_exchange(mesh.web_upstream)
     assert set(_refusals(st, "api")) <= set(KINDS)
 
     # Not ready, saying why, on every channel: /v1/status, /ready, and web's Consul check.
@@ -137,7 +134,7 @@ def test_replaced_roots_make_the_sidecar_unready_until_a_chaining_leaf_arrives(
         lambda s: s["proxy"]["upstreams"]["api"]["endpoints"] == 1,
         "api passing again",
     )
-    reply = _tcp_exchange(mesh.web_upstream)
+    reply = tcp_exchange(mesh.web_upstream)
     assert b'"app": "api"' in reply, reply
     web_log = "".join(mesh.sidecars["web"].lines)
     assert web_log.index("after the roots changed") < web_log.index("no longer chained")

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_process import ENV, MESHLET
+from tests.integration.mesh import put_intentions, routes_apply, wait_status
 from tests.integration.test_routing_mesh import EXAMPLES, CanaryMesh, canary_mesh
-from tests.integration.test_sidecar_mesh import put_intentions, wait_status
 
 __all__ = ["canary_mesh"]  # the fixture, used by name
 
@@ -39,22 +37,6 @@ V1 = "v1.api.default.default.dc1"
 V2 = "v2.api.default.default.dc1"
 
 
-def _apply(consul: str, *files: Path) -> str:
-    args = [MESHLET, "routes", "apply", "--callers", "web"]
-    for f in files:
-        args += ["-f", str(f)]
-    done = subprocess.run(
-        args,
-        capture_output=True,
-        text=True,
-        env={**ENV, "CONSUL_HTTP_ADDR": consul},
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stderr
-
-
 def _get(port: int, headers: dict[str, str], path: str = "/orders") -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -74,7 +56,7 @@ def test_fault_abort_and_mirror_through_real_sidecars(
     put_intentions(mesh.consul, "api", "allow")
     vs = tmp_path / "vs.yaml"
     vs.write_text(VIRTUAL_SERVICE)
-    warned = _apply(mesh.consul, vs, EXAMPLES / "api-destinationrule.yaml")
+    warned = routes_apply(mesh.consul, vs, EXAMPLES / "api-destinationrule.yaml")
     assert "ignore" in warned  # other Consul proxies ignore the meshlet.io keys
 
     def routed(st: Any) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -19,15 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_process import ENV, MESHLET, _free_port
-from tests.integration.test_sidecar_mesh import (
+from tests.integration.mesh import (
     Mesh,
-    _json,
-    _tcp_exchange,
     put_intentions,
+    routes_apply,
+    running,
     start_app,
+    tcp_exchange,
     wait_status,
-    write_sidecar_config,
 )
 
 EXAMPLES = Path(__file__).parent.parent / "traffic" / "istio-examples"
@@ -36,73 +34,26 @@ EXAMPLES = Path(__file__).parent.parent / "traffic" / "istio-examples"
 class CanaryMesh(Mesh):
     """api v1 and api v2 (service ids api-v1, api-v2, Meta version), web calling api."""
 
-    def start(self, web_args: tuple[str, ...] = ()) -> None:
-        _json(
-            "PUT",
-            f"http://{self.consul}/v1/config",
-            {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
-        )
+    def start(
+        self, web_args: tuple[str, ...] = (), web_sidecar: str = "", api_sidecar: str = ""
+    ) -> None:
         self.v2_app = start_app("api-v2")
-        self.apps.append(self.v2_app)
-        self.sidecars = {}
-        self.drains = {}
-        for version, app in (("v1", self.api_app), ("v2", self.v2_app)):
-            cfg = self.tmp / f"api-{version}.yaml"
-            write_sidecar_config(
-                cfg,
-                consul=self.consul,
-                service="api",
-                service_id=f"api-{version}",
-                app_port=app.server_address[1],
-                sidecar_port=_free_port(),
-                admin=f"127.0.0.1:{_free_port()}",
-                protocol="http",
-            )
-            text = cfg.read_text().replace(
-                "  address: 127.0.0.1\n",
-                f"  address: 127.0.0.1\n  meta: {{version: {version}}}\n",
-                1,
-            )
-            cfg.write_text(text)
-            self._start_sidecar(f"api-{version}", ["sidecar", "-c", str(cfg)])
-        web_cfg = self.tmp / "web.yaml"
-        write_sidecar_config(
-            web_cfg,
-            consul=self.consul,
-            service="web",
-            app_port=self.web_app.server_address[1],
-            sidecar_port=self.web_public,
-            admin=self.web_admin,
-            protocol="http",
+        self.start_instances(
+            {"v1": self.api_app, "v2": self.v2_app},
             # No protocol: the upstream takes its chain's (api's service-defaults say http).
-            upstreams=(("api", self.web_upstream, '""'),),
+            upstream_protocol='""',
+            meta={"v1": {"version": "v1"}, "v2": {"version": "v2"}},
         )
-        self._start_sidecar("web", ["sidecar", "-c", str(web_cfg)])
 
 
 @pytest.fixture
 def canary_mesh(tmp_path: Path) -> Iterator[CanaryMesh]:
-    mesh = CanaryMesh(tmp_path, "http")
-    try:
-        mesh.start()
+    with running(CanaryMesh(tmp_path, "http")) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _routes_apply(consul: str, *files: str) -> None:
-    args = [MESHLET, "routes", "apply", "--callers", "web"]
-    for f in files:
-        args += ["-f", str(EXAMPLES / f)]
-    done = subprocess.run(
-        args,
-        capture_output=True,
-        text=True,
-        env={**ENV, "CONSUL_HTTP_ADDR": consul},
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    routes_apply(consul, *(EXAMPLES / f for f in files))
 
 
 def _apps(port: int, n: int, headers: dict[str, str]) -> Counter[str]:
@@ -174,12 +125,8 @@ def test_canary_header_and_90_10_split_through_real_sidecars(canary_mesh: Canary
 
 @pytest.fixture
 def tcp_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path, "tcp")
-    try:
-        mesh.start()
+    with running(Mesh(tmp_path, "tcp")) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _resolver(filter_: str) -> dict[str, Any]:
@@ -195,11 +142,7 @@ def _resolver(filter_: str) -> dict[str, Any]:
 def test_a_tcp_upstream_follows_its_chains_target_and_failover(tcp_mesh: Mesh) -> None:
     mesh = tcp_mesh
     put_intentions(mesh.consul, "api", "allow")
-    _json(
-        "PUT",
-        f"http://{mesh.consul}/v1/config",
-        _resolver('Service.Service == "api-sidecar-proxy"'),
-    )
+    mesh.write_entry(_resolver('Service.Service == "api-sidecar-proxy"'))
     st = wait_status(
         mesh.web_admin,
         lambda s: (
@@ -209,13 +152,13 @@ def test_a_tcp_upstream_follows_its_chains_target_and_failover(tcp_mesh: Mesh) -
         "web's tcp upstream routed by the resolver",
     )
     assert st["proxy"]["upstreams"]["api"]["protocol"] == "tcp"
-    reply = _tcp_exchange(mesh.web_upstream)
+    reply = tcp_exchange(mesh.web_upstream)
     assert b'"app": "api"' in reply
     # A subset that selects no instance, and a failover service without any: nothing to
     # relay to, so the connection is closed (the chain decides, not the upstream's own watch).
-    _json("PUT", f"http://{mesh.consul}/v1/config", _resolver('Service.Service == "nope"'))
+    mesh.write_entry(_resolver('Service.Service == "nope"'))
 
     def closed(_: Any) -> bool:
-        return _tcp_exchange(mesh.web_upstream) == b""
+        return tcp_exchange(mesh.web_upstream) == b""
 
     wait_status(mesh.web_admin, closed, "the empty subset applied")

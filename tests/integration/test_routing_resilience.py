@@ -33,18 +33,19 @@ from typing import Any
 import pytest
 
 from agent.status_cli import render
-from tests.integration.test_agent_process import ENV, MESHLET, _free_port
-from tests.integration.test_sidecar_mesh import (
+from tests.integration.mesh import (
+    DEADLINE,
     Mesh,
-    _json,
+    metrics,
     put_intentions,
+    running,
+    serve,
     wait_status,
-    write_sidecar_config,
 )
+from tests.integration.test_agent_process import ENV, MESHLET
 
 EXAMPLES = Path(__file__).parent.parent / "traffic" / "istio-examples"
 NAMES = ("a", "b", "c")
-DEADLINE = 60.0
 
 
 class _Behaving(BaseHTTPRequestHandler):
@@ -84,50 +85,17 @@ class _Behaving(BaseHTTPRequestHandler):
 
 
 def _behaving(name: str) -> ThreadingHTTPServer:
-    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Behaving)
+    server: Any = serve(_Behaving)
     server.name, server.mode, server.hits, server.lock = name, "ok", 0, threading.Lock()
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
 class ThreeApis(Mesh):
-    def start(self, web_args: tuple[str, ...] = ()) -> None:
-        _json(
-            "PUT",
-            f"http://{self.consul}/v1/config",
-            {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
-        )
-        self.sidecars, self.drains = {}, {}
-        self.instances: dict[str, Any] = {}
-        for name in NAMES:
-            app = _behaving(name)
-            self.apps.append(app)
-            self.instances[name] = app
-            cfg = self.tmp / f"api-{name}.yaml"
-            write_sidecar_config(
-                cfg,
-                consul=self.consul,
-                service="api",
-                service_id=f"api-{name}",
-                app_port=app.server_address[1],
-                sidecar_port=_free_port(),
-                admin=f"127.0.0.1:{_free_port()}",
-                protocol="http",
-            )
-            self._start_sidecar(f"api-{name}", ["sidecar", "-c", str(cfg)])
-        web_cfg = self.tmp / "web.yaml"
-        write_sidecar_config(
-            web_cfg,
-            consul=self.consul,
-            service="web",
-            app_port=self.web_app.server_address[1],
-            sidecar_port=self.web_public,
-            admin=self.web_admin,
-            protocol="http",
-            upstreams=(("api", self.web_upstream, "http"),),
-        )
-        self._start_sidecar("web", ["sidecar", "-c", str(web_cfg)])
+    def start(
+        self, web_args: tuple[str, ...] = (), web_sidecar: str = "", api_sidecar: str = ""
+    ) -> None:
+        self.instances: dict[str, Any] = {name: _behaving(name) for name in NAMES}
+        self.start_instances(self.instances, upstream_protocol="http")
         put_intentions(self.consul, "api", "allow")
 
     def mode(self, name: str, mode: str) -> None:
@@ -139,12 +107,7 @@ class ThreeApis(Mesh):
         return {n: a.hits for n, a in self.instances.items()}
 
     def write(self, *entries: dict[str, Any]) -> int:
-        index = 0
-        for entry in entries:
-            assert _json("PUT", f"http://{self.consul}/v1/config", entry) is True
-            got = _json("GET", f"http://{self.consul}/v1/config/{entry['Kind']}/{entry['Name']}")
-            index = max(index, int(got["ModifyIndex"]))
-        return index
+        return max(self.write_entry(entry) for entry in entries)
 
     def wait_routed(self, index: int, targets: int = 1) -> Any:
         def done(st: Any) -> bool:
@@ -182,12 +145,8 @@ class ThreeApis(Mesh):
 
 @pytest.fixture
 def apis(tmp_path: Path) -> Iterator[ThreeApis]:
-    mesh = ThreeApis(tmp_path, "http")
-    try:
-        mesh.start()
+    with running(ThreeApis(tmp_path, "http")) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _payment_variant() -> list[dict[str, Any]]:
@@ -261,13 +220,10 @@ def test_circuit_breaker_opens_on_overflow(apis: ThreeApis) -> None:
     st = wait_status(apis.web_admin, lambda s: True, "status")
     assert st["proxy"]["routing"]["rejected_total"] == 0
     # Counted under the upstream's name, though the chain's cluster refused them.
-    conn = http.client.HTTPConnection(*apis.web_admin.split(":"), timeout=30)
-    conn.request("GET", "/metrics")
-    metrics = conn.getresponse().read().decode()
-    conn.close()
+    text = metrics(apis.web_admin)
     line = 'meshlet_circuit_breaker_overflows_total{limit="max_concurrent_requests",upstream="api"}'
-    assert f"{line} {float(len(refused))}" in metrics, [
-        m for m in metrics.splitlines() if "overflows" in m
+    assert f"{line} {float(len(refused))}" in text, [
+        m for m in text.splitlines() if "overflows" in m
     ]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_sidecar_mesh import Mesh, _json, status
+from tests.integration.mesh import Mesh, deny_prefix_intention, http_json, running, status
 
 UPGRADE = (
     b"GET /public/ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -34,28 +34,9 @@ SMUGGLED = (
 
 @pytest.fixture
 def l7_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path, "http")
-    try:
-        mesh.start()
-        entry = {
-            "Kind": "service-intentions",
-            "Name": "api",
-            "Sources": [
-                {
-                    "Name": "web",
-                    "Permissions": [
-                        {"Action": "deny", "HTTP": {"PathPrefix": "/private"}},
-                        {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
-                    ],
-                }
-            ],
-        }
-        assert _json("PUT", f"http://{mesh.consul}/v1/config", entry) is True
-        got = _json("GET", f"http://{mesh.consul}/v1/config/service-intentions/api")
-        mesh.wait_intentions(int(got["ModifyIndex"]))
+    with running(Mesh(tmp_path, "http")) as mesh:
+        mesh.apply_intentions(deny_prefix_intention("/private"))
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def responses(raw: bytes) -> list[tuple[int, bytes]]:
@@ -82,8 +63,8 @@ def exchange(sock: socket.socket, data: bytes) -> bytes:
 def web_leaf_context(mesh: Mesh, tmp: Path) -> ssl.SSLContext:
     """A client context with a leaf for web from the Consul API: any mesh service's leaf
     can reach api's public port without a sidecar."""
-    leaf = _json("GET", f"http://{mesh.consul}/v1/agent/connect/ca/leaf/web")
-    roots = _json("GET", f"http://{mesh.consul}/v1/agent/connect/ca/roots")
+    leaf = http_json("GET", f"http://{mesh.consul}/v1/agent/connect/ca/leaf/web")
+    roots = http_json("GET", f"http://{mesh.consul}/v1/agent/connect/ca/roots")
     (tmp / "web.crt").write_text(leaf["CertPEM"])
     (tmp / "web.key").write_text(leaf["PrivateKeyPEM"])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

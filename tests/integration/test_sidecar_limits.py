@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.profiled_mesh import profiled_mesh
-from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev
-from tests.integration.test_sidecar_mesh import (
-    _drain,
+from tests.integration.mesh import (
+    drain_log,
     start_app,
     status,
     wait_status,
     write_sidecar_config,
 )
+from tests.integration.profiled_mesh import profiled_mesh
+from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev
 
 N = 600
 """Connections per round."""
@@ -67,13 +67,12 @@ class Site:
             sidecar_port=self.public,
             admin=self.admin,
             protocol="tcp",
+            sidecar_extra=f"  max_connections: 1000\n  max_pending_handshakes: {PENDING_CAP}\n",
         )
-        limits = f"  max_connections: 1000\n  max_pending_handshakes: {PENDING_CAP}\n"
-        cfg.write_text(cfg.read_text().replace("sidecar:\n", "sidecar:\n" + limits, 1))
         self.sidecar = Proc(["sidecar", "-c", str(cfg)], env=ENV)
         self.procs.append(self.sidecar)
         self.sidecar.wait_for_line("ready:")
-        _drain(self.sidecar)
+        drain_log(self.sidecar)
         wait_status(self.admin, lambda s: s["sidecar"]["ready"], "the sidecar ready")
         self.inbound = f"inbound :{self.public}"
 

@@ -10,52 +10,28 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration import test_sidecar_mesh
-from tests.integration.test_sidecar_mesh import Mesh, _json
-
-
-def _with_api_normalization(original: Any) -> Any:
-    def write(path: Path, **kwargs: Any) -> None:
-        original(path, **kwargs)
-        if kwargs["service"] == "api":
-            text = path.read_text()
-            marker = "  protocol: http\n"
-            assert marker in text
-            path.write_text(text.replace(marker, marker + "  path_normalization: merge_slashes\n"))
-
-    return write
+from tests.integration.mesh import Mesh, running
 
 
 @pytest.fixture
-def mesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mesh]:
-    monkeypatch.setattr(
-        test_sidecar_mesh,
-        "write_sidecar_config",
-        _with_api_normalization(test_sidecar_mesh.write_sidecar_config),
-    )
-    m = Mesh(tmp_path, "http")
-    try:
-        m.start()
-        entry = {
-            "Kind": "service-intentions",
-            "Name": "api",
-            "Sources": [
-                {
-                    "Name": "web",
-                    "Permissions": [{"Action": "deny", "HTTP": {"PathPrefix": "/admin"}}],
-                }
-            ],
-        }
-        assert _json("PUT", f"http://{m.consul}/v1/config", entry) is True
-        got = _json("GET", f"http://{m.consul}/v1/config/service-intentions/api")
-        m.wait_intentions(int(got["ModifyIndex"]))
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    with running(Mesh(tmp_path, "http"), api_sidecar="  path_normalization: merge_slashes\n") as m:
+        m.apply_intentions(
+            {
+                "Kind": "service-intentions",
+                "Name": "api",
+                "Sources": [
+                    {
+                        "Name": "web",
+                        "Permissions": [{"Action": "deny", "HTTP": {"PathPrefix": "/admin"}}],
+                    }
+                ],
+            }
+        )
         yield m
-    finally:
-        m.stop()
 
 
 def send(port: int, head: bytes) -> tuple[int, bytes]:

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_sidecar_mesh import (
+from tests.integration.mesh import (
     Mesh,
-    _json,
     get,
+    http_json,
+    running,
     status,
     wait_line,
     wait_status,
@@ -29,17 +30,13 @@ from tests.integration.test_sidecar_mesh import (
 @pytest.fixture(params=["http", "tcp"])
 def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """api speaks `http` (authorized per request) or `tcp` (per connection)."""
-    mesh = Mesh(tmp_path, request.param)
-    try:
-        mesh.start()
+    with running(Mesh(tmp_path, request.param)) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def put(mesh: Mesh, entry: dict[str, Any]) -> int:
-    assert _json("PUT", f"http://{mesh.consul}/v1/config", entry) is True
-    got = _json(
+    assert http_json("PUT", f"http://{mesh.consul}/v1/config", entry) is True
+    got = http_json(
         "GET", f"http://{mesh.consul}/v1/config/{entry['Kind']}/{entry.get('Name', 'mesh')}"
     )
     return int(got["ModifyIndex"])

@@ -11,9 +11,9 @@ upstream apps in their own processes (so SIGKILL really drops their sockets).
   requests to api-2. `CrashingApp` makes the hardest case deterministic: a GET in flight at
   the app when it dies, with other pooled connections to the dead app still open.
 
-The mesh is test_sidecar_mesh's `Mesh` with api's app replaced by `AppProcess`. Waits are on
-log lines, the sidecars' /v1/status, Consul state and counts of answered requests; never on
-sleeps. No timing is asserted (shared, noisy machine); memory is.
+The mesh is tests/integration/mesh.py's `Mesh` with api's app in its own process
+(`TrafficApp`). Waits are on log lines, the sidecars' /v1/status, Consul state and counts of
+answered requests; never on sleeps. No timing is asserted (shared, noisy machine); memory is.
 """
 
 from __future__ import annotations
@@ -22,12 +22,8 @@ import asyncio
 import hashlib
 import http.client
 import json
-import os
 import random
 import re
-import socket
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections import Counter
@@ -40,16 +36,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.integration.test_agent_process import Proc, _free_port, wait_catalog
-from tests.integration.test_sidecar_mesh import (
+from tests.integration.app_process import AppProcess, serve_web_app
+from tests.integration.mesh import (
+    AppServer,
     Mesh,
-    _drain,
     get,
     put_intentions,
+    running,
     status,
     wait_status,
-    write_sidecar_config,
 )
+from tests.integration.test_agent_process import wait_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -142,46 +139,15 @@ def _app(name: str) -> web.Application:
 
 
 def serve_app(name: str) -> None:
-    """The app process's entry point: serve on a free 127.0.0.1 port, print it, run forever."""
-
-    async def main() -> None:
-        runner = web.AppRunner(_app(name), access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        print(f"app {name} listening on 127.0.0.1:{sock.getsockname()[1]}", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    """The app process's entry point."""
+    serve_web_app(_app(name), name)
 
 
-class AppProcess:
-    """An app in its own process; quacks like Mesh's in-process apps (server_address,
-    shutdown, server_close), and can be SIGKILLed."""
+class TrafficApp(AppProcess):
+    """`_app` in its own process; can be SIGKILLed."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        code = f"from tests.integration.test_sidecar_traffic import serve_app; serve_app({name!r})"
-        self.p = subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert self.p.stdout is not None
-        self.lines: list[str] = []
-        while "listening on" not in (line := self.p.stdout.readline()):
-            if not line:
-                self.p.wait(30)
-                raise AssertionError(f"app {name} exited:\n{''.join(self.lines)}")
-            self.lines.append(line)
-        self.server_address = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
-        out = self.p.stdout
-        self.drain = threading.Thread(target=lambda: self.lines.extend(out), daemon=True)
-        self.drain.start()
+        super().__init__(name, "tests.integration.test_sidecar_traffic:serve_app")
 
     def stats(self) -> dict[str, int]:
         """Asked directly, not through the mesh."""
@@ -190,66 +156,26 @@ class AppProcess:
             got: dict[str, int] = json.loads(resp.read())
         return got
 
-    def kill(self) -> None:
-        self.p.kill()
-        self.p.wait(30)
-
-    def shutdown(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-
-    def server_close(self) -> None:
-        self.p.wait(30)
-        self.drain.join(30)  # up to the output's EOF
-        assert self.p.stdout is not None
-        self.p.stdout.close()
-
 
 # ---- the mesh --------------------------------------------------------------------------
 
 
 class TrafficMesh(Mesh):
-    """`Mesh` with api's app named api-1 (by default an `AppProcess`), and more api instances
+    """`Mesh` with api's app named api-1 (by default a `TrafficApp`), and more api instances
     on demand (same service name, their own service ID, app, sidecar and admin port)."""
 
-    def __init__(self, tmp: Path, protocol: str, api_app: Callable[[str], Any] = AppProcess):
-        super().__init__(tmp, protocol)
-        try:
-            default = self.api_app
-            self.apps.remove(default)
-            default.shutdown()
-            default.server_close()
-            self.api_app = api_app("api-1")
-            self.apps.append(self.api_app)
-        except BaseException:
-            self.stop()
-            raise
+    def __init__(
+        self, tmp: Path, protocol: str, api_app: Callable[[str], AppServer] = TrafficApp
+    ) -> None:
+        super().__init__(tmp, protocol, api_app=lambda _: api_app("api-1"))
         self.admins = {"api": self.api_admin}
-        self.app_procs = {"api": self.api_app}
+        self.app_procs: dict[str, Any] = {"api": self.api_app}
 
     def add_api_instance(self, service_id: str) -> None:
-        app = AppProcess(service_id)
-        self.apps.append(app)  # type: ignore[arg-type]
-        admin, public = f"127.0.0.1:{_free_port()}", _free_port()
-        cfg = self.tmp / f"{service_id}.yaml"
-        write_sidecar_config(
-            cfg,
-            consul=self.consul,
-            service="api",
-            service_id=service_id,
-            app_port=app.server_address[1],
-            sidecar_port=public,
-            admin=admin,
-            protocol=self.protocol,
-            certs=self.certs,
-        )
-        proc = Proc(["sidecar", "-c", str(cfg)], env=self.env)
-        self.procs.append(proc)
-        self.sidecars[service_id] = proc
-        self.admins[service_id] = admin
+        app = TrafficApp(service_id)
+        self.apps.append(app)
+        self.admins[service_id] = self.start_api_instance(service_id, app, self.protocol)
         self.app_procs[service_id] = app
-        proc.wait_for_line("ready:")
-        self.drains[service_id] = _drain(proc)
         count = len(self.admins)
         wait_catalog(
             self.consul,
@@ -266,17 +192,13 @@ class TrafficMesh(Mesh):
 
 
 def _mesh(
-    tmp: Path, protocol: str, api_instances: int = 1, api_app: Callable[[str], Any] = AppProcess
+    tmp: Path, protocol: str, api_instances: int = 1, api_app: Callable[[str], Any] = TrafficApp
 ) -> Iterator[TrafficMesh]:
-    mesh = TrafficMesh(tmp, protocol, api_app)
-    try:
-        mesh.start()
+    with running(TrafficMesh(tmp, protocol, api_app)) as mesh:
         for n in range(2, api_instances + 1):
             mesh.add_api_instance(f"api-{n}")
         mesh.wait_intentions(put_intentions(mesh.consul, "api", "allow"))
         yield mesh
-    finally:
-        mesh.stop()
 
 
 @pytest.fixture(params=["http", "tcp"])

@@ -11,19 +11,27 @@ import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.status_cli import render
+from tests.integration.mesh import (
+    DEADLINE,
+    Mesh,
+    http_json,
+    running,
+    serve,
+    status,
+    wait_line,
+    write_entry,
+)
 from tests.integration.otlp_receiver import OTLPReceiver, Span
-from tests.integration.test_sidecar_mesh import DEADLINE, Mesh, _json, status, wait_line
+from tests.integration.profiled_mesh import ProfiledApp
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 APP_SPAN = "00f067aa0ba902b7"
@@ -31,8 +39,9 @@ RECEIVED: dict[str, dict[str, str]] = {}
 """x-request-id -> the headers the api app received (lower-case names)."""
 
 
-class RecordingApp(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class RecordingApp(ProfiledApp):
+    """ProfiledApp that keeps the headers of each request in RECEIVED."""
+
     # Head and body are two writes: without this, Nagle and the peer's delayed ACK hold
     # each response ~40 ms, and 2,000 requests take minutes.
     disable_nagle_algorithm = True
@@ -40,15 +49,7 @@ class RecordingApp(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
         RECEIVED[headers.get("x-request-id", "")] = headers
-        code = 500 if self.path.startswith("/fail") else 200
-        body = b"ok" if code == 200 else b"failed"
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        super().do_GET()
 
 
 @pytest.fixture
@@ -62,21 +63,9 @@ def receiver() -> Iterator[OTLPReceiver]:
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    m = Mesh(tmp_path, "http")
-    default = m.api_app
-    default.shutdown()
-    default.server_close()
-    app = ThreadingHTTPServer(("127.0.0.1", 0), RecordingApp)
-    app.daemon_threads = True
-    threading.Thread(target=app.serve_forever, daemon=True).start()
-    m.api_app = app
-    m.apps = [app, m.web_app]
     RECEIVED.clear()
-    try:
-        m.start()
+    with running(Mesh(tmp_path, "http", api_app=lambda _: serve(RecordingApp))) as m:
         yield m
-    finally:
-        m.stop()
 
 
 class Client:
@@ -102,7 +91,7 @@ def _put_tracing(consul: str, tracing: dict[str, Any]) -> None:
         "Config": {"tracing": tracing},
         "AccessLogs": {"Enabled": True, "Type": "stdout"},
     }
-    assert _json("PUT", f"http://{consul}/v1/config", entry) is True
+    write_entry(consul, entry)
 
 
 def _by_request(spans: list[Span], request_id: str) -> list[Span]:
@@ -316,11 +305,8 @@ def override_mesh(tmp_path: Path) -> Iterator[Mesh]:
     Proxy.Config.tracing, and read back from Consul by the sidecars."""
     m = Mesh(tmp_path, "http")
     m.certs = "telemetry: {tracing: {sampling_percent: 100, propagation: [w3c]}}\n"
-    try:
-        m.start()
+    with running(m):
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.mark.timeout(120)
@@ -329,7 +315,7 @@ def test_a_service_s_own_tracing_overrides_proxy_defaults(
 ) -> None:
     mesh = override_mesh
     web = mesh.sidecars["web"]
-    registered = _json("GET", f"http://{mesh.consul}/v1/catalog/service/web-sidecar-proxy")
+    registered = http_json("GET", f"http://{mesh.consul}/v1/catalog/service/web-sidecar-proxy")
     assert registered[0]["ServiceProxy"]["Config"]["tracing"] == {
         "sampling_percent": 100.0,
         "propagation": ["w3c"],
