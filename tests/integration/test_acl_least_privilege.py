@@ -52,6 +52,11 @@ SIDECAR_API = {
         "lacks permission 'service:write' on \"api-sidecar-proxy\""
     ),
     f'agent "{NODE}" {{ policy = "read" }}': f"lacks permission 'agent:read' on \"{NODE}\"",
+    # Its own registration (Proxy.Config.tracing) is read from the catalog, which Consul
+    # filters by node:read on the node it is registered on.
+    f'node "{NODE}" {{ policy = "read" }}': (
+        "ACLs hid part of the answer to GET /v1/catalog/service/api-sidecar-proxy"
+    ),
 }
 AGENT = {
     'service "billing" { policy = "write" }': "lacks permission 'service:write' on \"billing\"",
