@@ -447,5 +447,8 @@ def test_control_plane_killed_routing_holds_on_the_last_snapshot(mesh: FaultMesh
     run = under_load(mesh, "control plane killed with routing in force", kill_consul)
     assert seen["failed"] == 0, run.report()
     assert seen["retries"] > 0, run.report()
+    # Labelled by upstream, not by the chain's target cluster.
+    labels = {x.split("{", 1)[1].split("}", 1)[0] for x in _metric_lines(mesh, "meshlet_retries")}
+    assert labels == {'upstream="api"'}, labels
     assert_split(seen["split"])
     clean(run)
