@@ -61,6 +61,17 @@ from connect.routes import (
     RouteTable,
     WeightedCluster,
 )
+from traffic.route_meta import (
+    FAULT_ABORT_PERCENT,
+    FAULT_ABORT_STATUS,
+    FAULT_DELAY,
+    FAULT_DELAY_PERCENT,
+    META_ROUTE,
+    MIRROR,
+    MIRROR_PERCENT,
+    PER_TRY_TIMEOUT,
+    ROUTE_FEATURES,
+)
 
 if TYPE_CHECKING:
     # The compiler's inputs: a data-plane process only receives its outputs (the types
@@ -81,26 +92,6 @@ __all__ = [
     "route_extensions",
 ]
 
-META_ROUTE = "meshlet.io/route."
-# The per-route features `meshlet routes translate` writes (traffic.from_istio).
-PER_TRY_TIMEOUT = "per-try-timeout"
-FAULT_DELAY = "fault.delay"
-FAULT_DELAY_PERCENT = "fault.delay-percent"
-FAULT_ABORT_STATUS = "fault.abort-status"
-FAULT_ABORT_PERCENT = "fault.abort-percent"
-MIRROR = "mirror"
-MIRROR_PERCENT = "mirror-percent"
-ROUTE_FEATURES = frozenset(
-    {
-        PER_TRY_TIMEOUT,
-        FAULT_DELAY,
-        FAULT_DELAY_PERCENT,
-        FAULT_ABORT_STATUS,
-        FAULT_ABORT_PERCENT,
-        MIRROR,
-        MIRROR_PERCENT,
-    }
-)
 _MIRROR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9-]*)?")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 

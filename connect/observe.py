@@ -412,7 +412,9 @@ class HTTPSide:
             why = "intention" if getattr(ex.verdict, "intention", None) else "default"
             self.metrics.denials[why] = self.metrics.denials.get(why, 0) + 1
         if ex.tries > 1:
-            name = ex.cluster or self.side.remote_service
+            # By upstream, as documented: a routed upstream's tries go to its chain's target
+            # clusters, whose ids name no upstream.
+            name = self.side.remote_service or ex.cluster
             self.metrics.retries[name] = self.metrics.retries.get(name, 0) + ex.tries - 1
         span = ex.span
         if span is not None:

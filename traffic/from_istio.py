@@ -25,6 +25,17 @@ from typing import Any
 
 import yaml
 
+from traffic.route_meta import (
+    FAULT_ABORT_PERCENT,
+    FAULT_ABORT_STATUS,
+    FAULT_DELAY,
+    FAULT_DELAY_PERCENT,
+    META_PREFIX,
+    MIRROR,
+    MIRROR_PERCENT,
+    PER_TRY_TIMEOUT,
+)
+
 ROUTER = "service-router"
 SPLITTER = "service-splitter"
 RESOLVER = "service-resolver"
@@ -34,15 +45,6 @@ PROXY_DEFAULTS = "proxy-defaults"
 # router that name them, protocols (service-defaults) before all of them.
 WRITE_ORDER = (PROXY_DEFAULTS, SERVICE_DEFAULTS, RESOLVER, SPLITTER, ROUTER)
 
-META_PREFIX = "meshlet.io/"
-# Per route of a service-router: `meshlet.io/route.<n>.<feature>`, n the index in Routes.
-PER_TRY_TIMEOUT = "per-try-timeout"
-FAULT_DELAY = "fault.delay"
-FAULT_DELAY_PERCENT = "fault.delay-percent"
-FAULT_ABORT_STATUS = "fault.abort-status"
-FAULT_ABORT_PERCENT = "fault.abort-percent"
-MIRROR = "mirror"
-MIRROR_PERCENT = "mirror-percent"
 # Consul's limit on Meta keys per entry, less the three `meshlet routes apply` adds.
 META_KEYS_FOR_ROUTES = 64 - 3
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from traffic.from_istio import (
-    META_PREFIX,
     PROXY_DEFAULTS,
     RESOLVER,
     ROUTER,
@@ -44,6 +43,7 @@ from traffic.from_istio import (
     override_item,
     parse_duration,
 )
+from traffic.route_meta import META_PREFIX
 
 MANAGED_KEY = "meshlet.io/managed"
 FIELDS_KEY = "meshlet.io/managed-fields"
