@@ -23,7 +23,10 @@ from pathlib import Path
 from setuptools import setup
 
 # The per-request path of both listeners, and what it calls per request. Everything else
-# (the agent, control-plane code, startup) gains nothing measurable from compiling.
+# (the agent, control-plane code, startup) gains nothing measurable from compiling. Not the
+# modules whose dataclasses travel in data-plane snapshots (connect/routes.py, cluster.py,
+# balancer.py): mypyc erases their field types (`tuple[Route, ...]` becomes `tuple`), which the
+# snapshot codec (connect/dataplane/codec.py) reads to decode them.
 HOT = [
     "connect/http1_headers.py",
     "connect/http1/wire.py",
@@ -31,9 +34,6 @@ HOT = [
     "connect/http1/upstream.py",
     "connect/http1/downstream.py",
     "connect/http1/origin.py",
-    "connect/routes.py",
-    "connect/cluster.py",
-    "connect/balancer.py",
     "connect/http_target.py",
     "connect/l4.py",
 ]
