@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import random
 import time
@@ -81,7 +80,7 @@ from connect.dataplane.snapshot import (
     UpstreamEndpoints,
 )
 from connect.dataplane.snapshot import Snapshot as DataPlaneSnapshot
-from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap
+from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap, settle_garbage_collector
 from connect.http1 import HTTPLimits
 from connect.latest import Latest
 from connect.leaf import LeafSource, Material
@@ -228,17 +227,6 @@ def live_changes(old: AgentConfig, new: AgentConfig) -> AgentConfig:
 def needs_restart(old: AgentConfig, new: AgentConfig) -> bool:
     """Whether `new` changes anything a running sidecar keeps until a restart."""
     return live_changes(old, new) != new
-
-
-def _settle_garbage_collector() -> None:
-    """Once serving: what start-up built (modules, config, first snapshots) leaves the cyclic
-    collector's generations, and young collections become rarer. Requests allocate many
-    short-lived containers that reference counting frees; without this, a full collection
-    walks every long-lived object and stalls the event loop (the proxy benchmark's
-    sidecars run with the same settings)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 class Sidecar:
@@ -623,7 +611,7 @@ class Sidecar:
                 if any(not up.protocol for up in self.config.sidecar.upstreams):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(chains.compiled.wait(), _FIRST_ENDPOINTS_WAIT)
-                _settle_garbage_collector()
+                settle_garbage_collector()
                 self.started.set()
                 return
 
@@ -661,7 +649,7 @@ class Sidecar:
             )
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
             tg.create_task(self.heap.run(), name="heap trimmer")
-            _settle_garbage_collector()
+            settle_garbage_collector()
             keep_read_buffers_on_heap()  # no mmap/munmap per TLS read (connect.heap_trim)
             self.started.set()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,13 @@ from typing import Protocol
 
 log = logging.getLogger("meshlet.proxy.heap")
 
-__all__ = ["Gauged", "HeapTrimmer", "keep_read_buffers_on_heap", "libc_malloc_trim"]
+__all__ = [
+    "Gauged",
+    "HeapTrimmer",
+    "keep_read_buffers_on_heap",
+    "libc_malloc_trim",
+    "settle_garbage_collector",
+]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -138,3 +145,14 @@ class HeapTrimmer:
         while True:
             await asyncio.sleep(self.interval)
             self.check()
+
+
+def settle_garbage_collector() -> None:
+    """Once serving: what start-up built (modules, config, first snapshots) leaves the cyclic
+    collector's generations, and young collections become rarer. Requests allocate many
+    short-lived containers that reference counting frees; without this, a full collection
+    walks every long-lived object and stalls the event loop (the proxy benchmark's
+    sidecars run with the same settings)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)

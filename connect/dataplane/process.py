@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from connect.dataplane.snapshot import (
     encode_message,
     endpoints_key,
 )
-from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap
+from connect.heap_trim import HeapTrimmer, keep_read_buffers_on_heap, settle_garbage_collector
 from connect.latest import Latest, backoff
 from connect.observe import Telemetry
 from connect.sidecar import Sidecar, UpstreamSpec
@@ -78,15 +77,6 @@ def status_path(control_socket: Path, index: int) -> Path:
 
 def _targets(value: Endpoints) -> tuple[Target, ...]:
     return value if value is not None else ()
-
-
-def _settle_garbage_collector() -> None:
-    """As the agent's in-process proxy does once serving (agent/sidecar.py explains why),
-    and TLS read buffers kept on the heap."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-    keep_read_buffers_on_heap()  # no mmap/munmap per TLS read (connect.heap_trim)
 
 
 class DataPlane:
@@ -250,7 +240,8 @@ class DataPlane:
             problems = self.problems()  # said again: an agent may have just attached
             self._send(ready=not problems, problems=problems)
             if first:
-                _settle_garbage_collector()
+                settle_garbage_collector()
+                keep_read_buffers_on_heap()  # no mmap/munmap per TLS read (connect.heap_trim)
                 log.info("serving snapshot %d", snap.version)
             self._write_status()
 
