@@ -12,9 +12,10 @@ workloads (full and resumed, meshlet and haproxy) so a slow spell of the shared 
 alike; the figure per workload is the median over rounds, with CPU per connection per side
 (schedstat of the client and of the server process over the run).
 
-`--profile DIR`: after the rounds, one more full-handshake run per pair with py-spy (native
-frames, if installed) recording the meshlet client and server and `perf record` the haproxy
-ones, summaries written to DIR. Prints a markdown table; nothing is asserted.
+`--profile DIR`: after the rounds, one more full-handshake run (`--profile-kind resumed`: a
+resuming one) per pair with py-spy (native frames, if installed) recording the meshlet client
+and server and `perf record` the haproxy ones, summaries written to DIR. Prints a markdown
+table; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -73,13 +74,25 @@ def _perf_summary(data: Path, top: int = 25) -> str:
 
 
 def profile(
-    out: Path, seconds: int, ports: dict[str, int], procs: dict[str, pb.Proc], meshlet_tool: str
+    out: Path,
+    seconds: int,
+    ports: dict[str, int],
+    procs: dict[str, pb.Proc],
+    meshlet_tool: str,
+    *,
+    kind: str = "full",
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    pairs = (
-        ("meshlet", meshlet_tool, ports["mln_out"], ("meshlet-noresume-out", "meshlet-in")),
-        ("haproxy", "perf", ports["htn_out"], ("haproxy-noreuse-out", "haproxy-in")),
-    )
+    if kind == "resumed":
+        pairs = (
+            ("meshlet", meshlet_tool, ports["ml_out"], ("meshlet-out", "meshlet-in")),
+            ("haproxy", "perf", ports["ht_out"], ("haproxy-out", "haproxy-in")),
+        )
+    else:
+        pairs = (
+            ("meshlet", meshlet_tool, ports["mln_out"], ("meshlet-noresume-out", "meshlet-in")),
+            ("haproxy", "perf", ports["htn_out"], ("haproxy-noreuse-out", "haproxy-in")),
+        )
     for pair, tool, port, names in pairs:
         recorders = []
         for side, name in zip(("out", "in"), names, strict=True):
@@ -109,6 +122,12 @@ def main() -> int:
         choices=("py-spy", "perf"),
         default="py-spy",
         help="perf shows kernel and OpenSSL frames as for haproxy; py-spy the Python ones",
+    )
+    ap.add_argument(
+        "--profile-kind",
+        choices=("full", "resumed"),
+        default="full",
+        help="which handshakes the --profile run records (resumed: both pairs' default clients)",
     )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument(
@@ -185,7 +204,14 @@ def main() -> int:
                     port, client, server = plan[w]
                     runs[w].append(_measure(port, args.seconds, procs[client], procs[server]))
             if args.profile is not None:
-                profile(args.profile, args.seconds, ports, procs, args.meshlet_profiler)
+                profile(
+                    args.profile,
+                    args.seconds,
+                    ports,
+                    procs,
+                    args.meshlet_profiler,
+                    kind=args.profile_kind,
+                )
         finally:
             for p in procs.values():
                 p.popen.terminate()

@@ -27,7 +27,7 @@ from connect.heap_trim import keep_read_buffers_on_heap
 from connect.latest import Latest
 from connect.resumption import ResumingClientContext
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
-from connect.ssl_native import send_loaded_chain_only
+from connect.ssl_native import no_ticket_on_resumption, send_loaded_chain_only
 from connect.tls import SESSION_TICKETS
 from intentions.engine import Identity, compile_snapshot
 from intentions.entries import load_entry
@@ -59,6 +59,7 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server.load_cert_chain(args.cert, args.key)
     server.set_alpn_protocols(["http/1.1"])
     server.num_tickets = SESSION_TICKETS  # as connect/tls.py's server contexts
+    no_ticket_on_resumption(server)  # and none on a resumed connection
     # As connect/tls.py builds it: a client context that can resume TLS sessions.
     client = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_3

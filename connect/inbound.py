@@ -92,8 +92,9 @@ class InboundGate:
 
     `server_ssl` is one context for the listener's life (connect.tls's listener context moves
     each handshake onto the current leaf). Its TLS 1.3 session tickets therefore outlive a
-    rotation, and OpenSSL does not verify a client again when it resumes (a ticket issued on a
-    resumed connection starts a new lifetime, so resumptions chain). Give `current_ssl` (e.g.
+    rotation, and OpenSSL does not verify a client again when it resumes (no ticket is issued on
+    a resumed connection, connect.tls, so resumptions do not chain past the lifetime of the
+    full handshake's ticket). Give `current_ssl` (e.g.
     `DynamicTLS.server`) and `_tls()` listeners use the current generation's context for each
     handshake instead: a new leaf or new roots then also means new ticket keys, so no session
     is resumed across a rotation. Independently, `admit` refuses a resumed session whose

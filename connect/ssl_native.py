@@ -11,6 +11,17 @@ expensive part of a handshake) and check, for nothing: the peer trusts the root 
 refuses us anyway. Consul's leaf endpoint gives the intermediates a peer may need with the leaf
 (connect.leaf.Leaf.chain_pem), and Envoy, fed the same leaf, sends exactly that chain.
 
+`no_ticket_on_resumption(ctx)`: a server context that resumes a TLS 1.3 (or 1.2) session
+issues no new ticket on that connection (SSL_CTX_set_session_ticket_cb, whose decrypt callback
+answers SSL_TICKET_RETURN_USE; OpenSSL otherwise sends one ticket after every resumption and
+offers no other way to turn that off). A ticket costs the server about a third of a resumed
+handshake: OpenSSL 3.0 encodes the session, decodes it again (the client's certificate through
+the slow decoders) and encodes it once more. A sidecar's dialer never keeps a resumed
+connection's ticket (connect.resumption), so that work bought nothing; and without renewal a
+session resumes only within the lifetime of its full handshake's ticket. A client that uses
+each ticket once (BoringSSL's TLS 1.3 default, so Envoy) resumes every other connection
+instead of every one.
+
 `has_ticket(ssl_object)`: whether a client connection's session has its ticket yet, from
 SSL_get_session, where ssl's `session` returns a copy made the same slow way (below).
 
@@ -39,7 +50,7 @@ import sys
 from functools import cache
 from typing import Any
 
-__all__ = ["has_ticket", "offer_session", "send_loaded_chain_only"]
+__all__ = ["has_ticket", "no_ticket_on_resumption", "offer_session", "send_loaded_chain_only"]
 
 _LAYOUTS_READ = ((3, 11), (3, 12), (3, 13))
 _P = ctypes.sizeof(ctypes.c_void_p)
@@ -76,6 +87,41 @@ class _Libssl:
         self.session_get_time = _fn(lib, "SSL_SESSION_get_time", c_long, vp)
         self.session_get_timeout = _fn(lib, "SSL_SESSION_get_timeout", c_long, vp)
         self.session_has_ticket = _fn(lib, "SSL_SESSION_has_ticket", c_int, vp)
+        self.ctx_set_session_ticket_cb = _fn(
+            lib, "SSL_CTX_set_session_ticket_cb", c_int, vp, vp, _DecryptTicket, vp
+        )
+
+
+# SSL_TICKET_STATUS (what OpenSSL found in a client's ticket) -> SSL_TICKET_RETURN (what to do).
+_TICKET_EMPTY, _TICKET_NO_DECRYPT, _TICKET_SUCCESS, _TICKET_SUCCESS_RENEW = 3, 4, 5, 6
+_RETURN_ABORT, _RETURN_IGNORE_RENEW, _RETURN_USE = 0, 2, 3
+_TICKET_DECISION = {
+    # A good ticket: resume, no new ticket. OpenSSL reports every good TLS 1.3 ticket as
+    # SUCCESS_RENEW (and a TLS 1.2 one under a ticket key callback's rotated key, which ssl
+    # never sets); its default then renews.
+    _TICKET_SUCCESS: _RETURN_USE,
+    _TICKET_SUCCESS_RENEW: _RETURN_USE,
+    # As by default: no resumption, so a full handshake that issues its tickets.
+    _TICKET_EMPTY: _RETURN_IGNORE_RENEW,
+    _TICKET_NO_DECRYPT: _RETURN_IGNORE_RENEW,
+}
+
+# SSL_CTX_decrypt_session_ticket_fn(SSL *, SSL_SESSION *, keyname, keyname_len, status, arg)
+_DecryptTicket = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+    ctypes.c_int, ctypes.c_void_p,
+)  # fmt: skip
+
+
+def _use_without_renewal(*args: int | None) -> int:
+    """(ssl, session, keyname, keyname_len, status, arg): the decision for `status`. Anything
+    not listed aborts the handshake (fail closed)."""
+    status = args[4]
+    return _TICKET_DECISION.get(status, _RETURN_ABORT) if status is not None else _RETURN_ABORT
+
+
+# One C callable for every context, alive as long as the process (contexts point to it).
+_USE_WITHOUT_RENEWAL = _DecryptTicket(_use_without_renewal)
 
 
 @cache
@@ -140,6 +186,16 @@ def send_loaded_chain_only(ctx: ssl.SSLContext) -> bool:
         return False
     mode = lib.ctx_ctrl(ptr, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
     return bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
+
+
+def no_ticket_on_resumption(ctx: ssl.SSLContext) -> bool:
+    """Make server context `ctx` issue no ticket on a resumed connection (full handshakes keep
+    their `num_tickets`). Returns whether it could (False: unchanged, OpenSSL's default)."""
+    lib = _libssl()
+    ptr = _ctx_pointer(ctx)
+    if lib is None or not ptr:
+        return False
+    return bool(lib.ctx_set_session_ticket_cb(ptr, None, _USE_WITHOUT_RENEWAL, None) == 1)
 
 
 def _ssl_pointer(lib: _Libssl, ssl_object: ssl.SSLObject) -> int:

@@ -24,7 +24,7 @@ from typing import Generic, Protocol, TypeVar
 
 from connect.identity import Identity, PeerRefused, Refusal, peer_identity
 from connect.resumption import ResumingClientContext, end_sessions
-from connect.ssl_native import send_loaded_chain_only
+from connect.ssl_native import no_ticket_on_resumption, send_loaded_chain_only
 
 log = logging.getLogger("meshlet.connect.tls")
 
@@ -125,6 +125,9 @@ def server_context(material: Material) -> ssl.SSLContext:
     """Accepts only clients with a certificate that chains to the bundle."""
     ctx = _context(ssl.Purpose.CLIENT_AUTH, material)
     ctx.num_tickets = SESSION_TICKETS
+    # ... and none on a resumed connection: our dialers offer the full handshake's session
+    # again and never take a resumed connection's ticket (connect.ssl_native).
+    no_ticket_on_resumption(ctx)
     return ctx
 
 

@@ -149,9 +149,10 @@ def test_the_operator_can_turn_the_native_calls_off() -> None:
     probe = (
         "import ssl; from connect import ssl_native as n; "
         "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); "
-        "print(n._libssl() is None, n.send_loaded_chain_only(ctx))"
+        "print(n._libssl() is None, n.send_loaded_chain_only(ctx), "
+        "n.no_ticket_on_resumption(ctx))"
     )
-    for value, expected in (("0", "True False"), ("1", "False True")):
+    for value, expected in (("0", "True False False"), ("1", "False True True")):
         out = subprocess.run(
             [sys.executable, "-c", probe],
             env={"MESHLET_SSL_NATIVE": value, "PATH": "/usr/bin:/bin"},
