@@ -16,7 +16,10 @@ leaf it holds (consul:agent/leafcert/leafcert.go `certNeedsUpdate`). A fetched l
 chain never replaces one (it is counted in `stale_leaves`), and `problem()` says why the held
 leaf is unusable until one that chains is in place. Conversely, a fetched leaf that does not
 chain to our bundle may mean the bundle is the stale one (a rebuilt cluster whose index went
-backwards parks the roots query): the roots are then re-read at once.
+backwards parks the roots query): the roots are then re-read at once. So are they when Consul
+is back after an outage (`consul_back`, called by the agent when any of its calls sees it
+answer again): a control plane restarted empty has a new CA, and the sidecars that read it
+and the ones still in their backoff refuse each other until all have.
 
 Readers take `current` (one immutable value) or wait for a new generation with `changed()`.
 """
