@@ -448,7 +448,13 @@ def test_control_plane_killed_routing_holds_on_the_last_snapshot(mesh: FaultMesh
             f"sidecar retries={seen['retries']:g}; after the restart {after}"
         )
 
-    run = under_load(mesh, "control plane killed with routing in force", kill_consul)
+    # `settled`'s allowance (two pooled fds per inbound connection added) does not fit here
+    # either: api-2 failing for half the outage and the restart moved the load between the
+    # instances, and an instance's pool to its app keeps what it grew to (seen: api-1 with 8
+    # connections to its app for 6 inbound, 4 fds over its baseline, with every GET answered).
+    # Bounded by the load's connections, not by its requests, is what says nothing leaked.
+    run = under_load(mesh, "control plane killed with routing in force", kill_consul, leaks=False)
+    pooled_at_most(mesh, run.before)
     assert seen["failed"] == 0, run.report()
     assert seen["retries"] > 0, run.report()
     # Labelled by upstream, not by the chain's target cluster.
