@@ -24,7 +24,10 @@ config gives it a `filter`, `datacenter` or `peer` (then that section decides, a
 chain that fails to decode, compile or convert is rejected whole: the previous snapshot stays
 (routing only: authorization never falls back), the reason is logged, counted and shown in
 `status()`. A snapshot is published only once every target has had its first answer (a chain
-change that adds a target keeps the previous snapshot until then; `applied` in `status()`).
+change that adds a target keeps the previous snapshot until then, at most
+INITIAL_FETCH_TIMEOUT; `applied` in `status()`). After a control-plane reset, a target's empty
+answer keeps its last endpoints for `reset_hold` (`_target_endpoints`), and while Consul is
+away the chains wait for every entry watch to answer again before compiling.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 
 from agent.catalog import Snapshot, WatchKey
 from agent.connectivity import Connectivity
-from agent.consul import ConsulClient, Indexed
+from agent.consul import ConsulClient, ConsulUnavailable, Indexed
 from agent.watch import UpstreamWatcher
 from agent.watches import BlockingWatch, WatchSettings
 from connect.balancer import Target
@@ -64,6 +67,11 @@ from traffic.entries import RoutingEntry, entry_from_json
 from traffic.errors import GraphError
 
 log = logging.getLogger("meshlet.agent.routing")
+
+INITIAL_FETCH_TIMEOUT = 15.0
+"""Seconds a chain change waits for a new target's first answer before it applies with that
+target empty (Envoy's `initial_fetch_timeout` default: a warming cluster is not waited for
+for ever)."""
 
 KINDS = (
     "service-router",
@@ -205,9 +213,12 @@ class ChainWatch:
         trust_domain: Callable[[], str] = lambda: "consul",
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT,
     ) -> None:
         self._consul = consul
         self.caller = caller
+        self._initial_fetch_timeout = initial_fetch_timeout
+        self._timed_out_logged: set[WatchKey] = set()
         self._settings = settings
         self._connectivity = connectivity if connectivity is not None else Connectivity(clock)
         self._trust_domain = trust_domain
@@ -248,10 +259,33 @@ class ChainWatch:
         self._reset_at: float | None = None
         """When an entry watch's index was last seen going backwards, while a hold lasts."""
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._unreached: set[str] = set()
+        """Entry kinds whose last read could not reach Consul: their value is from before."""
+        self._reset_seen: float | None = None
+        """When a control-plane reset was last seen, for `reset_hold` seconds after it (the
+        chain targets' endpoints hold, `_target_endpoints`)."""
+        self._back_since_reset: set[WatchKey] = set()
+        """Targets that answered with instances since that reset: their hold is over."""
+        self._reset_timer: asyncio.TimerHandle | None = None
+        self._target_started: dict[WatchKey, float] = {}
+        self._fetch_timers: dict[WatchKey, asyncio.TimerHandle] = {}
+        self.initial_fetch_timeouts = 0
+        """New targets applied empty because their watch had not answered in time."""
 
     def _fetcher(self, kind: str) -> Callable[[int, float], Any]:
         async def fetch(index: int, wait: float) -> Indexed[Bodies]:
-            return await self._consul.config_entries.list(kind, index=index, wait=wait)
+            try:
+                got = await self._consul.config_entries.list(kind, index=index, wait=wait)
+            except ConsulUnavailable:
+                self._unreached.add(kind)
+                raise
+            if kind in self._unreached:
+                self._unreached.discard(kind)
+                # Compile again even when this kind's answer is unchanged: the others may
+                # have answered meanwhile, and were not compiled without it.
+                self._recompile = True
+                self._dirty.set()
+            return got
 
         return fetch
 
@@ -301,7 +335,9 @@ class ChainWatch:
 
     def _republish(self, changed: set[WatchKey]) -> None:
         """Only target instances changed: the chains stand, their endpoints move."""
-        if not changed:
+        if not changed or self._unreached:
+            # Consul was away: whether it came back reset (and an empty answer is to be
+            # held) is known once the entry watches answer; `_recompute` publishes then.
             return
         for up in self.upstreams.values():
             routing = up.routing
@@ -314,10 +350,16 @@ class ChainWatch:
         bodies = {kind: w.latest.get() for kind, w in self.entries.items()}
         if any(b is None for b in bodies.values()):
             return  # not every kind answered yet (or cannot be read): no routing yet
+        if self._unreached:
+            # Consul was away and some kinds have not answered since: compiling the ones
+            # that did (a restarted Consul's "no splitter") with the others' old entries
+            # would apply a chain neither state had (the split lost, http turned to tcp).
+            return
         index = max(w.state.index for w in self.entries.values())
         for kind, w in self.entries.items():
             if w.state.index < self._entry_index.get(kind, 0):
                 self._reset_at = self._clock()
+                self._note_reset()
             self._entry_index[kind] = w.state.index
         wanted: set[WatchKey] = set()
         try:
@@ -337,6 +379,11 @@ class ChainWatch:
         for key in set(self.targets) - wanted:
             self.targets.pop(key)[1].cancel()
             self._targets_of.pop(key, None)
+            self._target_started.pop(key, None)
+            self._timed_out_logged.discard(key)
+            timer = self._fetch_timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
         for up in self.upstreams.values():
             self._publish(up)
         if not any(up.holding for up in self.upstreams.values()):
@@ -390,6 +437,38 @@ class ChainWatch:
         self._recompile = True
         self._dirty.set()
 
+    def _note_reset(self) -> None:
+        """Consul's state was replaced: for `reset_hold` seconds, a chain target that had
+        instances and now answers none keeps them (`_target_endpoints`), as each upstream's
+        own watch does (agent.watch.hold_after_reset). Said here too because a target's watch
+        sees the reset only if its own index went backwards, and a restarted Consul's index
+        for a service can already be past the old one when the watch reads again (its
+        instances and the others registered meanwhile)."""
+        now, grace = self._clock(), self._settings().reset_hold
+        if self._reset_seen is None:
+            log.warning(
+                "control-plane reset: chain targets that answer no instance keep their last "
+                "ones for up to %gs or until instances register again",
+                grace,
+            )
+        self._reset_seen = now
+        self._back_since_reset.clear()
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+        self._reset_timer = asyncio.get_running_loop().call_later(grace, self._reset_over)
+
+    def _reset_over(self) -> None:
+        self._reset_timer = None
+        if self._reset_seen is not None:
+            log.info("control-plane reset hold over: chain targets' answers apply as they are")
+        self._reset_seen = None
+        self._recompile = True
+        self._dirty.set()
+
+    def _resetting(self) -> bool:
+        seen = self._reset_seen
+        return seen is not None and self._clock() - seen < self._settings().reset_hold
+
     def _reject(self, up: _Upstream, why: str, index: int) -> None:
         if up.error != why:
             log.error(
@@ -420,11 +499,52 @@ class ChainWatch:
         )
         task = self._tg.create_task(self._target(key, watcher), name=f"watch target {key.label}")
         self.targets[key] = (watcher, task)
+        self._target_started[key] = self._clock()
 
     async def _target(self, key: WatchKey, watcher: UpstreamWatcher) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(watcher.run())
             tg.create_task(self._poke(watcher.latest, key))
+
+    def _fetch_timed_out(self, key: WatchKey) -> bool:
+        """Whether the new target `key`, not answered yet, has waited INITIAL_FETCH_TIMEOUT;
+        until then a check is scheduled for when it will have."""
+        now = self._clock()
+        remaining = self._target_started.get(key, now) + self._initial_fetch_timeout - now
+        if remaining <= 0:
+            return True
+        if key not in self._fetch_timers:
+
+            def again() -> None:
+                self._fetch_timers.pop(key, None)
+                self._targets_changed.add(key)
+                self._dirty.set()
+
+            self._fetch_timers[key] = asyncio.get_running_loop().call_later(remaining, again)
+        return False
+
+    def _target_endpoints(
+        self, tid: str, key: WatchKey, snap: Snapshot | None, current: RoutingSnapshot | None
+    ) -> tuple[Target, ...] | None:
+        """The endpoints published for target `tid`; None: keep the current snapshot whole.
+
+        After a control-plane reset (`_note_reset`) an empty answer keeps the target's last
+        endpoints until it answers with instances or `reset_hold` has passed, and a chain
+        naming a target with none known does not replace a working one: Envoy keeps a
+        cluster's last load assignment until a new one arrives, and a target's instances
+        re-registering are still serving meanwhile."""
+        endpoints = self._endpoints(key, snap)
+        if endpoints:
+            self._back_since_reset.add(key)
+            return endpoints
+        if current is None or key in self._back_since_reset or not self._resetting():
+            return endpoints
+        before = current.endpoints.get(tid)
+        if before:
+            return before
+        if tid not in current.endpoints and any(current.endpoints.values()):
+            return None
+        return endpoints
 
     def _endpoints(self, key: WatchKey, snap: Snapshot | None) -> tuple[Target, ...]:
         cached = self._targets_of.get(key)
@@ -438,6 +558,7 @@ class ChainWatch:
         routing = up.routing
         if routing is None:
             return
+        current = up.latest.get()
         endpoints: dict[str, tuple[Target, ...]] = {}
         for tid, t in routing.targets.items():
             key = self._key(t)
@@ -448,10 +569,24 @@ class ChainWatch:
             if snap is None and not got[0].state.loaded:
                 # A target not answered yet has no endpoints: routing to it now would answer
                 # 503 until its watch does, so the previous snapshot stays until then (as
-                # Envoy keeps a new cluster warming until its first endpoints arrive).
+                # Envoy keeps a new cluster warming until its first endpoints arrive), but
+                # not for ever: after INITIAL_FETCH_TIMEOUT the chain applies without them.
+                if not self._fetch_timed_out(key):
+                    return
+                if key not in self._timed_out_logged:
+                    self._timed_out_logged.add(key)
+                    self.initial_fetch_timeouts += 1
+                    log.warning(
+                        "upstream %s: target %s has not answered in %gs: applying the chain "
+                        "without its instances",
+                        up.name,
+                        tid,
+                        self._initial_fetch_timeout,
+                    )
+            kept = self._target_endpoints(tid, key, snap, current)
+            if kept is None:
                 return
-            endpoints[tid] = self._endpoints(key, snap)
-        current = up.latest.get()
+            endpoints[tid] = kept
         new = RoutingSnapshot(routing, endpoints, up.index)
         if current is None or current != new:
             up.latest.publish(new)
@@ -467,6 +602,8 @@ class ChainWatch:
                 for kind, w in self.entries.items()
             },
             "rejected_total": self.rejected_total,
+            "initial_fetch_timeouts": self.initial_fetch_timeouts,
+            "reset_hold": self._resetting(),
             "upstreams": {
                 name: {
                     "routed": up.routing is not None,

@@ -284,6 +284,15 @@ class AgentRuntime:
 
     async def _run_sidecar(self, consul: ConsulClient) -> None:
         assert self.sidecar is not None
+        side = self.sidecar
+
+        def consul_back() -> None:
+            # A control plane back (maybe empty, with a new CA): the roots are read now, so
+            # every sidecar takes the new CA within a round trip, not at its own backoff's end.
+            if side.rotator is not None:
+                side.rotator.consul_back()
+
+        self.connectivity.on_recover(consul_back)
         try:
             await self.sidecar.run(consul, self._upstream_latest)
         except Exception as exc:

@@ -16,7 +16,10 @@ leaf it holds (consul:agent/leafcert/leafcert.go `certNeedsUpdate`). A fetched l
 chain never replaces one (it is counted in `stale_leaves`), and `problem()` says why the held
 leaf is unusable until one that chains is in place. Conversely, a fetched leaf that does not
 chain to our bundle may mean the bundle is the stale one (a rebuilt cluster whose index went
-backwards parks the roots query): the roots are then re-read at once.
+backwards parks the roots query): the roots are then re-read at once. So are they when Consul
+is back after an outage (`consul_back`, called by the agent when any of its calls sees it
+answer again): a control plane restarted empty has a new CA, and the sidecars that read it
+and the ones still in their backoff refuse each other until all have.
 
 Readers take `current` (one immutable value) or wait for a new generation with `changed()`.
 """
@@ -81,6 +84,7 @@ class LeafRotator:
         self._renew_at = 0.0
         self._roots_moved = asyncio.Event()
         self._reread_roots = asyncio.Event()
+        self._consul_back = asyncio.Event()
         self._have_bundle = asyncio.Event()
         self._problem = ""
         self.renewals = 0
@@ -133,6 +137,14 @@ class LeafRotator:
         generation = self._material.version + 1
         self._material.publish(Material(self._leaf, self._bundle, generation))
 
+    def consul_back(self) -> None:
+        """Consul answers again (another caller of it saw it come back): a roots read waiting
+        out its backoff (which grows to the policy's cap) is made at once. A control plane
+        restarted empty has a new CA; each sidecar must take its roots, and so its new leaf,
+        within a round trip of Consul's return, not at the end of its own backoff: until
+        every peer has, the ones that did and the ones that did not refuse each other."""
+        self._consul_back.set()
+
     # ---- loops -----------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -145,6 +157,7 @@ class LeafRotator:
         failures = 0
         while True:
             self._reread_roots.clear()
+            self._consul_back.clear()
             try:
                 got = await self._unless(
                     self._roots_source.roots(index), self._reread_roots, lambda: True
@@ -156,7 +169,9 @@ class LeafRotator:
                     failures + 1, self._policy.backoff_base, self._policy.backoff_cap, self._draw()
                 )
                 log.warning("roots: %s; retrying in %.1fs", err, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    # Set during the failed read too: Consul came back meanwhile.
+                    await asyncio.wait_for(self._consul_back.wait(), delay)
                 index = 0
                 continue
             if got is None:

@@ -346,12 +346,8 @@ class DataPlane:
                     log.info("agent not reachable at %s: %s", self.control_socket, exc)
                 await asyncio.sleep(backoff(failures, 0.1, 2.0, self._rng.random()))
                 continue
-            failures = 0
             self._writer, self.attached = writer, True
             self.detached.clear()
-            if self.lost_since is not None:
-                log.warning("agent back after %.1fs without it", self._clock() - self.lost_since)
-            self.lost_since = None
             applied = self.snapshot.version if self.snapshot is not None else 0
             self._send(
                 hello={
@@ -363,12 +359,23 @@ class DataPlane:
             )
             self._write_status()
             try:
-                await self._follow(reader)
+                answered = await self._follow(reader)
             finally:
                 self._writer, self.attached = None, False
                 writer.close()
             if self._stop.is_set():
                 return
+            if not answered:
+                # Closed before the agent said a word: a dial that did not take, not an agent
+                # lost. A killed agent's listening socket outlives its connections for a
+                # moment and queues the redial, then drops it; a starting agent drops a pid
+                # it has not recorded yet. Counted as a loss, one kill counted twice.
+                failures += 1
+                self.detached.set()
+                self._write_status()
+                await asyncio.sleep(backoff(failures, 0.1, 2.0, self._rng.random()))
+                continue
+            failures = 0
             self.losses += 1
             self.lost_since = self._clock()
             self.detached.set()
@@ -379,16 +386,26 @@ class DataPlane:
             )
             self._write_status()
 
-    async def _follow(self, reader: asyncio.StreamReader) -> None:
+    async def _follow(self, reader: asyncio.StreamReader) -> bool:
+        """Apply the agent's messages until the channel closes; whether any came."""
+        answered = False
         with contextlib.suppress(ConnectionError):
             while True:
                 try:
                     line = await reader.readline()
                 except ValueError:  # longer than MAX_LINE: the channel is out of step
                     log.error("control message over %d bytes: reconnecting", MAX_LINE)
-                    return
+                    return True
                 if not line:
-                    return
+                    return answered
+                if not answered:
+                    answered = True
+                    if self.lost_since is not None:
+                        log.warning(
+                            "agent back after %.1fs without it", self._clock() - self.lost_since
+                        )
+                        self.lost_since = None
+                        self._write_status()
                 try:
                     message = decode_message(line)
                 except ValueError as exc:
@@ -399,6 +416,7 @@ class DataPlane:
                 stop = message.get("stop")
                 if stop in ("drain", "now"):
                     self.request_stop(now=stop == "now")
+        return answered  # reset by the agent's side
 
     async def _report(self) -> None:
         last: tuple[str, ...] | None = None

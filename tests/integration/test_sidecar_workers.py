@@ -294,9 +294,8 @@ def test_data_planes_serve_through_an_agent_restart(mesh: WorkersMesh) -> None:
         "the restarted agent's data planes adopted and serving",
     )
     assert sorted(int(p["pid"]) for p in st["workers"]["processes"]) == sorted(planes)
-    # At least the one loss each; a busy box may see a data plane's first reconnection to the
-    # starting agent dropped and retried, which counts again.
-    assert all(p["agent_losses"] >= 1 for p in st["workers"]["processes"]), st["workers"]
+    # One loss each: a redial the dying (or the starting) agent dropped unanswered is not one.
+    assert all(p["agent_losses"] == 1 for p in st["workers"]["processes"]), st["workers"]
     assert dataplane_pids(mesh.control) == sorted(planes)
     wait_until(
         lambda: all(_dataplane_status(mesh, i)["agent"] == "attached" for i in (1, 2)),

@@ -414,15 +414,11 @@ def test_an_instance_answering_5xx_is_ejected_and_comes_back(mesh: FaultMesh) ->
 # ---- 5: the control plane killed with routing in force ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race, not fixed: in CI on a fresh clone (2026-12-06) 74 of 2,516 GETs got "
-    "'503 no healthy upstream' just after the control plane came back empty and the entries were "
-    "written again (0 during the outage); it passes run alone. Likely a chain target whose "
-    "first answer after the restart is empty (its proxy's checks not yet passing) being "
-    "applied: the reset hold covers the upstream's endpoints, not a chain target's",
-)
 def test_control_plane_killed_routing_holds_on_the_last_snapshot(mesh: FaultMesh) -> None:
+    """The control plane restarted empty has a new CA: once it is back every sidecar reads its
+    roots at once (in CI, 74 GETs routed to api-3 got 503 while web's roots read sat out a
+    14 s backoff and api-3 already served a leaf of the new CA), and the chain targets and
+    entries hold across the reset (docs/routing.md)."""
     outage = seconds(6, 30)
     retries0 = sidecar_retries(mesh)
     seen: dict[str, Any] = {}
@@ -452,7 +448,13 @@ def test_control_plane_killed_routing_holds_on_the_last_snapshot(mesh: FaultMesh
             f"sidecar retries={seen['retries']:g}; after the restart {after}"
         )
 
-    run = under_load(mesh, "control plane killed with routing in force", kill_consul)
+    # `settled`'s allowance (two pooled fds per inbound connection added) does not fit here
+    # either: api-2 failing for half the outage and the restart moved the load between the
+    # instances, and an instance's pool to its app keeps what it grew to (seen: api-1 with 8
+    # connections to its app for 6 inbound, 4 fds over its baseline, with every GET answered).
+    # Bounded by the load's connections, not by its requests, is what says nothing leaked.
+    run = under_load(mesh, "control plane killed with routing in force", kill_consul, leaks=False)
+    pooled_at_most(mesh, run.before)
     assert seen["failed"] == 0, run.report()
     assert seen["retries"] > 0, run.report()
     # Labelled by upstream, not by the chain's target cluster.
