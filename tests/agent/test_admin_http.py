@@ -354,3 +354,27 @@ async def test_connections_beyond_the_cap_are_reset_at_accept() -> None:
                 w.close()
         await asyncio.sleep(0.2)  # the server sees the held ones close
         await live(host, port)
+
+
+async def test_a_failing_status_source_is_a_500_and_the_listener_goes_on() -> None:
+    class Broken(Source):
+        def status(self, upstream: str | None) -> Mapping[str, Any]:
+            raise RuntimeError("a bug in the status composition")
+
+    async with serving(Broken()) as (host, port, _):
+        status, _, body = await get(host, port, "/v1/status")
+        assert (status, body) == (500, b"500: internal error (logged by the agent)\n")
+        await live(host, port)
+
+
+async def test_a_request_in_many_small_reads_is_served() -> None:
+    async with serving() as (host, port, _):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for byte in b"GET /v1/status?upstream=api HTTP/1.1\r\nHost: a" + CLOSE:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            ((status, _, body),) = parse(await closed_by_server(reader))
+            assert (status, body) == (200, b'{\n  "asked": "api"\n}\n')
+        finally:
+            writer.close()
