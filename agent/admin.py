@@ -7,7 +7,8 @@
                      every upstream with its endpoints and last update; `?upstream=NAME`
                      narrows the upstream list (a 10,000-endpoint upstream is a big answer)
 
-The metrics endpoint of the observability work mounts here through `extra_routes`.
+The metrics endpoint of the observability work mounts here through `extra_routes`. The
+transport (and what it refuses) is agent/admin_http.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from aiohttp import web
+from agent.admin_http import JSON, HTTPServer, Limits, Query, Reply, Route
 
 
 class StatusSource(Protocol):
@@ -25,12 +26,9 @@ class StatusSource(Protocol):
     def status(self, upstream: str | None) -> Mapping[str, Any]: ...
 
 
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps(body, indent=2, sort_keys=True) + "\n",
-        content_type="application/json",
-    )
+def _json(body: object, status: int = 200) -> Reply:
+    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    return Reply(status, text.encode(), JSON)
 
 
 class AdminServer:
@@ -40,47 +38,35 @@ class AdminServer:
         host: str,
         port: int,
         *,
-        extra_routes: Sequence[web.RouteDef] = (),
+        extra_routes: Sequence[Route] = (),
+        limits: Limits | None = None,
     ) -> None:
         self._source = source
-        self._host = host
-        self._port = port
-        self._extra = extra_routes
-        self._runner: web.AppRunner | None = None
-        self.address = ""
+        routes = [
+            Route("/live", self._live),
+            Route("/ready", self._ready),
+            Route("/v1/status", self._status),
+            *extra_routes,
+        ]
+        self._http = HTTPServer(routes, host, port, limits=limits)
+
+    @property
+    def address(self) -> str:
         """host:port actually bound (the port is chosen by the OS when configured as 0)."""
+        return self._http.address
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/live", self._live)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/v1/status", self._status)
-        app.router.add_routes(list(self._extra))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = runner.addresses[0]
-        host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.address = f"{host}:{bound[1]}"
+        await self._http.start()
 
     async def close(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        await self._http.close()
 
-    async def _live(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    def _live(self, query: Query) -> Reply:
+        return Reply(200, b"ok\n")
 
-    async def _ready(self, request: web.Request) -> web.Response:
+    def _ready(self, query: Query) -> Reply:
         ready, reasons = self._source.readiness()
         return _json({"ready": ready, "reasons": list(reasons)}, 200 if ready else 503)
 
-    async def _status(self, request: web.Request) -> web.Response:
-        upstream = request.query.get("upstream")
-        return _json(dict(self._source.status(upstream)))
+    def _status(self, query: Query) -> Reply:
+        return _json(dict(self._source.status(query.get("upstream"))))

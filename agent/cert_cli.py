@@ -14,10 +14,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.consul import ConsulClient, ConsulError
-from agent.consul_connect import consul_leaf_source, consul_roots_source
-from connect.leaf import Leaf, LeafError, LeafSource, TrustBundle
+if TYPE_CHECKING:
+    from connect.leaf import Leaf, LeafSource, TrustBundle
 
 
 def add_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,7 +37,11 @@ def add_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    # Imported when run: every `meshlet` command builds this parser, and the Consul client
+    # and connect.leaf (cryptography) are this command's alone.
     from agent.cli import _run
+    from agent.consul import ConsulError
+    from connect.leaf import LeafError
 
     try:
         return _run(_fetch(args))
@@ -48,6 +52,9 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 async def _fetch(args: argparse.Namespace) -> int:
+    from agent.consul import ConsulClient
+    from agent.consul_connect import consul_leaf_source, consul_roots_source
+
     async with ConsulClient.from_env() as consul:
         bundle = await consul_roots_source(consul).roots(0)
         source: LeafSource

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import quote
 
 from agent.consul_blocking import (
@@ -66,7 +66,11 @@ from agent.consul_services import (
     Weights,
     registration_body,
 )
-from connect.leaf import Leaf, MalformedAnswer, TrustBundle
+
+if TYPE_CHECKING:
+    # Imported where used: connect.leaf brings cryptography (~14 MB), which a node agent
+    # without a sidecar never needs.
+    from connect.leaf import Leaf, TrustBundle
 
 # The client's public surface in one place; the modules behind it stay small and focused.
 __all__ = [
@@ -792,6 +796,8 @@ class KVAPI(_Group):
 
 
 def _connect_decoder(parse: Callable[[JSONObject], T]) -> Callable[[Any], T]:
+    from connect.leaf import MalformedAnswer
+
     def decode(value: Any) -> T:
         try:
             return parse(as_object(value, "response"))
@@ -810,6 +816,8 @@ class ConnectAPI(_Group):
 
     async def ca_roots(self, *, index: int = 0, wait: Wait | None = None) -> Indexed[TrustBundle]:
         """Every root to trust and the active one; blocks until they change (a rotation)."""
+        from connect.leaf import TrustBundle
+
         params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
         return await self._indexed(
             "/v1/agent/connect/ca/roots",
@@ -823,6 +831,8 @@ class ConnectAPI(_Group):
         self, service: str, *, index: int = 0, wait: Wait | None = None
     ) -> Indexed[Leaf]:
         """`service`'s leaf; with `index` (its ModifyIndex), wait until the agent replaces it."""
+        from connect.leaf import Leaf
+
         params, blocking = _read_params(dc="", index=index, wait=wait, stale=False)
         return await self._indexed(
             f"/v1/agent/connect/ca/leaf/{_segment(service)}",

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -27,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from agent.admin_http import HTTPServer, Limits, Query, Reply, Route
 from connect.observe import BYTES_BUCKETS, DURATION_BUCKETS_MS, HTTP_LABELS, SEP, TCP_LABELS
 
 __all__ = ["MeshCollector", "MetricsServer", "metrics_route", "process_counters", "render"]
@@ -298,42 +298,37 @@ def render(snapshot: Callable[[], Mapping[str, Any]]) -> bytes:
     return generate_latest(registry)
 
 
-def metrics_route(snapshot: Callable[[], Mapping[str, Any]]) -> web.RouteDef:
+def metrics_route(snapshot: Callable[[], Mapping[str, Any]]) -> Route:
     """GET /metrics, for the admin server's `extra_routes` or a metrics-only listener."""
 
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=render(snapshot), headers={"Content-Type": CONTENT_TYPE})
+    def handler(query: Query) -> Reply:
+        return Reply(200, render(snapshot), CONTENT_TYPE)
 
-    return web.get("/metrics", handler)
+    return Route("/metrics", handler)
 
 
 class MetricsServer:
     """The metrics-only listener (`telemetry.metrics_address`): GET /metrics and nothing
     else, so it can face other hosts while the admin API stays on loopback."""
 
-    def __init__(self, snapshot: Callable[[], Mapping[str, Any]], address: str) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Mapping[str, Any]],
+        address: str,
+        *,
+        limits: Limits | None = None,
+    ) -> None:
         host, _, port = address.rpartition(":")
-        self._host, self._port = host.strip("[]"), int(port)
-        self._snapshot = snapshot
-        self._runner: web.AppRunner | None = None
-        self.address = ""
+        self._http = HTTPServer(
+            [metrics_route(snapshot)], host.strip("[]"), int(port), limits=limits
+        )
+
+    @property
+    def address(self) -> str:
+        return self._http.address
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_routes([metrics_route(self._snapshot)])
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._host, self._port, reuse_address=True).start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = runner.addresses[0]
-        host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.address = f"{host}:{bound[1]}"
+        await self._http.start()
 
     async def close(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        await self._http.close()

@@ -37,7 +37,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.admin import AdminServer
 from agent.bind_check import bind_error, bind_exit_code, bind_refused, sidecar_binds
@@ -45,11 +45,9 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
-from agent.dataplanes import DataPlanes, control_dir, hold_unanswered
 from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
-from agent.sidecar import METRICS_ONLY, Sidecar, live_changes, needs_restart
 from agent.supervisor import WorkerState, sum_counters
 from agent.systemd import Notifier
 from agent.watch import (
@@ -60,8 +58,11 @@ from agent.watch import (
     WatchSettings,
     watch_key,
 )
-from connect.dataplane.snapshot import Snapshot as DataPlaneSnapshot
-from connect.sidecar import claim_port
+
+if TYPE_CHECKING:
+    from agent.dataplanes import DataPlanes
+    from agent.sidecar import Sidecar
+    from connect.dataplane.snapshot import Snapshot as DataPlaneSnapshot
 
 log = logging.getLogger("meshlet.agent")
 
@@ -111,8 +112,18 @@ class AgentRuntime:
         self._rng = rng if rng is not None else random.Random()
         self._notifier = notifier if notifier is not None else Notifier(None)
         lean = sidecar and config.sidecar.workers > 1
-        self.sidecar: Sidecar | None = (
-            Sidecar(
+        self.sidecar: Sidecar | None = None
+        """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches).
+        With --workers N > 1 it only holds what feeds the data planes."""
+        self.dataplanes: DataPlanes | None = None
+        """The N data-plane processes of `meshlet sidecar --workers N` (N > 1): they run the
+        listeners, this process feeds them snapshots (agent/dataplanes.py)."""
+        if sidecar:
+            # Imported here: the proxy's stack and cryptography are `meshlet sidecar`'s; a
+            # node agent without a sidecar never loads them.
+            from agent.sidecar import Sidecar
+
+            self.sidecar = Sidecar(
                 config,
                 self._env,
                 self._watch_settings,
@@ -121,18 +132,12 @@ class AgentRuntime:
                 listen=not lean,
                 proxy_id=external.proxy_id if external is not None else "",
             )
-            if sidecar
-            else None
-        )
-        """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches).
-        With --workers N > 1 it only holds what feeds the data planes."""
-        self.dataplanes: DataPlanes | None = (
-            DataPlanes(config.sidecar.workers, control_dir(config, self._env), self._env)
-            if lean
-            else None
-        )
-        """The N data-plane processes of `meshlet sidecar --workers N` (N > 1): they run the
-        listeners, this process feeds them snapshots (agent/dataplanes.py)."""
+        if lean:
+            from agent.dataplanes import DataPlanes, control_dir
+
+            self.dataplanes = DataPlanes(
+                config.sidecar.workers, control_dir(config, self._env), self._env
+            )
         if self.sidecar is not None and self.dataplanes is not None:
             self.sidecar.listener_problems = self._dataplane_problems
         self._snapshot_version = 0
@@ -355,6 +360,8 @@ class AgentRuntime:
             # Adopted data planes serve the previous agent's listeners: a listener left out
             # of their first snapshot would be closed.
             serving = set(snapshot.spec.listeners())
+        from agent.dataplanes import hold_unanswered
+
         snapshot, held = hold_unanswered(
             snapshot, serving or set(), held, now, _FIRST_ENDPOINTS_WAIT
         )
@@ -367,6 +374,8 @@ class AgentRuntime:
         """`snapshot` without the listeners whose port another socket holds: a port the
         data planes did not hold before is probed here first, as the in-process proxy does
         (SO_REUSEPORT would otherwise share it with whoever holds it)."""
+        from connect.sidecar import claim_port
+
         binds = set(snapshot.spec.listeners())
         if self._published_binds is None:
             self._published_binds = binds  # checked at start (or held by adopted planes)
@@ -539,6 +548,8 @@ class AgentRuntime:
             self._last_reload_error = str(exc)
             log.error("reload failed, keeping the running configuration:\n%s", exc)
             return False
+        if self.sidecar is not None:
+            from agent.sidecar import live_changes, needs_restart
         restart = [
             what
             for what, changed in (
@@ -771,6 +782,8 @@ class AgentRuntime:
         (this one's are `proxy.stats`; a worker's restart from zero when it restarts)."""
         if self.sidecar is None:
             return None
+        from agent.sidecar import METRICS_ONLY
+
         own = self.sidecar.counters()
         total = sum_counters([own, *(w.stats for w in self._processes())])
         # /metrics shows the rest (they are big).

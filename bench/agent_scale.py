@@ -94,9 +94,11 @@ def get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory (VmRSS), or its anonymous (RssAnon: the heap, Python's objects) or
+    file-backed (RssFile: the interpreter's and the extensions' libraries) part."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -287,10 +289,13 @@ async def main_async(args: argparse.Namespace, figures: dict[str, float] | None 
             wait_until(ready, "the agent to be ready", deadline)
             fig["ready_s"] = time.monotonic() - started
             fig["rss_mb_ready"] = rss_mb(agent.pid)
+            fig["rss_anon_mb_ready"] = rss_mb(agent.pid, "RssAnon")
             fig["upstreams"] = len(ups)
             print(
                 f"agent ready with {len(ups)} upstreams ({len(regs)} endpoints) "
-                f"in {time.monotonic() - started:.1f}s; RSS {rss_mb(proc.pid):.1f} MB"
+                f"in {time.monotonic() - started:.1f}s; RSS {rss_mb(proc.pid):.1f} MB "
+                f"(anonymous {rss_mb(proc.pid, 'RssAnon'):.1f}, "
+                f"files {rss_mb(proc.pid, 'RssFile'):.1f})"
             )
 
             def applied() -> int:
@@ -354,7 +359,7 @@ async def main_async(args: argparse.Namespace, figures: dict[str, float] | None 
 def measure(**overrides: int) -> dict[str, float]:
     """Runs the benchmark with the defaults (or `overrides`) and returns its figures.
 
-    Keys: ready_s, rss_mb_ready, rss_mb_after_updates, upstreams, apply_{small,big}_{p50,p99}_ms
+    Keys: ready_s, rss_mb_ready, rss_anon_mb_ready, rss_mb_after_updates, upstreams, apply_{small,big}_{p50,p99}_ms
     (the agent's own apply times), in_process_{n}_{json,full,agent}_p50_ms (one update of an
     n-instance answer, JSON decode included). `make bench` (bench/run.py) calls this.
     """
