@@ -243,3 +243,27 @@ async def test_an_answer_one_byte_past_the_limit_is_refused_and_counted(
 def test_the_answer_limit_must_be_positive() -> None:
     with pytest.raises(ConsulConfigError, match="max_response_bytes must be at least 1, got 0"):
         ConsulConfig(max_response_bytes=0)
+
+
+def _named_twice(first: dict[str, Any], second: dict[str, Any]) -> bytes:
+    """One entry whose object names `Service` twice (Consul never does; JSON allows it)."""
+    e = entry("b", 21002)
+    return (
+        f'[{{"Node": {json.dumps(e["Node"])}, "Service": {json.dumps(first)}, '
+        f'"Service": {json.dumps(second)}, "Checks": {json.dumps(e["Checks"])}}}]'
+    ).encode()
+
+
+async def test_a_field_named_twice_has_every_value_checked_and_the_last_one_read() -> None:
+    # Found by the catalog fuzz target: json.loads (the full decode) keeps the last value and
+    # never reads the first; the watch's decode checks both, so a malformed first one refuses
+    # the answer (the closed side) and names where.
+    second = entry("b", 21002)["Service"]
+    watcher = await watch_through(body(_named_twice({"ID": "1"}, second)))
+    assert_kept_last_good(watcher, "missing required field `Service` - at `$[0].Service`")
+    # Both well formed: the last one is read, as json.loads reads it.
+    first = {**second, "ID": "c", "Port": 21003}
+    watcher = await watch_through(body(_named_twice(first, second)))
+    snap = watcher.latest.get()
+    assert snap is not None and [(e.service_id, e.port) for e in snap.endpoints] == [("b", 21002)]
+    assert watcher.state.failures == 0

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -658,16 +659,48 @@ def connection_gauges(admin: str) -> dict[str, int]:
     return {name: c["open"] for name, c in status(admin)["proxy"]["connections"].items()}
 
 
+def peer_ports(pid: int) -> list[int]:
+    """The peer port of each established TCP connection process `pid` holds (the mesh is all
+    on 127.0.0.1, so a port names the peer). /proc/PID/net/tcp lists the whole network
+    namespace: the process's own sockets are picked by the inodes its fds point at."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    peers = []
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = row.split()
+                if f[9] in inodes and f[3] == "01":  # 01: ESTABLISHED
+                    peers.append(int(f[2].rsplit(":", 1)[1], 16))
+    return peers
+
+
+def _inbound_port(gauges: Mapping[str, int]) -> int | None:
+    for name in gauges:
+        if name.startswith("inbound :"):
+            return int(name.rsplit(":", 1)[1])
+    return None
+
+
 @dataclass
 class Census:
     fds: dict[str, int]
     gauges: dict[str, dict[str, int]]
     tasks: dict[str, int] = field(default_factory=dict)
+    pooled: dict[str, int] = field(default_factory=dict)
+    """Per process, the pooled connections it holds, counted on its sockets: web's (and each
+    of its data planes') to the api sidecars' inbound ports; an api sidecar's to its app, plus
+    its inbound connections (web's pool seen from the other end)."""
 
     @classmethod
     def take(cls, mesh: FaultMesh) -> Census:
         fds: dict[str, int] = {}
-        for name, pid in mesh.pids().items():
+        pids = mesh.pids()
+        for name, pid in pids.items():
             with contextlib.suppress(FileNotFoundError):
                 fds[name] = fd_count(pid)
         gauges, tasks = {}, {}
@@ -676,25 +709,32 @@ class Census:
                 st = status(admin)
                 gauges[sid] = {n: c["open"] for n, c in st["proxy"]["connections"].items()}
                 tasks[sid] = st["tasks"]
-        return cls(fds, gauges, tasks)
+        api_ports = {
+            port for sid in mesh.apps if (port := _inbound_port(gauges.get(sid, {}))) is not None
+        }
+        pooled: dict[str, int] = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(FileNotFoundError):
+                peers = peer_ports(pid)
+                if name in mesh.apps:
+                    app = mesh.apps[name].port
+                    pooled[name] = peers.count(app) + sum(gauges.get(name, {}).values())
+                elif name.startswith("web"):
+                    pooled[name] = sum(peers.count(port) for port in api_ports)
+        return cls(fds, gauges, tasks, pooled)
 
 
-def _open(census: Census, sid: str) -> int:
-    return sum(census.gauges.get(sid, {}).values())
-
-
-def allowance(mesh: FaultMesh, baseline: Census, now: Census) -> dict[str, int]:
-    """How many more fds than at the baseline each process may hold: its pooled connections.
-    Only web calls api, so api's inbound gauges count web's pooled connections to it; each of
-    those at api may hold one pooled connection to its app."""
-    apis = [sid for sid in mesh.admins if sid.startswith("api")]
-    pooled = {sid: max(0, _open(now, sid) - _open(baseline, sid)) for sid in apis}
-    allowed = {sid: FD_SLACK + 2 * pooled[sid] for sid in apis}
-    allowed["web"] = FD_SLACK + sum(pooled.values())
-    for name in now.fds:
-        if name.startswith("web-worker"):
-            allowed[name] = allowed["web"]  # with --workers, web's pools are its data planes'
-    return allowed
+def allowance(baseline: Census, now: Census) -> dict[str, int]:
+    """How many more fds than at the baseline each process may hold: the pooled connections it
+    gained (counted on its sockets, `Census.pooled`), up to two per load connection (one at
+    each hop). Counted, not inferred from the api sidecars' gauges: an api sidecar's pool to
+    its app may grow while its inbound connections stay (a request taken on an idle inbound
+    connection dials the app), and when a web data plane is killed its pools die with it and
+    the other data plane's grow while the api sidecars' gauges stay level."""
+    return {
+        name: FD_SLACK + min(2 * CONNS, max(0, n - baseline.pooled.get(name, 0)))
+        for name, n in now.pooled.items()
+    }
 
 
 def settled(mesh: FaultMesh, baseline: Census, timeout: float = 30) -> Census:
@@ -705,7 +745,7 @@ def settled(mesh: FaultMesh, baseline: Census, timeout: float = 30) -> Census:
     deadline = time.monotonic() + timeout
     while True:
         now = Census.take(mesh)
-        allowed = allowance(mesh, baseline, now)
+        allowed = allowance(baseline, now)
         grown = {
             name: (baseline.fds[name], n)
             for name, n in now.fds.items()
@@ -723,9 +763,16 @@ def settled(mesh: FaultMesh, baseline: Census, timeout: float = 30) -> Census:
         if not grown and not web_open and not more_tasks:
             return now
         if time.monotonic() > deadline:
+            pids = mesh.pids()
+            peers = {
+                name: sorted(Counter(peer_ports(pids[name])).items())
+                for name in grown
+                if name in pids
+            }
             raise AssertionError(
                 f"leak: fds grown {grown} (allowed {allowed}), web's open client connections "
-                f"{web_open}, tasks grown {more_tasks}; before {baseline}, after {now}"
+                f"{web_open}, tasks grown {more_tasks}; established connections of the grown "
+                f"by peer port {peers} (Consul {mesh.port}); before {baseline}, after {now}"
             )
         time.sleep(0.2)  # polling /proc; the deadline only catches a leak
 
@@ -746,6 +793,7 @@ class Run:
             f"\nFAULT {self.name}: {self.http.line()}\n  {self.streams.line()}\n"
             f"  fds before {self.before.fds} after {self.after.fds}\n"
             f"  tasks before {self.before.tasks} after {self.after.tasks}\n"
+            f"  pooled before {self.before.pooled} after {self.after.pooled}\n"
             f"  gauges after {self.after.gauges} {self.extra}"
         )
 
