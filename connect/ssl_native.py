@@ -14,8 +14,8 @@ refuses us anyway. Consul's leaf endpoint gives the intermediates a peer may nee
 `has_ticket(ssl_object)`: whether a client connection's session has its ticket yet, from
 SSL_get_session, where ssl's `session` returns a copy made the same slow way (below).
 
-`session_of(ssl_object)`: the connection's session as a `NativeSession`, a reference taken with
-SSL_get1_session. ssl's `session` getter leaks on every read in CPython 3.10 to 3.12 and
+`session_of(ssl_object)`: the connection's session as a `NativeSession`, a copy made with
+SSL_SESSION_dup (below). ssl's `session` getter leaks on every read in CPython 3.10 to 3.12 and
 3.13.0 (gh-116810: it copies the session through i2d/d2i, then takes the connection's own
 session with SSL_get1_session and drops the copy's pointer): ~6.5 kB a read, the server's
 certificate with it, for the process's life. `SESSION_GETTER_LEAKS` says whether this Python
@@ -93,7 +93,6 @@ class _Libssl:
         self.is_server = _fn(lib, "SSL_is_server", c_int, vp)
         self.in_before = _fn(lib, "SSL_in_before", c_int, vp)
         self.get0_session = _fn(lib, "SSL_get_session", vp, vp)
-        self.get1_session = _fn(lib, "SSL_get1_session", vp, vp)
         self.set_session = _fn(lib, "SSL_set_session", c_int, vp, vp)
         self.session_dup = _fn(lib, "SSL_SESSION_dup", vp, vp)
         self.session_free = _fn(lib, "SSL_SESSION_free", None, vp)
@@ -193,9 +192,9 @@ def has_ticket(ssl_object: ssl.SSLObject) -> bool | None:
 
 
 class NativeSession:
-    """A connection's TLS session, held by an OpenSSL reference of its own until this object
-    goes; what `offer_session` offers to later connections of the same context. `time`,
-    `timeout` and `has_ticket` as ssl.SSLSession has them."""
+    """A copy of a connection's TLS session, freed with this object: what `offer_session`
+    offers to later connections of the same context. `time`, `timeout` and `has_ticket` as
+    ssl.SSLSession has them."""
 
     __slots__ = ("_context", "_lib", "_ptr", "has_ticket", "time", "timeout")
 
@@ -228,13 +227,16 @@ def confirmed(ssl_object: ssl.SSLObject) -> bool:
 
 
 def session_of(ssl_object: ssl.SSLObject) -> NativeSession | None:
-    """The connection's current session, without ssl's leaking getter; None if it has none
-    yet or the connection is not `confirmed`."""
+    """A copy of the connection's current session, without ssl's leaking getter; None if it
+    has none yet or the connection is not `confirmed`."""
     lib = _libssl()
     ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
     if lib is None or not ssl_ptr:
         return None
-    ptr = lib.get1_session(ssl_ptr)
+    current = lib.get0_session(ssl_ptr)
+    # A copy (fields copied, certificates referenced), not the connection's own session:
+    # OpenSSL marks that one not resumable if the connection ends without a close_notify.
+    ptr = lib.session_dup(current) if current else 0
     return NativeSession(lib, ptr, ssl_object.context) if ptr else None
 
 
