@@ -22,7 +22,7 @@ from connect.cluster import NO_LIMITS, Cluster, EjectionPolicy, EndpointSource, 
 from connect.dial_failures import dial_failure
 from connect.resumption import offering, sessions_of
 from connect.seams import PeerCache
-from connect.ssl_native import has_ticket
+from connect.ssl_native import SESSION_GETTER_LEAKS, has_ticket
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -80,9 +80,13 @@ class Upstream:
                 waiting.append((transport, ssl_object))
                 continue
             # Only once closed, and without ssl's copy of the session where possible: ssl's
-            # `session` encodes and decodes it (the server's certificate with it), ~130 us.
+            # `session` encodes and decodes it (the server's certificate with it), ~130 us,
+            # and leaks it on some CPythons (connect.ssl_native.SESSION_GETTER_LEAKS): there,
+            # without the native calls, whether the server refused us is not known.
             ticket = has_ticket(ssl_object)
             if ticket is None:
+                if SESSION_GETTER_LEAKS:
+                    continue
                 session = ssl_object.session
                 ticket = session is not None and session.has_ticket
             if ticket:

@@ -41,7 +41,14 @@ from collections.abc import Hashable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from connect.ssl_native import offer_session
+from connect.ssl_native import (
+    SESSION_GETTER_LEAKS,
+    NativeSession,
+    confirmed,
+    offer_session,
+    session_of,
+    sessions_readable,
+)
 
 __all__ = [
     "MAX_AGE",
@@ -55,7 +62,11 @@ __all__ = [
 MAX_AGE = 300.0
 """Seconds a session is offered at most (OpenSSL's server ticket lifetime is 7200)."""
 
-_OFFER: ContextVar[tuple[ResumingClientContext, ssl.SSLSession] | None] = ContextVar(
+Session = ssl.SSLSession | NativeSession
+"""A kept session: read natively (connect.ssl_native.session_of) wherever the native calls
+reach the connection, by ssl's getter only where that does not leak."""
+
+_OFFER: ContextVar[tuple[ResumingClientContext, Session] | None] = ContextVar(
     "meshlet_tls_session_offer", default=None
 )
 
@@ -77,15 +88,21 @@ class ResumingClientContext(ssl.SSLContext):
         obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         if session is None and not server_side:
             offer = _OFFER.get()
-            if offer is not None and offer[0] is self and not offer_session(obj, offer[1]):
+            if (
+                offer is not None
+                and offer[0] is self
+                and not offer_session(obj, offer[1])
+                and isinstance(offer[1], ssl.SSLSession)
+            ):
                 with contextlib.suppress(ValueError):  # not from this context: no offer
                     obj.session = offer[1]  # ssl's way: a copy of the session
         return obj
 
 
 def sessions_of(ctx: ssl.SSLContext) -> SessionCache | None:
-    """The context's session cache; None for a context that cannot offer sessions."""
-    if not isinstance(ctx, ResumingClientContext):
+    """The context's session cache; None for a context that cannot offer sessions, and where
+    sessions cannot be read without a leak (native calls off on a leaking CPython)."""
+    if not isinstance(ctx, ResumingClientContext) or not sessions_readable():
         return None
     try:
         return ctx._meshlet_sessions
@@ -103,7 +120,7 @@ def end_sessions(ctx: ssl.SSLContext) -> None:
 
 
 @contextlib.contextmanager
-def offering(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> Iterator[None]:
+def offering(ctx: ssl.SSLContext, session: Session | None) -> Iterator[None]:
     """Offer `session` to handshakes that `ctx` starts in this context (the dialing task and
     the loop callbacks created while dialing)."""
     if session is None or not isinstance(ctx, ResumingClientContext):
@@ -121,7 +138,7 @@ class _Kept:
 
     def __init__(self, source: ssl.SSLObject, der: bytes, expires: float) -> None:
         self.source: ssl.SSLObject | None = source
-        self.session: ssl.SSLSession | None = None
+        self.session: Session | None = None
         self.der = der
         self.expires = expires
 
@@ -137,14 +154,14 @@ class SessionCache:
         self.offered = 0
         """Dials that offered a session (for stats and tests)."""
 
-    def offer(self, key: Hashable) -> ssl.SSLSession | None:
+    def offer(self, key: Hashable) -> Session | None:
         kept = self._kept.get(key)
         if kept is None:
             return None
         now = time.time()
         source = kept.source
         if source is not None:
-            session = source.session
+            session = _read_session(source)
             if session is not None and session.has_ticket:
                 kept.session = session
                 kept.source = None
@@ -188,6 +205,15 @@ class SessionCache:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+def _read_session(ssl_object: ssl.SSLObject) -> Session | None:
+    """The connection's session; None where only ssl's getter could read it and it leaks a
+    session per read (connect.ssl_native.SESSION_GETTER_LEAKS): no resumption then."""
+    session = session_of(ssl_object)
+    if session is not None or confirmed(ssl_object) or SESSION_GETTER_LEAKS:
+        return session
+    return ssl_object.session
 
 
 def _not_after(ssl_object: ssl.SSLObject) -> float | None:

@@ -25,6 +25,13 @@ instead of every one.
 `has_ticket(ssl_object)`: whether a client connection's session has its ticket yet, from
 SSL_get_session, where ssl's `session` returns a copy made the same slow way (below).
 
+`session_of(ssl_object)`: the connection's session as a `NativeSession`, a copy made with
+SSL_SESSION_dup (below). ssl's `session` getter leaks on every read in CPython 3.10 to 3.12 and
+3.13.0 (gh-116810: it copies the session through i2d/d2i, then takes the connection's own
+session with SSL_get1_session and drops the copy's pointer): ~6.5 kB a read, the server's
+certificate with it, for the process's life. `SESSION_GETTER_LEAKS` says whether this Python
+does; where it does and the native calls are off, callers must not read `session` at all.
+
 `offer_session(ssl_object, session)`: SSL_set_session with OpenSSL's own copy of the session.
 ssl's `wrap_bio(session=)` copies it by encoding and decoding it (i2d then d2i_SSL_SESSION, a
 workaround from before OpenSSL 1.1.1 had SSL_SESSION_dup), which decodes the server's
@@ -47,10 +54,21 @@ import os
 import platform
 import ssl
 import sys
+import weakref
 from functools import cache
 from typing import Any
 
-__all__ = ["has_ticket", "no_ticket_on_resumption", "offer_session", "send_loaded_chain_only"]
+__all__ = [
+    "SESSION_GETTER_LEAKS",
+    "NativeSession",
+    "confirmed",
+    "has_ticket",
+    "no_ticket_on_resumption",
+    "offer_session",
+    "send_loaded_chain_only",
+    "session_of",
+    "sessions_readable",
+]
 
 _LAYOUTS_READ = ((3, 11), (3, 12), (3, 13))
 _P = ctypes.sizeof(ctypes.c_void_p)
@@ -62,6 +80,12 @@ _SSL_MODE_NO_AUTO_CHAIN = 0x8
 _PROBE_OPTION = getattr(ssl, "OP_NO_RENEGOTIATION", 0x40000000)
 # ssl's verify modes as OpenSSL's SSL_VERIFY_* flags (PEER = 1, FAIL_IF_NO_PEER_CERT = 2).
 _VERIFY_FLAGS = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+_VERSION = sys.version_info[:3]
+SESSION_GETTER_LEAKS = (3, 10, 0) <= _VERSION < (3, 12, 8) or (3, 13, 0) <= _VERSION < (3, 13, 1)
+"""Whether `ssl.SSLObject.session` leaks a session per read (gh-116810; the fix reached 3.12
+in its October 2024 backport and 3.13 in 3.13.1, 3.12.7 counted as leaking to be safe; 3.10
+and 3.11 never got it: 3.11.7 leaks 6.5 kB a read on this box)."""
 
 
 def _fn(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> Any:
@@ -224,25 +248,79 @@ def has_ticket(ssl_object: ssl.SSLObject) -> bool | None:
     return bool(session and lib.session_has_ticket(session))
 
 
-def offer_session(ssl_object: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+class NativeSession:
+    """A copy of a connection's TLS session, freed with this object: what `offer_session`
+    offers to later connections of the same context. `time`, `timeout` and `has_ticket` as
+    ssl.SSLSession has them."""
+
+    __slots__ = ("_context", "_lib", "_ptr", "has_ticket", "time", "timeout")
+
+    def __init__(self, lib: _Libssl, ptr: int, context: ssl.SSLContext) -> None:
+        self._lib, self._ptr = lib, ptr
+        # Weak: the context's session cache holds these, and the context must stay freeable.
+        self._context = weakref.ref(context)
+        self.has_ticket = bool(lib.session_has_ticket(ptr))
+        self.time = int(lib.session_get_time(ptr))
+        self.timeout = int(lib.session_get_timeout(ptr))
+
+    def pointer_for(self, ctx: ssl.SSLContext) -> int:
+        """The SSL_SESSION, for a connection of `ctx` only (the context it was read from)."""
+        return self._ptr if self._context() is ctx else 0
+
+    def __del__(self) -> None:
+        self._lib.session_free(self._ptr)
+
+
+def sessions_readable() -> bool:
+    """Whether a connection's session can be read without a leak: natively, or by ssl's
+    getter where it does not leak."""
+    return _libssl() is not None or not SESSION_GETTER_LEAKS
+
+
+def confirmed(ssl_object: ssl.SSLObject) -> bool:
+    """Whether the native calls reach this connection's SSL (False: plain ssl only)."""
+    lib = _libssl()
+    return lib is not None and bool(_ssl_pointer(lib, ssl_object))
+
+
+def session_of(ssl_object: ssl.SSLObject) -> NativeSession | None:
+    """A copy of the connection's current session, without ssl's leaking getter; None if it
+    has none yet or the connection is not `confirmed`."""
+    lib = _libssl()
+    ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
+    if lib is None or not ssl_ptr:
+        return None
+    current = lib.get0_session(ssl_ptr)
+    # A copy (fields copied, certificates referenced), not the connection's own session:
+    # OpenSSL marks that one not resumable if the connection ends without a close_notify.
+    ptr = lib.session_dup(current) if current else 0
+    return NativeSession(lib, ptr, ssl_object.context) if ptr else None
+
+
+def offer_session(ssl_object: ssl.SSLObject, session: ssl.SSLSession | NativeSession) -> bool:
     """Offer `session` on a client `ssl_object` whose handshake has not started, without the
     copy ssl makes. False (nothing done) unless every pointer is confirmed; the caller then
-    offers it the plain way."""
+    offers an ssl.SSLSession the plain way (a NativeSession not at all)."""
     lib = _libssl()
     ssl_ptr = _ssl_pointer(lib, ssl_object) if lib is not None else 0
     if lib is None or not ssl_ptr or lib.is_server(ssl_ptr) or not lib.in_before(ssl_ptr):
         return False
     ctx = ssl_object.context
-    # PySSLSession: session, ctx (the PySSLContext of the connection it was read from).
-    sess_ptr = _field(session, _HEAD)
-    if not sess_ptr or _field(session, _HEAD + _P) != id(ctx):
-        return False
-    if (
-        lib.session_get_time(sess_ptr) != session.time
-        or lib.session_get_timeout(sess_ptr) != session.timeout
-        or bool(lib.session_has_ticket(sess_ptr)) != session.has_ticket
-    ):
-        return False
+    if isinstance(session, NativeSession):
+        sess_ptr = session.pointer_for(ctx)
+        if not sess_ptr:
+            return False
+    else:
+        # PySSLSession: session, ctx (the PySSLContext of the connection it was read from).
+        sess_ptr = _field(session, _HEAD)
+        if not sess_ptr or _field(session, _HEAD + _P) != id(ctx):
+            return False
+        if (
+            lib.session_get_time(sess_ptr) != session.time
+            or lib.session_get_timeout(sess_ptr) != session.timeout
+            or bool(lib.session_has_ticket(sess_ptr)) != session.has_ticket
+        ):
+            return False
     if lib.get0_session(ssl_ptr):
         return False  # a session is set already: not ours to replace
     # Each connection gets its own copy, as with ssl: OpenSSL marks a connection's session not

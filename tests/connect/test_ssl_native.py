@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from connect.ssl_native import has_ticket, offer_session
+from connect.ssl_native import NativeSession, has_ticket, offer_session, session_of
 from tests.connect.proxy_test_ca import ProxyTestCA
 
 
@@ -73,7 +73,9 @@ class _Server:
                 tls.recv(1)  # until the client is gone
             self.seen.append(seen)
 
-    def dial(self, client: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLObject:
+    def dial(
+        self, client: ssl.SSLContext, session: ssl.SSLSession | NativeSession | None
+    ) -> ssl.SSLObject:
         bios = (ssl.MemoryBIO(), ssl.MemoryBIO())
         obj = client.wrap_bio(*bios)
         if session is not None:
@@ -111,6 +113,32 @@ def test_a_session_offered_without_a_copy_resumes_and_the_client_is_still_known(
         server.close()
     assert len(server.seen) == 4
     assert [reused for reused, _ in server.seen] == [False, True, True, True]
+    assert all(der == web.der for _, der in server.seen)
+
+
+def test_a_session_read_natively_resumes_and_stays_with_its_context(ca: ProxyTestCA) -> None:
+    """`session_of` reads the session with SSL_get1_session (ssl's getter leaks a copy per
+    read on CPython 3.11): it has its ticket, resumes, and is offered to no other context's
+    connection, even once its own context is gone."""
+    web = ca.leaf("web")
+    server = _Server(ca.server_context(ca.leaf("api")))
+    client = ca.client_context(web)
+    try:
+        assert session_of(client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())) is None
+        first = server.dial(client, None)
+        session = session_of(first)
+        assert isinstance(session, NativeSession) and session.has_ticket
+        assert session.timeout > 0 and session.time > 0
+        del first  # the session outlives its connection: it holds its own reference
+        for _ in range(2):
+            assert server.dial(client, session).session_reused
+        other = ca.client_context(web)
+        assert not offer_session(other.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO()), session)
+        del client
+        assert not offer_session(other.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO()), session)
+    finally:
+        server.close()
+    assert [reused for reused, _ in server.seen] == [False, True, True]
     assert all(der == web.der for _, der in server.seen)
 
 

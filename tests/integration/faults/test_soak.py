@@ -12,9 +12,11 @@ Thresholds, per minute of run:
   (30 a minute: what a new ID per cycle does today, see test_faults) or, in the long run, per
   leaf rotation (about 10 a minute per sidecar) is beyond it.
 * RSS: RSS_SLOPE_KB (1 MiB a minute in the 60-second run, 512 kB in the 10-minute one).
-  CPython's allocator and the TLS caches step the RSS by hundreds of kB at a time (the
-  measured slopes of a clean run are under 400 kB/min), and the short run fits its line
-  through ~23 samples; a leak of 1 kB per request is 12 MB a minute.
+  CPython's allocator and the TLS caches step the RSS by hundreds of kB at a time, and the
+  short run fits its line through ~23 samples; a leak of 1 kB per request is 12 MB a minute.
+  Measured over 600 s: every process +5..+68 kB/min. web's +265..+565 before that was one
+  TLS session leaked per kept full handshake (ssl's `session` getter, gh-116810; see
+  connect.ssl_native and test_tls_resumption's C-heap test).
 * asyncio tasks of each sidecar (/v1/status `tasks`): FD_SLOPE too (they are flat).
 No GET may fail and no stream break.
 """
