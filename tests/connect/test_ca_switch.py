@@ -14,14 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import time
 
 import pytest
 
 from connect.ca_switch import SwitchPolicy, switch_without_cross_signing, trusted
+from connect.dataplane.codec import from_wire, to_wire
+from connect.dataplane.snapshot import PushedLeaf, PushedMaterial, PushedRoots
+from connect.identity import PeerRefused
 from connect.leaf import Leaf, Material, TrustBundle
 from connect.leaf_chain import chain_problem
 from connect.leaf_rotation import LeafRotator
+from connect.tls import DynamicTLS, HandshakeRefused, accept_tls
 from devstack.connect_ca import CASettings, ConnectCA
 from devstack.store import Store
 
@@ -175,3 +180,55 @@ async def test_a_cross_signed_rotation_publishes_the_roots_as_given() -> None:
 def test_policy_needs_a_grace_longer_than_the_delay() -> None:
     with pytest.raises(ValueError, match="delay"):
         SwitchPolicy(delay=5.0, jitter=5.0, grace=10.0)
+
+
+async def test_the_pushed_roots_carry_the_grace_to_a_data_plane() -> None:
+    """What agent/sidecar.py pushes to a data-plane process, through its wire codec: a data
+    plane serving the old leaf accepts a peer's new-CA leaf (new trust domain) and a peer's old
+    leaf during the grace, and the old leaf no more once the plain new roots are pushed."""
+    old_ca, new_ca = _ca(), _ca()
+    old, new = _bundle(old_ca, 1), _bundle(new_ca, 2)
+    api_old = _leaf(old_ca, "api")
+    grace = switch_without_cross_signing(api_old, old, new, time.time(), 0.0, policy=POLICY)
+    assert grace is not None
+    union = trusted(new, grace, time.time())
+
+    def pushed(bundle: TrustBundle) -> DynamicTLS[PushedMaterial]:
+        material = PushedMaterial(
+            PushedLeaf(api_old.cert_pem, api_old.key_pem, api_old.service_uri, 0.0),
+            PushedRoots(bundle.pem, bundle.trust_domain, bundle.grace_domains),
+        )
+        decoded: PushedMaterial = from_wire(
+            PushedMaterial, json.loads(json.dumps(to_wire(material)))
+        )
+        return DynamicTLS(decoded)
+
+    async def accepts(server: DynamicTLS[PushedMaterial], leaf: Leaf) -> str:
+        """The peer's trust domain as `server` verified it, or why it refused it."""
+        verdict: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                verdict.set_result((await accept_tls(writer, server)).trust_domain)
+            except (HandshakeRefused, PeerRefused) as err:
+                verdict.set_result(f"refused: {err}")
+            finally:
+                writer.close()
+
+        listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        client = DynamicTLS(Material(leaf, union, 1))
+        try:
+            with contextlib.suppress(OSError, ConnectionError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client.client())
+                writer.close()
+            return await asyncio.wait_for(verdict, 10)
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    data_plane = pushed(union)
+    assert data_plane.grace_domains == (old.trust_domain,)
+    assert await accepts(data_plane, _leaf(new_ca)) == new.trust_domain
+    assert await accepts(data_plane, _leaf(old_ca)) == old.trust_domain
+    assert (await accepts(pushed(new), _leaf(old_ca))).startswith("refused")
