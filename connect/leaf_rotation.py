@@ -283,8 +283,14 @@ class LeafRotator:
             assert self._answered is not None
             self._bundle = self._answered
             log.info("grace over: the replaced CA's roots are no longer trusted")
-            self._check_chain()
-            if self._problem:
+            if self._check_chain():
+                # The control plane has not re-signed our leaf within the grace.
+                self.chain_breaks += 1
+                log.error(
+                    "%s after the roots changed (the replaced CA's grace is over); fetching a "
+                    "new leaf now",
+                    self._problem,
+                )
                 self._roots_moved.set()
             await self._publish()
 
