@@ -480,6 +480,9 @@ class Sidecar:
                 "roots_changes": self.rotator.roots_changes if self.rotator is not None else 0,
                 "chain_breaks": self.rotator.chain_breaks if self.rotator is not None else 0,
                 "stale_leaves": self.rotator.stale_leaves if self.rotator is not None else 0,
+                # A CA replaced without cross-signing: its roots trusted until then (epoch s).
+                "old_roots_trusted_until": material.bundle.grace_until if material else 0.0,
+                "ca_switches": self.rotator.ca_switches if self.rotator is not None else 0,
             },
             "intentions": {
                 "loaded": self.intentions_loaded,
@@ -719,7 +722,11 @@ class Sidecar:
                     material.leaf.service_uri,
                     material.leaf.validity.not_after,
                 ),
-                PushedRoots(material.bundle.pem, material.bundle.trust_domain),
+                PushedRoots(
+                    material.bundle.pem,
+                    material.bundle.trust_domain,
+                    material.bundle.grace_domains,
+                ),
             ),
             intentions=IntentionsSource(default[0], default[1], entries, index),
             endpoints=tuple(endpoints),

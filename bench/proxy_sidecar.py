@@ -40,6 +40,7 @@ class FixedTLS:
     server_context: ssl.SSLContext
     client_context: ssl.SSLContext
     trust_domain: str
+    grace_domains: tuple[str, ...] = ()
 
     def listener_context(self) -> ssl.SSLContext:
         return self.server_context

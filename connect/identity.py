@@ -207,7 +207,9 @@ def is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def peer_identity(der: bytes, *, trust_domain: str, now: datetime.datetime) -> Identity:
+def peer_identity(
+    der: bytes, *, trust_domain: str, now: datetime.datetime, also: tuple[str, ...] = ()
+) -> Identity:
     """The identity of a peer's leaf certificate, or `PeerRefused` naming the failed check.
 
     Chain verification is the TLS library's job (it has the roots); this repeats the time checks
@@ -229,7 +231,7 @@ def peer_identity(der: bytes, *, trust_domain: str, now: datetime.datetime) -> I
         raise PeerRefused(Refusal.CA)
     if facts.self_issued:
         raise PeerRefused(Refusal.SELF_SIGNED)
-    return _spiffe_identity(list(facts.uris), trust_domain)
+    return _spiffe_identity(list(facts.uris), trust_domain, also)
 
 
 def certificate_identity(
@@ -248,7 +250,8 @@ def certificate_identity(
     return _spiffe_identity(uri_sans(cert), trust_domain)
 
 
-def _spiffe_identity(uris: list[str], trust_domain: str) -> Identity:
+def _spiffe_identity(uris: list[str], trust_domain: str, also: tuple[str, ...] = ()) -> Identity:
+    """`also`: domains of a CA being replaced, accepted for its grace (connect.ca_switch)."""
     if not uris:
         raise PeerRefused(Refusal.NO_SPIFFE_SAN)
     if len(uris) > 1:
@@ -257,7 +260,7 @@ def _spiffe_identity(uris: list[str], trust_domain: str) -> Identity:
         ident = parse(uris[0])
     except IdentityError as err:
         raise PeerRefused(Refusal.BAD_SPIFFE_ID, str(err)) from None
-    if ident.trust_domain != trust_domain:
+    if ident.trust_domain != trust_domain and ident.trust_domain not in also:
         raise PeerRefused(
             Refusal.WRONG_TRUST_DOMAIN, f"{ident.trust_domain!r} is not {trust_domain!r}"
         )

@@ -154,6 +154,15 @@ class TrustBundle:
     roots_pem: tuple[str, ...]
     """Every root and intermediate to trust, active or not (old roots stay during rotation)."""
     index: int = 0
+    grace_domains: tuple[str, ...] = ()
+    """Trust domains also accepted from peers until `grace_until` (connect.ca_switch)."""
+    grace_until: float = 0.0
+    """Epoch seconds; non-zero while roots of a CA replaced without cross-signing are in
+    `roots_pem` (connect.ca_switch)."""
+
+    @property
+    def trust_domains(self) -> tuple[str, ...]:
+        return (self.trust_domain, *self.grace_domains)
 
     @property
     def pem(self) -> str:

@@ -79,10 +79,15 @@ def chain_problem(leaf: Leaf, bundle: TrustBundle, now: datetime.datetime) -> st
         anchors = _load(bundle.roots_pem)
     except ValueError as err:
         return f"leaf or bundle is not parsable: {err}"
-    try:
-        certificate_identity(chain[0], trust_domain=bundle.trust_domain, now=now)
-    except PeerRefused as err:
-        return f"leaf {leaf.service_uri} is refused: {err}"
+    refusals: list[str] = []
+    for domain in bundle.trust_domains:
+        try:
+            certificate_identity(chain[0], trust_domain=domain, now=now)
+            break
+        except PeerRefused as err:
+            refusals.append(str(err))
+    else:
+        return f"leaf {leaf.service_uri} is refused: {refusals[0]}"
     roots = [c for c in anchors if is_self_signed(c)]
     intermediates = chain[1:] + [c for c in anchors if not is_self_signed(c)]
     if _reaches_root(chain[0], roots, intermediates, now, 0):

@@ -35,6 +35,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from connect.ca_switch import (
+    DEFAULT_SWITCH,
+    Grace,
+    SwitchPolicy,
+    switch_without_cross_signing,
+    trusted,
+)
 from connect.latest import Latest, backoff
 from connect.leaf import (
     Leaf,
@@ -71,14 +78,23 @@ class LeafRotator:
         policy: Policy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
         draw: Callable[[], float] = random.random,
+        switch: SwitchPolicy = DEFAULT_SWITCH,
     ) -> None:
         self._leaf_source = leaf_source
         self._roots_source = roots_source
         self._policy = policy
         self._clock = clock
         self._draw = draw
+        self._switch = switch
         self._leaf: Leaf | None = None
         self._bundle: TrustBundle | None = None
+        """What we trust: the source's roots, plus a replaced CA's while `_grace` lasts."""
+        self._answered: TrustBundle | None = None
+        """The roots as the source last gave them."""
+        self._grace: Grace | None = None
+        self._switch_from = ""
+        """Serial of the leaf the CA switch in progress replaces."""
+        self._grace_moved = asyncio.Event()
         self._material: Latest[Material | None] = Latest(None)
         """Published whole; its version is the material's generation."""
         self._renew_at = 0.0
@@ -94,6 +110,8 @@ class LeafRotator:
         """Times a roots change left the held leaf without a chain to the roots."""
         self.stale_leaves = 0
         """Leaves fetched that did not chain to the current roots (never put in use)."""
+        self.ca_switches = 0
+        """Roots changes that dropped the root of the served leaf (no cross-signing)."""
 
     # ---- readers ---------------------------------------------------------------------------
 
@@ -105,6 +123,11 @@ class LeafRotator:
         if self._leaf is None:
             return Health.EXPIRED
         return health(self._leaf.validity, self._clock(), self._policy)
+
+    @property
+    def grace(self) -> Grace | None:
+        """The CA switch in progress: the old roots are trusted until `grace.until`."""
+        return self._grace
 
     def problem(self) -> str:
         """Why the held leaf is unusable with the held bundle ("" when it chains, or when
@@ -151,6 +174,7 @@ class LeafRotator:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._roots_loop(), name="roots")
             tg.create_task(self._leaf_loop(), name="leaf")
+            tg.create_task(self._grace_loop(), name="ca-switch grace")
 
     async def _roots_loop(self) -> None:
         index = 0
@@ -182,14 +206,17 @@ class LeafRotator:
             bundle = got
             failures = 0
             index = bundle.index
-            old = self._bundle
+            old = self._answered
             if old is not None and (old.roots_pem, old.active_root_id, old.trust_domain) == (
                 bundle.roots_pem,
                 bundle.active_root_id,
                 bundle.trust_domain,
             ):
                 continue
-            self._bundle = bundle
+            self._answered = bundle
+            if old is not None and self._leaf is not None and self._bundle is not None:
+                self._start_grace(self._leaf, self._bundle, bundle)
+            self._bundle = trusted(bundle, self._grace, self._clock())
             self._have_bundle.set()
             if old is None:
                 self._check_chain()
@@ -210,6 +237,73 @@ class LeafRotator:
             if problem or old.active_root_id != bundle.active_root_id:
                 self._roots_moved.set()
             await self._publish()
+
+    def _start_grace(self, leaf: Leaf, held: TrustBundle, new: TrustBundle) -> None:
+        now = self._clock()
+        grace = switch_without_cross_signing(
+            leaf, held, new, now, self._draw(), policy=self._switch
+        )
+        if grace is None:
+            return  # the new roots still sign our leaf (or it was useless anyway)
+        if self._grace is not None and now < self._grace.until:
+            # A second change within the grace: the first one's roots keep their deadline.
+            grace = Grace(
+                old_roots=grace.old_roots,
+                old_domain=grace.old_domain or self._grace.old_domain,
+                adopt_at=grace.adopt_at,
+                until=min(grace.until, max(self._grace.until, now)),
+            )
+        self._grace = grace
+        self._switch_from = leaf.serial
+        self.ca_switches += 1
+        self._grace_moved.set()
+        log.warning(
+            "roots changed without cross-signing (trust domain %s -> %s); old roots trusted "
+            "until %s, the new CA's leaf put in use from %s",
+            held.trust_domain,
+            new.trust_domain,
+            datetime.datetime.fromtimestamp(grace.until, datetime.UTC).isoformat(),
+            datetime.datetime.fromtimestamp(grace.adopt_at, datetime.UTC).isoformat(),
+        )
+
+    async def _grace_loop(self) -> None:
+        """Drops the replaced CA's roots when the grace ends."""
+        while True:
+            self._grace_moved.clear()
+            grace = self._grace
+            if grace is None:
+                await self._grace_moved.wait()
+                continue
+            delay = grace.until - self._clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._grace_moved.wait(), delay)
+                continue
+            self._grace = None
+            assert self._answered is not None
+            self._bundle = self._answered
+            log.info("grace over: the replaced CA's roots are no longer trusted")
+            if self._check_chain():
+                # The control plane has not re-signed our leaf within the grace.
+                self.chain_breaks += 1
+                log.error(
+                    "%s after the roots changed (the replaced CA's grace is over); fetching a "
+                    "new leaf now",
+                    self._problem,
+                )
+                self._roots_moved.set()
+            await self._publish()
+
+    def _switching(self, leaf: Leaf | None) -> bool:
+        """`leaf` is the one the CA switch in progress is replacing."""
+        return leaf is not None and self._grace is not None and leaf.serial == self._switch_from
+
+    async def _until_adopt(self) -> None:
+        """Holds a leaf of the new CA until the switch's adoption time, so that every peer
+        trusts the new root by the time we present it."""
+        grace = self._grace
+        if grace is not None and (delay := grace.adopt_at - self._clock()) > 0:
+            await asyncio.sleep(delay)
 
     async def _leaf_loop(self) -> None:
         await self._have_bundle.wait()
@@ -233,7 +327,10 @@ class LeafRotator:
             # A held leaf that does not chain is worth nothing: ask for one at once (a
             # non-blocking query: Consul's agent then revalidates its cached leaf).
             broken = current is not None and bool(self._problem)
-            ask = None if broken else current
+            # Our leaf is from a replaced CA: ask at once too (a blocking query would wait on
+            # an index the new control plane never had), and judge the answer by the new roots.
+            switching = not broken and self._switching(current)
+            ask = None if broken or switching else current
             try:
                 if ask is not None and self._leaf_source.blocking:
                     fresh = await self._unless(
@@ -262,7 +359,8 @@ class LeafRotator:
                 continue
             if self._bundle is not bundle:
                 continue  # the roots changed during the fetch: judge against the new ones
-            problem = chain_problem(fresh, bundle, self._now())
+            judge = self._answered if switching and self._answered is not None else bundle
+            problem = chain_problem(fresh, judge, self._now())
             if problem and current is not None:
                 # Consul's agent answers with the leaf it holds until its re-signing delay
                 # has passed; it must not replace ours, nor stop us asking.
@@ -278,8 +376,12 @@ class LeafRotator:
                 )
                 self._reread_roots.set()
                 continue
+            if switching:
+                await self._until_adopt()
+                if self._bundle is not bundle and not self._switching(current):
+                    continue  # the roots changed again meanwhile: decide again
             failures, next_try = 0, None
-            if current is not None and not broken:
+            if current is not None and not broken and not switching:
                 if fresh.serial == current.serial:
                     continue  # a blocking query that ran out of wait
                 # A higher ModifyIndex is Consul's word that the leaf is newer, even when it

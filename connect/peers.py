@@ -19,14 +19,20 @@ from connect.seams import Peer, PeerCache, PeerRejected, PeerVerifier
 from intentions.engine import Identity
 
 
-def service_peers(trust_domain: Callable[[], str]) -> PeerCache:
-    """Peers that are mesh services of `trust_domain()`; anything else is refused with
+def service_peers(
+    trust_domain: Callable[[], str], grace_domains: Callable[[], tuple[str, ...]] = tuple
+) -> PeerCache:
+    """Peers that are mesh services of `trust_domain()` (or, while a CA replaced without
+    cross-signing is still trusted, of `grace_domains()`); anything else is refused with
     connect.identity's reason."""
 
     def verify(der: bytes, /) -> Peer:
         try:
             ident = peer_identity(
-                der, trust_domain=trust_domain(), now=datetime.datetime.now(datetime.UTC)
+                der,
+                trust_domain=trust_domain(),
+                now=datetime.datetime.now(datetime.UTC),
+                also=grace_domains(),
             )
         except PeerRefused as err:
             raise PeerRejected(str(err)) from None
@@ -34,13 +40,14 @@ def service_peers(trust_domain: Callable[[], str]) -> PeerCache:
             raise PeerRejected(f"{ident.uri} is not a service identity")
         return Peer(ident.uri, Identity(ident.service, ident.namespace, ident.partition))
 
-    return _TrustDomainPeers(verify, trust_domain)
+    return _TrustDomainPeers(verify, lambda: (trust_domain(), *grace_domains()))
 
 
 class _TrustDomainPeers(PeerCache):
-    """A `PeerCache` whose answers are dropped when the trust domain changes."""
+    """A `PeerCache` whose answers are dropped when the trusted domains change (a grace
+    ending drops the answers for the old domain's leaves)."""
 
-    def __init__(self, verify: PeerVerifier, trust_domain: Callable[[], str]) -> None:
+    def __init__(self, verify: PeerVerifier, trust_domain: Callable[[], tuple[str, ...]]) -> None:
         super().__init__(verify)
         self._trust_domain = trust_domain
         self._domain = trust_domain()

@@ -241,6 +241,9 @@ class SidecarTLS(Protocol):
     @property
     def trust_domain(self) -> str: ...
 
+    @property
+    def grace_domains(self) -> tuple[str, ...]: ...
+
     def listener_context(self) -> ssl.SSLContext:
         """One context for an inbound listener's life (it follows rotation inside)."""
         ...
@@ -340,7 +343,7 @@ class _Routed:
                     f"{self.spec.name} ({tid})",
                     endpoints=endpoints,
                     client_ssl=tls.client,
-                    verify_peer=service_peers(lambda: tls.trust_domain),
+                    verify_peer=service_peers(lambda: tls.trust_domain, lambda: tls.grace_domains),
                     expected_service=settings.service,
                     connect_timeout=settings.connect_timeout,
                     rng=random.Random(self.sidecar._rng.random()),
@@ -602,7 +605,7 @@ class Sidecar(Generic[S]):
 
     def _build(self, spec: InboundSpec) -> Running:
         tls = self.tls
-        peers = service_peers(lambda: tls.trust_domain)
+        peers = service_peers(lambda: tls.trust_domain, lambda: tls.grace_domains)
         listener: _Listener
         if spec.protocol == "http":
             gate = InboundGate(tls.listener_context(), peers, self.stats, current_ssl=tls.server)
@@ -642,7 +645,7 @@ class Sidecar(Generic[S]):
             spec.name,
             endpoints=endpoints,
             client_ssl=tls.client,
-            verify_peer=service_peers(lambda: tls.trust_domain),
+            verify_peer=service_peers(lambda: tls.trust_domain, lambda: tls.grace_domains),
             expected_service=spec.name,
             rng=random.Random(self._rng.random()),
             resume_tls=self._resume_tls,

@@ -44,6 +44,9 @@ class _RootsPEM(Protocol):
     @property
     def trust_domain(self) -> str: ...
 
+    @property
+    def grace_domains(self) -> tuple[str, ...]: ...
+
 
 class Material(Protocol):
     """What one generation of contexts is built from: connect.leaf.Material in the agent, the
@@ -168,6 +171,11 @@ class DynamicTLS(Generic[M]):
     def trust_domain(self) -> str:
         return self._current.material.bundle.trust_domain
 
+    @property
+    def grace_domains(self) -> tuple[str, ...]:
+        """A replaced CA's trust domains, still accepted for its grace (connect.ca_switch)."""
+        return self._current.material.bundle.grace_domains
+
     def server(self) -> ssl.SSLContext:
         return self._current.server
 
@@ -188,13 +196,14 @@ class DynamicTLS(Generic[M]):
 
     def peer(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity:
         """The verified peer's SPIFFE identity, or `PeerRefused` (logged, naming the check)."""
-        return verified_peer(ssl_object, self.trust_domain)
+        return verified_peer(ssl_object, self.trust_domain, also=self.grace_domains)
 
 
 def verified_peer(
     ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
     trust_domain: str,
     now: datetime.datetime | None = None,
+    also: tuple[str, ...] = (),
 ) -> Identity:
     if ssl_object is None:
         raise _refused(PeerRefused(Refusal.NO_SPIFFE_SAN, "not a TLS connection"))
@@ -203,7 +212,10 @@ def verified_peer(
         raise _refused(PeerRefused(Refusal.UNPARSABLE, "the peer sent no certificate"))
     try:
         return peer_identity(
-            der, trust_domain=trust_domain, now=now or datetime.datetime.now(datetime.UTC)
+            der,
+            trust_domain=trust_domain,
+            now=now or datetime.datetime.now(datetime.UTC),
+            also=also,
         )
     except PeerRefused as err:
         raise _refused(err) from None

@@ -65,6 +65,8 @@ class PushedLeaf:
 class PushedRoots:
     pem: str
     trust_domain: str
+    grace_domains: tuple[str, ...] = ()
+    """A CA replaced without cross-signing: its domains, accepted for a bounded grace."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,8 +87,10 @@ async def test_a_roots_read_in_backoff_is_made_at_once_when_consul_is_back() -> 
 
             def renewed(m: Material) -> bool:
                 now = datetime.datetime.now(datetime.UTC)
-                return m.bundle.trust_domain != before.bundle.trust_domain and not chain_problem(
-                    m.leaf, m.bundle, now
+                # The new CA's leaf (the old one stays for a while: connect.ca_switch).
+                return m.bundle.trust_domain != before.bundle.trust_domain and (
+                    m.leaf.service_uri.find(m.bundle.trust_domain) > 0
+                    and not chain_problem(m.leaf, m.bundle, now)
                 )
 
             after = await asyncio.wait_for(_until(rotator, renewed), 30)

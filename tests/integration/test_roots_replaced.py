@@ -7,9 +7,12 @@ re-signing (`--ca-change-delay`, Consul's random 0-30 s made fixed).
 
 Before the fix the sidecars logged a new generation, kept their old leaves for good (the
 re-signed ones expire earlier and were ignored), refused each other, and still said ready with
-nothing counted. Now: while a sidecar holds no leaf that chains to the current roots it is not
-ready (its /ready, /v1/status and Consul check say why), the dials its peer refuses are counted
-per upstream and kind, and once the agent re-signs, the new leaves are taken and traffic flows.
+nothing counted. Now: for a grace (connect.ca_switch, 30 s) the old roots stay trusted with the
+new ones and traffic flows on the old leaves; the agent here re-signs only after the grace
+(Consul's own delay is up to 30 s, so it can), and while a sidecar then holds no leaf that
+chains to the current roots it is not ready (its /ready, /v1/status and Consul check say why),
+the dials its peer refuses are counted per upstream and kind, and once the agent re-signs, the
+new leaves are taken and traffic flows.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from tests.integration.mesh import (
 )
 from tests.integration.test_agent_process import wait_catalog
 
-CHANGE_DELAY = "10"
+CHANGE_DELAY = "40"
+"""Past the grace (30 s) during which the replaced roots are still trusted."""
 NEW_CLUSTER = "5f1d2c3b-0000-4000-8000-00000000cafe"
 NEW_TD = f"{NEW_CLUSTER}.consul"
 
@@ -95,8 +99,17 @@ def test_replaced_roots_make_the_sidecar_unready_until_a_chaining_leaf_arrives(
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
 
-    # Until the agent re-signs, both sidecars hold old leaves that the new roots do not vouch
-    # for: every dial from web to api fails its handshake, and web counts it under api.
+    # The grace: both CAs' roots trusted, the old leaves still presented, nothing refused.
+    st = wait_status(
+        mesh.web_admin, lambda s: s["proxy"]["leaf"]["old_roots_trusted_until"] > 0, "grace"
+    )
+    assert st["proxy"]["leaf"]["ca_switches"] == 1 and st["ready"]
+    assert b'"app": "api"' in tcp_exchange(mesh.web_upstream)
+    assert not _refusals(status(mesh.web_admin), "api")
+
+    # The grace over and the agent not re-signed yet, both sidecars hold old leaves that the
+    # new roots do not vouch for: every dial from web to api fails its handshake, and web
+    # counts it under api.
     deadline = time.monotonic() + DEADLINE
     while not _refusals(st := status(mesh.web_admin), "api"):
         assert st["proxy"]["upstreams"]["api"]["endpoints"] == 1, "api left before a dial"
