@@ -14,7 +14,8 @@ What comes from where, as Consul's xDS generator (agent/xds/routes.go, clusters.
   splitter (weighted destinations, the chain's flattened weights in 0.01 % units, split by
   share of their total) or a resolver (one destination). A route cluster is named by its
   resolver's target id and stands for that target followed by its failover targets.
-* `RequestTimeout`: the route destination's, else the resolver's; `per-try-timeout` from the
+* `RequestTimeout`: the route destination's, else the resolver's, else (both 0: Consul leaves
+  the route's `timeout` unset) Envoy's default 15 s; `per-try-timeout` from the
   router's `Meta` (`meshlet.io/route.<n>.per-try-timeout`, written by `meshlet routes
   translate`; the compiled chain does not carry Meta, hence `router_meta`).
 * retries: only for a route destination with retry features (Consul's `HasRetryFeatures`);
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING
 from connect.balancer import BalancerConfig, ConfigError, HashPolicy, Policy, Target
 from connect.cluster import DEFAULT_EJECTION, EjectionPolicy, Limits
 from connect.routes import (
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_RETRY,
     NO_EDITS,
     Fault,
@@ -649,7 +651,7 @@ def _action(
             request_headers=request,
             response_headers=response,
             retry=_retry(dest, ext.per_try_timeout, where),
-            request_timeout=timeout_ns / 1e9 if timeout_ns else None,
+            request_timeout=timeout_ns / 1e9 if timeout_ns else DEFAULT_REQUEST_TIMEOUT,
             try_timeout=ext.per_try_timeout,
             idle_timeout=idle_ns / 1e9 if idle_ns > 0 else None,
             fault=ext.fault,

@@ -24,8 +24,10 @@ The types, all immutable:
   whole path for `path_exact`, the leading "/" without a path match; refused with
   `path_regex`, as Consul refuses it), `request_headers` and
   `response_headers` (`HeaderEdits`: `add` appends, `set` replaces every field of that name,
-  `remove` drops; names lower-case), `retry` (`RetryPolicy`), `request_timeout` (seconds for
-  the whole exchange, until the response's last byte; None: only the listener's idle limit),
+  `remove` drops; names lower-case), `retry` (`RetryPolicy`), `request_timeout` (Envoy's route
+  `timeout`: seconds from the end of the request to the response's last byte, retries
+  included; `DEFAULT_REQUEST_TIMEOUT`, Envoy's 15 s, unless given; None: only the listener's
+  idle limit),
   `try_timeout` (seconds for each try, until the response head; None: none),
   `idle_timeout` (seconds the stream may be silent both ways), `fault` (`Fault`: delay and
   abort, decided per request) and `mirror` (`Mirror`: a copy to another cluster).
@@ -41,7 +43,7 @@ The types, all immutable:
 A cluster is named by a plain string; the listener maps names to its upstream clusters
 (connect.cluster via connect.dial.Upstream). `default_table(cluster)` is the table every
 outbound HTTP listener has had so far: one route to its upstream's one cluster, one retry
-after a reset or a peer sidecar's refusal, no timeouts but the listener's.
+after a reset or a peer sidecar's refusal, Envoy's default request timeout.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
+    "DEFAULT_REQUEST_TIMEOUT",
     "Fault",
     "HeaderEdits",
     "HeaderMatch",
@@ -73,6 +76,10 @@ __all__ = [
 Headers = Sequence[tuple[bytes, bytes]]
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
+
+DEFAULT_REQUEST_TIMEOUT = 15.0
+"""Envoy's route `timeout` when none is set, which is what Consul leaves an http upstream
+whose discovery chain says `RequestTimeout` 0 (and its filter, datacenter and peer upstreams)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,7 +421,7 @@ class RouteAction:
     request_headers: HeaderEdits = NO_EDITS
     response_headers: HeaderEdits = NO_EDITS
     retry: RetryPolicy = DEFAULT_RETRY
-    request_timeout: float | None = None
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT
     try_timeout: float | None = None
     idle_timeout: float | None = None
     """Envoy's route `idle_timeout` (Consul's `IdleTimeout`): seconds the request's stream

@@ -460,6 +460,10 @@ class Downstream(asyncio.Protocol):
             return
         ex.body_done = True
         self.state = _IDLE
+        if ex.deadline_due:
+            ex.deadline_due = False
+            assert ex.route is not None and ex.route.request_timeout is not None
+            self._arm_deadline(ex, ex.route.request_timeout)
         conn = ex.conn
         if conn is not None and conn.transport is not None and ex.framing.chunked:
             conn.transport.write(LAST_CHUNK)
@@ -504,9 +508,13 @@ class Downstream(asyncio.Protocol):
                     route.idle_timeout / _IDLE_LOOKS, self._idle_look, ex, 0
                 )
             if route.request_timeout is not None and ex.deadline is None:
-                ex.deadline = asyncio.get_running_loop().call_later(
-                    route.request_timeout, self._timed_out, ex, False
-                )
+                # Envoy's timer starts at the end of the request, so an upload may take
+                # longer; an upgrade request is timed from its head, until the 101
+                # (envoy#41075).
+                if ex.body_done or ex.upgrade:
+                    self._arm_deadline(ex, route.request_timeout)
+                else:
+                    ex.deadline_due = True
         conn = self.listener.origin.acquire(self, ex, None)
         if conn is not None:
             self.attach(ex, conn)
@@ -519,6 +527,9 @@ class Downstream(asyncio.Protocol):
         ):
             self.read_paused = True
             self.transport.pause_reading()
+
+    def _arm_deadline(self, ex: Exchange, timeout: float) -> None:
+        ex.deadline = asyncio.get_running_loop().call_later(timeout, self._timed_out, ex, False)
 
     def _hold_reading(self) -> None:
         if self.transport is not None and not self.read_paused:
@@ -808,6 +819,7 @@ class Downstream(asyncio.Protocol):
 
     @staticmethod
     def _stop_timers(ex: Exchange) -> None:
+        ex.deadline_due = False
         if ex.deadline is not None:
             ex.deadline.cancel()
             ex.deadline = None

@@ -164,6 +164,9 @@ class Exchange:
     """The shell's timer for the route's idle timeout, while it runs."""
     deadline: asyncio.TimerHandle | None = None
     """The shell's timer for the route's request timeout, while it runs."""
+    deadline_due = False
+    """The route's request timeout starts once the request has been read whole (Envoy's
+    route timeout runs from the end of the request), and it has not been yet."""
     try_deadline: asyncio.TimerHandle | None = None
     """The shell's timer for the route's per-try timeout, or for the back-off before a
     retry (RetryPolicy.delay), while it runs."""

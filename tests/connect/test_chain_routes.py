@@ -303,6 +303,15 @@ def test_header_edits_timeouts_and_resolver_request_timeout() -> None:
     assert not r.ignored
 
 
+def test_no_request_timeout_anywhere_is_envoys_default_15_s() -> None:
+    # Consul sets the route's `timeout` only for a RequestTimeout > 0; Envoy's default is 15 s.
+    bare = _routing("api", _http("api"))
+    assert bare.table.default.request_timeout == 15.0
+    routed = _routing("api", _http("api"), _router({"Match": {"HTTP": {"PathPrefix": "/e"}}}))
+    assert routed.table.routes[0].action.request_timeout == 15.0
+    assert routed.table.default.request_timeout == 15.0
+
+
 def test_failover_targets_in_order_and_redirect() -> None:
     r = _routing(
         "api",

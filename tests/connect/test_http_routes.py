@@ -35,6 +35,7 @@ from connect.seams import PeerCache
 from connect.stats import ProxyStats
 from intentions.engine import Identity
 from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
+from tests.connect.test_chain_routes import _http, _routing
 from tests.connect.test_http_proxy import INTENTIONS, App, start_app
 
 
@@ -79,9 +80,16 @@ async def _sidecar(ca: ProxyTestCA, port: int) -> InboundHTTP:
     return inbound
 
 
-async def build(ca: ProxyTestCA, table: RouteTable, *, stall_in: tuple[str, ...] = ()) -> Routed:
-    """Clusters `v1`, `v2` (one instance each), `stalled` (the stalling instances asked for)
-    and `both` (those plus v1's instance); the upstream's own cluster is `api` (= v1's)."""
+async def build(
+    ca: ProxyTestCA,
+    table: RouteTable,
+    *,
+    stall_in: tuple[str, ...] = (),
+    stalled_as: tuple[str, ...] = (),
+) -> Routed:
+    """Clusters `v1`, `v2` (one instance each), `stalled` (the stalling instances asked for;
+    also named each of `stalled_as`) and `both` (those plus v1's instance); the upstream's own
+    cluster is `api` (= v1's)."""
     apps = {name: await start_app(name) for name in ("v1", "v2")}
     inbounds = {name: await _sidecar(ca, a.port) for name, a in apps.items()}
     stalls = []
@@ -118,6 +126,7 @@ async def build(ca: ProxyTestCA, table: RouteTable, *, stall_in: tuple[str, ...]
             "v2": upstream("v2", [target("v2")]),
             "both": upstream("both", [*extra, target("v1")]),
             "stalled": upstream("stalled", extra),
+            **{name: upstream(name, extra) for name in stalled_as},
         },
     )
     await outbound.start()
@@ -215,6 +224,79 @@ async def test_request_timeout_answers_504_and_closes(
             assert resp.status == 504
             assert await resp.text() == "upstream request timeout"
             assert resp.headers["connection"] == "close"
+    finally:
+        await m.close()
+
+
+async def test_an_upstream_without_routes_times_out_at_envoys_default_15_s(
+    ca: ProxyTestCA,
+) -> None:
+    # The one test that waits the real default: an upstream without routes (a filter,
+    # datacenter or peer upstream; default_table) to an instance whose app never answers.
+    # Before, nothing but the 300 s idle limit ended the request (the client gave up first).
+    m = await build(ca, RouteTable((), to("stalled")), stall_in=("s0",))
+    ((stalled, _),) = m.outbound.origin.named["stalled"]  # type: ignore[attr-defined]
+    plain = OutboundHTTP(stalled)
+    await plain.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", plain.port)
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: api\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 40)
+        assert head.startswith(b"HTTP/1.1 504 ")
+        assert b"upstream request timeout" in await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert stalled.cluster.inflight("s0/api-sidecar") == 0  # its connection released
+    finally:
+        await plain.close(grace=0)
+        await m.close()
+
+
+async def test_a_resolver_request_timeout_of_a_compiled_chain_reaches_the_wire(
+    ca: ProxyTestCA, session: aiohttp.ClientSession
+) -> None:
+    resolver = {"Kind": "service-resolver", "Name": "api", "RequestTimeout": "300ms"}
+    routing = _routing("api", _http("api"), resolver)
+    (target,) = routing.clusters
+    m = await build(ca, routing.table, stall_in=("s0",), stalled_as=(target,))
+    try:
+        async with session.get(m.url + "/hello") as resp:
+            assert resp.status == 504
+            assert await resp.text() == "upstream request timeout"
+    finally:
+        await m.close()
+
+
+async def test_the_request_timeout_runs_from_the_end_of_the_request(ca: ProxyTestCA) -> None:
+    # Envoy's route timeout spans from the end of the downstream request to the end of the
+    # response: a body that takes longer than the timeout to arrive is not cut. (Before, the
+    # timer ran from the head: 504 mid-upload.)
+    m = await build(ca, RouteTable((), to("v1", request_timeout=0.3)))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", m.outbound.port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 10\r\n\r\nhello")
+        await asyncio.sleep(0.6)  # past the request timeout, the request not yet whole
+        writer.write(b"world")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert await reader.readexactly(2) == b"10"
+        writer.close()
+    finally:
+        await m.close()
+
+
+async def test_an_upgrade_request_is_timed_until_its_101(ca: ProxyTestCA) -> None:
+    # Envoy times an upgrade request until the upgrade response (envoy#41075); the tunnel
+    # after a 101 is not timed (test_an_upgraded_connection_outlives_the_request_timeout).
+    m = await build(ca, RouteTable((), to("stalled", request_timeout=0.3)), stall_in=("s0",))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", m.outbound.port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 504 "), head
+        writer.close()
     finally:
         await m.close()
 

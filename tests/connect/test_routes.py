@@ -9,6 +9,7 @@ import re
 import pytest
 
 from connect.routes import (
+    DEFAULT_REQUEST_TIMEOUT,
     HeaderEdits,
     HeaderMatch,
     QueryMatch,
@@ -40,7 +41,16 @@ def test_default_table_sends_everything_to_its_cluster_unchanged() -> None:
     sel = table.select(b"POST", b"/a/b", b"x=1", [(b"Host", b"api")], RNG)
     assert (sel.cluster, sel.path, sel.action.retry) == ("api", None, RetryPolicy())
     assert table.fixed is sel  # the same for every request
-    assert sel.action.request_timeout is None and sel.action.try_timeout is None
+    assert sel.action.try_timeout is None
+
+
+def test_every_route_has_envoys_default_15_s_request_timeout() -> None:
+    # Envoy's route `timeout` is 15 s unless set; Consul leaves it unset for an http upstream
+    # whose chain says 0, and so for the filter/datacenter/peer upstreams (default_table).
+    assert DEFAULT_REQUEST_TIMEOUT == 15.0
+    assert default_table("api").default.request_timeout == 15.0
+    assert to("api").request_timeout == 15.0
+    assert to("api", request_timeout=None).request_timeout is None
 
 
 def test_first_match_wins_and_the_default_is_last() -> None:

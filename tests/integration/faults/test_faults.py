@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from connect.routes import DEFAULT_REQUEST_TIMEOUT
 from tests.connect.small_filesystem import fill, free, small_filesystem
 from tests.integration.faults.harness import (
     CONNS,
@@ -39,6 +40,7 @@ from tests.integration.faults.harness import (
     seconds,
     under_load,
 )
+from tests.integration.faults.test_routing_faults import sidecar_retries
 from tests.integration.test_sidecar_mesh import put_intentions, status, wait_line, wait_status
 
 pytestmark = pytest.mark.timeout(300)
@@ -225,47 +227,68 @@ def test_upstream_instance_flapping_in_and_out_of_the_catalog(mesh: FaultMesh) -
 
 
 @full_only
-def test_upstream_instance_hung_holds_its_requests(mesh: FaultMesh) -> None:
-    """The current contract, with no request timeout or retry policy in the config yet
-    (issue 11): a GET sent to an instance whose app accepts and never answers waits (web's and
-    api's sidecars give up only after the 300 s idle timeout); Consul's check drops the
-    instance, and from then on every new GET goes to api-1. The held GETs fail no other."""
-    held: dict[str, int] = {}
+def test_upstream_instance_hung_its_requests_are_answered_504_after_the_timeout(
+    mesh: FaultMesh,
+) -> None:
+    """No routing entries: web's sidecar applies Envoy's default route timeout, as Consul's
+    Envoy does (connect.routes.DEFAULT_REQUEST_TIMEOUT, 15 s). A GET sent to an instance whose
+    app accepts and never answers is answered 504 `upstream request timeout` once it passed,
+    and the connections it held are released (checked: no leak); Consul's check drops the
+    instance, and from then on every new GET goes to api-1. Without a retry policy those GETs
+    fail; the Consul way to have them answered is the next test's."""
+    timed_out: dict[str, int] = {}
 
     def hang(load: HttpLoad) -> str:
         mesh.apps["api-2"].mode("hang")
         mesh.wait_web_endpoints(api=1)
-        # Every keep-alive connection of the steady load may now be stuck behind a held
-        # GET; a fresh client shows the mesh itself still serves.
+        # The keep-alive connections of the steady load that sent a GET to api-2 wait for
+        # its answer; a fresh client shows the mesh itself still serves.
         fresh = HttpLoad(mesh.web_api, rate=50, conns=2)
         fresh.wait_ok(100)
         figures = fresh.stop()
         assert figures.failed == [] and figures.by_app.keys() == {"api-1"}, figures.line()
-        time.sleep(seconds(2, 10))  # the held GETs stay held: nothing answers them
-        held["pending"] = load.snapshot().pending
-        return f"GETs held by the hung instance when the client gave up: {held['pending']}"
+        # Every GET sent to api-2 was sent before now: past the timeout, each has its 504.
+        time.sleep(DEFAULT_REQUEST_TIMEOUT + seconds(2, 5))
+        timed_out["n"] = load.snapshot().statuses.get(504, 0)
+        return f"GETs sent to the hung instance, answered 504: {timed_out['n']}"
 
-    # Not checked for leaks: web keeps what the client gave up on (the xfail below).
-    run = under_load(mesh, "upstream instance hung", hang, after=0, leaks=False)
-    assert 0 < held["pending"] <= CONNS
-    assert run.http.failed == [] and run.streams.failed == [], run.report()
+    run = under_load(mesh, "upstream instance hung", hang, after=100)
+    assert timed_out["n"] > 0, run.report()
+    assert run.http.pending == 0, run.report()
+    assert len(run.http.failed) == timed_out["n"], run.report()
+    assert all(f.endswith("504 b'upstream request timeout'") for f in run.http.failed), run.report()
+    assert run.streams.failed == [], run.report()
 
 
 @full_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: no per-try timeout or retry policy yet; a GET sent to a hung instance "
-    "waits for the 300 s idle timeout instead of being retried on another instance",
-)
 def test_a_get_sent_to_a_hung_instance_is_answered_by_another(mesh: FaultMesh) -> None:
+    """The Consul way: a service-router whose route retries (RetryOn gateway-error) with a
+    per-try timeout (meshlet.io/route.0.per-try-timeout): a GET sent to the hung instance is
+    sent again to api-1 after a second, and none fails. (test_routing_faults' split test
+    shows it too, among other faults and with subsets and a splitter; this is it alone.)"""
+    router = {
+        "Kind": "service-router",
+        "Name": "api",
+        "Routes": [
+            {
+                "Match": {"HTTP": {"PathPrefix": "/"}},
+                "Destination": {"NumRetries": 2, "RetryOn": ["gateway-error"]},
+            }
+        ],
+        "Meta": {"meshlet.io/route.0.per-try-timeout": "1s"},
+    }
+    mesh.wait_routed(mesh.write(router))
+    retries0 = sidecar_retries(mesh)
     mesh.apps["api-2"].mode("hang")
     load = HttpLoad(mesh.web_api, rate=50, conns=4)
     try:
         time.sleep(seconds(3, 10))  # long enough for several GETs to have picked api-2
     finally:
         figures = load.stop()
-    print(f"\nhung instance, the ideal: {figures.line()}")
+    retried = sidecar_retries(mesh) - retries0
+    print(f"\nhung instance, per-try timeout and retries: {figures.line()} retries={retried:g}")
     assert figures.pending == 0 and figures.failed == [], figures.line()
+    assert retried > 0 and figures.by_app.keys() == {"api-1"}, figures.line()
 
 
 @full_only
