@@ -19,7 +19,8 @@ exit is followed with a pidfd.
 
 A data plane that exits while the agent is not stopping is restarted as workers were
 (`RestartPolicy`); one that does not dial back within `ADOPT_WAIT` seconds is killed and
-replaced. Readiness: the instance serves while at least one data plane is ready.
+replaced. Readiness: the instance serves while at least one data plane is ready and has
+applied the newest snapshot.
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ class _Plane:
         self.adopted = False
         self.losses = 0
         """How many times it lost an agent (its own count, from its hello)."""
+        self.serving: dict[str, Any] = {}
+        """What it last said it serves (its `serving` report; agent/dataplane_status.py)."""
 
 
 class DataPlanes:
@@ -240,6 +243,8 @@ class DataPlanes:
         self._command = command
         self._server: asyncio.Server | None = None
         self._latest: bytes | None = None
+        self.version = 0
+        """The newest snapshot published (0: none yet)."""
         self._stop_phase = ""
         self._stopping = asyncio.Event()
 
@@ -302,9 +307,23 @@ class DataPlanes:
         return [p for w in self.workers if (p := w.problem())]
 
     def serving(self) -> bool:
-        return any(w.ready and w.state == "running" for w in self.workers)
+        """Whether a data plane serves the newest snapshot (not merely an older one)."""
+        return any(
+            p.state.ready and p.state.state == "running" and p.applied == self.version
+            for p in self.planes.values()
+        )
+
+    def reports(self) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """(applied snapshot, `serving` report, counters) of each running data plane that
+        has reported what it serves."""
+        return [
+            (p.applied, p.serving, p.state.stats)
+            for p in self.planes.values()
+            if p.state.state == "running" and p.serving
+        ]
 
     def publish(self, snapshot: Snapshot) -> None:
+        self.version = snapshot.version
         self._latest = encode_message(snapshot=snapshot)
         for plane in self.planes.values():
             self._write(plane, self._latest)
@@ -429,6 +448,7 @@ class DataPlanes:
             plane.writer = None
             plane.attached.clear()
         w.ready, w.problems = False, ("not running",)
+        plane.serving = {}
         w.last_exit, w.last_exit_at = describe_exit(returncode), self._clock()
         return w.last_exit
 
@@ -483,6 +503,9 @@ class DataPlanes:
             stats = message.get("stats")
             if isinstance(stats, dict):
                 w.stats = stats
+            serving = message.get("serving")
+            if isinstance(serving, dict):
+                plane.serving = serving
             if "ready" in message:
                 w.ready = message["ready"] is True
                 problems = message.get("problems")

@@ -15,11 +15,13 @@ or destination changed; the others and their connections are untouched), in the 
 Settings that need new sockets (consul, admin, the inbound listener) or a new identity
 (certs, service) are reported as needing a restart.
 
-With `meshlet sidecar --workers N` (N > 1) this process runs no listener: `DataPlanes`
-(agent/dataplanes.py) keeps N data-plane processes serving the same ports with SO_REUSEPORT,
-fed by `_feed` with a whole snapshot whenever its inputs change; they drain and stop with
-this process, survive its crash (adopted when it starts again) and show in /v1/status under
-`workers`.
+`meshlet sidecar` (`--workers N`, N >= 1, default 1) runs no listener in this process:
+`DataPlanes` (agent/dataplanes.py) keeps N data-plane processes serving the same ports with
+SO_REUSEPORT, fed by `_feed` with a whole snapshot whenever its inputs change; they drain and
+stop with this process, survive its crash (adopted when it starts again) and show in
+/v1/status under `workers`; the `proxy` section says what they serve
+(agent/dataplane_status.py). `--workers 0` runs the listeners in this process instead (the
+in-process mode: development, and tests that reach into the proxy's objects).
 
 SIGTERM (or SIGINT) drains: STOPPING=1, deregister first, keep serving for
 `shutdown.drain_period` while Consul's watchers of this service drop it, then stop. A second
@@ -45,6 +47,7 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
+from agent.dataplane_status import merge_proxy_status
 from agent.dataplanes import DataPlanes, control_dir, hold_unanswered
 from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
@@ -110,7 +113,7 @@ class AgentRuntime:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._notifier = notifier if notifier is not None else Notifier(None)
-        lean = sidecar and config.sidecar.workers > 1
+        lean = sidecar and config.sidecar.workers > 0
         self.sidecar: Sidecar | None = (
             Sidecar(
                 config,
@@ -125,17 +128,21 @@ class AgentRuntime:
             else None
         )
         """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches).
-        With --workers N > 1 it only holds what feeds the data planes."""
+        Unless --workers 0 (in-process), it only holds what feeds the data planes."""
         self.dataplanes: DataPlanes | None = (
             DataPlanes(config.sidecar.workers, control_dir(config, self._env), self._env)
             if lean
             else None
         )
-        """The N data-plane processes of `meshlet sidecar --workers N` (N > 1): they run the
-        listeners, this process feeds them snapshots (agent/dataplanes.py)."""
+        """The N data-plane processes of `meshlet sidecar --workers N` (N >= 1, the default
+        1): they run the listeners, this process feeds them snapshots (agent/dataplanes.py)."""
         if self.sidecar is not None and self.dataplanes is not None:
             self.sidecar.listener_problems = self._dataplane_problems
         self._snapshot_version = 0
+        self._generations: dict[int, int] = {}
+        """The leaf generation each recent snapshot version carried (for /v1/status)."""
+        self._pushed_inputs: tuple[object, ...] | None = None
+        """What the newest published snapshot was built from (`Sidecar.dataplane_inputs`)."""
         self._published_binds: set[str] | None = None
         self._refused_binds: dict[str, str] = {}
         self._adopted = 0
@@ -318,6 +325,7 @@ class AgentRuntime:
         while True:
             try:
                 last, held = await self._push(last, held)
+                self._pushed_inputs = last
             except Exception:
                 # A bug building a snapshot must not stop registration and the watches: the
                 # data planes keep the last one, and the next change tries again.
@@ -351,6 +359,10 @@ class AgentRuntime:
         )
         snapshot = await self._claimed(snapshot)
         self._snapshot_version = snapshot.version
+        material = sidecar.rotator.current if sidecar.rotator is not None else None
+        self._generations[snapshot.version] = material.generation if material is not None else 0
+        for old in [v for v in self._generations if v <= snapshot.version - 64]:
+            del self._generations[old]  # a data plane 64 snapshots behind shows generation 0
         planes.publish(snapshot)
         return inputs, held
 
@@ -391,7 +403,11 @@ class AgentRuntime:
             return []
         reasons = list(self._refused_binds.values())
         if not planes.serving():
-            why = "; ".join(planes.problems()) or "none started yet"
+            why = "; ".join(planes.problems()) or (
+                f"snapshot {planes.version} not applied yet"
+                if planes.version
+                else "none started yet"
+            )
             reasons.append(f"no data plane serving: {why}")
         return reasons
 
@@ -706,7 +722,7 @@ class AgentRuntime:
             },
             "apply": self.apply_times.summary(),
             "upstreams": upstreams,
-            "proxy": self.sidecar.status() if self.sidecar is not None else None,
+            "proxy": self._proxy_status(),
             "workers": self._workers_status(),
             # This process's asyncio tasks: a fault or soak that leaks them shows here.
             "tasks": _task_count(),
@@ -756,6 +772,31 @@ class AgentRuntime:
             snapshot["counters"] = counters
             snapshot["mesh"] = counters.get("mesh", {})
         return snapshot
+
+    def _proxy_status(self) -> Mapping[str, Any] | None:
+        """The proxy as it serves: with data planes, what they report put into the agent's
+        view (agent/dataplane_status.py); in-process, the listeners' own."""
+        if self.sidecar is None:
+            return None
+        own = self.sidecar.status()
+        if self.dataplanes is None:
+            return own
+        reports = self.dataplanes.reports()
+        total = sum_counters([self.sidecar.counters(), *(r[2] for r in reports)])
+        stats = {k: v for k, v in total.items() if k not in METRICS_ONLY}
+        merged = merge_proxy_status(own, reports, self._generations, stats)
+        version = self.dataplanes.version
+        applied = min((r[0] for r in reports), default=0)
+        merged["snapshot"] = {
+            "version": version,
+            "applied": applied,
+            # What the agent holds now is what every data plane serves: a change the agent
+            # logged (access logs, tracing, a reload) is in force once this is true.
+            "current": bool(reports)
+            and applied == version
+            and self.sidecar.dataplane_inputs() == self._pushed_inputs,
+        }
+        return merged
 
     def _workers_status(self) -> Mapping[str, Any] | None:
         """The worker processes, and `stats_total`: the proxy counters of every process

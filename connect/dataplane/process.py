@@ -163,7 +163,50 @@ class DataPlane:
             "access_log": {
                 "dropped": self.access_log.dropped if self.access_log is not None else 0,
                 "written": self.access_log.written if self.access_log is not None else 0,
+                "write_failed": self.access_log.write_failed if self.access_log else 0,
             },
+            "tracing": self.telemetry.tracing_counters() if self.telemetry is not None else {},
+        }
+
+    def serving(self) -> dict[str, Any]:
+        """What it serves now, for the agent's /v1/status `proxy` section (agent/
+        dataplane_status.py merges the data planes'): each listener and its open connections,
+        each upstream's endpoints, and the snapshot parts it applied."""
+        snap, proxy = self.snapshot, self.proxy
+        if snap is None or proxy is None:
+            return {}
+        pushed = {endpoints_key(e): e.index for e in snap.endpoints}
+        upstreams = {}
+        for r in proxy.running.values():
+            if isinstance(r.spec, UpstreamSpec) and r.endpoints is not None:
+                upstreams[r.spec.name] = {
+                    "index": pushed.get(endpoints_key(r.spec)),
+                    "endpoints": len(r.endpoints.current.targets),
+                    "protocol": r.spec.protocol,
+                    "bind": r.spec.bind,
+                }
+        source = self._intentions_source
+        return {
+            "version": snap.version,
+            "listeners": {
+                spec.label: proxy.listener(spec) is not None
+                for spec in snap.spec.listeners().values()
+            },
+            "connections": {
+                r.spec.label: {
+                    "open": r.listener.open_connections,
+                    "handshaking": r.listener.pending_handshakes,
+                }
+                for r in proxy.running.values()
+            },
+            "upstreams": upstreams,
+            "intentions_index": source.index if source is not None else 0,
+            "routing_applied": {
+                name: routing.index
+                for name, latest in self.routing.items()
+                if (routing := latest.get()) is not None
+            },
+            "heap_trims": self.heap.trims,
         }
 
     def status(self) -> dict[str, Any]:
@@ -237,6 +280,7 @@ class DataPlane:
                 if not plan.empty:
                     log.info("snapshot %d: %s", snap.version, plan.describe())
             self._send(applied=snap.version)
+            self._send(serving=self.serving())  # what /v1/status shows follows at once
             problems = self.problems()  # said again: an agent may have just attached
             self._send(ready=not problems, problems=problems)
             if first:
@@ -403,12 +447,14 @@ class DataPlane:
     async def _report(self) -> None:
         last: tuple[str, ...] | None = None
         last_stats: dict[str, Any] = {}
+        last_serving: dict[str, Any] = {}
         last_attached = False
         while True:
             problems = tuple(self.problems())
             stats = self.counters()
+            serving = self.serving()
             if self.attached and not last_attached:
-                last, last_stats = None, {}  # a new agent knows nothing yet
+                last, last_stats, last_serving = None, {}, {}  # a new agent knows nothing yet
             last_attached = self.attached
             if problems != last:
                 self._send(ready=not problems, problems=list(problems))
@@ -418,6 +464,9 @@ class DataPlane:
             if stats != last_stats:
                 self._send(stats=stats)
                 last_stats = stats
+            if serving != last_serving:
+                self._send(serving=serving)
+                last_serving = serving
             await asyncio.sleep(1.0)
 
     async def _guard_leaf(self) -> None:

@@ -188,6 +188,17 @@ def wait_status(admin: str, done: Any, what: str) -> Any:
         time.sleep(0.05)
 
 
+def wait_applied(admin: str) -> Any:
+    """Until the sidecar's data planes serve the agent's newest snapshot: a setting the
+    agent logged as changed (access logs, tracing) is then in force for the next request.
+    (In-process, `--workers 0`, it is in force when logged.)"""
+    return wait_status(
+        admin,
+        lambda s: s["proxy"].get("snapshot", {"current": True})["current"],
+        "the data planes serving the agent's newest snapshot",
+    )
+
+
 def wait_line(proc: Proc, text: str) -> str:
     """The first line of the process's log that contains `text` (its drain thread reads
     the log as it comes); fail after DEADLINE."""
