@@ -58,6 +58,11 @@ log = logging.getLogger("meshlet.agent.dataplanes")
 ADOPT_WAIT = 15.0
 """Seconds a surviving data plane gets to dial a restarted agent before it is replaced."""
 
+SNAPSHOT_LAG = 5.0
+"""Seconds a data plane that serves an earlier snapshot still counts as serving once a newer
+one is published (it is on its way: readiness must not flap with every endpoint change);
+past them, or once it refused the newer one, it does not."""
+
 SOCKET_NAME = "dataplane.sock"
 
 # What a data plane must not inherit: systemd talks to the main process only.
@@ -245,6 +250,7 @@ class DataPlanes:
         self._latest: bytes | None = None
         self.version = 0
         """The newest snapshot published (0: none yet)."""
+        self._published_at = 0.0
         self._stop_phase = ""
         self._stopping = asyncio.Event()
 
@@ -307,9 +313,15 @@ class DataPlanes:
         return [p for w in self.workers if (p := w.problem())]
 
     def serving(self) -> bool:
-        """Whether a data plane serves the newest snapshot (not merely an older one)."""
+        """Whether a data plane serves the newest snapshot (or, for at most SNAPSHOT_LAG
+        seconds after it was published, the one before: an old one does not count)."""
+        if not self.version:
+            return False
+        lagging = self._clock() - self._published_at < SNAPSHOT_LAG
         return any(
-            p.state.ready and p.state.state == "running" and p.applied == self.version
+            p.state.ready
+            and p.state.state == "running"
+            and (p.applied == self.version or (lagging and p.applied > 0 and not p.refused))
             for p in self.planes.values()
         )
 
@@ -323,7 +335,7 @@ class DataPlanes:
         ]
 
     def publish(self, snapshot: Snapshot) -> None:
-        self.version = snapshot.version
+        self.version, self._published_at = snapshot.version, self._clock()
         self._latest = encode_message(snapshot=snapshot)
         for plane in self.planes.values():
             self._write(plane, self._latest)

@@ -5,6 +5,7 @@ waits (bounded) for its first endpoints."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -139,3 +140,26 @@ async def test_a_survivor_beyond_the_new_count_is_stopped_and_the_others_adopted
                 proc.kill()
             await proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_serving_means_the_newest_snapshot_or_the_previous_one_for_a_moment(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    planes = DataPlanes(1, tmp_path / "c", {}, clock=lambda: now[0])
+    plane = planes.planes[1]
+    plane.state.state, plane.state.ready = "running", True
+    assert not planes.serving()  # nothing published yet (an adopted plane's old one either)
+    plane.applied = 3
+    assert not planes.serving()
+    planes.publish(_snapshot(("api", 9001, True)))  # version 1
+    assert planes.version == 1
+    assert planes.serving()  # its earlier snapshot counts while the new one is on its way
+    now[0] += 6
+    assert not planes.serving()  # stuck behind: not serving what the agent holds
+    plane.applied = 1
+    assert planes.serving()
+    planes.publish(dataclasses.replace(_snapshot(("api", 9001, True)), version=2))
+    assert planes.serving()
+    plane.refused = "bad leaf"
+    assert not planes.serving()  # refused the newest: fails closed at once
