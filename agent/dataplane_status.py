@@ -48,6 +48,9 @@ def merge_proxy_status(
     intentions["index"] = min((int(s.get("intentions_index", 0)) for s in serving), default=0)
     intentions["loaded"] = bool(intentions.get("loaded")) and bool(serving)
     out["intentions"] = intentions
+    by_age = [s for _, s, _ in sorted(reports, key=lambda r: r[0])]
+    if by_age and by_age[0].get("mutual_tls_mode"):
+        out["mutual_tls"] = {**agent.get("mutual_tls", {}), "mode": by_age[0]["mutual_tls_mode"]}
     leaf = dict(agent.get("leaf", {}))
     leaf["generation"] = generations.get(oldest, 0) if oldest is not None else 0
     out["leaf"] = leaf

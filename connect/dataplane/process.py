@@ -68,6 +68,10 @@ EXIT_LEAF_EXPIRED = 3
 EXIT_NEVER_FED = 4
 """Exit status when no agent came to give a first snapshot."""
 NEVER_FED_WAIT = 60.0
+REPORT_EVERY = 0.25
+"""Seconds between looks at the counters and what it serves (sent to the agent when they
+changed): /v1/status is the agent's, and a caller reading it just after a request expects
+it counted."""
 
 
 def status_path(control_socket: Path, index: int) -> Path:
@@ -201,6 +205,7 @@ class DataPlane:
             },
             "upstreams": upstreams,
             "intentions_index": source.index if source is not None else 0,
+            "mutual_tls_mode": snap.spec.inbound.mutual_tls_mode if snap.spec.inbound else "",
             "routing_applied": {
                 name: routing.index
                 for name, latest in self.routing.items()
@@ -467,7 +472,7 @@ class DataPlane:
             if serving != last_serving:
                 self._send(serving=serving)
                 last_serving = serving
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(REPORT_EVERY)
 
     async def _guard_leaf(self) -> None:
         """Fail closed: no agent and an expired leaf -> stop serving and exit. And a data

@@ -15,6 +15,7 @@ AGENT: dict[str, Any] = {
     "connections": {},
     "heap_trims": 0,
     "tracing": {"on": False, "spans": {"exported": 0, "dropped": 0}},
+    "mutual_tls": {"mode": "permissive", "source": "service-defaults", "problem": ""},
     "stats": {"requests": 0},
 }
 
@@ -26,6 +27,7 @@ def _serving(version: int, endpoints: int, intentions: int, routing: int) -> dic
         "connections": {"inbound :21000": {"open": 2, "handshaking": 1}},
         "upstreams": {"api": {"index": 8, "endpoints": endpoints, "protocol": "http", "bind": "x"}},
         "intentions_index": intentions,
+        "mutual_tls_mode": "permissive" if version > 6 else "strict",
         "routing_applied": {"api": routing},
         "heap_trims": 1,
     }
@@ -56,5 +58,6 @@ def test_several_data_planes_show_the_oldest_applied_and_the_sums() -> None:
     assert out["leaf"]["generation"] == 2
     assert out["routing"]["upstreams"]["api"] == {"applied": 11, "routed": True}
     assert out["heap_trims"] == 2
+    assert out["mutual_tls"]["mode"] == "strict"
     assert out["tracing"]["spans"] == {"exported": 3, "dropped": 0}
     assert out["stats"] == {"requests": 9}
