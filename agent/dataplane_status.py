@@ -24,12 +24,12 @@ Report = tuple[int, Mapping[str, Any], Mapping[str, Any]]
 def merge_proxy_status(
     agent: Mapping[str, Any],
     reports: Sequence[Report],
-    generations: Mapping[int, int],
+    leaves: Mapping[int, Mapping[str, Any]],
     stats: Mapping[str, Any],
 ) -> dict[str, Any]:
     """`agent` (the agent's `proxy` section) with the data planes' `reports` put in;
-    `generations`: the leaf generation each published snapshot version carried; `stats`:
-    the counters of every process summed (what `proxy.stats` shows)."""
+    `leaves`: the leaf each published snapshot version carried (`generation`, `uri`,
+    `trust_domain`); `stats`: the counters of every process summed (`proxy.stats`)."""
     serving = [r[1] for r in reports]
     oldest = min((r[0] for r in reports), default=None)
     out = dict(agent)
@@ -51,9 +51,8 @@ def merge_proxy_status(
     by_age = [s for _, s, _ in sorted(reports, key=lambda r: r[0])]
     if by_age and by_age[0].get("mutual_tls_mode"):
         out["mutual_tls"] = {**agent.get("mutual_tls", {}), "mode": by_age[0]["mutual_tls_mode"]}
-    leaf = dict(agent.get("leaf", {}))
-    leaf["generation"] = generations.get(oldest, 0) if oldest is not None else 0
-    out["leaf"] = leaf
+    served = leaves.get(oldest, {}) if oldest is not None else {}
+    out["leaf"] = {**agent.get("leaf", {}), "generation": 0, "uri": "", **served}
     routing = dict(agent.get("routing", {}))
     if "upstreams" in routing:
         routing["upstreams"] = {

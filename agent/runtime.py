@@ -139,8 +139,8 @@ class AgentRuntime:
         if self.sidecar is not None and self.dataplanes is not None:
             self.sidecar.listener_problems = self._dataplane_problems
         self._snapshot_version = 0
-        self._generations: dict[int, int] = {}
-        """The leaf generation each recent snapshot version carried (for /v1/status)."""
+        self._leaves: dict[int, dict[str, Any]] = {}
+        """The leaf each recent snapshot version carried (for /v1/status)."""
         self._pushed_inputs: tuple[object, ...] | None = None
         """What the newest published snapshot was built from (`Sidecar.dataplane_inputs`)."""
         self._published_binds: set[str] | None = None
@@ -360,9 +360,14 @@ class AgentRuntime:
         snapshot = await self._claimed(snapshot)
         self._snapshot_version = snapshot.version
         material = sidecar.rotator.current if sidecar.rotator is not None else None
-        self._generations[snapshot.version] = material.generation if material is not None else 0
-        for old in [v for v in self._generations if v <= snapshot.version - 64]:
-            del self._generations[old]  # a data plane 64 snapshots behind shows generation 0
+        if material is not None:
+            self._leaves[snapshot.version] = {
+                "generation": material.generation,
+                "uri": material.leaf.service_uri,
+                "trust_domain": material.bundle.trust_domain,
+            }
+        for old in [v for v in self._leaves if v <= snapshot.version - 64]:
+            del self._leaves[old]  # a data plane 64 snapshots behind shows generation 0
         planes.publish(snapshot)
         return inputs, held
 
@@ -784,7 +789,7 @@ class AgentRuntime:
         reports = self.dataplanes.reports()
         total = sum_counters([self.sidecar.counters(), *(r[2] for r in reports)])
         stats = {k: v for k, v in total.items() if k not in METRICS_ONLY}
-        merged = merge_proxy_status(own, reports, self._generations, stats)
+        merged = merge_proxy_status(own, reports, self._leaves, stats)
         version = self.dataplanes.version
         applied = min((r[0] for r in reports), default=0)
         merged["snapshot"] = {

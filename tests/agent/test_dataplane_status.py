@@ -39,7 +39,7 @@ def test_before_any_data_plane_reports_nothing_is_served() -> None:
     assert out["upstreams"] == {} and out["connections"] == {}
     # What the agent holds is not yet enforced anywhere.
     assert out["intentions"]["loaded"] is False and out["intentions"]["index"] == 0
-    assert out["leaf"]["generation"] == 0
+    assert out["leaf"]["generation"] == 0 and out["leaf"]["uri"] == ""
     assert out["routing"]["upstreams"]["api"]["applied"] == 0
     assert out["tracing"]["spans"] == {"exported": 0, "dropped": 0}
     assert AGENT["intentions"]["index"] == 40  # the agent's view is not changed
@@ -50,12 +50,16 @@ def test_several_data_planes_show_the_oldest_applied_and_the_sums() -> None:
         (7, _serving(7, endpoints=3, intentions=41, routing=12), {"tracing": {"exported": 2}}),
         (6, _serving(6, endpoints=2, intentions=40, routing=11), {"tracing": {"exported": 1}}),
     ]
-    out = merge_proxy_status(AGENT, reports, {6: 2, 7: 3}, {"requests": 9})
+    leaves = {
+        v: {"generation": v - 4, "uri": f"spiffe://t{v}/web", "trust_domain": f"t{v}"}
+        for v in (6, 7)
+    }
+    out = merge_proxy_status(AGENT, reports, leaves, {"requests": 9})
     assert all(out["listeners"].values())
     assert out["connections"] == {"inbound :21000": {"open": 4, "handshaking": 2}}
     assert out["upstreams"]["api"]["endpoints"] == 2  # snapshot 6's: both serve it
     assert out["intentions"] == {"loaded": True, "index": 40, "version": 5}
-    assert out["leaf"]["generation"] == 2
+    assert out["leaf"] == {"generation": 2, "uri": "spiffe://t6/web", "trust_domain": "t6"}
     assert out["routing"]["upstreams"]["api"] == {"applied": 11, "routed": True}
     assert out["heap_trims"] == 2
     assert out["mutual_tls"]["mode"] == "strict"
