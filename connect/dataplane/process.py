@@ -151,6 +151,12 @@ class DataPlane:
         """What a worker reported (agent/sidecar.py `counters`), summed by the agent."""
         proxy = self.proxy
         upstreams = proxy.upstreams if proxy is not None else {}
+        # A routed upstream's ejections happen in its chain's target clusters.
+        routed = {
+            r.spec.name: r.routed.ejections()
+            for r in (proxy.running.values() if proxy is not None else ())
+            if isinstance(r.spec, UpstreamSpec) and r.routed is not None
+        }
         return {
             **dataclasses.asdict(self.stats),
             "upstream_refusals": {n: u.refusal_counts() for n, u in upstreams.items()},
@@ -158,8 +164,8 @@ class DataPlane:
             "clusters": {
                 n: {
                     "overflows": dict(u.cluster.overflows),
-                    "ejections": u.cluster.ejections,
-                    "ejected": len(u.cluster.ejected),
+                    "ejections": u.cluster.ejections + routed.get(n, (0, 0))[0],
+                    "ejected": len(u.cluster.ejected) + routed.get(n, (0, 0))[1],
                 }
                 for n, u in upstreams.items()
             },
