@@ -55,12 +55,12 @@ def merge_proxy_status(
     out["leaf"] = {**agent.get("leaf", {}), "generation": 0, "uri": "", **served}
     routing = dict(agent.get("routing", {}))
     if "upstreams" in routing:
+        routed = [s.get("routing", {}) for s in by_age]
         routing["upstreams"] = {
             name: {
                 **up,
-                "applied": min(
-                    (int(s.get("routing_applied", {}).get(name, 0)) for s in serving), default=0
-                ),
+                "applied": min((int(r.get(name, {}).get("applied", 0)) for r in routed), default=0),
+                "targets": routed[0].get(name, {}).get("targets", []) if routed else [],
             }
             for name, up in routing["upstreams"].items()
         }

@@ -212,8 +212,8 @@ class DataPlane:
             "upstreams": upstreams,
             "intentions_index": source.index if source is not None else 0,
             "mutual_tls_mode": snap.spec.inbound.mutual_tls_mode if snap.spec.inbound else "",
-            "routing_applied": {
-                name: routing.index
+            "routing": {
+                name: {"applied": routing.index, "targets": sorted(routing.routing.targets)}
                 for name, latest in self.routing.items()
                 if (routing := latest.get()) is not None
             },

@@ -28,7 +28,7 @@ def _serving(version: int, endpoints: int, intentions: int, routing: int) -> dic
         "upstreams": {"api": {"index": 8, "endpoints": endpoints, "protocol": "http", "bind": "x"}},
         "intentions_index": intentions,
         "mutual_tls_mode": "permissive" if version > 6 else "strict",
-        "routing_applied": {"api": routing},
+        "routing": {"api": {"applied": routing, "targets": [f"t{version}"]}},
         "heap_trims": 1,
     }
 
@@ -41,6 +41,7 @@ def test_before_any_data_plane_reports_nothing_is_served() -> None:
     assert out["intentions"]["loaded"] is False and out["intentions"]["index"] == 0
     assert out["leaf"]["generation"] == 0 and out["leaf"]["uri"] == ""
     assert out["routing"]["upstreams"]["api"]["applied"] == 0
+    assert out["routing"]["upstreams"]["api"]["targets"] == []
     assert out["tracing"]["spans"] == {"exported": 0, "dropped": 0}
     assert AGENT["intentions"]["index"] == 40  # the agent's view is not changed
 
@@ -60,7 +61,7 @@ def test_several_data_planes_show_the_oldest_applied_and_the_sums() -> None:
     assert out["upstreams"]["api"]["endpoints"] == 2  # snapshot 6's: both serve it
     assert out["intentions"] == {"loaded": True, "index": 40, "version": 5}
     assert out["leaf"] == {"generation": 2, "uri": "spiffe://t6/web", "trust_domain": "t6"}
-    assert out["routing"]["upstreams"]["api"] == {"applied": 11, "routed": True}
+    assert out["routing"]["upstreams"]["api"] == {"applied": 11, "routed": True, "targets": ["t6"]}
     assert out["heap_trims"] == 2
     assert out["mutual_tls"]["mode"] == "strict"
     assert out["tracing"]["spans"] == {"exported": 3, "dropped": 0}
