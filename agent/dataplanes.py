@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,8 @@ one is published (it is on its way: readiness must not flap with every endpoint 
 past them, or once it refused the newer one, it does not."""
 
 SOCKET_NAME = "dataplane.sock"
+MAX_SOCKET_PATH = 107
+"""Bytes of a unix socket's path (sun_path is 108 with its terminating NUL)."""
 
 # What a data plane must not inherit: systemd talks to the main process only.
 PARENT_ONLY_ENV = (
@@ -93,7 +96,8 @@ def control_dir(cfg: AgentConfig, env: Mapping[str, str]) -> Path:
     """Where this instance's control socket and data-plane status files live: `dataplanes/`
     in systemd's RuntimeDirectory when set, else a directory per instance (service ID and
     public port: two instances cannot share both) under $XDG_RUNTIME_DIR or
-    /tmp/meshlet-UID."""
+    /tmp/meshlet-UID; a service ID too long for the socket's path (Nomad's are about 70
+    characters) is replaced by its hash."""
     if env.get("RUNTIME_DIRECTORY"):
         # A directory of our own inside it: systemd creates RuntimeDirectory 0755.
         return Path(env["RUNTIME_DIRECTORY"].split(":")[0], "dataplanes")
@@ -102,7 +106,11 @@ def control_dir(cfg: AgentConfig, env: Mapping[str, str]) -> Path:
         if env.get("XDG_RUNTIME_DIR")
         else Path(tempfile.gettempdir(), f"meshlet-{os.getuid()}")
     )
-    return base / f"sidecar-{cfg.service.service_id}-{cfg.sidecar.port}"
+    path = base / f"sidecar-{cfg.service.service_id}-{cfg.sidecar.port}"
+    if len(os.fsencode(path / SOCKET_NAME)) > MAX_SOCKET_PATH:
+        digest = hashlib.sha256(cfg.service.service_id.encode()).hexdigest()[:16]
+        path = base / f"sidecar-{digest}-{cfg.sidecar.port}"
+    return path
 
 
 def private_dir(path: Path) -> None:
