@@ -473,8 +473,9 @@ class AgentRuntime:
         await registrar.registered.wait()
         if self.sidecar is not None:
             await self.sidecar.started.wait()
-        while self.dataplanes is not None and not self.dataplanes.serving():
-            # READY=1 (and the "ready:" line) means serving: a data plane has the snapshot.
+        # READY=1 (and the "ready:" line) means serving: a data plane has the snapshot. Polled:
+        # serving() is made of several processes' reports, no one event says it.
+        while self.dataplanes is not None and not self.dataplanes.serving():  # noqa: ASYNC110
             await asyncio.sleep(_FEED_EVERY)
         while True:
             pending = [w for w in self._watches.values() if w.watcher.latest.get() is None]
