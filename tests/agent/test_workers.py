@@ -312,11 +312,13 @@ async def test_stop_drains_then_stops_and_snapshots_reach_every_data_plane(
     assert (os.stat(planes.socket_path).st_mode & 0o777) == 0o600
     task = asyncio.ensure_future(planes.run())
     await _until(lambda: all(w.ready for w in planes.workers), "both data planes ready")
-    assert planes.problems() == [] and planes.serving()
+    # Ready, but serving nothing until they have a snapshot.
+    assert planes.problems() == [] and not planes.serving()
     pids = [w.pid for w in planes.workers]
     assert all(pid is not None and _alive(pid) for pid in pids)
     planes.publish(_snapshot(1))
     await _until(lambda: all(p.applied == 1 for p in planes.planes.values()), "snapshot 1")
+    assert planes.serving()
     planes.begin_stop()
     await _until(lambda: marker.read_text().count('"drain"') == 2, "drain reached both")
     await planes.stop(timeout=10)
