@@ -44,8 +44,9 @@ def add_agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         metavar="N",
         default=None,
-        help="processes serving the listeners, sharing the ports with SO_REUSEPORT "
-        "(default: sidecar.workers, 1); see docs/operations.md",
+        help="data-plane processes serving the listeners, sharing the ports with SO_REUSEPORT "
+        "(default: sidecar.workers, 1); 0 runs them in the agent process; see "
+        "docs/operations.md",
     )
     nomad = s.add_argument_group(
         "Nomad",
@@ -120,7 +121,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         print(
             f"{args.config}: valid (service {config.service.service_id}, "
             f"{len(config.sidecar.upstreams)} upstreams"
-            + (f", {workers} workers)" if args.sidecar and workers > 1 else ")")
+            + (f", {workers} workers)" if args.sidecar and workers != 1 else ")")
         )
         return 0
 

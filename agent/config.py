@@ -314,9 +314,11 @@ class SidecarSection:
     workers: int = field(
         default=1,
         metadata=_doc(
-            "Processes serving the sidecar's listeners, each with its own event loop, sharing "
-            "the ports with SO_REUSEPORT (1 to 64). The first process also registers, watches "
-            "and serves admin; every extra one holds its own leaf and Consul watches. "
+            "Data-plane processes serving the sidecar's listeners (0 to 64), each with its own "
+            "event loop, sharing the ports with SO_REUSEPORT and fed by the agent process "
+            "(which registers, watches, holds the leaf and serves admin, and runs no listener); "
+            "they keep serving while the agent restarts. 0 runs the listeners inside the agent "
+            "process instead (in-process mode, for development and tests). "
             "`meshlet sidecar --workers N` overrides it; `meshlet agent` ignores it.",
         ),
     )
@@ -784,9 +786,9 @@ leaf): a Python sidecar with spare cores uses a few."""
 
 
 def workers_problem(workers: int) -> str:
-    """Why `workers` is not a usable process count ("" when it is)."""
-    if not 1 <= workers <= MAX_WORKERS:
-        return f"expected an integer from 1 to {MAX_WORKERS}, got {workers}"
+    """Why `workers` is not a usable process count ("" when it is; 0 is the in-process mode)."""
+    if not 0 <= workers <= MAX_WORKERS:
+        return f"expected an integer from 0 to {MAX_WORKERS}, got {workers}"
     return ""
 
 

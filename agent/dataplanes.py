@@ -19,7 +19,8 @@ exit is followed with a pidfd.
 
 A data plane that exits while the agent is not stopping is restarted as workers were
 (`RestartPolicy`); one that does not dial back within `ADOPT_WAIT` seconds is killed and
-replaced. Readiness: the instance serves while at least one data plane is ready.
+replaced. Readiness: the instance serves while at least one data plane is ready and has
+applied the newest snapshot.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +59,14 @@ log = logging.getLogger("meshlet.agent.dataplanes")
 ADOPT_WAIT = 15.0
 """Seconds a surviving data plane gets to dial a restarted agent before it is replaced."""
 
+SNAPSHOT_LAG = 5.0
+"""Seconds a data plane that serves an earlier snapshot still counts as serving once a newer
+one is published (it is on its way: readiness must not flap with every endpoint change);
+past them, or once it refused the newer one, it does not."""
+
 SOCKET_NAME = "dataplane.sock"
+MAX_SOCKET_PATH = 107
+"""Bytes of a unix socket's path (sun_path is 108 with its terminating NUL)."""
 
 # What a data plane must not inherit: systemd talks to the main process only.
 PARENT_ONLY_ENV = (
@@ -87,7 +96,8 @@ def control_dir(cfg: AgentConfig, env: Mapping[str, str]) -> Path:
     """Where this instance's control socket and data-plane status files live: `dataplanes/`
     in systemd's RuntimeDirectory when set, else a directory per instance (service ID and
     public port: two instances cannot share both) under $XDG_RUNTIME_DIR or
-    /tmp/meshlet-UID."""
+    /tmp/meshlet-UID; a service ID too long for the socket's path (Nomad's are about 70
+    characters) is replaced by its hash."""
     if env.get("RUNTIME_DIRECTORY"):
         # A directory of our own inside it: systemd creates RuntimeDirectory 0755.
         return Path(env["RUNTIME_DIRECTORY"].split(":")[0], "dataplanes")
@@ -96,7 +106,11 @@ def control_dir(cfg: AgentConfig, env: Mapping[str, str]) -> Path:
         if env.get("XDG_RUNTIME_DIR")
         else Path(tempfile.gettempdir(), f"meshlet-{os.getuid()}")
     )
-    return base / f"sidecar-{cfg.service.service_id}-{cfg.sidecar.port}"
+    path = base / f"sidecar-{cfg.service.service_id}-{cfg.sidecar.port}"
+    if len(os.fsencode(path / SOCKET_NAME)) > MAX_SOCKET_PATH:
+        digest = hashlib.sha256(cfg.service.service_id.encode()).hexdigest()[:16]
+        path = base / f"sidecar-{digest}-{cfg.sidecar.port}"
+    return path
 
 
 def private_dir(path: Path) -> None:
@@ -216,6 +230,8 @@ class _Plane:
         self.adopted = False
         self.losses = 0
         """How many times it lost an agent (its own count, from its hello)."""
+        self.serving: dict[str, Any] = {}
+        """What it last said it serves (its `serving` report; agent/dataplane_status.py)."""
 
 
 class DataPlanes:
@@ -240,6 +256,9 @@ class DataPlanes:
         self._command = command
         self._server: asyncio.Server | None = None
         self._latest: bytes | None = None
+        self.version = 0
+        """The newest snapshot published (0: none yet)."""
+        self._published_at = 0.0
         self._stop_phase = ""
         self._stopping = asyncio.Event()
 
@@ -302,9 +321,29 @@ class DataPlanes:
         return [p for w in self.workers if (p := w.problem())]
 
     def serving(self) -> bool:
-        return any(w.ready and w.state == "running" for w in self.workers)
+        """Whether a data plane serves the newest snapshot (or, for at most SNAPSHOT_LAG
+        seconds after it was published, the one before: an old one does not count)."""
+        if not self.version:
+            return False
+        lagging = self._clock() - self._published_at < SNAPSHOT_LAG
+        return any(
+            p.state.ready
+            and p.state.state == "running"
+            and (p.applied == self.version or (lagging and p.applied > 0 and not p.refused))
+            for p in self.planes.values()
+        )
+
+    def reports(self) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """(applied snapshot, `serving` report, counters) of each running data plane that
+        has reported what it serves."""
+        return [
+            (p.applied, p.serving, p.state.stats)
+            for p in self.planes.values()
+            if p.state.state == "running" and p.serving
+        ]
 
     def publish(self, snapshot: Snapshot) -> None:
+        self.version, self._published_at = snapshot.version, self._clock()
         self._latest = encode_message(snapshot=snapshot)
         for plane in self.planes.values():
             self._write(plane, self._latest)
@@ -429,6 +468,7 @@ class DataPlanes:
             plane.writer = None
             plane.attached.clear()
         w.ready, w.problems = False, ("not running",)
+        plane.serving = {}
         w.last_exit, w.last_exit_at = describe_exit(returncode), self._clock()
         return w.last_exit
 
@@ -483,6 +523,9 @@ class DataPlanes:
             stats = message.get("stats")
             if isinstance(stats, dict):
                 w.stats = stats
+            serving = message.get("serving")
+            if isinstance(serving, dict):
+                plane.serving = serving
             if "ready" in message:
                 w.ready = message["ready"] is True
                 problems = message.get("problems")

@@ -171,7 +171,7 @@ def sidecar_container(s: Settings, o: InjectOptions) -> dict[str, Any]:
         "livenessProbe": _probe("live", periodSeconds=10, timeoutSeconds=5, failureThreshold=6),
         "resources": {
             # No CPU limit: throttling a proxy adds latency to every request it carries.
-            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "requests": {"cpu": "50m", "memory": "96Mi"},
             "limits": {"memory": "256Mi"},
         },
         "securityContext": _security_context(),

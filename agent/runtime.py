@@ -15,11 +15,13 @@ or destination changed; the others and their connections are untouched), in the 
 Settings that need new sockets (consul, admin, the inbound listener) or a new identity
 (certs, service) are reported as needing a restart.
 
-With `meshlet sidecar --workers N` (N > 1) this process runs no listener: `DataPlanes`
-(agent/dataplanes.py) keeps N data-plane processes serving the same ports with SO_REUSEPORT,
-fed by `_feed` with a whole snapshot whenever its inputs change; they drain and stop with
-this process, survive its crash (adopted when it starts again) and show in /v1/status under
-`workers`.
+`meshlet sidecar` (`--workers N`, N >= 1, default 1) runs no listener in this process:
+`DataPlanes` (agent/dataplanes.py) keeps N data-plane processes serving the same ports with
+SO_REUSEPORT, fed by `_feed` with a whole snapshot whenever its inputs change; they drain and
+stop with this process, survive its crash (adopted when it starts again) and show in
+/v1/status under `workers`; the `proxy` section says what they serve
+(agent/dataplane_status.py). `--workers 0` runs the listeners in this process instead (the
+in-process mode: development, and tests that reach into the proxy's objects).
 
 SIGTERM (or SIGINT) drains: STOPPING=1, deregister first, keep serving for
 `shutdown.drain_period` while Consul's watchers of this service drop it, then stop. A second
@@ -45,6 +47,7 @@ from agent.catalog import Snapshot, WatchKey
 from agent.config import AgentConfig, ConfigError, UpstreamSection, load, with_workers
 from agent.connectivity import Connectivity
 from agent.consul import ConsulClient, ConsulError, ConsulPermissionDenied
+from agent.dataplane_status import merge_proxy_status
 from agent.metrics import MetricsServer, metrics_route
 from agent.readiness import SidecarReadiness
 from agent.registration import ExternalRegistration, Registrar, sidecar_id
@@ -111,13 +114,13 @@ class AgentRuntime:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._notifier = notifier if notifier is not None else Notifier(None)
-        lean = sidecar and config.sidecar.workers > 1
+        lean = sidecar and config.sidecar.workers > 0
         self.sidecar: Sidecar | None = None
         """The proxy (`meshlet sidecar`); None for `meshlet agent` (registration and watches).
-        With --workers N > 1 it only holds what feeds the data planes."""
+        Unless --workers 0 (in-process), it only holds what feeds the data planes."""
         self.dataplanes: DataPlanes | None = None
-        """The N data-plane processes of `meshlet sidecar --workers N` (N > 1): they run the
-        listeners, this process feeds them snapshots (agent/dataplanes.py)."""
+        """The N data-plane processes of `meshlet sidecar --workers N` (N >= 1, the default
+        1): they run the listeners, this process feeds them snapshots (agent/dataplanes.py)."""
         if sidecar:
             # Imported here: the proxy's stack and cryptography are `meshlet sidecar`'s; a
             # node agent without a sidecar never loads them.
@@ -141,6 +144,10 @@ class AgentRuntime:
         if self.sidecar is not None and self.dataplanes is not None:
             self.sidecar.listener_problems = self._dataplane_problems
         self._snapshot_version = 0
+        self._leaves: dict[int, dict[str, Any]] = {}
+        """The leaf each recent snapshot version carried (for /v1/status)."""
+        self._pushed_inputs: tuple[object, ...] | None = None
+        """What the newest published snapshot was built from (`Sidecar.dataplane_inputs`)."""
         self._published_binds: set[str] | None = None
         self._refused_binds: dict[str, str] = {}
         self._adopted = 0
@@ -332,6 +339,7 @@ class AgentRuntime:
         while True:
             try:
                 last, held = await self._push(last, held)
+                self._pushed_inputs = last
             except Exception:
                 # A bug building a snapshot must not stop registration and the watches: the
                 # data planes keep the last one, and the next change tries again.
@@ -367,6 +375,15 @@ class AgentRuntime:
         )
         snapshot = await self._claimed(snapshot)
         self._snapshot_version = snapshot.version
+        material = sidecar.rotator.current if sidecar.rotator is not None else None
+        if material is not None:
+            self._leaves[snapshot.version] = {
+                "generation": material.generation,
+                "uri": material.leaf.service_uri,
+                "trust_domain": material.bundle.trust_domain,
+            }
+        for old in [v for v in self._leaves if v <= snapshot.version - 64]:
+            del self._leaves[old]  # a data plane 64 snapshots behind shows generation 0
         planes.publish(snapshot)
         return inputs, held
 
@@ -409,7 +426,11 @@ class AgentRuntime:
             return []
         reasons = list(self._refused_binds.values())
         if not planes.serving():
-            why = "; ".join(planes.problems()) or "none started yet"
+            why = "; ".join(planes.problems()) or (
+                f"snapshot {planes.version} not applied yet"
+                if planes.version
+                else "none started yet"
+            )
             reasons.append(f"no data plane serving: {why}")
         return reasons
 
@@ -470,6 +491,10 @@ class AgentRuntime:
         await registrar.registered.wait()
         if self.sidecar is not None:
             await self.sidecar.started.wait()
+        # READY=1 (and the "ready:" line) means serving: a data plane has the snapshot. Polled:
+        # serving() is made of several processes' reports, no one event says it.
+        while self.dataplanes is not None and not self.dataplanes.serving():  # noqa: ASYNC110
+            await asyncio.sleep(_FEED_EVERY)
         while True:
             pending = [w for w in self._watches.values() if w.watcher.latest.get() is None]
             if not pending:
@@ -726,7 +751,7 @@ class AgentRuntime:
             },
             "apply": self.apply_times.summary(),
             "upstreams": upstreams,
-            "proxy": self.sidecar.status() if self.sidecar is not None else None,
+            "proxy": self._proxy_status(),
             "workers": self._workers_status(),
             # This process's asyncio tasks: a fault or soak that leaks them shows here.
             "tasks": _task_count(),
@@ -776,6 +801,33 @@ class AgentRuntime:
             snapshot["counters"] = counters
             snapshot["mesh"] = counters.get("mesh", {})
         return snapshot
+
+    def _proxy_status(self) -> Mapping[str, Any] | None:
+        """The proxy as it serves: with data planes, what they report put into the agent's
+        view (agent/dataplane_status.py); in-process, the listeners' own."""
+        if self.sidecar is None:
+            return None
+        own = self.sidecar.status()
+        if self.dataplanes is None:
+            return own
+        from agent.sidecar import METRICS_ONLY
+
+        reports = self.dataplanes.reports()
+        total = sum_counters([self.sidecar.counters(), *(r[2] for r in reports)])
+        stats = {k: v for k, v in total.items() if k not in METRICS_ONLY}
+        merged = merge_proxy_status(own, reports, self._leaves, stats)
+        version = self.dataplanes.version
+        applied = min((r[0] for r in reports), default=0)
+        merged["snapshot"] = {
+            "version": version,
+            "applied": applied,
+            # What the agent holds now is what every data plane serves: a change the agent
+            # logged (access logs, tracing, a reload) is in force once this is true.
+            "current": bool(reports)
+            and applied == version
+            and self.sidecar.dataplane_inputs() == self._pushed_inputs,
+        }
+        return merged
 
     def _workers_status(self) -> Mapping[str, Any] | None:
         """The worker processes, and `stats_total`: the proxy counters of every process

@@ -26,8 +26,9 @@ Fail closed: no listener is opened before a leaf is held and the first intention
 compiled (until then the snapshot denies everything); the readiness the registrar reports to
 Consul passes only while every listener is serving and the leaf is unexpired.
 
-With `sidecar.workers` > 1 this process runs no listener (`listen=False`): the data-plane
-processes do, fed with `dataplane_snapshot()` (agent/dataplanes.py, connect/dataplane/).
+Unless `sidecar.workers` is 0 (the in-process mode) this process runs no listener
+(`listen=False`): the data-plane processes do, fed with `dataplane_snapshot()`
+(agent/dataplanes.py, connect/dataplane/).
 
 Known limits: a reload that changes `certs`, `service` or the inbound side of `sidecar`
 (port, address, protocol, path normalization, workers) needs a restart, and says so.

@@ -151,7 +151,7 @@ sidecar:
 admin:
   address: 127.0.0.1:{s.admin_port}
 shutdown:
-  # Keep TimeoutStopSec= in the unit above this (plus 10s with sidecar.workers > 1).
+  # Keep TimeoutStopSec= in the unit above this plus 10s (the data planes stop after it).
   drain_period: 10s
 """
 

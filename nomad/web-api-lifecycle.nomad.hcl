@@ -71,7 +71,7 @@ job "web-api-lifecycle" {
 
       resources {
         cpu    = 200
-        memory = 128
+        memory = 192
       }
     }
 
@@ -154,7 +154,7 @@ job "web-api-lifecycle" {
 
       resources {
         cpu    = 200
-        memory = 128
+        memory = 192
       }
     }
 

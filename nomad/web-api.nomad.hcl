@@ -56,7 +56,7 @@ job "web-api" {
 
           resources {
             cpu    = 200
-            memory = 128
+            memory = 192
           }
 
           # Nomad signals sidecars after the group's main tasks have stopped, so there is
@@ -133,7 +133,7 @@ job "web-api" {
 
           resources {
             cpu    = 200
-            memory = 128
+            memory = 192
           }
 
           kill_timeout = "10s"

@@ -489,6 +489,19 @@ async def _scrape(http: aiohttp.ClientSession, side: Sidecar) -> Scrape:
         return parse(await resp.text(), "source")
 
 
+async def _settled_scrape(http: aiohttp.ClientSession, side: Sidecar) -> Scrape:
+    """The scrape once it stops moving: a sidecar's data plane reports its counters to the
+    agent every 0.25 s, so a request just answered may not be in the next scrape yet."""
+    before = await _scrape(http, side)
+    for _ in range(10):
+        await asyncio.sleep(0.6)
+        now = await _scrape(http, side)
+        if now == before:
+            break
+        before = now
+    return before
+
+
 def _rate_p99(new: Scrape, old: Scrape, dest: str, seconds: float) -> tuple[str, str]:
     count, buckets = increase(new, old, dest)
     return f"{count / seconds:.0f}/s", millis(quantile(0.99, buckets))
@@ -507,7 +520,9 @@ async def metrics(scene: Scene) -> Verdict:
     order = scene.order_app
     payments = order.payments.total()
     try:
-        first = {side.label: await _scrape(scene.http, side) for side in (scene.web, scene.order)}
+        first = {
+            side.label: await _settled_scrape(scene.http, side) for side in (scene.web, scene.order)
+        }
     except (ScrapeError, aiohttp.ClientError) as err:
         return _done(scene, Verdict("metrics", Outcome.FAIL, f"scrape failed: {err}"))
     last = dict(first)
@@ -555,7 +570,9 @@ async def metrics(scene: Scene) -> Verdict:
     try:
         await load.run(tick)
         # Counters move when a response is complete; the client has read every one by now.
-        final = {side.label: await _scrape(scene.http, side) for side in (scene.web, scene.order)}
+        final = {
+            side.label: await _settled_scrape(scene.http, side) for side in (scene.web, scene.order)
+        }
     except (ScrapeError, aiohttp.ClientError) as err:
         return _done(scene, Verdict("metrics", Outcome.FAIL, f"scrape failed: {err}"))
     expected = {

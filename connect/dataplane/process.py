@@ -68,6 +68,10 @@ EXIT_LEAF_EXPIRED = 3
 EXIT_NEVER_FED = 4
 """Exit status when no agent came to give a first snapshot."""
 NEVER_FED_WAIT = 60.0
+REPORT_EVERY = 0.25
+"""Seconds between looks at the counters and what it serves (sent to the agent when they
+changed): /v1/status is the agent's, and a caller reading it just after a request expects
+it counted."""
 
 
 def status_path(control_socket: Path, index: int) -> Path:
@@ -147,6 +151,12 @@ class DataPlane:
         """What a worker reported (agent/sidecar.py `counters`), summed by the agent."""
         proxy = self.proxy
         upstreams = proxy.upstreams if proxy is not None else {}
+        # A routed upstream's ejections happen in its chain's target clusters.
+        routed = {
+            r.spec.name: r.routed.ejections()
+            for r in (proxy.running.values() if proxy is not None else ())
+            if isinstance(r.spec, UpstreamSpec) and r.routed is not None
+        }
         return {
             **dataclasses.asdict(self.stats),
             "upstream_refusals": {n: u.refusal_counts() for n, u in upstreams.items()},
@@ -154,8 +164,8 @@ class DataPlane:
             "clusters": {
                 n: {
                     "overflows": dict(u.cluster.overflows),
-                    "ejections": u.cluster.ejections,
-                    "ejected": len(u.cluster.ejected),
+                    "ejections": u.cluster.ejections + routed.get(n, (0, 0))[0],
+                    "ejected": len(u.cluster.ejected) + routed.get(n, (0, 0))[1],
                 }
                 for n, u in upstreams.items()
             },
@@ -163,7 +173,51 @@ class DataPlane:
             "access_log": {
                 "dropped": self.access_log.dropped if self.access_log is not None else 0,
                 "written": self.access_log.written if self.access_log is not None else 0,
+                "write_failed": self.access_log.write_failed if self.access_log else 0,
             },
+            "tracing": self.telemetry.tracing_counters() if self.telemetry is not None else {},
+        }
+
+    def serving(self) -> dict[str, Any]:
+        """What it serves now, for the agent's /v1/status `proxy` section (agent/
+        dataplane_status.py merges the data planes'): each listener and its open connections,
+        each upstream's endpoints, and the snapshot parts it applied."""
+        snap, proxy = self.snapshot, self.proxy
+        if snap is None or proxy is None:
+            return {}
+        pushed = {endpoints_key(e): e.index for e in snap.endpoints}
+        upstreams = {}
+        for r in proxy.running.values():
+            if isinstance(r.spec, UpstreamSpec) and r.endpoints is not None:
+                upstreams[r.spec.name] = {
+                    "index": pushed.get(endpoints_key(r.spec)),
+                    "endpoints": len(r.endpoints.current.targets),
+                    "protocol": r.spec.protocol,
+                    "bind": r.spec.bind,
+                }
+        source = self._intentions_source
+        return {
+            "version": snap.version,
+            "listeners": {
+                spec.label: proxy.listener(spec) is not None
+                for spec in snap.spec.listeners().values()
+            },
+            "connections": {
+                r.spec.label: {
+                    "open": r.listener.open_connections,
+                    "handshaking": r.listener.pending_handshakes,
+                }
+                for r in proxy.running.values()
+            },
+            "upstreams": upstreams,
+            "intentions_index": source.index if source is not None else 0,
+            "mutual_tls_mode": snap.spec.inbound.mutual_tls_mode if snap.spec.inbound else "",
+            "routing": {
+                name: {"applied": routing.index, "targets": sorted(routing.routing.targets)}
+                for name, latest in self.routing.items()
+                if (routing := latest.get()) is not None
+            },
+            "heap_trims": self.heap.trims,
         }
 
     def status(self) -> dict[str, Any]:
@@ -237,6 +291,7 @@ class DataPlane:
                 if not plan.empty:
                     log.info("snapshot %d: %s", snap.version, plan.describe())
             self._send(applied=snap.version)
+            self._send(serving=self.serving())  # what /v1/status shows follows at once
             problems = self.problems()  # said again: an agent may have just attached
             self._send(ready=not problems, problems=problems)
             if first:
@@ -421,12 +476,14 @@ class DataPlane:
     async def _report(self) -> None:
         last: tuple[str, ...] | None = None
         last_stats: dict[str, Any] = {}
+        last_serving: dict[str, Any] = {}
         last_attached = False
         while True:
             problems = tuple(self.problems())
             stats = self.counters()
+            serving = self.serving()
             if self.attached and not last_attached:
-                last, last_stats = None, {}  # a new agent knows nothing yet
+                last, last_stats, last_serving = None, {}, {}  # a new agent knows nothing yet
             last_attached = self.attached
             if problems != last:
                 self._send(ready=not problems, problems=list(problems))
@@ -436,7 +493,10 @@ class DataPlane:
             if stats != last_stats:
                 self._send(stats=stats)
                 last_stats = stats
-            await asyncio.sleep(1.0)
+            if serving != last_serving:
+                self._send(serving=serving)
+                last_serving = serving
+            await asyncio.sleep(REPORT_EVERY)
 
     async def _guard_leaf(self) -> None:
         """Fail closed: no agent and an expired leaf -> stop serving and exit. And a data

@@ -11,6 +11,9 @@ One unix stream socket per data plane, JSON lines, every message an object with 
                           {"v":1,"applied":N} / {"v":1,"refused":{"version":N,"error":"..."}}
                           {"v":1,"ready":bool,"problems":[...]}
                           {"v":1,"stats":{...}}       its proxy counters, as a worker's were
+                          {"v":1,"serving":{...}}     its listeners, connections, upstreams and
+                                                     the snapshot parts applied (after each
+                                                     snapshot, and when they change)
 
 A snapshot carries the inputs, not the agent's objects: the leaf and roots as PEM, the
 service-intentions entries that concern this service with the default decision (compiled in

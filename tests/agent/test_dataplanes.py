@@ -5,8 +5,10 @@ waits (bounded) for its first endpoints."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -17,6 +19,7 @@ import pytest
 from agent.dataplanes import (
     ControlDirError,
     DataPlanes,
+    control_dir,
     dataplane_command,
     hold_unanswered,
     private_dir,
@@ -139,3 +142,51 @@ async def test_a_survivor_beyond_the_new_count_is_stopped_and_the_others_adopted
                 proc.kill()
             await proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_serving_means_the_newest_snapshot_or_the_previous_one_for_a_moment(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    planes = DataPlanes(1, tmp_path / "c", {}, clock=lambda: now[0])
+    plane = planes.planes[1]
+    plane.state.state, plane.state.ready = "running", True
+    assert not planes.serving()  # nothing published yet (an adopted plane's old one either)
+    plane.applied = 3
+    assert not planes.serving()
+    planes.publish(_snapshot(("api", 9001, True)))  # version 1
+    assert planes.version == 1
+    assert planes.serving()  # its earlier snapshot counts while the new one is on its way
+    now[0] += 6
+    assert not planes.serving()  # stuck behind: not serving what the agent holds
+    plane.applied = 1
+    assert planes.serving()
+    planes.publish(dataclasses.replace(_snapshot(("api", 9001, True)), version=2))
+    assert planes.serving()
+    plane.refused = "bad leaf"
+    assert not planes.serving()  # refused the newest: fails closed at once
+
+
+def test_a_long_service_id_still_gives_a_socket_path_that_binds() -> None:
+    """Nomad's service IDs are about 70 characters: the readable directory name would make
+    the socket's path longer than a unix socket allows (the agent failed to start)."""
+    from agent.config import parse
+
+    nomad_id = "_nomad-task-8f14e45f-ceea-467a-9c1e-5a1b2c3d4e5f-group-api-api-38881"
+    raw = {
+        "service": {"name": "api", "id": nomad_id, "port": 8080},
+        "sidecar": {"port": 21000},
+    }
+    runtime = tempfile.mkdtemp(prefix="ml-")  # short, as $XDG_RUNTIME_DIR (/run/user/UID)
+    try:
+        env = {"XDG_RUNTIME_DIR": runtime}
+        path = control_dir(parse(raw, {}), env)
+        assert path == control_dir(parse(raw, {}), env)  # the same for the next agent
+        assert nomad_id not in str(path) and str(path).endswith("-21000")
+        private_dir(path)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path / "dataplane.sock"))
+        short = control_dir(parse({**raw, "service": {"name": "api", "port": 8080}}, {}), env)
+        assert short.name == "sidecar-api-21000"  # readable when it fits
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -61,7 +61,13 @@ def _api_config(consul_addr: str, app_port: int, sidecar_port: int, protocol: st
                 "address": "127.0.0.1",
                 "check": {"ttl": "60s"},
             },
-            "sidecar": {"port": sidecar_port, "protocol": protocol, "check_ttl": "3s"},
+            # In-process (workers 0): these tests reach into the proxy's objects.
+            "sidecar": {
+                "port": sidecar_port,
+                "protocol": protocol,
+                "check_ttl": "3s",
+                "workers": 0,
+            },
             "admin": {"address": "127.0.0.1:0"},
             "watch": {"retry_initial": "50ms", "retry_max": "500ms"},
             "shutdown": {"drain_period": "0s"},

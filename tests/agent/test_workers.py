@@ -50,16 +50,17 @@ def _raw(**sidecar: Any) -> dict[str, Any]:
 # ---- configuration ----------------------------------------------------------------------------
 
 
-def test_one_process_by_default() -> None:
+def test_one_data_plane_by_default_and_zero_is_in_process() -> None:
     assert parse(_raw(), {}).sidecar.workers == 1
+    assert parse(_raw(workers=0), {}).sidecar.workers == 0  # the in-process mode
 
 
-@pytest.mark.parametrize("workers", [0, -1, 65])
+@pytest.mark.parametrize("workers", [-1, 65])
 def test_workers_out_of_range_names_the_key(workers: int) -> None:
     with pytest.raises(ConfigError) as info:
         parse(_raw(workers=workers), {})
     assert [str(p) for p in info.value.problems] == [
-        f"sidecar.workers: expected an integer from 1 to 64, got {workers}"
+        f"sidecar.workers: expected an integer from 0 to 64, got {workers}"
     ]
 
 
@@ -84,9 +85,10 @@ def test_the_command_line_wins_over_the_file() -> None:
     cfg = parse(_raw(workers=2), {})
     assert with_workers(cfg, 4).sidecar.workers == 4
     assert with_workers(cfg, None) is cfg
+    assert with_workers(cfg, 0).sidecar.workers == 0
     with pytest.raises(ConfigError) as info:
-        with_workers(cfg, 0)
-    assert str(info.value) == "--workers: expected an integer from 1 to 64, got 0"
+        with_workers(cfg, -1)
+    assert str(info.value) == "--workers: expected an integer from 0 to 64, got -1"
 
 
 def test_the_running_config_round_trips_to_workers() -> None:
@@ -123,9 +125,9 @@ def test_check_config_with_workers(tmp_path: Path, capsys: pytest.CaptureFixture
     path.write_text(json.dumps(_raw()))
     assert main(["sidecar", "-c", str(path), "--workers", "3", "--check-config"]) == 0
     assert "valid (service web, 1 upstreams, 3 workers)" in capsys.readouterr().out
-    assert main(["sidecar", "-c", str(path), "--workers", "0", "--check-config"]) == 2
+    assert main(["sidecar", "-c", str(path), "--workers", "65", "--check-config"]) == 2
     err = capsys.readouterr().err
-    assert "invalid configuration: --workers: expected an integer from 1 to 64, got 0" in err
+    assert "invalid configuration: --workers: expected an integer from 0 to 64, got 65" in err
 
 
 def test_status_lists_the_workers_before_they_start() -> None:
@@ -139,7 +141,9 @@ def test_status_lists_the_workers_before_they_start() -> None:
         (2, "pending", None),
         (3, "pending", None),
     ]
-    one = AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)
+    default = AgentRuntime(parse(_raw(), {}), sidecar=True).status(None)["workers"]
+    assert (default["count"], default["mode"], len(default["processes"])) == (1, "data planes", 1)
+    one = AgentRuntime(parse(_raw(), {}), sidecar=True, workers=0).status(None)
     assert one["workers"] == {
         "count": 1,
         "processes": [],
@@ -308,11 +312,13 @@ async def test_stop_drains_then_stops_and_snapshots_reach_every_data_plane(
     assert (os.stat(planes.socket_path).st_mode & 0o777) == 0o600
     task = asyncio.ensure_future(planes.run())
     await _until(lambda: all(w.ready for w in planes.workers), "both data planes ready")
-    assert planes.problems() == [] and planes.serving()
+    # Ready, but serving nothing until they have a snapshot.
+    assert planes.problems() == [] and not planes.serving()
     pids = [w.pid for w in planes.workers]
     assert all(pid is not None and _alive(pid) for pid in pids)
     planes.publish(_snapshot(1))
     await _until(lambda: all(p.applied == 1 for p in planes.planes.values()), "snapshot 1")
+    assert planes.serving()
     planes.begin_stop()
     await _until(lambda: marker.read_text().count('"drain"') == 2, "drain reached both")
     await planes.stop(timeout=10)

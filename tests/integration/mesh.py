@@ -188,6 +188,32 @@ def wait_status(admin: str, done: Any, what: str) -> Any:
         time.sleep(0.05)
 
 
+def settled_status(admin: str) -> Any:
+    """The status once the data planes' counters stop moving (each reports them every
+    0.25 s): a baseline that includes every request answered so far."""
+    st = status(admin)
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        time.sleep(0.6)  # over two reports: a request answered before `st` is in by now
+        again = status(admin)
+        if again["proxy"]["stats"] == st["proxy"]["stats"]:
+            return again
+        if time.monotonic() > deadline:
+            raise AssertionError("the counters never settled")
+        st = again
+
+
+def wait_applied(admin: str) -> Any:
+    """Until the sidecar's data planes serve the agent's newest snapshot: a setting the
+    agent logged as changed (access logs, tracing) is then in force for the next request.
+    (In-process, `--workers 0`, it is in force when logged.)"""
+    return wait_status(
+        admin,
+        lambda s: s["proxy"].get("snapshot", {"current": True})["current"],
+        "the data planes serving the agent's newest snapshot",
+    )
+
+
 def wait_line(proc: Proc, text: str) -> str:
     """The first line of the process's log that contains `text` (its drain thread reads
     the log as it comes); fail after DEADLINE."""

@@ -25,6 +25,7 @@ from tests.integration.mesh import (
     deny_prefix_intention,
     metrics,
     running,
+    wait_applied,
     wait_line,
     write_entry,
 )
@@ -92,7 +93,9 @@ def test_access_logs_follow_proxy_defaults(mesh: Mesh) -> None:
 
     _put_defaults(mesh.consul, {"Enabled": True, "Type": "stdout"})
     wait_line(web, "access logs: on")
+    wait_applied(mesh.web_admin)
     wait_line(api, "access logs: on")
+    wait_applied(mesh.api_admin)
 
     assert _get(mesh.web_upstream, "/ok?x=1", "req-ok") == 200
     sent, got = _record(web, "req-ok"), _record(api, "req-ok")
@@ -139,6 +142,7 @@ def test_access_logs_follow_proxy_defaults(mesh: Mesh) -> None:
     # Disabled again without a restart: back to denials only.
     _put_defaults(mesh.consul, {"Enabled": False})
     wait_line(web, "access logs: off")
+    wait_applied(mesh.web_admin)
     assert _get(mesh.web_upstream, "/ok", "req-off") == 200
     assert _get(mesh.web_upstream, "/deny/late", "req-late-deny") == 403
     assert _record(api, "req-late-deny")["intention"] == "deny"

@@ -42,6 +42,8 @@ class Proc:
             stderr=subprocess.STDOUT,
             text=True,
             env=env or ENV,
+            # Its own process group: a sidecar's data planes are in it (`kill`).
+            start_new_session=True,
         )
 
     def wait_for_line(self, text: str) -> str:
@@ -54,15 +56,21 @@ class Proc:
             if text in line:
                 return line
 
-    def stop(self) -> None:
-        # `meshlet sidecar --workers N` data planes outlive a SIGKILLed agent by design: its
-        # children are killed with it here, or the log pipe they share never reaches EOF.
+    def kill(self) -> None:
+        """SIGKILL the whole sidecar, as a machine or pod that dies: the agent and its data
+        planes (which outlive the agent alone by design)."""
         children = _children(self.p.pid)
-        if self.p.poll() is None:
-            self.p.kill()
-        for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, signal.SIGKILL)
+        for pid in children:  # one that left the group would still hold the log pipe
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        self.p.wait(30)
+
+    def stop(self) -> None:
+        # Data planes outlive a SIGKILLed agent by design: the whole group is killed here,
+        # or the log pipe they share never reaches EOF.
+        self.kill()
         self.p.communicate(timeout=10)
 
 

@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.mesh import DEADLINE, Mesh, access_log_lines, running, wait_line, write_entry
+from tests.integration.mesh import (
+    DEADLINE,
+    Mesh,
+    access_log_lines,
+    running,
+    wait_applied,
+    wait_line,
+    write_entry,
+)
 from tests.integration.profiled_mesh import profiled_mesh
 from tests.integration.test_agent_process import Proc
 
@@ -51,6 +59,7 @@ def test_refused_connections_are_listener_logs(mesh: Mesh) -> None:
     api = mesh.sidecars["api"]
     _put(mesh.consul, {"Enabled": True, "Type": "stdout"})
     wait_line(api, "access logs: on")
+    wait_applied(mesh.api_admin)
 
     address = _plaintext(mesh.api_public)
     deadline = time.monotonic() + DEADLINE
@@ -67,6 +76,7 @@ def test_refused_connections_are_listener_logs(mesh: Mesh) -> None:
 
     _put(mesh.consul, {"Enabled": True, "Type": "stdout", "DisableListenerLogs": True})
     wait_line(api, "access logs: on, listener logs off")
+    wait_applied(mesh.api_admin)
     quiet = _plaintext(mesh.api_public)
     # Listener logs on again: refusals are logged again (tried until one is: the entry takes
     # a moment to reach the sidecar), and the one made while they were off never was.

@@ -40,6 +40,7 @@ from tests.integration.mesh import (
     put_intentions,
     running,
     serve,
+    wait_applied,
     wait_status,
 )
 from tests.integration.test_agent_process import ENV, MESHLET
@@ -115,7 +116,9 @@ class ThreeApis(Mesh):
             ups = st["proxy"]["upstreams"].get("api", {})
             return api.get("index", 0) >= index and api.get("routed") and ups.get("endpoints", 0)
 
-        st = wait_status(self.web_admin, done, f"web's api routed at index {index}")
+        wait_status(self.web_admin, done, f"web's api routed at index {index}")
+        # The agent compiled it; its data plane serves it (with its retries and timeouts).
+        st = wait_applied(self.web_admin)
         # Every instance is in the routed endpoint set (the target watch's answer is in).
         deadline = time.monotonic() + DEADLINE
         while self.request()[0] != 200 and time.monotonic() < deadline:

@@ -204,7 +204,12 @@ def test_request_limits_from_agent_yaml_at_their_value(tmp_path: Path) -> None:
         port = mesh.web_upstream
         assert _answer(port, _get(10))[0] == b"200"
         assert _answer(port, _get(11)) == (b"431", b"close")
-        refused = status(mesh.web_admin)["proxy"]["stats"]["requests_refused_limit"]
+        # Counted by the data plane, which reports to the agent about once a second.
+        refused = wait_status(
+            mesh.web_admin,
+            lambda s: s["proxy"]["stats"]["requests_refused_limit"]["max_headers"] >= 1,
+            "the refusal counted",
+        )["proxy"]["stats"]["requests_refused_limit"]
         assert refused == {"max_headers": 1, "max_header_bytes": 0}
         with urllib.request.urlopen(f"http://{mesh.web_admin}/metrics", timeout=30) as resp:
             metrics = resp.read().decode()

@@ -103,7 +103,10 @@ def test_http_through_two_sidecars_then_denied_by_intention(http_mesh: Mesh) -> 
     status_code, _, body = get(mesh.web_upstream, "/hello")
     assert status_code == 403
     assert body == b"RBAC: access denied"
-    assert status(mesh.api_admin)["proxy"]["stats"]["requests_denied"] >= 1
+    # Counted by the data plane, which reports to the agent about once a second.
+    wait_status(
+        mesh.api_admin, lambda s: s["proxy"]["stats"]["requests_denied"] >= 1, "the denial counted"
+    )
 
     # And back: allowed again once the allow is applied.
     index = put_intentions(mesh.consul, "api", "allow")
@@ -147,7 +150,11 @@ def test_an_endpoint_with_the_wrong_identity_is_refused_and_failed_over(http_mes
         served += 1
     refusal = next(line for line in web.lines if "refused: server is" in line)
     assert "/svc/web, not api" in refusal
-    assert status(mesh.web_admin)["proxy"]["stats"]["upstream_failures"] >= 1
+    wait_status(
+        mesh.web_admin,
+        lambda s: s["proxy"]["stats"]["upstream_failures"] >= 1,
+        "the refused dial counted",
+    )
     assert get(mesh.web_upstream, "/after")[0] == 200
 
 
@@ -195,7 +202,11 @@ def test_tcp_through_two_sidecars_then_denied_by_intention(tcp_mesh: Mesh) -> No
     index = put_intentions(mesh.consul, "api", "deny")
     mesh.wait_intentions(index)
     assert tcp_exchange(mesh.web_upstream) == b""
-    assert status(mesh.api_admin)["proxy"]["stats"]["connections_denied"] >= 1
+    wait_status(
+        mesh.api_admin,
+        lambda s: s["proxy"]["stats"]["connections_denied"] >= 1,
+        "the denied connection counted",
+    )
 
 
 def test_meshlet_sidecar_requires_a_config(tmp_path: Path) -> None:

@@ -115,8 +115,11 @@ def test_permissive_mode_through_real_sidecars(mesh: Mesh) -> None:
     assert code == 200
     if mesh.protocol == "http":
         assert json.loads(body)["headers"]["x-forwarded-client-cert"]
-    st = status(mesh.api_admin)["proxy"]["stats"]
-    assert st["plaintext_connections"] >= 1
+    wait_status(  # counted by the data plane, which reports about once a second
+        mesh.api_admin,
+        lambda s: s["proxy"]["stats"]["plaintext_connections"] >= 1,
+        "the plaintext connection counted",
+    )
 
     # Back to strict, without a restart: the open plaintext connection is closed, new
     # plaintext refused, web's traffic unaffected.

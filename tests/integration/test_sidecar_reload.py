@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.mesh import settled_status
 from tests.integration.test_agent_process import ENV, Proc, _free_port, start_dev, wait_catalog
 from tests.integration.test_sidecar_mesh import (
     _drain,
@@ -217,7 +218,7 @@ def mesh(tmp_path: Path) -> Iterator[ReloadMesh]:
 
 
 def _stats(mesh: ReloadMesh) -> dict[str, Any]:
-    stats: dict[str, Any] = status(mesh.web_admin)["proxy"]["stats"]
+    stats: dict[str, Any] = settled_status(mesh.web_admin)["proxy"]["stats"]
     return stats
 
 

@@ -305,8 +305,10 @@ def test_100_mb_each_way_with_bounded_sidecar_memory(stream_mesh: TrafficMesh) -
                 f"{name}'s sidecar peaked {growth} kB above its RSS during the "
                 f"{mesh.protocol} {direction}: {figures}"
             )
-    stats = status(mesh.api_admin)["proxy"]["stats"]
-    assert stats["requests" if mesh.protocol == "http" else "connections"] >= 4
+    counted = "requests" if mesh.protocol == "http" else "connections"
+    wait_status(  # counted by the data plane, which reports about once a second
+        mesh.api_admin, lambda s: s["proxy"]["stats"][counted] >= 4, f"the {counted} counted"
+    )
 
 
 # ---- 2. WebSocket -------------------------------------------------------------------------
@@ -363,7 +365,11 @@ def test_websocket_echo_through_the_mesh_then_the_upgrade_is_denied(
     denied = status(mesh.api_admin)["proxy"]["stats"]["requests_denied"]
     mesh.wait_intentions(put_intentions(mesh.consul, "api", "deny"))
     assert asyncio.run(_ws_refused(mesh.web_upstream)) == 403
-    assert status(mesh.api_admin)["proxy"]["stats"]["requests_denied"] == denied + 1
+    wait_status(
+        mesh.api_admin,
+        lambda s: s["proxy"]["stats"]["requests_denied"] == denied + 1,
+        "the denied upgrade counted",
+    )
     assert mesh.api_app.stats()["websockets"] == opened  # type: ignore[attr-defined]
 
     mesh.wait_intentions(put_intentions(mesh.consul, "api", "allow"))
@@ -486,14 +492,18 @@ def test_a_killed_instance_fails_no_idempotent_request(two_api_mesh: TrafficMesh
     failed_dials = status(mesh.web_admin)["proxy"]["stats"]["upstream_failures"]
 
     def kill() -> None:
-        mesh.sidecars["api"].p.kill()
+        mesh.sidecars["api"].kill()
         mesh.sidecars["api"].p.wait(30)
         mesh.app_procs["api"].kill()
 
     load, summary = _under_load_kill(mesh, kill)
     assert load.failures == [], summary
     # web did pick the dead instance and fail over (not merely never tried it).
-    assert status(mesh.web_admin)["proxy"]["stats"]["upstream_failures"] > failed_dials
+    wait_status(
+        mesh.web_admin,
+        lambda s: s["proxy"]["stats"]["upstream_failures"] > failed_dials,
+        "the failed dial counted",
+    )
 
 
 def test_a_killed_app_behind_a_live_sidecar_fails_no_idempotent_request(

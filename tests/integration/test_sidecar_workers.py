@@ -135,16 +135,17 @@ def dataplane_pids(control: Path) -> list[int]:
 
 class WorkersMesh(Mesh):
     """test_sidecar_mesh's Mesh (api and web speak http) with web's sidecar on two data
-    planes, its control directory in a private temporary one (a unix socket path is short)."""
+    planes (`web_args`: one, the default, with none), its control directory in a private
+    temporary one (a unix socket path is short)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, web_args: tuple[str, ...] = ("--workers", "2")) -> None:
         super().__init__(tmp, "http")
         self.runtime = Path(tempfile.mkdtemp(prefix="ml-"))
         self.env = {**self.env, "XDG_RUNTIME_DIR": str(self.runtime)}
         self.control = self.runtime / "meshlet" / f"sidecar-web-{self.web_public}"
         try:
             put_intentions(self.consul, "api", "allow")
-            self.start(web_args=("--workers", "2"))
+            self.start(web_args=web_args)
             st = wait_status(
                 self.web_admin,
                 lambda s: all(p["ready"] for p in s["workers"]["processes"]),
@@ -157,7 +158,7 @@ class WorkersMesh(Mesh):
         self.threads = self.drains
         self.parent = self.web.p.pid
         self.worker = int(st["workers"]["processes"][0]["pid"])
-        self.other = int(st["workers"]["processes"][1]["pid"])
+        self.other = int(st["workers"]["processes"][-1]["pid"])
 
     def stop(self) -> None:
         # Data planes outlive a SIGKILLed agent by design: stopped here by pid, or the
@@ -216,7 +217,8 @@ def test_both_processes_serve_and_a_killed_worker_comes_back(mesh: WorkersMesh) 
         "all 60 requests counted across the processes",
     )
     st = status(mesh.web_admin)
-    assert st["proxy"]["stats"]["requests"] == 0  # the agent serves nothing itself
+    # The agent serves nothing itself: `proxy.stats` is the data planes' total.
+    assert st["proxy"]["stats"]["requests"] == st["workers"]["stats_total"]["requests"]
     assert st["workers"]["stats_total"]["requests"] >= 60
 
     os.kill(worker, signal.SIGKILL)
@@ -452,5 +454,51 @@ def test_one_scrape_counts_the_requests_of_every_process(mesh: WorkersMesh) -> N
         assert time.monotonic() < deadline, _scraped_requests(mesh.web_admin)
         time.sleep(0.1)
     assert _scraped_requests(mesh.web_admin) == 60
-    # The agent serves nothing itself: every request counted came from a data plane.
-    assert status(mesh.web_admin)["proxy"]["stats"]["requests"] == 0
+    # `proxy.stats` in /v1/status is the data planes' total, as /metrics is.
+    assert status(mesh.web_admin)["proxy"]["stats"]["requests"] >= 60
+
+
+# ---- the default: one data plane ----------------------------------------------------------------
+
+
+def test_a_default_sidecar_is_one_lean_data_plane_that_outlives_its_agent(tmp_path: Path) -> None:
+    """`meshlet sidecar` without --workers: exactly one data-plane process, not the agent,
+    holds the listeners, loads neither aiohttp nor cryptography, and /v1/status's `proxy`
+    section says what it serves. SIGKILL the agent: requests keep flowing through it."""
+    mesh = WorkersMesh(tmp_path, web_args=())
+    try:
+        st = status(mesh.web_admin)
+        assert st["workers"]["count"] == 1 and st["workers"]["mode"] == "data planes"
+        plane = mesh.worker
+        assert dataplane_pids(mesh.control) == [plane]
+        assert plane != mesh.parent
+        for port in (mesh.web_public, mesh.web_upstream):
+            assert not listens(mesh.parent, port), f"the agent listens on {port}"
+            assert listens(plane, port), f"the data plane does not listen on {port}"
+        modules = set(_dataplane_status(mesh, 1)["modules"])
+        assert {"connect", "ssl", "uvloop", "httptools"} <= modules
+        assert not modules & {"aiohttp", "cryptography", "agent"}, modules
+        maps = Path(f"/proc/{plane}/maps").read_text()
+        assert "cryptography" not in maps and "aiohttp" not in maps
+
+        # The proxy section comes from the data plane's reports.
+        proxy = st["proxy"]
+        assert all(proxy["listeners"].values()) and len(proxy["listeners"]) == 2, proxy
+        assert proxy["upstreams"]["api"]["endpoints"] == 1
+        assert proxy["intentions"]["loaded"] and proxy["leaf"]["generation"] >= 1
+        for i in range(5):
+            assert _through_upstream(mesh.web_upstream, f"/d{i}", (plane,)) == plane
+        wait_status(
+            mesh.web_admin,
+            lambda s: s["proxy"]["stats"]["requests"] >= 5,
+            "the data plane's requests counted in proxy.stats",
+        )
+
+        mesh.web.p.kill()  # the agent alone
+        mesh.web.p.wait(30)
+        wait_until(lambda: _dataplane_status(mesh, 1)["agent"] == "lost", "the agent lost")
+        for i in range(20):
+            assert _through_upstream(mesh.web_upstream, f"/alone{i}", (plane,)) == plane
+        assert dataplane_pids(mesh.control) == [plane]
+    finally:
+        mesh.stop()

@@ -27,6 +27,7 @@ from tests.integration.mesh import (
     running,
     serve,
     status,
+    wait_applied,
     wait_line,
     write_entry,
 )
@@ -149,7 +150,9 @@ def test_spans_through_two_sidecars_follow_proxy_defaults(
     try:
         _put_tracing(mesh.consul, {"otlp_endpoint": receiver.endpoint, "sampling_percent": 100})
         wait_line(web, "tracing: on, 100% of new traces")
+        wait_applied(mesh.web_admin)
         wait_line(api, "tracing: on, 100% of new traces")
+        wait_applied(mesh.api_admin)
 
         # One request without trace context: web starts the trace (client span), api
         # continues it (server span, child of web's), the app sees api's span as parent.
@@ -236,7 +239,9 @@ def test_spans_through_two_sidecars_follow_proxy_defaults(
         # api traces exactly the traces web sampled.
         _put_tracing(mesh.consul, {"otlp_endpoint": receiver.endpoint, "sampling_percent": 10})
         wait_line(web, "tracing: on, 10% of new traces")
+        wait_applied(mesh.web_admin)
         wait_line(api, "tracing: on, 10% of new traces")
+        wait_applied(mesh.api_admin)
         clients, servers = _traced_share(client, receiver, 2000, "ten")
         assert 140 <= clients <= 260, clients
         assert servers == clients
@@ -262,7 +267,9 @@ def test_spans_through_two_sidecars_follow_proxy_defaults(
         # by its app, still is: the parent's decision is respected at any rate).
         _put_tracing(mesh.consul, {"otlp_endpoint": receiver.endpoint, "sampling_percent": 0})
         wait_line(web, "tracing: on, 0% of new traces")
+        wait_applied(mesh.web_admin)
         wait_line(api, "tracing: on, 0% of new traces")
+        wait_applied(mesh.api_admin)
         clients, servers = _traced_share(client, receiver, 200, "zero")
         assert (clients, servers) == (0, 0)
 
@@ -273,7 +280,9 @@ def test_spans_through_two_sidecars_follow_proxy_defaults(
         # Off: the headers pass untouched.
         _put_tracing(mesh.consul, {})
         wait_line(web, "tracing: off")
+        wait_applied(mesh.web_admin)
         wait_line(api, "tracing: off")
+        wait_applied(mesh.api_admin)
         assert client.get("/ok", "req-off", traceparent=tp0) == 200
         assert RECEIVED["req-off"]["traceparent"] == tp0
         assert "x-b3-traceid" not in RECEIVED["req-off"]
@@ -323,6 +332,7 @@ def test_a_service_s_own_tracing_overrides_proxy_defaults(
     # The mesh-wide entry says 0 %; web's own 100 % wins, the endpoint comes from the mesh.
     _put_tracing(mesh.consul, {"otlp_endpoint": receiver.endpoint, "sampling_percent": 0})
     wait_line(web, "tracing: on, 100% of new traces")
+    wait_applied(mesh.web_admin)
     wait_line(web, "(propagation w3c)")
     client = Client(mesh.web_upstream)
     try:

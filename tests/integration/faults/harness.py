@@ -302,7 +302,7 @@ class FaultMesh:
         again: a new app process, its sidecar on its old port, address and id."""
         old = self.apps[sid]
         if self.sidecars[sid].p.poll() is None:
-            self.sidecars[sid].p.kill()
+            self.sidecars[sid].kill()
             self.sidecars[sid].p.wait(30)
         old.kill()
         self.apps[sid] = FaultApp(sid)

@@ -185,7 +185,7 @@ def test_control_plane_restarted_empty_fails_no_request(mesh: FaultMesh) -> None
 @full_only
 def test_upstream_instance_killed(mesh: FaultMesh) -> None:
     def kill(load: HttpLoad) -> str:
-        mesh.sidecars["api-2"].p.kill()
+        mesh.sidecars["api-2"].kill()
         mesh.apps["api-2"].kill()
         mesh.wait_web_endpoints(api=1)
         return ""
@@ -545,7 +545,11 @@ def test_an_intention_change_applies_to_the_next_l4_connection(calm: FaultMesh) 
         s = socket.create_connection(("127.0.0.1", mesh.web_echo), timeout=10)
         with s:
             assert _closed(s)
-        assert status(mesh.admins["echo"])["proxy"]["stats"]["connections_denied"] >= 1
+        wait_status(
+            mesh.admins["echo"],
+            lambda s: s["proxy"]["stats"]["connections_denied"] >= 1,
+            "the denied connection counted",
+        )
     finally:
         _echo_intention(mesh, "allow")
 

@@ -227,7 +227,7 @@ def test_split_holds_while_a_v1_instance_hangs_flaps_and_is_killed(mesh: FaultMe
             mesh.wait_passing("api", 3)
             wait_serving(load, ("api-2",), "api-2 back after a flap")
         # Killed whole: its pooled connections reset, its dials fail.
-        mesh.sidecars["api-2"].p.kill()
+        mesh.sidecars["api-2"].kill()
         mesh.apps["api-2"].kill()
         load.wait_ok(200)
         after = window(load)
@@ -256,7 +256,7 @@ def test_failover_to_v2_when_every_v1_instance_dies_and_back(mesh: FaultMesh) ->
     def fail_over(load: HttpLoad) -> str:
         assert window(load, 200).keys() <= set(V1)
         for sid in V1:
-            mesh.sidecars[sid].p.kill()
+            mesh.sidecars[sid].kill()
             mesh.apps[sid].kill()
         load.wait_ok(100)
         during = window(load, int(seconds(400, 3000)))
