@@ -359,9 +359,10 @@ async def main_async(args: argparse.Namespace, figures: dict[str, float] | None 
 def measure(**overrides: int) -> dict[str, float]:
     """Runs the benchmark with the defaults (or `overrides`) and returns its figures.
 
-    Keys: ready_s, rss_mb_ready, rss_anon_mb_ready, rss_mb_after_updates, upstreams, apply_{small,big}_{p50,p99}_ms
-    (the agent's own apply times), in_process_{n}_{json,full,agent}_p50_ms (one update of an
-    n-instance answer, JSON decode included). `make bench` (bench/run.py) calls this.
+    Keys: ready_s, rss_mb_ready, rss_anon_mb_ready, rss_mb_after_updates, upstreams,
+    apply_{small,big}_{p50,p99}_ms (the agent's own apply times),
+    in_process_{n}_{json,full,agent}_p50_ms (one update of an n-instance answer, JSON decode
+    included). `make bench` (bench/run.py) calls this.
     """
     args = _parser().parse_args([])
     for name, value in overrides.items():
