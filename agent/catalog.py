@@ -12,17 +12,18 @@ Two ways to build a snapshot from the same answer, with the same result:
 - `decode_answer(key, body, memo)` + `snapshot_of(...)`: from the answer's bytes, as the
   watcher does it. The body is parsed whole but split into its entries' raw JSON without
   building them (`health_entries.split_entries`). An entry whose bytes are those of an entry
-  of the previous accepted answer (compared first at the same position, then among all; by
-  fingerprint, or for a large answer by the bytes themselves: `KEEP_BODY`) is the same data,
-  already decoded and validated, so its `Endpoint` is reused;
+  of the previous accepted answer (compared by fingerprint, first at the same position, then
+  among all) is the same data, already decoded and validated, so its `Endpoint` is reused;
   every other entry is decoded into a lean `health_entries.HealthEntry` (a shape error
   rejects the answer) and validated in full. The memo is the caller's to keep or drop.
 
 Why bytes and not Consul's ModifyIndexes: an unchanged index says nothing about an entry that
-is malformed or was altered on the way, and it may name other content after a control-plane
-restart. A 10,000-instance update then costs one parse of the body (~6.5 ms) plus a memcmp of
-each entry's bytes with the last answer's (~0.7 ms), not the ~20 ms of building every entry
-(see bench/agent_scale.py).
+is malformed or was altered on the way, and after a control-plane restart the same index may
+name other content. A 10,000-instance update (9.5 MB) then costs one parse of the body (~6.5 ms
+CPU) plus a copy and hash of each entry's bytes (~3.5 ms), not the ~20 ms of building every
+entry (see bench/agent_scale.py). Comparing each entry's raw view with the last answer's
+instead (a memcmp, 0.7 ms) needs the last body held: +8 MB of RSS at start and +28 MB after
+updates with 1,001 upstreams (heap holes between the bodies), so it is not done.
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ _HASH_IS_SECRET = (
     and sys.hash_info.hash_bits >= 64
 )
 
-Fingerprint = int | bytes | Raw
+Fingerprint = int | bytes
 
 
 def fingerprints(raws: Sequence[Raw], *, hashed: bool = _HASH_IS_SECRET) -> tuple[Fingerprint, ...]:
@@ -313,18 +314,6 @@ def fingerprints(raws: Sequence[Raw], *, hashed: bool = _HASH_IS_SECRET) -> tupl
     return tuple(map(bytes, raws))
 
 
-KEEP_BODY = 1 << 20
-"""From this body size on, the memo keeps the entries' raw views (and with them the body)
-instead of fingerprints: comparing a view with the last answer's is a memcmp (0.7 ms for a
-10,000-instance answer of 9.5 MB), where copying and hashing every entry's bytes costs 3-4 ms.
-Below it, the bodies of a thousand small upstreams are not worth holding (10 KB each)."""
-
-
-def _lookup_key(fingerprint: Fingerprint) -> int | bytes:
-    """A fingerprint as a dict key: a raw view is unhashable, its bytes are exact."""
-    return bytes(fingerprint) if isinstance(fingerprint, Raw) else fingerprint
-
-
 @dataclass(frozen=True, slots=True)
 class Memo:
     """The last accepted answer: its entries' fingerprints and endpoints, in the answer's order.
@@ -333,7 +322,6 @@ class Memo:
     data, already decoded and validated, so its endpoint is reused."""
 
     prints: tuple[Fingerprint, ...] = ()
-    """`fingerprints` of the entries, or their raw views (`KEEP_BODY`)."""
     endpoints: tuple[Endpoint, ...] = ()
     ordered: bool = True
     """`endpoints` are sorted by key without repeats (as Consul lists instances)."""
@@ -360,7 +348,7 @@ class Decoded:
     """`endpoints` are known to be sorted by key without repeats."""
 
 
-def decode_answer(key: WatchKey, body: bytes, memo: Memo, *, keep_body: int = KEEP_BODY) -> Decoded:
+def decode_answer(key: WatchKey, body: bytes, memo: Memo) -> Decoded:
     """The endpoints of a `/v1/health/connect/<key.name>?passing` answer's body.
 
     The body is parsed whole (`ShapeError` unless it is a JSON list) without building its
@@ -369,7 +357,7 @@ def decode_answer(key: WatchKey, body: bytes, memo: Memo, *, keep_body: int = KE
     decoded before any is validated) and then validated in full (`SnapshotRejected`).
     """
     raws = split_entries(body)
-    prints = raws if len(body) >= keep_body else fingerprints(raws)
+    prints = fingerprints(raws)
     old = memo.prints
     if prints == old:
         return Decoded(memo.endpoints, memo, len(prints), memo.ordered)
@@ -382,10 +370,10 @@ def decode_answer(key: WatchKey, body: bytes, memo: Memo, *, keep_body: int = KE
     known: dict[Fingerprint, Endpoint] = {}
     if n != len(old) or len(changed) > _FEW:
         # Entries inserted or removed shift the rest: find them by fingerprint.
-        known = dict(zip(map(_lookup_key, old), memo.endpoints, strict=True))
+        known = dict(zip(old, memo.endpoints, strict=True))
     fresh: list[int] = []
     for i in changed:
-        hit = known.get(_lookup_key(prints[i])) if known else None
+        hit = known.get(prints[i])
         if hit is None:
             fresh.append(i)
         endpoints[i] = hit
