@@ -11,7 +11,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent import catalog
 from agent.catalog import (
     EMPTY_MEMO,
     Decoded,
@@ -25,6 +28,7 @@ from agent.catalog import (
 )
 from agent.consul_json import ShapeError
 from agent.consul_results import ServiceEntry
+from tests.agent.test_agent_incremental import Cluster, apply, change
 
 KEY = WatchKey("api")
 WARNING_KEY = WatchKey("api", warning=True)
@@ -160,3 +164,92 @@ def test_entries_added_and_removed_in_a_large_answer(first: Decoded) -> None:
     got, decoded = decoded_snapshot(KEY, raw, first.memo)
     assert got == reference(KEY, raw)
     assert decoded is not None and decoded.reused == SIZE - 10
+
+
+def test_a_large_answer_is_parsed_only_where_it_changed(first: Decoded) -> None:
+    layout = first.memo.layout
+    assert layout is not None and layout.sep == b", " and len(layout.bounds) > 10
+    raw = answer()
+    raw[517]["Service"]["Port"] = 21001
+    body = body_of(raw)
+    # Past the changed entry's block, the body is not JSON: only that block is parsed.
+    lo, hi = layout.block(517 // 64 + 2)
+    broken = body[:lo] + body[lo:hi].replace(b"{", b"[") + body[hi:]
+    decoded = decode_answer(KEY, body, first.memo)
+    assert decoded.memo.layout is not None and decoded.reused == SIZE - 1
+    with pytest.raises(ShapeError):
+        decode_answer(KEY, broken, EMPTY_MEMO)
+    # The memo's hashes tell the broken block from the last answer's: parsed, refused.
+    with pytest.raises(ShapeError):
+        decode_answer(KEY, broken, decoded.memo)
+
+
+def _outcome(key: WatchKey, body: bytes, memo: Memo) -> object:
+    try:
+        decoded = decode_answer(key, body, memo)
+        return snapshot_of(key, decoded.endpoints, 1, 0.0, in_order=decoded.in_order)
+    except (ShapeError, SnapshotRejected) as exc:
+        return type(exc)
+
+
+SEPARATORS = [(",", ":"), (", ", ": "), (",", ": ")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(change, min_size=1, max_size=30),
+    st.sampled_from(SEPARATORS),
+    st.integers(1, 3),
+)
+def test_span_parsing_gives_what_a_whole_parse_gives(
+    changes: list[tuple[Any, ...]], separators: tuple[str, str], block: int
+) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(catalog, "LAYOUT_FROM", 2)
+        patch.setattr(catalog, "_BLOCK", block)
+        cluster = Cluster()
+        memo: Memo = EMPTY_MEMO
+        for op in changes:
+            bare = apply(cluster, op)
+            raw = cluster.render(indexes=not bare)
+            body = json.dumps(raw, separators=separators).encode()
+            expected = _outcome(KEY, body, EMPTY_MEMO)
+            try:
+                decoded = decode_answer(KEY, body, memo)
+                got: object = snapshot_of(KEY, decoded.endpoints, 1, 0.0, in_order=decoded.in_order)
+            except (ShapeError, SnapshotRejected) as exc:
+                got = type(exc)
+            else:
+                memo = decoded.memo
+            assert got == expected, op
+
+
+JSONISH = st.sampled_from([b'"', b"{", b"}", b"[", b"]", b",", b":", b" ", b"\\", b"1", b"x"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.integers(0, 10**9),
+    st.integers(0, 40),
+    st.lists(JSONISH, max_size=6).map(b"".join),
+    st.sampled_from(SEPARATORS),
+    st.integers(1, 3),
+)
+def test_any_splice_into_a_known_answer_reads_as_a_whole_parse_reads_it(
+    where: int, width: int, text: bytes, separators: tuple[str, str], block: int
+) -> None:
+    # Bytes cut and pasted anywhere (a string left open, a bracket unbalanced, the `]`
+    # gone, trailing bytes): the span parse accepts exactly what a parse of the whole body
+    # accepts, with the same endpoints.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(catalog, "LAYOUT_FROM", 2)
+        patch.setattr(catalog, "_BLOCK", block)
+        entries = [consul_entry(i) for i in range(6)]
+        for entry in entries:
+            entry["Node"]["Meta"] = {"rack": "r"}
+        body = json.dumps(entries, separators=separators).encode()
+        memo = decode_answer(KEY, body, EMPTY_MEMO).memo
+        assert memo.layout is not None
+        at = where % (len(body) + 1)
+        spliced = body[:at] + text + body[at + width :]
+        assert _outcome(KEY, spliced, memo) == _outcome(KEY, spliced, EMPTY_MEMO)
