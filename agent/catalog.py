@@ -321,14 +321,19 @@ def fingerprints(raws: Sequence[Raw], *, hashed: bool = _HASH_IS_SECRET) -> tupl
 class Layout:
     """Where a large answer's entries lie in its bytes, and keyed hashes of blocks of them.
 
-    The answer is exactly `[` entry (sep entry)* `]` (no other whitespace), so entry i ends at
-    `ends[i]` and block b covers the bytes from the end of the entry before `bounds[b]` (or
-    from the `[`) to the end of its last entry: the blocks tile the body but its last `]`.
+    The answer is exactly `lead` entry (`sep` entry)* `trail` (the same spacing between any
+    two entries), so entry i ends at `ends[i]` and block b covers the bytes from the end of
+    the entry before `bounds[b]` (or from the `[`) to the end of its last entry: the blocks
+    tile the body but its trail.
     A block of the next answer found with the same hash at the same place (or as far from
     the end) holds the same entries, already parsed: only the span between the unchanged
     blocks at the start and at the end is parsed (`_decode_span`). No bytes are kept."""
 
+    lead: bytes
+    """From the body's `[` to its first entry."""
     sep: bytes
+    trail: bytes
+    """From the end of the last entry to the body's end, `]` included."""
     ends: array[int]
     bounds: tuple[int, ...]
     hashes: tuple[int, ...]
@@ -344,6 +349,10 @@ _BLOCK = 64
 """Entries per block: ~60 KB of a Consul answer, so a block's hash is mostly SipHash over
 bytes (9.5 MB in blocks: ~2.4 ms with the copies) and a changed entry costs a parse of its
 block only."""
+
+_JSON_SPACE = b" \t\n\r"
+_EDGE = 64
+"""At most this many bytes of the body's start and end are looked at for its `[` and `]`."""
 
 LAYOUT_FROM = 512
 """From this many entries on, an answer's layout is kept (~8 bytes per entry)."""
@@ -369,23 +378,29 @@ def layout_of(body: bytes, raws: Sequence[Raw]) -> Layout | None:
     n = len(raws)
     if n < max(LAYOUT_FROM, 2) or not _HASH_IS_SECRET:
         return None
+    # Consul renders `[{..},{..}]`; with ?pretty (and devstack) `[\n    {..},\n    {..}\n]`.
+    head, back = body[:_EDGE], body[-_EDGE:]
+    lead = head[: len(head) - len(head[1:].lstrip(_JSON_SPACE))]
+    trail = back[len(back[:-1].rstrip(_JSON_SPACE)) :]
     lens = list(map(len, raws))
-    extra = len(body) - 2 - sum(lens)
-    if extra % (n - 1) or extra // (n - 1) not in (1, 2):
+    extra = len(body) - len(lead) - len(trail) - sum(lens)
+    if lead.strip() != b"[" or trail.strip() != b"]" or extra <= 0 or extra % (n - 1):
         return None
-    sep = b", "[: extra // (n - 1)]
-    starts = list(itertools.accumulate(map(len(sep).__add__, lens[:-1]), initial=1))
+    step = extra // (n - 1)
+    starts = list(itertools.accumulate(map(step.__add__, lens[:-1]), initial=len(lead)))
     ends = list(map(operator.add, starts, lens))
+    sep = body[ends[0] : ends[0] + step]
     if not (
-        body.startswith(b"[")
-        and body.endswith(b"]")
+        sep.strip(_JSON_SPACE) == b","
+        and body.endswith(trail)
+        and ends[-1] + len(trail) == len(body)
         and all(map(body.startswith, raws, starts))
         and all(map(body.startswith, itertools.repeat(sep), ends[:-1]))
     ):
         return None
     bounds = tuple(range(0, n, _BLOCK))
     hashes = _hash_blocks(body, ends, bounds, 0, len(bounds))
-    return Layout(sep, array("q", ends), bounds, tuple(hashes))
+    return Layout(lead, sep, trail, array("q", ends), bounds, tuple(hashes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,9 +476,9 @@ def _decode_span(key: WatchKey, body: bytes, memo: Memo, layout: Layout) -> Deco
     the body does, into the same values between the two placeholders.
     """
     ends, bounds, hashes = layout.ends, layout.bounds, layout.hashes
-    n, blocks, size = len(ends), len(bounds), ends[-1] + 1
+    n, blocks, size = len(ends), len(bounds), ends[-1] + len(layout.trail)
     shift = len(body) - size
-    if not body.endswith(b"]"):
+    if not body.endswith(layout.trail):
         return None
     head = 0
     while head < blocks:
@@ -483,7 +498,7 @@ def _decode_span(key: WatchKey, body: bytes, memo: Memo, layout: Layout) -> Deco
             break
         tail -= 1
     m = bounds[tail] if tail < blocks else n
-    stop = ends[m - 1] + shift if m < n else len(body) - 1
+    stop = ends[m - 1] + shift if m < n else len(body) - 1  # before the `]`
     if stop < start:
         return None
     span = body[start:stop]
@@ -537,7 +552,7 @@ def _span_layout(
     mid_ends: list[int] = []
     at = start
     for j, raw in enumerate(inner):
-        gap = b"[" if k == 0 and j == 0 else sep
+        gap = layout.lead if k == 0 and j == 0 else sep
         if not body.startswith(gap, at):
             return None
         at += len(gap)
@@ -545,7 +560,8 @@ def _span_layout(
             return None
         at += len(raw)
         mid_ends.append(at)
-    if at != stop or (k == 0 and not inner):
+    end = stop if m < len(layout.ends) else len(body) - len(layout.trail)
+    if at != end or (k == 0 and not inner):
         return None
     r = len(inner)
     ends = array("q", layout.ends[:k])
@@ -563,7 +579,7 @@ def _span_layout(
         *_hash_blocks(body, ends, bounds, head, head + len(mid_bounds)),
         *layout.hashes[tail:],
     )
-    return Layout(sep, ends, bounds, hashes)
+    return Layout(layout.lead, sep, layout.trail, ends, bounds, hashes)
 
 
 def _decode_raws(

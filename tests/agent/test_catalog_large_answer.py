@@ -169,6 +169,8 @@ def test_entries_added_and_removed_in_a_large_answer(first: Decoded) -> None:
 def test_a_large_answer_is_parsed_only_where_it_changed(first: Decoded) -> None:
     layout = first.memo.layout
     assert layout is not None and layout.sep == b", " and len(layout.bounds) > 10
+    pretty = decode_answer(KEY, json.dumps(answer(), indent=4).encode(), EMPTY_MEMO).memo.layout
+    assert pretty is not None and pretty.lead == b"[\n    " and pretty.trail == b"\n]"
     raw = answer()
     raw[517]["Service"]["Port"] = 21001
     body = body_of(raw)
@@ -192,7 +194,14 @@ def _outcome(key: WatchKey, body: bytes, memo: Memo) -> object:
         return type(exc)
 
 
-SEPARATORS = [(",", ":"), (", ", ": "), (",", ": ")]
+SEPARATORS = [(",", ":"), (", ", ": "), (",", ": "), ("indent", "")]
+
+
+def render(raw: object, separators: tuple[str, str]) -> bytes:
+    """As Consul (compact), Python's json, or ?pretty (and devstack) render an answer."""
+    if separators[0] == "indent":
+        return json.dumps(raw, indent=4).encode()
+    return json.dumps(raw, separators=separators).encode()
 
 
 @settings(max_examples=300, deadline=None)
@@ -212,7 +221,7 @@ def test_span_parsing_gives_what_a_whole_parse_gives(
         for op in changes:
             bare = apply(cluster, op)
             raw = cluster.render(indexes=not bare)
-            body = json.dumps(raw, separators=separators).encode()
+            body = render(raw, separators)
             expected = _outcome(KEY, body, EMPTY_MEMO)
             try:
                 decoded = decode_answer(KEY, body, memo)
@@ -247,7 +256,7 @@ def test_any_splice_into_a_known_answer_reads_as_a_whole_parse_reads_it(
         entries = [consul_entry(i) for i in range(6)]
         for entry in entries:
             entry["Node"]["Meta"] = {"rack": "r"}
-        body = json.dumps(entries, separators=separators).encode()
+        body = render(entries, separators)
         memo = decode_answer(KEY, body, EMPTY_MEMO).memo
         assert memo.layout is not None
         at = where % (len(body) + 1)
