@@ -175,8 +175,9 @@ def in_process_apply(n: int, rounds: int) -> dict[str, tuple[float, float, float
     - "json": `json.loads` of the body alone, the floor of the old decode;
     - "full": json + `ServiceEntry.from_json` of every entry + `build_snapshot` + diff + publish
       (every entry decoded and validated);
-    - "agent": `decode_answer` of the body's bytes (split into raw entries, only those whose
-      bytes are new decoded into lean typed entries) with the
+    - "agent": `decode_answer` of the body's bytes (after a large answer only the span of
+      blocks that changed is parsed; only entries whose bytes are new are decoded into lean
+      typed entries) with the
       previous answer's memo + `snapshot_of` + diff + publish (what `UpstreamWatcher` does).
     """
     # In Consul's order: the health endpoints list instances by node, then service ID.
@@ -335,7 +336,7 @@ async def main_async(args: argparse.Namespace, figures: dict[str, float] | None 
             for what, label in (
                 ("json", "json.loads alone (floor)"),
                 ("full", "json.loads + full decode + validation of every entry"),
-                ("agent", "agent path (raw split, entries with unchanged bytes reused)"),
+                ("agent", "agent path (changed span parsed, unchanged entries reused)"),
             ):
                 p50, p99, cpu50 = got[what]
                 fig[f"in_process_{n}_{what}_p50_ms"] = p50
