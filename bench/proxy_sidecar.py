@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import ssl
 import time
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 
 import uvloop
 
+from connect.access_log import AccessLog, AccessLogSettings
 from connect.authz import allow_all, intentions_authorizers
 from connect.balancer import BalancerConfig, Policy, Target
 from connect.heap_trim import keep_read_buffers_on_heap
 from connect.latest import Latest
+from connect.observe import Telemetry
 from connect.resumption import ResumingClientContext
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec, UpstreamSpec
 from connect.ssl_native import no_ticket_on_resumption, send_loaded_chain_only
@@ -73,14 +76,19 @@ def contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-def telemetry_switch() -> dict[str, object] | None:
-    """Keyword arguments of `Sidecar` that turn metrics and access logs on, or None.
+def telemetry_switch(service: str = "bench", principal: str = "") -> Telemetry | None:
+    """The `Sidecar` telemetry that turns metrics and access logs on, as the agent
+    attaches them (connect.observe): every exchange counted in the Istio families and every
+    request logged, formatted and written to /dev/null (the cost measured is the proxy's, not
+    the disk's). `make bench` runs a second HTTP pair with them on."""
+    telemetry = Telemetry(service, principal)
+    telemetry.access_log = AccessLog(AccessLogSettings(enabled=True, type="file", path=os.devnull))
+    return telemetry
 
-    None while connect has no such switch (the metrics/access-log work of issue 12 adds it):
-    `make bench` then reports that row as "not available". Once connect exposes it, return
-    the arguments here and the row is measured (a second HTTP pair with them on).
-    """
-    return None
+
+async def access_log_writer(telemetry: Telemetry) -> None:
+    if isinstance(telemetry.access_log, AccessLog):
+        await telemetry.access_log.run()
 
 
 async def _watch_loop_lag(threshold: float = 0.02) -> None:
@@ -128,9 +136,8 @@ async def main(args: argparse.Namespace) -> None:
     host, port = args.target.rsplit(":", 1)
     tls = FixedTLS(server_ctx, client_ctx, args.trust_domain)
     kind = "http" if args.kind == "http" else "tcp"
-    telemetry = telemetry_switch() if args.telemetry else None
-    if args.telemetry and telemetry is None:
-        raise SystemExit("--telemetry: connect exposes no metrics/access-log switch yet")
+    principal = f"spiffe://{args.trust_domain}/ns/default/dc/dc1/svc/{args.service}"
+    telemetry = telemetry_switch(args.service, principal) if args.telemetry else None
     # The same assembly as `meshlet sidecar` (connect/sidecar.py), with one fixed endpoint.
     peer: Latest[tuple[Target, ...]] = Latest((Target("bench/peer", host, int(port)),))
     if args.side == "in":
@@ -157,9 +164,12 @@ async def main(args: argparse.Namespace) -> None:
         targets=lambda targets: targets,
         balancer=BalancerConfig(policy=Policy.LEAST_REQUEST),
         resume_tls=not args.no_resume,
-        **(telemetry or {}),
+        telemetry=telemetry,
     )
     await sidecar.apply(spec)
+    writer: asyncio.Task[None] | None = None
+    if telemetry is not None:
+        writer = asyncio.get_running_loop().create_task(access_log_writer(telemetry))
     gc.collect()
     gc.freeze()  # as agent/sidecar.py does once serving
     gc.set_threshold(10_000, 10, 10)
@@ -176,8 +186,9 @@ async def main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    if lag is not None:
-        lag.cancel()
+    for task in (lag, writer):
+        if task is not None:
+            task.cancel()
     await sidecar.close(grace=0)
 
 
