@@ -213,14 +213,7 @@ def main() -> int:
                     kind=args.profile_kind,
                 )
         finally:
-            for p in procs.values():
-                p.popen.terminate()
-            for p in procs.values():
-                try:
-                    p.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.popen.kill()
-                    p.popen.wait()
+            pb.stop_all(procs.values())
     med = {w: {k: statistics.median(run[k] for run in runs[w]) for k in runs[w][0]} for w in runs}
     print("| workload | conn/s (median) | each round | client µs/conn | server µs/conn |")
     print("|---|---:|---|---:|---:|")

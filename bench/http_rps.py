@@ -164,14 +164,7 @@ def main() -> int:
             if args.profile is not None:
                 profile(args.profile, args.seconds, plan)
         finally:
-            for p in procs.values():
-                p.popen.terminate()
-            for p in procs.values():
-                try:
-                    p.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.popen.kill()
-                    p.popen.wait()
+            pb.stop_all(procs.values())
     med = {p: {k: statistics.median(run[k] for run in runs[p]) for k in runs[p][0]} for p in runs}
     print("| pair | RPS (median) | each round | client µs/req | server µs/req |")
     print("|---|---:|---|---:|---:|")

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,19 @@ def spawn(name: str, argv: list[str], cpu: str, log: Path) -> Proc:
     out = log.open("wb")
     popen = subprocess.Popen(["taskset", "-c", cpu, *argv], stdout=out, stderr=subprocess.STDOUT)
     return Proc(name, popen)
+
+
+def stop_all(procs: Iterable[Proc], grace: float = 5.0) -> None:
+    """SIGTERM to every process at once, then wait for each; SIGKILL after `grace` seconds."""
+    procs = list(procs)
+    for p in procs:
+        p.popen.terminate()
+    for p in procs:
+        try:
+            p.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()
 
 
 def child_pid(proc: Proc) -> int:

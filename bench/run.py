@@ -270,14 +270,7 @@ def data_plane(
             for v in variants:
                 results[v.name]["hwm_end_mb"] = [mb(pb.rss_kb(p.pid)[1]) for p in v.sidecars]
         finally:
-            for p in procs:
-                p.popen.terminate()
-            for p in procs:
-                try:
-                    p.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.popen.kill()
-                    p.popen.wait()
+            pb.stop_all(procs)
     telemetry: dict[str, object] = {"available": telemetry_on}
     if not telemetry_on:
         telemetry["note"] = (
