@@ -12,7 +12,6 @@ and meshlet's own, `meshlet_`-prefixed; docs/observability.md lists them.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -29,25 +28,9 @@ from prometheus_client.registry import Collector
 from agent.admin_http import HTTPServer, Limits, Query, Reply, Route
 from connect.observe import BYTES_BUCKETS, DURATION_BUCKETS_MS, HTTP_LABELS, SEP, TCP_LABELS
 
-__all__ = ["MeshCollector", "MetricsServer", "metrics_route", "process_counters", "render"]
+__all__ = ["MeshCollector", "MetricsServer", "metrics_route", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def process_counters() -> dict[str, int]:
-    """This process's resident memory and open descriptors (Linux /proc), for the worker
-    report: a group's are added up like its other counters."""
-    rss = 0
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        fds = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        fds = 0
-    return {"rss_bytes": rss, "open_fds": fds}
 
 
 def _buckets(hist: Mapping[str, Any], bounds: tuple[float, ...]) -> list[tuple[str, float]]:

@@ -62,7 +62,6 @@ from agent.config import AgentConfig
 from agent.consul import ConsulClient, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
 from agent.consul_results import AgentSelf, CatalogService
-from agent.metrics import process_counters
 from agent.mutual_tls import ResolvedMode, entry_mode, resolve
 from agent.readiness import Readiness
 from agent.registration import sidecar_id
@@ -73,6 +72,7 @@ from connect.access_log import AccessLog, AccessLogSettings, effective_settings
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
+from connect.counters import proxy_counters
 from connect.dataplane.snapshot import (
     IntentionsSource,
     PushedLeaf,
@@ -516,37 +516,8 @@ class Sidecar:
         }
 
     def counters(self) -> dict[str, Any]:
-        """The proxy's counters (`ProxyStats`) and the failed dials per upstream and kind
-        (connect.dial_failures): what a worker reports and a worker group adds up."""
-        upstreams = self.proxy.upstreams if self.proxy is not None else {}
-        # A routed upstream's ejections happen in its chain's target clusters.
-        routed = {
-            r.spec.name: r.routed.ejections()
-            for r in (self.proxy.running.values() if self.proxy is not None else ())
-            if isinstance(r.spec, UpstreamSpec) and r.routed is not None
-        }
-        return {
-            **dataclasses.asdict(self.stats),
-            "upstream_refusals": {
-                name: upstream.refusal_counts() for name, upstream in upstreams.items()
-            },
-            "mesh": self.telemetry.metrics.export(),
-            "clusters": {
-                name: {
-                    "overflows": dict(up.cluster.overflows),
-                    "ejections": up.cluster.ejections + routed.get(name, (0, 0))[0],
-                    "ejected": len(up.cluster.ejected) + routed.get(name, (0, 0))[1],
-                }
-                for name, up in upstreams.items()
-            },
-            "process": process_counters(),
-            "access_log": {
-                "dropped": self.access_log.dropped,
-                "written": self.access_log.written,
-                "write_failed": self.access_log.write_failed,
-            },
-            "tracing": self.telemetry.tracing_counters(),
-        }
+        """What a worker reports and a worker group adds up (connect.counters)."""
+        return proxy_counters(self.stats, self.proxy, self.telemetry, self.access_log)
 
     def _tracing_status(self) -> dict[str, Any]:
         t = self.tracing

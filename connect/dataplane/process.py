@@ -40,6 +40,7 @@ from connect.access_log import AccessLog
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
+from connect.counters import proxy_counters
 from connect.dataplane.snapshot import (
     MAX_LINE,
     IntentionsSource,
@@ -148,35 +149,9 @@ class DataPlane:
         return reasons
 
     def counters(self) -> dict[str, Any]:
-        """What a worker reported (agent/sidecar.py `counters`), summed by the agent."""
-        proxy = self.proxy
-        upstreams = proxy.upstreams if proxy is not None else {}
-        # A routed upstream's ejections happen in its chain's target clusters.
-        routed = {
-            r.spec.name: r.routed.ejections()
-            for r in (proxy.running.values() if proxy is not None else ())
-            if isinstance(r.spec, UpstreamSpec) and r.routed is not None
-        }
-        return {
-            **dataclasses.asdict(self.stats),
-            "upstream_refusals": {n: u.refusal_counts() for n, u in upstreams.items()},
-            "mesh": self.telemetry.metrics.export() if self.telemetry is not None else {},
-            "clusters": {
-                n: {
-                    "overflows": dict(u.cluster.overflows),
-                    "ejections": u.cluster.ejections + routed.get(n, (0, 0))[0],
-                    "ejected": len(u.cluster.ejected) + routed.get(n, (0, 0))[1],
-                }
-                for n, u in upstreams.items()
-            },
-            "process": _process_counters(),
-            "access_log": {
-                "dropped": self.access_log.dropped if self.access_log is not None else 0,
-                "written": self.access_log.written if self.access_log is not None else 0,
-                "write_failed": self.access_log.write_failed if self.access_log else 0,
-            },
-            "tracing": self.telemetry.tracing_counters() if self.telemetry is not None else {},
-        }
+        """What a worker reported (connect.counters, as the in-process proxy), summed by the
+        agent."""
+        return proxy_counters(self.stats, self.proxy, self.telemetry, self.access_log)
 
     def serving(self) -> dict[str, Any]:
         """What it serves now, for the agent's /v1/status `proxy` section (agent/
@@ -555,19 +530,6 @@ class DataPlane:
             self.status_file.unlink()
         log.info("data plane stopped")
         return self._exit_code
-
-
-def _process_counters() -> dict[str, int]:
-    rss = 0
-    with (
-        contextlib.suppress(OSError, ValueError, IndexError),
-        open("/proc/self/statm", encoding="ascii") as f,
-    ):
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    fds = 0
-    with contextlib.suppress(OSError):
-        fds = len(os.listdir("/proc/self/fd"))
-    return {"rss_bytes": rss, "open_fds": fds}
 
 
 USAGE = "usage: python -m connect.dataplane --index K --control-socket PATH"
