@@ -372,6 +372,21 @@ class FaultMesh:
                     out[f"web-worker-{k + 1}"] = int(w["pid"])
         return out
 
+    def every_pid(self) -> dict[str, int]:
+        """`pids` and every other sidecar's data-plane processes too (for the soak: a proxy
+        leak shows only in a data plane). The fault census keeps to `pids`: its allowance for
+        pooled connections is counted for web's data planes only."""
+        out = self.pids()
+        for sid in self.sidecars:
+            if sid == "web" or sid not in out:
+                continue
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                processes = status(self.admins[sid]).get("workers", {}).get("processes", [])
+                for k, w in enumerate(processes):
+                    if w.get("pid"):
+                        out[f"{sid}-worker-{k + 1}"] = int(w["pid"])
+        return out
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()

@@ -2,9 +2,9 @@
 fault suite's mesh for MESHLET_SOAK_SECONDS (60 by default, in `make test`; `make soak` runs
 600), with leaves that live 8 s (every sidecar takes a new one every 5-7 s) and endpoint
 churn (two extra api instances, in turn registered and deregistered, one cycle per 2 s).
-Every 2 s the RSS and the open fds of every process (devstack and the four sidecars) are
-sampled; after the warm-up (a quarter of the run) a least-squares slope is fitted to each
-series and printed.
+Every 2 s the RSS and the open fds of every process (devstack, the four sidecars and each
+one's data plane) are sampled; after the warm-up (a quarter of the run) a least-squares slope
+is fitted to each series and printed.
 
 Thresholds, per minute of run:
 * fds: FD_SLOPE (20 a minute in the 60-second run, 1.5 in the 10-minute one). The pools make
@@ -127,7 +127,7 @@ def mesh(tmp_path: Path) -> Iterator[FaultMesh]:
 
 
 def test_soak(mesh: FaultMesh) -> None:
-    pids = {"devstack": mesh.dev.p.pid, **mesh.pids()}
+    pids = {"devstack": mesh.dev.p.pid, **mesh.every_pid()}
     api1_port = int(status(mesh.admins["api-1"])["proxy"]["connections"].popitem()[0].split(":")[1])
     generations = {
         sid: status(admin)["proxy"]["leaf"]["generation"] for sid, admin in mesh.admins.items()
