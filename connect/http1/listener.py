@@ -33,8 +33,9 @@ __all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]
 
 log = logging.getLogger("meshlet.proxy.http")
 
-LOCAL_APP = "local_app"
-"""The inbound route's one cluster: the app (Envoy's cluster name for it under Consul)."""
+LOCAL_APP = ""
+"""The inbound route's one cluster, the app: unnamed (AppOrigin has one destination), so
+the access log, metrics and spans still name the local service for the inbound side."""
 
 
 class HTTPListener(ListeningSocket):

@@ -147,6 +147,26 @@ async def test_the_inbound_request_timeout_runs_from_the_end_of_the_request(
         await app.runner.cleanup()
 
 
+async def test_local_idle_timeout_ends_a_silent_stream_with_408(
+    ca: ProxyTestCA, stall: int
+) -> None:
+    # local_idle_timeout_ms is the local_app route's idle_timeout (Consul PR #14418): with no
+    # request timeout, a silent app is ended by it, not by the listener's 300 s idle limit.
+    inbound = await _inbound(ca, stall)
+    flags = Flags()
+    inbound.observer = flags
+    inbound.set_local_app(LocalAppTimeouts(request_timeout=None, idle_timeout=0.3))
+    try:
+        reader, writer = await _mtls(ca, inbound.port)
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: api\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        writer.close()
+        assert flags.seen == [(408, "SI")]
+    finally:
+        await inbound.close(grace=0)
+
+
 async def test_local_request_timeout_0_turns_the_timeout_off(ca: ProxyTestCA) -> None:
     inbound = await _inbound(ca, 1)
     inbound.set_local_app(LocalAppTimeouts(request_timeout=None))
