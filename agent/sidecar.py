@@ -87,6 +87,7 @@ from connect.latest import Latest
 from connect.leaf import LeafSource, Material
 from connect.leaf_rotation import LeafRotator
 from connect.listener import ConnectionLimits
+from connect.local_app import DEFAULT_LOCAL_APP, LocalAppTimeouts, effective_local_app
 from connect.observe import Telemetry
 from connect.sidecar import (
     InboundSpec,
@@ -167,11 +168,13 @@ def sidecar_spec(
     chain_protocol: Callable[[str], str] = lambda name: "",
     mutual_tls_mode: MutualTLSMode = "strict",
     tracing: TracingSettings | None = None,
+    *,
+    local_app: LocalAppTimeouts = DEFAULT_LOCAL_APP,
 ) -> SidecarSpec:
     """The listeners `cfg` asks for; `local_uri` is the held leaf's SPIFFE ID. An upstream
     without a `protocol` speaks its discovery chain's (`chain_protocol(name)`; tcp while
     none is known). `mutual_tls_mode`: the service's, as Consul's entries resolve it.
-    `tracing`: what Consul's entries say (Sidecar.tracing)."""
+    `tracing`, `local_app`: what Consul's entries say (Sidecar.tracing, Sidecar.local_app)."""
     app_host = cfg.service.address or "127.0.0.1"
     bind = cfg.sidecar.address or cfg.service.address or "127.0.0.1"
     return SidecarSpec(
@@ -209,6 +212,7 @@ def sidecar_spec(
             retry_body_bytes=cfg.sidecar.retry_buffer_bytes,
         ),
         max_pending_requests=cfg.sidecar.max_pending_requests,
+        local_app=local_app,
     )
 
 
@@ -313,6 +317,14 @@ class Sidecar:
         """The sidecar registration's Proxy.Config.tracing, as last accepted."""
         self.tracing: TracingSettings | None = None
         """In force (None: off): the two blocks merged, the service's keys winning."""
+        self._mesh_config: object = None
+        """The proxy-defaults entry's Config, as last accepted (its local_*_ms keys)."""
+        self._service_entry: object = None
+        """The local service's service-defaults entry, as last accepted."""
+        self._service_config: object = None
+        """The sidecar registration's Proxy.Config, as last accepted."""
+        self.local_app: LocalAppTimeouts = DEFAULT_LOCAL_APP
+        """The local app's timeouts in force (connect.local_app): the three merged."""
         self.registration_watch: BlockingWatch[tuple[CatalogService, ...], None]
         self.registration_watch = BlockingWatch(
             "sidecar registration",
@@ -512,12 +524,26 @@ class Sidecar:
             },
             "heap_trims": self.heap.trims,
             "tracing": self._tracing_status(),
+            "local_app": self._local_app_status(),
             "stats": {k: v for k, v in self.counters().items() if k not in METRICS_ONLY},
         }
 
     def counters(self) -> dict[str, Any]:
         """What a worker reports and a worker group adds up (connect.counters)."""
         return proxy_counters(self.stats, self.proxy, self.telemetry, self.access_log)
+
+    def _local_app_status(self) -> dict[str, Any]:
+        """The local app's timeouts in force (seconds; None: none), and the answers of the
+        three watches refused so far (a bad value in any of them keeps these)."""
+        t = self.local_app
+        watches = (self.proxy_defaults_watch, self.service_defaults_watch, self.registration_watch)
+        return {
+            "connect_timeout": t.connect_timeout,
+            "request_timeout": t.request_timeout,
+            "idle_timeout": t.idle_timeout,
+            "rejected": sum(w.state.rejected for w in watches),
+            "last_error": next((w.state.last_error for w in watches if w.state.last_error), ""),
+        }
 
     def _tracing_status(self) -> dict[str, Any]:
         t = self.tracing
@@ -554,6 +580,7 @@ class Sidecar:
             tg.create_task(self._follow_access_logs(), name="access log settings")
             tg.create_task(self.registration_watch.run(), name="sidecar registration watch")
             tg.create_task(self._follow_registration(), name="tracing settings")
+            tg.create_task(self._follow_service_defaults(), name="local app timeouts")
             tg.create_task(self.access_log.run(), name="access log writer")
             material = await self.rotator.ready()
             self.tls = DynamicTLS(material)
@@ -620,6 +647,7 @@ class Sidecar:
                     chains.protocol,
                     self.mutual_tls.mode,
                     tracing=self.tracing,
+                    local_app=self.local_app,
                 )
             )
             tg.create_task(self._recheck_on_intentions(self.proxy), name="intentions recheck")
@@ -639,6 +667,7 @@ class Sidecar:
             self.access_log.settings,
             self.mutual_tls.mode,
             self.tracing,
+            self.local_app,
             tuple(
                 (up.name, latest.version if latest is not None else -1)
                 for up in self.config.sidecar.upstreams
@@ -659,6 +688,7 @@ class Sidecar:
         spec = dataclasses.replace(
             sidecar_spec(self.config, material.leaf.service_uri, protocol, self.mutual_tls.mode),
             tracing=self.tracing,
+            local_app=self.local_app,
         )
         endpoints = []
         for up in spec.upstreams:
@@ -732,7 +762,9 @@ class Sidecar:
         )
         await self._first_endpoints(spec)
         # The tracing in force now: it may have changed while the endpoints were awaited.
-        return await self.proxy.apply(dataclasses.replace(spec, tracing=self.tracing))
+        return await self.proxy.apply(
+            dataclasses.replace(spec, tracing=self.tracing, local_app=self.local_app)
+        )
 
     def _protocol_changed(self) -> None:
         """A chain's protocol changed: an upstream that takes it gets its listener replaced."""
@@ -838,10 +870,12 @@ class Sidecar:
         try:
             settings = effective_settings(raw, self.config.telemetry.access_logs.overrides())
             effective_tracing(tracing, self._service_tracing)
+            effective_local_app(config, self._service_entry, self._service_config)
         except ValueError as exc:
             raise AnswerRejected(f"proxy-defaults global (index {index}): {exc}") from None
         self._access_logs_raw = raw
         self._mesh_tracing = tracing
+        self._mesh_config = config
         return settings
 
     async def _fetch_service_defaults(
@@ -854,9 +888,18 @@ class Sidecar:
     def _decode_service_defaults(
         self, entries: tuple[Mapping[str, Any], ...], index: int
     ) -> object:
-        """The local service's MutualTLSMode as its entry sets it ("" without one)."""
+        """The local service's MutualTLSMode as its entry sets it ("" without one); its
+        LocalConnectTimeoutMs / LocalRequestTimeoutMs are checked too (a bad one refuses the
+        answer, after the mode was taken, as proxy-defaults does)."""
         self._service_mode = entry_mode(entries, self.config.service.name)
         self._mode_inputs_changed()
+        entry = next((e for e in entries if e.get("Name") == self.config.service.name), None)
+        try:
+            effective_local_app(self._mesh_config, entry, self._service_config)
+        except ValueError as exc:
+            name = self.config.service.name
+            raise AnswerRejected(f"service-defaults {name} (index {index}): {exc}") from None
+        self._service_entry = entry
         return self._service_mode
 
     def _mode_inputs_changed(self) -> None:
@@ -883,6 +926,7 @@ class Sidecar:
             version, _ = await latest.changed(version)
             self._apply_access_logs()
             await self._apply_tracing()
+            await self._apply_local_app()
 
     async def _fetch_registration(
         self, index: int, wait: float
@@ -898,11 +942,14 @@ class Sidecar:
         me = self._proxy_id or sidecar_id(self.config.service.service_id)
         proxy = next((i.proxy for i in instances if i.service_id == me), None)
         tracing = proxy.config.get("tracing") if proxy is not None else None
+        config = proxy.config if proxy is not None else None
         try:
             effective_tracing(self._mesh_tracing, tracing)
+            effective_local_app(self._mesh_config, self._service_entry, config)
         except ValueError as exc:
             raise AnswerRejected(f"sidecar registration {me} (index {index}): {exc}") from None
         self._service_tracing = tracing
+        self._service_config = config
 
     async def _follow_registration(self) -> None:
         latest = self.registration_watch.latest
@@ -910,6 +957,37 @@ class Sidecar:
         while True:
             version, _ = await latest.changed(version)
             await self._apply_tracing()
+            await self._apply_local_app()
+
+    async def _follow_service_defaults(self) -> None:
+        latest = self.service_defaults_watch.latest
+        version = latest.version
+        while True:
+            version, _ = await latest.changed(version)
+            await self._apply_local_app()
+
+    async def _apply_local_app(self) -> None:
+        """The merged local app timeouts into the data plane's spec, when they changed (the
+        running inbound listener takes them in place: connect.sidecar)."""
+        try:
+            timeouts = effective_local_app(
+                self._mesh_config, self._service_entry, self._service_config
+            )
+        except ValueError as exc:  # each input alone was checked, this is belt and braces
+            log.error("local app timeouts unchanged: %s", exc)
+            return
+        if timeouts == self.local_app:
+            return
+        self.local_app = timeouts
+        log.info(
+            "local app timeouts: connect %gs, request %s, idle %s",
+            timeouts.connect_timeout,
+            f"{timeouts.request_timeout:g}s" if timeouts.request_timeout else "none",
+            f"{timeouts.idle_timeout:g}s" if timeouts.idle_timeout else "listener's",
+        )
+        proxy = self.proxy
+        if proxy is not None and not self._closed:
+            await proxy.apply(dataclasses.replace(proxy.spec, local_app=timeouts))
 
     async def _apply_tracing(self) -> None:
         """The merged tracing settings into the data plane's spec, when they changed."""

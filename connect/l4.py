@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from connect.balancer import Target
@@ -31,6 +31,7 @@ from connect.cluster import Cluster, Outcome
 from connect.dial import DialFailed, Upstream, dial_failover
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
+from connect.local_app import LocalAppTimeouts
 from connect.observe import ConnectionObserver
 from connect.seams import Peer
 from connect.stats import ProxyStats
@@ -375,6 +376,11 @@ class InboundL4(_Listener):
         self.app_port = app_port
         self.peers: dict[_Relay, Peer] = {}
         """Who is on the other end of each open relay: what `recheck` decides on again."""
+
+    def set_local_app(self, timeouts: LocalAppTimeouts) -> None:
+        """The local app's connect timeout (`local_connect_timeout_ms`), for dials from now
+        on; a relay has no request to time (its idle limit stays the listener's)."""
+        self.limits = replace(self.limits, connect_timeout=timeouts.connect_timeout)
 
     def _tls(self) -> TLSTerminator:
         return self.gate

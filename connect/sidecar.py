@@ -55,6 +55,7 @@ from connect.inbound import InboundGate
 from connect.l4 import InboundL4, OutboundL4
 from connect.latest import Latest
 from connect.listener import ConnectionLimits
+from connect.local_app import DEFAULT_LOCAL_APP, LocalAppTimeouts
 from connect.observe import HTTPSide, Telemetry
 from connect.peers import service_peers
 from connect.seams import ConnectionAuthorizer, RequestAuthorizer
@@ -163,6 +164,9 @@ class SidecarSpec:
     max_pending_requests: int = 0
     """Each upstream's HTTP requests waiting for a dial when Consul's Limits set none (0: no
     limit)."""
+    local_app: LocalAppTimeouts = DEFAULT_LOCAL_APP
+    """The local app's timeouts (connect.local_app): applied to the running inbound listener
+    in place, as `tracing` is, without replacing it."""
 
     def cluster_limits(self, limits: Limits) -> Limits:
         """Consul's circuit-breaking `limits` for one upstream cluster, with this sidecar's
@@ -515,6 +519,9 @@ class Sidecar(Generic[S]):
             self.spec = spec
             if self.telemetry is not None:
                 self.telemetry.set_tracing(spec.tracing)
+            app_side = self.running.get(spec.inbound.bind) if spec.inbound is not None else None
+            if app_side is not None:
+                self._set_local_app(app_side, spec.local_app)
             for gone in changes.stop:
                 self._retire(self.running.pop(gone.bind), spec.drain_grace)
             for before, _ in changes.replace:
@@ -542,6 +549,12 @@ class Sidecar(Generic[S]):
             if failed:
                 raise failed[0]
             return changes
+
+    @staticmethod
+    def _set_local_app(running: Running, timeouts: LocalAppTimeouts) -> None:
+        listener = running.listener
+        if isinstance(listener, InboundHTTP | InboundL4):
+            listener.set_local_app(timeouts)
 
     def _set_mode(self, running: Running, spec: InboundSpec) -> None:
         """A new MutualTLSMode on the running inbound listener: connections accepted from now
@@ -619,6 +632,7 @@ class Sidecar(Generic[S]):
                 path_normalization=spec.path_normalization,
                 limits=self.spec.http_limits,
             )
+            listener.set_local_app(self.spec.local_app)
             if self.telemetry is not None:
                 listener.observer = self.telemetry.http(self.telemetry.inbound("http"))
                 gate.on_refused = self.telemetry.listener_refused
@@ -633,6 +647,7 @@ class Sidecar(Generic[S]):
             )
             gate.permissive = spec.permissive
             listener = InboundL4(gate, spec.app_host, spec.app_port)
+            listener.set_local_app(self.spec.local_app)
             if self.telemetry is not None:
                 listener.observer = self.telemetry.tcp(self.telemetry.inbound("tcp"))
                 gate.on_refused = self.telemetry.listener_refused

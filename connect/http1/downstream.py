@@ -464,6 +464,11 @@ class Downstream(asyncio.Protocol):
             ex.deadline_due = False
             assert ex.route is not None and ex.route.request_timeout is not None
             self._arm_deadline(ex, ex.route.request_timeout)
+        if ex.try_due:
+            ex.try_due = False
+            assert ex.route is not None and ex.route.try_timeout is not None
+            if ex.conn is not None:
+                self._arm_try(ex, ex.route.try_timeout)
         conn = ex.conn
         if conn is not None and conn.transport is not None and ex.framing.chunked:
             conn.transport.write(LAST_CHUNK)
@@ -530,6 +535,9 @@ class Downstream(asyncio.Protocol):
 
     def _arm_deadline(self, ex: Exchange, timeout: float) -> None:
         ex.deadline = asyncio.get_running_loop().call_later(timeout, self._timed_out, ex, False)
+
+    def _arm_try(self, ex: Exchange, timeout: float) -> None:
+        ex.try_deadline = asyncio.get_running_loop().call_later(timeout, self._timed_out, ex, True)
 
     def _hold_reading(self) -> None:
         if self.transport is not None and not self.read_paused:
@@ -613,9 +621,10 @@ class Downstream(asyncio.Protocol):
                 transport.write(LAST_CHUNK)
         route = ex.route
         if route is not None and route.try_timeout is not None:
-            ex.try_deadline = asyncio.get_running_loop().call_later(
-                route.try_timeout, self._timed_out, ex, True
-            )
+            if ex.body_done or ex.upgrade:
+                self._arm_try(ex, route.try_timeout)
+            else:
+                ex.try_due = True  # once the request is whole (on_message_complete)
         if self.read_paused:  # the check first: this runs for every request
             self._resume()
 
@@ -646,6 +655,7 @@ class Downstream(asyncio.Protocol):
         ex = self.queue[0]
         route = ex.route
         if route is not None:
+            ex.try_due = False
             if ex.try_deadline is not None:
                 ex.try_deadline.cancel()  # a try ends with its answer's head
                 ex.try_deadline = None
@@ -779,6 +789,7 @@ class Downstream(asyncio.Protocol):
     def _detach(self, ex: Exchange, conn: UpConn, outcome: Outcome) -> None:
         ex.conn = None
         conn.owner = None
+        ex.try_due = False
         if ex.try_deadline is not None:
             ex.try_deadline.cancel()
             ex.try_deadline = None
@@ -820,6 +831,7 @@ class Downstream(asyncio.Protocol):
     @staticmethod
     def _stop_timers(ex: Exchange) -> None:
         ex.deadline_due = False
+        ex.try_due = False
         if ex.deadline is not None:
             ex.deadline.cancel()
             ex.deadline = None

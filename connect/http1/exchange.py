@@ -170,6 +170,10 @@ class Exchange:
     try_deadline: asyncio.TimerHandle | None = None
     """The shell's timer for the route's per-try timeout, or for the back-off before a
     retry (RetryPolicy.delay), while it runs."""
+    try_due = False
+    """The try under way waits for the end of the request to start its per-try timeout
+    (Envoy starts it when the downstream request is complete, envoy#6643), so a slow upload
+    is not cut by it."""
     start = 0.0
     """time.monotonic() when its head arrived; set (non-zero) only while the listener has an
     observer (connect.observe), which is then told about it when it is over."""

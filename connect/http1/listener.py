@@ -22,8 +22,9 @@ from connect.http_target import TargetParser
 from connect.identity import IdentityError, parse_service
 from connect.inbound import InboundGate
 from connect.listener import ListeningSocket, TLSTerminator
+from connect.local_app import LocalAppTimeouts
 from connect.observe import ExchangeObserver
-from connect.routes import RouteTable, default_table
+from connect.routes import RouteAction, RouteTable, WeightedCluster, default_table
 from connect.seams import RequestAuthorizer
 from connect.stats import ProxyStats
 from intentions.path_normalization import PathNormalization
@@ -31,6 +32,10 @@ from intentions.path_normalization import PathNormalization
 __all__ = ["HTTPListener", "InboundHTTP", "OutboundHTTP"]
 
 log = logging.getLogger("meshlet.proxy.http")
+
+LOCAL_APP = ""
+"""The inbound route's one cluster, the app: unnamed (AppOrigin has one destination), so
+the access log, metrics and spans still name the local service for the inbound side."""
 
 
 class HTTPListener(ListeningSocket):
@@ -157,8 +162,9 @@ class InboundHTTP(HTTPListener):
         path_normalization: PathNormalization = "base",
     ) -> None:
         limits = limits or HTTPLimits()
+        self.app_origin = AppOrigin(app_host, app_port, limits)
         super().__init__(
-            AppOrigin(app_host, app_port, limits),
+            self.app_origin,
             limits,
             gate.stats,
             authorize=authorize,
@@ -179,6 +185,20 @@ class InboundHTTP(HTTPListener):
             self.default_host = parse_service(local_uri).service.encode()
         except IdentityError:
             self.default_host = b""  # no service name to give: forwarded without Host
+        self.set_local_app(LocalAppTimeouts(connect_timeout=limits.connect_timeout))
+
+    def set_local_app(self, timeouts: LocalAppTimeouts) -> None:
+        """The local app's timeouts (connect.local_app), in place: each request is timed by
+        those current when its head arrives, each dial by those current when it starts. The
+        request and idle timeouts ride on the one route to the app (Envoy's local_app
+        route), so the outbound side's timers apply them (connect.http1.downstream)."""
+        action = RouteAction(
+            (WeightedCluster(LOCAL_APP),),
+            request_timeout=timeouts.request_timeout,
+            idle_timeout=timeouts.idle_timeout,
+        )
+        self.fixed_routes = RouteTable((), action)
+        self.app_origin.connect_timeout = timeouts.connect_timeout
 
     def _protocol(self) -> asyncio.Protocol:
         return Downstream(self, None)

@@ -88,6 +88,9 @@ class AppOrigin(Origin):
         self.host = host
         self.port = port
         self.key = f"{host}:{port}"
+        self.connect_timeout = limits.connect_timeout
+        """Seconds to connect to the app: `local_connect_timeout_ms`, changed in place
+        (connect.local_app); a dial already under way keeps the one it started with."""
 
     def acquire(self, down: Downstream, ex: Exchange, avoid: str | None) -> UpConn | None:
         # A retry (avoid set) dials afresh: the other pooled connections to an app that just
@@ -105,7 +108,7 @@ class AppOrigin(Origin):
                 loop.create_connection(
                     lambda: UpConn(self.pool, self.key, None), self.host, self.port
                 ),
-                self.limits.connect_timeout,
+                self.connect_timeout,
             )
         except (OSError, TimeoutError) as err:
             reason = f"local app: {type(err).__name__}"

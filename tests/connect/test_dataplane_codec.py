@@ -13,6 +13,7 @@ from connect.balancer import Target
 from connect.chain_routes import RoutingSnapshot
 from connect.dataplane.codec import from_wire, to_wire
 from connect.listener import ConnectionLimits
+from connect.local_app import LocalAppTimeouts
 from connect.sidecar import InboundSpec, SidecarSpec, UpstreamSpec
 from tests.connect.test_chain_routes import SUBSETS, _http, _router, _routing, _to
 
@@ -31,6 +32,7 @@ SPEC = SidecarSpec(
     ),
     drain_grace=3.5,
     limits=ConnectionLimits(max_connections=10, max_pending_handshakes=2),
+    local_app=LocalAppTimeouts(connect_timeout=0.25, request_timeout=None, idle_timeout=30.0),
 )
 
 
