@@ -19,6 +19,7 @@ takes the result as `SidecarSpec.local_app` (connect/sidecar.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -68,13 +69,19 @@ DEFAULT_LOCAL_APP = LocalAppTimeouts()
 """What Consul's Envoy sidecar applies when nothing sets a local app timeout."""
 
 
-def _millis(value: object, where: str, *, zero: bool) -> int:
+def _millis(value: object, where: str, *, weak: bool = False) -> int:
+    """`value` as milliseconds, 0 or more. `weak`: read as Consul reads a proxy's `Config`
+    map (ParseProxyConfig decodes it with mapstructure's WeaklyTypedInput): a number is
+    truncated to an integer and a string of digits is its number ("" is 0)."""
+    if weak and isinstance(value, float) and math.isfinite(value):
+        value = int(value)
+    elif weak and isinstance(value, str) and (value.strip() == "" or value.strip().isdigit()):
+        value = int(value.strip() or "0")
     # bool is an int to Python; a JSON true is no duration.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}: must be an integer number of milliseconds, got {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        least = "0 or more" if zero else "positive"
-        raise ValueError(f"{where}: must be {least} (milliseconds), got {value}")
+    if value < 0:
+        raise ValueError(f"{where}: must be 0 or more (milliseconds), got {value}")
     return value
 
 
@@ -87,7 +94,9 @@ def _from_config(config: object, where: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for key in (_CONNECT, _REQUEST, _IDLE):
         if key in config and config[key] is not None:
-            out[key] = _millis(config[key], f"{where}.{key}", zero=key != _CONNECT)
+            millis = _millis(config[key], f"{where}.{key}", weak=True)
+            if key != _CONNECT or millis > 0:  # 0 is unset: Consul makes under 1 ms its 5000
+                out[key] = millis
     return out
 
 
@@ -102,7 +111,7 @@ def _from_entry(entry: object, where: str) -> dict[str, int]:
         value = entry.get(field)
         if value is None:
             continue
-        millis = _millis(value, f"{where}.{field}", zero=True)
+        millis = _millis(value, f"{where}.{field}")
         if millis > 0:  # Consul copies a positive value only: 0 is "not set"
             out[key] = millis
     return out

@@ -43,9 +43,10 @@ def test_0_in_a_config_turns_the_request_and_idle_timeouts_off() -> None:
         ({"local_request_timeout_ms": -1}, None, None, "proxy-defaults Config.local_request"),
         (None, {"LocalConnectTimeoutMs": -5}, None, "service-defaults.LocalConnectTimeoutMs"),
         (None, {"LocalRequestTimeoutMs": "1s"}, None, "service-defaults.LocalRequestTimeoutMs"),
-        (None, None, {"local_idle_timeout_ms": "300"}, "Proxy.Config.local_idle_timeout_ms"),
-        (None, None, {"local_connect_timeout_ms": 0}, "Proxy.Config.local_connect_timeout_ms"),
-        (None, None, {"local_request_timeout_ms": 1.5}, "Proxy.Config.local_request_timeout"),
+        (None, None, {"local_idle_timeout_ms": "300ms"}, "Proxy.Config.local_idle_timeout_ms"),
+        (None, None, {"local_connect_timeout_ms": -1}, "Proxy.Config.local_connect_timeout_ms"),
+        (None, None, {"local_request_timeout_ms": "-5"}, "Proxy.Config.local_request_timeout"),
+        (None, None, {"local_request_timeout_ms": float("nan")}, "Proxy.Config.local_request"),
         (None, None, {"local_request_timeout_ms": True}, "Proxy.Config.local_request_timeout"),
         (None, None, ["local_request_timeout_ms"], "sidecar registration Proxy.Config: must"),
     ],
@@ -56,6 +57,17 @@ def test_a_bad_value_is_refused_naming_where(
     with pytest.raises(ValueError) as err:
         effective_local_app(mesh, entry, own)
     assert named in str(err.value)
+
+
+def test_a_config_value_is_read_as_consul_reads_it_weakly_typed() -> None:
+    # Consul's ParseProxyConfig decodes Config with mapstructure's WeaklyTypedInput: a number
+    # is truncated, a string of digits is its number, and a connect timeout under 1 ms is
+    # its 5000 default. (service-defaults fields are typed ints: Consul refuses others.)
+    own = {"local_request_timeout_ms": "300", "local_idle_timeout_ms": 1500.9}
+    assert effective_local_app(None, None, own) == LocalAppTimeouts(5.0, 0.3, 1.5)
+    mesh = {"local_connect_timeout_ms": 100}
+    assert effective_local_app(mesh, None, {"local_connect_timeout_ms": 0}).connect_timeout == 0.1
+    assert effective_local_app({"local_connect_timeout_ms": ""}) == DEFAULT_LOCAL_APP
 
 
 def test_keys_that_are_not_ours_are_left_alone() -> None:
