@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from agent.inject import InjectError
+# Only the options' defaults (shown in --help): the injector is imported when it runs, as the
+# parser is built by every `meshlet` process, the long-running agent and sidecar included.
 from agent.inject_template import InjectOptions
 
 log = logging.getLogger("meshlet.inject")
@@ -79,7 +80,7 @@ def _run_inject(args: argparse.Namespace) -> int:
         return _write_config(args)
     if args.webhook:
         return _serve(args)
-    from agent.inject import inject_stream
+    from agent.inject import InjectError, inject_stream
 
     try:
         if args.filename == "-":
@@ -108,6 +109,7 @@ def _run_inject(args: argparse.Namespace) -> int:
 
 
 def _write_config(args: argparse.Namespace) -> int:
+    from agent.inject import InjectError
     from agent.inject_config import sidecar_config, write_config
 
     try:

@@ -14,31 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 import shutil
 import socket
 import sys
-import sysconfig
 from pathlib import Path
 
 import yaml
 
-from agent.unit_files import (
-    AGENT_UNIT,
-    LOW_PORTS_DROP_IN,
-    SIDECAR_UNIT,
-    Skeleton,
-    UnitError,
-    app_drop_in,
-    config_skeleton,
-    first_free,
-    low_ports,
-    ports_in_use,
-    render_unit,
-    service_name_problem,
-    shipped,
-)
+# The unit templates and the skeleton are imported by the command that writes them: the parser
+# is built by every `meshlet` process, the long-running agent and sidecar included.
 
 
 def add_install_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,6 +89,10 @@ def add_install_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _console_script() -> str:
     """The `meshlet` script of the environment this process runs from."""
+    import sysconfig
+
+    from agent.unit_files import UnitError
+
     here = Path(sysconfig.get_path("scripts")) / "meshlet"
     if here.is_file():
         return str(here)
@@ -117,6 +106,8 @@ def _console_script() -> str:
 def default_node_address() -> str:
     """The source address of the default route: what a peer on another host reaches us at on
     a typical one-interface VM. No packet is sent (a UDP connect only picks the route)."""
+    from agent.unit_files import UnitError
+
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("192.0.2.1", 9))  # TEST-NET-1: routed by the default route, never answered
         address: str = s.getsockname()[0]
@@ -150,6 +141,8 @@ def _other_configs(config_dir: Path, mine: Path) -> list[dict[str, object]]:
 
 
 def _run_install(args: argparse.Namespace) -> int:
+    from agent.unit_files import UnitError
+
     try:
         return _install(args)
     except UnitError as exc:
@@ -158,7 +151,24 @@ def _run_install(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
+    import ipaddress
+
     from agent.config import ConfigError, load
+    from agent.unit_files import (
+        AGENT_UNIT,
+        LOW_PORTS_DROP_IN,
+        SIDECAR_UNIT,
+        Skeleton,
+        UnitError,
+        app_drop_in,
+        config_skeleton,
+        first_free,
+        low_ports,
+        ports_in_use,
+        render_unit,
+        service_name_problem,
+        shipped,
+    )
 
     service: str = args.service
     problem = service_name_problem(service)

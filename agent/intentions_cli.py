@@ -18,31 +18,15 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from intentions.apply import (
-    ApplyOptions,
-    CatalogService,
-    PlanRefused,
-    Protocols,
-    format_plan,
-    held_entry,
-    plan_apply,
-)
-from intentions.check import (
-    CheckInputError,
-    EntryChecker,
-    PolicyChecker,
-    format_decision,
-    parse_destination,
-    parse_request,
-    parse_workload,
-)
-from intentions.entries import KIND
-from intentions.errors import EntryError, PolicyError, Problem
-from intentions.policy import AuthorizationPolicy, load_policies
-from intentions.render import entries_hcl, entries_json
-from intentions.translate import ServiceRef, TranslateOptions, Translation, translate
+# The translate/apply/check stack is imported by the commands that run it: the parser is
+# built by every `meshlet` process, the long-running agent and sidecar included.
+if TYPE_CHECKING:
+    from intentions.apply import CatalogService, Protocols
+    from intentions.check import EntryChecker, PolicyChecker
+    from intentions.policy import AuthorizationPolicy
+    from intentions.translate import ServiceRef, TranslateOptions, Translation
 
 EXIT_PROBLEMS = 2
 
@@ -159,6 +143,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace, *, stdin: TextIO | None = None) -> int:
     """Entry point from agent.cli: runs the chosen subcommand, maps refusals to exit 2."""
+    from intentions.apply import PlanRefused
+    from intentions.check import CheckInputError
+    from intentions.errors import PolicyError
+
     try:
         return int(args.intentions_run(args, stdin or sys.stdin))
     except _Refused as err:
@@ -183,6 +171,8 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None) -> int:
 
 
 def _options(args: argparse.Namespace) -> TranslateOptions:
+    from intentions.translate import TranslateOptions
+
     return TranslateOptions(
         trust_domain=args.trust_domain,
         root_namespace=args.root_namespace,
@@ -191,6 +181,9 @@ def _options(args: argparse.Namespace) -> TranslateOptions:
 
 
 def _policies(files: Sequence[str]) -> tuple[AuthorizationPolicy, ...]:
+    from intentions.errors import PolicyError, Problem
+    from intentions.policy import load_policies
+
     found: list[AuthorizationPolicy] = []
     problems: list[Problem] = []
     for name in files:
@@ -211,6 +204,8 @@ def _policies(files: Sequence[str]) -> tuple[AuthorizationPolicy, ...]:
 def _services(
     text: str, default_namespace: str, default_protocol: str = "http"
 ) -> list[ServiceRef]:
+    from intentions.translate import ServiceRef
+
     refs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         ref, _, protocol = item.partition(":")
@@ -223,6 +218,8 @@ def _services(
 
 def _selected_services(policies: Iterable[AuthorizationPolicy], namespace: str) -> list[ServiceRef]:
     """Without --services: the services the policies' `app` selectors name."""
+    from intentions.translate import ServiceRef
+
     names = sorted(
         {
             (p.namespace or namespace, app)
@@ -249,6 +246,9 @@ def _warn(translation: Translation) -> None:
 
 
 def _translate(args: argparse.Namespace, stdin: TextIO) -> int:
+    from intentions.render import entries_hcl, entries_json
+    from intentions.translate import translate
+
     policies = _policies(args.files)
     services = _services(args.services, args.single_namespace or "default") or _selected_services(
         policies, args.single_namespace or "default"
@@ -271,6 +271,9 @@ def _apply(args: argparse.Namespace, stdin: TextIO) -> int:
 async def _apply_async(args: argparse.Namespace) -> int:
     from agent.consul import ConsulClient
     from agent.consul_errors import ConsulError
+    from intentions.apply import ApplyOptions, format_plan, held_entry, plan_apply
+    from intentions.entries import KIND
+    from intentions.errors import EntryError
 
     policies = _policies(args.files)
     namespace = args.single_namespace or "default"
@@ -315,6 +318,8 @@ async def _apply_async(args: argparse.Namespace) -> int:
 
 async def _catalog(consul: Any) -> list[CatalogService]:
     """The catalog's service names, each with whether it is a typical service or not."""
+    from intentions.apply import CatalogService
+
     typical = (await consul.catalog.services(filter='ServiceKind == ""')).value
     others = (await consul.catalog.services(filter='ServiceKind != ""')).value
     # The list endpoint does not say which kind: "" or "not typical" is all apply needs.
@@ -324,6 +329,8 @@ async def _catalog(consul: Any) -> list[CatalogService]:
 
 
 async def _protocols(consul: Any) -> Protocols:
+    from intentions.apply import Protocols
+
     defaults = {
         str(e["Name"]): str(e.get("Protocol") or "")
         for e in (await consul.config_entries.list("service-defaults")).value
@@ -334,6 +341,8 @@ async def _protocols(consul: Any) -> Protocols:
 
 
 def _explain(args: argparse.Namespace, stdin: TextIO) -> int:
+    from intentions.check import PolicyChecker, parse_request, parse_workload
+
     checker = PolicyChecker.build(
         _policies(args.files),
         parse_workload(_json_arg(args.workload, "--workload")),
@@ -349,6 +358,15 @@ def _explain(args: argparse.Namespace, stdin: TextIO) -> int:
 
 
 def _check(args: argparse.Namespace, stdin: TextIO) -> int:
+    from intentions.check import (
+        EntryChecker,
+        PolicyChecker,
+        format_decision,
+        parse_destination,
+        parse_request,
+        parse_workload,
+    )
+
     checker: PolicyChecker | EntryChecker
     if args.files:
         if args.workload is None:

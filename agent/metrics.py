@@ -58,6 +58,31 @@ class MeshCollector(Collector):
         snap = self._snapshot()
         yield from _istio(snap.get("mesh") or {})
         yield from _meshlet(snap)
+        yield from _mirrors(snap.get("counters") or {})
+
+
+MIRROR_OUTCOMES = ("sent", "failed", "dropped_over_limit", "skipped")
+"""How a mirrored copy ended (connect.http1.mirror.Mirrors): the `outcome` label's values."""
+
+
+def _mirrors(counters: Mapping[str, Any]) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "meshlet_mirror_requests",
+        "Copies of mirrored requests by upstream and how they ended: sent, failed (no endpoint, "
+        "dial failed, no end in time), dropped_over_limit (64 in flight), skipped (not copyable).",
+        labels=["upstream", "outcome"],
+    )
+    inflight = GaugeMetricFamily(
+        "meshlet_mirror_requests_in_flight",
+        "Copies of mirrored requests in flight now, by upstream.",
+        labels=["upstream"],
+    )
+    for name, counts in sorted((counters.get("mirrors") or {}).items()):
+        if isinstance(counts, Mapping):
+            for outcome in MIRROR_OUTCOMES:
+                requests.add_metric([name, outcome], _num(counts.get(outcome)))
+            inflight.add_metric([name], _num(counts.get("inflight")))
+    yield from (requests, inflight)
 
 
 def _istio(mesh: Mapping[str, Any]) -> Iterator[Metric]:

@@ -19,20 +19,13 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from intentions.render import body_hcl
-from traffic.from_istio import (
-    PROXY_DEFAULTS,
-    ROUTER,
-    SERVICE_DEFAULTS,
-    SPLITTER,
-    RoutesError,
-    TranslateOptions,
-    Translation,
-    translate_texts,
-)
-from traffic.istio_apply import ApplyOptions, Facts, Key, PlanRefused, format_plan, plan_apply
+# The translators are imported by the commands that run them: the parser is built by every
+# `meshlet` process, the long-running agent and sidecar included.
+if TYPE_CHECKING:
+    from traffic.from_istio import Translation
+    from traffic.istio_apply import ApplyOptions, Facts
 
 EXIT_PROBLEMS = 2
 
@@ -120,6 +113,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Entry point from agent.cli: runs the subcommand, maps refusals to exit 2."""
+    from traffic.from_istio import RoutesError
+    from traffic.istio_apply import PlanRefused
+
     try:
         return int(args.routes_run(args))
     except (_Refused, RoutesError, PlanRefused) as err:
@@ -140,6 +136,8 @@ def _names(text: str, flag: str) -> tuple[str, ...]:
 
 
 def _translation(args: argparse.Namespace) -> Translation:
+    from traffic.from_istio import TranslateOptions, translate_texts
+
     texts = []
     problems = []
     for name in args.files:
@@ -163,6 +161,8 @@ def _translation(args: argparse.Namespace) -> Translation:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    from intentions.render import body_hcl
+
     translation = _translation(args)
     if args.format == "hcl":
         print("\n".join(body_hcl(e) for e in translation.entries), end="")
@@ -172,6 +172,8 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from traffic.istio_apply import ApplyOptions
+
     translation = _translation(args)
     services = frozenset(_names(args.services, "--services")) if args.services else None
     for scope in translation.scopes:
@@ -190,6 +192,7 @@ async def _apply_async(
 ) -> int:
     from agent.consul import ConsulClient
     from agent.consul_errors import ConsulError
+    from traffic.istio_apply import Key, format_plan, plan_apply
 
     failed: list[str] = []
     try:
@@ -234,6 +237,9 @@ async def _apply_async(
 
 async def _facts(consul: Any, translation: Translation) -> Facts:
     """Protocols when routers or splitters are written; the mesh entry when permissive is."""
+    from traffic.from_istio import PROXY_DEFAULTS, ROUTER, SERVICE_DEFAULTS, SPLITTER
+    from traffic.istio_apply import Facts
+
     kinds = {e["Kind"] for e in translation.entries}
     protocols: dict[str, str] = {}
     mesh_protocol = ""

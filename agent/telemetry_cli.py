@@ -27,7 +27,6 @@ from typing import Any
 import yaml
 
 from connect.tracing_settings import parse_tracing
-from intentions.render import body_hcl
 
 __all__ = ["add_parser", "translate_telemetry"]
 
@@ -198,6 +197,10 @@ def _entry(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    # Imported when it runs: the parser is built by every `meshlet` process, the long-running
+    # agent and sidecar included.
+    from intentions.render import body_hcl
+
     entry = _entry(args)
     if args.format == "hcl":
         print(body_hcl(entry), end="")

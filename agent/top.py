@@ -20,8 +20,6 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client.parser import text_string_to_metric_families
-
 __all__ = ["Row", "Sample", "add_top_command", "parse_sample", "render", "rows"]
 
 _Key = tuple[str, str]
@@ -60,6 +58,9 @@ def _key(labels: Mapping[str, str]) -> _Key | None:
 
 
 def parse_sample(text: str) -> Sample:
+    # Imported when `meshlet top` runs, not when every `meshlet` process builds its parser.
+    from prometheus_client.parser import text_string_to_metric_families
+
     requests: dict[_Key, float] = {}
     errors: dict[_Key, float] = {}
     buckets: dict[_Key, dict[float, float]] = {}

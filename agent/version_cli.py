@@ -9,7 +9,6 @@ what the console script actually runs. Two OpenSSLs matter and may differ: the o
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import re
@@ -23,6 +22,11 @@ _REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _installed(name: str) -> str:
+    # Imported here, not at the top: the parser (with `--version`) is built by every `meshlet`
+    # process, the long-running agent and sidecar included, and importlib.metadata brings
+    # zipfile, csv and importlib.resources with it.
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -31,6 +35,8 @@ def _installed(name: str) -> str:
 
 def _dependencies() -> list[str]:
     """meshlet's own runtime requirements (not the test extra), in the order it declares them."""
+    import importlib.metadata
+
     try:
         requires = importlib.metadata.requires(DISTRIBUTION) or []
     except importlib.metadata.PackageNotFoundError:

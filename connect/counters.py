@@ -9,11 +9,13 @@ import os
 from typing import Any
 
 from connect.access_log import AccessLog
+from connect.http1 import OutboundHTTP
+from connect.http1.origin import MeshOrigin
 from connect.observe import Telemetry
 from connect.sidecar import Sidecar, UpstreamSpec
 from connect.stats import ProxyStats
 
-__all__ = ["process_counters", "proxy_counters"]
+__all__ = ["mirror_counters", "process_counters", "proxy_counters"]
 
 
 def process_counters() -> dict[str, int]:
@@ -50,6 +52,7 @@ def proxy_counters(
     return {
         **dataclasses.asdict(stats),
         "upstream_refusals": {name: up.refusal_counts() for name, up in upstreams.items()},
+        "mirrors": mirror_counters(proxy),
         "mesh": telemetry.metrics.export() if telemetry is not None else {},
         "clusters": {
             name: {
@@ -67,3 +70,17 @@ def proxy_counters(
         },
         "tracing": telemetry.tracing_counters() if telemetry is not None else {},
     }
+
+
+def mirror_counters(proxy: Sidecar[Any] | None) -> dict[str, dict[str, int]]:
+    """Each HTTP upstream's mirrored copies by outcome, and in flight (connect.http1.mirror);
+    only the upstreams that were ever asked for one, so a sidecar without mirrors reports
+    nothing."""
+    out: dict[str, dict[str, int]] = {}
+    for r in proxy.running.values() if proxy is not None else ():
+        listener = r.listener
+        if isinstance(r.spec, UpstreamSpec) and isinstance(listener, OutboundHTTP):
+            origin = listener.origin
+            if isinstance(origin, MeshOrigin) and origin.mirrors.used:
+                out[r.spec.name] = origin.mirrors.counts()
+    return out

@@ -1,7 +1,7 @@
 """Mirrored requests (a route's `Mirror`): a copy of a request sent to another cluster, fire
 and forget. The copy never delays or fails the real request: it goes on a connection of its
 own, after the real request has been read whole, its answer is read and discarded, and at most
-`cap` copies are in flight per listener (over it, a copy is skipped and counted). What the
+`cap` copies are in flight per listener (over it, a copy is dropped and counted). What the
 copy is (`connect.routes.shadow_head`) and whether it is sent (`Mirror.decide`) are decided
 without I/O; this is the shell that sends it."""
 
@@ -40,8 +40,10 @@ class _Discard(asyncio.Protocol):
 
 
 class Mirrors:
-    """The copies one listener sends. `sent`, `skipped` (cap reached, or a body that was not
-    kept whole), `failed` (no endpoint, dial failed, no answer in time) are counted."""
+    """The copies one listener sends, each counted once by how it ended (`counts`): `sent`
+    (written, and its connection ended), `failed` (no endpoint, dial failed, no end in
+    time), `dropped_over_limit` (`cap` copies were in flight), `skipped` (not copyable: a
+    body that was not kept whole, or a mirror cluster the listener does not have)."""
 
     def __init__(self, cap: int = 64, timeout: float = 30.0) -> None:
         self.cap = cap
@@ -50,6 +52,7 @@ class Mirrors:
         self.inflight = 0
         self.sent = 0
         self.skipped = 0
+        self.dropped_over_limit = 0
         self.failed = 0
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -57,13 +60,30 @@ class Mirrors:
         """Send `parts` (a whole request: shadow head and body) to the first cluster of
         `chain` that has an endpoint (its failover order), unless the cap is reached."""
         if self.inflight >= self.cap:
-            self.skipped += 1
+            self.dropped_over_limit += 1
             return
         self.inflight += 1
         self._spawn(self._copy(chain, parts))
 
     def skip(self) -> None:
         self.skipped += 1
+
+    def counts(self) -> dict[str, int]:
+        """The outcomes so far and the copies in flight now (connect.counters reports them)."""
+        return {
+            "sent": self.sent,
+            "failed": self.failed,
+            "dropped_over_limit": self.dropped_over_limit,
+            "skipped": self.skipped,
+            "inflight": self.inflight,
+        }
+
+    @property
+    def used(self) -> bool:
+        """A copy was ever asked of this listener (only those are reported)."""
+        return bool(self.sent or self.failed or self.dropped_over_limit or self.skipped) or (
+            self.inflight > 0
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
