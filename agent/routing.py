@@ -266,6 +266,10 @@ class ChainWatch:
         chain targets' endpoints hold, `_target_endpoints`)."""
         self._back_since_reset: set[WatchKey] = set()
         """Targets that answered with instances since that reset: their hold is over."""
+        self._answer_at_reset: dict[WatchKey, Snapshot | None] = {}
+        """Each target's answer when the reset was seen: read before it, so its instances
+        do not say the target is back (the reset is seen from the entry watches, and a
+        target's watch may not have read the new Consul yet)."""
         self._reset_timer: asyncio.TimerHandle | None = None
         self._target_started: dict[WatchKey, float] = {}
         self._fetch_timers: dict[WatchKey, asyncio.TimerHandle] = {}
@@ -453,6 +457,7 @@ class ChainWatch:
             )
         self._reset_seen = now
         self._back_since_reset.clear()
+        self._answer_at_reset = {key: got[0].latest.get() for key, got in self.targets.items()}
         if self._reset_timer is not None:
             self._reset_timer.cancel()
         self._reset_timer = asyncio.get_running_loop().call_later(grace, self._reset_over)
@@ -462,6 +467,7 @@ class ChainWatch:
         if self._reset_seen is not None:
             log.info("control-plane reset hold over: chain targets' answers apply as they are")
         self._reset_seen = None
+        self._answer_at_reset = {}
         self._recompile = True
         self._dirty.set()
 
@@ -535,7 +541,8 @@ class ChainWatch:
         re-registering are still serving meanwhile."""
         endpoints = self._endpoints(key, snap)
         if endpoints:
-            self._back_since_reset.add(key)
+            if snap is not self._answer_at_reset.get(key):
+                self._back_since_reset.add(key)
             return endpoints
         if current is None or key in self._back_since_reset or not self._resetting():
             return endpoints

@@ -24,7 +24,7 @@ from agent.watches import WatchSettings
 from connect.chain_routes import RoutingSnapshot
 from connect.latest import Latest
 from devstack.server import DevServer
-from tests.agent.conftest import SocketServer, relay_to
+from tests.agent.conftest import SocketServer
 from tests.agent.test_routing import CANARY, _proxy, _put
 
 # Long enough that the snapshot after the reset is taken within it on a loaded machine (CI ran
@@ -36,17 +36,48 @@ V2_KEY = WatchKey("api", "", "", 'Service.Meta.version == "v2"', warning=True)
 
 
 class Switch:
-    """Where the relay sends each new connection; `down()` refuses them all."""
+    """Where the relay sends each new connection; `down()` refuses them all. While `held`
+    is set, a read whose request line names `held_path` waits until `release` is set: the
+    test decides which watches read the new Consul first."""
 
     def __init__(self, target: str) -> None:
         self.target = target
+        self.held_path = b""
+        self.release = asyncio.Event()
 
     def down(self) -> None:
         self.target = ""
 
     async def handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.target:  # else closed at once: nothing listens behind it
-            await relay_to(self.target)(reader, writer)
+        if not self.target:
+            return  # closed at once: nothing listens behind it
+        host, _, port = self.target.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def requests() -> None:
+            try:
+                # The client's reads are GETs: each chunk holds whole request heads.
+                while data := await reader.read(65536):
+                    if self.held_path and b" " + self.held_path in data:
+                        await self.release.wait()
+                    up_writer.write(data)
+                    await up_writer.drain()
+            except OSError:
+                pass
+            finally:
+                up_writer.close()
+
+        async def answers() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(requests(), answers())
 
 
 async def _until(
@@ -84,9 +115,23 @@ async def _all_failed(chains: ChainWatch, *targets: WatchKey) -> None:
     raise AssertionError(f"watches never failed: {chains.status()}")
 
 
+async def _release_when(switch: Switch, done: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if done():
+            switch.release.set()
+            return
+        await asyncio.sleep(0.01)  # polling the watches; the bound only catches a hang
+    raise AssertionError("the watches let through never got there")
+
+
+@pytest.mark.parametrize("first_back", ["entries", "targets"])
 async def test_a_targets_empty_answer_after_a_reset_keeps_its_endpoints_for_the_hold(
-    devstacks: tuple[DevServer, DevServer],
+    devstacks: tuple[DevServer, DevServer], first_back: str
 ) -> None:
+    """`first_back`: which watches read the new Consul first. "entries": the reset is seen
+    while the v2 target still holds its answer from before (which must not count as the
+    target being back: CI saw v2 emptied so); "targets": v2's empty answer comes while the
+    entry watches cannot tell yet whether Consul was reset."""
     first, second = devstacks
     switch = Switch(first.http_addr)
     async with (
@@ -125,14 +170,28 @@ async def test_a_targets_empty_answer_after_a_reset_keeps_its_endpoints_for_the_
             switch.down()
             await first.close()
             await _all_failed(chains, V2_KEY)
-            switch.target = second.http_addr
             v2_watch = chains.targets[V2_KEY][0]
+            if first_back == "entries":
+                switch.held_path = b"/v1/health/"
+
+                def done() -> bool:
+                    return bool(chains.status()["reset_hold"])
+            else:
+                switch.held_path = b"/v1/config/"
+
+                def done() -> bool:
+                    got = v2_watch.latest.get()
+                    return got is not None and not got.endpoints
+
+            release = asyncio.create_task(_release_when(switch, done))
+            switch.target = second.http_addr
             for _ in range(1500):  # until v2's watch took the second's empty answer
                 got = v2_watch.latest.get()
                 if got is not None and not got.endpoints:
                     break
                 await asyncio.sleep(0.02)  # polling a watch; the bound only catches a hang
             assert not v2_watch.holding  # its own index did not go back: it cannot tell
+            await asyncio.wait_for(release, 30)
 
             # A change after that one: api-2 joins v1. The snapshot with it still routes v2
             # to api-3 (registering again, serving meanwhile).
