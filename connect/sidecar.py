@@ -196,8 +196,11 @@ class Plan:
     """(old, new) on the same address."""
     keep: tuple[ListenerSpec, ...] = ()
     modes: tuple[InboundSpec, ...] = ()
-    """Running inbound listeners whose MutualTLSMode alone changed (the new spec): applied in
-    place, their connections kept (plaintext ones closed when it turns strict)."""
+    """Running inbound listeners whose MutualTLSMode or own SPIFFE ID (a leaf of a new trust
+    domain) alone changed (the new spec): applied in place, their connections kept
+    (plaintext ones closed when it turns strict)."""
+    in_place: tuple[str, ...] = ()
+    """What changed of each of `modes`, described."""
 
     @property
     def empty(self) -> bool:
@@ -210,18 +213,30 @@ class Plan:
             f"replace {o.label} ({o.protocol}) with {n.label} ({n.protocol})"
             for o, n in self.replace
         ]
-        parts += [f"{s.label}: MutualTLSMode {s.mutual_tls_mode}" for s in self.modes]
+        for k, s in enumerate(self.modes):
+            what = self.in_place[k] if k < len(self.in_place) else ""
+            parts.append(f"{s.label}: {what or f'MutualTLSMode {s.mutual_tls_mode}'}")
         return "; ".join(parts) or "no listener changes"
 
 
-def _mode_only(old: ListenerSpec, new: ListenerSpec) -> bool:
-    """`new` differs from `old` in its MutualTLSMode and nothing else."""
-    return (
-        isinstance(old, InboundSpec)
-        and isinstance(new, InboundSpec)
-        and old.mutual_tls_mode != new.mutual_tls_mode
-        and dataclasses.replace(old, mutual_tls_mode=new.mutual_tls_mode) == new
-    )
+def _in_place(old: ListenerSpec, new: ListenerSpec) -> str:
+    """What `new` changes of `old` that the running inbound listener takes in place (its
+    MutualTLSMode, its own SPIFFE ID), described; "" when `new` changes anything else.
+    The SPIFFE ID changes with the trust domain when a CA is replaced without
+    cross-signing: replacing the listener then would close every open connection after
+    the drain grace, and nothing about them changed (connect.ca_switch keeps the old trust
+    domain's peers for its grace)."""
+    if not isinstance(old, InboundSpec) or not isinstance(new, InboundSpec):
+        return ""
+    same = dataclasses.replace(old, mutual_tls_mode=new.mutual_tls_mode, local_uri=new.local_uri)
+    if same != new:
+        return ""
+    changed = []
+    if old.mutual_tls_mode != new.mutual_tls_mode:
+        changed.append(f"MutualTLSMode {new.mutual_tls_mode}")
+    if old.local_uri != new.local_uri:
+        changed.append(f"identity {new.local_uri}")
+    return ", ".join(changed)
 
 
 def plan(old: SidecarSpec, new: SidecarSpec) -> Plan:
@@ -230,12 +245,14 @@ def plan(old: SidecarSpec, new: SidecarSpec) -> Plan:
     changed = [
         (before[bind], s) for bind, s in after.items() if bind in before and before[bind] != s
     ]
+    in_place = [(n, what) for o, n in changed if (what := _in_place(o, n))]
     return Plan(
         start=tuple(s for bind, s in after.items() if bind not in before),
         stop=tuple(s for bind, s in before.items() if bind not in after),
-        replace=tuple((o, n) for o, n in changed if not _mode_only(o, n)),
+        replace=tuple((o, n) for o, n in changed if not _in_place(o, n)),
         keep=tuple(s for bind, s in after.items() if before.get(bind) == s),
-        modes=tuple(n for o, n in changed if isinstance(n, InboundSpec) and _mode_only(o, n)),
+        modes=tuple(n for n, _ in in_place if isinstance(n, InboundSpec)),
+        in_place=tuple(what for n, what in in_place if isinstance(n, InboundSpec)),
     )
 
 
@@ -557,13 +574,19 @@ class Sidecar(Generic[S]):
             listener.set_local_app(timeouts)
 
     def _set_mode(self, running: Running, spec: InboundSpec) -> None:
-        """A new MutualTLSMode on the running inbound listener: connections accepted from now
-        on see it; back to strict, the open plaintext ones are closed."""
+        """A new MutualTLSMode or own SPIFFE ID on the running inbound listener (`plan`'s
+        `modes`): connections accepted from now on see the mode, requests from now on the
+        ID; back to strict, the open plaintext ones are closed."""
         listener = running.listener
         assert isinstance(listener, InboundHTTP | InboundL4)
+        was = running.spec
+        running.spec = spec
+        if isinstance(listener, InboundHTTP):
+            listener.set_local_uri(spec.local_uri)
+        if isinstance(was, InboundSpec) and was.mutual_tls_mode == spec.mutual_tls_mode:
+            return
         gate = listener.inbound_gate if isinstance(listener, InboundHTTP) else listener.gate
         gate.permissive = spec.permissive
-        running.spec = spec
         closed = listener.recheck() if not spec.permissive else 0
         log.info(
             "%s: MutualTLSMode %s (%d plaintext connection(s) closed)",

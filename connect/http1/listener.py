@@ -179,13 +179,19 @@ class InboundHTTP(HTTPListener):
         self.gate = gate
         self.inbound_gate = gate
         self.targets = TargetParser(path_normalization)
+        self.set_local_uri(local_uri)
+        self.set_local_app(LocalAppTimeouts(connect_timeout=limits.connect_timeout))
+
+    def set_local_uri(self, local_uri: str) -> None:
+        """This sidecar's SPIFFE ID, in place (a leaf of a new trust domain): the XFCC `By`
+        the app is told from the next request on."""
+        self.by_uri = local_uri
         # An HTTP/1.0 caller may omit Host; the app gets HTTP/1.1, which must carry one: the
         # name this sidecar serves is the host the caller reached.
         try:
             self.default_host = parse_service(local_uri).service.encode()
         except IdentityError:
             self.default_host = b""  # no service name to give: forwarded without Host
-        self.set_local_app(LocalAppTimeouts(connect_timeout=limits.connect_timeout))
 
     def set_local_app(self, timeouts: LocalAppTimeouts) -> None:
         """The local app's timeouts (connect.local_app), in place: each request is timed by

@@ -493,3 +493,78 @@ def test_plaintext_connections_cannot_crowd_out_mesh_peers(loop: str) -> None:
             assert status(await exchange(s.port, get())) == 200
 
     run(loop, body)
+
+
+# ---- the sidecar's own identity changes in place ----------------------------------------------
+
+
+def test_an_identity_change_is_applied_in_place_not_by_replacing_the_listener() -> None:
+    # A CA replaced without cross-signing gives the sidecar a leaf in another trust domain:
+    # only the SPIFFE ID the app is told it was reached as changes.
+    old = InboundSpec("tcp", "127.0.0.1", 21000, "127.0.0.1", 8080, "spiffe://a.consul/svc/api")
+    new = dataclasses.replace(old, local_uri="spiffe://b.consul/svc/api")
+    changes = plan(SidecarSpec(old), SidecarSpec(new))
+    assert (changes.start, changes.stop, changes.replace, changes.modes) == ((), (), (), (new,))
+    assert changes.describe() == "inbound :21000: identity spiffe://b.consul/svc/api"
+    both = dataclasses.replace(new, mutual_tls_mode="permissive")
+    assert plan(SidecarSpec(old), SidecarSpec(both)).modes == (both,)
+
+
+@pytest.mark.parametrize("protocol", ["http", "tcp"])
+async def test_a_new_trust_domain_keeps_open_connections_past_the_drain_grace(
+    protocol: str,
+) -> None:
+    """CI saw every long-lived TCP stream through the mesh closed once a control plane
+    restarted empty: the new CA's leaf changed the inbound spec's SPIFFE ID, which replaced
+    the listener, and the replaced one's connections were closed after the drain grace."""
+    async with dev_mesh() as mesh:
+        app = await start_recording_app()
+        api_tls = await mesh.tls("api")
+        web_tls = await mesh.tls("web")
+        snapshot = intentions(ALLOW_WEB)
+        api = Sidecar[tuple[Target, ...]](
+            api_tls,
+            intentions_authorizers(lambda: snapshot, Identity("api")),
+            endpoints=lambda up: None,
+            targets=lambda t: t,
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        uri = api_tls.material.leaf.service_uri
+        before = InboundSpec(protocol, "127.0.0.1", port, "127.0.0.1", app.port, uri)
+        moved = uri.replace(uri.split("/")[2], "0000-new-ca.consul", 1)
+        after = dataclasses.replace(before, local_uri=moved)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            await api.apply(SidecarSpec(before, drain_grace=0.05))
+            running = api.listener(before)
+            assert running is not None
+            conn = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=web_tls.client(), server_hostname=""
+            )
+            writers.append(conn[1])
+            assert status(await _keep_alive_get(conn, b"/1")) == 200
+
+            changes = await api.apply(SidecarSpec(after, drain_grace=0.05))
+            assert changes.replace == () and changes.modes == (after,)
+            again = api.listener(after)
+            assert again is not None and again.listener is running.listener
+            await asyncio.sleep(0.3)  # past the drain grace a replaced listener would have had
+            assert status(await _keep_alive_get(conn, b"/2")) == 200
+            assert [r.target for r in app.received] == [b"/1", b"/2"]
+            if protocol == "http":
+                # The connection accepted before keeps the identity it was accepted under; a
+                # new one is told the new ID (XFCC By=).
+                fresh = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=web_tls.client(), server_hostname=""
+                )
+                writers.append(fresh[1])
+                assert status(await _keep_alive_get(fresh, b"/3")) == 200
+                by = [r.header(b"x-forwarded-client-cert")[0].split(b";")[0] for r in app.received]
+                assert by == [f"By={uri}".encode()] * 2 + [f"By={moved}".encode()], by
+        finally:
+            for writer in writers:
+                writer.close()
+            await api.close(grace=0)
+            await app.close()
