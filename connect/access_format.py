@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-__all__ = ["OPERATORS", "LineFormat", "check_template", "compile_format"]
+__all__ = ["OPERATORS", "LineFormat", "check_template", "compile_format", "json_value"]
 
 OPERATORS = {
     "START_TIME": "start_time",
@@ -113,7 +113,7 @@ _KEYS = {k: encode_basestring_ascii(k) + ":" for k in _RECORD_FIELDS.split()}
 """The record's own field names, quoted once."""
 
 
-def _json_value(value: object) -> str:
+def json_value(value: object) -> str:
     """`value` as json.dumps writes it (ASCII-only strings, floats by repr)."""
     if type(value) is str:
         return encode_basestring_ascii(value)
@@ -134,6 +134,11 @@ class LineFormat:
     headers: frozenset[bytes] = RECORD_HEADERS
     """The request headers (lower-case) an HTTP record must carry for this format."""
 
+    @property
+    def plain(self) -> bool:
+        """The default line: the record as JSON."""
+        return self.text is None and self.fields is None
+
     def line(self, record: Mapping[str, Any]) -> str:
         """The record's line, newline-terminated."""
         if self.text is not None:
@@ -147,7 +152,7 @@ class LineFormat:
             return "{" + ",".join(values) + "}\n"
         keys = _KEYS
         values = [
-            (keys.get(k) or encode_basestring_ascii(k) + ":") + _json_value(v)
+            (keys.get(k) or encode_basestring_ascii(k) + ":") + json_value(v)
             for k, v in record.items()
             if k != HEADERS_KEY
         ]

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, Literal
 
 from connect.access_format import (
@@ -46,6 +47,7 @@ from connect.access_format import (
     LineFormat,
     check_template,
     compile_format,
+    json_value,
 )
 from connect.http1_headers import REQUEST_ID
 from connect.observe import Side, verdict_rule
@@ -177,6 +179,69 @@ def _peer(side: Side, peer: Peer | None) -> str:
     return "plaintext" if peer.plaintext else peer.uri
 
 
+HTTP_FIELDS = (
+    "start_time",
+    "duration_ms",
+    "protocol",
+    "method",
+    "authority",
+    "path",
+    "response_code",
+    "response_flags",
+    "bytes_received",
+    "bytes_sent",
+    "upstream_host",
+    "upstream_cluster",
+    "reporter",
+    "peer",
+    "intention",
+    "rule",
+    "request_id",
+    "trace_id",
+)
+"""An HTTP record's fields, in the order its line has them."""
+_HTTPValues = tuple[
+    str, float, str, str, str, str, int, str, int, int, str, str, str, str, str, str, str, str
+]
+_HTTP_LINE = "{" + ",".join(encode_basestring_ascii(k) + ":%s" for k in HTTP_FIELDS) + "}\n"
+"""The default line of an HTTP record, each field's JSON value to fill in."""
+
+
+def _http_values(
+    side: Side,
+    ex: Exchange,
+    peer: Peer | None,
+    duration: float,
+    now: float,
+    *,
+    wanted: frozenset[bytes],
+) -> tuple[_HTTPValues, dict[str, str]]:
+    """The values of HTTP_FIELDS, and the request headers `wanted` as `:name`."""
+    head = _head_fields(ex, wanted)
+    verdict = ex.verdict
+    values = (
+        _iso(now - duration),
+        round(duration * 1000.0, 3),
+        "HTTP/1.1",
+        head.get("method", ""),
+        head.get("authority", ""),
+        head.get("path", ""),
+        ex.status,
+        ex.flags,
+        ex.rx,
+        ex.tx,
+        ex.upstream,
+        ex.cluster or side.remote_service or side.local_service,
+        side.reporter,
+        _peer(side, peer),
+        ("deny" if ex.denied else "allow") if verdict is not None else "",
+        verdict_rule(verdict) if verdict is not None else "",
+        head.get("request_id", ""),
+        head.get("trace_id", ""),
+    )
+    return values, head
+
+
 def http_record(
     side: Side,
     ex: Exchange,
@@ -186,29 +251,59 @@ def http_record(
     *,
     wanted: frozenset[bytes] = RECORD_HEADERS,
 ) -> dict[str, Any]:
-    head = _head_fields(ex, wanted)
-    verdict = ex.verdict
-    return {
-        "start_time": _iso(now - duration),
-        "duration_ms": round(duration * 1000.0, 3),
-        "protocol": "HTTP/1.1",
-        "method": head.get("method", ""),
-        "authority": head.get("authority", ""),
-        "path": head.get("path", ""),
-        "response_code": ex.status,
-        "response_flags": ex.flags,
-        "bytes_received": ex.rx,
-        "bytes_sent": ex.tx,
-        "upstream_host": ex.upstream,
-        "upstream_cluster": ex.cluster or side.remote_service or side.local_service,
-        "reporter": side.reporter,
-        "peer": _peer(side, peer),
-        "intention": ("deny" if ex.denied else "allow") if verdict is not None else "",
-        "rule": verdict_rule(verdict) if verdict is not None else "",
-        "request_id": head.get("request_id", ""),
-        "trace_id": head.get("trace_id", ""),
-        HEADERS_KEY: head,
-    }
+    values, head = _http_values(side, ex, peer, duration, now, wanted=wanted)
+    record: dict[str, Any] = dict(zip(HTTP_FIELDS, values, strict=True))
+    record[HEADERS_KEY] = head
+    return record
+
+
+def http_line(side: Side, ex: Exchange, peer: Peer | None, duration: float, now: float) -> str:
+    """The default line (no format set) of `http_record`: what `LineFormat().line` writes for
+    it, without building the record (the line of nearly every request)."""
+    (
+        (
+            start,
+            ms,
+            protocol,
+            method,
+            authority,
+            path,
+            status,
+            flags,
+            rx,
+            tx,
+            host,
+            cluster,
+            reporter,
+            uri,
+            intention,
+            rule,
+            request_id,
+            trace_id,
+        ),
+        _,
+    ) = _http_values(side, ex, peer, duration, now, wanted=RECORD_HEADERS)
+    esc, number = encode_basestring_ascii, json_value
+    return _HTTP_LINE % (
+        esc(start),
+        number(ms),
+        esc(protocol),
+        esc(method),
+        esc(authority),
+        esc(path),
+        number(status),
+        esc(flags),
+        number(rx),
+        number(tx),
+        esc(host),
+        esc(cluster),
+        esc(reporter),
+        esc(uri),
+        esc(intention),
+        esc(rule),
+        esc(request_id),
+        esc(trace_id),
+    )
 
 
 def tcp_record(
@@ -353,11 +448,15 @@ class AccessLog:
         queue = self._queue
         line_format: LineFormat = self._format
         wanted = line_format.headers
+        plain = line_format.plain
         n = len(queue) if limit is None else min(limit, len(queue))
         for _ in range(n):
             item = queue.popleft()
             if item[0] == "http":
                 _, side, ex, peer, duration, now = item
+                if plain:
+                    lines.append(http_line(side, ex, peer, duration, now))
+                    continue
                 record = http_record(side, ex, peer, duration, now, wanted=wanted)
             elif item[0] == "listener":
                 _, side, address, reason, now = item

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connect.access_format import OPERATORS, compile_format
-from connect.access_log import AccessLog, AccessLogSettings
+from connect.access_log import AccessLog, AccessLogSettings, http_line, http_record
 from connect.balancer import BalancerConfig, compile_balancer
 from connect.cluster import fixed_endpoints
 from connect.dial import Upstream
@@ -291,3 +291,59 @@ async def test_the_writer_lets_the_loop_run_between_slices_of_a_batch(tmp_path: 
         f"127.0.0.1:{n}" for n in range(10)
     ]
     assert (log.written, log.dropped, log.write_failed) == (10, 0, 0)
+
+
+class _Exchanges:
+    """An AccessSink keeping what the access log is handed (connect.observe)."""
+
+    def __init__(self) -> None:
+        self.http_seen: list[tuple[Any, ...]] = []
+
+    def http(self, *args: Any) -> None:
+        self.http_seen.append(args)
+
+    def tcp(self, *args: Any, **kw: Any) -> None:
+        pass
+
+
+async def test_the_default_line_of_real_requests_is_their_record_as_json(tmp_path: Path) -> None:
+    # The default line is written without building the record (http_line): for requests off
+    # a real socket, hostile bytes included, it is the record as json.dumps writes it.
+    ca = ProxyTestCA(tmp_path)
+    client_ctx = ca.client_context(ca.leaf("web"))
+    upstream = Upstream(
+        name="api",
+        endpoints=fixed_endpoints(compile_balancer([], BalancerConfig())),
+        client_ssl=lambda: client_ctx,
+        verify_peer=PeerCache(ca.verifier()),
+        expected_service="api",
+        rng=random.Random(1),
+    )
+    outbound = OutboundHTTP(upstream)
+    web = Telemetry("web", spiffe("web"))
+    sink = _Exchanges()
+    web.access_log = sink  # type: ignore[assignment]
+    outbound.observer = web.http(web.upstream("api", "http"))
+    heads = [
+        b"GET /a HTTP/1.1\r\nhost: api\r\n\r\n",
+        b"POST /q?x=%22&y=\\ HTTP/1.1\r\nHost: a\xe9pi\r\ncontent-length: 0\r\n"
+        b'x-request-id: "id\\\xff\r\n'
+        b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nhost: api\r\nX-Request-Id: \r\n\r\n",
+    ]
+    await outbound.start()
+    try:
+        for head in heads:
+            reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port)
+            writer.write(head)
+            await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+    finally:
+        await outbound.close(grace=0)
+    assert len(sink.http_seen) == len(heads)
+    for side, ex, peer, duration in sink.http_seen:
+        record = http_record(side, ex, peer, duration, 1.5e9)
+        record.pop("_headers")
+        line = http_line(side, ex, peer, duration, 1.5e9)
+        assert line == json.dumps(record, separators=(",", ":")) + "\n"
+        assert line == compile_format().line(record)
