@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-__all__ = ["OPERATORS", "LineFormat", "check_template", "compile_format", "json_value"]
+__all__ = ["OPERATORS", "LineFormat", "compile_format", "json_value"]
 
 OPERATORS = {
     "START_TIME": "start_time",
@@ -51,7 +51,7 @@ RECORD_HEADERS = frozenset({b"host", b"traceparent"})
 sent no traceparent of its own)."""
 
 
-def check_template(template: str) -> None:
+def _check_template(template: str) -> None:
     """Raises ValueError naming an operator this log does not know."""
     for m in _OPERATOR.finditer(template):
         name = m.group(1)
@@ -86,7 +86,7 @@ class _Template:
 
 def _compile_template(template: str) -> tuple[_Template, frozenset[bytes]]:
     """The template and the request headers (lower-case) its %REQ(...)% operators read."""
-    check_template(template)
+    _check_template(template)
     parts: list[tuple[str, str, str]] = []
     headers: set[bytes] = set()
     at = 0

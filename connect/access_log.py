@@ -5,10 +5,10 @@ file/stdout/stderr, Path, JSONFormat/TextFormat, DisableListenerLogs).
 The proxy never waits for the log: `AccessLog.http`/`tcp` (connect.observe.AccessSink) put the
 finished exchange on a bounded queue (a full queue drops it and counts the drop), and a writer
 task formats what has queued up (in slices, letting the event loop run between them) and
-writes it from a worker thread. A write that fails (disk
-full, a file made read-only) loses its lines, counted in `write_failed`; the failure is logged
-once when it starts and once when writing works again, never per line, and each batch tries
-afresh, so logging resumes as soon as there is space. A line is JSON by default:
+writes it from a worker thread. A write that fails (disk full, a file made read-only) loses
+its lines, counted in `write_failed`; the failure is logged once when it starts and once when
+writing works again, never per line, and each batch tries afresh, so logging resumes as soon
+as there is space. A line is JSON by default:
 
     {"start_time": "2026-12-06T09:00:00.123Z", "duration_ms": 3, "protocol": "HTTP/1.1",
      "method": "GET", "authority": "api", "path": "/x", "response_code": 200,
@@ -29,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
+import math
 import os
 import sys
 import time
@@ -45,7 +45,6 @@ from connect.access_format import (
     OPERATORS,
     RECORD_HEADERS,
     LineFormat,
-    check_template,
     compile_format,
     json_value,
 )
@@ -117,17 +116,7 @@ def parse_access_logs(raw: Mapping[str, Any]) -> AccessLogSettings:
         raise ValueError("AccessLogs.Path: required when Type is file")
     if values.get("json_format") and values.get("text_format"):
         raise ValueError("AccessLogs: JSONFormat and TextFormat cannot both be set")
-    if values.get("json_format"):
-        try:
-            shape = json.loads(values["json_format"])
-        except ValueError as exc:
-            raise ValueError(f"AccessLogs.JSONFormat: not JSON: {exc}") from None
-        if not isinstance(shape, dict) or not all(isinstance(v, str) for v in shape.values()):
-            raise ValueError("AccessLogs.JSONFormat: expected an object of string values")
-        for v in shape.values():
-            check_template(v)
-    if values.get("text_format"):
-        check_template(values["text_format"])
+    compile_format(values.get("json_format", ""), values.get("text_format", ""))
     return AccessLogSettings(**values)
 
 
@@ -139,7 +128,7 @@ def _second(s: int) -> str:
 
 def _iso(t: float) -> str:
     ms = int(t * 1000) % 1000
-    return _second(int(t)) + f".{ms:03d}Z"
+    return _second(math.floor(t)) + f".{ms:03d}Z"
 
 
 def _head_fields(ex: Exchange, wanted: frozenset[bytes]) -> dict[str, str]:
