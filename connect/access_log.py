@@ -543,6 +543,9 @@ class AccessLog:
 
     async def run(self) -> None:
         """Write what queues up, until cancelled (then once more: nothing queued is lost)."""
+        # The batch's slices formatted so far: off the queue and not yet written, so a cancel
+        # between two slices writes them in `finally` with the rest.
+        formatted: list[str] = []
         try:
             while True:
                 await self._wake.wait()
@@ -552,15 +555,15 @@ class AccessLog:
                 self._wake.clear()
                 # This batch, in slices with the loop running between them; what queues up
                 # meanwhile waits for the next batch (the queue's bound still holds).
-                chunks = []
                 for _ in range(0, len(self._queue), self.slice):
-                    chunks.append(self.drain(self.slice))
+                    formatted.append(self.drain(self.slice))
                     await asyncio.sleep(0)
-                text = "".join(chunks)
+                text = "".join(formatted)
+                formatted.clear()
                 if text:
                     self._account(*await asyncio.to_thread(self._write, text))
         finally:
-            text = self.drain()
+            text = "".join(formatted) + self.drain()
             if text:
                 self._account(*self._write(text))
             self._close_file()
