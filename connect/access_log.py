@@ -4,10 +4,11 @@ file/stdout/stderr, Path, JSONFormat/TextFormat, DisableListenerLogs).
 
 The proxy never waits for the log: `AccessLog.http`/`tcp` (connect.observe.AccessSink) put the
 finished exchange on a bounded queue (a full queue drops it and counts the drop), and a writer
-task formats what has queued up and writes it from a worker thread. A write that fails (disk
-full, a file made read-only) loses its lines, counted in `write_failed`; the failure is logged
-once when it starts and once when writing works again, never per line, and each batch tries
-afresh, so logging resumes as soon as there is space. A line is JSON by default:
+task formats what has queued up (in slices, letting the event loop run between them) and
+writes it from a worker thread. A write that fails (disk full, a file made read-only) loses
+its lines, counted in `write_failed`; the failure is logged once when it starts and once when
+writing works again, never per line, and each batch tries afresh, so logging resumes as soon
+as there is space. A line is JSON by default:
 
     {"start_time": "2026-12-06T09:00:00.123Z", "duration_ms": 3, "protocol": "HTTP/1.1",
      "method": "GET", "authority": "api", "path": "/x", "response_code": 200,
@@ -19,24 +20,34 @@ afresh, so logging resumes as soon as there is space. A line is JSON by default:
 `JSONFormat` (a JSON object whose string values are Envoy command operators) and `TextFormat`
 (a string of them) choose fields and names; the operators known here are listed in
 `OPERATORS` and `%REQ(name)%` reads a request header (`:method`, `:authority`, `:path` too).
-An unknown operator is refused when the settings are read, naming it.
+An unknown operator is refused when the settings are read, naming it; a format is compiled
+once per settings change (connect.access_format), not read per record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
+import math
 import os
-import re
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, Literal
 
+from connect.access_format import (
+    HEADERS_KEY,
+    OPERATORS,
+    RECORD_HEADERS,
+    LineFormat,
+    compile_format,
+    json_value,
+)
 from connect.http1_headers import REQUEST_ID
 from connect.observe import Side, verdict_rule
 
@@ -81,41 +92,6 @@ _KEYS = {
     "DisableListenerLogs": "disable_listener_logs",
 }
 
-OPERATORS = {
-    "START_TIME": "start_time",
-    "DURATION": "duration_ms",
-    "PROTOCOL": "protocol",
-    "RESPONSE_CODE": "response_code",
-    "RESPONSE_FLAGS": "response_flags",
-    "BYTES_RECEIVED": "bytes_received",
-    "BYTES_SENT": "bytes_sent",
-    "UPSTREAM_HOST": "upstream_host",
-    "UPSTREAM_CLUSTER": "upstream_cluster",
-    "DOWNSTREAM_PEER_URI_SAN": "peer",
-    "DOWNSTREAM_REMOTE_ADDRESS": "downstream_remote_address",
-}
-"""Envoy command operators this log knows -> the record field each one is."""
-_HEADER_FIELDS = {
-    ":method": "method",
-    ":authority": "authority",
-    ":path": "path",
-    "x-request-id": "request_id",
-}
-_OPERATOR = re.compile(r"%([A-Z_]+)(?:\(([^)]*)\))?%")
-
-
-def _fields_of(template: str) -> None:
-    for m in _OPERATOR.finditer(template):
-        name = m.group(1)
-        if name == "REQ":
-            if not m.group(2):
-                raise ValueError("%REQ()% needs a header name, e.g. %REQ(:PATH)%")
-        elif name not in OPERATORS:
-            raise ValueError(
-                f"unknown access-log operator %{name}%; known: "
-                + ", ".join(sorted([*OPERATORS, "REQ(header)"]))
-            )
-
 
 def parse_access_logs(raw: Mapping[str, Any]) -> AccessLogSettings:
     """The `AccessLogs` block (Consul's field names, or the snake_case ones of agent.yaml).
@@ -140,36 +116,35 @@ def parse_access_logs(raw: Mapping[str, Any]) -> AccessLogSettings:
         raise ValueError("AccessLogs.Path: required when Type is file")
     if values.get("json_format") and values.get("text_format"):
         raise ValueError("AccessLogs: JSONFormat and TextFormat cannot both be set")
-    if values.get("json_format"):
-        try:
-            shape = json.loads(values["json_format"])
-        except ValueError as exc:
-            raise ValueError(f"AccessLogs.JSONFormat: not JSON: {exc}") from None
-        if not isinstance(shape, dict) or not all(isinstance(v, str) for v in shape.values()):
-            raise ValueError("AccessLogs.JSONFormat: expected an object of string values")
-        for v in shape.values():
-            _fields_of(v)
-    if values.get("text_format"):
-        _fields_of(values["text_format"])
+    compile_format(values.get("json_format", ""), values.get("text_format", ""))
     return AccessLogSettings(**values)
+
+
+@functools.lru_cache(maxsize=4)
+def _second(s: int) -> str:
+    # A batch's records mostly share their second: format it once, not per record.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
 
 
 def _iso(t: float) -> str:
     ms = int(t * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{ms:03d}Z"
+    return _second(math.floor(t)) + f".{ms:03d}Z"
 
 
-def _head_fields(ex: Exchange) -> dict[str, str]:
-    """Method, target and the headers a record needs. The target and the request id are read
-    from the head as it was sent on (normalized; the id added when the client sent none);
-    the rest from the client's fields as parsed."""
+def _head_fields(ex: Exchange, wanted: frozenset[bytes]) -> dict[str, str]:
+    """Method, target and the headers a record needs: `wanted` (lower-case names, what the
+    line format reads) as `:name`. The target and the request id are read from the head as
+    it was sent on (normalized; the id added when the client sent none); the rest from the
+    client's fields as parsed."""
     head = ex.head
     line_end = head.find(b"\r\n")
     first = head[:line_end]
     target = first[len(ex.method) + 1 : first.rfind(b" ")]
     out = {"method": ex.method.decode("latin-1"), "path": target.decode("latin-1")}
     for name, value in ex.headers:
-        out[":" + name.decode("latin-1").lower()] = value.decode("latin-1")
+        key = name.lower()
+        if key in wanted:
+            out[":" + key.decode("latin-1")] = value.decode("latin-1")
     out["authority"] = out.get(":host", "")
     at = head.find(b"\r\n" + REQUEST_ID + b":")
     if at >= 0:
@@ -193,32 +168,131 @@ def _peer(side: Side, peer: Peer | None) -> str:
     return "plaintext" if peer.plaintext else peer.uri
 
 
-def http_record(
-    side: Side, ex: Exchange, peer: Peer | None, duration: float, now: float
-) -> dict[str, Any]:
-    head = _head_fields(ex)
+HTTP_FIELDS = (
+    "start_time",
+    "duration_ms",
+    "protocol",
+    "method",
+    "authority",
+    "path",
+    "response_code",
+    "response_flags",
+    "bytes_received",
+    "bytes_sent",
+    "upstream_host",
+    "upstream_cluster",
+    "reporter",
+    "peer",
+    "intention",
+    "rule",
+    "request_id",
+    "trace_id",
+)
+"""An HTTP record's fields, in the order its line has them."""
+_HTTPValues = tuple[
+    str, float, str, str, str, str, int, str, int, int, str, str, str, str, str, str, str, str
+]
+_HTTP_LINE = "{" + ",".join(encode_basestring_ascii(k) + ":%s" for k in HTTP_FIELDS) + "}\n"
+"""The default line of an HTTP record, each field's JSON value to fill in."""
+
+
+def _http_values(
+    side: Side,
+    ex: Exchange,
+    peer: Peer | None,
+    duration: float,
+    now: float,
+    *,
+    wanted: frozenset[bytes],
+) -> tuple[_HTTPValues, dict[str, str]]:
+    """The values of HTTP_FIELDS, and the request headers `wanted` as `:name`."""
+    head = _head_fields(ex, wanted)
     verdict = ex.verdict
-    return {
-        "start_time": _iso(now - duration),
-        "duration_ms": round(duration * 1000.0, 3),
-        "protocol": "HTTP/1.1",
-        "method": head.get("method", ""),
-        "authority": head.get("authority", ""),
-        "path": head.get("path", ""),
-        "response_code": ex.status,
-        "response_flags": ex.flags,
-        "bytes_received": ex.rx,
-        "bytes_sent": ex.tx,
-        "upstream_host": ex.upstream,
-        "upstream_cluster": ex.cluster or side.remote_service or side.local_service,
-        "reporter": side.reporter,
-        "peer": _peer(side, peer),
-        "intention": ("deny" if ex.denied else "allow") if verdict is not None else "",
-        "rule": verdict_rule(verdict) if verdict is not None else "",
-        "request_id": head.get("request_id", ""),
-        "trace_id": head.get("trace_id", ""),
-        "_headers": head,
-    }
+    values = (
+        _iso(now - duration),
+        round(duration * 1000.0, 3),
+        "HTTP/1.1",
+        head.get("method", ""),
+        head.get("authority", ""),
+        head.get("path", ""),
+        ex.status,
+        ex.flags,
+        ex.rx,
+        ex.tx,
+        ex.upstream,
+        ex.cluster or side.remote_service or side.local_service,
+        side.reporter,
+        _peer(side, peer),
+        ("deny" if ex.denied else "allow") if verdict is not None else "",
+        verdict_rule(verdict) if verdict is not None else "",
+        head.get("request_id", ""),
+        head.get("trace_id", ""),
+    )
+    return values, head
+
+
+def http_record(
+    side: Side,
+    ex: Exchange,
+    peer: Peer | None,
+    duration: float,
+    now: float,
+    *,
+    wanted: frozenset[bytes] = RECORD_HEADERS,
+) -> dict[str, Any]:
+    values, head = _http_values(side, ex, peer, duration, now, wanted=wanted)
+    record: dict[str, Any] = dict(zip(HTTP_FIELDS, values, strict=True))
+    record[HEADERS_KEY] = head
+    return record
+
+
+def http_line(side: Side, ex: Exchange, peer: Peer | None, duration: float, now: float) -> str:
+    """The default line (no format set) of `http_record`: what `LineFormat().line` writes for
+    it, without building the record (the line of nearly every request)."""
+    (
+        (
+            start,
+            ms,
+            protocol,
+            method,
+            authority,
+            path,
+            status,
+            flags,
+            rx,
+            tx,
+            host,
+            cluster,
+            reporter,
+            uri,
+            intention,
+            rule,
+            request_id,
+            trace_id,
+        ),
+        _,
+    ) = _http_values(side, ex, peer, duration, now, wanted=RECORD_HEADERS)
+    esc, number = encode_basestring_ascii, json_value
+    return _HTTP_LINE % (
+        esc(start),
+        number(ms),
+        esc(protocol),
+        esc(method),
+        esc(authority),
+        esc(path),
+        number(status),
+        esc(flags),
+        number(rx),
+        number(tx),
+        esc(host),
+        esc(cluster),
+        esc(reporter),
+        esc(uri),
+        esc(intention),
+        esc(rule),
+        esc(request_id),
+        esc(trace_id),
+    )
 
 
 def tcp_record(
@@ -267,33 +341,6 @@ def listener_record(side: Side, address: str, reason: str, now: float) -> dict[s
     }
 
 
-def _render(template: str, record: Mapping[str, Any]) -> str:
-    headers: Mapping[str, str] = record.get("_headers") or {}
-
-    def one(m: re.Match[str]) -> str:
-        if m.group(1) == "REQ":
-            name = (m.group(2) or "").lower()
-            field = _HEADER_FIELDS.get(name)
-            value = record.get(field) if field else headers.get(":" + name)
-        else:
-            value = record.get(OPERATORS[m.group(1)])
-        return "-" if value in (None, "") else str(value)
-
-    return _OPERATOR.sub(one, template)
-
-
-def format_record(settings: AccessLogSettings, record: dict[str, Any]) -> str:
-    if settings.text_format:
-        line = _render(settings.text_format, record)
-        return line if line.endswith("\n") else line + "\n"
-    if settings.json_format:
-        shape = json.loads(settings.json_format)
-        out = {k: _render(v, record) for k, v in shape.items()}
-        return json.dumps(out, separators=(",", ":")) + "\n"
-    record.pop("_headers", None)
-    return json.dumps(record, separators=(",", ":")) + "\n"
-
-
 class AccessLog:
     """An `AccessSink`: queues records, a writer task writes them (`run`). `settings` can be
     replaced at any time (a proxy-defaults change); `denials_only`: log nothing but denied
@@ -306,7 +353,8 @@ class AccessLog:
         limit: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
+        self._format = compile_format(settings.json_format, settings.text_format)
         self.limit = limit
         self.dropped = 0
         """Records dropped because the queue was full (the writer fell behind)."""
@@ -326,6 +374,20 @@ class AccessLog:
         self._failed_before = 0
         self.batch_delay = 0.05
         """How long the writer lets records gather before formatting and writing them."""
+        self.slice = 64
+        """How many records the writer formats before it lets the event loop run again: a
+        batch's formatting would otherwise hold every request that is ready meanwhile."""
+
+    @property
+    def settings(self) -> AccessLogSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: AccessLogSettings) -> None:
+        # The line format is compiled here, once per change, not per record. A format this
+        # log cannot write raises (ValueError) and leaves the settings as they were.
+        line_format = compile_format(settings.json_format, settings.text_format)
+        self._settings, self._format = settings, line_format
 
     @property
     def denials_only(self) -> bool:
@@ -368,14 +430,23 @@ class AccessLog:
         """Records queued and not yet written."""
         return len(self._queue)
 
-    def drain(self) -> str:
-        """Format every queued record (the writer's step; also for tests)."""
+    def drain(self, limit: int | None = None) -> str:
+        """Format the queued records, at most `limit` of them (the writer's step; also for
+        tests)."""
         lines = []
-        while self._queue:
-            item = self._queue.popleft()
+        queue = self._queue
+        line_format: LineFormat = self._format
+        wanted = line_format.headers
+        plain = line_format.plain
+        n = len(queue) if limit is None else min(limit, len(queue))
+        for _ in range(n):
+            item = queue.popleft()
             if item[0] == "http":
                 _, side, ex, peer, duration, now = item
-                record = http_record(side, ex, peer, duration, now)
+                if plain:
+                    lines.append(http_line(side, ex, peer, duration, now))
+                    continue
+                record = http_record(side, ex, peer, duration, now, wanted=wanted)
             elif item[0] == "listener":
                 _, side, address, reason, now = item
                 record = listener_record(side, address, reason, now)
@@ -391,7 +462,7 @@ class AccessLog:
                     upstream=upstream,
                     now=now,
                 )
-            lines.append(format_record(self.settings, record))
+            lines.append(line_format.line(record))
         self.written += len(lines)
         return "".join(lines)
 
@@ -472,6 +543,9 @@ class AccessLog:
 
     async def run(self) -> None:
         """Write what queues up, until cancelled (then once more: nothing queued is lost)."""
+        # The batch's slices formatted so far: off the queue and not yet written, so a cancel
+        # between two slices writes them in `finally` with the rest.
+        formatted: list[str] = []
         try:
             while True:
                 await self._wake.wait()
@@ -479,11 +553,17 @@ class AccessLog:
                 # (each hand-off costs the event loop a GIL switch).
                 await asyncio.sleep(self.batch_delay)
                 self._wake.clear()
-                text = self.drain()
+                # This batch, in slices with the loop running between them; what queues up
+                # meanwhile waits for the next batch (the queue's bound still holds).
+                for _ in range(0, len(self._queue), self.slice):
+                    formatted.append(self.drain(self.slice))
+                    await asyncio.sleep(0)
+                text = "".join(formatted)
+                formatted.clear()
                 if text:
                     self._account(*await asyncio.to_thread(self._write, text))
         finally:
-            text = self.drain()
+            text = "".join(formatted) + self.drain()
             if text:
                 self._account(*self._write(text))
             self._close_file()
