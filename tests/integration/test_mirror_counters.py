@@ -57,10 +57,24 @@ class HeldMirrorMesh(CanaryMesh):
         self.v2_app.paths = []  # type: ignore[attr-defined]
         self.v2_app.held = []  # type: ignore[attr-defined]
         self.v2_app.release = threading.Event()  # type: ignore[attr-defined]
-        self.start_instances(
-            {"v1": self.api_app, "v2": self.v2_app},
-            upstream_protocol='""',
-            meta={"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        # start_instances, with api's local app request timeout (Envoy's 15 s by default)
+        # above anything the held copies could wait on a loaded machine.
+        self.write_entry(
+            {
+                "Kind": "service-defaults",
+                "Name": "api",
+                "Protocol": "http",
+                "LocalRequestTimeoutMs": 120_000,
+            }
+        )
+        self.apps += [app for app in (self.api_app, self.v2_app) if app not in self.apps]
+        self.start_api_instance("api-v1", self.api_app, "http", {"version": "v1"})
+        v2_admin = self.start_api_instance("api-v2", self.v2_app, "http", {"version": "v2"})
+        self.start_web('""')
+        wait_status(
+            v2_admin,
+            lambda s: s["proxy"]["local_app"]["request_timeout"] == 120.0,
+            "v2's local app request timeout",
         )
 
     def stop(self) -> None:
