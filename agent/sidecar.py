@@ -59,15 +59,21 @@ from typing import Any
 from agent.catalog import Snapshot as EndpointSnapshot
 from agent.catalog import WatchKey
 from agent.config import AgentConfig
-from agent.consul import ConsulClient, Indexed
+from agent.consul import ConsulClient, Hashed, Indexed
 from agent.consul_connect import consul_leaf_source, consul_roots_source
-from agent.consul_results import AgentSelf, CatalogService
+from agent.consul_results import AgentSelf, AgentService
 from agent.mutual_tls import ResolvedMode, entry_mode, resolve
 from agent.readiness import Readiness
 from agent.registration import sidecar_id
 from agent.routing import ChainWatch
 from agent.watch import watch_key
-from agent.watches import AnswerRejected, BlockingWatch, WatchSettings, unindexed
+from agent.watches import (
+    AnswerRejected,
+    BlockingWatch,
+    HashedFetch,
+    WatchSettings,
+    unindexed,
+)
 from connect.access_log import AccessLog, AccessLogSettings, effective_settings
 from connect.authz import intentions_authorizers
 from connect.balancer import Target
@@ -113,6 +119,10 @@ METRICS_ONLY = frozenset({"mesh", "clusters", "process", "access_log", "tracing"
 
 _FIRST_ENDPOINTS_WAIT = 10.0
 """Seconds a reload waits for a new upstream's first endpoints before opening its port."""
+
+REGISTRATION_POLL = 1.0
+"""Seconds between reads of this sidecar's registration while the agent has none (a 404
+cannot be blocked on; meshlet registers it right after start, Nomad before)."""
 
 
 UpstreamLatest = Callable[[WatchKey], Latest[EndpointSnapshot | None] | None]
@@ -325,10 +335,10 @@ class Sidecar:
         """The sidecar registration's Proxy.Config, as last accepted."""
         self.local_app: LocalAppTimeouts = DEFAULT_LOCAL_APP
         """The local app's timeouts in force (connect.local_app): the three merged."""
-        self.registration_watch: BlockingWatch[tuple[CatalogService, ...], None]
+        self.registration_watch: BlockingWatch[AgentService | None, None]
         self.registration_watch = BlockingWatch(
             "sidecar registration",
-            self._fetch_registration,
+            HashedFetch(self._read_registration, absent=None, absent_poll=REGISTRATION_POLL),
             self._decode_registration,
             None,
             settings,
@@ -928,26 +938,26 @@ class Sidecar:
             await self._apply_tracing()
             await self._apply_local_app()
 
-    async def _fetch_registration(
-        self, index: int, wait: float
-    ) -> Indexed[tuple[CatalogService, ...]]:
+    async def _read_registration(self, known: str, wait: float) -> Hashed[AgentService]:
+        # From the local agent, as Consul's own sidecars do: it needs service:read on the
+        # proxy only, where the catalog also filters by node:read on the proxy's node.
         consul = self._consul
         assert consul is not None, "the registration watch runs inside run()"
-        name = self.config.service.name + "-sidecar-proxy"
-        return await consul.catalog.service(name, index=index, wait=wait)
+        me = self._proxy_id or sidecar_id(self.config.service.service_id)
+        return await consul.agent.service(me, hash=known, wait=wait)
 
-    def _decode_registration(self, instances: tuple[CatalogService, ...], index: int) -> None:
+    def _decode_registration(self, registration: AgentService | None, index: int) -> None:
         """This sidecar's own registration's Proxy.Config.tracing (absent: the mesh's);
         a block meshlet cannot use is refused and the settings in force stay."""
         me = self._proxy_id or sidecar_id(self.config.service.service_id)
-        proxy = next((i.proxy for i in instances if i.service_id == me), None)
+        proxy = registration.proxy if registration is not None else None
         tracing = proxy.config.get("tracing") if proxy is not None else None
         config = proxy.config if proxy is not None else None
         try:
             effective_tracing(self._mesh_tracing, tracing)
             effective_local_app(self._mesh_config, self._service_entry, config)
         except ValueError as exc:
-            raise AnswerRejected(f"sidecar registration {me} (index {index}): {exc}") from None
+            raise AnswerRejected(f"sidecar registration {me} (answer {index}): {exc}") from None
         self._service_tracing = tracing
         self._service_config = config
 

@@ -8,5 +8,13 @@ from agent.watches.blocking import (
     WatchState,
     unindexed,
 )
+from agent.watches.hash_blocking import HashedFetch
 
-__all__ = ["AnswerRejected", "BlockingWatch", "WatchSettings", "WatchState", "unindexed"]
+__all__ = [
+    "AnswerRejected",
+    "BlockingWatch",
+    "HashedFetch",
+    "WatchSettings",
+    "WatchState",
+    "unindexed",
+]

@@ -311,3 +311,39 @@ async def test_clone_and_expiration(http: Http) -> None:
     assert status == 200 and made["ExpirationTime"].endswith("Z")
     status, text, _ = await http.put("/v1/acl/token", json={"ExpirationTTL": "1s"}, headers=root())
     assert status == 500 and "should be between 1m0s and 24h0m0s" in text
+
+
+async def test_agent_service_needs_service_read_only(http: Http) -> None:
+    """A sidecar reads its own registration with service:read on its name and nothing else
+    (Consul's AgentService checks ServiceReadAllowed only); the catalog, filtered by node:read
+    on the instance's node as well, answers the same token with nothing."""
+    body = {
+        "Name": "web-sidecar-proxy",
+        "Kind": "connect-proxy",
+        "Port": 21000,
+        "Proxy": {"DestinationServiceName": "web", "Config": {"local_request_timeout_ms": 5}},
+    }
+    assert (await http.put("/v1/agent/service/register", json=body, headers=root()))[0] == 200
+    mine = {"X-Consul-Token": (await make_token(http, SIDECAR_READ))["SecretID"]}
+    status, svc, headers = await http.get("/v1/agent/service/web-sidecar-proxy", headers=mine)
+    assert status == 200
+    assert svc["Proxy"]["Config"] == {"local_request_timeout_ms": 5}
+    assert svc["ContentHash"] == headers["X-Consul-ContentHash"]
+    status, catalog, _ = await http.get("/v1/catalog/service/web-sidecar-proxy", headers=mine)
+    assert (status, catalog) == (200, [])
+
+    nodes = {"X-Consul-Token": (await make_token(http, NODE_READ, name="n"))["SecretID"]}
+    status, text, _ = await http.get("/v1/agent/service/web-sidecar-proxy", headers=nodes)
+    assert status == 403
+    assert "lacks permission 'service:read' on \"web-sidecar-proxy\"" in text
+    # A hash-blocking read is refused the same way, at once.
+    status, text, _ = await http.get(
+        "/v1/agent/service/web-sidecar-proxy",
+        params={"hash": svc["ContentHash"], "wait": "10m"},
+        headers=nodes,
+    )
+    assert status == 403
+
+
+SIDECAR_READ = 'service "web-sidecar-proxy" { policy = "read" }'
+NODE_READ = 'node_prefix "" { policy = "read" }'

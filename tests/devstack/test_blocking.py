@@ -112,6 +112,31 @@ async def test_unknown_agent_service_is_404(http: Http) -> None:
     assert (status, text) == (404, "unknown service ID: nope")
 
 
+async def test_hash_blocked_service_deregistered_is_404(http: Http, dev: DevServer) -> None:
+    """Consul's blocking function looks the service up again on each wake: a service removed
+    while a read waits on its hash ends that read with the 404 of an unknown ID."""
+    await http.put("/v1/agent/service/register", json={"Name": "web", "Port": 80})
+    _, _, headers = await http.get("/v1/agent/service/web")
+    waiter = asyncio.create_task(
+        http.get(
+            "/v1/agent/service/web", params={"hash": headers["X-Consul-ContentHash"], "wait": "1m"}
+        )
+    )
+    await dev.store.until_blocked()
+    await http.put("/v1/agent/service/deregister/web")
+    status, text, _ = await asyncio.wait_for(waiter, 10)
+    assert (status, text) == (404, "unknown service ID: web")
+
+
+async def test_agent_service_is_only_the_agent_s(http: Http) -> None:
+    """A service registered through the catalog is not the local agent's: 404 here, as on a
+    Consul agent that never registered it."""
+    body = {"Node": "other", "Address": "10.0.0.9", "Service": {"ID": "far", "Service": "far"}}
+    assert (await http.put("/v1/catalog/register", json=body))[0] == 200
+    status, text, _ = await http.get("/v1/agent/service/far")
+    assert (status, text) == (404, "unknown service ID: far")
+
+
 async def test_close_answers_parked_queries_at_once(http: Http, dev: DevServer) -> None:
     index = await _index(http, "/v1/catalog/services")
     waiter = asyncio.create_task(

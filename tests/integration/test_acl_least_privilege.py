@@ -51,12 +51,9 @@ SIDECAR_API = {
     'service "api-sidecar-proxy" { policy = "write" }': (
         "lacks permission 'service:write' on \"api-sidecar-proxy\""
     ),
+    # No node rule: its own registration (Proxy.Config: tracing, local app timeouts) is read
+    # from the local agent, which needs service:read on api-sidecar-proxy only (the write rule).
     f'agent "{NODE}" {{ policy = "read" }}': f"lacks permission 'agent:read' on \"{NODE}\"",
-    # Its own registration (Proxy.Config.tracing) is read from the catalog, which Consul
-    # filters by node:read on the node it is registered on.
-    f'node "{NODE}" {{ policy = "read" }}': (
-        "ACLs hid part of the answer to GET /v1/catalog/service/api-sidecar-proxy"
-    ),
 }
 AGENT = {
     'service "billing" { policy = "write" }': "lacks permission 'service:write' on \"billing\"",
@@ -106,6 +103,7 @@ class AclMesh:
         self.apps += [self.api_app, self.web_app]
         self.admin = {r: f"127.0.0.1:{_free_port()}" for r in ROLES}
         self.web_upstream = _free_port()
+        self.api_otlp = f"http://127.0.0.1:{_free_port()}/v1/traces"
         consul(
             self.addr,
             "PUT",
@@ -145,6 +143,12 @@ class AclMesh:
             )
         else:
             app = self.api_app if role == "api" else self.web_app
+            # api's own tracing, registered as its Proxy.Config.tracing and in force only once
+            # its sidecar has read that registration back (nothing is sampled: 0 %).
+            tracing = (
+                f"telemetry: {{tracing: {{otlp_endpoint: '{self.api_otlp}', "
+                "sampling_percent: 0}}\n"
+            )
             write_sidecar_config(
                 cfg,
                 consul=self.addr,
@@ -155,6 +159,7 @@ class AclMesh:
                 protocol="http",
                 upstreams=(("api", self.web_upstream, "http"),) if role == "web" else (),
                 token_file=str(token_file),
+                certs=tracing if role == "api" else "",
             )
         proc = Proc([("agent" if role == "agent" else "sidecar"), "-c", str(cfg)])
         self.procs.append(proc)
@@ -188,6 +193,13 @@ def mesh(tmp_path: Path) -> Iterator[AclMesh]:
 def test_minimal_tokens_run_the_mesh_and_the_agent(mesh: AclMesh) -> None:
     wait_line(mesh.start("api", list(SIDECAR_API)), "ready:")
     wait_status(mesh.admin["api"], lambda s: s["sidecar"]["ready"], "api's sidecar ready")
+    # api's sidecar read its own registration with service rights only (on the old code the
+    # catalog answered it with nothing, filtered by node:read, and tracing stayed off).
+    wait_status(
+        mesh.admin["api"],
+        lambda s: s["proxy"]["tracing"]["otlp_endpoint"] == mesh.api_otlp,
+        "api's tracing from its registration",
+    )
     wait_line(mesh.start("web", list(SIDECAR_WEB)), "ready:")
     wait_status(
         mesh.admin["web"],
