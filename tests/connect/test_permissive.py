@@ -408,6 +408,22 @@ async def _keep_alive_get(
     return head + await asyncio.wait_for(reader.readexactly(2), WAIT)
 
 
+def _api_sidecar(api_tls: DynamicTLS, snapshot: Snapshot) -> Sidecar[tuple[Target, ...]]:
+    """api's sidecar deciding on `snapshot`, with no upstreams."""
+    return Sidecar[tuple[Target, ...]](
+        api_tls,
+        intentions_authorizers(lambda: snapshot, Identity("api")),
+        endpoints=lambda up: None,
+        targets=lambda t: t,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.mark.parametrize("protocol", ["http", "tcp"])
 async def test_the_sidecar_turns_strict_again_without_dropping_mtls_connections(
     protocol: str,
@@ -416,16 +432,8 @@ async def test_the_sidecar_turns_strict_again_without_dropping_mtls_connections(
         app = await start_recording_app()
         api_tls = await mesh.tls("api")
         web_tls = await mesh.tls("web")
-        snapshot = intentions(ALLOW_ANY, ALLOW_WEB)
-        api = Sidecar[tuple[Target, ...]](
-            api_tls,
-            intentions_authorizers(lambda: snapshot, Identity("api")),
-            endpoints=lambda up: None,
-            targets=lambda t: t,
-        )
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+        api = _api_sidecar(api_tls, intentions(ALLOW_ANY, ALLOW_WEB))
+        port = _free_port()
         strict = InboundSpec(
             protocol, "127.0.0.1", port, "127.0.0.1", app.port, api_tls.material.leaf.service_uri
         )
@@ -521,16 +529,8 @@ async def test_a_new_trust_domain_keeps_open_connections_past_the_drain_grace(
         app = await start_recording_app()
         api_tls = await mesh.tls("api")
         web_tls = await mesh.tls("web")
-        snapshot = intentions(ALLOW_WEB)
-        api = Sidecar[tuple[Target, ...]](
-            api_tls,
-            intentions_authorizers(lambda: snapshot, Identity("api")),
-            endpoints=lambda up: None,
-            targets=lambda t: t,
-        )
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+        api = _api_sidecar(api_tls, intentions(ALLOW_WEB))
+        port = _free_port()
         uri = api_tls.material.leaf.service_uri
         before = InboundSpec(protocol, "127.0.0.1", port, "127.0.0.1", app.port, uri)
         moved = uri.replace(uri.split("/")[2], "0000-new-ca.consul", 1)
