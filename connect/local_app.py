@@ -32,6 +32,9 @@ __all__ = [
     "effective_local_app",
 ]
 
+MAX_MILLIS = 315_576_000_000_000
+"""The longest duration Envoy accepts (protobuf Duration: 10,000 years), in milliseconds."""
+
 DEFAULT_CONNECT_TIMEOUT = 5.0
 """Consul's `local_connect_timeout_ms` default (5000) for the local_app cluster."""
 
@@ -75,13 +78,19 @@ def _millis(value: object, where: str, *, weak: bool = False) -> int:
     truncated to an integer and a string of digits is its number ("" is 0)."""
     if weak and isinstance(value, float) and math.isfinite(value):
         value = int(value)
-    elif weak and isinstance(value, str) and (value.strip() == "" or value.strip().isdigit()):
-        value = int(value.strip() or "0")
+    elif weak and isinstance(value, str):
+        digits = value.strip()
+        # ASCII digits only ("²" is a digit to str.isdigit), short enough to stay a number.
+        if digits == "" or (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+            value = int(digits or "0")
     # bool is an int to Python; a JSON true is no duration.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: must be an integer number of milliseconds, got {value!r}")
+        raise ValueError(f"{where}: must be an integer number of milliseconds, got {value!r:.40}")
     if value < 0:
         raise ValueError(f"{where}: must be 0 or more (milliseconds), got {value}")
+    if value > MAX_MILLIS:
+        # A JSON integer has no bound: 10**400 would not even divide into seconds.
+        raise ValueError(f"{where}: must be at most {MAX_MILLIS} (milliseconds)")
     return value
 
 

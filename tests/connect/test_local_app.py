@@ -47,6 +47,11 @@ def test_0_in_a_config_turns_the_request_and_idle_timeouts_off() -> None:
         (None, None, {"local_connect_timeout_ms": -1}, "Proxy.Config.local_connect_timeout_ms"),
         (None, None, {"local_request_timeout_ms": "-5"}, "Proxy.Config.local_request_timeout"),
         (None, None, {"local_request_timeout_ms": float("nan")}, "Proxy.Config.local_request"),
+        # Hostile sizes: no overflow out of the decoder, a refusal naming the field.
+        (None, None, {"local_request_timeout_ms": 10**400}, "Proxy.Config.local_request"),
+        (None, None, {"local_idle_timeout_ms": "9" * 5000}, "Proxy.Config.local_idle_timeout"),
+        (None, None, {"local_idle_timeout_ms": "\u00b2"}, "Proxy.Config.local_idle_timeout"),
+        (None, {"LocalRequestTimeoutMs": 10**400}, None, "service-defaults.LocalRequestTimeoutMs"),
         (None, None, {"local_request_timeout_ms": True}, "Proxy.Config.local_request_timeout"),
         (None, None, ["local_request_timeout_ms"], "sidecar registration Proxy.Config: must"),
     ],

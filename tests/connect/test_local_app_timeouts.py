@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from connect.authz import allow_all, intentions_authorizers
+from connect.authz import allow_all
 from connect.balancer import Target
 from connect.http1 import InboundHTTP
 from connect.http1.exchange import Exchange
@@ -28,11 +28,10 @@ from connect.routes import RetryPolicy, RouteTable
 from connect.seams import Peer, PeerCache
 from connect.sidecar import InboundSpec, Sidecar, SidecarSpec
 from connect.stats import ProxyStats
-from intentions.engine import Identity
 from tests.connect.devstack_tls import dev_mesh
-from tests.connect.proxy_test_ca import ProxyTestCA, spiffe
-from tests.connect.test_http_proxy import INTENTIONS
+from tests.connect.proxy_test_ca import ProxyTestCA
 from tests.connect.test_http_routes import Stall, build, to
+from tests.connect.test_http_routes import _sidecar as _inbound
 
 
 @pytest.fixture
@@ -77,14 +76,6 @@ def blackhole() -> Iterator[int]:
         for s in fillers:
             s.close()
         server.close()
-
-
-async def _inbound(ca: ProxyTestCA, port: int) -> InboundHTTP:
-    _, request = intentions_authorizers(lambda: INTENTIONS, Identity("api"))
-    gate = InboundGate(ca.server_context(ca.leaf("api")), PeerCache(ca.verifier()), ProxyStats())
-    inbound = InboundHTTP(gate, "127.0.0.1", port, authorize=request, local_uri=spiffe("api"))
-    await inbound.start()
-    return inbound
 
 
 @pytest.fixture
